@@ -1,0 +1,157 @@
+# MoE gating: router logits -> float32 softmax over experts -> top-k.
+#
+# Outputs, for T tokens and E experts:
+#   topk_weights     [T, k] float32  softmax probabilities of the chosen experts,
+#                                    divided by their sum when `renormalize`
+#   topk_ids         [T, k] int32    chosen experts, highest probability first;
+#                                    on equal probabilities the lower index wins
+#   expert_counts    [E]    int32    tokens routed to each expert (before any
+#                                    capacity limit)
+#   router_prob_mean [E]    float32  P_i, the mean router probability of expert i
+#   losses           [2]    float32  [Switch auxiliary loss E * sum_i f_i * P_i
+#                                    with f_i = counts_i / T, router z-loss
+#                                    mean_t logsumexp(logits_t)^2]
+#
+# `top_k` and `renormalize` are compile-time parameters, so the selection loop
+# is unrolled and the branch on renormalisation disappears. Tokens are split
+# across worker threads; each worker keeps float64 partial sums that are added
+# in a fixed order afterwards, so the statistics are deterministic.
+
+import extensibility
+from extensibility import InputTensor, OutputTensor
+from max.algorithm import sync_parallelize
+from max.gpu.host import DeviceContext
+from max.runtime.asyncrt import parallelism_level
+from std.algorithm import vectorize
+from std.math import ceildiv, exp, log
+from std.sys import simd_width_of
+
+comptime TOKENS_PER_WORKER_MIN = 64
+
+
+@extensibility.register("pymoe_moe_gate")
+struct MoEGate:
+    @staticmethod
+    def execute[
+        top_k: Int,
+        renormalize: Bool,
+        target: StaticString,
+    ](
+        topk_weights: OutputTensor[dtype=DType.float32, rank=2, ...],
+        topk_ids: OutputTensor[dtype=DType.int32, rank=2, ...],
+        expert_counts: OutputTensor[dtype=DType.int32, rank=1, ...],
+        router_prob_mean: OutputTensor[dtype=DType.float32, rank=1, ...],
+        losses: OutputTensor[dtype=DType.float32, rank=1, ...],
+        logits: InputTensor[rank=2, ...],
+        ctx: DeviceContext,
+    ) raises:
+        comptime W = simd_width_of[DType.float32]()
+        var tokens = logits.dim_size(0)
+        var experts = logits.dim_size(1)
+        if top_k < 1 or top_k > experts:
+            raise Error("pymoe_moe_gate: top_k must be in [1, num_experts]")
+
+        var src = logits.unsafe_ptr()
+        var w_out = topk_weights.unsafe_ptr()
+        var id_out = topk_ids.unsafe_ptr()
+        var workers = max(1, min(parallelism_level(None), ceildiv(tokens, TOKENS_PER_WORKER_MIN)))
+
+        # Per worker: E counts, E probability sums, 1 z-loss sum (all float64).
+        var stride = 2 * experts + 1
+        var partial = List[Float64](length=workers * stride, fill=0.0)
+        var partial_ptr = partial.unsafe_ptr()
+
+        def tokens_of_worker(w: Int) {var src, var w_out, var id_out, var tokens, var experts, var workers, var partial_ptr, var stride}:
+            var probs = List[Float32](length=experts, fill=0.0)
+            var p = probs.unsafe_ptr()
+            var acc = partial_ptr.unsafe_offset(w * stride)
+            for t in range(w * tokens // workers, (w + 1) * tokens // workers):
+                var row = src.unsafe_offset(t * experts)
+
+                var vmax = SIMD[DType.float32, W](Float32.MIN)
+
+                def max_step[width: Int](i: Int) {mut vmax, var row}:
+                    var v = row.unsafe_load[width=width](i).cast[DType.float32]()
+                    comptime if width == W:
+                        vmax = max(vmax, rebind[SIMD[DType.float32, W]](v))
+                    else:
+                        vmax[0] = max(vmax[0], v.reduce_max())
+
+                vectorize[W](experts, max_step)
+                var row_max = vmax.reduce_max()
+
+                var vsum = SIMD[DType.float32, W](0)
+
+                def exp_step[width: Int](i: Int) {mut vsum, var row, var p, var row_max}:
+                    var e = exp(row.unsafe_load[width=width](i).cast[DType.float32]() - row_max)
+                    p.unsafe_store(i, e)
+                    comptime if width == W:
+                        vsum += rebind[SIMD[DType.float32, W]](e)
+                    else:
+                        vsum[0] += e.reduce_add()
+
+                vectorize[W](experts, exp_step)
+                var total = vsum.reduce_add()
+                var inv_total = 1.0 / total
+
+                def normalize_step[width: Int](i: Int) {var p, var inv_total}:
+                    p.unsafe_store(i, p.unsafe_load[width=width](i) * inv_total)
+
+                vectorize[W](experts, normalize_step)
+
+                for e in range(experts):
+                    acc.unsafe_store(experts + e, acc.unsafe_load(experts + e) + Float64(p.unsafe_load(e)))
+                var lse = Float64(row_max) + log(Float64(total))
+                acc.unsafe_store(2 * experts, acc.unsafe_load(2 * experts) + lse * lse)
+
+                # Top-k by k selection passes: strict '>' keeps the lower index on
+                # ties. A chosen expert is marked by a negative probability.
+                var chosen_w = Array[Float32, top_k](fill=0)
+                var chosen_sum: Float32 = 0
+                comptime for j in range(top_k):
+                    var best = -1
+                    var best_p: Float32 = -1.0
+                    for e in range(experts):
+                        var pe = p.unsafe_load(e)
+                        if pe >= 0 and (best < 0 or pe > best_p):
+                            best = e
+                            best_p = pe
+                    if best < 0:  # only NaN probabilities are left
+                        for e in range(experts):
+                            if p.unsafe_load(e) >= 0 or p.unsafe_load(e) != p.unsafe_load(e):
+                                best = e
+                                best_p = p.unsafe_load(e)
+                                break
+                    p.unsafe_store(best, -2.0)
+                    chosen_w[j] = best_p
+                    chosen_sum += best_p
+                    id_out.unsafe_store(t * top_k + j, Int32(best))
+                    acc.unsafe_store(best, acc.unsafe_load(best) + 1.0)
+                comptime for j in range(top_k):
+                    comptime if renormalize:
+                        w_out.unsafe_store(t * top_k + j, chosen_w[j] / chosen_sum)
+                    else:
+                        w_out.unsafe_store(t * top_k + j, chosen_w[j])
+
+        sync_parallelize(tokens_of_worker, workers)
+
+        var counts = expert_counts.unsafe_ptr()
+        var pmean = router_prob_mean.unsafe_ptr()
+        var aux: Float64 = 0
+        var z: Float64 = 0
+        for e in range(experts):
+            var c: Float64 = 0
+            var ps: Float64 = 0
+            for w in range(workers):
+                c += partial_ptr.unsafe_load(w * stride + e)
+                ps += partial_ptr.unsafe_load(w * stride + experts + e)
+            counts.unsafe_store(e, Int32(Int(c)))
+            var mean_p = ps / Float64(max(tokens, 1))
+            pmean.unsafe_store(e, Float32(mean_p))
+            aux += (c / Float64(max(tokens, 1))) * mean_p
+        for w in range(workers):
+            z += partial_ptr.unsafe_load(w * stride + 2 * experts)
+        var loss_ptr = losses.unsafe_ptr()
+        loss_ptr.unsafe_store(0, Float32(Float64(experts) * aux))
+        loss_ptr.unsafe_store(1, Float32(z / Float64(max(tokens, 1))))
+        _ = partial^

@@ -1,0 +1,233 @@
+"""MoELayer and DenseFFN: compile a MAX graph once and run it on NumPy or torch inputs.
+
+One graph is compiled per (shape config, device, dtype) with a symbolic token
+dimension, so every batch size reuses it; compiled graphs are cached in-process
+and shared by every layer object with the same key. Weights are graph inputs
+that live on the device, uploaded once per layer object, so a new set of
+weights never triggers a compile.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .config import MoEConfig
+from .weights import DenseWeights, MoEWeights
+
+DEVICES = ("cpu", "gpu")
+DTYPES = ("float32", "bfloat16")
+
+_COMPILED: dict[tuple, Any] = {}
+
+
+def _max_dtype(dtype: str):
+    from max.dtype import DType
+
+    return {"float32": DType.float32, "bfloat16": DType.bfloat16}[dtype]
+
+
+def check_device_dtype(device: str, dtype: str) -> None:
+    """Raise a ValueError for an unknown device or dtype, before anything compiles."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if device == "gpu":
+        from max.driver import accelerator_count
+
+        if accelerator_count() == 0:
+            raise ValueError("device='gpu' was requested but MAX sees no GPU on this machine")
+        raise NotImplementedError(
+            "pymoe's kernels have no GPU path yet; use device='cpu'"
+        )
+
+
+def _driver_device(device: str):
+    from max.driver import CPU
+
+    return CPU()
+
+
+def to_device_buffer(array, dtype: str, device):
+    """A NumPy array or torch tensor as a MAX Buffer of `dtype` on `device`."""
+    import torch
+    from max.driver import Buffer
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    if isinstance(array, torch.Tensor):
+        tensor = array.detach()
+    else:
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+    tensor = tensor.to(device="cpu", dtype=torch_dtype).contiguous()
+    return Buffer.from_dlpack(tensor).to(device)
+
+
+def to_numpy_f32(buffer) -> np.ndarray:
+    """A MAX Buffer (any float dtype) as a float32 NumPy array."""
+    import torch
+
+    tensor = torch.from_dlpack(buffer.to(_driver_device("cpu")))
+    return tensor.to(torch.float32).numpy()
+
+
+def check_input(x, d_model: int) -> None:
+    """Raise a clear error for inputs the graph cannot take."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        shape, finite = tuple(x.shape), bool(torch.isfinite(x).all())
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    elif isinstance(x, np.ndarray):
+        if x.dtype.kind != "f":
+            raise TypeError(f"x must be a floating-point array, got {x.dtype}")
+        shape, finite = x.shape, bool(np.isfinite(x).all())
+    else:
+        raise TypeError(f"x must be a numpy array or torch tensor, got {type(x).__name__}")
+    if len(shape) != 2:
+        raise ValueError(f"x must have shape [tokens, d_model={d_model}], got {shape}")
+    if shape[0] == 0:
+        raise ValueError("x is an empty batch (0 tokens); pass at least one token")
+    if shape[1] != d_model:
+        raise ValueError(f"x has {shape[1]} columns but d_model is {d_model}")
+    if not finite:
+        raise ValueError("x contains NaN or infinite values")
+
+
+def _wrap_output(out: np.ndarray, like):
+    import torch
+
+    if isinstance(like, torch.Tensor):
+        return torch.from_numpy(out).to(like.dtype)
+    return out
+
+
+@dataclass
+class MoEOutput:
+    out: np.ndarray  # [T, d_model] float32 (or a torch tensor of the input's dtype)
+    expert_counts: np.ndarray  # [E] tokens routed to each expert
+    aux_loss: float  # Switch load-balancing loss E * sum_i f_i P_i
+    z_loss: float  # router z-loss
+    dropped_slots: int  # (token, choice) slots dropped by the capacity factor
+
+
+class MoELayer:
+    """A MoE layer running pymoe's Mojo kernels in a compiled MAX graph.
+
+    layer = MoELayer(config, MoEWeights.random(config, seed=0))
+    y = layer(x)            # x: [tokens, d_model] numpy or torch
+    stats = layer.run(x)    # y plus routing statistics
+    """
+
+    def __init__(self, config: MoEConfig, weights: MoEWeights, device: str = "cpu", dtype: str = "float32"):
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
+        check_device_dtype(device, dtype)
+        weights.validate(config)
+        self.config, self.device, self.dtype = config, device, dtype
+        self._device = _driver_device(device)
+        self.compile_seconds = 0.0
+        self._model = self._compiled()
+        self._weights = [
+            to_device_buffer(w, dtype, self._device) for w in (weights.router, weights.w1, weights.w2)
+        ]
+
+    def _compiled(self):
+        key = ("moe", self.config, self.device, self.dtype)
+        if key not in _COMPILED:
+            start = time.perf_counter()
+            _COMPILED[key] = _compile_moe(self.config, self.device, self.dtype)
+            self.compile_seconds = time.perf_counter() - start
+        return _COMPILED[key]
+
+    def run(self, x) -> MoEOutput:
+        check_input(x, self.config.d_model)
+        xb = to_device_buffer(x, self.dtype, self._device)
+        out, counts, losses, offsets = self._model.execute(xb, *self._weights)
+        losses = losses.to_numpy()
+        dropped = x.shape[0] * self.config.top_k - int(offsets.to_numpy()[-1])
+        return MoEOutput(
+            _wrap_output(to_numpy_f32(out), x), counts.to_numpy(), float(losses[0]), float(losses[1]), dropped
+        )
+
+    def __call__(self, x):
+        return self.run(x).out
+
+    def execute_buffers(self, x_buffer):
+        """Run on a device Buffer already of the layer's dtype (for timing loops)."""
+        return self._model.execute(x_buffer, *self._weights)[0]
+
+
+class DenseFFN:
+    """The dense baseline: one FFN with the experts' parameter count, in MAX's ops.matmul."""
+
+    def __init__(self, config: MoEConfig, weights: DenseWeights, device: str = "cpu", dtype: str = "float32"):
+        check_device_dtype(device, dtype)
+        weights.validate(config)
+        self.config, self.device, self.dtype = config, device, dtype
+        self._device = _driver_device(device)
+        key = ("dense", config.d_model, config.d_ff_dense, config.activation, device, dtype)
+        self.compile_seconds = 0.0
+        if key not in _COMPILED:
+            start = time.perf_counter()
+            _COMPILED[key] = _compile_dense(config, device, dtype)
+            self.compile_seconds = time.perf_counter() - start
+        self._model = _COMPILED[key]
+        self._weights = [to_device_buffer(w, dtype, self._device) for w in (weights.w1, weights.w2)]
+
+    def __call__(self, x):
+        check_input(x, self.config.d_model)
+        xb = to_device_buffer(x, self.dtype, self._device)
+        return _wrap_output(to_numpy_f32(self._model.execute(xb, *self._weights)[0]), x)
+
+    def execute_buffers(self, x_buffer):
+        return self._model.execute(x_buffer, *self._weights)[0]
+
+
+def _session_and_ref(device: str):
+    from max.engine import InferenceSession
+    from max.graph import DeviceRef
+
+    dev = _driver_device(device)
+    return InferenceSession(devices=[dev]), DeviceRef.from_device(dev)
+
+
+def _compile_moe(config: MoEConfig, device: str, dtype: str):
+    from max.graph import Graph, TensorType
+
+    from . import ops as mops
+
+    session, ref = _session_and_ref(device)
+    dt = _max_dtype(dtype)
+    d, e, f = config.d_model, config.num_experts, config.d_ff
+    input_types = [
+        TensorType(dt, ["tokens", d], ref),
+        TensorType(dt, [d, e], ref),
+        TensorType(dt, [e, d, config.expert_n], ref),
+        TensorType(dt, [e, f, d], ref),
+    ]
+    with Graph("pymoe_moe_layer", input_types=input_types, custom_extensions=[mops.KERNELS_DIR]) as g:
+        x, router, w1, w2 = (v.tensor for v in g.inputs)
+        res = mops.moe_layer(x, mops.MoEGraphWeights(router, w1, w2), config)
+        g.output(res.out, res.expert_counts, res.losses, res.expert_offsets)
+    return session.load(g)
+
+
+def _compile_dense(config: MoEConfig, device: str, dtype: str):
+    from max.graph import Graph, TensorType
+
+    from . import ops as mops
+
+    session, ref = _session_and_ref(device)
+    dt = _max_dtype(dtype)
+    d, f = config.d_model, config.d_ff_dense
+    n1 = 2 * f if config.activation == "swiglu" else f
+    input_types = [TensorType(dt, ["tokens", d], ref), TensorType(dt, [d, n1], ref), TensorType(dt, [f, d], ref)]
+    with Graph("pymoe_dense_ffn", input_types=input_types) as g:
+        x, w1, w2 = (v.tensor for v in g.inputs)
+        g.output(mops.dense_ffn(x, w1, w2, config.activation))
+    return session.load(g)

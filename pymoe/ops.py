@@ -1,0 +1,318 @@
+"""Graph-building API: functions that add pymoe's Mojo custom ops to a MAX graph.
+
+Use them inside a `max.graph.Graph` next to `max.graph.ops`:
+
+    from max.graph import Graph, TensorType, DeviceRef
+    from max.dtype import DType
+    import pymoe.ops as mops
+
+    with Graph("mine", input_types=[...], custom_extensions=[mops.KERNELS_DIR]) as g:
+        x, router, w1, w2 = g.inputs
+        out = mops.moe_layer(x, mops.MoEGraphWeights(router, w1, w2), config).out
+        g.output(out)
+
+Every function checks shapes and dtypes in Python, so a mismatch raises a
+ValueError/TypeError while the graph is being built, never inside a kernel.
+Weight layouts are documented in `pymoe/weights.py`. Each op here has a Mojo
+kernel of the same name in `kernels/` and a float64 reference of the same
+name in `pymoe/reference.py`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+from max.dtype import DType
+from max.graph import Dim, Graph, TensorType, TensorValue, ops
+
+from .config import MoEConfig
+
+
+def _find_kernels_dir() -> Path:
+    # Installed: the Mojo sources ship inside the package as pymoe/kernels.
+    # Source checkout: they live at the repository root in kernels/.
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "kernels", here.parent / "kernels"):
+        if (candidate / "__init__.mojo").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"pymoe's Mojo kernels were not found in {here / 'kernels'} or {here.parent / 'kernels'}; "
+        "reinstall pymoe (pip install .) so that kernels/*.mojo are included"
+    )
+
+
+KERNELS_DIR: Path = _find_kernels_dir()
+
+FLOAT_DTYPES = (DType.float32, DType.bfloat16)
+
+
+def check_kernels_dir(path: Path) -> Path:
+    """Return `path` if it is a Mojo package of custom ops, else raise a clear error."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"kernels path {path} does not exist or is not a directory")
+    if not (path / "__init__.mojo").is_file():
+        raise FileNotFoundError(f"kernels path {path} is not a Mojo package (no __init__.mojo)")
+    return path
+
+
+def _ensure_kernels_loaded() -> None:
+    # Users may forget custom_extensions=[KERNELS_DIR]; load our package into
+    # the graph being built so that the ops resolve either way.
+    graph = Graph.current
+    if "pymoe_moe_gate" not in graph._kernel_library:
+        graph._import_kernels([KERNELS_DIR])
+
+
+def _custom(name: str, x: TensorValue, values, out_types, parameters=None) -> list[TensorValue]:
+    _ensure_kernels_loaded()
+    outs = ops.custom(name, device=x.device, values=values, out_types=out_types, parameters=parameters)
+    return [o.tensor for o in outs]
+
+
+def _float(name: str, v: TensorValue, rank: int | None = None) -> None:
+    if v.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or bfloat16, got {v.dtype}")
+    if rank is not None and v.rank != rank:
+        raise ValueError(f"{name} must have rank {rank}, got shape {v.shape}")
+
+
+def _same_dim(what: str, a: Dim, b: Dim) -> None:
+    if a != b:
+        raise ValueError(f"{what}: {a} != {b}")
+
+
+# ----------------------------------------------------------------- activations
+
+
+def softmax(x: TensorValue) -> TensorValue:
+    """Row-wise numerically stable softmax over the last axis of a 2-D tensor."""
+    _float("softmax input", x, rank=2)
+    return _custom("pymoe_softmax", x, [x], [TensorType(x.dtype, x.shape, x.device)])[0]
+
+
+def relu(x: TensorValue) -> TensorValue:
+    _float("relu input", x)
+    return _custom("pymoe_relu", x, [x], [TensorType(x.dtype, x.shape, x.device)])[0]
+
+
+def silu(x: TensorValue) -> TensorValue:
+    _float("silu input", x)
+    return _custom("pymoe_silu", x, [x], [TensorType(x.dtype, x.shape, x.device)])[0]
+
+
+def swiglu(gate: TensorValue, up: TensorValue) -> TensorValue:
+    """silu(gate) * up, element-wise."""
+    _float("swiglu gate", gate)
+    if up.dtype != gate.dtype or up.shape != gate.shape:
+        raise ValueError(f"swiglu: up {up.dtype}{up.shape} must match gate {gate.dtype}{gate.shape}")
+    return _custom("pymoe_swiglu", gate, [gate, up], [TensorType(gate.dtype, gate.shape, gate.device)])[0]
+
+
+# ----------------------------------------------------------------------- gate
+
+
+class GateOutput(NamedTuple):
+    topk_weights: TensorValue  # [T, k] float32
+    topk_ids: TensorValue  # [T, k] int32
+    expert_counts: TensorValue  # [E] int32
+    router_prob_mean: TensorValue  # [E] float32
+    losses: TensorValue  # [2] float32: Switch aux loss, router z-loss
+
+
+def router_logits(x: TensorValue, router_w: TensorValue) -> TensorValue:
+    """logits = x @ router_w in float32 (the router runs in full precision)."""
+    _float("x", x, rank=2)
+    _float("router weights", router_w, rank=2)
+    _same_dim("router weights rows must equal d_model", router_w.shape[0], x.shape[1])
+    return ops.matmul(ops.cast(x, DType.float32), ops.cast(router_w, DType.float32))
+
+
+def moe_gate(x: TensorValue, router_w: TensorValue, *, top_k: int, renormalize: bool = True) -> GateOutput:
+    """Router: x @ router_w -> float32 softmax over experts -> top-k.
+
+    See kernels/moe_gate.mojo for the outputs. Ties go to the lower expert index.
+    """
+    logits = router_logits(x, router_w)
+    experts = router_w.shape[1]
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= int(experts):
+        raise ValueError(f"top_k must be an int in [1, num_experts={int(experts)}], got {top_k!r}")
+    t, dev = x.shape[0], x.device
+    outs = _custom(
+        "pymoe_moe_gate",
+        x,
+        [logits],
+        [
+            TensorType(DType.float32, [t, top_k], dev),
+            TensorType(DType.int32, [t, top_k], dev),
+            TensorType(DType.int32, [experts], dev),
+            TensorType(DType.float32, [experts], dev),
+            TensorType(DType.float32, [2], dev),
+        ],
+        parameters={"top_k": top_k, "renormalize": bool(renormalize)},
+    )
+    return GateOutput(*outs)
+
+
+# ------------------------------------------------------------------- dispatch
+
+
+class DispatchOutput(NamedTuple):
+    sorted_token_ids: TensorValue  # [T*k] int32
+    expert_offsets: TensorValue  # [E+1] int32
+    slot_to_row: TensorValue  # [T*k] int32, -1 where dropped
+
+
+def moe_dispatch(
+    topk_ids: TensorValue, *, num_experts: int, capacity_factor: float | None = None
+) -> DispatchOutput:
+    """Group the (token, choice) slots by expert; see kernels/moe_dispatch.mojo."""
+    if topk_ids.dtype != DType.int32 or topk_ids.rank != 2:
+        raise TypeError(f"topk_ids must be a rank-2 int32 tensor, got {topk_ids.dtype}{topk_ids.shape}")
+    permille = MoEConfig(
+        d_model=1, d_ff=1, num_experts=num_experts, top_k=1, capacity_factor=capacity_factor
+    ).capacity_factor_permille
+    slots = topk_ids.shape[0] * topk_ids.shape[1]
+    dev = topk_ids.device
+    outs = _custom(
+        "pymoe_moe_dispatch",
+        topk_ids,
+        [topk_ids],
+        [
+            TensorType(DType.int32, [slots], dev),
+            TensorType(DType.int32, [num_experts + 1], dev),
+            TensorType(DType.int32, [slots], dev),
+        ],
+        parameters={"capacity_factor_permille": permille},
+    )
+    return DispatchOutput(*outs)
+
+
+# --------------------------------------------------------------- expert matmul
+
+EXPERT_ACTIVATIONS = ("none", "relu", "silu", "swiglu")
+
+
+def moe_expert_matmul(
+    x: TensorValue,
+    row_ids: TensorValue,
+    expert_offsets: TensorValue,
+    w: TensorValue,
+    *,
+    activation: str = "none",
+    gather: bool = False,
+) -> TensorValue:
+    """Grouped GEMM over ragged expert groups: out[r] = act(a_r @ w[e(r)]).
+
+    a_r = x[row_ids[r]] when `gather` (x in token order), else x[r] (x already
+    in the expert-grouped layout). The output has one row per entry of row_ids.
+    """
+    if activation not in EXPERT_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {EXPERT_ACTIVATIONS}, got {activation!r}")
+    _float("x", x, rank=2)
+    _float("expert weights", w, rank=3)
+    if w.dtype != x.dtype:
+        raise TypeError(f"expert weights dtype {w.dtype} must match x dtype {x.dtype}")
+    for name, v in (("row_ids", row_ids), ("expert_offsets", expert_offsets)):
+        if v.dtype != DType.int32 or v.rank != 1:
+            raise TypeError(f"{name} must be a rank-1 int32 tensor, got {v.dtype}{v.shape}")
+    _same_dim("expert weights K must equal x columns", w.shape[1], x.shape[1])
+    _same_dim("expert_offsets must have num_experts + 1 entries", expert_offsets.shape[0], w.shape[0] + 1)
+    n = w.shape[2]
+    if activation == "swiglu":
+        if int(n) % 2:
+            raise ValueError(f"swiglu expert weights need an even number of columns, got {n}")
+        n = Dim(int(n) // 2)
+    return _custom(
+        "pymoe_moe_expert_matmul",
+        x,
+        [x, row_ids, expert_offsets, w],
+        [TensorType(x.dtype, [row_ids.shape[0], n], x.device)],
+        parameters={"activation": activation, "gather": bool(gather)},
+    )[0]
+
+
+# ---------------------------------------------------------------------- combine
+
+
+def moe_combine(expert_out: TensorValue, topk_weights: TensorValue, slot_to_row: TensorValue) -> TensorValue:
+    """out[t] = sum_j topk_weights[t, j] * expert_out[slot_to_row[t*k+j]] (kept slots)."""
+    _float("expert_out", expert_out, rank=2)
+    if topk_weights.dtype != DType.float32 or topk_weights.rank != 2:
+        raise TypeError(f"topk_weights must be rank-2 float32, got {topk_weights.dtype}{topk_weights.shape}")
+    if slot_to_row.dtype != DType.int32 or slot_to_row.rank != 1:
+        raise TypeError(f"slot_to_row must be rank-1 int32, got {slot_to_row.dtype}{slot_to_row.shape}")
+    tokens = topk_weights.shape[0]
+    return _custom(
+        "pymoe_moe_combine",
+        expert_out,
+        [expert_out, topk_weights, slot_to_row],
+        [TensorType(expert_out.dtype, [tokens, expert_out.shape[1]], expert_out.device)],
+    )[0]
+
+
+# ------------------------------------------------------------------ the layer
+
+
+class MoEGraphWeights(NamedTuple):
+    """Graph values of the layer's weights, in the layouts of pymoe/weights.py."""
+
+    router: TensorValue  # [d_model, E]
+    w1: TensorValue  # [E, d_model, d_ff] (relu) or [E, d_model, 2*d_ff] (swiglu)
+    w2: TensorValue  # [E, d_ff, d_model]
+
+
+class LayerOutput(NamedTuple):
+    out: TensorValue  # [T, d_model]
+    expert_counts: TensorValue  # [E] int32
+    losses: TensorValue  # [2] float32: aux loss, z-loss
+    expert_offsets: TensorValue  # [E+1] int32; T*k - offsets[E] slots were dropped
+
+
+def check_layer_weights(x: TensorValue, weights: MoEGraphWeights, config: MoEConfig) -> None:
+    """Raise a ValueError/TypeError unless x and the weights fit `config`."""
+    d, e, f = config.d_model, config.num_experts, config.d_ff
+    _float("x", x, rank=2)
+    _same_dim("x columns must equal d_model", x.shape[1], Dim(d))
+    expected = {
+        "router": [d, e],
+        "w1": [e, d, config.expert_n],
+        "w2": [e, f, d],
+    }
+    for name, shape in expected.items():
+        v = getattr(weights, name)
+        if v.dtype != x.dtype:
+            raise TypeError(f"weights.{name} dtype {v.dtype} must match x dtype {x.dtype}")
+        if [int(s) for s in v.shape] != shape:
+            raise ValueError(f"weights.{name} has shape {list(v.shape)}, expected {shape}")
+
+
+def moe_layer(x: TensorValue, weights: MoEGraphWeights, config: MoEConfig) -> LayerOutput:
+    """The MoE layer: gate -> dispatch -> expert FFN (gathered, fused activation) -> combine."""
+    check_layer_weights(x, weights, config)
+    gate = moe_gate(x, weights.router, top_k=config.top_k, renormalize=config.renormalize)
+    disp = moe_dispatch(
+        gate.topk_ids, num_experts=config.num_experts, capacity_factor=config.capacity_factor
+    )
+    act = "relu" if config.activation == "relu" else "swiglu"
+    h = moe_expert_matmul(
+        x, disp.sorted_token_ids, disp.expert_offsets, weights.w1, activation=act, gather=True
+    )
+    y = moe_expert_matmul(h, disp.sorted_token_ids, disp.expert_offsets, weights.w2, activation="none")
+    out = moe_combine(y, gate.topk_weights, disp.slot_to_row)
+    return LayerOutput(out, gate.expert_counts, gate.losses, disp.expert_offsets)
+
+
+def dense_ffn(x: TensorValue, w1: TensorValue, w2: TensorValue, activation: str = "relu") -> TensorValue:
+    """The dense FFN baseline in MAX's own ops (ops.matmul): act(x @ w1) @ w2."""
+    _float("x", x, rank=2)
+    if activation not in ("relu", "swiglu"):
+        raise ValueError(f"activation must be 'relu' or 'swiglu', got {activation!r}")
+    h = ops.matmul(x, w1)
+    if activation == "relu":
+        h = ops.relu(h)
+    else:
+        f = int(w1.shape[1]) // 2
+        h = ops.silu(h[:, :f]) * h[:, f:]
+    return ops.matmul(h, w2)

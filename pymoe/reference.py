@@ -1,0 +1,176 @@
+"""Float64 NumPy ground truth for every op and for the whole layer.
+
+Each function mirrors the custom op of the same name in `kernels/` and
+`pymoe/ops.py` and follows the contract in DESIGN.md ("Semantics"). Slow and
+simple on purpose: clarity over speed.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from .config import MoEConfig
+from .weights import DenseWeights, MoEWeights
+
+
+def _f64(a) -> np.ndarray:
+    return np.asarray(a, dtype=np.float64)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    x = _f64(x)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def relu(x: np.ndarray) -> np.ndarray:
+    return np.maximum(_f64(x), 0.0)
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    x = _f64(x)
+    return x / (1.0 + np.exp(-x))
+
+
+def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    return silu(gate) * _f64(up)
+
+
+class GateResult(NamedTuple):
+    topk_weights: np.ndarray  # [T, k]
+    topk_ids: np.ndarray  # [T, k] int
+    expert_counts: np.ndarray  # [E] int
+    router_prob_mean: np.ndarray  # [E]
+    aux_loss: float
+    z_loss: float
+
+
+def moe_gate(x: np.ndarray, router: np.ndarray, top_k: int, renormalize: bool) -> GateResult:
+    """logits = x @ router, softmax over experts, top-k (ties: lower index first)."""
+    logits = _f64(x) @ _f64(router)
+    tokens, experts = logits.shape
+    probs = softmax(logits)
+    # A stable sort of -p puts equal probabilities in index order.
+    ids = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
+    weights = np.take_along_axis(probs, ids, axis=1)
+    if renormalize:
+        weights = weights / weights.sum(axis=1, keepdims=True)
+    counts = np.bincount(ids.ravel(), minlength=experts)
+    prob_mean = probs.mean(axis=0)
+    aux = experts * float(np.sum(counts / tokens * prob_mean))
+    m = logits.max(axis=1)
+    lse = m + np.log(np.exp(logits - m[:, None]).sum(axis=1))
+    return GateResult(weights, ids, counts, prob_mean, aux, float(np.mean(lse**2)))
+
+
+class DispatchResult(NamedTuple):
+    sorted_token_ids: np.ndarray  # [T*k]
+    expert_offsets: np.ndarray  # [E+1]
+    slot_to_row: np.ndarray  # [T*k], -1 where dropped
+
+
+def capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: float | None) -> int:
+    slots = tokens * top_k
+    if capacity_factor is None:
+        return slots
+    permille = int(round(capacity_factor * 1000))
+    return -(-permille * slots // (1000 * num_experts))
+
+
+def moe_dispatch(
+    topk_ids: np.ndarray, num_experts: int, capacity_factor: float | None = None
+) -> DispatchResult:
+    """Group slots t*k+j by expert, in token order; drop past the capacity."""
+    tokens, k = topk_ids.shape
+    cap = capacity(tokens, k, num_experts, capacity_factor)
+    flat = topk_ids.ravel()
+    kept = np.zeros(flat.shape, dtype=bool)
+    fill = np.zeros(num_experts, dtype=np.int64)
+    for s, e in enumerate(flat):
+        if fill[e] < cap:
+            kept[s] = True
+            fill[e] += 1
+    offsets = np.concatenate([[0], np.cumsum(fill)])
+    sorted_ids = np.zeros(tokens * k, dtype=np.int64)
+    slot_to_row = np.full(tokens * k, -1, dtype=np.int64)
+    cursor = offsets[:-1].copy()
+    for s, e in enumerate(flat):
+        if kept[s]:
+            sorted_ids[cursor[e]] = s // k
+            slot_to_row[s] = cursor[e]
+            cursor[e] += 1
+    return DispatchResult(sorted_ids, offsets, slot_to_row)
+
+
+def moe_expert_matmul(
+    x: np.ndarray,
+    row_ids: np.ndarray,
+    expert_offsets: np.ndarray,
+    w: np.ndarray,
+    activation: str = "none",
+    gather: bool = False,
+) -> np.ndarray:
+    """Rows of expert e (offsets[e]..offsets[e+1]) times w[e], then the activation."""
+    x, w = _f64(x), _f64(w)
+    n = w.shape[2]
+    n_out = n // 2 if activation == "swiglu" else n
+    out = np.zeros((len(row_ids), n_out))
+    for e in range(w.shape[0]):
+        lo, hi = int(expert_offsets[e]), int(expert_offsets[e + 1])
+        if hi == lo:
+            continue
+        a = x[row_ids[lo:hi]] if gather else x[lo:hi]
+        h = a @ w[e]
+        if activation == "relu":
+            h = relu(h)
+        elif activation == "silu":
+            h = silu(h)
+        elif activation == "swiglu":
+            h = swiglu(h[:, :n_out], h[:, n_out:])
+        out[lo:hi] = h
+    return out
+
+
+def moe_combine(expert_out: np.ndarray, topk_weights: np.ndarray, slot_to_row: np.ndarray) -> np.ndarray:
+    """out[t] = sum over kept slots of weight * expert_out[row]."""
+    expert_out, topk_weights = _f64(expert_out), _f64(topk_weights)
+    tokens, k = topk_weights.shape
+    out = np.zeros((tokens, expert_out.shape[1]))
+    rows = slot_to_row.reshape(tokens, k)
+    for j in range(k):
+        kept = rows[:, j] >= 0
+        out[kept] += topk_weights[kept, j, None] * expert_out[rows[kept, j]]
+    return out
+
+
+class LayerResult(NamedTuple):
+    out: np.ndarray  # [T, d_model]
+    gate: GateResult
+    dispatch: DispatchResult
+    dropped_slots: int
+
+
+def moe_layer(x: np.ndarray, weights: MoEWeights, config: MoEConfig) -> LayerResult:
+    """The whole MoE layer: gate, dispatch, expert FFNs, combine."""
+    tokens = x.shape[0]
+    gate = moe_gate(x, weights.router, config.top_k, config.renormalize)
+    disp = moe_dispatch(gate.topk_ids, config.num_experts, config.capacity_factor)
+    act = "relu" if config.activation == "relu" else "swiglu"
+    h = moe_expert_matmul(x, disp.sorted_token_ids, disp.expert_offsets, weights.w1, act, gather=True)
+    y = moe_expert_matmul(h, disp.sorted_token_ids, disp.expert_offsets, weights.w2, "none")
+    out = moe_combine(y, gate.topk_weights, disp.slot_to_row)
+    dropped = tokens * config.top_k - int(disp.expert_offsets[-1])
+    return LayerResult(out, gate, disp, dropped)
+
+
+def dense_ffn(x: np.ndarray, weights: DenseWeights, activation: str = "relu") -> np.ndarray:
+    """The dense baseline: one FFN with the experts' total parameter count."""
+    h = _f64(x) @ _f64(weights.w1)
+    if activation == "relu":
+        h = relu(h)
+    else:
+        f = h.shape[1] // 2
+        h = swiglu(h[:, :f], h[:, f:])
+    return h @ _f64(weights.w2)
