@@ -1,4 +1,7 @@
-# MoE gating: router logits -> float32 softmax over experts -> top-k.
+# MoE gating: router logits x @ router_w -> float32 softmax over experts -> top-k.
+#
+# The router matmul is fused here (it is d_model x E per token, E small) and
+# accumulated in float32 whatever the storage dtype.
 #
 # Outputs, for T tokens and E experts:
 #   topk_weights     [T, k] float32  softmax probabilities of the chosen experts,
@@ -42,16 +45,19 @@ struct MoEGate:
         expert_counts: OutputTensor[dtype=DType.int32, rank=1, ...],
         router_prob_mean: OutputTensor[dtype=DType.float32, rank=1, ...],
         losses: OutputTensor[dtype=DType.float32, rank=1, ...],
-        logits: InputTensor[rank=2, ...],
+        x: InputTensor[rank=2, ...],
+        router_w: InputTensor[dtype=x.dtype, rank=2, ...],
         ctx: DeviceContext,
     ) raises:
         comptime W = simd_width_of[DType.float32]()
-        var tokens = logits.dim_size(0)
-        var experts = logits.dim_size(1)
+        var tokens = x.dim_size(0)
+        var d_model = x.dim_size(1)
+        var experts = router_w.dim_size(1)
         if top_k < 1 or top_k > experts:
             raise Error("pymoe_moe_gate: top_k must be in [1, num_experts]")
 
-        var src = logits.unsafe_ptr()
+        var src = x.unsafe_ptr()
+        var rw = router_w.unsafe_ptr()
         var w_out = topk_weights.unsafe_ptr()
         var id_out = topk_ids.unsafe_ptr()
         var workers = max(1, min(parallelism_level(None), ceildiv(tokens, TOKENS_PER_WORKER_MIN)))
@@ -61,17 +67,28 @@ struct MoEGate:
         var partial = List[Float64](length=workers * stride, fill=0.0)
         var partial_ptr = partial.unsafe_ptr()
 
-        def tokens_of_worker(w: Int) {var src, var w_out, var id_out, var tokens, var experts, var workers, var partial_ptr, var stride}:
+        def tokens_of_worker(w: Int) {var src, var rw, var d_model, var w_out, var id_out, var tokens, var experts, var workers, var partial_ptr, var stride}:
             var probs = List[Float32](length=experts, fill=0.0)
             var p = probs.unsafe_ptr()
+            var logits = List[Float32](length=experts, fill=0.0)
+            var row = logits.unsafe_ptr()
             var acc = partial_ptr.unsafe_offset(w * stride)
             for t in range(w * tokens // workers, (w + 1) * tokens // workers):
-                var row = src.unsafe_offset(t * experts)
+                var xt = src.unsafe_offset(t * d_model)
+
+                def logit_step[width: Int](e: Int) {var xt, var rw, var row, var d_model, var experts}:
+                    var acc = SIMD[DType.float32, width](0)
+                    for kk in range(d_model):
+                        var a = xt.unsafe_load(kk).cast[DType.float32]()
+                        acc += a * rw.unsafe_load[width=width](kk * experts + e).cast[DType.float32]()
+                    row.unsafe_store(e, acc)
+
+                vectorize[W](experts, logit_step)
 
                 var vmax = SIMD[DType.float32, W](Float32.MIN)
 
                 def max_step[width: Int](i: Int) {mut vmax, var row}:
-                    var v = row.unsafe_load[width=width](i).cast[DType.float32]()
+                    var v = row.unsafe_load[width=width](i)
                     comptime if width == W:
                         vmax = max(vmax, rebind[SIMD[DType.float32, W]](v))
                     else:
@@ -83,7 +100,7 @@ struct MoEGate:
                 var vsum = SIMD[DType.float32, W](0)
 
                 def exp_step[width: Int](i: Int) {mut vsum, var row, var p, var row_max}:
-                    var e = exp(row.unsafe_load[width=width](i).cast[DType.float32]() - row_max)
+                    var e = exp(row.unsafe_load[width=width](i) - row_max)
                     p.unsafe_store(i, e)
                     comptime if width == W:
                         vsum += rebind[SIMD[DType.float32, W]](e)
@@ -108,7 +125,7 @@ struct MoEGate:
                 # ties. A chosen expert is marked by a negative probability.
                 var chosen_w = Array[Float32, top_k](fill=0)
                 var chosen_sum: Float32 = 0
-                comptime for j in range(top_k):
+                for j in range(top_k):
                     var best = -1
                     var best_p: Float32 = -1.0
                     for e in range(experts):

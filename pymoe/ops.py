@@ -121,20 +121,16 @@ class GateOutput(NamedTuple):
     losses: TensorValue  # [2] float32: Switch aux loss, router z-loss
 
 
-def router_logits(x: TensorValue, router_w: TensorValue) -> TensorValue:
-    """logits = x @ router_w in float32 (the router runs in full precision)."""
-    _float("x", x, rank=2)
-    _float("router weights", router_w, rank=2)
-    _same_dim("router weights rows must equal d_model", router_w.shape[0], x.shape[1])
-    return ops.matmul(ops.cast(x, DType.float32), ops.cast(router_w, DType.float32))
-
-
 def moe_gate(x: TensorValue, router_w: TensorValue, *, top_k: int, renormalize: bool = True) -> GateOutput:
-    """Router: x @ router_w -> float32 softmax over experts -> top-k.
+    """Router: x @ router_w (fused, float32) -> softmax over experts -> top-k.
 
     See kernels/moe_gate.mojo for the outputs. Ties go to the lower expert index.
     """
-    logits = router_logits(x, router_w)
+    _float("x", x, rank=2)
+    _float("router weights", router_w, rank=2)
+    if router_w.dtype != x.dtype:
+        raise TypeError(f"router weights dtype {router_w.dtype} must match x dtype {x.dtype}")
+    _same_dim("router weights rows must equal x columns (d_model)", router_w.shape[0], x.shape[1])
     experts = router_w.shape[1]
     if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= int(experts):
         raise ValueError(f"top_k must be an int in [1, num_experts={int(experts)}], got {top_k!r}")
@@ -142,7 +138,7 @@ def moe_gate(x: TensorValue, router_w: TensorValue, *, top_k: int, renormalize: 
     outs = _custom(
         "pymoe_moe_gate",
         x,
-        [logits],
+        [x, router_w],
         [
             TensorType(DType.float32, [t, top_k], dev),
             TensorType(DType.int32, [t, top_k], dev),

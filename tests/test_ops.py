@@ -1,0 +1,238 @@
+"""Every custom op against its float64 reference, on fresh random inputs."""
+
+import numpy as np
+import pytest
+from conftest import FP32_TOL, rel_err
+from graphs import REF, compile_graph, run
+from max.dtype import DType
+from max.graph import TensorType, ops
+
+import pymoe.ops as mops
+from pymoe import reference as R
+
+F32, I32 = DType.float32, DType.int32
+
+# -------------------------------------------------------------- activations
+
+
+@pytest.fixture(scope="module")
+def elementwise_model():
+    types = [TensorType(F32, ["r", "c"], REF), TensorType(F32, ["r", "c"], REF)]
+    return compile_graph(
+        "elementwise",
+        types,
+        lambda a, b: [mops.softmax(a), mops.relu(a), mops.silu(a), mops.swiglu(a, b)],
+    )
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 37), (33, 13), (1000, 8), (3, 1025)])
+def test_activations_match_reference(elementwise_model, rng, shape):
+    a = rng.standard_normal(shape, dtype=np.float32) * 3
+    b = rng.standard_normal(shape, dtype=np.float32)
+    soft, relu, silu, swiglu = run(elementwise_model, a, b)
+    assert rel_err(soft, R.softmax(a)) < FP32_TOL
+    assert rel_err(relu, R.relu(a)) == 0.0
+    assert rel_err(silu, R.silu(a)) < FP32_TOL
+    assert rel_err(swiglu, R.swiglu(a, b)) < FP32_TOL
+    np.testing.assert_allclose(soft.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_softmax_is_stable_for_huge_logits(elementwise_model, rng):
+    a = (rng.standard_normal((9, 21)) * 1e4).astype(np.float32)
+    a[0] = 3e38  # every entry at the float32 limit: uniform, not NaN
+    soft = run(elementwise_model, a, a)[0]
+    assert np.isfinite(soft).all()
+    assert rel_err(soft, R.softmax(a)) < FP32_TOL
+
+
+# --------------------------------------------------------------------- gate
+
+GATE_EXPERTS = 6
+GATE_VARIANTS = [(1, False), (2, True), (2, False), (GATE_EXPERTS, True)]
+
+
+@pytest.fixture(scope="module")
+def gate_model():
+    types = [TensorType(F32, ["t", "d"], REF), TensorType(F32, ["d", GATE_EXPERTS], REF)]
+
+    def forward(x, router):
+        outs = []
+        for k, renorm in GATE_VARIANTS:
+            outs.extend(mops.moe_gate(x, router, top_k=k, renormalize=renorm))
+        return outs
+
+    return compile_graph("gate", types, forward)
+
+
+def _near_tie_tokens(x, router, k, gap=1e-5):
+    """Tokens whose top-(k+1) reference probabilities are closer than `gap`: float32
+    rounding may order those differently from float64, so ids are not compared there."""
+    p = np.sort(R.softmax(x.astype(np.float64) @ router), axis=1)[:, ::-1]
+    upto = min(k + 1, p.shape[1])
+    return (np.abs(np.diff(p[:, :upto], axis=1)) < gap).any(axis=1)
+
+
+@pytest.mark.parametrize("tokens,d", [(1, 5), (7, 37), (33, 16), (1000, 9)])
+def test_gate_matches_reference(gate_model, rng, tokens, d):
+    x = rng.standard_normal((tokens, d), dtype=np.float32)
+    router = rng.standard_normal((d, GATE_EXPERTS), dtype=np.float32)
+    outs = run(gate_model, x, router)
+    for i, (k, renorm) in enumerate(GATE_VARIANTS):
+        weights, ids, counts, prob_mean, losses = outs[5 * i : 5 * i + 5]
+        ref = R.moe_gate(x, router, k, renorm)
+        ok = ~_near_tie_tokens(x, router, k)
+        np.testing.assert_array_equal(ids[ok], ref.topk_ids[ok])
+        assert rel_err(weights[ok], ref.topk_weights[ok]) < FP32_TOL
+        np.testing.assert_array_equal(counts, np.bincount(ids.ravel(), minlength=GATE_EXPERTS))
+        assert rel_err(prob_mean, ref.router_prob_mean) < FP32_TOL
+        if ok.all():
+            assert abs(losses[0] - ref.aux_loss) / ref.aux_loss < FP32_TOL
+        assert abs(losses[1] - ref.z_loss) / max(ref.z_loss, 1e-12) < FP32_TOL
+        assert ids.dtype == np.int32 and weights.shape == (tokens, k)
+
+
+def test_gate_ties_go_to_the_lower_index(gate_model):
+    x = np.zeros((4, 3), dtype=np.float32)  # every logit 0: all experts tie
+    router = np.zeros((3, GATE_EXPERTS), dtype=np.float32)
+    outs = run(gate_model, x, router)
+    for i, (k, renorm) in enumerate(GATE_VARIANTS):
+        weights, ids = outs[5 * i], outs[5 * i + 1]
+        np.testing.assert_array_equal(ids, np.tile(np.arange(k), (4, 1)))
+        np.testing.assert_allclose(weights, 1 / k if renorm else 1 / GATE_EXPERTS, rtol=1e-6)
+
+
+def test_gate_all_tokens_on_one_expert(gate_model, rng):
+    x = np.abs(rng.standard_normal((50, 4), dtype=np.float32)) + 0.5
+    router = np.full((4, GATE_EXPERTS), -1.0, dtype=np.float32)
+    router[:, 3] = 5.0
+    weights, ids, counts = run(gate_model, x, router)[:3]  # k = 1
+    assert (ids == 3).all()
+    np.testing.assert_array_equal(counts, [0, 0, 0, 50, 0, 0])
+
+
+# ----------------------------------------------------------------- dispatch
+
+DISPATCH_EXPERTS = 5
+CAPACITIES = [None, 1.0, 0.5, 1.25]
+
+
+@pytest.fixture(scope="module")
+def dispatch_model():
+    def forward(ids):
+        t, k = ids.shape
+        outs = []
+        for cf in CAPACITIES:
+            d = mops.moe_dispatch(ids, num_experts=DISPATCH_EXPERTS, capacity_factor=cf)
+            # Graph outputs cannot have computed shapes (t*k): reshape to [t, k].
+            outs += [ops.reshape(d.sorted_token_ids, [t, k]), d.expert_offsets, ops.reshape(d.slot_to_row, [t, k])]
+        return outs
+
+    return compile_graph("dispatch", [TensorType(I32, ["t", "k"], REF)], forward)
+
+
+@pytest.mark.parametrize("tokens,k", [(1, 1), (7, 2), (33, 3), (1000, 2), (40, DISPATCH_EXPERTS)])
+def test_dispatch_matches_reference(dispatch_model, rng, tokens, k):
+    ids = np.stack([rng.permutation(DISPATCH_EXPERTS)[:k] for _ in range(tokens)]).astype(np.int32)
+    if tokens == 1000:
+        ids[:600, 0] = 0  # a hot expert, so that capacities drop slots
+    outs = run(dispatch_model, ids)
+    for i, cf in enumerate(CAPACITIES):
+        sorted_ids, offsets, slot_to_row = outs[3 * i : 3 * i + 3]
+        ref = R.moe_dispatch(ids, DISPATCH_EXPERTS, cf)
+        np.testing.assert_array_equal(offsets, ref.expert_offsets)
+        kept = int(ref.expert_offsets[-1])
+        np.testing.assert_array_equal(sorted_ids.ravel()[:kept], ref.sorted_token_ids[:kept])
+        np.testing.assert_array_equal(slot_to_row.ravel(), ref.slot_to_row)
+
+
+def test_dispatch_capacity_drops_the_later_tokens(dispatch_model):
+    ids = np.zeros((10, 1), dtype=np.int32)  # all on expert 0; capacity 1.0 keeps ceil(10/5)=2
+    sorted_ids, offsets, slot_to_row = run(dispatch_model, ids)[3:6]
+    np.testing.assert_array_equal(offsets, [0, 2, 2, 2, 2, 2])
+    np.testing.assert_array_equal(slot_to_row.ravel(), [0, 1] + [-1] * 8)
+    np.testing.assert_array_equal(sorted_ids.ravel()[:2], [0, 1])
+
+
+def test_dispatch_rejects_out_of_range_ids(dispatch_model):
+    with pytest.raises(Exception, match="out of range"):
+        run(dispatch_model, np.array([[0], [DISPATCH_EXPERTS]], dtype=np.int32))
+
+
+# ------------------------------------------------------------ expert matmul
+
+MM_E, MM_K, MM_N, MM_F = 5, 37, 19, 11
+MM_VARIANTS = [(act, gather) for act in ("none", "relu", "silu", "swiglu") for gather in (False, True)]
+
+
+@pytest.fixture(scope="module")
+def matmul_model():
+    types = [
+        TensorType(F32, ["r", MM_K], REF),
+        TensorType(I32, ["m"], REF),
+        TensorType(I32, [MM_E + 1], REF),
+        TensorType(F32, [MM_E, MM_K, MM_N], REF),
+        TensorType(F32, [MM_E, MM_K, 2 * MM_F], REF),
+    ]
+
+    def forward(x, rows, offsets, w, w_glu):
+        return [
+            mops.moe_expert_matmul(x, rows, offsets, w_glu if act == "swiglu" else w, activation=act, gather=g)
+            for act, g in MM_VARIANTS
+        ]
+
+    return compile_graph("expert_matmul", types, forward)
+
+
+def _groups(rng, sizes, total_rows):
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
+    rows = rng.integers(0, total_rows, size=max(int(offsets[-1]) + 3, 1)).astype(np.int32)
+    return rows, offsets
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        [1, 0, 0, 0, 0],  # one row
+        [3, 0, 4, 0, 0],  # empty experts
+        [7, 7, 7, 7, 5],  # odd, below the micro-kernel height
+        [500, 1, 0, 299, 200],  # all in big ragged groups
+        [0, 0, 0, 0, 64],  # all rows on one expert
+    ],
+)
+def test_expert_matmul_matches_reference(matmul_model, rng, sizes):
+    rows, offsets = _groups(rng, sizes, total_rows=50)
+    m = len(rows)
+    x_gather = rng.standard_normal((50, MM_K), dtype=np.float32)
+    x_sorted = rng.standard_normal((m, MM_K), dtype=np.float32)
+    w = rng.standard_normal((MM_E, MM_K, MM_N), dtype=np.float32)
+    w_glu = rng.standard_normal((MM_E, MM_K, 2 * MM_F), dtype=np.float32)
+    for gather in (False, True):
+        x = x_gather if gather else x_sorted
+        outs = run(matmul_model, x, rows, offsets, w, w_glu)
+        for (act, g), out in zip(MM_VARIANTS, outs):
+            if g != gather:
+                continue
+            ref = R.moe_expert_matmul(x, rows, offsets, w_glu if act == "swiglu" else w, act, gather)
+            assert out.shape == ref.shape
+            assert rel_err(out, ref) < FP32_TOL, (act, gather)
+            assert (out[offsets[-1] :] == 0).all(), "rows past the kept ones must be zero"
+
+
+# ------------------------------------------------------------------ combine
+
+
+@pytest.fixture(scope="module")
+def combine_model():
+    types = [TensorType(F32, ["m", "d"], REF), TensorType(F32, ["t", "k"], REF), TensorType(I32, ["s"], REF)]
+    return compile_graph("combine", types, lambda y, w, s: [mops.moe_combine(y, w, s)])
+
+
+@pytest.mark.parametrize("tokens,k,d", [(1, 1, 1), (7, 2, 37), (33, 3, 16), (1000, 2, 9)])
+def test_combine_matches_reference(combine_model, rng, tokens, k, d):
+    m = tokens * k
+    y = rng.standard_normal((m, d), dtype=np.float32)
+    weights = rng.random((tokens, k), dtype=np.float32)
+    slot_to_row = rng.permutation(m).astype(np.int32)
+    slot_to_row[rng.random(m) < 0.2] = -1  # dropped slots contribute nothing
+    out = run(combine_model, y, weights, slot_to_row)[0]
+    assert rel_err(out, R.moe_combine(y, weights, slot_to_row)) < FP32_TOL
