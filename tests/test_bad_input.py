@@ -1,0 +1,135 @@
+"""Bad input gets a clear Python error before any graph is built or run."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import pymoe.layer as layer_mod
+import pymoe.ops as mops
+from pymoe import MoEConfig, MoELayer, MoEWeights, get_preset
+
+CFG = MoEConfig(d_model=8, d_ff=12, num_experts=4, top_k=2)
+
+
+@pytest.fixture
+def no_compile(monkeypatch):
+    """Fail the test if anything tries to compile a graph."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a graph was compiled for bad input")
+
+    monkeypatch.setattr(layer_mod, "_compile_moe", refuse)
+    monkeypatch.setattr(layer_mod, "_compile_dense", refuse)
+    monkeypatch.setattr(layer_mod, "_COMPILED", {})
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"top_k": 5}, "top_k must be in"),
+        ({"top_k": 0}, "top_k must be in"),
+        ({"num_experts": 0, "top_k": 0}, "num_experts"),
+        ({"activation": "gelu"}, "activation"),
+        ({"d_model": 0}, "d_model"),
+        ({"capacity_factor": float("nan")}, "capacity_factor"),
+        ({"capacity_factor": 1.2345}, "3 decimals"),
+        ({"d_ff": 2.5}, "d_ff"),
+    ],
+)
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MoEConfig(**{"d_model": 8, "d_ff": 12, "num_experts": 4, "top_k": 2, **kwargs})
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_preset("huge")
+
+
+def test_unknown_device_and_dtype(no_compile):
+    w = MoEWeights.random(CFG, seed=0)
+    with pytest.raises(ValueError, match="device"):
+        MoELayer(CFG, w, device="tpu")
+    with pytest.raises(ValueError, match="dtype"):
+        MoELayer(CFG, w, dtype="float16")
+
+
+@pytest.mark.parametrize(
+    "field,array,match",
+    [
+        ("router", np.zeros((8, 5), np.float32), "router weights has shape"),
+        ("w1", np.zeros((4, 9, 12), np.float32), "w1 has shape"),
+        ("w2", np.zeros((4, 12, 8), np.int32), "float32 or float64"),
+    ],
+)
+def test_weight_shape_and_dtype_mismatch(no_compile, field, array, match):
+    w = MoEWeights.random(CFG, seed=0)
+    bad = MoEWeights(**{**w.__dict__, field: array})
+    with pytest.raises((ValueError, TypeError), match=match):
+        MoELayer(CFG, bad)
+
+
+def test_non_finite_router_weights(no_compile):
+    w = MoEWeights.random(CFG, seed=0)
+    router = w.router.copy()
+    router[3, 1] = np.nan
+    with pytest.raises(ValueError, match="router weights contains NaN"):
+        MoELayer(CFG, MoEWeights(router, w.w1, w.w2))
+
+
+@pytest.mark.parametrize(
+    "x,exc,match",
+    [
+        (np.zeros((0, 8), np.float32), ValueError, "empty batch"),
+        (np.zeros((3, 7), np.float32), ValueError, "columns but d_model is 8"),
+        (np.zeros((3,), np.float32), ValueError, "must have shape"),
+        (np.array([[np.nan] * 8], np.float32), ValueError, "NaN"),
+        (np.zeros((3, 8), np.int64), TypeError, "floating-point"),
+        (torch.zeros((2, 8), dtype=torch.int32), TypeError, "floating-point"),
+        ([[0.0] * 8], TypeError, "numpy array or torch tensor"),
+    ],
+)
+def test_bad_inputs_rejected_before_running(x, exc, match):
+    layer = object.__new__(MoELayer)  # a layer whose graph must never run
+    layer.config = CFG
+    layer._model = None
+    with pytest.raises(exc, match=match):
+        layer.run(x)
+
+
+def test_missing_kernels_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        mops.check_kernels_dir(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="not a Mojo package"):
+        mops.check_kernels_dir(tmp_path)
+    assert mops.check_kernels_dir(mops.KERNELS_DIR) == mops.KERNELS_DIR
+    assert (Path(mops.KERNELS_DIR) / "moe_gate.mojo").is_file()
+
+
+def test_graph_level_checks():
+    """The graph API checks shapes and dtypes while the graph is built."""
+    from max.driver import CPU
+    from max.dtype import DType
+    from max.graph import DeviceRef, Graph, TensorType
+
+    ref = DeviceRef.from_device(CPU())
+    types = [
+        TensorType(DType.float32, ["t", 8], ref),
+        TensorType(DType.float32, [9, 4], ref),
+        TensorType(DType.bfloat16, [4, 8, 12], ref),
+        TensorType(DType.int32, ["t", 2], ref),
+    ]
+    with Graph("bad", input_types=types, custom_extensions=[mops.KERNELS_DIR]) as g:
+        x, router, w1, ids = (v.tensor for v in g.inputs)
+        with pytest.raises(ValueError, match="d_model"):
+            mops.moe_gate(x, router, top_k=2)
+        with pytest.raises(ValueError, match="top_k"):
+            mops.moe_gate(x, router[:8, :], top_k=5)
+        with pytest.raises(TypeError, match="dtype"):
+            mops.moe_expert_matmul(x, ids[:, 0], ids[:5, 0], w1)
+        with pytest.raises(TypeError, match="topk_ids"):
+            mops.moe_dispatch(x, num_experts=4)
+        with pytest.raises(ValueError, match="activation"):
+            mops.moe_expert_matmul(x, ids[:, 0], ids[:5, 0], w1, activation="gelu")

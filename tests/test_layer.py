@@ -1,0 +1,114 @@
+"""The whole MoE layer and the dense baseline against the float64 reference."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import BF16_TOL, FP32_TOL, rel_err
+
+from pymoe import DenseFFN, DenseWeights, MoEConfig, MoELayer, MoEWeights
+from pymoe import reference as R
+
+CONFIGS = {
+    "relu-renorm": MoEConfig(d_model=37, d_ff=45, num_experts=4, top_k=2, activation="relu"),
+    "swiglu-renorm": MoEConfig(d_model=29, d_ff=23, num_experts=5, top_k=2, activation="swiglu"),
+    "relu-switch-k1-capacity": MoEConfig(
+        d_model=16, d_ff=40, num_experts=6, top_k=1, renormalize=False, capacity_factor=1.0
+    ),
+    "swiglu-k=E-capacity": MoEConfig(
+        d_model=24, d_ff=17, num_experts=4, top_k=4, activation="swiglu", renormalize=False,
+        capacity_factor=0.75,
+    ),
+}
+
+
+def _routing_is_unambiguous(x, weights, config, gap=1e-5):
+    """False when some token's top-(k+1) router probabilities are within `gap`:
+    float32 and float64 may then pick different experts, a legitimate difference."""
+    p = np.sort(R.softmax(x.astype(np.float64) @ weights.router), axis=1)[:, ::-1]
+    upto = min(config.top_k + 1, config.num_experts)
+    return not (np.abs(np.diff(p[:, :upto], axis=1)) < gap).any()
+
+
+def _check_against_reference(layer, config, weights, x, tol):
+    res = layer.run(x)
+    ref = R.moe_layer(x, weights, config)
+    if config.capacity_factor is None or _routing_is_unambiguous(x, weights, config):
+        assert rel_err(res.out, ref.out) < tol
+        np.testing.assert_array_equal(res.expert_counts, ref.gate.expert_counts)
+        assert res.dropped_slots == ref.dropped_slots
+    else:  # capacity decisions depend on exact routing; compare token by token
+        close = np.linalg.norm(res.out - ref.out, axis=1) <= tol * (np.linalg.norm(ref.out, axis=1) + 1e-6)
+        assert close.mean() > 0.99
+    assert abs(res.aux_loss - ref.gate.aux_loss) <= 1e-3 * ref.gate.aux_loss
+    return res, ref
+
+
+@pytest.fixture(scope="module")
+def layers():
+    """One compiled graph per config; new weights reuse it."""
+    return {name: MoELayer(cfg, MoEWeights.random(cfg, seed=0)) for name, cfg in CONFIGS.items()}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("tokens", [1, 7, 33, 1000])
+def test_layer_matches_reference(layers, rng, name, tokens):
+    config = CONFIGS[name]
+    weights = MoEWeights.random(config, seed=int(rng.integers(2**31)))
+    layer = MoELayer(config, weights)  # same key: no compile
+    assert layer.compile_seconds == 0.0
+    x = rng.standard_normal((tokens, config.d_model), dtype=np.float32)
+    res, ref = _check_against_reference(layer, config, weights, x, FP32_TOL)
+    if config.capacity_factor is not None and tokens == 1000:
+        assert ref.dropped_slots > 0, "the capacity case must actually drop slots"
+
+
+@pytest.mark.parametrize("name", ["relu-renorm", "relu-switch-k1-capacity"])
+def test_all_tokens_on_one_expert_and_empty_experts(layers, rng, name):
+    config = CONFIGS[name]
+    base = MoEWeights.random(config, seed=1)
+    router = np.full_like(base.router, -1.0)
+    router[:, 0] = 1.0  # expert 0 wins for any positive input
+    weights = MoEWeights(router, base.w1, base.w2)
+    x = np.abs(rng.standard_normal((65, config.d_model), dtype=np.float32)) + 0.1
+    res, ref = _check_against_reference(MoELayer(config, weights), config, weights, x, FP32_TOL)
+    assert res.expert_counts[0] == 65
+    assert (res.expert_counts == 0).sum() >= config.num_experts - config.top_k
+    if config.capacity_factor is not None:
+        assert res.dropped_slots == 65 - config.capacity(65)
+
+
+def test_layer_accepts_torch_and_returns_torch(layers, rng):
+    config = CONFIGS["relu-renorm"]
+    weights = MoEWeights.random(config, seed=2)
+    x = rng.standard_normal((5, config.d_model), dtype=np.float32)
+    out = MoELayer(config, weights)(torch.from_numpy(x))
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
+    assert rel_err(out.numpy(), R.moe_layer(x, weights, config).out) < FP32_TOL
+
+
+@pytest.mark.parametrize("name", ["relu-renorm", "swiglu-renorm"])
+def test_layer_bfloat16(rng, name):
+    config = CONFIGS[name]
+    weights = MoEWeights.random(config, seed=3)
+    layer = MoELayer(config, weights, dtype="bfloat16")
+    x = rng.standard_normal((300, config.d_model), dtype=np.float32)
+    # The reference sees the same bf16-rounded inputs and weights.
+    def bf16(a):
+        return torch.from_numpy(a).to(torch.bfloat16).to(torch.float32).numpy()
+
+    w16 = MoEWeights(bf16(weights.router), bf16(weights.w1), bf16(weights.w2))
+    out = layer(x)
+    ref = R.moe_layer(bf16(x), w16, config).out
+    # Tokens whose routing flips under bf16 rounding are legitimately different.
+    per_token = np.linalg.norm(out - ref, axis=1) / np.linalg.norm(ref, axis=1)
+    assert np.median(per_token) < BF16_TOL
+    assert (per_token < BF16_TOL).mean() > 0.97
+
+
+def test_dense_ffn_matches_reference(rng):
+    config = MoEConfig(d_model=33, d_ff=10, num_experts=3, top_k=1)
+    weights = DenseWeights.random(config, seed=4)
+    dense = DenseFFN(config, weights)
+    for tokens in (1, 70):
+        x = rng.standard_normal((tokens, 33), dtype=np.float32)
+        assert rel_err(dense(x), R.dense_ffn(x, weights)) < FP32_TOL
