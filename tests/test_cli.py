@@ -1,0 +1,18 @@
+"""The `pymoe` command line."""
+
+from click.testing import CliRunner
+
+from pymoe.cli import main
+
+
+def test_check_passes_on_a_preset():
+    result = CliRunner().invoke(main, ["check", "--preset", "small-decode", "--tokens", "5"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("pass") == 2
+
+
+def test_check_rejects_unknown_preset_and_bad_tokens():
+    result = CliRunner().invoke(main, ["check", "--preset", "huge"])
+    assert result.exit_code == 2 and "unknown preset" in result.output
+    result = CliRunner().invoke(main, ["check", "--tokens", "0"])
+    assert result.exit_code == 2 and "--tokens must be >= 1" in result.output
