@@ -8,6 +8,16 @@ from dataclasses import dataclass
 ACTIVATIONS = ("relu", "swiglu")
 
 
+def expert_capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: float | None) -> int:
+    """Slots each expert keeps: ceil(capacity_factor * tokens * top_k / num_experts),
+    with the factor taken in per mille as the kernels take it; all slots for None."""
+    slots = tokens * top_k
+    if capacity_factor is None:
+        return slots
+    permille = int(round(capacity_factor * 1000))
+    return -(-permille * slots // (1000 * num_experts))
+
+
 @dataclass(frozen=True)
 class MoEConfig:
     """Shape and routing rules of one MoE layer.
@@ -73,10 +83,7 @@ class MoEConfig:
 
     def capacity(self, tokens: int) -> int:
         """Slots each expert keeps for a batch of `tokens` tokens."""
-        slots = tokens * self.top_k
-        if self.capacity_factor is None:
-            return slots
-        return -(-self.capacity_factor_permille * slots // (1000 * self.num_experts))
+        return expert_capacity(tokens, self.top_k, self.num_experts, self.capacity_factor)
 
     @property
     def expert_n(self) -> int:

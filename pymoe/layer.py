@@ -157,10 +157,6 @@ class MoELayer:
     def __call__(self, x):
         return self.run(x).out
 
-    def execute_buffers(self, x_buffer):
-        """Run on a device Buffer already of the layer's dtype (for timing loops)."""
-        return self._model.execute(x_buffer, *self._weights)[0]
-
 
 class DenseFFN:
     """The dense baseline: one FFN with the experts' parameter count, in MAX's ops.matmul."""
@@ -183,9 +179,6 @@ class DenseFFN:
         check_input(x, self.config.d_model)
         xb = to_device_buffer(x, self.dtype, self._device)
         return _wrap_output(to_numpy_f32(self._model.execute(xb, *self._weights)[0]), x)
-
-    def execute_buffers(self, x_buffer):
-        return self._model.execute(x_buffer, *self._weights)[0]
 
 
 def _session_and_ref(device: str):

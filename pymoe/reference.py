@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .config import MoEConfig
+from .config import MoEConfig, expert_capacity
 from .weights import DenseWeights, MoEWeights
 
 
@@ -71,20 +71,12 @@ class DispatchResult(NamedTuple):
     slot_to_row: np.ndarray  # [T*k], -1 where dropped
 
 
-def capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: float | None) -> int:
-    slots = tokens * top_k
-    if capacity_factor is None:
-        return slots
-    permille = int(round(capacity_factor * 1000))
-    return -(-permille * slots // (1000 * num_experts))
-
-
 def moe_dispatch(
     topk_ids: np.ndarray, num_experts: int, capacity_factor: float | None = None
 ) -> DispatchResult:
     """Group slots t*k+j by expert, in token order; drop past the capacity."""
     tokens, k = topk_ids.shape
-    cap = capacity(tokens, k, num_experts, capacity_factor)
+    cap = expert_capacity(tokens, k, num_experts, capacity_factor)
     flat = topk_ids.ravel()
     kept = np.zeros(flat.shape, dtype=bool)
     fill = np.zeros(num_experts, dtype=np.int64)
