@@ -13,9 +13,43 @@ from max.gpu.host import DeviceContext
 from max.runtime.asyncrt import parallelism_level
 from std.algorithm import vectorize
 from std.math import ceildiv
+from std.memory import Pointer
 from std.sys import simd_width_of
 
 comptime TOKENS_PER_WORKER_MIN = 16
+
+
+def combine_cpu[dtype: DType](
+    dst: Pointer[Scalar[dtype], MutAnyOrigin],
+    tokens: Int,
+    d: Int,
+    src: Pointer[Scalar[dtype], MutAnyOrigin],
+    weights: Pointer[Float32, MutAnyOrigin],
+    rows: Pointer[Int32, MutAnyOrigin],
+    k: Int,
+):
+    """out[t] = sum_j weights[t*k+j] * src[rows[t*k+j]] over kept slots."""
+    comptime W = simd_width_of[DType.float32]()
+    if tokens == 0:
+        return
+    var workers = max(1, min(parallelism_level(None), ceildiv(tokens, TOKENS_PER_WORKER_MIN)))
+
+    def tokens_of_worker(w: Int) {var dst, var src, var weights, var rows, var tokens, var d, var k, var workers}:
+        for t in range(w * tokens // workers, (w + 1) * tokens // workers):
+            var out_row = dst.unsafe_offset(t * d)
+
+            def column_step[width: Int](c: Int) {var out_row, var src, var weights, var rows, var t, var d, var k}:
+                var acc = SIMD[DType.float32, width](0)
+                for j in range(k):
+                    var row = Int(rows.unsafe_load(t * k + j))
+                    if row >= 0:
+                        var y = src.unsafe_load[width=width](row * d + c).cast[DType.float32]()
+                        acc += weights.unsafe_load(t * k + j) * y
+                out_row.unsafe_store(c, acc.cast[dtype]())
+
+            vectorize[W](d, column_step)
+
+    sync_parallelize(tokens_of_worker, workers)
 
 
 @extensibility.register("pymoe_moe_combine")
@@ -30,32 +64,7 @@ struct MoECombine:
         slot_to_row: InputTensor[dtype=DType.int32, rank=1, ...],
         ctx: DeviceContext,
     ) raises:
-        comptime dtype = output.dtype
-        comptime W = simd_width_of[DType.float32]()
-        var tokens = output.dim_size(0)
-        var d = output.dim_size(1)
-        var k = topk_weights.dim_size(1)
-        if tokens == 0:
-            return
-        var dst = output.unsafe_ptr()
-        var src = expert_out.unsafe_ptr()
-        var weights = topk_weights.unsafe_ptr()
-        var rows = slot_to_row.unsafe_ptr()
-        var workers = max(1, min(parallelism_level(None), ceildiv(tokens, TOKENS_PER_WORKER_MIN)))
-
-        def tokens_of_worker(w: Int) {var dst, var src, var weights, var rows, var tokens, var d, var k, var workers}:
-            for t in range(w * tokens // workers, (w + 1) * tokens // workers):
-                var out_row = dst.unsafe_offset(t * d)
-
-                def column_step[width: Int](c: Int) {var out_row, var src, var weights, var rows, var t, var d, var k}:
-                    var acc = SIMD[DType.float32, width](0)
-                    for j in range(k):
-                        var row = Int(rows.unsafe_load(t * k + j))
-                        if row >= 0:
-                            var y = src.unsafe_load[width=width](row * d + c).cast[DType.float32]()
-                            acc += weights.unsafe_load(t * k + j) * y
-                    out_row.unsafe_store(c, acc.cast[dtype]())
-
-                vectorize[W](d, column_step)
-
-        sync_parallelize(tokens_of_worker, workers)
+        combine_cpu[output.dtype](
+            output.unsafe_ptr(), output.dim_size(0), output.dim_size(1), expert_out.unsafe_ptr(),
+            topk_weights.unsafe_ptr(), slot_to_row.unsafe_ptr(), topk_weights.dim_size(1),
+        )

@@ -11,14 +11,32 @@
 # output[r] = silu(a_r @ W_gate) * (a_r @ W_up), N_out = N / 2.
 # Rows from expert_offsets[E] to M (slots dropped by the capacity) are zeroed.
 #
-# CPU schedule: the work is cut into (expert, block of rows, block of columns)
-# jobs spread over the worker threads, so both prefill (many rows per expert)
-# and decode (a few rows, wide columns) keep every core busy. Inside a job a
-# register-blocked micro-kernel holds MR rows x 2 SIMD vectors of float32
-# accumulators; each k step broadcasts one element of each A row and does
-# fused multiply-adds against two vectors of the weight row. The B strip
-# (K x 2 vectors) is reused by all row blocks of the job while it sits in cache.
-# Accumulation is float32 for every storage dtype.
+# The body, expert_matmul_cpu, is also called by moe_ffn.mojo, which writes
+# into the layer's pooled workspaces; it leaves rows past expert_offsets[E]
+# alone (nothing reads them there), so only the registered op zeroes them.
+#
+# CPU schedule (the BLIS layering, so both weights and activations stream
+# through the caches once per block instead of once per output tile):
+# - jobs are (expert, block of MC rows, block of NC columns), spread over the
+#   worker threads, so prefill (many rows per expert) and decode (a few rows,
+#   wide columns) both keep every core busy;
+# - inside a job, K is cut into KC-deep slices. For each slice the job packs
+#   the weight block (KC x NC) into NR-wide column panels and the activation
+#   block (MC x KC, gathered through row_ids) into MR-row panels, both as
+#   float32 in the order the micro-kernel reads them. Packing turns the
+#   weight reads into one contiguous stream per row (the unpacked access
+#   jumps a whole weight row, i.e. a page, per step), pads ragged edges with
+#   zeros so the micro-kernel never needs a scalar tail, and converts bf16
+#   once instead of in the inner loop;
+# - the micro-kernel keeps MR x 2 SIMD vectors of float32 accumulators in
+#   registers (12 of the 16 AVX2 registers); each k step loads two weight
+#   vectors and broadcasts MR activations. A weight panel (KC x NR, 16 KiB
+#   on AVX2) stays in L1 while the micro-kernel walks the MC rows;
+# - partial sums over K slices wait in a per-job float32 scratch tile; the
+#   activation is applied when the last slice finishes.
+# For SwiGLU a panel holds W gate columns and the W matching up columns, so
+# the epilogue forms silu(gate) * up from two accumulators without a pass
+# over an intermediate tensor.
 
 import extensibility
 from extensibility import InputTensor, OutputTensor
@@ -26,14 +44,25 @@ from max.algorithm import sync_parallelize
 from max.gpu.host import DeviceContext
 from max.runtime.asyncrt import parallelism_level
 from std.math import ceildiv, exp, fma
-from std.sys import simd_width_of
+from std.memory import Pointer
+from std.memory.alloc import unsafe_alloc
+from std.sys import simd_width_of, size_of
+from std.sys.intrinsics import PrefetchOptions, prefetch
 
-# Rows per micro-kernel: MR x 2 accumulator vectors + 2 weight vectors + 1
-# broadcast fit the 16 vector registers of AVX2.
+comptime W = simd_width_of[DType.float32]()
+# Micro-kernel tile: MR rows x NR = 2 vectors of columns.
 comptime MR = 6
-# Rows and columns of one parallel job.
-comptime ROWS_PER_JOB = 8 * MR
-comptime VECTORS_PER_JOB = 16
+comptime NR = 2 * W
+# Cache blocking: KC-deep slices; MC rows (a multiple of MR) per job; NC_PANELS
+# packed panels (NC_PANELS * NR packed columns) per job.
+comptime KC = 512
+comptime MC = 32 * MR
+comptime NC_PANELS = 16
+# Weight rows prefetched ahead while packing: the rows of a block are a page
+# apart, which the hardware prefetchers do not follow.
+comptime PREFETCH_ROWS = 8
+
+comptime F32Ptr = Pointer[Float32, MutUntrackedOrigin]
 
 
 @always_inline
@@ -44,6 +73,201 @@ def _activate[activation: StaticString, width: Int](v: SIMD[DType.float32, width
         return v / (1.0 + exp(-v))
     else:
         return v
+
+
+@always_inline
+def _pack_b[dtype: DType, swiglu: Bool](
+    dst: F32Ptr,
+    b: Pointer[Scalar[dtype], MutAnyOrigin],
+    k0: Int,
+    kc: Int,
+    n_w: Int,
+    col0: Int,
+    col_end: Int,
+    half: Int,
+):
+    """Pack rows [k0, k0+kc) of one expert's weights for output columns
+    [col0, col_end) as NR-wide panels: dst[(q * kc + kk) * NR + j].
+    Plain: panel q holds columns col0 + q*NR + j. SwiGLU: panel q covers
+    output columns c = col0 + q*W .. +W, gate column c in lanes [0, W) and
+    up column half + c in lanes [W, 2W). Columns past col_end are zero."""
+    comptime cols_per_panel = W if swiglu else NR
+    comptime LINE = 64 // size_of[Scalar[dtype]]()
+    var panels = ceildiv(col_end - col0, cols_per_panel)
+    for kk in range(kc):
+        var src = b.unsafe_offset((k0 + kk) * n_w)
+        if kk + PREFETCH_ROWS < kc:
+            var ahead = src.unsafe_offset(PREFETCH_ROWS * n_w)
+            for c in range(col0, col_end, LINE):
+                prefetch[PrefetchOptions().for_read().high_locality().to_data_cache()](ahead.unsafe_offset(c))
+                comptime if swiglu:
+                    prefetch[PrefetchOptions().for_read().high_locality().to_data_cache()](ahead.unsafe_offset(half + c))
+        for q in range(panels):
+            var d = dst.unsafe_offset((q * kc + kk) * NR)
+            var c = col0 + q * cols_per_panel
+            if c + cols_per_panel <= col_end:
+                comptime if swiglu:
+                    d.unsafe_store(0, src.unsafe_load[width=W](c).cast[DType.float32]())
+                    d.unsafe_store(W, src.unsafe_load[width=W](half + c).cast[DType.float32]())
+                else:
+                    d.unsafe_store(0, src.unsafe_load[width=NR](c).cast[DType.float32]())
+            else:
+                for j in range(NR):
+                    var v = Float32(0)
+                    comptime if swiglu:
+                        var cj = c + (j % W)
+                        if cj < col_end:
+                            v = src.unsafe_load(cj + (half if j >= W else 0)).cast[DType.float32]()
+                    else:
+                        if c + j < col_end:
+                            v = src.unsafe_load(c + j).cast[DType.float32]()
+                    d.unsafe_store(j, v)
+
+
+@always_inline
+def _micro_tile[dtype: DType, activation: StaticString](
+    a: Pointer[Scalar[dtype], MutAnyOrigin],
+    a_off: Array[Int, MR],
+    pb: F32Ptr,
+    kc: Int,
+    first: Bool,
+    last: Bool,
+    scratch: F32Ptr,
+    scratch_stride: Int,
+    c: Pointer[Scalar[dtype], MutAnyOrigin],
+    n_out: Int,
+    nrows: Int,
+    col: Int,
+    col_end: Int,
+):
+    """One MR x NR tile over a K slice. Partial sums go to `scratch` (row
+    stride scratch_stride) between slices; the last slice applies the
+    activation and stores rows < nrows and columns < col_end of C."""
+    comptime swiglu = activation == "swiglu"
+    var acc = Array[SIMD[DType.float32, W], 2 * MR](fill=SIMD[DType.float32, W](0))
+    if not first:
+        comptime for i in range(MR):
+            comptime for v in range(2):
+                acc[2 * i + v] = scratch.unsafe_load[width=W](i * scratch_stride + v * W)
+    for kk in range(kc):
+        var b0 = pb.unsafe_load[width=W](kk * NR)
+        var b1 = pb.unsafe_load[width=W](kk * NR + W)
+        comptime for i in range(MR):
+            var a = SIMD[DType.float32, W](a.unsafe_load(a_off[i] + kk).cast[DType.float32]())
+            acc[2 * i] = fma(a, b0, acc[2 * i])
+            acc[2 * i + 1] = fma(a, b1, acc[2 * i + 1])
+    if not last:
+        comptime for i in range(MR):
+            comptime for v in range(2):
+                scratch.unsafe_store(i * scratch_stride + v * W, acc[2 * i + v])
+        return
+    comptime for i in range(MR):
+        if i < nrows:
+            var c_row = c.unsafe_offset(i * n_out)
+            comptime if swiglu:
+                var g = acc[2 * i]
+                var y = g / (1.0 + exp(-g)) * acc[2 * i + 1]
+                if col + W <= col_end:
+                    c_row.unsafe_store(col, y.cast[dtype]())
+                else:
+                    for j in range(col_end - col):
+                        c_row.unsafe_store(col + j, y[j].cast[dtype]())
+            else:
+                comptime for v in range(2):
+                    var y = _activate[activation](acc[2 * i + v])
+                    var cv = col + v * W
+                    if cv + W <= col_end:
+                        c_row.unsafe_store(cv, y.cast[dtype]())
+                    else:
+                        for j in range(max(0, col_end - cv)):
+                            c_row.unsafe_store(cv + j, y[j].cast[dtype]())
+
+
+def expert_matmul_cpu[dtype: DType, activation: StaticString, gather: Bool](
+    c_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
+    n_out: Int,
+    a_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
+    k_dim: Int,
+    ids_ptr: Pointer[Int32, MutAnyOrigin],
+    off_ptr: Pointer[Int32, MutAnyOrigin],
+    experts: Int,
+    b_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
+    n_w: Int,
+):
+    """The whole grouped GEMM on the CPU worker threads (see the file header)."""
+    comptime swiglu = activation == "swiglu"
+    comptime cols_per_panel = W if swiglu else NR
+    comptime NC = NC_PANELS * cols_per_panel  # output columns per job
+
+    var col_jobs = ceildiv(n_out, NC)
+    var job_start = List[Int](length=experts + 1, fill=0)
+    for e in range(experts):
+        var rows_e = Int(off_ptr.unsafe_load(e + 1)) - Int(off_ptr.unsafe_load(e))
+        job_start[e + 1] = job_start[e] + ceildiv(rows_e, MC) * col_jobs
+    var total_jobs = job_start[experts]
+    if total_jobs == 0:
+        return
+    var job_start_ptr = job_start.unsafe_ptr()
+    var workers = max(1, min(parallelism_level(None), total_jobs))
+
+    def jobs_of_worker(wk: Int) {
+        var c_ptr, var a_ptr, var ids_ptr, var off_ptr, var b_ptr, var job_start_ptr,
+        var n_out, var k_dim, var n_w, var col_jobs, var total_jobs, var workers,
+    }:
+        var pb = unsafe_alloc[Float32](KC * NC_PANELS * NR)
+        var scratch = unsafe_alloc[Float32](MC * NC_PANELS * NR)
+        var e = 0
+        for job in range(wk * total_jobs // workers, (wk + 1) * total_jobs // workers):
+            while job >= job_start_ptr.unsafe_load(e + 1):
+                e += 1
+            var local = job - job_start_ptr.unsafe_load(e)
+            var row0 = Int(off_ptr.unsafe_load(e)) + (local // col_jobs) * MC
+            var nrows = min(MC, Int(off_ptr.unsafe_load(e + 1)) - row0)
+            var col0 = (local % col_jobs) * NC
+            var col_end = min(col0 + NC, n_out)
+            var panels = ceildiv(col_end - col0, cols_per_panel)
+            var b_e = b_ptr.unsafe_offset(e * k_dim * n_w)
+            for k0 in range(0, k_dim, KC):
+                var kc = min(KC, k_dim - k0)
+                _pack_b[dtype, swiglu](pb, b_e, k0, kc, n_w, col0, col_end, n_out)
+                for q in range(panels):
+                    var col = col0 + q * cols_per_panel
+                    for p in range(ceildiv(nrows, MR)):
+                        # Rows past the block repeat its last row; their
+                        # results are computed but never stored.
+                        var a_off = Array[Int, MR](fill=0)
+                        comptime for i in range(MR):
+                            var r = row0 + min(p * MR + i, nrows - 1)
+                            comptime if gather:
+                                a_off[i] = Int(ids_ptr.unsafe_load(r)) * k_dim + k0
+                            else:
+                                a_off[i] = r * k_dim + k0
+                        _micro_tile[dtype, activation](
+                            a_ptr,
+                            a_off,
+                            pb.unsafe_offset(q * kc * NR),
+                            kc,
+                            k0 == 0,
+                            k0 + kc >= k_dim,
+                            scratch.unsafe_offset(p * MR * NC_PANELS * NR + q * NR),
+                            NC_PANELS * NR,
+                            c_ptr.unsafe_offset((row0 + p * MR) * n_out),
+                            n_out,
+                            min(MR, nrows - p * MR),
+                            col,
+                            min(col + cols_per_panel, col_end),
+                        )
+        pb.unsafe_free()
+        scratch.unsafe_free()
+
+    sync_parallelize(jobs_of_worker, workers)
+    _ = job_start^
+
+
+def check_activation[activation: StaticString]():
+    comptime assert (
+        activation == "none" or activation == "relu" or activation == "silu" or activation == "swiglu"
+    ), "activation must be none, relu, silu or swiglu"
 
 
 @extensibility.register("pymoe_moe_expert_matmul")
@@ -61,108 +285,18 @@ struct MoEExpertMatmul:
         w: InputTensor[dtype=output.dtype, rank=3, ...],
         ctx: DeviceContext,
     ) raises:
-        comptime assert (
-            activation == "none" or activation == "relu" or activation == "silu" or activation == "swiglu"
-        ), "activation must be none, relu, silu or swiglu"
+        check_activation[activation]()
         comptime dtype = output.dtype
-        comptime W = simd_width_of[DType.float32]()
-        comptime swiglu = activation == "swiglu"
-
         var m_rows = output.dim_size(0)
         var n_out = output.dim_size(1)
-        var k_dim = x.dim_size(1)
-        var experts = w.dim_size(0)
-        var n_w = w.dim_size(2)
-        var a_ptr = x.unsafe_ptr()
-        var ids_ptr = row_ids.unsafe_ptr()
-        var off_ptr = expert_offsets.unsafe_ptr()
-        var b_ptr = w.unsafe_ptr()
         var c_ptr = output.unsafe_ptr()
-
-        var valid_rows = Int(off_ptr.unsafe_load(experts))
+        var valid_rows = Int(expert_offsets.unsafe_ptr().unsafe_load(w.dim_size(0)))
         for r in range(valid_rows, m_rows):
             for c in range(n_out):
                 c_ptr.unsafe_store(r * n_out + c, Scalar[dtype](0))
-        if valid_rows == 0 or n_out == 0:
+        if n_out == 0:
             return
-
-        # Job table: expert e owns jobs [job_start[e], job_start[e+1]).
-        var col_jobs = ceildiv(n_out, VECTORS_PER_JOB * W)
-        var job_start = List[Int](length=experts + 1, fill=0)
-        for e in range(experts):
-            var rows_e = Int(off_ptr.unsafe_load(e + 1)) - Int(off_ptr.unsafe_load(e))
-            job_start[e + 1] = job_start[e] + ceildiv(rows_e, ROWS_PER_JOB) * col_jobs
-        var total_jobs = job_start[experts]
-        var job_start_ptr = job_start.unsafe_ptr()
-        var workers = max(1, min(parallelism_level(None), total_jobs))
-
-        # Accumulate an MR x (NV * VW) tile over the whole K dimension and
-        # store it. `second` is the column offset of the second weight vector:
-        # VW for a plain tile, N/2 (the up projection) for SwiGLU.
-        @always_inline
-        def tile[VW: Int, NV: Int](
-            row0: Int, nrows: Int, col: Int, e: Int, second: Int
-        ) {var a_ptr, var ids_ptr, var b_ptr, var c_ptr, var k_dim, var n_w, var n_out}:
-            var a_off = Array[Int, MR](fill=0)
-            comptime for i in range(MR):
-                var r = row0 + min(i, nrows - 1)
-                comptime if gather:
-                    a_off[i] = Int(ids_ptr.unsafe_load(r)) * k_dim
-                else:
-                    a_off[i] = r * k_dim
-            var acc = Array[SIMD[DType.float32, VW], MR * NV](fill=SIMD[DType.float32, VW](0))
-            var b_row = b_ptr.unsafe_offset(e * k_dim * n_w + col)
-            for kk in range(k_dim):
-                var b0 = b_row.unsafe_load[width=VW](0).cast[DType.float32]()
-                var b1 = b0
-                comptime if NV == 2:
-                    b1 = b_row.unsafe_load[width=VW](second).cast[DType.float32]()
-                comptime for i in range(MR):
-                    var a = SIMD[DType.float32, VW](a_ptr.unsafe_load(a_off[i] + kk).cast[DType.float32]())
-                    acc[i * NV] = fma(a, b0, acc[i * NV])
-                    comptime if NV == 2:
-                        acc[i * NV + 1] = fma(a, b1, acc[i * NV + 1])
-                b_row = b_row.unsafe_offset(n_w)
-            comptime for i in range(MR):
-                if i < nrows:
-                    var c_row = c_ptr.unsafe_offset((row0 + i) * n_out + col)
-                    comptime if swiglu:
-                        var g = acc[i * NV]
-                        var u = acc[i * NV + 1]
-                        c_row.unsafe_store(0, (g / (1.0 + exp(-g)) * u).cast[dtype]())
-                    else:
-                        comptime for v in range(NV):
-                            c_row.unsafe_store(v * VW, _activate[activation](acc[i * NV + v]).cast[dtype]())
-
-        def jobs_of_worker(wk: Int) {var tile, var off_ptr, var job_start_ptr, var experts, var total_jobs, var workers, var col_jobs, var n_out}:
-            var e = 0
-            for job in range(wk * total_jobs // workers, (wk + 1) * total_jobs // workers):
-                while job >= job_start_ptr.unsafe_load(e + 1):
-                    e += 1
-                var local = job - job_start_ptr.unsafe_load(e)
-                var row_lo = Int(off_ptr.unsafe_load(e)) + (local // col_jobs) * ROWS_PER_JOB
-                var row_hi = min(row_lo + ROWS_PER_JOB, Int(off_ptr.unsafe_load(e + 1)))
-                var col_lo = (local % col_jobs) * VECTORS_PER_JOB * W
-                var col_hi = min(col_lo + VECTORS_PER_JOB * W, n_out)
-                var col = col_lo
-                comptime if swiglu:
-                    while col + W <= col_hi:
-                        for r in range(row_lo, row_hi, MR):
-                            tile[W, 2](r, min(MR, row_hi - r), col, e, n_out)
-                        col += W
-                    while col < col_hi:
-                        for r in range(row_lo, row_hi, MR):
-                            tile[1, 2](r, min(MR, row_hi - r), col, e, n_out)
-                        col += 1
-                else:
-                    while col + 2 * W <= col_hi:
-                        for r in range(row_lo, row_hi, MR):
-                            tile[W, 2](r, min(MR, row_hi - r), col, e, W)
-                        col += 2 * W
-                    while col < col_hi:
-                        for r in range(row_lo, row_hi, MR):
-                            tile[1, 1](r, min(MR, row_hi - r), col, e, 0)
-                        col += 1
-
-        sync_parallelize(jobs_of_worker, workers)
-        _ = job_start^
+        expert_matmul_cpu[dtype, activation, gather](
+            c_ptr, n_out, x.unsafe_ptr(), x.dim_size(1), row_ids.unsafe_ptr(),
+            expert_offsets.unsafe_ptr(), w.dim_size(0), w.unsafe_ptr(), w.dim_size(2),
+        )

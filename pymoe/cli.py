@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 
@@ -26,6 +28,37 @@ def check(preset: str, tokens: int | None, dtype: str, seed: int) -> None:
         raise click.UsageError(str(e)) from e
     if not ok:
         raise SystemExit(1)
+
+
+@main.command()
+@click.option("--preset", "presets", multiple=True, metavar="NAME",
+              help="Preset to run (repeatable). Default: small-decode and small.")
+@click.option("--tokens", type=int, default=None, help="Override the presets' token counts.")
+@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--impl", "impls", multiple=True, metavar="NAME",
+              help="Only these implementations (repeatable): pymoe, max_dense, torch_loop, torch_grouped, "
+                   "torch_dense, max_builtin.")
+@click.option("--min-seconds", type=float, default=1.0, show_default=True,
+              help="Keep repeating each timing (3 at least) until this much time is spent.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
+              show_default=True, help="Folder for the result file (results/bench/<device>/...).")
+@click.option("--no-save", is_flag=True, help="Print only; write no result file.")
+def bench(presets, tokens, device, dtype, impls, min_seconds, out_dir, no_save) -> None:
+    """Time pymoe's MoE layer against the dense FFN, PyTorch and MAX, side by side."""
+    from .bench.runner import DEFAULT_PRESETS, run_bench
+    from .bench.suite import IMPL_NAMES
+
+    if tokens is not None and tokens < 1:
+        raise click.UsageError(f"--tokens must be >= 1, got {tokens}")
+    try:
+        run_bench(
+            tuple(presets) or DEFAULT_PRESETS, tokens=tokens, device=device, dtype=dtype,
+            impls=tuple(impls) or IMPL_NAMES, min_seconds=min_seconds,
+            out_dir=None if no_save else out_dir,
+        )
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """MoELayer and DenseFFN: compile a MAX graph once and run it on NumPy or torch inputs.
 
-One graph is compiled per (shape config, device, dtype) with a symbolic token
-dimension, so every batch size reuses it; compiled graphs are cached in-process
-and shared by every layer object with the same key. Weights are graph inputs
-that live on the device, uploaded once per layer object, so a new set of
-weights never triggers a compile.
+One graph is compiled per (shape config, device, dtype, pooled) with a
+symbolic token dimension, so every batch size reuses it; compiled graphs are
+cached in-process and shared by every layer object with the same key. Weights
+are graph inputs that live on the device, uploaded once per layer object, so a
+new set of weights never triggers a compile. The experts' intermediates (the
+two largest tensors of a call) live in a BufferPool owned by the layer and
+passed to the graph as mutable buffers, so steady-state calls allocate none.
 """
 
 from __future__ import annotations
@@ -106,6 +108,39 @@ def _wrap_output(out: np.ndarray, like):
     return out
 
 
+class BufferPool:
+    """Device buffers for the experts' intermediates, reused across calls.
+
+    One buffer per width in `widths` (h: [rows, d_ff], y: [rows, d_model]).
+    A call needing more rows than the pool holds replaces every buffer with
+    one of the next power-of-two rows, so any sequence of batch sizes causes
+    at most log2(max rows) reallocations; `allocations` counts them.
+    """
+
+    MIN_ROWS = 64
+
+    def __init__(self, widths: tuple[int, ...], dtype: str, device):
+        self.widths, self.dtype, self.device = widths, dtype, device
+        self.rows = 0
+        self.allocations = 0
+        self._buffers: list = []
+
+    def buffers(self, rows: int) -> list:
+        """Buffers with at least `rows` rows (allocating only if the pool is too small)."""
+        if rows > self.rows:
+            from max.driver import Buffer
+
+            self.rows = max(self.MIN_ROWS, 1 << (rows - 1).bit_length())
+            self._buffers = [Buffer(_max_dtype(self.dtype), (self.rows, w), self.device) for w in self.widths]
+            self.allocations += len(self.widths)
+        return self._buffers
+
+    @property
+    def nbytes(self) -> int:
+        itemsize = 4 if self.dtype == "float32" else 2
+        return self.rows * sum(self.widths) * itemsize
+
+
 @dataclass
 class MoEOutput:
     out: np.ndarray  # [T, d_model] float32 (or a torch tensor of the input's dtype)
@@ -123,13 +158,23 @@ class MoELayer:
     stats = layer.run(x)    # y plus routing statistics
     """
 
-    def __init__(self, config: MoEConfig, weights: MoEWeights, device: str = "cpu", dtype: str = "float32"):
+    def __init__(
+        self,
+        config: MoEConfig,
+        weights: MoEWeights,
+        device: str = "cpu",
+        dtype: str = "float32",
+        pooled: bool = True,
+    ):
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
         check_device_dtype(device, dtype)
         weights.validate(config)
-        self.config, self.device, self.dtype = config, device, dtype
+        self.config, self.device, self.dtype, self.pooled = config, device, dtype, pooled
         self._device = _driver_device(device)
+        # pooled=False lets the graph allocate the intermediates on every call
+        # (kept for the ablation that measures what the pool saves).
+        self.pool = BufferPool((config.d_ff, config.d_model), dtype, self._device) if pooled else None
         self.compile_seconds = 0.0
         self._model = self._compiled()
         self._weights = [
@@ -137,17 +182,18 @@ class MoELayer:
         ]
 
     def _compiled(self):
-        key = ("moe", self.config, self.device, self.dtype)
+        key = ("moe", self.config, self.device, self.dtype, self.pooled)
         if key not in _COMPILED:
             start = time.perf_counter()
-            _COMPILED[key] = _compile_moe(self.config, self.device, self.dtype)
+            _COMPILED[key] = _compile_moe(self.config, self.device, self.dtype, self.pooled)
             self.compile_seconds = time.perf_counter() - start
         return _COMPILED[key]
 
     def run(self, x) -> MoEOutput:
         check_input(x, self.config.d_model)
         xb = to_device_buffer(x, self.dtype, self._device)
-        out, counts, losses, offsets = self._model.execute(xb, *self._weights)
+        workspaces = self.pool.buffers(x.shape[0] * self.config.top_k) if self.pool else []
+        out, counts, losses, offsets = self._model.execute(xb, *self._weights, *workspaces)
         losses = losses.to_numpy()
         dropped = x.shape[0] * self.config.top_k - int(offsets.to_numpy()[-1])
         return MoEOutput(
@@ -189,8 +235,8 @@ def _session_and_ref(device: str):
     return InferenceSession(devices=[dev]), DeviceRef.from_device(dev)
 
 
-def _compile_moe(config: MoEConfig, device: str, dtype: str):
-    from max.graph import Graph, TensorType
+def _compile_moe(config: MoEConfig, device: str, dtype: str, pooled: bool):
+    from max.graph import BufferType, Graph, TensorType
 
     from . import ops as mops
 
@@ -203,9 +249,12 @@ def _compile_moe(config: MoEConfig, device: str, dtype: str):
         TensorType(dt, [e, d, config.expert_n], ref),
         TensorType(dt, [e, f, d], ref),
     ]
+    if pooled:
+        input_types += [BufferType(dt, ["pool_rows", f], ref), BufferType(dt, ["pool_rows", d], ref)]
     with Graph("pymoe_moe_layer", input_types=input_types, custom_extensions=[mops.KERNELS_DIR]) as g:
-        x, router, w1, w2 = (v.tensor for v in g.inputs)
-        res = mops.moe_layer(x, mops.MoEGraphWeights(router, w1, w2), config)
+        x, router, w1, w2 = (v.tensor for v in g.inputs[:4])
+        workspaces = (g.inputs[4].buffer, g.inputs[5].buffer) if pooled else None
+        res = mops.moe_layer(x, mops.MoEGraphWeights(router, w1, w2), config, workspaces)
         g.output(res.out, res.expert_counts, res.losses, res.expert_offsets)
     return session.load(g)
 

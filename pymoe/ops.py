@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from max.dtype import DType
-from max.graph import Dim, Graph, TensorType, TensorValue, ops
+from max.graph import BufferValue, Dim, Graph, TensorType, TensorValue, ops
 
 from .config import MoEConfig
 
@@ -284,14 +284,67 @@ def check_layer_weights(x: TensorValue, weights: MoEGraphWeights, config: MoECon
             raise ValueError(f"weights.{name} has shape {list(v.shape)}, expected {shape}")
 
 
-def moe_layer(x: TensorValue, weights: MoEGraphWeights, config: MoEConfig) -> LayerOutput:
-    """The MoE layer: gate -> dispatch -> expert FFN (gathered, fused activation) -> combine."""
+def moe_ffn(
+    x: TensorValue,
+    topk_weights: TensorValue,
+    dispatch: DispatchOutput,
+    w1: TensorValue,
+    w2: TensorValue,
+    workspaces: tuple[BufferValue, BufferValue],
+    *,
+    activation: str,
+) -> TensorValue:
+    """The experts' FFN and the combine in one op, with caller-owned workspaces.
+
+    Same result as moe_expert_matmul (gathered, fused activation), then
+    moe_expert_matmul on w2, then moe_combine; the intermediates h and y are
+    written into `workspaces` = (h buffer [rows, d_ff], y buffer [rows,
+    d_model]) instead of new tensors, rows >= T*k (the kernel raises at run
+    time otherwise). `activation` is "relu" or "swiglu" (w1 = [Wg | Wu]).
+    """
+    if activation not in ("relu", "swiglu"):
+        raise ValueError(f"activation must be 'relu' or 'swiglu', got {activation!r}")
+    h_ws, y_ws = workspaces
+    d_ff, d_model = w2.shape[1], w2.shape[2]
+    for name, ws, width in (("h workspace", h_ws, d_ff), ("y workspace", y_ws, d_model)):
+        if not isinstance(ws, BufferValue):
+            raise TypeError(f"{name} must be a BufferValue (a mutable graph buffer), got {type(ws).__name__}")
+        if ws.dtype != x.dtype or ws.rank != 2 or ws.shape[1] != width:
+            raise ValueError(f"{name} must be {x.dtype}[rows, {width}], got {ws.dtype}{list(ws.shape)}")
+    _ensure_kernels_loaded()
+    out = ops.inplace_custom(
+        "pymoe_moe_ffn",
+        device=x.device,
+        values=[
+            h_ws, y_ws, x, dispatch.sorted_token_ids, dispatch.expert_offsets,
+            topk_weights, dispatch.slot_to_row, w1, w2,
+        ],
+        out_types=[TensorType(x.dtype, [x.shape[0], d_model], x.device)],
+        parameters={"activation": activation},
+    )
+    return out[0].tensor
+
+
+def moe_layer(
+    x: TensorValue,
+    weights: MoEGraphWeights,
+    config: MoEConfig,
+    workspaces: tuple[BufferValue, BufferValue] | None = None,
+) -> LayerOutput:
+    """The MoE layer: gate -> dispatch -> expert FFN (gathered, fused activation) -> combine.
+
+    With `workspaces` (see moe_ffn) the expert intermediates go to those
+    buffers; without, the graph allocates them on every call.
+    """
     check_layer_weights(x, weights, config)
     gate = moe_gate(x, weights.router, top_k=config.top_k, renormalize=config.renormalize)
     disp = moe_dispatch(
         gate.topk_ids, num_experts=config.num_experts, capacity_factor=config.capacity_factor
     )
     act = "relu" if config.activation == "relu" else "swiglu"
+    if workspaces is not None:
+        out = moe_ffn(x, gate.topk_weights, disp, weights.w1, weights.w2, workspaces, activation=act)
+        return LayerOutput(out, gate.expert_counts, gate.losses, disp.expert_offsets)
     h = moe_expert_matmul(
         x, disp.sorted_token_ids, disp.expert_offsets, weights.w1, activation=act, gather=True
     )

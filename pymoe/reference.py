@@ -137,6 +137,21 @@ def moe_combine(expert_out: np.ndarray, topk_weights: np.ndarray, slot_to_row: n
     return out
 
 
+def moe_ffn(
+    x: np.ndarray,
+    topk_weights: np.ndarray,
+    dispatch: DispatchResult,
+    w1: np.ndarray,
+    w2: np.ndarray,
+    activation: str,
+) -> np.ndarray:
+    """The experts' FFN and the combine: expert matmul (gathered, activation), w2, combine."""
+    ids, offsets = dispatch.sorted_token_ids, dispatch.expert_offsets
+    h = moe_expert_matmul(x, ids, offsets, w1, activation, gather=True)
+    y = moe_expert_matmul(h, ids, offsets, w2, "none")
+    return moe_combine(y, topk_weights, dispatch.slot_to_row)
+
+
 class LayerResult(NamedTuple):
     out: np.ndarray  # [T, d_model]
     gate: GateResult
@@ -150,9 +165,7 @@ def moe_layer(x: np.ndarray, weights: MoEWeights, config: MoEConfig) -> LayerRes
     gate = moe_gate(x, weights.router, config.top_k, config.renormalize)
     disp = moe_dispatch(gate.topk_ids, config.num_experts, config.capacity_factor)
     act = "relu" if config.activation == "relu" else "swiglu"
-    h = moe_expert_matmul(x, disp.sorted_token_ids, disp.expert_offsets, weights.w1, act, gather=True)
-    y = moe_expert_matmul(h, disp.sorted_token_ids, disp.expert_offsets, weights.w2, "none")
-    out = moe_combine(y, gate.topk_weights, disp.slot_to_row)
+    out = moe_ffn(x, gate.topk_weights, disp, weights.w1, weights.w2, act)
     dropped = tokens * config.top_k - int(disp.expert_offsets[-1])
     return LayerResult(out, gate, disp, dropped)
 

@@ -133,3 +133,31 @@ def test_graph_level_checks():
             mops.moe_dispatch(x, num_experts=4)
         with pytest.raises(ValueError, match="activation"):
             mops.moe_expert_matmul(x, ids[:, 0], ids[:5, 0], w1, activation="gelu")
+
+
+def test_moe_ffn_workspace_checks():
+    """moe_ffn's workspaces must be mutable buffers of the right dtype and width."""
+    from max.driver import CPU
+    from max.dtype import DType
+    from max.graph import BufferType, DeviceRef, Graph, TensorType
+
+    ref = DeviceRef.from_device(CPU())
+    types = [
+        TensorType(DType.float32, ["t", 8], ref),
+        TensorType(DType.float32, [8, 4], ref),
+        TensorType(DType.float32, [4, 8, 12], ref),
+        TensorType(DType.float32, [4, 12, 8], ref),
+        BufferType(DType.float32, ["rows", 12], ref),
+        BufferType(DType.float32, ["rows", 7], ref),
+    ]
+    with Graph("bad_ws", input_types=types, custom_extensions=[mops.KERNELS_DIR]) as g:
+        x, router, w1, w2 = (v.tensor for v in g.inputs[:4])
+        h_ws, bad_ws = g.inputs[4].buffer, g.inputs[5].buffer
+        gate = mops.moe_gate(x, router, top_k=2)
+        disp = mops.moe_dispatch(gate.topk_ids, num_experts=4)
+        with pytest.raises(ValueError, match="y workspace"):
+            mops.moe_ffn(x, gate.topk_weights, disp, w1, w2, (h_ws, bad_ws), activation="relu")
+        with pytest.raises(TypeError, match="BufferValue"):
+            mops.moe_ffn(x, gate.topk_weights, disp, w1, w2, (h_ws, x), activation="relu")
+        with pytest.raises(ValueError, match="activation"):
+            mops.moe_ffn(x, gate.topk_weights, disp, w1, w2, (h_ws, h_ws), activation="gelu")

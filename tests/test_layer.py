@@ -112,3 +112,28 @@ def test_dense_ffn_matches_reference(rng):
     for tokens in (1, 70):
         x = rng.standard_normal((tokens, 33), dtype=np.float32)
         assert rel_err(dense(x), R.dense_ffn(x, weights)) < FP32_TOL
+
+
+def test_unpooled_layer_matches_reference(rng):
+    """pooled=False (the graph allocates the intermediates) computes the same layer."""
+    config = CONFIGS["swiglu-renorm"]
+    weights = MoEWeights.random(config, seed=5)
+    layer = MoELayer(config, weights, pooled=False)
+    assert layer.pool is None
+    for tokens in (7, 1000):
+        x = rng.standard_normal((tokens, config.d_model), dtype=np.float32)
+        _check_against_reference(layer, config, weights, x, FP32_TOL)
+
+
+def test_buffer_pool_grows_geometrically_and_is_reused(layers, rng):
+    config = CONFIGS["relu-renorm"]  # top_k = 2: a call needs 2 * tokens rows
+    weights = MoEWeights.random(config, seed=6)
+    layer = MoELayer(config, weights)
+    history = []
+    for tokens in (100, 50, 128, 3, 129, 256):
+        x = rng.standard_normal((tokens, config.d_model), dtype=np.float32)
+        # Stale rows left in a larger buffer by an earlier call must not leak in.
+        _check_against_reference(layer, config, weights, x, FP32_TOL)
+        history.append((layer.pool.rows, layer.pool.allocations))
+    assert history == [(256, 2), (256, 2), (256, 2), (256, 2), (512, 4), (512, 4)]
+    assert layer.pool.nbytes == 512 * (config.d_ff + config.d_model) * 4

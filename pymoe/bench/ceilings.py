@@ -1,0 +1,49 @@
+"""The machine's physical limits, measured in the same run as the benchmark.
+
+- matmul peak: a large square matmul through PyTorch (its BLAS is the best
+  matmul on the machine we can call), in the benchmark's dtype;
+- copy bandwidth: a large tensor copy, counted as bytes read + bytes written;
+- read bandwidth: a large sum-reduction, bytes read only. Decode reads the
+  weights once and writes little, so its roofline floor uses this one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .timing import measure, summarize
+
+MATMUL_N = {"cpu": 4096, "gpu": 8192}
+STREAM_BYTES = {"cpu": 512 * 2**20, "gpu": 2 * 2**30}
+
+
+def _sync(device: str):
+    return torch.cuda.synchronize if device == "gpu" else None
+
+
+def measure_ceilings(device: str = "cpu", dtype: torch.dtype = torch.float32, min_seconds: float = 1.0) -> dict:
+    tdev = "cuda" if device == "gpu" else "cpu"
+    sync = _sync(device)
+    n = MATMUL_N[device]
+    a = torch.randn(n, n, device=tdev).to(dtype)
+    b = torch.randn(n, n, device=tdev).to(dtype)
+    mm = summarize(measure(lambda: a @ b, min_seconds=min_seconds, sync=sync))
+    del a, b
+    elems = STREAM_BYTES[device] // 4
+    src = torch.ones(elems, device=tdev)
+    dst = torch.empty_like(src)
+    copy = summarize(measure(lambda: dst.copy_(src), min_seconds=min_seconds, sync=sync))
+    read = summarize(measure(lambda: src.sum(), min_seconds=min_seconds, sync=sync))
+    del src, dst
+    flops, nbytes = 2 * n**3, elems * 4
+    return {
+        "matmul": {
+            **mm,
+            "shape": [n, n, n],
+            "dtype": str(dtype).removeprefix("torch."),
+            "via": "torch.matmul",
+            "gflops": flops / mm["median_s"] / 1e9,
+        },
+        "copy": {**copy, "bytes": 2 * nbytes, "via": "torch copy_ (read + write)", "gbps": 2 * nbytes / copy["median_s"] / 1e9},
+        "read": {**read, "bytes": nbytes, "via": "torch sum (read only)", "gbps": nbytes / read["median_s"] / 1e9},
+    }

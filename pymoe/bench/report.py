@@ -1,0 +1,66 @@
+"""Readable tables of benchmark results (printing only; numbers come from the result dicts)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:,.1f}" if s >= 0.01 else f"{s * 1e3:.3f}"
+
+
+def ceilings_table(ceilings: dict) -> Table:
+    t = Table(title="Machine ceilings (measured in this run)")
+    for col in ("limit", "value", "how"):
+        t.add_column(col)
+    mm = ceilings["matmul"]
+    t.add_row("matmul peak", f"{mm['gflops']:,.1f} GFLOP/s", f"{mm['via']} {mm['dtype']} {'x'.join(map(str, mm['shape']))}")
+    t.add_row("read bandwidth", f"{ceilings['read']['gbps']:,.1f} GB/s", ceilings["read"]["via"])
+    t.add_row("copy bandwidth", f"{ceilings['copy']['gbps']:,.1f} GB/s", ceilings["copy"]["via"])
+    return t
+
+
+def run_table(run: dict, device: str, dtype: str) -> Table:
+    w = run["work"]
+    title = (
+        f"{run['preset']} ({run['regime']}): {run['tokens']} tokens, d_model {run['config']['d_model']}, "
+        f"E={run['config']['num_experts']} top-{run['config']['top_k']}, {device} {dtype}; "
+        f"{w['experts_used']} experts used"
+    )
+    t = Table(title=title)
+    cols = ("implementation", "median ms", "IQR ms", "GFLOP/s", "% peak", "weights GB/s", "% read bw",
+            "floor ms", "% of floor", "pymoe speedup", "compile s", "check err")
+    for c in cols:
+        t.add_column(c, justify="left" if c == "implementation" else "right")
+    for r in run["rows"]:
+        if r["status"] != "ok":
+            t.add_row(r["name"], f"[red]{r['status']}[/red]", r["error"][:90], *[""] * (len(cols) - 3))
+            continue
+        t.add_row(
+            r["name"],
+            _ms(r["median_s"]),
+            f"{_ms(r['q25_s'])}-{_ms(r['q75_s'])}",
+            f"{r['gflops']:,.1f}",
+            f"{r['pct_peak']:.0f}%",
+            f"{r['gbps']:,.1f}",
+            f"{r['pct_bw']:.0f}%",
+            _ms(r["floor_s"]),
+            f"{r['pct_of_floor']:.0f}% ({r['floor_bound'][:3]})",
+            f"{r['pymoe_speedup']:.2f}x" if "pymoe_speedup" in r else "",
+            f"{r['compile_s']:.1f}",
+            f"{r['check_rel_err']:.1e}",
+        )
+    return t
+
+
+def print_result(result: dict, console: Console | None = None) -> None:
+    console = console or Console()
+    console.print(ceilings_table(result["ceilings"]))
+    for run in result["runs"]:
+        console.print(run_table(run, result["device"], result["dtype"]))
+    console.print(
+        "GFLOP/s count the FLOPs each row must do (MoE rows: the routed experts + router; dense rows: "
+        "the whole FFN). Weights GB/s count the weights each row must read once (MoE: the experts used). "
+        "floor = max(FLOPs / matmul peak, weight bytes / read bandwidth); pymoe speedup = row time / pymoe time."
+    )

@@ -1,0 +1,65 @@
+"""`pymoe bench`: ceilings, then every preset side by side, with progress; writes one result file."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from ..config import get_preset
+from ..layer import check_device_dtype
+from .ceilings import measure_ceilings
+from .machine import provenance
+from .report import print_result
+from .suite import IMPL_NAMES, TORCH_DTYPES, run_preset, write_result
+
+DEFAULT_PRESETS = ("small-decode", "small")
+
+
+def run_bench(
+    presets: tuple[str, ...] = DEFAULT_PRESETS,
+    *,
+    tokens: int | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    impls: tuple[str, ...] = IMPL_NAMES,
+    min_seconds: float = 1.0,
+    out_dir: Path | None = Path("results"),
+    command: str | None = None,
+    console: Console | None = None,
+) -> tuple[dict, Path | None]:
+    """Measure the ceilings, run each preset, print the tables, write the result file."""
+    for name in presets:
+        get_preset(name)  # unknown names fail before anything runs
+    unknown = set(impls) - set(IMPL_NAMES)
+    if unknown:
+        raise ValueError(f"unknown implementation(s) {sorted(unknown)}; choose from {IMPL_NAMES}")
+    if device == "gpu":
+        check_device_dtype(device, dtype)
+    console = console or Console()
+    result = {
+        "schema": "pymoe.bench/1",
+        **provenance(command or " ".join(["pymoe", *sys.argv[1:]])),
+        "device": device,
+        "dtype": dtype,
+        "runs": [],
+    }
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("measuring the machine's ceilings", total=None)
+        result["ceilings"] = measure_ceilings(device, TORCH_DTYPES[dtype], min_seconds=min_seconds)
+        for name in presets:
+
+            def show(impl: str, name=name) -> None:
+                bar.update(task, description=f"{name}: {impl} (build, check, time)")
+
+            result["runs"].append(
+                run_preset(name, tokens=tokens, device=device, dtype=dtype, ceilings=result["ceilings"],
+                           impls=impls, min_seconds=min_seconds, progress=show)
+            )
+    print_result(result, console)
+    path = write_result(result, out_dir) if out_dir is not None else None
+    if path:
+        console.print(f"wrote {path}")
+    return result, path

@@ -1,0 +1,284 @@
+"""The side-by-side benchmark: every implementation on the same inputs and weights.
+
+For one preset (layer shape + token count) on one device, each implementation
+is built (compile time kept apart), checked against the float64 reference on
+the first tokens of the batch, then timed (warm-up, repetitions, median and
+spread), with the roofline floor from the machine's measured ceilings beside
+it. Data flows one way: this module measures and returns plain dicts; the CLI
+prints them (report.py) and writes them to results/ (write_result).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .. import reference as R
+from ..baselines import TorchDenseFFN, TorchMoE
+from ..config import MoEConfig, Preset, get_preset
+from ..layer import DenseFFN, MoELayer
+from ..weights import DenseWeights, MoEWeights
+from .timing import measure, peak_rss_during, summarize
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Tokens of the batch checked against the float64 reference before timing.
+CHECK_TOKENS = 32
+# Pass criteria of that check: relative Frobenius error (fp32), median
+# per-token relative error (bf16, where a few tokens may legitimately route
+# differently after rounding).
+CHECK_TOL = {"float32": 1e-4, "bfloat16": 2e-2}
+
+
+@dataclass
+class Workload:
+    preset: Preset
+    tokens: int
+    device: str
+    dtype: str
+    x: np.ndarray  # [tokens, d_model] float32 (bf16-representable when dtype is bf16)
+    moe_weights: MoEWeights
+    dense_weights: DenseWeights
+
+    @property
+    def config(self) -> MoEConfig:
+        return self.preset.config
+
+
+@dataclass(frozen=True)
+class Impl:
+    name: str
+    label: str
+    kind: str  # "moe" or "dense": which FLOPs/bytes and which reference apply
+    build: Callable[[Workload], tuple[Callable, float]]  # -> (fn(x) -> out, compile seconds)
+
+
+def _torch_in(fn, device: str, dtype: str):
+    tdev = "cuda" if device == "gpu" else "cpu"
+
+    def call(x):
+        if not isinstance(x, torch.Tensor):
+            x = torch.from_numpy(x).to(device=tdev, dtype=TORCH_DTYPES[dtype])
+        return fn(x)
+
+    return call
+
+
+def _build_pymoe(w: Workload):
+    layer = MoELayer(w.config, w.moe_weights, device=w.device, dtype=w.dtype)
+    return layer, layer.compile_seconds
+
+
+def _build_max_dense(w: Workload):
+    dense = DenseFFN(w.config, w.dense_weights, device=w.device, dtype=w.dtype)
+    return dense, dense.compile_seconds
+
+
+def _build_torch(style: str):
+    def build(w: Workload):
+        moe = TorchMoE(w.config, w.moe_weights, "cuda" if w.device == "gpu" else "cpu", TORCH_DTYPES[w.dtype], style)
+        return _torch_in(moe, w.device, w.dtype), 0.0
+
+    return build
+
+
+def _build_torch_dense(w: Workload):
+    dense = TorchDenseFFN(w.config, w.dense_weights, "cuda" if w.device == "gpu" else "cpu", TORCH_DTYPES[w.dtype])
+    return _torch_in(dense, w.device, w.dtype), 0.0
+
+
+def _build_max_builtin(w: Workload):
+    from .max_builtin import MaxBuiltinMoE
+
+    moe = MaxBuiltinMoE(w.config, w.moe_weights, device=w.device, dtype=w.dtype)
+    return moe, moe.compile_seconds
+
+
+IMPLEMENTATIONS = (
+    Impl("pymoe", "pymoe MoE (Mojo kernels in a MAX graph)", "moe", _build_pymoe),
+    Impl("max_dense", "dense FFN in MAX (ops.matmul)", "dense", _build_max_dense),
+    Impl("torch_loop", "PyTorch MoE, HF-style expert loop", "moe", _build_torch("loop")),
+    Impl("torch_grouped", "PyTorch MoE, torch._grouped_mm", "moe", _build_torch("grouped")),
+    Impl("torch_dense", "dense FFN in PyTorch", "dense", _build_torch_dense),
+    Impl("max_builtin", "MAX built-in MoE kernels (max.nn.kernels)", "moe", _build_max_builtin),
+)
+IMPL_NAMES = tuple(i.name for i in IMPLEMENTATIONS)
+
+
+def _to_numpy(out) -> np.ndarray:
+    if isinstance(out, torch.Tensor):
+        return out.detach().float().cpu().numpy()
+    return np.asarray(out, dtype=np.float32)
+
+
+def _round_bf16(a: np.ndarray) -> np.ndarray:
+    return torch.from_numpy(np.ascontiguousarray(a)).to(torch.bfloat16).to(torch.float32).numpy()
+
+
+def make_workload(preset_name: str, tokens: int | None, device: str, dtype: str, seed: int = 0) -> Workload:
+    preset = get_preset(preset_name)
+    tokens = preset.tokens if tokens is None else tokens
+    if tokens < 1:
+        raise ValueError(f"tokens must be >= 1, got {tokens}")
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((tokens, preset.config.d_model), dtype=np.float32)
+    moe_w = MoEWeights.random(preset.config, seed=seed + 1)
+    dense_w = DenseWeights.random(preset.config, seed=seed + 2)
+    if dtype == "bfloat16":  # the reference then sees exactly what the kernels see
+        x = _round_bf16(x)
+        moe_w = MoEWeights(*(_round_bf16(a) for a in (moe_w.router, moe_w.w1, moe_w.w2)))
+        dense_w = DenseWeights(*(_round_bf16(a) for a in (dense_w.w1, dense_w.w2)))
+    return Workload(preset, tokens, device, dtype, x, moe_w, dense_w)
+
+
+def _reference(w: Workload, kind: str, x: np.ndarray) -> np.ndarray:
+    if kind == "moe":
+        return R.moe_layer(x, w.moe_weights, w.config).out
+    return R.dense_ffn(x, w.dense_weights, w.config.activation)
+
+
+def _check(out: np.ndarray, ref: np.ndarray, dtype: str) -> tuple[float, bool]:
+    if dtype == "float32":
+        err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+    else:
+        per_token = np.linalg.norm(out - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-30)
+        err = float(np.median(per_token))
+    return err, err < CHECK_TOL[dtype]
+
+
+def work_model(w: Workload) -> dict:
+    """FLOPs and weight bytes each kind of implementation must at least spend."""
+    cfg, itemsize = w.config, (4 if w.dtype == "float32" else 2)
+    probs = R.softmax(w.x.astype(np.float64) @ w.moe_weights.router)
+    top = np.argsort(-probs, axis=1, kind="stable")[:, : cfg.top_k]
+    used = int(np.unique(top).size)
+    router_bytes = cfg.d_model * cfg.num_experts * itemsize
+    router_flops = 2 * w.tokens * cfg.d_model * cfg.num_experts
+    n1_dense = 2 * cfg.d_ff_dense if cfg.activation == "swiglu" else cfg.d_ff_dense
+    return {
+        "experts_used": used,
+        "moe": {
+            "flops": cfg.active_flops(w.tokens) + router_flops,
+            "weight_bytes": used * cfg.expert_bytes(itemsize) + router_bytes,
+        },
+        "dense": {
+            "flops": 2 * w.tokens * cfg.d_model * (n1_dense + cfg.d_ff_dense),
+            "weight_bytes": itemsize * cfg.d_model * (n1_dense + cfg.d_ff_dense),
+        },
+    }
+
+
+def _roofline(row: dict, work: dict, ceilings: dict) -> None:
+    """Add achieved rates, the floor time and the fraction of it reached."""
+    flops, nbytes, t = work["flops"], work["weight_bytes"], row["median_s"]
+    peak = ceilings["matmul"]["gflops"] * 1e9
+    bw = ceilings["read"]["gbps"] * 1e9
+    floor = max(flops / peak, nbytes / bw)
+    row.update(
+        flops=flops,
+        weight_bytes=nbytes,
+        gflops=flops / t / 1e9,
+        pct_peak=100 * flops / t / peak,
+        gbps=nbytes / t / 1e9,
+        pct_bw=100 * nbytes / t / bw,
+        floor_s=floor,
+        floor_bound="compute" if flops / peak >= nbytes / bw else "memory",
+        pct_of_floor=100 * floor / t,
+    )
+
+
+def run_impl(impl: Impl, w: Workload, work: dict, ceilings: dict, min_seconds: float, sync=None) -> dict:
+    row = {"name": impl.name, "label": impl.label, "kind": impl.kind, "status": "ok", "error": None}
+    try:
+        fn, compile_s = impl.build(w)
+    except Exception as exc:  # recorded, not raised: a failing baseline is a result
+        row.update(status="failed", error=_one_line(exc), phase="build")
+        return row
+    row["compile_s"] = compile_s
+    try:
+        n = min(CHECK_TOKENS, w.tokens)
+        out = _to_numpy(fn(w.x[:n]))
+        err, ok = _check(out, _reference(w, impl.kind, w.x[:n]), w.dtype)
+        row.update(check_tokens=n, check_rel_err=err, check_tol=CHECK_TOL[w.dtype])
+        if not ok:
+            row.update(status="wrong", error=f"relative error {err:.3g} against the float64 reference")
+            return row
+        times = measure(lambda: fn(w.x), min_seconds=min_seconds, sync=sync)
+        row.update(summarize(times))
+        if w.device == "cpu":
+            row["peak_rss_delta_mib"] = peak_rss_during(lambda: fn(w.x))
+    except Exception as exc:
+        row.update(status="failed", error=_one_line(exc), phase="run")
+        return row
+    _roofline(row, work[impl.kind], ceilings)
+    return row
+
+
+def _one_line(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    msg = lines[0] if lines else type(exc).__name__
+    # MAX compile errors put the useful part further down; keep a short tail.
+    tail = [ln.strip() for ln in lines[1:] if re.search(r"error|not|fail", ln, re.I)][:2]
+    return " | ".join([msg[:300], *[t[:200] for t in tail]])
+
+
+def run_preset(
+    preset_name: str,
+    *,
+    tokens: int | None,
+    device: str,
+    dtype: str,
+    ceilings: dict,
+    impls: tuple[str, ...] = IMPL_NAMES,
+    min_seconds: float = 1.0,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Benchmark every implementation in `impls` on one preset; returns the run dict."""
+    unknown = set(impls) - set(IMPL_NAMES)
+    if unknown:
+        raise ValueError(f"unknown implementation(s) {sorted(unknown)}; choose from {IMPL_NAMES}")
+    w = make_workload(preset_name, tokens, device, dtype)
+    work = work_model(w)
+    sync = torch.cuda.synchronize if device == "gpu" else None
+    rows = []
+    for impl in IMPLEMENTATIONS:
+        if impl.name not in impls:
+            continue
+        if progress:
+            progress(impl.name)
+        rows.append(run_impl(impl, w, work, ceilings, min_seconds, sync))
+    pymoe = next((r for r in rows if r["name"] == "pymoe" and r["status"] == "ok"), None)
+    for r in rows:
+        if pymoe and r["status"] == "ok":
+            r["pymoe_speedup"] = r["median_s"] / pymoe["median_s"]
+    cfg = w.config
+    return {
+        "preset": preset_name,
+        "tokens": w.tokens,
+        "regime": "decode" if preset_name.endswith("-decode") else "prefill",
+        "config": {
+            "d_model": cfg.d_model, "d_ff": cfg.d_ff, "num_experts": cfg.num_experts,
+            "top_k": cfg.top_k, "activation": cfg.activation, "renormalize": cfg.renormalize,
+            "capacity_factor": cfg.capacity_factor,
+        },
+        "work": work,
+        "rows": rows,
+    }
+
+
+def write_result(result: dict, out_dir: Path) -> Path:
+    """Write one result file: results/bench/<device>/<stamp>-<presets>.json."""
+    stamp = result["date"].replace(":", "").replace("-", "").replace("+0000", "Z")
+    presets = "_".join(r["preset"] + (f"@{r['tokens']}" if r["tokens"] != get_preset(r["preset"]).tokens else "")
+                       for r in result["runs"])
+    folder = Path(out_dir) / "bench" / result["device"]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stamp}-{result['dtype']}-{presets}.json"
+    path.write_text(json.dumps(result, indent=1))
+    return path
