@@ -29,28 +29,28 @@ def run_table(run: dict, device: str, dtype: str) -> Table:
         f"{w['experts_used']} experts used"
     )
     t = Table(title=title)
-    cols = ("implementation", "median ms", "IQR ms", "GFLOP/s", "% peak", "weights GB/s", "% read bw",
-            "floor ms", "% of floor", "pymoe speedup", "compile s", "check err")
+    cols = ("implementation", "median ms (IQR)", "GFLOP/s (% peak)", "weights GB/s (% read bw)",
+            "% of floor", "pymoe speedup", "compile s", "check err")
     for c in cols:
         t.add_column(c, justify="left" if c == "implementation" else "right")
+    failures = []
     for r in run["rows"]:
         if r["status"] != "ok":
-            t.add_row(r["name"], f"[red]{r['status']}[/red]", r["error"][:90], *[""] * (len(cols) - 3))
+            t.add_row(r["name"], f"[red]{r['status']}[/red] (see below)", *[""] * (len(cols) - 2))
+            failures.append(f"{r['name']}: {r['error']}")
             continue
         t.add_row(
             r["name"],
-            _ms(r["median_s"]),
-            f"{_ms(r['q25_s'])}-{_ms(r['q75_s'])}",
-            f"{r['gflops']:,.1f}",
-            f"{r['pct_peak']:.0f}%",
-            f"{r['gbps']:,.1f}",
-            f"{r['pct_bw']:.0f}%",
-            _ms(r["floor_s"]),
-            f"{r['pct_of_floor']:.0f}% ({r['floor_bound'][:3]})",
+            f"{_ms(r['median_s'])} ({_ms(r['q25_s'])}-{_ms(r['q75_s'])})",
+            f"{r['gflops']:,.1f} ({r['pct_peak']:.0f}%)",
+            f"{r['gbps']:,.1f} ({r['pct_bw']:.0f}%)",
+            f"{r['pct_of_floor']:.0f}% of {_ms(r['floor_s'])} ms",
             f"{r['pymoe_speedup']:.2f}x" if "pymoe_speedup" in r else "",
             f"{r['compile_s']:.1f}",
             f"{r['check_rel_err']:.1e}",
         )
+    if failures:
+        t.caption = "\n".join(failures)
     return t
 
 
