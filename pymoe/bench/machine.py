@@ -69,17 +69,24 @@ def versions() -> dict:
 
 
 def git_commit() -> dict:
-    """The commit of the source tree the code ran from (None outside a git checkout)."""
+    """The commit of the pymoe checkout the code ran from: the source tree itself,
+    or, for an installed package (pip install .), the checkout in the current
+    directory. None outside a pymoe git checkout."""
+    for root in (REPO_ROOT, Path.cwd()):
+        if not (root / "kernels" / "moe_gate.mojo").is_file():
+            continue
 
-    def git(*args):
-        return subprocess.run(
-            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
+        def git(*args, root=root):
+            return subprocess.run(
+                ["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True
+            ).stdout.strip()
 
-    try:
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
+        try:
+            dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+            return {"commit": git("rev-parse", "HEAD"), "dirty": dirty}
+        except (OSError, subprocess.SubprocessError):
+            continue
+    return {"commit": None, "dirty": None}
 
 
 def provenance(command: str) -> dict:
