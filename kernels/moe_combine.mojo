@@ -28,7 +28,7 @@ def combine_cpu[dtype: DType](
     rows: Pointer[Int32, MutAnyOrigin],
     k: Int,
 ):
-    """out[t] = sum_j weights[t*k+j] * src[rows[t*k+j]] over kept slots."""
+    """Weighted gather-sum: out[t] = sum_j weights[t*k+j] * src[rows[t*k+j]] over kept slots."""
     comptime W = simd_width_of[DType.float32]()
     if tokens == 0:
         return

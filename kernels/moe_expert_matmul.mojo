@@ -21,17 +21,18 @@
 #   worker threads, so prefill (many rows per expert) and decode (a few rows,
 #   wide columns) both keep every core busy;
 # - inside a job, K is cut into KC-deep slices. For each slice the job packs
-#   the weight block (KC x NC) into NR-wide column panels and the activation
-#   block (MC x KC, gathered through row_ids) into MR-row panels, both as
-#   float32 in the order the micro-kernel reads them. Packing turns the
-#   weight reads into one contiguous stream per row (the unpacked access
-#   jumps a whole weight row, i.e. a page, per step), pads ragged edges with
-#   zeros so the micro-kernel never needs a scalar tail, and converts bf16
-#   once instead of in the inner loop;
+#   the weight block (KC x NC) into NR-wide float32 column panels in the
+#   order the micro-kernel reads them. Packing turns the weight reads into
+#   one contiguous stream per row (the unpacked access jumps a whole weight
+#   row, i.e. a page, per step), pads ragged edges with zeros so the
+#   micro-kernel never needs a scalar tail, and converts bf16 once instead of
+#   in the inner loop. Activation rows are not packed: the micro-kernel reads
+#   them in place (through row_ids when gathering), each row a contiguous
+#   stream along K;
 # - the micro-kernel keeps MR x 2 SIMD vectors of float32 accumulators in
 #   registers (12 of the 16 AVX2 registers); each k step loads two weight
-#   vectors and broadcasts MR activations. A weight panel (KC x NR, 16 KiB
-#   on AVX2) stays in L1 while the micro-kernel walks the MC rows;
+#   vectors and broadcasts MR activations. A weight panel (KC x NR) stays in
+#   cache while the micro-kernel walks the MC rows;
 # - partial sums over K slices wait in a per-job float32 scratch tile; the
 #   activation is applied when the last slice finishes.
 # For SwiGLU a panel holds W gate columns and the W matching up columns, so

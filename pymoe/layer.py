@@ -6,7 +6,8 @@ cached in-process and shared by every layer object with the same key. Weights
 are graph inputs that live on the device, uploaded once per layer object, so a
 new set of weights never triggers a compile. The experts' intermediates (the
 two largest tensors of a call) live in a BufferPool owned by the layer and
-passed to the graph as mutable buffers, so steady-state calls allocate none.
+passed to the graph as mutable buffers, so steady-state calls allocate no
+memory for them.
 """
 
 from __future__ import annotations

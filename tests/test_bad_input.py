@@ -5,6 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from graphs import REF
+from max.dtype import DType
+from max.graph import BufferType, Graph, TensorType
 
 import pymoe.layer as layer_mod
 import pymoe.ops as mops
@@ -110,16 +113,11 @@ def test_missing_kernels_path(tmp_path):
 
 def test_graph_level_checks():
     """The graph API checks shapes and dtypes while the graph is built."""
-    from max.driver import CPU
-    from max.dtype import DType
-    from max.graph import DeviceRef, Graph, TensorType
-
-    ref = DeviceRef.from_device(CPU())
     types = [
-        TensorType(DType.float32, ["t", 8], ref),
-        TensorType(DType.float32, [9, 4], ref),
-        TensorType(DType.bfloat16, [4, 8, 12], ref),
-        TensorType(DType.int32, ["t", 2], ref),
+        TensorType(DType.float32, ["t", 8], REF),
+        TensorType(DType.float32, [9, 4], REF),
+        TensorType(DType.bfloat16, [4, 8, 12], REF),
+        TensorType(DType.int32, ["t", 2], REF),
     ]
     with Graph("bad", input_types=types, custom_extensions=[mops.KERNELS_DIR]) as g:
         x, router, w1, ids = (v.tensor for v in g.inputs)
@@ -137,18 +135,13 @@ def test_graph_level_checks():
 
 def test_moe_ffn_workspace_checks():
     """moe_ffn's workspaces must be mutable buffers of the right dtype and width."""
-    from max.driver import CPU
-    from max.dtype import DType
-    from max.graph import BufferType, DeviceRef, Graph, TensorType
-
-    ref = DeviceRef.from_device(CPU())
     types = [
-        TensorType(DType.float32, ["t", 8], ref),
-        TensorType(DType.float32, [8, 4], ref),
-        TensorType(DType.float32, [4, 8, 12], ref),
-        TensorType(DType.float32, [4, 12, 8], ref),
-        BufferType(DType.float32, ["rows", 12], ref),
-        BufferType(DType.float32, ["rows", 7], ref),
+        TensorType(DType.float32, ["t", 8], REF),
+        TensorType(DType.float32, [8, 4], REF),
+        TensorType(DType.float32, [4, 8, 12], REF),
+        TensorType(DType.float32, [4, 12, 8], REF),
+        BufferType(DType.float32, ["rows", 12], REF),
+        BufferType(DType.float32, ["rows", 7], REF),
     ]
     with Graph("bad_ws", input_types=types, custom_extensions=[mops.KERNELS_DIR]) as g:
         x, router, w1, w2 = (v.tensor for v in g.inputs[:4])

@@ -11,30 +11,35 @@ from __future__ import annotations
 
 import torch
 
-from .timing import measure, summarize
+from .timing import device_sync, measure, summarize
 
 MATMUL_N = {"cpu": 4096, "gpu": 8192}
 STREAM_BYTES = {"cpu": 512 * 2**20, "gpu": 2 * 2**30}
 
 
-def _sync(device: str):
-    return torch.cuda.synchronize if device == "gpu" else None
-
-
-def measure_ceilings(device: str = "cpu", dtype: torch.dtype = torch.float32, min_seconds: float = 1.0) -> dict:
-    tdev = "cuda" if device == "gpu" else "cpu"
-    sync = _sync(device)
-    n = MATMUL_N[device]
+def _matmul_times(n: int, tdev: str, dtype: torch.dtype, min_seconds: float, sync) -> dict:
     a = torch.randn(n, n, device=tdev).to(dtype)
     b = torch.randn(n, n, device=tdev).to(dtype)
-    mm = summarize(measure(lambda: a @ b, min_seconds=min_seconds, sync=sync))
-    del a, b
-    elems = STREAM_BYTES[device] // 4
+    return summarize(measure(lambda: a @ b, min_seconds=min_seconds, sync=sync))
+
+
+def _stream_times(elems: int, tdev: str, min_seconds: float, sync) -> tuple[dict, dict]:
     src = torch.ones(elems, device=tdev)
     dst = torch.empty_like(src)
     copy = summarize(measure(lambda: dst.copy_(src), min_seconds=min_seconds, sync=sync))
     read = summarize(measure(lambda: src.sum(), min_seconds=min_seconds, sync=sync))
-    del src, dst
+    return copy, read
+
+
+def measure_ceilings(device: str = "cpu", dtype: torch.dtype = torch.float32, min_seconds: float = 1.0) -> dict:
+    tdev = "cuda" if device == "gpu" else "cpu"
+    sync = device_sync(device)
+    n = MATMUL_N[device]
+    elems = STREAM_BYTES[device] // 4
+    # One after the other, so the matmul operands are freed before the large
+    # stream buffers are allocated.
+    mm = _matmul_times(n, tdev, dtype, min_seconds, sync)
+    copy, read = _stream_times(elems, tdev, min_seconds, sync)
     flops, nbytes = 2 * n**3, elems * 4
     return {
         "matmul": {

@@ -36,8 +36,7 @@ def run_bench(
     unknown = set(impls) - set(IMPL_NAMES)
     if unknown:
         raise ValueError(f"unknown implementation(s) {sorted(unknown)}; choose from {IMPL_NAMES}")
-    if device == "gpu":
-        check_device_dtype(device, dtype)
+    check_device_dtype(device, dtype)
     console = console or Console()
     result = {
         "schema": "pymoe.bench/1",

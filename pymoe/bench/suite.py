@@ -24,7 +24,7 @@ from ..baselines import TorchDenseFFN, TorchMoE
 from ..config import MoEConfig, Preset, get_preset
 from ..layer import DenseFFN, MoELayer
 from ..weights import DenseWeights, MoEWeights
-from .timing import measure, peak_rss_during, summarize
+from .timing import device_sync, measure, peak_rss_during, summarize
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Tokens of the batch checked against the float64 reference before timing.
@@ -245,7 +245,7 @@ def run_preset(
         raise ValueError(f"unknown implementation(s) {sorted(unknown)}; choose from {IMPL_NAMES}")
     w = make_workload(preset_name, tokens, device, dtype)
     work = work_model(w)
-    sync = torch.cuda.synchronize if device == "gpu" else None
+    sync = device_sync(device)
     rows = []
     for impl in IMPLEMENTATIONS:
         if impl.name not in impls:

@@ -35,6 +35,15 @@ def measure(
     return times
 
 
+def device_sync(device: str) -> Callable[[], None] | None:
+    """What `measure` must call to time `device` to completion (None on CPU)."""
+    if device == "gpu":
+        import torch
+
+        return torch.cuda.synchronize
+    return None
+
+
 def summarize(times: list[float]) -> dict:
     """Median and spread (quartiles, min, max) of raw timings, kept with them."""
     t = np.asarray(times)
