@@ -44,13 +44,32 @@ def check(preset: str, tokens: int | None, dtype: str, seed: int) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
               show_default=True, help="Folder for the result file (results/bench/<device>/...).")
 @click.option("--no-save", is_flag=True, help="Print only; write no result file.")
-def bench(presets, tokens, device, dtype, impls, min_seconds, out_dir, no_save) -> None:
+@click.option("--ablation", is_flag=True,
+              help="Instead: time each op (softmax, relu, gate, expert matmul, layer) rung by rung "
+                   "(scalar, SIMD, compile-time specialised, buffer pool) and the routing overhead; CPU, "
+                   "float32, one preset (default small). Compiles ~20 graphs: ~6 minutes on 2 cores.")
+@click.option("--matmul-tokens", type=int, default=None,
+              help="With --ablation: tokens for the expert matmul and layer rungs (default 256; the scalar "
+                   "rung is slow).")
+def bench(presets, tokens, device, dtype, impls, min_seconds, out_dir, no_save, ablation, matmul_tokens) -> None:
     """Time pymoe's MoE layer against the dense FFN, PyTorch and MAX, side by side."""
-    from .bench.runner import DEFAULT_PRESETS, run_bench
+    from .bench.runner import DEFAULT_PRESETS, run_ablation, run_bench
     from .bench.suite import IMPL_NAMES
 
     if tokens is not None and tokens < 1:
         raise click.UsageError(f"--tokens must be >= 1, got {tokens}")
+    if ablation:
+        if device != "cpu" or dtype != "float32" or impls or len(presets) > 1:
+            raise click.UsageError("--ablation runs on cpu in float32 for one --preset; "
+                                   "--device, --dtype and --impl do not apply")
+        try:
+            run_ablation(presets[0] if presets else "small", tokens=tokens, matmul_tokens=matmul_tokens,
+                         min_seconds=min_seconds, out_dir=None if no_save else out_dir)
+        except ValueError as e:
+            raise click.UsageError(str(e)) from e
+        return
+    if matmul_tokens is not None:
+        raise click.UsageError("--matmul-tokens only applies with --ablation")
     try:
         run_bench(
             tuple(presets) or DEFAULT_PRESETS, tokens=tokens, device=device, dtype=dtype,

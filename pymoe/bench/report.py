@@ -64,3 +64,65 @@ def print_result(result: dict, console: Console | None = None) -> None:
         "the whole FFN). Weights GB/s count the weights each row must read once (MoE: the experts used). "
         "floor = max(FLOPs / matmul peak, weight bytes / read bandwidth); pymoe speedup = row time / pymoe time."
     )
+
+
+def _rate(r: dict) -> str:
+    if "gflops" in r:
+        return f"{r['gflops']:,.1f} GFLOP/s ({r['pct_peak']:.0f}% peak)"
+    if "gbps" in r:
+        return f"{r['gbps']:,.1f} GB/s ({r['pct_bw']:.0f}% copy bw)"
+    return ""
+
+
+def ablation_table(result: dict) -> Table:
+    t = Table(title=f"Optimisation ablation, {result['preset']} layer shape, cpu float32 "
+                    f"(expert matmul and layer on {result['matmul_tokens']} tokens, others on {result['tokens']})")
+    cols = ("op", "rung", "median ms (IQR)", "vs scalar", "step gain", "rate (% of ceiling)", "pool allocs/call",
+            "check err")
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("op", "rung") else "right")
+    failures = []
+    for r in result["ablation"]:
+        if r["status"] != "ok":
+            t.add_row(r["op"], r["rung"], f"[red]{r['status']}[/red]", *[""] * (len(cols) - 3))
+            failures.append(f"{r['op']} {r['rung']}: {r['error']}")
+            continue
+        t.add_row(
+            r["op"], r["rung"],
+            f"{_ms(r['median_s'])} ({_ms(r['q25_s'])}-{_ms(r['q75_s'])})",
+            f"{r['speedup_vs_scalar']:.1f}x" if "speedup_vs_scalar" in r else "",
+            f"{r['step_gain']:.2f}x" if "step_gain" in r else "",
+            _rate(r),
+            f"{r['pool_allocations_per_call']:g}" if "pool_allocations_per_call" in r else "",
+            f"{r['check_rel_err']:.1e}",
+        )
+    if failures:
+        t.caption = "\n".join(failures)
+    return t
+
+
+def routing_table(result: dict) -> Table:
+    s = result.get("routing_summary")
+    title = f"Routing overhead, production ops, {result['preset']} on {result['tokens']} tokens"
+    if s:
+        title += f": gate + dispatch + combine = {s['routing_pct_of_layer']:.1f}% of the layer"
+    t = Table(title=title)
+    for c in ("op", "median ms (IQR)", "% of layer", "rate (% of ceiling)"):
+        t.add_column(c, justify="left" if c == "op" else "right")
+    layer = next((r for r in result["routing"] if r["op"] == "layer" and r["status"] == "ok"), None)
+    for r in result["routing"]:
+        if r["status"] != "ok":
+            t.add_row(r["op"], f"[red]{r['status']}[/red]: {r['error']}", "", "")
+            continue
+        pct = f"{100 * r['median_s'] / layer['median_s']:.2f}%" if layer else ""
+        t.add_row(r["op"], f"{_ms(r['median_s'])} ({_ms(r['q25_s'])}-{_ms(r['q75_s'])})", pct, _rate(r))
+    return t
+
+
+def print_ablation(result: dict, console: Console | None = None) -> None:
+    console = console or Console()
+    console.print(ceilings_table(result["ceilings"]))
+    console.print(ablation_table(result))
+    for rung, note in result["rungs"].items():
+        console.print(f"  {rung}: {note}")
+    console.print(routing_table(result))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -60,5 +61,59 @@ def run_bench(
     print_result(result, console)
     path = write_result(result, out_dir) if out_dir is not None else None
     if path:
+        console.print(f"wrote {path}")
+    return result, path
+
+
+def run_ablation(
+    preset: str = "small",
+    *,
+    tokens: int | None = None,
+    matmul_tokens: int | None = None,
+    min_seconds: float = 1.0,
+    out_dir: Path | None = Path("results"),
+    command: str | None = None,
+    console: Console | None = None,
+) -> tuple[dict, Path | None]:
+    """The optimisation ablation and the routing breakdown on CPU (see ablation.py)."""
+    from .ablation import DEFAULT_MATMUL_TOKENS, RUNG_NOTES, ablation_cases, routing_cases, routing_summary, run_cases
+    from .report import print_ablation
+
+    p = get_preset(preset)
+    tokens = p.tokens if tokens is None else tokens
+    matmul_tokens = min(DEFAULT_MATMUL_TOKENS, tokens) if matmul_tokens is None else matmul_tokens
+    if tokens < 1 or matmul_tokens < 1:
+        raise ValueError(f"token counts must be >= 1, got tokens={tokens}, matmul tokens={matmul_tokens}")
+    console = console or Console()
+    result = {
+        "schema": "pymoe.ablation/1",
+        **provenance(command or " ".join(["pymoe", *sys.argv[1:]])),
+        "device": "cpu",
+        "dtype": "float32",
+        "preset": preset,
+        "tokens": tokens,
+        "matmul_tokens": matmul_tokens,
+        "rungs": RUNG_NOTES,
+    }
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("measuring the machine's ceilings", total=None)
+        result["ceilings"] = measure_ceilings("cpu", TORCH_DTYPES["float32"], min_seconds=min_seconds)
+
+        def show(what: str) -> None:
+            bar.update(task, description=f"{what}: compile, check, time")
+
+        result["ablation"] = run_cases(ablation_cases(p.config, tokens, matmul_tokens), result["ceilings"],
+                                       min_seconds, progress=lambda s: show("ablation " + s))
+        result["routing"] = run_cases(routing_cases(p.config, tokens), result["ceilings"], min_seconds,
+                                      progress=lambda s: show("routing " + s))
+    result["routing_summary"] = routing_summary(result["routing"])
+    print_ablation(result, console)
+    path = None
+    if out_dir is not None:
+        stamp = result["date"].replace(":", "").replace("-", "").replace("+0000", "Z")
+        folder = Path(out_dir) / "bench" / "cpu"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{stamp}-float32-ablation-{preset}.json"
+        path.write_text(json.dumps(result, indent=1))
         console.print(f"wrote {path}")
     return result, path
