@@ -51,7 +51,8 @@ class Case:
     tol: float
     flops: int = 0  # work the op must do, for the rate beside its time
     nbytes: int = 0
-    extra_inputs: Callable[[], list] | None = None  # per-call inputs (the pool's buffers)
+    pool: object | None = None  # the layer's BufferPool: its buffers are per-call inputs
+    pool_rows: int = 0  # rows the pool must hold (tokens * top_k)
     note: str = ""
 
 
@@ -271,9 +272,8 @@ def _layer_cases(x: np.ndarray, w: MoEWeights, cfg: MoEConfig) -> list[Case]:
                       check, 1e-5, flops=flops, note="MoELayer(pooled=False); " + intermediates))
     pool = BufferPool((cfg.d_ff, d), "float32", _driver_device("cpu"))
     cases.append(Case("layer", "pooled", t, lambda: _compile_moe(cfg, "cpu", "float32", True), inputs,
-                      check, 1e-5, flops=flops, extra_inputs=lambda: pool.buffers(t * k),
+                      check, 1e-5, flops=flops, pool=pool, pool_rows=t * k,
                       note="MoELayer(pooled=True): h and y live in a BufferPool"))
-    cases[-1].pool = pool  # type: ignore[attr-defined]
     return cases
 
 
@@ -288,17 +288,16 @@ def _run_case(case: Case, ceilings: dict, min_seconds: float) -> dict:
     model = case.build()
     row["compile_s"] = time.perf_counter() - start
     bufs = [Buffer.from_numpy(np.ascontiguousarray(a)) for a in case.inputs]
-    extra = case.extra_inputs or (lambda: [])
-
     def call():
-        return model.execute(*bufs, *extra())
+        # As MoELayer.run does: ask the pool for buffers on every call.
+        return model.execute(*bufs, *(case.pool.buffers(case.pool_rows) if case.pool else []))
 
     err = case.check([o.to_numpy() for o in call()])
     row.update(check_rel_err=err, check_tol=case.tol)
     if not err <= case.tol:
         row.update(status="wrong", error=f"error {err:.3g} against the float64 reference")
         return row
-    pool = getattr(case, "pool", None)
+    pool = case.pool
     allocs_before = pool.allocations if pool else None
     times = measure(call, min_seconds=min_seconds)
     row.update(summarize(times))
@@ -396,7 +395,7 @@ def routing_cases(cfg: MoEConfig, t: int, seed: int = 0) -> list[Case]:
     ]
     layer = Case("layer", "routing", t, lambda: _compile_moe(cfg, "cpu", "float32", True),
                  [x, w.router, w.w1, w.w2], lambda outs: _rel(outs[0][:256], layer_ref), 1e-5,
-                 flops=cfg.active_flops(t) + 2 * t * d * e, extra_inputs=lambda: pool.buffers(t * k),
+                 flops=cfg.active_flops(t) + 2 * t * d * e, pool=pool, pool_rows=t * k,
                  note="the production layer (pooled); checked on its first 256 tokens")
     return [*cases, layer]
 
