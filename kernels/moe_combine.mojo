@@ -3,12 +3,15 @@
 #   out[t, :] = sum_j topk_weights[t, j] * expert_out[slot_to_row[t*k + j], :]
 #
 # over the slots that were not dropped (slot_to_row >= 0); a token whose slots
-# were all dropped gets zeros. Tokens are split across worker threads and the
-# model dimension is vectorised; the sum is accumulated in float32.
+# were all dropped gets zeros. CPU: tokens are split across worker threads and
+# the model dimension is vectorised. GPU: one thread per output element, a
+# block row per token, so the reads of each expert row are coalesced. The sum
+# is accumulated in float32.
 
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.algorithm import sync_parallelize
+from max.gpu import block_dim, block_idx, thread_idx
 from max.gpu.host import DeviceContext
 from max.runtime.asyncrt import parallelism_level
 from std.algorithm import vectorize
@@ -17,6 +20,43 @@ from std.memory import Pointer
 from std.sys import simd_width_of
 
 comptime TOKENS_PER_WORKER_MIN = 16
+comptime GPU_BLOCK = 256
+
+
+def combine_gpu[dtype: DType](
+    ctx: DeviceContext,
+    dst: Pointer[Scalar[dtype], MutAnyOrigin],
+    tokens: Int,
+    d: Int,
+    src: Pointer[Scalar[dtype], MutAnyOrigin],
+    weights: Pointer[Float32, MutAnyOrigin],
+    rows: Pointer[Int32, MutAnyOrigin],
+    k: Int,
+) raises:
+    """The weighted gather-sum on the GPU: one block per (token, column block)
+    (a flat grid: the y dimension of a grid is limited to 65535)."""
+    if tokens == 0 or d == 0:
+        return
+    var n_d = Int64(d)
+    var n_k = Int64(k)
+    var col_blocks = ceildiv(d, GPU_BLOCK)
+    var n_cb = Int64(col_blocks)
+
+    def kernel() {var dst, var src, var weights, var rows, var n_d, var n_k, var n_cb}:
+        var t = Int(block_idx.x) // Int(n_cb)
+        var c = (Int(block_idx.x) % Int(n_cb)) * GPU_BLOCK + Int(thread_idx.x)
+        var width = Int(n_d)
+        if c >= width:
+            return
+        var acc: Float32 = 0
+        for j in range(Int(n_k)):
+            var slot = t * Int(n_k) + j
+            var row = Int(rows.unsafe_load(slot))
+            if row >= 0:
+                acc += weights.unsafe_load(slot) * src.unsafe_load(row * width + c).cast[DType.float32]()
+        dst.unsafe_store(t * width + c, acc.cast[dtype]())
+
+    ctx.enqueue_function(kernel, grid_dim=tokens * col_blocks, block_dim=GPU_BLOCK)
 
 
 def combine_cpu[dtype: DType](
@@ -64,7 +104,13 @@ struct MoECombine:
         slot_to_row: InputTensor[dtype=DType.int32, rank=1, ...],
         ctx: DeviceContext,
     ) raises:
-        combine_cpu[output.dtype](
-            output.unsafe_ptr(), output.dim_size(0), output.dim_size(1), expert_out.unsafe_ptr(),
-            topk_weights.unsafe_ptr(), slot_to_row.unsafe_ptr(), topk_weights.dim_size(1),
-        )
+        comptime if target == "gpu":
+            combine_gpu[output.dtype](
+                ctx, output.unsafe_ptr(), output.dim_size(0), output.dim_size(1), expert_out.unsafe_ptr(),
+                topk_weights.unsafe_ptr(), slot_to_row.unsafe_ptr(), topk_weights.dim_size(1),
+            )
+        else:
+            combine_cpu[output.dtype](
+                output.unsafe_ptr(), output.dim_size(0), output.dim_size(1), expert_out.unsafe_ptr(),
+                topk_weights.unsafe_ptr(), slot_to_row.unsafe_ptr(), topk_weights.dim_size(1),
+            )

@@ -16,12 +16,110 @@
 # in token order (Switch Transformer); the rest are dropped. 0 means no limit.
 #
 # A counting sort: one pass to count, a prefix sum, one pass to place. It is
-# O(T*k) and stable, so the layout is deterministic.
+# O(T*k) and stable, so the layout is deterministic. On the GPU each pass is
+# a kernel with one thread block per expert; the place pass numbers an
+# expert's slots in token order with a block-wide prefix sum per chunk of
+# slots. The counts live in expert_offsets between the passes, so no scratch
+# memory is needed. Out-of-range ids cannot raise on the GPU: those slots are
+# dropped (slot_to_row = -1); the graph API rejects such ids where it can.
 
 import extensibility
 from extensibility import InputTensor, OutputTensor
+from max.gpu import barrier, block_idx, thread_idx
 from max.gpu.host import DeviceContext
+from max.gpu.memory import AddressSpace
 from std.math import ceildiv
+from std.memory import Pointer, stack_allocation
+
+comptime GPU_BLOCK = 256
+
+
+def dispatch_gpu(
+    ctx: DeviceContext,
+    sorted_ptr: Pointer[Int32, MutAnyOrigin],
+    offsets: Pointer[Int32, MutAnyOrigin],
+    rows: Pointer[Int32, MutAnyOrigin],
+    ids: Pointer[Int32, MutAnyOrigin],
+    slots: Int,
+    k: Int,
+    experts: Int,
+    capacity: Int,
+) raises:
+    """The counting sort as three GPU kernels (count, prefix sum, place)."""
+    var n_slots = Int64(slots)
+    var n_k = Int64(k)
+    var n_e = Int64(experts)
+    var cap = Int64(capacity)
+
+    def count_kernel() {var offsets, var ids, var n_slots}:
+        # Block e counts the slots routed to expert e into offsets[e + 1].
+        var e = Int(block_idx.x)
+        var tid = Int(thread_idx.x)
+        var partial = stack_allocation[GPU_BLOCK, Int32, address_space=AddressSpace.SHARED]()
+        var c = Int32(0)
+        for s in range(tid, Int(n_slots), GPU_BLOCK):
+            if Int(ids.unsafe_load(s)) == e:
+                c += 1
+        partial.unsafe_store(tid, c)
+        barrier()
+        var stride = GPU_BLOCK // 2
+        while stride > 0:
+            if tid < stride:
+                partial.unsafe_store(tid, partial.unsafe_load(tid) + partial.unsafe_load(tid + stride))
+            barrier()
+            stride //= 2
+        if tid == 0:
+            offsets.unsafe_store(e + 1, partial.unsafe_load(0))
+
+    def prefix_kernel() {var offsets, var n_e, var cap}:
+        var running = Int32(0)
+        offsets.unsafe_store(0, running)
+        for e in range(Int(n_e)):
+            running += min(offsets.unsafe_load(e + 1), Int32(Int(cap)))
+            offsets.unsafe_store(e + 1, running)
+
+    def place_kernel() {var sorted_ptr, var offsets, var rows, var ids, var n_slots, var n_k, var n_e, var cap}:
+        var e = Int(block_idx.x)
+        var tid = Int(thread_idx.x)
+        var scan = stack_allocation[GPU_BLOCK, Int32, address_space=AddressSpace.SHARED]()
+        var start = Int(offsets.unsafe_load(e))
+        var kept = Int(offsets.unsafe_load(e + 1)) - start
+        var base = 0
+        for chunk in range(0, Int(n_slots), GPU_BLOCK):
+            var s = chunk + tid
+            var id = Int(ids.unsafe_load(s)) if s < Int(n_slots) else -1
+            var mine = Int32(1) if id == e else Int32(0)
+            scan.unsafe_store(tid, mine)
+            barrier()
+            # Inclusive Hillis-Steele scan of the chunk's flags.
+            var offset = 1
+            while offset < GPU_BLOCK:
+                var add = scan.unsafe_load(tid - offset) if tid >= offset else Int32(0)
+                barrier()
+                scan.unsafe_store(tid, scan.unsafe_load(tid) + add)
+                barrier()
+                offset *= 2
+            if mine == 1:
+                var pos = base + Int(scan.unsafe_load(tid)) - 1
+                if pos < kept:
+                    sorted_ptr.unsafe_store(start + pos, Int32(s // Int(n_k)))
+                    rows.unsafe_store(s, Int32(start + pos))
+                else:
+                    rows.unsafe_store(s, Int32(-1))
+            elif e == 0 and s < Int(n_slots) and (id < 0 or id >= Int(n_e)):
+                rows.unsafe_store(s, Int32(-1))
+            base += Int(scan.unsafe_load(GPU_BLOCK - 1))
+            barrier()
+        # Rows past the kept slots hold token 0; the blocks share that tail.
+        var total = Int(offsets.unsafe_load(Int(n_e)))
+        for row in range(total + e * GPU_BLOCK + tid, Int(n_slots), Int(n_e) * GPU_BLOCK):
+            sorted_ptr.unsafe_store(row, Int32(0))
+
+    if experts == 0:
+        return
+    ctx.enqueue_function(count_kernel, grid_dim=experts, block_dim=GPU_BLOCK)
+    ctx.enqueue_function(prefix_kernel, grid_dim=1, block_dim=1)
+    ctx.enqueue_function(place_kernel, grid_dim=experts, block_dim=GPU_BLOCK)
 
 
 @extensibility.register("pymoe_moe_dispatch")
@@ -49,6 +147,9 @@ struct MoEDispatch:
         var capacity = slots
         comptime if capacity_factor_permille > 0:
             capacity = ceildiv(capacity_factor_permille * slots, 1000 * experts)
+        comptime if target == "gpu":
+            dispatch_gpu(ctx, sorted_ptr, offsets, rows, ids, slots, k, experts, capacity)
+            return
 
         var fill = List[Int](length=experts, fill=0)
         for s in range(slots):

@@ -15,8 +15,8 @@ from extensibility import InputTensor, OutputTensor
 from extensibility import _MutableInputTensor as MutableInputTensor
 from max.gpu.host import DeviceContext
 
-from .moe_combine import combine_cpu
-from .moe_expert_matmul import check_activation, expert_matmul_cpu
+from .moe_combine import combine_cpu, combine_gpu
+from .moe_expert_matmul import check_activation, expert_matmul_cpu, expert_matmul_gpu
 
 
 @extensibility.register("pymoe_moe_ffn")
@@ -46,6 +46,20 @@ struct MoEFFN:
         var experts = w1.dim_size(0)
         var d_ff = h_workspace.dim_size(1)
         var d_model = output.dim_size(1)
+        comptime if target == "gpu":
+            expert_matmul_gpu[dtype, activation, True](
+                ctx, h_workspace.unsafe_ptr(), d_ff, x.unsafe_ptr(), x.dim_size(1), row_ids.unsafe_ptr(),
+                expert_offsets.unsafe_ptr(), experts, w1.unsafe_ptr(), w1.dim_size(2), slots,
+            )
+            expert_matmul_gpu[dtype, "none", False](
+                ctx, y_workspace.unsafe_ptr(), d_model, h_workspace.unsafe_ptr(), d_ff, row_ids.unsafe_ptr(),
+                expert_offsets.unsafe_ptr(), experts, w2.unsafe_ptr(), d_model, slots,
+            )
+            combine_gpu[dtype](
+                ctx, output.unsafe_ptr(), output.dim_size(0), d_model, y_workspace.unsafe_ptr(),
+                topk_weights.unsafe_ptr(), slot_to_row.unsafe_ptr(), topk_weights.dim_size(1),
+            )
+            return
         expert_matmul_cpu[dtype, activation, True](
             h_workspace.unsafe_ptr(), d_ff, x.unsafe_ptr(), x.dim_size(1), row_ids.unsafe_ptr(),
             expert_offsets.unsafe_ptr(), experts, w1.unsafe_ptr(), w1.dim_size(2),

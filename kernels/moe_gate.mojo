@@ -16,20 +16,125 @@
 #                                    mean_t logsumexp(logits_t)^2]
 #
 # `top_k` and `renormalize` are compile-time parameters, so the selection loop
-# is unrolled and the branch on renormalisation disappears. Tokens are split
-# across worker threads; each worker keeps float64 partial sums that are added
-# in a fixed order afterwards, so the statistics are deterministic.
+# is unrolled and the branch on renormalisation disappears. CPU: tokens are
+# split across worker threads; each worker keeps float64 partial sums that
+# are added in a fixed order afterwards, so the statistics are deterministic.
+# GPU: one thread per token; the statistics are accumulated with atomics
+# into the output tensors themselves (no scratch memory), in float32 for
+# P_i and the z-loss, so their last bits depend on the order of the adds.
 
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.algorithm import sync_parallelize
+from max.gpu import block_dim, block_idx, thread_idx
 from max.gpu.host import DeviceContext
 from max.runtime.asyncrt import parallelism_level
 from std.algorithm import vectorize
+from std.atomic import Atomic
 from std.math import ceildiv, exp, log
+from std.memory import Pointer
 from std.sys import simd_width_of
 
 comptime TOKENS_PER_WORKER_MIN = 64
+comptime GPU_BLOCK = 128
+
+
+def gate_gpu[dtype: DType, top_k: Int, renormalize: Bool](
+    ctx: DeviceContext,
+    w_out: Pointer[Float32, MutAnyOrigin],
+    id_out: Pointer[Int32, MutAnyOrigin],
+    counts: Pointer[Int32, MutAnyOrigin],
+    pmean: Pointer[Float32, MutAnyOrigin],
+    losses: Pointer[Float32, MutAnyOrigin],
+    x: Pointer[Scalar[dtype], MutAnyOrigin],
+    rw: Pointer[Scalar[dtype], MutAnyOrigin],
+    tokens: Int,
+    d_model: Int,
+    experts: Int,
+) raises:
+    """The gate on the GPU: a zeroing kernel, one thread per token, and a
+    one-thread kernel that turns the sums into means and losses."""
+    var n_tok = Int64(tokens)
+    var n_d = Int64(d_model)
+    var n_e = Int64(experts)
+
+    def zero_stats() {var counts, var pmean, var losses, var n_e}:
+        var e = Int(thread_idx.x)
+        if e < Int(n_e):
+            counts.unsafe_store(e, Int32(0))
+            pmean.unsafe_store(e, Float32(0))
+        if e < 2:
+            losses.unsafe_store(e, Float32(0))
+
+    def token_kernel() {var w_out, var id_out, var counts, var pmean, var losses, var x, var rw, var n_tok, var n_d, var n_e}:
+        var t = block_idx.x * block_dim.x + thread_idx.x
+        if t >= Int(n_tok):
+            return
+        var d = Int(n_d)
+        var e_count = Int(n_e)
+        var xt = x.unsafe_offset(t * d)
+        # Pass 1: max logit. Pass 2: sum of exp. Selection recomputes the
+        # logits instead of storing E of them per thread.
+        var m = Float32.MIN
+        for e in range(e_count):
+            var acc: Float32 = 0
+            for kk in range(d):
+                acc += xt.unsafe_load(kk).cast[DType.float32]() * rw.unsafe_load(kk * e_count + e).cast[DType.float32]()
+            m = max(m, acc)
+        var total: Float32 = 0
+        var chosen = Array[Int, top_k](fill=-1)
+        var chosen_logit = Array[Float32, top_k](fill=Float32.MIN)
+        for e in range(e_count):
+            var acc: Float32 = 0
+            for kk in range(d):
+                acc += xt.unsafe_load(kk).cast[DType.float32]() * rw.unsafe_load(kk * e_count + e).cast[DType.float32]()
+            var p = exp(acc - m)
+            total += p
+            # Insert into the sorted top-k list; strict '>' keeps the lower
+            # index first on ties, as on the CPU.
+            var v = acc
+            var id = e
+            comptime for j in range(top_k):
+                if chosen[j] < 0 or v > chosen_logit[j]:
+                    var tv = chosen_logit[j]
+                    var ti = chosen[j]
+                    chosen_logit[j] = v
+                    chosen[j] = id
+                    v = tv
+                    id = ti
+        var inv = 1.0 / total
+        var chosen_sum: Float32 = 0
+        comptime for j in range(top_k):
+            chosen_sum += exp(chosen_logit[j] - m) * inv
+        comptime for j in range(top_k):
+            var p = exp(chosen_logit[j] - m) * inv
+            comptime if renormalize:
+                p = p / chosen_sum
+            w_out.unsafe_store(t * top_k + j, p)
+            id_out.unsafe_store(t * top_k + j, Int32(chosen[j]))
+            _ = Atomic.fetch_add(counts.unsafe_offset(chosen[j]), Int32(1))
+        for e in range(e_count):
+            var acc: Float32 = 0
+            for kk in range(d):
+                acc += xt.unsafe_load(kk).cast[DType.float32]() * rw.unsafe_load(kk * e_count + e).cast[DType.float32]()
+            _ = Atomic.fetch_add(pmean.unsafe_offset(e), exp(acc - m) * inv)
+        var lse = m + log(total)
+        _ = Atomic.fetch_add(losses.unsafe_offset(1), lse * lse)
+
+    def finish() {var counts, var pmean, var losses, var n_tok, var n_e}:
+        var t = Float64(max(Int(n_tok), 1))
+        var aux: Float64 = 0
+        for e in range(Int(n_e)):
+            var mean_p = Float64(pmean.unsafe_load(e)) / t
+            pmean.unsafe_store(e, Float32(mean_p))
+            aux += (Float64(counts.unsafe_load(e)) / t) * mean_p
+        losses.unsafe_store(0, Float32(Float64(Int(n_e)) * aux))
+        losses.unsafe_store(1, Float32(Float64(losses.unsafe_load(1)) / t))
+
+    ctx.enqueue_function(zero_stats, grid_dim=1, block_dim=max(experts, 2))
+    if tokens > 0:
+        ctx.enqueue_function(token_kernel, grid_dim=ceildiv(tokens, GPU_BLOCK), block_dim=GPU_BLOCK)
+    ctx.enqueue_function(finish, grid_dim=1, block_dim=1)
 
 
 @extensibility.register("pymoe_moe_gate")
@@ -60,6 +165,12 @@ struct MoEGate:
         var rw = router_w.unsafe_ptr()
         var w_out = topk_weights.unsafe_ptr()
         var id_out = topk_ids.unsafe_ptr()
+        comptime if target == "gpu":
+            gate_gpu[x.dtype, top_k, renormalize](
+                ctx, w_out, id_out, expert_counts.unsafe_ptr(), router_prob_mean.unsafe_ptr(),
+                losses.unsafe_ptr(), src, rw, tokens, d_model, experts,
+            )
+            return
         var workers = max(1, min(parallelism_level(None), ceildiv(tokens, TOKENS_PER_WORKER_MIN)))
 
         # Per worker: E counts, E probability sums, 1 z-loss sum (all float64).

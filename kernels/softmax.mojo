@@ -1,18 +1,54 @@
 # Row-wise, numerically stable softmax over the last axis of a 2-D tensor.
 #
-# Three vectorised passes per row (max, exp + sum, scale), rows split across
-# the CPU worker threads. The max is subtracted before exp so that large
-# logits cannot overflow; sums are accumulated in float32 whatever the
+# CPU: three vectorised passes per row (max, exp + sum, scale), rows split
+# across the worker threads. GPU: one thread per row (the rows pymoe softmaxes
+# are router logits, E entries). The max is subtracted before exp so that
+# large logits cannot overflow; sums are accumulated in float32 whatever the
 # storage dtype.
 
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.algorithm import sync_parallelize
+from max.gpu import block_dim, block_idx, thread_idx
 from max.gpu.host import DeviceContext
 from max.runtime.asyncrt import parallelism_level
 from std.algorithm import vectorize
-from std.math import exp
+from std.math import ceildiv, exp
+from std.memory import Pointer
 from std.sys import simd_width_of
+
+comptime GPU_BLOCK = 256
+
+
+def softmax_gpu[dtype: DType](
+    ctx: DeviceContext,
+    dst: Pointer[Scalar[dtype], MutAnyOrigin],
+    src: Pointer[Scalar[dtype], MutAnyOrigin],
+    rows: Int,
+    cols: Int,
+) raises:
+    """Row softmax on the GPU, one thread per row."""
+    var n_rows = Int64(rows)
+    var n_cols = Int64(cols)
+
+    def row_kernel() {var dst, var src, var n_rows, var n_cols}:
+        var r = block_idx.x * block_dim.x + thread_idx.x
+        if r >= Int(n_rows):
+            return
+        var c = Int(n_cols)
+        var xr = src.unsafe_offset(r * c)
+        var yr = dst.unsafe_offset(r * c)
+        var m = Float32.MIN
+        for i in range(c):
+            m = max(m, xr.unsafe_load(i).cast[DType.float32]())
+        var total: Float32 = 0
+        for i in range(c):
+            total += exp(xr.unsafe_load(i).cast[DType.float32]() - m)
+        var inv = 1.0 / total
+        for i in range(c):
+            yr.unsafe_store(i, (exp(xr.unsafe_load(i).cast[DType.float32]() - m) * inv).cast[dtype]())
+
+    ctx.enqueue_function(row_kernel, grid_dim=ceildiv(rows, GPU_BLOCK), block_dim=GPU_BLOCK)
 
 
 @extensibility.register("pymoe_softmax")
@@ -33,6 +69,9 @@ struct Softmax:
             return
         var src = x.unsafe_ptr()
         var dst = output.unsafe_ptr()
+        comptime if target == "gpu":
+            softmax_gpu[dtype](ctx, dst, src, rows, cols)
+            return
         var workers = min(parallelism_level(None), rows)
 
         def rows_of_worker(w: Int) {var src, var dst, var rows, var cols, var workers}:

@@ -44,25 +44,27 @@ def check_device_dtype(device: str, dtype: str) -> None:
 
         if accelerator_count() == 0:
             raise ValueError("device='gpu' was requested but MAX sees no GPU on this machine")
-        raise NotImplementedError(
-            "pymoe's kernels have no GPU path yet; use device='cpu'"
-        )
 
 
 def _driver_device(device: str):
-    from max.driver import CPU
+    from max.driver import CPU, Accelerator
 
-    return CPU()
+    return Accelerator() if device == "gpu" else CPU()
 
 
 def to_device_buffer(array, dtype: str, device):
-    """A NumPy array or torch tensor as a MAX Buffer of `dtype` on `device`."""
+    """A NumPy array or torch tensor as a MAX Buffer of `dtype` on `device`.
+
+    A contiguous CUDA tensor of the right dtype is shared, not copied, when
+    `device` is the GPU."""
     import torch
     from max.driver import Buffer
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     if isinstance(array, torch.Tensor):
         tensor = array.detach()
+        if tensor.is_cuda and not device.is_host and tensor.dtype == torch_dtype and tensor.is_contiguous():
+            return Buffer.from_dlpack(tensor)
     else:
         tensor = torch.from_numpy(np.ascontiguousarray(array))
     tensor = tensor.to(device="cpu", dtype=torch_dtype).contiguous()
@@ -101,12 +103,16 @@ def check_input(x, d_model: int) -> None:
         raise ValueError("x contains NaN or infinite values")
 
 
-def _wrap_output(out: np.ndarray, like):
+def _wrap_output(out, like):
+    """The output Buffer in the input's kind: a torch tensor on the input's
+    device (shared, not copied, when both are on the GPU) or float32 NumPy."""
     import torch
 
     if isinstance(like, torch.Tensor):
-        return torch.from_numpy(out).to(like.dtype)
-    return out
+        if like.is_cuda and not out.device.is_host:
+            return torch.from_dlpack(out).to(like.dtype)
+        return torch.from_numpy(to_numpy_f32(out)).to(device=like.device, dtype=like.dtype)
+    return to_numpy_f32(out)
 
 
 class BufferPool:
@@ -190,19 +196,29 @@ class MoELayer:
             self.compile_seconds = time.perf_counter() - start
         return _COMPILED[key]
 
-    def run(self, x) -> MoEOutput:
-        check_input(x, self.config.d_model)
+    def _execute(self, x):
         xb = to_device_buffer(x, self.dtype, self._device)
         workspaces = self.pool.buffers(x.shape[0] * self.config.top_k) if self.pool else []
-        out, counts, losses, offsets = self._model.execute(xb, *self._weights, *workspaces)
-        losses = losses.to_numpy()
-        dropped = x.shape[0] * self.config.top_k - int(offsets.to_numpy()[-1])
-        return MoEOutput(
-            _wrap_output(to_numpy_f32(out), x), counts.to_numpy(), float(losses[0]), float(losses[1]), dropped
-        )
+        return self._model.execute(xb, *self._weights, *workspaces)
+
+    def run(self, x) -> MoEOutput:
+        """The layer's output and its routing statistics."""
+        check_input(x, self.config.d_model)
+        out, counts, losses, offsets = self._execute(x)
+        host = _driver_device("cpu")
+        losses = losses.to(host).to_numpy()
+        dropped = x.shape[0] * self.config.top_k - int(offsets.to(host).to_numpy()[-1])
+        return MoEOutput(_wrap_output(out, x), counts.to(host).to_numpy(), float(losses[0]), float(losses[1]), dropped)
 
     def __call__(self, x):
-        return self.run(x).out
+        check_input(x, self.config.d_model)
+        return self.forward_unchecked(x)
+
+    def forward_unchecked(self, x):
+        """The output only, without validating x (no NaN scan, no host sync):
+        for callers that validated their inputs, and for timing the kernels.
+        On the GPU, a CUDA torch tensor in gives a CUDA tensor out, both shared."""
+        return _wrap_output(self._execute(x)[0], x)
 
 
 class DenseFFN:
@@ -224,8 +240,12 @@ class DenseFFN:
 
     def __call__(self, x):
         check_input(x, self.config.d_model)
+        return self.forward_unchecked(x)
+
+    def forward_unchecked(self, x):
+        """As MoELayer.forward_unchecked."""
         xb = to_device_buffer(x, self.dtype, self._device)
-        return _wrap_output(to_numpy_f32(self._model.execute(xb, *self._weights)[0]), x)
+        return _wrap_output(self._model.execute(xb, *self._weights)[0], x)
 
 
 def _session_and_ref(device: str):

@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from ..config import MoEConfig
-from ..layer import _driver_device, _max_dtype, to_device_buffer, to_numpy_f32
+from ..layer import _driver_device, _max_dtype, _wrap_output, to_device_buffer
 from ..weights import MoEWeights
 
 
@@ -68,4 +68,4 @@ class MaxBuiltinMoE:
 
     def __call__(self, x):
         xb = to_device_buffer(x, self.dtype, self._device)
-        return to_numpy_f32(self.model.execute(xb, *self._weights)[0])
+        return _wrap_output(self.model.execute(xb, *self._weights)[0], x)

@@ -39,8 +39,16 @@ def device_sync(device: str) -> Callable[[], None] | None:
     """What `measure` must call to time `device` to completion (None on CPU)."""
     if device == "gpu":
         import torch
+        from max.driver import Accelerator
 
-        return torch.cuda.synchronize
+        accelerator = Accelerator()
+
+        def sync() -> None:
+            # MAX and PyTorch each launch on their own stream: wait for both.
+            accelerator.synchronize()
+            torch.cuda.synchronize()
+
+        return sync
     return None
 
 
