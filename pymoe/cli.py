@@ -47,8 +47,9 @@ def check(preset: str, tokens: int | None, dtype: str, seed: int) -> None:
 @click.option("--ablation", is_flag=True,
               help="Instead: time each op (softmax, relu, gate, expert matmul, layer) rung by rung "
                    "(scalar, SIMD, compile-time specialised, buffer pool) and the routing overhead; CPU, "
-                   "float32, one preset (default small). About 20 graph compiles and the slow scalar rungs: ~13 minutes "
-                   "on 2 cores (less with --matmul-tokens 64).")
+                   "float32, one preset (default small). The slowest mode: about 20 graph compiles and scalar rungs "
+                   "that take seconds per call (the result file records the run's wall time; --matmul-tokens "
+                   "shortens it).")
 @click.option("--matmul-tokens", type=int, default=None,
               help="With --ablation: tokens for the expert matmul and layer rungs (default 256; the scalar "
                    "rung is slow).")

@@ -19,6 +19,14 @@ def _f64(a) -> np.ndarray:
     return np.asarray(a, dtype=np.float64)
 
 
+def relative_error(actual, expected) -> float:
+    """Relative Frobenius error, the measure DESIGN.md sets tolerances in
+    (the absolute error where `expected` is all zeros)."""
+    actual, expected = _f64(actual), _f64(expected)
+    denom = np.linalg.norm(expected)
+    return float(np.linalg.norm(actual - expected) / (denom if denom > 0 else 1.0))
+
+
 def softmax(x: np.ndarray) -> np.ndarray:
     x = _f64(x)
     e = np.exp(x - x.max(axis=-1, keepdims=True))

@@ -4,13 +4,17 @@ modules are session- or module-scoped) and reused with fresh random inputs."""
 import numpy as np
 import pytest
 
+from pymoe import reference as R
 
-def rel_err(actual, expected) -> float:
-    """Relative Frobenius error, the measure DESIGN.md sets tolerances in."""
-    actual = np.asarray(actual, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
-    denom = np.linalg.norm(expected)
-    return float(np.linalg.norm(actual - expected) / (denom if denom > 0 else 1.0))
+rel_err = R.relative_error
+
+
+def near_tie_tokens(x, router, k, gap=1e-5):
+    """Tokens whose top-(k+1) reference probabilities are closer than `gap`: float32
+    rounding may order those differently from float64, so ids are not compared there."""
+    p = np.sort(R.softmax(x.astype(np.float64) @ router), axis=1)[:, ::-1]
+    upto = min(k + 1, p.shape[1])
+    return (np.abs(np.diff(p[:, :upto], axis=1)) < gap).any(axis=1)
 
 
 FP32_TOL = 1e-5

@@ -8,7 +8,7 @@ bfloat16); skipped where MAX sees no GPU (CI has none). On a GPU machine:
 
 import numpy as np
 import pytest
-from conftest import BF16_TOL, FP32_TOL, rel_err
+from conftest import BF16_TOL, FP32_TOL, near_tie_tokens, rel_err
 from max.driver import Buffer, accelerator_count
 from max.dtype import DType
 from max.graph import DeviceRef, Graph, TensorType, ops
@@ -88,11 +88,6 @@ def ops_model(gpu):
     return _compile(gpu, "gpu_ops", types, forward)
 
 
-def _near_tie_tokens(x, router, k, gap=1e-5):
-    p = np.sort(R.softmax(x.astype(np.float64) @ router), axis=1)[:, ::-1]
-    upto = min(k + 1, p.shape[1])
-    return (np.abs(np.diff(p[:, :upto], axis=1)) < gap).any(axis=1)
-
 
 @pytest.mark.parametrize("tokens,d,k", [(1, 5, 1), (7, 37, 2), (33, 16, 2), (1000, 9, E)])
 def test_gpu_ops_match_reference(gpu, ops_model, rng, tokens, d, k):
@@ -122,7 +117,7 @@ def test_gpu_ops_match_reference(gpu, ops_model, rng, tokens, d, k):
         weights, ids, counts, prob_mean, losses = outs[i : i + 5]
         i += 5
         ref = R.moe_gate(x, router, gk, renorm)
-        ok = ~_near_tie_tokens(x, router, gk)
+        ok = ~near_tie_tokens(x, router, gk)
         np.testing.assert_array_equal(ids[ok], ref.topk_ids[ok])
         assert rel_err(weights[ok], ref.topk_weights[ok]) < FP32_TOL
         np.testing.assert_array_equal(counts, np.bincount(ids.ravel(), minlength=E))

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import FP32_TOL, rel_err
+from conftest import FP32_TOL, near_tie_tokens, rel_err
 from graphs import REF, compile_graph, run
 from max.dtype import DType
 from max.graph import TensorType, ops
@@ -64,13 +64,6 @@ def gate_model():
     return compile_graph("gate", types, forward)
 
 
-def _near_tie_tokens(x, router, k, gap=1e-5):
-    """Tokens whose top-(k+1) reference probabilities are closer than `gap`: float32
-    rounding may order those differently from float64, so ids are not compared there."""
-    p = np.sort(R.softmax(x.astype(np.float64) @ router), axis=1)[:, ::-1]
-    upto = min(k + 1, p.shape[1])
-    return (np.abs(np.diff(p[:, :upto], axis=1)) < gap).any(axis=1)
-
 
 @pytest.mark.parametrize("tokens,d", [(1, 5), (7, 37), (33, 16), (1000, 9)])
 def test_gate_matches_reference(gate_model, rng, tokens, d):
@@ -80,7 +73,7 @@ def test_gate_matches_reference(gate_model, rng, tokens, d):
     for i, (k, renorm) in enumerate(GATE_VARIANTS):
         weights, ids, counts, prob_mean, losses = outs[5 * i : 5 * i + 5]
         ref = R.moe_gate(x, router, k, renorm)
-        ok = ~_near_tie_tokens(x, router, k)
+        ok = ~near_tie_tokens(x, router, k)
         np.testing.assert_array_equal(ids[ok], ref.topk_ids[ok])
         assert rel_err(weights[ok], ref.topk_weights[ok]) < FP32_TOL
         np.testing.assert_array_equal(counts, np.bincount(ids.ravel(), minlength=GATE_EXPERTS))

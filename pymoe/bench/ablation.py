@@ -27,7 +27,6 @@ from ..config import MoEConfig
 from ..weights import MoEWeights
 from .timing import measure, peak_rss_during, summarize
 
-RUNGS = ("scalar", "simd", "specialized", "pooled")
 RUNG_NOTES = {
     "scalar": "one element at a time; op parameters (k, renormalize, activation) read at run time",
     "simd": "explicit SIMD vectors; op parameters still read at run time",
@@ -56,11 +55,6 @@ class Case:
     note: str = ""
 
 
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
-
-
 def _graph(name: str, input_types, forward):
     """Compile a CPU graph of `forward` over tensor inputs of `input_types`."""
     from max.graph import Graph
@@ -76,12 +70,9 @@ def _graph(name: str, input_types, forward):
 
 def _types(*specs):
     """TensorTypes on the CPU from (dtype, shape) pairs."""
-    from max.graph import TensorType
+    from max.graph import DeviceRef, TensorType
 
-    from ..layer import _session_and_ref
-
-    _, ref = _session_and_ref("cpu")
-    return [TensorType(dt, shape, ref) for dt, shape in specs]
+    return [TensorType(dt, shape, DeviceRef.CPU()) for dt, shape in specs]
 
 
 def _params(*values: int):
@@ -92,13 +83,22 @@ def _params(*values: int):
 
 
 def _custom(name: str, values, out_types, parameters=None):
-    from max.graph import ops
-
     from .. import ops as mops
 
-    mops._ensure_kernels_loaded()
-    outs = ops.custom(name, device=values[0].device, values=values, out_types=out_types, parameters=parameters)
-    return [o.tensor for o in outs]
+    return mops._custom(name, values[0], values, out_types, parameters)
+
+
+def _runtime_gate(xv, rv, cfg: MoEConfig, simd: bool):
+    """The ablation gate (top-k from the output shape, renormalize at run
+    time): the same five outputs as ops.moe_gate."""
+    from max.dtype import DType
+    from max.graph import TensorType
+
+    f32, i32, t, dev = DType.float32, DType.int32, xv.shape[0], xv.device
+    k, e = cfg.top_k, cfg.num_experts
+    outs = [TensorType(f32, [t, k], dev), TensorType(i32, [t, k], dev), TensorType(i32, [e], dev),
+            TensorType(f32, [e], dev), TensorType(f32, [2], dev)]
+    return _custom("pymoe_ablation_moe_gate", [xv, rv, _params(int(cfg.renormalize))], outs, {"simd": simd})
 
 
 # ------------------------------------------------------------------ the ops
@@ -127,7 +127,7 @@ def _softmax_cases(logits: np.ndarray) -> list[Case]:
              "specialized": "row length E fixed at compile time: one SIMD value per row"}
     return [
         Case("softmax", rung, t, (lambda f=f, r=rung: _graph(f"ablation_softmax_{r}", types, f)), [logits],
-             lambda outs: _rel(outs[0], ref), 1e-5, nbytes=2 * logits.nbytes, note=notes.get(rung, ""))
+             lambda outs: R.relative_error(outs[0], ref), 1e-5, nbytes=2 * logits.nbytes, note=notes.get(rung, ""))
         for rung, f in forwards.items()
     ]
 
@@ -149,7 +149,7 @@ def _relu_cases(h: np.ndarray) -> list[Case]:
     forwards = {"scalar": runtime(False), "simd": runtime(True), "specialized": lambda x: [mops.relu(x)]}
     return [
         Case("relu", rung, h.shape[0], (lambda f=f, r=rung: _graph(f"ablation_relu_{r}", types, f)), [h],
-             lambda outs: _rel(outs[0], ref), 0.0, nbytes=2 * h.nbytes,
+             lambda outs: R.relative_error(outs[0], ref), 0.0, nbytes=2 * h.nbytes,
              note="pymoe_relu (production)" if rung == "specialized" else "")
         for rung, f in forwards.items()
     ]
@@ -157,22 +157,16 @@ def _relu_cases(h: np.ndarray) -> list[Case]:
 
 def _gate_cases(x: np.ndarray, router: np.ndarray, cfg: MoEConfig) -> list[Case]:
     from max.dtype import DType
-    from max.graph import TensorType
 
     from .. import ops as mops
 
-    f32, i32 = DType.float32, DType.int32
+    f32 = DType.float32
     d, e, k = cfg.d_model, cfg.num_experts, cfg.top_k
     types = _types((f32, ["t", d]), (f32, [d, e]))
     ref = R.moe_gate(x, router, k, cfg.renormalize)
 
     def runtime(simd: bool):
-        def forward(xv, rv):
-            t = xv.shape[0]
-            outs = [TensorType(f32, [t, k], xv.device), TensorType(i32, [t, k], xv.device),
-                    TensorType(i32, [e], xv.device), TensorType(f32, [e], xv.device), TensorType(f32, [2], xv.device)]
-            return _custom("pymoe_ablation_moe_gate", [xv, rv, _params(int(cfg.renormalize))], outs, {"simd": simd})
-        return forward
+        return lambda xv, rv: _runtime_gate(xv, rv, cfg, simd)
 
     def production(xv, rv):
         return list(mops.moe_gate(xv, rv, top_k=k, renormalize=cfg.renormalize))
@@ -180,7 +174,7 @@ def _gate_cases(x: np.ndarray, router: np.ndarray, cfg: MoEConfig) -> list[Case]
     def check(outs) -> float:
         if not np.array_equal(outs[1], ref.topk_ids) or not np.array_equal(outs[2], ref.expert_counts):
             return float("inf")  # a different routing is wrong, however small the weight error
-        return max(_rel(outs[0], ref.topk_weights), _rel(outs[3], ref.router_prob_mean))
+        return max(R.relative_error(outs[0], ref.topk_weights), R.relative_error(outs[3], ref.router_prob_mean))
 
     forwards = {"scalar": runtime(False), "simd": runtime(True), "specialized": production}
     flops = 2 * x.shape[0] * d * e
@@ -222,7 +216,7 @@ def _matmul_cases(x: np.ndarray, w: MoEWeights, cfg: MoEConfig) -> list[Case]:
     notes = {"specialized": "pymoe_moe_expert_matmul (production): + MRxNR register tile, packing, cache blocks"}
     return [
         Case("expert matmul", rung, t, (lambda f=f, r=rung: _graph(f"ablation_matmul_{r}", types, f)),
-             [x, ids, offs, w.w1], lambda outs: _rel(outs[0], ref), 1e-5, flops=flops, note=notes.get(rung, ""))
+             [x, ids, offs, w.w1], lambda outs: R.relative_error(outs[0], ref), 1e-5, flops=flops, note=notes.get(rung, ""))
         for rung, f in forwards.items()
     ]
 
@@ -234,7 +228,7 @@ def _layer_cases(x: np.ndarray, w: MoEWeights, cfg: MoEConfig) -> list[Case]:
     from .. import ops as mops
     from ..layer import BufferPool, _compile_moe, _driver_device
 
-    f32, i32 = DType.float32, DType.int32
+    f32 = DType.float32
     d, e, k, t = cfg.d_model, cfg.num_experts, cfg.top_k, x.shape[0]
     act = "relu" if cfg.activation == "relu" else "swiglu"
     ref = R.moe_layer(x, w, cfg).out
@@ -242,12 +236,7 @@ def _layer_cases(x: np.ndarray, w: MoEWeights, cfg: MoEConfig) -> list[Case]:
 
     def runtime(simd: bool):
         def forward(xv, rv, w1v, w2v):
-            tv = xv.shape[0]
-            gate_types = [TensorType(f32, [tv, k], xv.device), TensorType(i32, [tv, k], xv.device),
-                          TensorType(i32, [e], xv.device), TensorType(f32, [e], xv.device),
-                          TensorType(f32, [2], xv.device)]
-            weights, ids = _custom("pymoe_ablation_moe_gate", [xv, rv, _params(int(cfg.renormalize))],
-                                   gate_types, {"simd": simd})[:2]
+            weights, ids = _runtime_gate(xv, rv, cfg, simd)[:2]
             disp = mops.moe_dispatch(ids, num_experts=e, capacity_factor=cfg.capacity_factor)
             slots = disp.sorted_token_ids.shape[0]
             h = _custom("pymoe_ablation_moe_expert_matmul",
@@ -261,7 +250,7 @@ def _layer_cases(x: np.ndarray, w: MoEWeights, cfg: MoEConfig) -> list[Case]:
 
     inputs = [x, w.router, w.w1, w.w2]
     flops = cfg.active_flops(t) + 2 * t * d * e
-    check = lambda outs: _rel(outs[0], ref)  # noqa: E731
+    check = lambda outs: R.relative_error(outs[0], ref)  # noqa: E731
     intermediates = f"graph allocates h and y ({t * k * (cfg.d_ff + d) * 4 / 2**20:.0f} MiB) on every call"
     cases = [
         Case("layer", rung, t, (lambda r=rung: _graph(f"ablation_layer_{r}", types, runtime(r == "simd"))),
@@ -288,6 +277,7 @@ def _run_case(case: Case, ceilings: dict, min_seconds: float) -> dict:
     model = case.build()
     row["compile_s"] = time.perf_counter() - start
     bufs = [Buffer.from_numpy(np.ascontiguousarray(a)) for a in case.inputs]
+
     def call():
         # As MoELayer.run does: ask the pool for buffers on every call.
         return model.execute(*bufs, *(case.pool.buffers(case.pool_rows) if case.pool else []))
@@ -371,7 +361,7 @@ def routing_cases(cfg: MoEConfig, t: int, seed: int = 0) -> list[Case]:
     pool = BufferPool((cfg.d_ff, d), "float32", _driver_device("cpu"))
 
     def gate_check(outs):
-        return _rel(outs[0], gate.topk_weights) if np.array_equal(outs[1], gate.topk_ids) else float("inf")
+        return R.relative_error(outs[0], gate.topk_weights) if np.array_equal(outs[1], gate.topk_ids) else float("inf")
 
     def dispatch_check(outs):
         same = all(np.array_equal(o, r) for o, r in zip(outs, (disp.sorted_token_ids, disp.expert_offsets, s2r)))
@@ -391,10 +381,10 @@ def routing_cases(cfg: MoEConfig, t: int, seed: int = 0) -> list[Case]:
         Case("combine", "routing", t, lambda: _graph("routing_combine",
                                                      _types((f32, ["m", d]), (f32, ["t", k]), (i32, ["m"])),
                                                      lambda yv, wv, sv: [mops.moe_combine(yv, wv, sv)]),
-             [y, tw, s2r], lambda outs: _rel(outs[0], combine_ref), 1e-5, nbytes=y.nbytes + t * d * 4),
+             [y, tw, s2r], lambda outs: R.relative_error(outs[0], combine_ref), 1e-5, nbytes=y.nbytes + t * d * 4),
     ]
     layer = Case("layer", "routing", t, lambda: _compile_moe(cfg, "cpu", "float32", True),
-                 [x, w.router, w.w1, w.w2], lambda outs: _rel(outs[0][:256], layer_ref), 1e-5,
+                 [x, w.router, w.w1, w.w2], lambda outs: R.relative_error(outs[0][:256], layer_ref), 1e-5,
                  flops=cfg.active_flops(t) + 2 * t * d * e, pool=pool, pool_rows=t * k,
                  note="the production layer (pooled); checked on its first 256 tokens")
     return [*cases, layer]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -46,6 +47,7 @@ def run_bench(
         "dtype": dtype,
         "runs": [],
     }
+    start = time.perf_counter()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("measuring the machine's ceilings", total=None)
         result["ceilings"] = measure_ceilings(device, TORCH_DTYPES[dtype], min_seconds=min_seconds)
@@ -58,6 +60,7 @@ def run_bench(
                 run_preset(name, tokens=tokens, device=device, dtype=dtype, ceilings=result["ceilings"],
                            impls=impls, min_seconds=min_seconds, progress=show)
             )
+    result["wall_s"] = time.perf_counter() - start  # the whole run: compiles, references, timings
     print_result(result, console)
     path = write_result(result, out_dir) if out_dir is not None else None
     if path:
@@ -95,6 +98,7 @@ def run_ablation(
         "matmul_tokens": matmul_tokens,
         "rungs": RUNG_NOTES,
     }
+    start = time.perf_counter()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("measuring the machine's ceilings", total=None)
         result["ceilings"] = measure_ceilings("cpu", TORCH_DTYPES["float32"], min_seconds=min_seconds)
@@ -107,6 +111,7 @@ def run_ablation(
         result["routing"] = run_cases(routing_cases(p.config, tokens), result["ceilings"], min_seconds,
                                       progress=lambda s: show("routing " + s))
     result["routing_summary"] = routing_summary(result["routing"])
+    result["wall_s"] = time.perf_counter() - start  # the whole run: compiles, references, timings
     print_ablation(result, console)
     path = None
     if out_dir is not None:

@@ -146,7 +146,7 @@ def _reference(w: Workload, kind: str, x: np.ndarray) -> np.ndarray:
 
 def _check(out: np.ndarray, ref: np.ndarray, dtype: str) -> tuple[float, bool]:
     if dtype == "float32":
-        err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+        err = R.relative_error(out, ref)
     else:
         per_token = np.linalg.norm(out - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-30)
         err = float(np.median(per_token))
