@@ -1,0 +1,103 @@
+"""Model shapes the offloading simulator and engine use: E, k, layers and the bytes of one expert.
+
+The presets follow the offloading reports: `switch` (Switch Transformer: 128 experts,
+12 layers, top-1, 27 MiB per expert) and `qwen` (Qwen1.5-MoE: 64 experts, 28 layers,
+top-8, 28.5 MB per expert). d_model / d_ff / dtype are chosen so that one expert's weights
+are exactly that size; they set the compute cost the calibration measures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ACTIVATIONS = ("relu", "swiglu")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class OffloadModel:
+    """The routing shape and expert size of one MoE model.
+
+    num_experts: E per layer. num_layers: MoE layers. top_k: experts per token.
+    d_model, d_ff, activation, dtype: one expert's FFN (relu: 2 matrices; swiglu: 3).
+    """
+
+    name: str
+    num_experts: int
+    num_layers: int
+    top_k: int
+    d_model: int
+    d_ff: int
+    activation: str = "relu"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for field in ("num_experts", "num_layers", "top_k", "d_model", "d_ff"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"OffloadModel.{field} must be an int >= 1, got {value!r}")
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"OffloadModel.top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}"
+            )
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"OffloadModel.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"OffloadModel.dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
+
+    @property
+    def matrices(self) -> int:
+        return 3 if self.activation == "swiglu" else 2
+
+    @property
+    def expert_bytes(self) -> int:
+        return self.matrices * self.d_model * self.d_ff * DTYPE_BYTES[self.dtype]
+
+    @property
+    def total_experts(self) -> int:
+        return self.num_experts * self.num_layers
+
+    def expert_flops(self, tokens: int) -> int:
+        return 2 * self.matrices * self.d_model * self.d_ff * tokens
+
+    def shape_key(self) -> str:
+        """Names the expert FFN shape in calibration files."""
+        return f"{self.d_model}x{self.d_ff}-{self.activation}-{self.dtype}"
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "num_experts": self.num_experts,
+            "num_layers": self.num_layers,
+            "top_k": self.top_k,
+            "d_model": self.d_model,
+            "d_ff": self.d_ff,
+            "activation": self.activation,
+            "dtype": self.dtype,
+            "expert_bytes": self.expert_bytes,
+        }
+
+
+MODELS = {
+    # 2 * 768 * 4608 * 4 B = 27 MiB exactly.
+    "switch": OffloadModel("switch", 128, 12, 1, d_model=768, d_ff=4608, activation="relu", dtype="float32"),
+    # 3 * 2048 * 2320 * 2 B = 28.5 MB.
+    "qwen": OffloadModel("qwen", 64, 28, 8, d_model=2048, d_ff=2320, activation="swiglu", dtype="bfloat16"),
+}
+
+
+def get_model(name: str) -> OffloadModel:
+    """A preset by name, or a shape `E:layers:k:d_model:d_ff[:activation[:dtype]]`,
+    e.g. `32:16:2:1024:4096:swiglu:bfloat16`."""
+    if name in MODELS:
+        return MODELS[name]
+    parts = name.split(":")
+    if len(parts) < 5 or len(parts) > 7:
+        raise ValueError(
+            f"unknown model {name!r}: use a preset {sorted(MODELS)} or "
+            "E:layers:k:d_model:d_ff[:activation[:dtype]], e.g. 32:16:2:1024:4096:swiglu:bfloat16"
+        )
+    try:
+        e, layers, k, d_model, d_ff = (int(p) for p in parts[:5])
+    except ValueError:
+        raise ValueError(f"model shape {name!r}: the first five fields must be integers") from None
+    return OffloadModel(name, e, layers, k, d_model, d_ff, *parts[5:])
