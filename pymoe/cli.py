@@ -82,5 +82,197 @@ def bench(presets, tokens, device, dtype, impls, min_seconds, out_dir, no_save, 
         raise click.UsageError(str(e)) from e
 
 
+
+# -- expert offloading -------------------------------------------------------
+
+@main.group()
+def trace() -> None:
+    """Record routing traces (which experts each token used in each layer)."""
+
+
+@trace.command("lm")
+@click.option("--preset", type=click.Choice(["switch", "qwen"]), required=True,
+              help="Routing shape to train: experts, layers and top-k of the offloading preset.")
+@click.option("--aux-loss/--no-aux-loss", default=True, show_default=True,
+              help="Switch load-balancing loss (coefficient 0.01) on or off.")
+@click.option("--capacity-factor", type=float, default=None, help="Drop tokens over this capacity in training.")
+@click.option("--steps", type=int, default=800, show_default=True)
+@click.option("--requests", type=int, default=128, show_default=True, help="Held-out sequences to trace.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results/traces"),
+              show_default=True)
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also save the trained weights here.")
+def trace_lm(preset, aux_loss, capacity_factor, steps, requests, seed, out_dir, checkpoint) -> None:
+    """Train pymoe's small MoE language model on the Python standard library's source, then
+    trace held-out text. Writes lm-<preset>-<aux|noaux>.npz and its .training.json log."""
+    import sys
+
+    from .offload.lm import train_and_trace
+
+    if steps < 1 or requests < 1:
+        raise click.UsageError("--steps and --requests must be >= 1")
+    try:
+        paths = train_and_trace(preset, aux_loss=aux_loss, steps=steps, requests=requests, out_dir=out_dir,
+                                capacity_factor=capacity_factor, seed=seed, checkpoint=checkpoint,
+                                command=" ".join(["pymoe", *sys.argv[1:]]))
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    click.echo(f"wrote {paths[0]} and {paths[1]}")
+
+
+@trace.command("hf")
+@click.argument("model")
+@click.option("--text", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="Text file to run through the model.")
+@click.option("--requests", type=int, default=16, show_default=True)
+@click.option("--tokens", type=int, default=128, show_default=True, help="Tokens per request.")
+@click.option("--random-init", is_flag=True, help="Build the model from its config with random weights.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True)
+def trace_hf(model, text, requests, tokens, random_init, out_path) -> None:
+    """Trace a Hugging Face transformers MoE model (hub id or local directory) on a text file."""
+    from .offload.hf_capture import capture_hf, load_hf_model, tokenize_requests
+    from .offload.trace import save_trace
+
+    if requests < 1 or tokens < 1:
+        raise click.UsageError("--requests and --tokens must be >= 1")
+    net = load_hf_model(model, random_init=random_init)
+    try:
+        batches, how = tokenize_requests(model, text.read_text(errors="replace"), requests=requests,
+                                         tokens=tokens, vocab_size=net.config.vocab_size, random_init=random_init)
+        captured = capture_hf(net, batches, source={"model": model, "random_init": random_init,
+                                                     "text": str(text), "tokens": how})
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    click.echo(f"wrote {save_trace(captured, out_path)}: {captured.num_tokens} tokens, "
+               f"{captured.num_layers} MoE layers, {captured.num_experts} experts, top-{captured.top_k}")
+
+
+@trace.command("synthetic")
+@click.option("--model", "model_name", default="switch", show_default=True,
+              help="Preset (switch, qwen) or E:layers:k:d_model:d_ff[:activation[:dtype]].")
+@click.option("--requests", type=int, default=128, show_default=True)
+@click.option("--tokens", type=int, default=64, show_default=True, help="Tokens per request.")
+@click.option("--zipf", type=float, default=1.0, show_default=True, help="Popularity skew (0 = uniform).")
+@click.option("--reuse", type=float, default=0.3, show_default=True,
+              help="Probability that a token reuses the previous token's expert in a layer.")
+@click.option("--cross-layer", type=float, default=0.3, show_default=True,
+              help="Probability that an expert follows from the previous layer's choice.")
+@click.option("--fit", "fit_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Take zipf/reuse/cross-layer fitted to this trace instead.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True)
+def trace_synthetic(model_name, requests, tokens, zipf, reuse, cross_layer, fit_path, seed, out_path) -> None:
+    """Generate a synthetic trace (Zipf popularity, temporal reuse, cross-layer correlation)."""
+    from .offload.models import get_model
+    from .offload.synthetic import SyntheticParams, fit_params, generate
+    from .offload.trace import load_trace, save_trace
+
+    try:
+        model = get_model(model_name)
+        if fit_path is not None:
+            fitted = load_trace(fit_path)
+            fitted.check_shape(model.num_experts, model.num_layers, model.top_k, f"model {model.name}")
+            params = fit_params(fitted)
+            click.echo(f"fitted to {fit_path}: zipf {params.zipf:.3f}, reuse {params.reuse:.3f}, "
+                       f"cross-layer {params.cross_layer:.3f}")
+        else:
+            params = SyntheticParams(zipf, reuse, cross_layer)
+        generated = generate(model, params, requests=requests, tokens=tokens, seed=seed)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    click.echo(f"wrote {save_trace(generated, out_path)}")
+
+
+@trace.command("info")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+def trace_info(path) -> None:
+    """Check a trace file and print its shape and routing statistics."""
+    import json
+
+    from .offload.synthetic import fit_params
+    from .offload.trace import TraceError, load_trace
+
+    try:
+        t = load_trace(path)
+    except TraceError as e:
+        raise click.ClickException(str(e)) from e
+    p = fit_params(t)
+    click.echo(f"{path}: {t.num_tokens} tokens in {t.num_requests} requests, {t.num_layers} layers, "
+               f"{t.num_experts} experts, top-{t.top_k}, pre-gate {'yes' if t.pregate is not None else 'no'}")
+    click.echo(f"fitted: zipf {p.zipf:.3f}, reuse {p.reuse:.3f}, cross-layer {p.cross_layer:.3f}")
+    click.echo(json.dumps(t.meta.get("source", {}), indent=1))
+
+
+@main.command()
+@click.option("--model", "models", multiple=True, default=("switch", "qwen"), show_default=True,
+              help="Expert shapes to time (presets or E:layers:k:d_model:d_ff[:act[:dtype]]).")
+@click.option("--reps", type=int, default=20, show_default=True)
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Default: results/offload/calibration-<device>.json")
+def calibrate(models, reps, out_path) -> None:
+    """Measure host->GPU transfer time and expert compute time for the simulator's cost model
+    (on a machine without a GPU: host memory copies and CPU compute, labelled so)."""
+    import re
+
+    from .offload.calibration import measure_calibration, write_calibration
+    from .offload.models import get_model
+
+    try:
+        shapes = [get_model(m) for m in models]
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    from .bench.machine import provenance
+
+    data = measure_calibration(shapes, reps=reps, progress=lambda msg: click.echo(msg, err=True))
+    data.update(provenance(" ".join(["pymoe calibrate", *[f"--model {m}" for m in models]])))
+    if out_path is None:
+        out_path = Path("results/offload") / f"calibration-{re.sub('[^A-Za-z0-9]+', '-', data['device']).strip('-')}.json"
+    write_calibration(data, out_path)
+    for memory in ("pinned", "pageable"):
+        t = data["transfer"][memory]
+        click.echo(f"{memory}: {t['gbps']:.1f} GB/s, latency {t['latency_ms'] * 1e3:.1f} us ({t['what']})")
+    click.echo(f"wrote {out_path}")
+
+
+@main.command()
+@click.option("--trace", "trace_path", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--model", "model_name", required=True,
+              help="Preset (switch, qwen) or E:layers:k:d_model:d_ff[:act[:dtype]]; must match the trace.")
+@click.option("--calibration", "calibration_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Cost model from `pymoe calibrate`.")
+@click.option("--strategy", "strategies", multiple=True, help="Default: all.")
+@click.option("--batch-sizes", default="1,2,4,8,16,32,64", show_default=True)
+@click.option("--runs", type=int, default=5, show_default=True, help="Seeded request orders per configuration.")
+@click.option("--requests", type=int, default=8, show_default=True,
+              help="Requests per run (at least the batch size).")
+@click.option("--cache-fraction", type=float, default=0.25, show_default=True,
+              help="GPU cache size as a fraction of all experts.")
+@click.option("--dedup", type=click.Choice(["on", "off", "both"]), default="both", show_default=True)
+@click.option("--memory", type=click.Choice(["pinned", "pageable"]), default="pinned", show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
+              show_default=True)
+def simulate(trace_path, model_name, calibration_path, strategies, batch_sizes, runs, requests, cache_fraction,
+             dedup, memory, out_dir) -> None:
+    """SIMULATE offloaded decoding: replay a trace through every strategy and batch size."""
+    from .offload.calibration import CalibrationError
+    from .offload.strategies import STRATEGIES
+    from .offload.sweep import run_sweep
+    from .offload.trace import TraceError
+
+    try:
+        sizes = tuple(int(b) for b in batch_sizes.split(","))
+    except ValueError:
+        raise click.UsageError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
+    try:
+        run_sweep(trace_path, model_name, calibration_path, strategies=tuple(strategies) or tuple(STRATEGIES),
+                  batch_sizes=sizes, runs=runs, cache_fraction=cache_fraction, requests=requests, dedup=dedup,
+                  memory=memory, out_dir=out_dir)
+    except (TraceError, CalibrationError) as e:
+        raise click.ClickException(str(e)) from e
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+
+
 if __name__ == "__main__":
     main()

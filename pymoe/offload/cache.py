@@ -1,0 +1,257 @@
+"""The GPU expert cache and its eviction policies.
+
+Keys are global expert ids, `layer * num_experts + expert`. The cache maps each resident key
+to the time its transfer completes (a key whose transfer is still running is resident but not
+yet ready). Capacity counts experts; all experts of a model have the same size, so a budget
+in bytes is `capacity * expert_bytes`.
+
+Policies choose a victim among the keys the cache offers (ready, not protected). To add one,
+subclass `EvictionPolicy` and override `victim` (and the hooks it needs).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+
+
+class Future:
+    """When each key is next needed: what Belady and Oracle know and online policies do not.
+    `ticks[t]` is the set of keys needed at tick t (one tick = one layer of one decode step)."""
+
+    def __init__(self, ticks: list[Iterable[int]]):
+        self.uses: dict[int, list[int]] = {}
+        for tick, keys in enumerate(ticks):
+            for key in keys:
+                self.uses.setdefault(key, []).append(tick)
+        self.num_ticks = len(ticks)
+        self.ticks = [list(keys) for keys in ticks]
+
+    def next_use(self, key: int, after: int) -> float:
+        """The first tick > after that needs key; infinity if none."""
+        uses = self.uses.get(key)
+        if not uses:
+            return float("inf")
+        i = bisect.bisect_right(uses, after)
+        return uses[i] if i < len(uses) else float("inf")
+
+
+class EvictionPolicy:
+    name = "base"
+
+    def on_access(self, key: int, tick: int) -> None:
+        pass
+
+    def on_insert(self, key: int, tick: int) -> None:
+        self.on_access(key, tick)
+
+    def on_evict(self, key: int) -> None:
+        pass
+
+    def victim(self, candidates: list[int], tick: int) -> int:
+        raise NotImplementedError
+
+
+class LRU(EvictionPolicy):
+    name = "lru"
+
+    def __init__(self) -> None:
+        self.last: dict[int, int] = {}
+        self.order = 0
+
+    def on_access(self, key: int, tick: int) -> None:
+        self.order += 1  # a counter, so accesses within one tick keep their order
+        self.last[key] = self.order
+
+    def on_evict(self, key: int) -> None:
+        self.last.pop(key, None)
+
+    def victim(self, candidates: list[int], tick: int) -> int:
+        return min(candidates, key=lambda k: self.last.get(k, 0))
+
+
+class LFU(EvictionPolicy):
+    """Least frequently used; counts persist after eviction (popularity, not residency);
+    ties go to the least recently used. `decay` < 1 ages old counts at every tick."""
+
+    name = "lfu"
+
+    def __init__(self, decay: float = 1.0) -> None:
+        self.count: dict[int, float] = {}
+        self.lru = LRU()
+        self.decay = decay
+        self.scale = 1.0  # aging by growing new increments instead of shrinking every count
+
+    def on_access(self, key: int, tick: int) -> None:
+        if self.decay < 1.0:
+            self.scale = self.decay ** -tick
+            if self.scale > 1e100:  # renormalise before floats overflow
+                self.count = {k: v / self.scale for k, v in self.count.items()}
+                self.scale = 1.0
+        self.count[key] = self.count.get(key, 0.0) + self.scale
+        self.lru.on_access(key, tick)
+
+    def on_evict(self, key: int) -> None:
+        self.lru.on_evict(key)
+
+    def victim(self, candidates: list[int], tick: int) -> int:
+        return min(candidates, key=lambda k: (self.count.get(k, 0.0), self.lru.last.get(k, 0)))
+
+
+class Belady(EvictionPolicy):
+    """Evict the key needed furthest in the future (optimal for demand paging; needs the future)."""
+
+    name = "belady"
+
+    def __init__(self, future: Future) -> None:
+        self.future = future
+
+    def victim(self, candidates: list[int], tick: int) -> int:
+        return max(candidates, key=lambda k: (self.future.next_use(k, tick), k))
+
+
+class PredictionAware(EvictionPolicy):
+    """Never evict what the strategy predicts next, if anything else can go; otherwise defer
+    to the base policy."""
+
+    def __init__(self, base: EvictionPolicy) -> None:
+        self.base = base
+        self.predicted: set[int] = set()
+        self.name = f"prediction-aware({base.name})"
+
+    def on_access(self, key: int, tick: int) -> None:
+        self.base.on_access(key, tick)
+
+    def on_insert(self, key: int, tick: int) -> None:
+        self.base.on_insert(key, tick)
+
+    def on_evict(self, key: int) -> None:
+        self.base.on_evict(key)
+
+    def victim(self, candidates: list[int], tick: int) -> int:
+        free = [k for k in candidates if k not in self.predicted]
+        return self.base.victim(free or candidates, tick)
+
+
+class ExpertCache:
+    """One pool of GPU expert slots with one eviction policy."""
+
+    def __init__(self, capacity: int, policy: EvictionPolicy) -> None:
+        if capacity < 1:
+            raise ValueError(f"cache capacity must be >= 1 expert, got {capacity}")
+        self.capacity = capacity
+        self.policy = policy
+        self.ready: dict[int, float] = {}
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self.ready)
+
+    def lookup(self, key: int) -> float | None:
+        """The time key is (or will be) ready, None if it is not resident."""
+        return self.ready.get(key)
+
+    def access(self, key: int, tick: int, protected: set[int] = frozenset()) -> None:
+        self.policy.on_access(key, tick)
+
+    def admit(self, key: int, tick: int, now: float, ready: float, protected: set[int],
+              allow=None, prefetch: bool = False) -> int | None | bool:
+        """Make room for key (evicting one ready, unprotected key if full) and insert it.
+        `allow(victim)` may veto the eviction. Returns the evicted key, None if there was
+        room, or False if nothing could be evicted (then nothing changed)."""
+        evicted = None
+        if len(self.ready) >= self.capacity:
+            candidates = [k for k, r in self.ready.items() if r <= now and k not in protected]
+            if not candidates:
+                return False
+            evicted = self.policy.victim(candidates, tick)
+            if allow is not None and not allow(evicted):
+                return False
+            del self.ready[evicted]
+            self.policy.on_evict(evicted)
+            self.evictions += 1
+        self.ready[key] = ready
+        self.policy.on_insert(key, tick)
+        return evicted
+
+
+class TieredCache:
+    """The reports' L1/L2/L3 split of one GPU budget (iso-cache: the tiers' slots add up to
+    the same total as a single cache): L1 holds experts that were used (LRU), L2 receives
+    prefetches (LRU; a prefetched expert moves to L1 when it is used), L3 keeps the most
+    frequently used experts that L1 evicts (LFU). A hit in any tier is a hit; moving between
+    tiers is bookkeeping, not a copy."""
+
+    def __init__(self, capacity: int, fractions: tuple[float, float, float] = (0.4, 0.4, 0.2)) -> None:
+        if capacity < 3:
+            raise ValueError(f"a 3-tier cache needs >= 3 expert slots, got {capacity}")
+        sizes = [max(1, int(capacity * f)) for f in fractions]
+        sizes[0] += capacity - sum(sizes)
+        self.capacity = capacity
+        self.sizes = sizes
+        self.l1, self.l2, self.l3 = (ExpertCache(sizes[0], LRU()), ExpertCache(sizes[1], LRU()),
+                                     ExpertCache(sizes[2], LRU()))
+        self.frequency = LFU()
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self.l1) + len(self.l2) + len(self.l3)
+
+    def lookup(self, key: int) -> float | None:
+        for tier in (self.l1, self.l2, self.l3):
+            ready = tier.ready.get(key)
+            if ready is not None:
+                return ready
+        return None
+
+    def access(self, key: int, tick: int, protected: set[int] = frozenset()) -> None:
+        self.frequency.on_access(key, tick)
+        if key in self.l1.ready:
+            self.l1.access(key, tick)
+            return
+        tier = self.l2 if key in self.l2.ready else self.l3
+        ready = tier.ready[key]
+        if len(self.l1.ready) >= self.l1.capacity:
+            candidates = [k for k in self.l1.ready if k not in protected]
+            if not candidates:
+                return  # L1 is all in use this layer: the key stays where it is
+            old = self.l1.policy.victim(candidates, tick)
+            old_ready = self.l1.ready.pop(old)
+            self.l1.policy.on_evict(old)
+            del tier.ready[key]
+            tier.policy.on_evict(key)
+            self._demote(old, old_ready)
+        else:
+            del tier.ready[key]
+            tier.policy.on_evict(key)
+        self.l1.ready[key] = ready
+        self.l1.policy.on_insert(key, tick)
+
+    def _demote(self, key: int, ready: float) -> None:
+        """An expert L1 lets go stays in L3 if L3 has room or holds a less frequent one."""
+        if len(self.l3.ready) < self.l3.capacity:
+            self.l3.ready[key] = ready
+            return
+        count = self.frequency.count.get
+        weakest = min(self.l3.ready, key=lambda k: count(k, 0.0))
+        if count(weakest, 0.0) < count(key, 0.0):
+            del self.l3.ready[weakest]
+            self.l3.ready[key] = ready
+        self.evictions += 1  # one of the two left the GPU
+
+    def admit(self, key: int, tick: int, now: float, ready: float, protected: set[int],
+              allow=None, prefetch: bool = False) -> int | None | bool:
+        """Prefetches land in L2; demand loads in L1 (or, when every L1 slot is in use this
+        layer, in L3 or L2)."""
+        tiers = (self.l2,) if prefetch else (self.l1, self.l3, self.l2)
+        for tier in tiers:
+            result = tier.admit(key, tick, now, ready, protected, allow)
+            if result is False:
+                continue
+            if result is not None:
+                if tier is self.l1:
+                    self._demote(result, now)
+                else:
+                    self.evictions += 1
+            return result
+        return False
