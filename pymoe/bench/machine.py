@@ -71,7 +71,10 @@ def versions() -> dict:
 def git_commit() -> dict:
     """The commit of the pymoe checkout the code ran from: the source tree itself,
     or, for an installed package (pip install .), the checkout in the current
-    directory. None outside a pymoe git checkout."""
+    directory. None outside a pymoe git checkout. A copy of a clean commit whose .git is
+    stale or missing (as on a lent GPU machine) names it in PYMOE_SOURCE_COMMIT."""
+    if os.environ.get("PYMOE_SOURCE_COMMIT"):
+        return {"commit": os.environ["PYMOE_SOURCE_COMMIT"], "dirty": False, "commit_source": "PYMOE_SOURCE_COMMIT"}
     for root in (REPO_ROOT, Path.cwd()):
         if not (root / "kernels" / "moe_gate.mojo").is_file():
             continue

@@ -1,7 +1,9 @@
 """The simulator's cost model, measured: host->GPU transfer time of an expert (pinned and
 pageable host memory) and the compute time of one expert FFN as a function of its tokens.
 
-`measure_calibration` times both with PyTorch on the GPU when there is one; without a GPU it
+`measure_calibration` times both with PyTorch on the GPU when there is one (each transfer
+synchronised on its own: what a single load costs; expert compute as the mean of 20 calls
+queued back to back: what an engine running expert after expert sees); without a GPU it
 measures the CPU's own host memory copies (recorded as both "pinned" and "pageable", and
 labelled so) and the expert FFN on the CPU in float32. The file it writes
 (`pymoe.calibration/1`) records the raw timings; the simulator reads the fitted values.
@@ -91,15 +93,19 @@ def _fit_transfer(sizes: list[int], ms: list[float]) -> dict:
     return {"gbps": float(1e-6 / slope), "latency_ms": float(max(intercept, 0.0))}
 
 
-def _median_ms(fn, reps: int, sync) -> list[float]:
-    fn()
+def _median_ms(fn, reps: int, sync, inner: int = 1) -> list[float]:
+    """reps samples of the time per call; each sample times `inner` calls issued back to
+    back before one synchronisation (as an engine queues expert after expert on a stream)."""
+    for _ in range(2):
+        fn()
     sync()
     out = []
     for _ in range(reps):
         t = time.perf_counter()
-        fn()
+        for _ in range(inner):
+            fn()
         sync()
-        out.append((time.perf_counter() - t) * 1e3)
+        out.append((time.perf_counter() - t) * 1e3 / inner)
     return out
 
 
@@ -146,11 +152,12 @@ def measure_calibration(models: list[OffloadModel], *, tokens=DEFAULT_TOKENS, re
             return a @ w_out
 
         curve = {"tokens": list(tokens), "median_ms": [], "raw_ms": [],
-                 "dtype": str(dtype).replace("torch.", ""), "what": f"PyTorch expert FFN on {dev}"}
+                 "dtype": str(dtype).replace("torch.", ""),
+                 "what": f"PyTorch expert FFN on {dev}" + (", 20 calls back to back per sample" if gpu else "")}
         for n in tokens:
             say(f"compute {model.name} expert, {n} tokens")
             x = torch.randn(n, model.d_model, generator=g).to(dev, dtype)
-            raw = _median_ms(lambda: expert(x), reps, sync)
+            raw = _median_ms(lambda: expert(x), reps, sync, inner=20 if gpu else 1)
             curve["median_ms"].append(float(np.median(raw)))
             curve["raw_ms"].append(raw)
         data["compute"][model.shape_key()] = curve
