@@ -155,13 +155,15 @@ class ExpertCache:
         self.policy.on_access(key, tick)
 
     def admit(self, key: int, tick: int, now: float, ready: float, protected: set[int],
-              allow=None, prefetch: bool = False) -> int | None | bool:
+              allow=None, prefetch: bool = False, in_flight: bool = False) -> int | None | bool:
         """Make room for key (evicting one ready, unprotected key if full) and insert it.
-        `allow(victim)` may veto the eviction. Returns the evicted key, None if there was
-        room, or False if nothing could be evicted (then nothing changed)."""
+        `in_flight` also offers keys whose transfer has not finished (a demand load that
+        finds every slot taken by pending prefetches abandons one). `allow(victim)` may veto
+        the eviction. Returns the evicted key, None if there was room, or False if nothing
+        could be evicted (then nothing changed)."""
         evicted = None
         if len(self.ready) >= self.capacity:
-            candidates = [k for k, r in self.ready.items() if r <= now and k not in protected]
+            candidates = [k for k, r in self.ready.items() if (in_flight or r <= now) and k not in protected]
             if not candidates:
                 return False
             evicted = self.policy.victim(candidates, tick)
@@ -240,12 +242,12 @@ class TieredCache:
         self.evictions += 1  # one of the two left the GPU
 
     def admit(self, key: int, tick: int, now: float, ready: float, protected: set[int],
-              allow=None, prefetch: bool = False) -> int | None | bool:
+              allow=None, prefetch: bool = False, in_flight: bool = False) -> int | None | bool:
         """Prefetches land in L2; demand loads in L1 (or, when every L1 slot is in use this
         layer, in L3 or L2)."""
         tiers = (self.l2,) if prefetch else (self.l1, self.l3, self.l2)
         for tier in tiers:
-            result = tier.admit(key, tick, now, ready, protected, allow)
+            result = tier.admit(key, tick, now, ready, protected, allow, in_flight=in_flight)
             if result is False:
                 continue
             if result is not None:

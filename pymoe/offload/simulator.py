@@ -213,6 +213,8 @@ def simulate(trace: Trace, model: OffloadModel, strategy: Strategy, calibration:
                 start = max(copy_free, t0)
                 copy_free = start + n * transfer_ms
                 result = cache.admit(key, tick, t0, start + transfer_ms, protected)
+                if result is False:  # every free slot holds a pending prefetch: abandon one
+                    result = cache.admit(key, tick, t0, start + transfer_ms, protected, in_flight=True)
                 if result is False:
                     raise RuntimeError("no evictable slot for a demand load: cache smaller than one layer's need")
                 if result is not None:

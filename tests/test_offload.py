@@ -1,0 +1,283 @@
+"""Expert offloading: trace format, cache policies, strategies, simulator, statistics.
+Everything here runs on the CPU without MAX."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from pymoe.cli import main
+from pymoe.offload.cache import LRU, Belady, ExpertCache, Future
+from pymoe.offload.calibration import Calibration, CalibrationError, load_calibration
+from pymoe.offload.models import OffloadModel, get_model
+from pymoe.offload.simulator import cache_capacity, simulate
+from pymoe.offload.strategies import STRATEGIES, make_strategy
+from pymoe.offload.synthetic import SyntheticParams, fit_params, generate
+from pymoe.offload.trace import Trace, TraceError, load_trace, save_trace
+from pymoe.stats import compare_paired, summarize
+
+# One expert = 2 * 125 * 1000 * 4 B = 1e6 bytes; at 1 GB/s one transfer takes exactly 1 ms.
+TINY = OffloadModel("tiny", 4, 2, 1, d_model=125, d_ff=1000)
+
+
+def calibration_for(model, gbps=1.0, compute_ms=0.5, per_token_ms=0.0):
+    return Calibration({
+        "schema": "pymoe.calibration/1", "device": "test",
+        "transfer": {"pinned": {"gbps": gbps, "latency_ms": 0.0}, "pageable": {"gbps": gbps / 4, "latency_ms": 0.0}},
+        "compute": {model.shape_key(): {"tokens": [1, 1000], "median_ms": [compute_ms, compute_ms + 999 * per_token_ms]}},
+    })
+
+
+def hand_trace():
+    """One request, three tokens, E=4, two layers, top-1. Keys (layer*4+e): 0,5 | 0,6 | 3,5."""
+    experts = np.array([[[0], [1]], [[0], [2]], [[3], [1]]])
+    return Trace(experts=experts, weights=np.ones_like(experts, dtype=np.float32),
+                 request_offsets=np.array([0, 3]), meta={"num_experts": 4, "num_layers": 2, "top_k": 1})
+
+
+def random_setup(seed):
+    rng = np.random.default_rng(seed)
+    e = int(rng.integers(2, 12))
+    layers = int(rng.integers(1, 5))
+    k = int(rng.integers(1, min(e, 3) + 1))
+    batch = int(rng.integers(1, 5))
+    model = OffloadModel("rand", e, layers, k, d_model=125, d_ff=1000)
+    cal = calibration_for(model, gbps=float(rng.uniform(0.2, 5)), per_token_ms=0.1)
+    params = SyntheticParams(float(rng.uniform(0, 2)), float(rng.uniform(0, 0.6)), float(rng.uniform(0, 0.6)))
+    trace = generate(model, params, requests=8, tokens=12, seed=seed)
+    noisy = trace.experts.copy()  # a pre-gate that is right most of the time
+    flip = rng.random(noisy.shape[:2]) < 0.3
+    noisy[flip] = np.roll(noisy, 1, axis=2)[flip] if k > 1 else (noisy[flip] + 1) % e
+    noisy[:, 0] = -1
+    trace.pregate = noisy
+    capacity = int(rng.integers(min(e, batch * k), e * layers + 1))
+    return model, cal, trace, capacity, batch
+
+
+# -- trace format ------------------------------------------------------------
+
+def test_trace_round_trip(tmp_path):
+    model = get_model("qwen")
+    t = generate(model, SyntheticParams(), requests=3, tokens=5, seed=1)
+    t.pregate = t.experts.copy()
+    t.pregate[:, 0] = -1
+    path = save_trace(t, tmp_path / "t.npz")
+    back = load_trace(path)
+    np.testing.assert_array_equal(back.experts, t.experts)
+    np.testing.assert_array_equal(back.pregate, t.pregate)
+    np.testing.assert_allclose(back.weights, t.weights, atol=1e-3)  # stored as float16
+    assert back.meta["source"] == t.meta["source"] and back.num_requests == 3
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda a: a.pop("experts"), "missing arrays"),
+    (lambda a: a.__setitem__("weights", np.full(a["weights"].shape, np.nan, np.float16)), "NaN"),
+    (lambda a: a.__setitem__("experts", a["experts"] + 100), "expert ids"),
+    (lambda a: a.__setitem__("request_offsets", np.array([0, 5, 4, 15])), "request_offsets"),
+    (lambda a: a.__setitem__("meta", np.array("{not json")), "not JSON"),
+    (lambda a: a.__setitem__("meta", np.array(json.dumps({"format": "other"}))), "format"),
+    (lambda a: a.__setitem__("experts", a["experts"][:, :1]), "shape"),
+])
+def test_corrupt_traces_raise_clear_errors(tmp_path, damage, message):
+    t = generate(get_model("switch"), SyntheticParams(), requests=3, tokens=5, seed=0)
+    path = save_trace(t, tmp_path / "t.npz")
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    damage(arrays)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **arrays)
+    with pytest.raises(TraceError, match=message):
+        load_trace(bad)
+
+
+def test_unreadable_and_missing_trace_files(tmp_path):
+    garbage = tmp_path / "g.npz"
+    garbage.write_bytes(b"not a zip file at all")
+    with pytest.raises(TraceError, match="not a readable"):
+        load_trace(garbage)
+    with pytest.raises(TraceError, match="no such file"):
+        load_trace(tmp_path / "absent.npz")
+
+
+def test_trace_used_with_the_wrong_model_is_refused():
+    t = generate(get_model("switch"), SyntheticParams(), requests=2, tokens=4)
+    with pytest.raises(TraceError, match="experts, layers, top_k"):
+        simulate(t, get_model("qwen"), make_strategy("on-demand"), calibration_for(get_model("qwen")),
+                 capacity=64, batch_size=1, requests=1)
+
+
+def test_save_keeps_the_old_file_when_the_new_trace_is_invalid(tmp_path):
+    t = generate(TINY, SyntheticParams(), requests=2, tokens=3)
+    path = save_trace(t, tmp_path / "t.npz")
+    before = path.read_bytes()
+    with pytest.raises(TraceError):
+        Trace(experts=t.experts, weights=t.weights * np.nan, request_offsets=t.request_offsets, meta=t.meta)
+    assert path.read_bytes() == before
+
+
+# -- cache and simulator on a hand-computed trace ------------------------------
+
+def test_hand_computed_lru_run():
+    r = simulate(hand_trace(), TINY, make_strategy("on-demand"), calibration_for(TINY), capacity=2,
+                 batch_size=1, requests=1)
+    # Accesses 0 5 0 6 3 5 with two LRU slots: miss miss hit miss miss miss.
+    assert (r.hits, r.late_hits, r.misses, r.accesses) == (1, 0, 5, 6)
+    assert r.bytes_moved == 5 * TINY.expert_bytes == 5_000_000
+    # Each miss waits 1 ms for its transfer, each layer computes 0.5 ms: 8 ms in all.
+    assert r.total_ms == pytest.approx(8.0)
+    assert r.compute_only_ms == pytest.approx(3.0)
+    np.testing.assert_allclose(r.layer_ms, [1.5, 1.5, 0.5, 1.5, 1.5, 1.5])
+    np.testing.assert_allclose(r.step_ms, [3.0, 2.0, 3.0])
+
+
+def test_hand_computed_belady_run():
+    r = simulate(hand_trace(), TINY, make_strategy("on-demand", "belady"), calibration_for(TINY), capacity=2,
+                 batch_size=1, requests=1)
+    # Belady evicts 0 (never used again) for 6, then 6 for 3, and keeps 5: one more hit.
+    assert (r.hits, r.misses) == (2, 4)
+
+
+def test_future_and_policies():
+    f = Future([[1, 2], [3], [1]])
+    assert f.next_use(1, 0) == 2 and f.next_use(3, 1) == float("inf") and f.next_use(9, 0) == float("inf")
+    cache = ExpertCache(2, Belady(f))
+    cache.admit(1, 0, 0.0, 0.0, set())
+    cache.admit(2, 0, 0.0, 0.0, set())
+    assert cache.admit(3, 1, 0.0, 0.0, {3}) == 2  # 2 is never needed again
+    lru = ExpertCache(1, LRU())
+    lru.admit(7, 0, 0.0, 5.0, set())
+    assert lru.admit(8, 0, 1.0, 6.0, set()) is False  # 7's transfer still running: not evictable
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_belady_is_never_beaten_by_an_online_policy(seed):
+    model, cal, trace, capacity, batch = random_setup(seed)
+    misses = {ev: simulate(trace, model, make_strategy("on-demand", ev), cal, capacity=capacity,
+                           batch_size=batch, requests=2 * batch, seed=seed).misses
+              for ev in ("lru", "lfu", "tiered", "belady") if not (ev == "tiered" and capacity < 3)}
+    assert misses["belady"] == min(misses.values()), misses
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_oracle_beats_every_strategy_and_dedup_never_moves_more(seed):
+    model, cal, trace, capacity, batch = random_setup(seed)
+    profile, evaluation = trace.split(0.25)
+    totals = {}
+    for name in STRATEGIES:
+        moved = {}
+        for dedup in (True, False):
+            strategy = make_strategy(name)
+            strategy.fit(profile)
+            r = simulate(evaluation, model, strategy, cal, capacity=capacity, batch_size=batch,
+                         requests=2 * batch, seed=seed, dedup=dedup)
+            moved[dedup] = r.bytes_moved
+            if dedup:
+                totals[name] = r.total_ms
+                assert r.compute_only_ms <= r.total_ms + 1e-9
+                assert 0 <= r.hit_rate <= 1
+        assert moved[True] <= moved[False], (name, moved)
+    assert totals["oracle"] <= min(totals.values()) + 1e-9, totals
+
+
+def test_bad_simulation_settings_fail_before_running():
+    trace = hand_trace()
+    with pytest.raises(ValueError, match="smaller than one layer"):
+        simulate(trace, TINY, make_strategy("on-demand"), calibration_for(TINY), capacity=1, batch_size=2,
+                 requests=2)
+    with pytest.raises(TraceError, match="pre-gate"):
+        simulate(trace, TINY, make_strategy("pre-gated"), calibration_for(TINY), capacity=2, batch_size=1,
+                 requests=1)
+    with pytest.raises(ValueError, match="unknown strategy"):
+        make_strategy("psychic")
+    with pytest.raises(ValueError, match="exactly one"):
+        cache_capacity(TINY, fraction=0.5, experts=3)
+    with pytest.raises(CalibrationError, match="no compute timings"):
+        calibration_for(TINY).compute_curve(get_model("switch"))
+
+
+def test_calibration_file_checks(tmp_path):
+    bad = tmp_path / "c.json"
+    bad.write_text(json.dumps({"schema": "pymoe.calibration/1", "transfer": {}}))
+    with pytest.raises(CalibrationError, match="gbps"):
+        load_calibration(bad)
+    bad.write_text("{")
+    with pytest.raises(CalibrationError, match="not JSON"):
+        load_calibration(bad)
+    curve = calibration_for(TINY, compute_ms=1.0, per_token_ms=0.5).compute_curve(TINY)
+    assert curve(1) == pytest.approx(1.0) and curve(3) == pytest.approx(2.0) and curve(2000) == pytest.approx(1000.5)
+
+
+# -- synthetic traces ----------------------------------------------------------
+
+def test_synthetic_fit_recovers_the_parameters_roughly():
+    model = OffloadModel("fit", 16, 6, 1, d_model=8, d_ff=8)
+    low = fit_params(generate(model, SyntheticParams(0.5, 0.1, 0.1), requests=64, tokens=64, seed=3))
+    high = fit_params(generate(model, SyntheticParams(1.5, 0.6, 0.6), requests=64, tokens=64, seed=3))
+    assert low.zipf < high.zipf and low.reuse < high.reuse and low.cross_layer < high.cross_layer
+    assert abs(high.reuse - 0.6) < 0.15 and abs(high.zipf - 1.5) < 0.4
+
+
+def test_synthetic_rejects_bad_parameters():
+    with pytest.raises(ValueError, match="reuse"):
+        SyntheticParams(reuse=1.5)
+    with pytest.raises(ValueError, match="zipf"):
+        SyntheticParams(zipf=-1)
+
+
+# -- statistics ------------------------------------------------------------------
+
+def test_summarize_and_paired_comparison():
+    s = summarize([1.0, 2.0, 3.0, 4.0])
+    assert s["mean"] == 2.5 and s["median"] == 2.5
+    half = 3.182446305284263 * np.std([1, 2, 3, 4], ddof=1) / 2  # t(0.975, 3)
+    assert s["ci95_high"] - s["mean"] == pytest.approx(half)
+    rng = np.random.default_rng(0)
+    a = rng.normal(10, 1, 20)
+    c = compare_paired(a + 1.0, a)
+    assert c["mean_diff"] == pytest.approx(1.0) and c["t_test_p"] == 0.0 and c["cohens_dz"] == np.inf
+    noisy = compare_paired(a + 0.5 + rng.normal(0, 0.1, 20), a)
+    assert noisy["t_test_p"] < 1e-6 and noisy["wilcoxon_p"] < 1e-3 and noisy["cohens_dz"] > 2
+    with pytest.raises(ValueError):
+        compare_paired([1.0], [2.0])
+
+
+# -- CLI end to end --------------------------------------------------------------
+
+def test_cli_synthetic_trace_then_simulate(tmp_path):
+    shape = "8:3:2:125:1000"
+    cal = calibration_for(get_model(shape))
+    cal_path = tmp_path / "cal.json"
+    cal_path.write_text(json.dumps(cal.data))
+    runner = CliRunner()
+    trace_path = tmp_path / "syn.npz"
+    r = runner.invoke(main, ["trace", "synthetic", "--model", shape, "--requests", "12", "--tokens", "6",
+                             "--out", str(trace_path)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["trace", "info", str(trace_path)])
+    assert r.exit_code == 0 and "12 requests" in r.output, r.output
+    r = runner.invoke(main, ["simulate", "--trace", str(trace_path), "--model", shape, "--calibration", str(cal_path),
+                             "--strategy", "on-demand", "--strategy", "oracle", "--strategy", "intelligent",
+                             "--batch-sizes", "1,4", "--runs", "2", "--cache-fraction", "0.5", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    written = sorted((tmp_path / "offload").glob("*-simulated-*.json"))
+    assert len(written) == 1 and written[0].with_suffix(".csv").is_file()
+    result = json.loads(written[0].read_text())
+    assert result["simulated"].startswith("SIMULATED") and len(result["runs"]) == 2 * 2 * 3 * 2
+    oracle = [a for a in result["aggregates"] if a["strategy"] == "oracle" and a["dedup"]]
+    assert all(a["fraction_of_oracle_speedup"]["mean"] == pytest.approx(1.0) for a in oracle)
+
+
+def test_cli_reports_bad_traces_without_a_traceback(tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"junk")
+    runner = CliRunner()
+    r = runner.invoke(main, ["trace", "info", str(bad)])
+    assert r.exit_code != 0 and "not a readable" in r.output
+    cal = tmp_path / "cal.json"
+    cal.write_text(json.dumps(calibration_for(TINY).data))
+    r = runner.invoke(main, ["simulate", "--trace", str(bad), "--model", "switch", "--calibration", str(cal)])
+    assert r.exit_code != 0 and "not a readable" in r.output
+    r = runner.invoke(main, ["simulate", "--trace", str(bad), "--model", "switch", "--calibration", str(cal),
+                             "--batch-sizes", "1,x"])
+    assert r.exit_code == 2 and "comma-separated" in r.output
