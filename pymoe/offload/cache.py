@@ -12,6 +12,8 @@ subclass `EvictionPolicy` and override `victim` (and the hooks it needs).
 from __future__ import annotations
 
 import bisect
+import heapq
+from collections import OrderedDict
 from collections.abc import Iterable
 
 
@@ -51,17 +53,24 @@ class EvictionPolicy:
     def victim(self, candidates: list[int], tick: int) -> int:
         raise NotImplementedError
 
+    def pick(self, resident, evictable, tick: int) -> int | None:
+        """The victim among the resident keys that `evictable(key)` accepts, None if none is.
+        Policies with a cheaper way than scanning every key override this."""
+        candidates = [k for k in resident if evictable(k)]
+        return self.victim(candidates, tick) if candidates else None
+
 
 class LRU(EvictionPolicy):
     name = "lru"
 
     def __init__(self) -> None:
-        self.last: dict[int, int] = {}
+        self.last: OrderedDict[int, int] = OrderedDict()  # least recently used first
         self.order = 0
 
     def on_access(self, key: int, tick: int) -> None:
         self.order += 1  # a counter, so accesses within one tick keep their order
         self.last[key] = self.order
+        self.last.move_to_end(key)
 
     def on_evict(self, key: int) -> None:
         self.last.pop(key, None)
@@ -69,14 +78,63 @@ class LRU(EvictionPolicy):
     def victim(self, candidates: list[int], tick: int) -> int:
         return min(candidates, key=lambda k: self.last.get(k, 0))
 
+    def pick(self, resident, evictable, tick: int) -> int | None:
+        for key in self.last:  # oldest first: usually the first few qualify
+            if key in resident and evictable(key):
+                return key
+        return super().pick(resident, evictable, tick)  # keys placed without this policy's hooks
 
-class LFU(EvictionPolicy):
+
+class HeapPolicy(EvictionPolicy):
+    """A policy whose ranking of a key changes only when that key is used: keeps a heap of
+    (priority, key) with lazy deletion, so a victim costs O(log n) instead of a scan.
+    Subclasses define `priority(key, tick)` (lowest is evicted first)."""
+
+    def __init__(self) -> None:
+        self.heap: list[tuple] = []
+        self.current: dict[int, tuple] = {}
+
+    def priority(self, key: int, tick: int) -> tuple:
+        raise NotImplementedError
+
+    def rank(self, key: int, tick: int) -> None:
+        p = self.priority(key, tick)
+        self.current[key] = p
+        heapq.heappush(self.heap, (p, key))
+        if len(self.heap) > 4 * len(self.current) + 64:  # drop stale entries now and then
+            self.heap = [(q, k) for k, q in self.current.items()]
+            heapq.heapify(self.heap)
+
+    def on_evict(self, key: int) -> None:
+        self.current.pop(key, None)
+
+    def victim(self, candidates: list[int], tick: int) -> int:
+        return min(candidates, key=lambda k: (self.current.get(k, self.priority(k, tick)), k))
+
+    def pick(self, resident, evictable, tick: int) -> int | None:
+        skipped, found = [], None
+        while self.heap:
+            p, key = self.heap[0]
+            if key not in resident or self.current.get(key) != p:
+                heapq.heappop(self.heap)  # stale
+                continue
+            if evictable(key):
+                found = key
+                break
+            skipped.append(heapq.heappop(self.heap))
+        for item in skipped:
+            heapq.heappush(self.heap, item)
+        return found if found is not None else super().pick(resident, evictable, tick)
+
+
+class LFU(HeapPolicy):
     """Least frequently used; counts persist after eviction (popularity, not residency);
     ties go to the least recently used. `decay` < 1 ages old counts at every tick."""
 
     name = "lfu"
 
     def __init__(self, decay: float = 1.0) -> None:
+        super().__init__()
         self.count: dict[int, float] = {}
         self.lru = LRU()
         self.decay = decay
@@ -88,26 +146,35 @@ class LFU(EvictionPolicy):
             if self.scale > 1e100:  # renormalise before floats overflow
                 self.count = {k: v / self.scale for k, v in self.count.items()}
                 self.scale = 1.0
+                for k in list(self.current):
+                    self.rank(k, tick)
         self.count[key] = self.count.get(key, 0.0) + self.scale
         self.lru.on_access(key, tick)
+        self.rank(key, tick)
+
+    def priority(self, key: int, tick: int) -> tuple:
+        return self.count.get(key, 0.0), self.lru.last.get(key, 0)
 
     def on_evict(self, key: int) -> None:
+        super().on_evict(key)
         self.lru.on_evict(key)
 
-    def victim(self, candidates: list[int], tick: int) -> int:
-        return min(candidates, key=lambda k: (self.count.get(k, 0.0), self.lru.last.get(k, 0)))
 
-
-class Belady(EvictionPolicy):
-    """Evict the key needed furthest in the future (optimal for demand paging; needs the future)."""
+class Belady(HeapPolicy):
+    """Evict the key needed furthest in the future (optimal for demand paging; needs the
+    future). A resident key's next use changes only when it is used, so it is ranked then."""
 
     name = "belady"
 
     def __init__(self, future: Future) -> None:
+        super().__init__()
         self.future = future
 
-    def victim(self, candidates: list[int], tick: int) -> int:
-        return max(candidates, key=lambda k: (self.future.next_use(k, tick), k))
+    def on_access(self, key: int, tick: int) -> None:
+        self.rank(key, tick)
+
+    def priority(self, key: int, tick: int) -> tuple:
+        return (-self.future.next_use(key, tick), -key)
 
 
 class PredictionAware(EvictionPolicy):
@@ -132,6 +199,11 @@ class PredictionAware(EvictionPolicy):
         free = [k for k in candidates if k not in self.predicted]
         return self.base.victim(free or candidates, tick)
 
+    def pick(self, resident, evictable, tick: int) -> int | None:
+        predicted = self.predicted
+        choice = self.base.pick(resident, lambda k: k not in predicted and evictable(k), tick)
+        return choice if choice is not None else self.base.pick(resident, evictable, tick)
+
 
 class ExpertCache:
     """One pool of GPU expert slots with one eviction policy."""
@@ -154,7 +226,7 @@ class ExpertCache:
     def access(self, key: int, tick: int, protected: set[int] = frozenset()) -> None:
         self.policy.on_access(key, tick)
 
-    def admit(self, key: int, tick: int, now: float, ready: float, protected: set[int],
+    def admit(self, key: int, tick: int, now: float, ready_at: float, protected: set[int],
               allow=None, prefetch: bool = False, in_flight: bool = False) -> int | None | bool:
         """Make room for key (evicting one ready, unprotected key if full) and insert it.
         `in_flight` also offers keys whose transfer has not finished (a demand load that
@@ -163,16 +235,16 @@ class ExpertCache:
         could be evicted (then nothing changed)."""
         evicted = None
         if len(self.ready) >= self.capacity:
-            candidates = [k for k, r in self.ready.items() if (in_flight or r <= now) and k not in protected]
-            if not candidates:
+            ready = self.ready
+            evicted = self.policy.pick(ready, lambda k: (in_flight or ready[k] <= now) and k not in protected, tick)
+            if evicted is None:
                 return False
-            evicted = self.policy.victim(candidates, tick)
             if allow is not None and not allow(evicted):
                 return False
             del self.ready[evicted]
             self.policy.on_evict(evicted)
             self.evictions += 1
-        self.ready[key] = ready
+        self.ready[key] = ready_at
         self.policy.on_insert(key, tick)
         return evicted
 
