@@ -63,6 +63,12 @@ class RunResult:
 
     @property
     def hit_rate(self) -> float:
+        """Needed experts that were on the GPU and ready when their layer started."""
+        return self.hits / max(self.accesses, 1)
+
+    @property
+    def covered_rate(self) -> float:
+        """Needed experts already resident or on their way (prefetched but late included)."""
         return (self.hits + self.late_hits) / max(self.accesses, 1)
 
     @property
@@ -90,7 +96,7 @@ class RunResult:
             "layer_mean_ms": float(self.layer_ms.mean()), "layer_p50_ms": float(pct(self.layer_ms, 50)),
             "layer_p95_ms": float(pct(self.layer_ms, 95)), "layer_p99_ms": float(pct(self.layer_ms, 99)),
             "tokens_per_s": self.tokens / (self.total_ms / 1e3),
-            "hit_rate": self.hit_rate, "late_hits": self.late_hits, "hits": self.hits, "misses": self.misses,
+            "hit_rate": self.hit_rate, "covered_rate": self.covered_rate, "late_hits": self.late_hits, "hits": self.hits, "misses": self.misses,
             "accesses": self.accesses, "prefetches": self.prefetches, "prefetches_used": self.prefetches_used,
             "prefetches_dropped": self.prefetches_dropped,
             "precision": self.precision, "recall": self.recall,

@@ -27,7 +27,7 @@ from .trace import load_trace
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 SIMULATED = "SIMULATED: times come from a cost model calibrated by measurement, not from running a model"
 AGGREGATED = ("ms_per_step", "step_p50_ms", "step_p95_ms", "step_p99_ms", "layer_p99_ms", "tokens_per_s",
-              "hit_rate", "precision", "recall", "bytes_moved", "peak_cache_bytes", "peak_working_set_bytes")
+              "hit_rate", "covered_rate", "precision", "recall", "bytes_moved", "peak_cache_bytes", "peak_working_set_bytes")
 
 
 def _finite(values):
@@ -189,21 +189,24 @@ def write_sweep(result: dict, out_dir: Path, trace_stem: str) -> Path:
 
 def print_sweep(result: dict, console: Console) -> None:
     model, cal = result["model"], result["calibration"]
-    table = Table(title=(f"SIMULATED {model['name']}: cache {result['cache_experts']} experts "
+    table = Table(caption="ms/step: mean over runs (one step = one token for every request in the batch); "
+                  "hit: expert ready when its layer started; covered: resident or already on its way",
+                  title=(f"SIMULATED {model['name']}: cache {result['cache_experts']} experts "
                          f"({result['cache_fraction']:.0%}, {result['cache_bytes'] / 2**30:.1f} GiB), "
                          f"expert {model['expert_bytes'] / 2**20:.1f} MiB: transfer {cal['expert_transfer_ms']:.3f} ms, "
                          f"compute {cal['expert_compute_ms_1_token']:.3f} ms/1 token ({cal['device']})"))
-    for col in ("strategy", "batch", "ms/step (95% CI)", "p99 ms", "hit rate", "speedup", "of oracle"):
-        table.add_column(col, justify="left" if col == "strategy" else "right")
+    for col in ("strategy", "batch", "ms/step", "±95%", "p99", "hit", "covered", "speedup", "of oracle"):
+        table.add_column(col, justify="left" if col == "strategy" else "right", no_wrap=True)
     for row in result["aggregates"]:
         if not row["dedup"]:
             continue
         ms = row["ms_per_step"]
         speed = row.get("speedup_vs_on_demand")
         frac = row.get("fraction_of_oracle_speedup")
-        table.add_row(row["strategy"], str(row["batch_size"]),
-                      f"{ms['mean']:.2f} ({ms['ci95_low']:.2f}-{ms['ci95_high']:.2f})",
+        table.add_row(row["strategy"], str(row["batch_size"]), f"{ms['mean']:.2f}",
+                      f"{ms['ci95_high'] - ms['mean']:.2f}",
                       f"{row['step_p99_ms']['mean']:.2f}", f"{row['hit_rate']['mean']:.3f}",
+                      f"{row['covered_rate']['mean']:.3f}",
                       f"{speed['mean']:.2f}x" if speed else "-", f"{frac['mean']:.0%}" if frac else "-")
     console.print(table)
     if result["dedup_savings"]:
