@@ -241,7 +241,8 @@ def calibrate(models, reps, out_path) -> None:
               help="Preset (switch, qwen) or E:layers:k:d_model:d_ff[:act[:dtype]]; must match the trace.")
 @click.option("--calibration", "calibration_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Cost model from `pymoe calibrate`.")
-@click.option("--strategy", "strategies", multiple=True, help="Default: all.")
+@click.option("--strategy", "strategies", multiple=True,
+              help="Repeat to choose; default: all (pre-gated only if the trace has the pre-gate signal).")
 @click.option("--batch-sizes", default="1,2,4,8,16,32,64", show_default=True)
 @click.option("--runs", type=int, default=5, show_default=True, help="Seeded request orders per configuration.")
 @click.option("--requests", type=int, default=8, show_default=True,
@@ -256,7 +257,6 @@ def simulate(trace_path, model_name, calibration_path, strategies, batch_sizes, 
              dedup, memory, out_dir) -> None:
     """SIMULATE offloaded decoding: replay a trace through every strategy and batch size."""
     from .offload.calibration import CalibrationError
-    from .offload.strategies import STRATEGIES
     from .offload.sweep import run_sweep
     from .offload.trace import TraceError
 
@@ -265,13 +265,30 @@ def simulate(trace_path, model_name, calibration_path, strategies, batch_sizes, 
     except ValueError:
         raise click.UsageError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
     try:
-        run_sweep(trace_path, model_name, calibration_path, strategies=tuple(strategies) or tuple(STRATEGIES),
+        run_sweep(trace_path, model_name, calibration_path, strategies=tuple(strategies) or None,
                   batch_sizes=sizes, runs=runs, cache_fraction=cache_fraction, requests=requests, dedup=dedup,
                   memory=memory, out_dir=out_dir)
     except (TraceError, CalibrationError) as e:
         raise click.ClickException(str(e)) from e
     except ValueError as e:
         raise click.UsageError(str(e)) from e
+
+
+
+@main.command()
+@click.option("--results", "results_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
+              show_default=True, help="Where the result files are.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Default: <results>/graphs")
+def graphs(results_dir, out_dir) -> None:
+    """Draw every figure from the result files; list the figures that lack one."""
+    from .plots import render_all
+
+    report = render_all(results_dir, out_dir)
+    for path in report.written:
+        click.echo(f"wrote {path}")
+    for name, why in report.missing:
+        click.echo(f"skipped {name}: {why}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ from click.testing import CliRunner
 
 from pymoe.cli import main
 from pymoe.offload.cache import LRU, Belady, ExpertCache, Future
-from pymoe.offload.calibration import Calibration, CalibrationError, load_calibration
+from conftest import calibration_for
+from pymoe.offload.calibration import CalibrationError, load_calibration
 from pymoe.offload.models import OffloadModel, get_model
 from pymoe.offload.simulator import cache_capacity, simulate
 from pymoe.offload.strategies import STRATEGIES, make_strategy
@@ -19,14 +20,6 @@ from pymoe.stats import compare_paired, summarize
 
 # One expert = 2 * 125 * 1000 * 4 B = 1e6 bytes; at 1 GB/s one transfer takes exactly 1 ms.
 TINY = OffloadModel("tiny", 4, 2, 1, d_model=125, d_ff=1000)
-
-
-def calibration_for(model, gbps=1.0, compute_ms=0.5, per_token_ms=0.0):
-    return Calibration({
-        "schema": "pymoe.calibration/1", "device": "test",
-        "transfer": {"pinned": {"gbps": gbps, "latency_ms": 0.0}, "pageable": {"gbps": gbps / 4, "latency_ms": 0.0}},
-        "compute": {model.shape_key(): {"tokens": [1, 1000], "median_ms": [compute_ms, compute_ms + 999 * per_token_ms]}},
-    })
 
 
 def hand_trace():

@@ -87,12 +87,19 @@ def dedup_savings(runs: list[dict]) -> list[dict]:
 
 
 def run_sweep(trace_path: Path, model_name: str, calibration_path: Path, *,
-              strategies: tuple[str, ...] = tuple(STRATEGIES), batch_sizes=BATCH_SIZES, runs: int = 5,
+              strategies: tuple[str, ...] | None = None, batch_sizes=BATCH_SIZES, runs: int = 5,
               cache_fraction: float = 0.25, requests: int = 8, dedup: str = "both",
               train_fraction: float = 0.25, memory: str = "pinned", out_dir: Path | None = Path("results"),
               command: str | None = None, console: Console | None = None) -> tuple[dict, Path | None]:
+    """Simulate every strategy (None: all that the trace supports) at every batch size."""
     console = console or Console()
     model = get_model(model_name)
+    trace = load_trace(trace_path)
+    if strategies is None:
+        strategies = tuple(name for name, cls in STRATEGIES.items() if trace.pregate is not None or not cls.needs_pregate)
+        left_out = sorted(set(STRATEGIES) - set(strategies))
+        if left_out:
+            console.print(f"{trace_path} has no pre-gate signal: leaving out {', '.join(left_out)}")
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         raise ValueError(f"unknown strategies {unknown}; choose from {sorted(STRATEGIES)}")
@@ -100,7 +107,6 @@ def run_sweep(trace_path: Path, model_name: str, calibration_path: Path, *,
         raise ValueError(f"dedup must be on, off or both, got {dedup!r}")
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
-    trace = load_trace(trace_path)
     trace.check_shape(model.num_experts, model.num_layers, model.top_k, f"model {model.name}")
     calibration = load_calibration(calibration_path)
     calibration.compute_curve(model)  # a missing shape fails here, before any run

@@ -191,6 +191,9 @@ def save_trace(trace: Trace, path: str | Path) -> Path:
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; a trace is an ordinary file
     with os.fdopen(fd, "wb") as f:
         f.write(buffer.getvalue())
     os.replace(tmp, path)

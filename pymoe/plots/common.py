@@ -1,0 +1,74 @@
+"""What every figure shares: finding result files by schema, the provenance footer, saving."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+STRATEGY_ORDER = ("on-demand", "top-k", "multi-lookahead", "intelligent", "pre-gated", "expertflow", "oracle")
+STRATEGY_STYLE = {
+    "on-demand": dict(color="#444444", marker="o", linestyle="-"),
+    "top-k": dict(color="#1f77b4", marker="s", linestyle="-"),
+    "multi-lookahead": dict(color="#17becf", marker="v", linestyle="-"),
+    "intelligent": dict(color="#2ca02c", marker="^", linestyle="-"),
+    "pre-gated": dict(color="#9467bd", marker="D", linestyle="-"),
+    "expertflow": dict(color="#ff7f0e", marker="P", linestyle="-"),
+    "oracle": dict(color="#d62728", marker="*", linestyle="--"),
+}
+
+
+@dataclass
+class Report:
+    """What `render_all` made and what it could not make (and why)."""
+
+    written: list[Path] = field(default_factory=list)
+    missing: list[tuple[str, str]] = field(default_factory=list)
+
+    def skip(self, figure: str, why: str) -> None:
+        self.missing.append((figure, why))
+
+
+def load_results(results_dir: Path, schema: str) -> list[tuple[Path, dict]]:
+    """Every JSON file under results_dir whose `schema` is the given one, oldest first."""
+    found = []
+    for path in sorted(Path(results_dir).rglob("*.json")):
+        if "graphs" in path.parts:
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(data, dict) and data.get("schema") == schema:
+            found.append((path, data))
+    return found
+
+
+def machine_label(data: dict) -> str:
+    m = data.get("machine", {})
+    gpu = m.get("gpu")
+    cpu = m.get("cpu_model", "unknown CPU")
+    return f"{gpu}" if data.get("device") == "gpu" and gpu else f"{cpu} ({m.get('logical_cpus', '?')} CPUs)"
+
+
+def footer(fig, *lines: str) -> None:
+    fig.text(0.01, 0.005, "\n".join(lines), fontsize=7, color="#555555", va="bottom", ha="left")
+
+
+def provenance_line(path: Path, data: dict) -> str:
+    commit = (data.get("commit") or "unknown")[:9]
+    dirty = " (dirty tree)" if data.get("dirty") else ""
+    return f"{path.as_posix()} | run {data.get('date', '?')[:16]} | commit {commit}{dirty}"
+
+
+def save(fig, out_dir: Path, name: str, report: Report) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / name
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    report.written.append(path)

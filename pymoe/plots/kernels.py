@@ -1,0 +1,308 @@
+"""Kernel figures, from `pymoe bench` result files (measured)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib import ticker
+
+from .common import Report, footer, load_results, machine_label, plt, provenance_line, save
+
+IMPL_STYLE = {
+    "pymoe": ("pymoe (Mojo kernels)", "#d62728"),
+    "torch_loop": ("PyTorch HF-style loop", "#1f77b4"),
+    "torch_grouped": ("PyTorch _grouped_mm", "#17becf"),
+    "max_dense": ("dense FFN in MAX", "#7f7f7f"),
+    "torch_dense": ("dense FFN in PyTorch", "#bcbd22"),
+    "max_builtin": ("MAX built-in MoE kernels", "#9467bd"),
+}
+PRESET_ORDER = ("small-decode", "medium-decode", "large-decode", "small", "medium", "large")
+
+
+def latest_runs(results_dir: Path) -> dict[str, list[tuple[dict, Path, dict]]]:
+    """device -> [(run, path, file)] with the newest run per preset, in preset order."""
+    newest: dict[tuple[str, str], tuple[dict, Path, dict]] = {}
+    for path, data in load_results(results_dir, "pymoe.bench/1"):
+        for run in data["runs"]:
+            newest[(data["device"], run["preset"])] = (run, path, data)
+    out: dict[str, list] = {}
+    for (device, preset), item in newest.items():
+        out.setdefault(device, []).append(item)
+    for device in out:
+        out[device].sort(key=lambda it: PRESET_ORDER.index(it[0]["preset"]) if it[0]["preset"] in PRESET_ORDER else 99)
+    return dict(sorted(out.items()))
+
+
+def _row(run: dict, name: str) -> dict | None:
+    return next((r for r in run["rows"] if r["name"] == name and r["status"] == "ok"), None)
+
+
+def _footer_for(fig, items) -> None:
+    files = {}
+    for _, path, data in items:
+        files[path] = data
+    lines = [f"measured: {machine_label(d)}, {d['dtype']} | " + provenance_line(p, d) for p, d in files.items()]
+    footer(fig, *lines)
+
+
+def _device_title(device: str, items) -> str:
+    data = items[0][2]
+    return f"{device.upper()}: {machine_label(data)}, {data['dtype']}"
+
+
+def render_kernels(results_dir: Path, out_dir: Path, report: Report) -> None:
+    runs = latest_runs(results_dir)
+    if not runs:
+        for name in ("moe_performance_gains.png", "moe_throughput_comparison.png", "efficiency_comparison.png",
+                     "flop_reduction.png", "industry_comparison.png", "moe_dashboard.png"):
+            report.skip(name, "no pymoe bench result file (results/bench/*/*.json)")
+    else:
+        _gains(runs, out_dir, report)
+        _throughput(runs, out_dir, report)
+        _efficiency(runs, out_dir, report)
+        _flop_reduction(runs, out_dir, report)
+        _industry(runs, out_dir, report)
+        _dashboard(runs, results_dir, out_dir, report)
+    report.skip("scaling_analysis.png", "needs a token-count sweep (pymoe bench --tokens N at several N for one "
+                "preset); no such result files yet")
+
+
+def _log_y(ax) -> None:
+    """Log scale with plain numbers (0.1, 1, 4) instead of powers of ten."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+
+
+def _panels(runs, height=5.4):
+    fig, axes = plt.subplots(1, len(runs), figsize=(max(10.0, 6.6 * len(runs)), height), squeeze=False)
+    return fig, axes[0]
+
+
+def _gains(runs, out_dir, report):
+    fig, axes = _panels(runs)
+    for ax, (device, items) in zip(axes, runs.items()):
+        presets = [run["preset"] for run, _, _ in items]
+        baselines = [n for n in IMPL_STYLE if n not in ("pymoe", "max_builtin")]
+        width = 0.8 / len(baselines)
+        for i, name in enumerate(baselines):
+            vals = []
+            for run, _, _ in items:
+                ours, other = _row(run, "pymoe"), _row(run, name)
+                vals.append(other["median_s"] / ours["median_s"] if ours and other else np.nan)
+            label, color = IMPL_STYLE[name]
+            bars = ax.bar(np.arange(len(presets)) + (i - (len(baselines) - 1) / 2) * width, vals, width,
+                          label=f"vs {label}", color=color)
+            ax.bar_label(bars, labels=[f"{v:.2g}x" if np.isfinite(v) else "" for v in vals], fontsize=6)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        _log_y(ax)
+        ax.set_xticks(np.arange(len(presets)), presets)
+        ax.set_ylabel("baseline time / pymoe time")
+        ax.set_title(_device_title(device, items), fontsize=9)
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Speedup of pymoe's MoE layer over each baseline, side by side in one run "
+                 "(median times; below 1: pymoe is slower)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.1, 1, 0.95))
+    _footer_for(fig, [it for items in runs.values() for it in items])
+    save(fig, out_dir, "moe_performance_gains.png", report)
+
+
+def _bars_per_impl(ax, items, value, ylabel):
+    presets = [run["preset"] for run, _, _ in items]
+    names = list(IMPL_STYLE)
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        vals = [value(run, _row(run, name)) if _row(run, name) else np.nan for run, _, _ in items]
+        label, color = IMPL_STYLE[name]
+        x = np.arange(len(presets)) + (i - (len(names) - 1) / 2) * width
+        ax.bar(x, vals, width, label=label, color=color)
+        for xi, run in zip(x, (run for run, _, _ in items)):
+            row = next((r for r in run["rows"] if r["name"] == name), None)
+            if row is not None and row["status"] != "ok":
+                ax.text(xi, ax.get_ylim()[0] if ax.get_yscale() == "log" else 0, " failed", rotation=90,
+                        fontsize=6, va="bottom", ha="center", color=color)
+    ax.set_xticks(np.arange(len(presets)), presets)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+
+
+def _throughput(runs, out_dir, report):
+    fig, axes = _panels(runs)
+    for ax, (device, items) in zip(axes, runs.items()):
+        _log_y(ax)
+        _bars_per_impl(ax, items, lambda run, row: run["tokens"] / row["median_s"], "tokens per second")
+        ax.set_title(_device_title(device, items), fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle("Throughput of one MoE layer (E=8, top-2) and the dense FFN of equal parameters", fontsize=11)
+    fig.tight_layout(rect=(0, 0.1, 1, 0.95))
+    _footer_for(fig, [it for items in runs.values() for it in items])
+    save(fig, out_dir, "moe_throughput_comparison.png", report)
+
+
+def _industry(runs, out_dir, report):
+    fig, axes = _panels(runs)
+    for ax, (device, items) in zip(axes, runs.items()):
+        _bars_per_impl(ax, items, lambda run, row: row["pct_of_floor"], "% of the roofline floor reached")
+        ax.set_ylim(0, 100)
+        ax.set_title(_device_title(device, items) + " (floor: max(FLOPs/peak, weight bytes/bandwidth))",
+                     fontsize=8)
+        ax.legend(fontsize=7)
+    fig.suptitle("Every implementation measured side by side: fraction of the machine's limit "
+                 "(MAX built-in MoE: failed to compile, recorded)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.1, 1, 0.95))
+    _footer_for(fig, [it for items in runs.values() for it in items])
+    save(fig, out_dir, "industry_comparison.png", report)
+
+
+def _efficiency(runs, out_dir, report):
+    fig, axes = plt.subplots(len(runs), 3, figsize=(14, 3.8 * len(runs)), squeeze=False)
+    for i, (device, items) in enumerate(runs.items()):
+        presets = [run["preset"] for run, _, _ in items]
+        x = np.arange(len(presets))
+        moe = [_row(run, "pymoe") for run, _, _ in items]
+        dense = [_row(run, "max_dense") for run, _, _ in items]
+        panels = (("median time (s)", lambda r, run: r["median_s"]),
+                  ("FLOPs", lambda r, run: r["flops"]),
+                  ("weight bytes read", lambda r, run: r["weight_bytes"]))
+        for ax, (label, get) in zip(axes[i], panels):
+            ax.bar(x - 0.2, [get(r, run) if r else np.nan for r, (run, _, _) in zip(moe, items)], 0.4,
+                   label="MoE (pymoe)", color="#d62728")
+            ax.bar(x + 0.2, [get(r, run) if r else np.nan for r, (run, _, _) in zip(dense, items)], 0.4,
+                   label="dense FFN, same parameters (MAX)", color="#7f7f7f")
+            ax.set_yscale("log")
+            ax.set_xticks(x, presets, fontsize=8)
+            ax.set_title(f"{device.upper()}: {label}", fontsize=9)
+            ax.grid(True, axis="y", which="both", alpha=0.3)
+        axes[i][0].legend(fontsize=7)
+    fig.suptitle("Dense vs MoE: the MoE layer does 1/4 of the FLOPs (top-2 of 8); decode reads the "
+                 "same weights when every expert is used", fontsize=10)
+    fig.tight_layout(rect=(0, 0.1, 1, 0.95))
+    _footer_for(fig, [it for items in runs.values() for it in items])
+    save(fig, out_dir, "efficiency_comparison.png", report)
+
+
+def _flop_reduction(runs, out_dir, report):
+    fig, axes = _panels(runs)
+    for ax, (device, items) in zip(axes, runs.items()):
+        presets = [run["preset"] for run, _, _ in items]
+        x = np.arange(len(presets))
+        theory = [run["work"]["dense"]["flops"] / run["work"]["moe"]["flops"] for run, _, _ in items]
+        ax.bar(x - 0.27, theory, 0.27, label="FLOP reduction (dense FLOPs / MoE FLOPs)", color="#cccccc")
+        for k, (dense, label, color) in enumerate((("max_dense", "measured: MAX dense time / pymoe time", "#d62728"),
+                                                   ("torch_dense", "measured: PyTorch dense time / PyTorch "
+                                                    "grouped MoE time", "#17becf"))):
+            moe_name = "pymoe" if dense == "max_dense" else "torch_grouped"
+            vals = []
+            for run, _, _ in items:
+                d, m = _row(run, dense), _row(run, moe_name)
+                vals.append(d["median_s"] / m["median_s"] if d and m else np.nan)
+            ax.bar(x + k * 0.27, vals, 0.27, label=label, color=color)
+        ax.axhline(1, color="black", linewidth=0.8)
+        _log_y(ax)
+        ax.set_xticks(x, presets)
+        ax.set_ylabel("ratio")
+        ax.set_title(_device_title(device, items), fontsize=9)
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Theoretical vs measured gain of sparsity over the dense FFN of equal parameters", fontsize=11)
+    fig.tight_layout(rect=(0, 0.1, 1, 0.95))
+    _footer_for(fig, [it for items in runs.values() for it in items])
+    save(fig, out_dir, "flop_reduction.png", report)
+
+
+def _dashboard(runs, results_dir: Path, out_dir, report):
+    from .offload import latest_sweeps
+
+    fig = plt.figure(figsize=(15, 10))
+    grid = fig.add_gridspec(2, 2)
+    used = [it for items in runs.values() for it in items]
+    ax = fig.add_subplot(grid[0, 0])
+    labels, values, colors = [], [], []
+    for device, items in runs.items():
+        for run, _, _ in items:
+            ours = _row(run, "pymoe")
+            best = min((r for r in run["rows"] if r["status"] == "ok" and r["kind"] == "moe" and r["name"] != "pymoe"),
+                       key=lambda r: r["median_s"], default=None)
+            if ours and best:
+                labels.append(f"{device}\n{run['preset']}")
+                values.append(best["median_s"] / ours["median_s"])
+                colors.append("#2ca02c" if values[-1] >= 1 else "#d62728")
+    ax.bar(labels, values, color=colors)
+    ax.axhline(1, color="black", linewidth=0.8)
+    _log_y(ax)
+    ax.set_ylabel("speedup over the best PyTorch MoE")
+    ax.set_title("pymoe vs the best PyTorch MoE in the same run (red: pymoe slower)", fontsize=9)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+
+    ax = fig.add_subplot(grid[0, 1])
+    labels, values = [], []
+    for device, items in runs.items():
+        for run, _, _ in items:
+            ours = _row(run, "pymoe")
+            if ours:
+                labels.append(f"{device}\n{run['preset']}")
+                values.append(ours["pct_of_floor"])
+    ax.bar(labels, values, color="#d62728")
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("% of roofline floor")
+    ax.set_title("pymoe: fraction of the machine's limit", fontsize=9)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.grid(True, axis="y", alpha=0.3)
+
+    ax = fig.add_subplot(grid[1, 0])
+    ablations = load_results(results_dir, "pymoe.ablation/1")
+    if ablations:
+        path, data = ablations[-1]
+        used_ablation = (path, data)
+        ops = [c for c in data["ablation"] if c.get("status") == "ok"]
+        names = sorted({c["op"] for c in ops}, key=[c["op"] for c in ops].index)
+        rungs = ["scalar", "simd", "specialized", "pooled"]
+        for i, rung in enumerate(rungs):
+            vals = []
+            for op in names:
+                scalar = next((c for c in ops if c["op"] == op and c["rung"] == "scalar" and c.get("median_s")), None)
+                case = next((c for c in ops if c["op"] == op and c["rung"] == rung and c.get("median_s")), None)
+                vals.append(scalar["median_s"] / case["median_s"] if scalar and case else np.nan)
+            ax.bar(np.arange(len(names)) + (i - 1.5) * 0.2, vals, 0.2, label=rung)
+        _log_y(ax)
+        ax.set_xticks(np.arange(len(names)), names, fontsize=8)
+        ax.set_ylabel("speedup over the scalar rung")
+        ax.set_title("CPU ablation: SIMD, compile-time specialisation, buffer pool", fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+    else:
+        used_ablation = None
+        ax.text(0.5, 0.5, "no ablation result file", ha="center")
+
+    ax = fig.add_subplot(grid[1, 1])
+    sweeps = latest_sweeps(results_dir)
+    combos = [(model, batch) for model in sweeps for batch in (1, 16)]
+    strategies = [s for s in ("top-k", "multi-lookahead", "intelligent", "pre-gated", "expertflow", "oracle")]
+    width = 0.8 / max(len(combos), 1)
+    for i, (model, batch) in enumerate(combos):
+        rows = {r["strategy"]: r for r in sweeps[model][1]["aggregates"]
+                if r["dedup"] and r["batch_size"] == batch and "speedup_vs_on_demand" in r}
+        ax.bar(np.arange(len(strategies)) + (i - (len(combos) - 1) / 2) * width,
+               [rows[s]["speedup_vs_on_demand"]["mean"] if s in rows else np.nan for s in strategies], width,
+               label=f"{model}, batch {batch}")
+    if sweeps:
+        ax.axhline(1, color="black", linewidth=0.8)
+        ax.set_xticks(np.arange(len(strategies)), strategies, fontsize=8)
+        ax.set_ylabel("SIMULATED speedup over On-Demand")
+        ax.set_title("Offloading (SIMULATED, H100-calibrated): strategies vs On-Demand, cache 25%", fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(True, axis="y", alpha=0.3)
+    else:
+        ax.text(0.5, 0.5, "no offloading result file", ha="center")
+    fig.suptitle("pymoe at a glance (every bar from a result file; see the footer)", fontsize=12)
+    fig.tight_layout(rect=(0, 0.1, 1, 0.96))
+    lines = [f"measured: {machine_label(d)}, {d['dtype']} | {provenance_line(p, d)}"
+             for p, d in {p: d for _, p, d in used}.items()]
+    if used_ablation:
+        lines.append("ablation: " + provenance_line(*used_ablation))
+    lines += ["SIMULATED: " + provenance_line(p, d) for p, d in sweeps.values()]
+    footer(fig, *lines)
+    save(fig, out_dir, "moe_dashboard.png", report)

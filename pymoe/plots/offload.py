@@ -1,0 +1,254 @@
+"""Offloading figures, from `pymoe simulate` result files (all SIMULATED, labelled so) and the
+trained model's training logs (measured)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .common import STRATEGY_ORDER, STRATEGY_STYLE, Report, footer, load_results, plt, provenance_line, save
+
+
+def latest_sweeps(results_dir: Path, cache_fraction: float = 0.25) -> dict[str, tuple[Path, dict]]:
+    """The newest sweep per model at the given cache fraction, model name -> (path, data)."""
+    newest = {}
+    for path, data in load_results(results_dir, "pymoe.offload-sim/1"):
+        if abs(data["cache_fraction"] - cache_fraction) < 1e-9:
+            newest[data["model"]["name"]] = (path, data)
+    return dict(sorted(newest.items(), key=lambda kv: kv[0] != "switch"))
+
+
+def _rows(data: dict, dedup: bool = True) -> dict[str, list[dict]]:
+    by = {}
+    for row in data["aggregates"]:
+        if row["dedup"] == dedup:
+            by.setdefault(row["strategy"], []).append(row)
+    return {s: sorted(by[s], key=lambda r: r["batch_size"]) for s in STRATEGY_ORDER if s in by} | \
+        {s: rows for s, rows in by.items() if s not in STRATEGY_ORDER}
+
+
+def _sim_title(data: dict) -> str:
+    m = data["model"]
+    return (f"{m['name']}: {m['num_experts']} experts x {m['num_layers']} layers, top-{m['top_k']}, "
+            f"{m['expert_bytes'] / 2**20:.1f} MiB/expert; cache {data['cache_fraction']:.0%} "
+            f"({data['cache_bytes'] / 2**30:.1f} GiB)")
+
+
+def _sim_footer(fig, sweeps) -> None:
+    lines = ["SIMULATED: cost model calibrated by measurement on "
+             + ", ".join(sorted({d['calibration']['device'] for _, d in sweeps})) + "; expert FFN time only "
+             "(attention not modelled)", "traces: " + ", ".join(sorted({Path(d['trace']['path']).name for _, d in sweeps}))]
+    lines += [provenance_line(p, d) for p, d in sweeps]
+    footer(fig, *lines)
+
+
+def _per_strategy(results_dir, out_dir, report, name, metric, ylabel, *, log_y=False, scale=1.0, ci=True,
+                  ylim=None, reference=None):
+    sweeps = latest_sweeps(results_dir)
+    if not sweeps:
+        report.skip(name, "no pymoe simulate result file (results/offload/*-simulated-*.json)")
+        return
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(max(10.0, 6.4 * len(sweeps)), 5.0), squeeze=False)
+    for ax, (_, (path, data)) in zip(axes[0], sweeps.items()):
+        for strategy, rows in _rows(data).items():
+            if rows[0].get(metric) is None:
+                continue
+            b = [r["batch_size"] for r in rows]
+            mean = np.array([r[metric]["mean"] for r in rows]) * scale
+            style = STRATEGY_STYLE.get(strategy, {})
+            if ci and all("ci95_low" in r[metric] for r in rows):
+                lo = mean - np.array([r[metric]["ci95_low"] for r in rows]) * scale
+                hi = np.array([r[metric]["ci95_high"] for r in rows]) * scale - mean
+                ax.errorbar(b, mean, yerr=[lo, hi], label=strategy, capsize=2, markersize=5, **style)
+            else:
+                ax.plot(b, mean, label=strategy, markersize=5, **style)
+        if reference:
+            reference(ax, data)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([1, 2, 4, 8, 16, 32, 64], labels=["1", "2", "4", "8", "16", "32", "64"])
+        if log_y:
+            ax.set_yscale("log")
+        if ylim:
+            ax.set_ylim(*ylim)
+        ax.set_xlabel("batch size (requests decoding together)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(_sim_title(data), fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"SIMULATED: {ylabel.split(' (')[0]} by batch size (mean of "
+                 f"{next(iter(sweeps.values()))[1]['runs_per_config']} seeded runs, 95% CI)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.97))
+    _sim_footer(fig, list(sweeps.values()))
+    save(fig, out_dir, name, report)
+
+
+def _compute_floor(ax, data):
+    """Per-step expert compute with every expert resident: what no strategy can beat."""
+    rows = _rows(data)["on-demand"]
+    b = [r["batch_size"] for r in rows]
+    ax.plot(b, [np.nan] * len(b))  # keep colours aligned
+    runs = [r for r in data["runs"] if r["strategy"] == "on-demand" and r["dedup"]]
+    floor = [np.mean([r["compute_only_ms"] / r["steps"] for r in runs if r["batch_size"] == x]) for x in b]
+    ax.plot(b, floor, color="black", linestyle=":", label="all experts on GPU (compute only)")
+
+
+def render_offload(results_dir: Path, out_dir: Path, report: Report) -> None:
+    _per_strategy(results_dir, out_dir, report, "offload_latency_vs_batch.png", "ms_per_step",
+                  "ms per decode step", log_y=True, reference=_compute_floor)
+    _per_strategy(results_dir, out_dir, report, "offload_hit_rate_vs_batch.png", "hit_rate",
+                  "cache hit rate (expert ready when its layer starts)", ylim=(0, 1.02))
+    _per_strategy(results_dir, out_dir, report, "offload_speedup.png", "speedup_vs_on_demand",
+                  "speedup over On-Demand (same cache)", log_y=True)
+    _per_strategy(results_dir, out_dir, report, "offload_scalability.png", "tokens_per_s",
+                  "throughput (tokens/s)", log_y=True)
+    _tail_latency(results_dir, out_dir, report)
+    _dedup(results_dir, out_dir, report)
+    _pareto(results_dir, out_dir, report)
+    _load_balancing(results_dir, out_dir, report)
+    report.skip("offload_simulated_vs_measured.png",
+                "needs the real GPU engine's measurements (offloading part 2); none in results/offload yet")
+
+
+def _tail_latency(results_dir, out_dir, report):
+    name = "offload_tail_latency.png"
+    sweeps = latest_sweeps(results_dir)
+    if not sweeps:
+        report.skip(name, "no pymoe simulate result file")
+        return
+    batches = (1, 16)
+    fig, axes = plt.subplots(len(sweeps), len(batches), figsize=(12, 3.6 * len(sweeps)), squeeze=False)
+    for i, (_, (path, data)) in enumerate(sweeps.items()):
+        rows = _rows(data)
+        for j, batch in enumerate(batches):
+            ax = axes[i][j]
+            names = [s for s in rows if any(r["batch_size"] == batch for r in rows[s])]
+            x = np.arange(len(names))
+            for k, (pct, shade) in enumerate((("p50", 0.35), ("p95", 0.65), ("p99", 1.0))):
+                vals = [next(r for r in rows[s] if r["batch_size"] == batch)[f"step_{pct}_ms"]["mean"] for s in names]
+                ax.bar(x + (k - 1) * 0.27, vals, 0.27, label=pct.upper(), color=(0.12, 0.47, 0.71, shade))
+            ax.set_xticks(x, names, rotation=20, fontsize=8)
+            ax.set_ylabel("ms per decode step")
+            ax.set_title(f"{data['model']['name']}, batch {batch}", fontsize=9)
+            ax.grid(True, axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("SIMULATED: step latency percentiles (mean over seeded runs)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.97))
+    _sim_footer(fig, list(sweeps.values()))
+    save(fig, out_dir, name, report)
+
+
+def _dedup(results_dir, out_dir, report):
+    name = "offload_dedup_savings.png"
+    sweeps = latest_sweeps(results_dir)
+    if not sweeps or not any(d["dedup_savings"] and "bandwidth_savings" in d["dedup_savings"][0]
+                             for _, d in sweeps.values()):
+        report.skip(name, "no sweep with --dedup both")
+        return
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(max(10.0, 6.4 * len(sweeps)), 4.6), squeeze=False)
+    for ax, (_, (path, data)) in zip(axes[0], sweeps.items()):
+        rows = data["dedup_savings"]
+        b = [r["batch_size"] for r in rows]
+        for key, label, style in (("expert_reuse", "expert requests served by another request's copy", "o-"),
+                                  ("bandwidth_savings", "host->GPU bytes saved", "s-"),
+                                  ("memory_savings", "peak working-set memory saved", "^-")):
+            if key in rows[0]:
+                ax.plot(b, [100 * r[key]["mean"] for r in rows], style, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(b, [str(x) for x in b])
+        ax.set_ylim(0, 100)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("% saved by deduplicating experts across the batch")
+        ax.set_title(_sim_title(data), fontsize=9)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("SIMULATED: batch deduplication (On-Demand, with vs without; mean of seeded runs)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
+    _sim_footer(fig, list(sweeps.values()))
+    save(fig, out_dir, name, report)
+
+
+def _pareto(results_dir, out_dir, report):
+    name = "offload_pareto.png"
+    by_model = {}
+    for path, data in load_results(results_dir, "pymoe.offload-sim/1"):
+        by_model.setdefault(data["model"]["name"], {})[data["cache_fraction"]] = (path, data)
+    usable = {m: v for m, v in by_model.items() if len(v) >= 2}
+    if not usable:
+        report.skip(name, "needs sweeps at two or more --cache-fraction values for one model")
+        return
+    fig, axes = plt.subplots(1, len(usable), figsize=(6.2 * len(usable), 4.6), squeeze=False)
+    used = []
+    for ax, (model, fractions) in zip(axes[0], sorted(usable.items())):
+        for batch in (1, 16):
+            for strategy in STRATEGY_ORDER:
+                pts = []
+                for frac, (path, data) in sorted(fractions.items()):
+                    row = next((r for r in data["aggregates"] if r["strategy"] == strategy and r["dedup"]
+                                and r["batch_size"] == batch and "speedup_vs_on_demand" in r), None)
+                    base = next((r for r in data["aggregates"] if r["strategy"] == "on-demand" and r["dedup"]
+                                 and r["batch_size"] == batch), None)
+                    if row and base:
+                        pts.append((data["cache_bytes"] / 2**30, row["ms_per_step"]["mean"]))
+                if pts:
+                    style = dict(STRATEGY_STYLE.get(strategy, {}))
+                    style["linestyle"] = "-" if batch == 1 else ":"
+                    ax.plot(*zip(*pts), label=f"{strategy}, batch {batch}", markersize=4, **style)
+        used += list(fractions.values())
+        ax.set_yscale("log")
+        ax.set_xlabel("GPU expert cache (GiB)")
+        ax.set_ylabel("ms per decode step (lower is better)")
+        ax.set_title(f"{model}: latency vs cache memory", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=6, ncol=2)
+    fig.suptitle("SIMULATED: latency-memory trade-off by strategy", fontsize=11)
+    fig.tight_layout(rect=(0, 0.09, 1, 0.96))
+    _sim_footer(fig, used)
+    save(fig, out_dir, name, report)
+
+
+def _load_balancing(results_dir, out_dir, report):
+    name = "load_balancing.png"
+    logs = load_results(results_dir, "pymoe.lm-training/1")
+    by_preset = {}
+    for path, data in logs:
+        by_preset.setdefault(data["preset"], {})[data["config"]["aux_loss_coef"] > 0] = (path, data)
+    pairs = {p: v for p, v in by_preset.items() if True in v and False in v}
+    if not pairs:
+        report.skip(name, "needs training logs with and without the auxiliary loss (pymoe trace lm [--no-aux-loss])")
+        return
+    fig, axes = plt.subplots(2, len(pairs), figsize=(6.2 * len(pairs), 7.2), squeeze=False)
+    used = []
+    for j, (preset, runs) in enumerate(sorted(pairs.items())):
+        for aux, (path, data) in sorted(runs.items(), reverse=True):
+            used.append((path, data))
+            cps = data["checkpoints"]
+            steps = [c["step"] for c in cps]
+            label = "with Switch aux loss (0.01)" if aux else "without aux loss"
+            color = "#2ca02c" if aux else "#d62728"
+            axes[0][j].plot(steps, [c["balance"] for c in cps], color=color, label=f"{label}: balance")
+            axes[0][j].plot(steps, [c["max_share"] for c in cps], color=color, linestyle="--",
+                            label=f"{label}: busiest expert's share")
+            axes[0][j].plot(steps, [c["dead_fraction"] for c in cps], color=color, linestyle=":",
+                            label=f"{label}: experts with no token")
+            final = np.array(cps[-1]["tokens_per_expert"], dtype=float)
+            share = np.sort(final / final.sum(axis=1, keepdims=True), axis=1)[:, ::-1].mean(axis=0)
+            axes[1][j].bar(np.arange(len(share)) + (0 if aux else 0.45), 100 * share, 0.45, color=color, label=label)
+        e = data["config"]["num_experts"]
+        axes[0][j].set_title(f"{preset} ({e} experts, {data['config']['num_layers']} layers, "
+                             f"top-{data['config']['top_k']}): utilization over training", fontsize=9)
+        axes[0][j].set_xlabel("training step")
+        axes[0][j].set_ylabel("fraction (mean over layers)")
+        axes[0][j].set_ylim(0, 1)
+        axes[0][j].grid(True, alpha=0.3)
+        axes[0][j].legend(fontsize=6)
+        axes[1][j].axhline(100 / e, color="black", linestyle=":", label="uniform")
+        axes[1][j].set_yscale("log")
+        axes[1][j].set_xlabel("expert rank (busiest first), last 25 steps")
+        axes[1][j].set_ylabel("% of routed tokens")
+        axes[1][j].legend(fontsize=7)
+        axes[1][j].grid(True, axis="y", alpha=0.3)
+    fig.suptitle("Load balancing in pymoe's trained MoE LM (measured; balance = exp(entropy)/E)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.97))
+    footer(fig, *[provenance_line(p, d) for p, d in used])
+    save(fig, out_dir, name, report)
