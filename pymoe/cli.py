@@ -251,10 +251,13 @@ def calibrate(models, reps, out_path) -> None:
               help="GPU cache size as a fraction of all experts.")
 @click.option("--dedup", type=click.Choice(["on", "off", "both"]), default="both", show_default=True)
 @click.option("--memory", type=click.Choice(["pinned", "pageable"]), default="pinned", show_default=True)
+@click.option("--eviction", "evictions", multiple=True, type=click.Choice(["lru", "lfu", "belady", "tiered"]),
+              help="Run every strategy once per eviction policy given (default: each strategy's own); "
+                   "tiered = L1/L2/L3 split of the same budget.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
               show_default=True)
 def simulate(trace_path, model_name, calibration_path, strategies, batch_sizes, runs, requests, cache_fraction,
-             dedup, memory, out_dir) -> None:
+             dedup, memory, evictions, out_dir) -> None:
     """SIMULATE offloaded decoding: replay a trace through every strategy and batch size."""
     from .offload.calibration import CalibrationError
     from .offload.sweep import run_sweep
@@ -267,7 +270,7 @@ def simulate(trace_path, model_name, calibration_path, strategies, batch_sizes, 
     try:
         run_sweep(trace_path, model_name, calibration_path, strategies=tuple(strategies) or None,
                   batch_sizes=sizes, runs=runs, cache_fraction=cache_fraction, requests=requests, dedup=dedup,
-                  memory=memory, out_dir=out_dir)
+                  memory=memory, evictions=tuple(evictions) or None, out_dir=out_dir)
     except (TraceError, CalibrationError) as e:
         raise click.ClickException(str(e)) from e
     except ValueError as e:

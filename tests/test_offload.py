@@ -261,6 +261,24 @@ def test_cli_synthetic_trace_then_simulate(tmp_path):
     assert all(a["fraction_of_oracle_speedup"]["mean"] == pytest.approx(1.0) for a in oracle)
 
 
+def test_cli_eviction_variants(tmp_path):
+    shape = "8:3:1:125:1000"
+    cal = tmp_path / "cal.json"
+    cal.write_text(json.dumps(calibration_for(get_model(shape)).data))
+    trace = save_trace(generate(get_model(shape), SyntheticParams(), requests=8, tokens=5), tmp_path / "t.npz")
+    r = CliRunner().invoke(main, ["simulate", "--trace", str(trace), "--model", shape, "--calibration", str(cal),
+                                  "--strategy", "on-demand", "--eviction", "lru", "--eviction", "belady",
+                                  "--eviction", "tiered", "--batch-sizes", "1", "--runs", "2", "--dedup", "on",
+                                  "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    result = json.loads(next((tmp_path / "offload").glob("*-evictions.json")).read_text())
+    assert result["strategies"] == ["on-demand", "on-demand[belady]", "on-demand[tiered]"]
+    misses = {}
+    for run in result["runs"]:
+        misses.setdefault(run["strategy"], []).append(run["misses"])
+    assert sum(misses["on-demand[belady]"]) <= min(sum(m) for m in misses.values())
+
+
 def test_cli_reports_bad_traces_without_a_traceback(tmp_path):
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"junk")

@@ -97,3 +97,14 @@ def test_lm_shapes_match_the_presets():
     assert MoELM(LMConfig(4, 1, 1, False, d_model=8, d_ff=8, n_heads=2, seq_len=4))(torch.zeros(1, 4, dtype=torch.long))[0].shape == (1, 4, 256)
     with pytest.raises(ValueError, match="top_k"):
         LMConfig(4, 1, 5, False)
+
+
+def test_cli_trace_lm_writes_trace_and_training_log(tmp_path):
+    r = CliRunner().invoke(main, ["trace", "lm", "--preset", "switch", "--steps", "2", "--requests", "3",
+                                  "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    t = load_trace(tmp_path / "lm-switch-aux.npz")
+    assert (t.num_experts, t.num_layers, t.top_k, t.num_requests) == (128, 12, 1, 3)
+    import json
+    log = json.loads((tmp_path / "lm-switch-aux.training.json").read_text())
+    assert log["schema"] == "pymoe.lm-training/1" and log["checkpoints"][-1]["step"] == 2

@@ -89,9 +89,11 @@ def dedup_savings(runs: list[dict]) -> list[dict]:
 def run_sweep(trace_path: Path, model_name: str, calibration_path: Path, *,
               strategies: tuple[str, ...] | None = None, batch_sizes=BATCH_SIZES, runs: int = 5,
               cache_fraction: float = 0.25, requests: int = 8, dedup: str = "both",
-              train_fraction: float = 0.25, memory: str = "pinned", out_dir: Path | None = Path("results"),
+              train_fraction: float = 0.25, memory: str = "pinned", evictions: tuple[str, ...] | None = None,
+              out_dir: Path | None = Path("results"),
               command: str | None = None, console: Console | None = None) -> tuple[dict, Path | None]:
-    """Simulate every strategy (None: all that the trace supports) at every batch size."""
+    """Simulate every strategy (None: all that the trace supports) at every batch size;
+    `evictions` runs each strategy once per eviction policy instead of with its own."""
     console = console or Console()
     model = get_model(model_name)
     trace = load_trace(trace_path)
@@ -122,11 +124,12 @@ def run_sweep(trace_path: Path, model_name: str, calibration_path: Path, *,
     modes = {"on": (True,), "off": (False,), "both": (True, False)}[dedup]
     fitted = {}
     for name in strategies:
-        strategy = make_strategy(name)
-        if strategy.needs_pregate and trace.pregate is None:
-            raise ValueError(f"strategy {name} needs the pre-gate signal; {trace_path} has none")
-        strategy.fit(profile)
-        fitted[name] = strategy
+        for eviction in evictions or (None,):
+            strategy = make_strategy(name, eviction)
+            if strategy.needs_pregate and trace.pregate is None:
+                raise ValueError(f"strategy {name} needs the pre-gate signal; {trace_path} has none")
+            strategy.fit(profile)
+            fitted[strategy.label] = strategy
     result = {
         "schema": "pymoe.offload-sim/1",
         "simulated": SIMULATED,
@@ -141,17 +144,17 @@ def run_sweep(trace_path: Path, model_name: str, calibration_path: Path, *,
                         "expert_compute_ms_1_token": calibration.compute_curve(model)(1)},
         "memory": memory, "cache_fraction": cache_fraction, "cache_experts": capacity,
         "cache_bytes": capacity * model.expert_bytes, "requests_per_run": requests, "runs_per_config": runs,
-        "batch_sizes": list(batch_sizes), "strategies": list(strategies), "runs": [],
+        "batch_sizes": list(batch_sizes), "strategies": list(fitted), "runs": [],
     }
     start = time.perf_counter()
-    total = len(batch_sizes) * runs * len(strategies) * len(modes)
+    total = len(batch_sizes) * runs * len(fitted) * len(modes)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console) as bar:
         task = bar.add_task("simulating", total=total)
         for batch in batch_sizes:
             for seed in range(runs):
                 for mode in modes:
-                    for name in strategies:
+                    for name in fitted:
                         bar.update(task, description=f"{model.name} batch {batch} run {seed} {name}"
                                    f"{'' if mode else ' (no dedup)'}")
                         run = simulate(evaluation, model, fitted[name], calibration, capacity=capacity,
@@ -175,7 +178,8 @@ def write_sweep(result: dict, out_dir: Path, trace_stem: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     cache = int(round(result["cache_fraction"] * 100))
-    path = folder / f"{stamp}-simulated-{result['model']['name']}-{trace_stem}-cache{cache}.json"
+    policies = "-evictions" if any("[" in name for name in result["strategies"]) else ""
+    path = folder / f"{stamp}-simulated-{result['model']['name']}-{trace_stem}-cache{cache}{policies}.json"
     path.write_text(json.dumps(result, indent=1))
     with path.with_suffix(".csv").open("w", newline="") as f:
         writer = csv.writer(f)
