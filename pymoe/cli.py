@@ -235,6 +235,33 @@ def calibrate(models, reps, out_path) -> None:
     click.echo(f"wrote {out_path}")
 
 
+
+@main.command()
+@click.option("--model", "models", multiple=True, default=("switch", "qwen"), show_default=True,
+              help="Expert shapes (presets or E:layers:k:d_model:d_ff[:act[:dtype]]).")
+@click.option("--reps", type=int, default=20, show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
+              show_default=True)
+@click.option("--calibration-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where the simulator's calibration goes (default results/offload/calibration-<device>.json).")
+def transfer(models, reps, out_dir, calibration_out) -> None:
+    """Benchmark expert transfers (pinned / pageable host->GPU, GPU->GPU, fresh allocation vs
+    slot pool; 1 and 10 experts, 1-256 MiB) and compute vs transfer; write the calibration."""
+    import sys
+
+    from .offload.models import get_model
+    from .offload.transfer import run_transfer
+
+    if reps < 2:
+        raise click.UsageError("--reps must be >= 2")
+    try:
+        shapes = [get_model(m) for m in models]
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    run_transfer(shapes, reps=reps, out_dir=out_dir, calibration_out=calibration_out,
+                 command=" ".join(["pymoe", *sys.argv[1:]]))
+
+
 @main.command()
 @click.option("--trace", "trace_path", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.option("--model", "model_name", required=True,

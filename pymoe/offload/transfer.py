@@ -1,0 +1,228 @@
+"""`pymoe transfer`: how fast experts move, and how that compares with computing them.
+
+Measured with PyTorch on the GPU: host->GPU copies from pinned and from pageable memory,
+GPU->GPU copies, and bringing experts in with a fresh allocation (the caching allocator
+emptied first, so cudaMalloc runs) versus into a pre-allocated slot pool; for one expert and
+for a batch of 10, over expert sizes 1-256 MiB and the presets' expert sizes. The peak is the
+bandwidth of one 1 GiB pinned copy. Then compute vs transfer: for 1-16 tokens and 1 or 10
+experts, the time to compute the experts (PyTorch expert FFN of the preset's shape) against
+the time to load them from pinned memory, with mean, std, 95% CI, Welch's t-test and Cohen's
+d. Without a GPU it says so and measures host memory copies only.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..stats import summarize
+from .models import OffloadModel
+
+MIB = 2**20
+SIZES_MIB = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+COUNTS = (1, 10)
+COMPUTE_TOKENS = (1, 2, 4, 8, 16)
+
+
+def _timed(fn, sync, reps: int) -> list[float]:
+    fn()
+    sync()
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        sync()
+        out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def _entry(kind: str, size: int, count: int, raw_ms: list[float]) -> dict:
+    s = summarize(raw_ms)
+    return {"kind": kind, "bytes_per_expert": size, "experts": count, "raw_ms": raw_ms, **{f"{k}_ms": v for k, v in s.items() if k != "n"},
+            "reps": s["n"], "gbps_median": size * count / (s["median"] * 1e6)}
+
+
+def measure_transfers(models: list[OffloadModel], *, reps: int = 20, progress=None) -> dict:
+    import torch
+
+    say = progress or (lambda msg: None)
+    gpu = torch.cuda.is_available()
+    out: dict = {"gpu": torch.cuda.get_device_name(0) if gpu else None, "measurements": []}
+    sizes = sorted({m * MIB for m in SIZES_MIB} | {m.expert_bytes for m in models})
+    if not gpu:
+        out["note"] = "no GPU: host memory copies only (no host->GPU, GPU->GPU or allocation figures)"
+        for size in sizes:
+            for count in COUNTS:
+                say(f"host copy {size / MIB:.1f} MiB x {count}")
+                src = [torch.ones(size, dtype=torch.uint8) for _ in range(count)]
+                dst = [torch.empty(size, dtype=torch.uint8) for _ in range(count)]
+                raw = _timed(lambda: [d.copy_(s) for d, s in zip(dst, src)], lambda: None, reps)
+                out["measurements"].append(_entry("host->host", size, count, raw))
+        return out
+
+    sync = torch.cuda.synchronize
+    say("peak: one 1 GiB pinned copy, one 512 MiB GPU copy")
+    out.update(_peaks(torch, sync))
+    stream = torch.cuda.Stream()
+    for size in sizes:
+        for count in COUNTS:
+            say(f"{size / MIB:.1f} MiB x {count}")
+            out["measurements"] += _one_size(torch, sync, stream, size, count, reps)
+            torch.cuda.empty_cache()
+    return out
+
+
+def _peaks(torch, sync) -> dict:
+    big = 1024 * MIB
+    src = torch.ones(big, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(big, dtype=torch.uint8, device="cuda")
+    h2d = _timed(lambda: dst.copy_(src, non_blocking=True), sync, 10)
+    d2d = _timed(lambda: dst[: big // 2].copy_(dst[big // 2:]), sync, 10)
+    return {"peak_h2d_pinned_gbps": big / (float(np.median(h2d)) * 1e6), "peak_h2d_raw_ms": h2d,
+            "peak_d2d_gbps": big / (float(np.median(d2d)) * 1e6), "peak_d2d_raw_ms": d2d,  # read + write
+            "peak_what": "1 GiB pinned host->GPU copy; 512 MiB GPU->GPU copy counted as read + write"}
+
+
+def _one_size(torch, sync, stream, size: int, count: int, reps: int) -> list[dict]:
+    pinned = [torch.ones(size, dtype=torch.uint8, pin_memory=True) for _ in range(count)]
+    pageable = [torch.ones(size, dtype=torch.uint8) for _ in range(count)]
+    slots = [torch.empty(size, dtype=torch.uint8, device="cuda") for _ in range(count)]
+    other = [torch.ones(size, dtype=torch.uint8, device="cuda") for _ in range(count)]
+
+    def h2d(host):  # into the pre-allocated slot pool
+        with torch.cuda.stream(stream):
+            for d, s in zip(slots, host):
+                d.copy_(s, non_blocking=True)
+
+    def fresh():  # allocate each slot anew, cudaMalloc included, then copy into it
+        torch.cuda.empty_cache()
+        with torch.cuda.stream(stream):
+            for s in pinned:
+                torch.empty(size, dtype=torch.uint8, device="cuda").copy_(s, non_blocking=True)
+
+    def d2d():
+        for d, s in zip(slots, other):
+            d.copy_(s)
+
+    return [
+        _entry("h2d_pinned", size, count, _timed(lambda: h2d(pinned), sync, reps)),
+        _entry("h2d_pageable", size, count, _timed(lambda: h2d(pageable), sync, reps)),
+        _entry("d2d", size, count, _timed(d2d, sync, reps)),
+        _entry("h2d_pinned_fresh_alloc", size, count, _timed(fresh, sync, reps)),
+    ]
+
+
+def compute_vs_transfer(models: list[OffloadModel], *, reps: int = 30, progress=None) -> list[dict]:
+    """For each model, token count and expert count: compute time (PyTorch expert FFN,
+    experts one after another) vs pinned host->GPU load time, compared with Welch's t-test."""
+    import torch
+    from scipy import stats as st
+
+    say = progress or (lambda msg: None)
+    gpu = torch.cuda.is_available()
+    dev = "cuda" if gpu else "cpu"
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    rows = []
+    for model in models:
+        dtype = getattr(torch, model.dtype) if gpu else torch.float32
+        first = model.d_ff * (2 if model.activation == "swiglu" else 1)
+        for count in COUNTS:
+            rows += _compute_rows(torch, st, model, count, dev, dtype, first, gpu, sync, reps, say)
+    return rows
+
+
+def _compute_rows(torch, st, model, count, dev, dtype, first, gpu, sync, reps, say) -> list[dict]:
+    w_in = [torch.randn(model.d_model, first, device=dev, dtype=dtype) * 0.02 for _ in range(count)]
+    w_out = [torch.randn(model.d_ff, model.d_model, device=dev, dtype=dtype) * 0.02 for _ in range(count)]
+    host = [torch.ones(model.expert_bytes, dtype=torch.uint8, pin_memory=gpu) for _ in range(count)]
+    slots = [torch.empty(model.expert_bytes, dtype=torch.uint8, device=dev) for _ in range(count)]
+    load = _timed(lambda: [d.copy_(s, non_blocking=gpu) for d, s in zip(slots, host)], sync, reps)
+    rows = []
+    for tokens in COMPUTE_TOKENS:
+        say(f"{model.name}: {count} expert(s), {tokens} token(s)")
+        x = torch.randn(tokens, model.d_model, device=dev, dtype=dtype)
+
+        def compute(x=x):
+            for a, b in zip(w_in, w_out):
+                h = x @ a
+                if model.activation == "swiglu":
+                    g, u = h.chunk(2, dim=-1)
+                    h = torch.nn.functional.silu(g) * u
+                else:
+                    h = torch.relu(h)
+                h @ b
+
+        comp = _timed(compute, sync, reps)
+        c, t = np.asarray(comp), np.asarray(load)
+        pooled = np.sqrt((c.var(ddof=1) + t.var(ddof=1)) / 2)
+        rows.append({
+            "model": model.name, "experts": count, "tokens": tokens,
+            "compute": {**summarize(comp), "raw_ms": comp},
+            "transfer": {**summarize(load), "raw_ms": load},
+            "transfer_over_compute": float(t.mean() / c.mean()),
+            "welch_p": float(st.ttest_ind(t, c, equal_var=False).pvalue),
+            "cohens_d": float((t.mean() - c.mean()) / pooled) if pooled > 0 else float("inf"),
+        })
+    return rows
+
+
+def run_transfer(models: list[OffloadModel], *, reps: int, out_dir, calibration_out, command: str, console=None):
+    """Measure, print, write `<out_dir>/offload/<stamp>-transfer-<device>.json` and the
+    simulator's calibration file. Returns (result, path)."""
+    import datetime as dt
+    import json
+    import re
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..bench.machine import provenance
+    from .calibration import measure_calibration, write_calibration
+
+    console = console or Console()
+    start = time.perf_counter()
+    with console.status("measuring transfers") as status:
+        def say(msg):
+            status.update(msg)
+
+        result = {"schema": "pymoe.transfer/1", **provenance(command),
+                  "models": [m.to_dict() for m in models], "reps": reps}
+        result.update(measure_transfers(models, reps=reps, progress=say))
+        result["compute_vs_transfer"] = compute_vs_transfer(models, progress=say)
+        calibration = measure_calibration(models, reps=reps, progress=say)
+    calibration.update(provenance(command))
+    result["wall_s"] = round(time.perf_counter() - start, 1)
+    device = result["gpu"] or "cpu"
+    if result["gpu"] is None:
+        console.print("[yellow]No GPU: measured host memory copies only; host->GPU, GPU->GPU and allocation "
+                      "figures need a CUDA GPU.[/yellow]")
+    peak = result.get("peak_h2d_pinned_gbps")
+    table = Table(title=f"Expert transfers on {device}" + (f" (peak pinned host->GPU {peak:.1f} GB/s)" if peak else ""))
+    for col in ("kind", "MiB/expert", "experts", "median ms", "GB/s", "% of peak"):
+        table.add_column(col, justify="right")
+    for m in result["measurements"]:
+        pct = f"{100 * m['gbps_median'] / peak:.0f}%" if peak and m["kind"].startswith("h2d") else "-"
+        table.add_row(m["kind"], f"{m['bytes_per_expert'] / MIB:.1f}", str(m["experts"]), f"{m['median_ms']:.3f}",
+                      f"{m['gbps_median']:.1f}", pct)
+    console.print(table)
+    cvt = Table(title="Compute vs transfer (pinned), mean ± std ms")
+    for col in ("model", "experts", "tokens", "compute", "transfer", "ratio", "Welch p", "Cohen's d"):
+        cvt.add_column(col, justify="right")
+    for r in result["compute_vs_transfer"]:
+        cvt.add_row(r["model"], str(r["experts"]), str(r["tokens"]),
+                    f"{r['compute']['mean']:.3f} ± {r['compute']['std']:.3f}",
+                    f"{r['transfer']['mean']:.3f} ± {r['transfer']['std']:.3f}",
+                    f"{r['transfer_over_compute']:.1f}x", f"{r['welch_p']:.1e}", f"{r['cohens_d']:.1f}")
+    console.print(cvt)
+    folder = Path(out_dir) / "offload"
+    folder.mkdir(parents=True, exist_ok=True)
+    slug = re.sub("[^A-Za-z0-9]+", "-", device).strip("-")
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = folder / f"{stamp}-transfer-{slug}.json"
+    path.write_text(json.dumps(result, indent=1))
+    cal_path = Path(calibration_out) if calibration_out else folder / f"calibration-{slug}.json"
+    write_calibration(calibration, cal_path)
+    console.print(f"wrote {path} and {cal_path}")
+    return result, path
