@@ -57,7 +57,11 @@ def machine_label(data: dict) -> str:
 
 
 def footer(fig, *lines: str) -> None:
+    """Provenance lines at the bottom, then lay the axes out above them and below the title."""
+    height = fig.get_size_inches()[1]
+    bottom = (0.15 + 0.14 * len(lines)) / height
     fig.text(0.01, 0.005, "\n".join(lines), fontsize=7, color="#555555", va="bottom", ha="left")
+    fig.tight_layout(rect=(0, bottom, 1, 1 - 0.45 / height))
 
 
 def provenance_line(path: Path, data: dict) -> str:

@@ -104,7 +104,6 @@ def _gains(runs, out_dir, report):
         ax.legend(fontsize=7)
     fig.suptitle("Speedup of pymoe's MoE layer over each baseline, side by side in one run "
                  "(median times; below 1: pymoe is slower)", fontsize=11)
-    fig.tight_layout(rect=(0, 0.1, 1, 0.95))
     _footer_for(fig, [it for items in runs.values() for it in items])
     save(fig, out_dir, "moe_performance_gains.png", report)
 
@@ -136,7 +135,6 @@ def _throughput(runs, out_dir, report):
         ax.set_title(_device_title(device, items), fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle("Throughput of one MoE layer (E=8, top-2) and the dense FFN of equal parameters", fontsize=11)
-    fig.tight_layout(rect=(0, 0.1, 1, 0.95))
     _footer_for(fig, [it for items in runs.values() for it in items])
     save(fig, out_dir, "moe_throughput_comparison.png", report)
 
@@ -151,7 +149,6 @@ def _industry(runs, out_dir, report):
         ax.legend(fontsize=7)
     fig.suptitle("Every implementation measured side by side: fraction of the machine's limit "
                  "(MAX built-in MoE: failed to compile, recorded)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.1, 1, 0.95))
     _footer_for(fig, [it for items in runs.values() for it in items])
     save(fig, out_dir, "industry_comparison.png", report)
 
@@ -178,7 +175,6 @@ def _efficiency(runs, out_dir, report):
         axes[i][0].legend(fontsize=7)
     fig.suptitle("Dense vs MoE: the MoE layer does 1/4 of the FLOPs (top-2 of 8); decode reads the "
                  "same weights when every expert is used", fontsize=10)
-    fig.tight_layout(rect=(0, 0.1, 1, 0.95))
     _footer_for(fig, [it for items in runs.values() for it in items])
     save(fig, out_dir, "efficiency_comparison.png", report)
 
@@ -207,7 +203,6 @@ def _flop_reduction(runs, out_dir, report):
         ax.grid(True, axis="y", which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("Theoretical vs measured gain of sparsity over the dense FFN of equal parameters", fontsize=11)
-    fig.tight_layout(rect=(0, 0.1, 1, 0.95))
     _footer_for(fig, [it for items in runs.values() for it in items])
     save(fig, out_dir, "flop_reduction.png", report)
 
@@ -298,7 +293,6 @@ def _dashboard(runs, results_dir: Path, out_dir, report):
     else:
         ax.text(0.5, 0.5, "no offloading result file", ha="center")
     fig.suptitle("pymoe at a glance (every bar from a result file; see the footer)", fontsize=12)
-    fig.tight_layout(rect=(0, 0.1, 1, 0.96))
     lines = [f"measured: {machine_label(d)}, {d['dtype']} | {provenance_line(p, d)}"
              for p, d in {p: d for _, p, d in used}.items()]
     if used_ablation:

@@ -49,7 +49,7 @@ def _per_strategy(results_dir, out_dir, report, name, metric, ylabel, *, log_y=F
     if not sweeps:
         report.skip(name, "no pymoe simulate result file (results/offload/*-simulated-*.json)")
         return
-    fig, axes = plt.subplots(1, len(sweeps), figsize=(max(10.0, 6.4 * len(sweeps)), 5.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(max(11.0, 6.4 * len(sweeps)), 5.6), squeeze=False)
     for ax, (_, (path, data)) in zip(axes[0], sweeps.items()):
         for strategy, rows in _rows(data).items():
             if rows[0].get(metric) is None:
@@ -78,7 +78,6 @@ def _per_strategy(results_dir, out_dir, report, name, metric, ylabel, *, log_y=F
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"SIMULATED: {ylabel.split(' (')[0]} by batch size (mean of "
                  f"{next(iter(sweeps.values()))[1]['runs_per_config']} seeded runs, 95% CI)", fontsize=11)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.97))
     _sim_footer(fig, list(sweeps.values()))
     save(fig, out_dir, name, report)
 
@@ -117,7 +116,7 @@ def _tail_latency(results_dir, out_dir, report):
         report.skip(name, "no pymoe simulate result file")
         return
     batches = (1, 16)
-    fig, axes = plt.subplots(len(sweeps), len(batches), figsize=(12, 3.6 * len(sweeps)), squeeze=False)
+    fig, axes = plt.subplots(len(sweeps), len(batches), figsize=(12, 1.4 + 4.0 * len(sweeps)), squeeze=False)
     for i, (_, (path, data)) in enumerate(sweeps.items()):
         rows = _rows(data)
         for j, batch in enumerate(batches):
@@ -133,7 +132,6 @@ def _tail_latency(results_dir, out_dir, report):
             ax.grid(True, axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle("SIMULATED: step latency percentiles (mean over seeded runs)", fontsize=11)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.97))
     _sim_footer(fig, list(sweeps.values()))
     save(fig, out_dir, name, report)
 
@@ -163,7 +161,6 @@ def _dedup(results_dir, out_dir, report):
         ax.grid(True, alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle("SIMULATED: batch deduplication (On-Demand, with vs without; mean of seeded runs)", fontsize=11)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
     _sim_footer(fig, list(sweeps.values()))
     save(fig, out_dir, name, report)
 
@@ -177,7 +174,7 @@ def _pareto(results_dir, out_dir, report):
     if not usable:
         report.skip(name, "needs sweeps at two or more --cache-fraction values for one model")
         return
-    fig, axes = plt.subplots(1, len(usable), figsize=(6.2 * len(usable), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(usable), figsize=(max(11.0, 6.4 * len(usable)), 6.0), squeeze=False)
     used = []
     for ax, (model, fractions) in zip(axes[0], sorted(usable.items())):
         for batch in (1, 16):
@@ -202,7 +199,6 @@ def _pareto(results_dir, out_dir, report):
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=6, ncol=2)
     fig.suptitle("SIMULATED: latency-memory trade-off by strategy", fontsize=11)
-    fig.tight_layout(rect=(0, 0.09, 1, 0.96))
     _sim_footer(fig, used)
     save(fig, out_dir, name, report)
 
@@ -249,6 +245,5 @@ def _load_balancing(results_dir, out_dir, report):
         axes[1][j].legend(fontsize=7)
         axes[1][j].grid(True, axis="y", alpha=0.3)
     fig.suptitle("Load balancing in pymoe's trained MoE LM (measured; balance = exp(entropy)/E)", fontsize=11)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.97))
     footer(fig, *[provenance_line(p, d) for p, d in used])
     save(fig, out_dir, name, report)
