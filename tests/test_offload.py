@@ -292,3 +292,28 @@ def test_cli_reports_bad_traces_without_a_traceback(tmp_path):
     r = runner.invoke(main, ["simulate", "--trace", str(bad), "--model", "switch", "--calibration", str(cal),
                              "--batch-sizes", "1,x"])
     assert r.exit_code == 2 and "comma-separated" in r.output
+
+
+def test_a_new_strategy_plugs_in_as_how_to_run_shows(tmp_path):
+    from pymoe.offload.strategies import Strategy, register
+    from pymoe.offload.sweep import run_sweep
+
+    @register
+    class EveryOther(Strategy):
+        name = "every-other"
+
+        def prefetch(self, view):
+            nxt = view.layer + 1
+            return [] if nxt >= self.ctx.num_layers else [self.key(nxt, 0), self.key(nxt, 1)]
+
+    try:
+        shape = "8:3:1:125:1000"
+        cal = tmp_path / "cal.json"
+        cal.write_text(json.dumps(calibration_for(get_model(shape)).data))
+        trace = save_trace(generate(get_model(shape), SyntheticParams(), requests=8, tokens=5), tmp_path / "t.npz")
+        result, _ = run_sweep(trace, shape, cal, strategies=("on-demand", "oracle", "every-other"),
+                              batch_sizes=(1,), runs=2, out_dir=None)
+        mine = [r for r in result["runs"] if r["strategy"] == "every-other"]
+        assert len(mine) == 4 and all(r["prefetches"] > 0 for r in mine)
+    finally:
+        del STRATEGIES["every-other"]
