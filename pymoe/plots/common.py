@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 
 STRATEGY_ORDER = ("on-demand", "top-k", "multi-lookahead", "intelligent", "pre-gated", "expertflow", "oracle")
 STRATEGY_STYLE = {
@@ -54,6 +55,13 @@ def machine_label(data: dict) -> str:
     gpu = m.get("gpu")
     cpu = m.get("cpu_model", "unknown CPU")
     return f"{gpu}" if data.get("device") == "gpu" and gpu else f"{cpu} ({m.get('logical_cpus', '?')} CPUs)"
+
+
+def log_y(ax) -> None:
+    """Log scale with plain numbers (0.1, 1, 4) instead of powers of ten."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
 
 
 def footer(fig, *lines: str) -> None:

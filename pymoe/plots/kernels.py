@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from matplotlib import ticker
 
-from .common import Report, footer, load_results, machine_label, plt, provenance_line, save
+from .common import Report, footer, load_results, log_y, machine_label, plt, provenance_line, save
 
 IMPL_STYLE = {
     "pymoe": ("pymoe (Mojo kernels)", "#d62728"),
@@ -68,13 +67,6 @@ def render_kernels(results_dir: Path, out_dir: Path, report: Report) -> None:
                 "preset); no such result files yet")
 
 
-def _log_y(ax) -> None:
-    """Log scale with plain numbers (0.1, 1, 4) instead of powers of ten."""
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
-
-
 def _panels(runs, height=5.4):
     fig, axes = plt.subplots(1, len(runs), figsize=(max(10.0, 6.6 * len(runs)), height), squeeze=False)
     return fig, axes[0]
@@ -96,7 +88,7 @@ def _gains(runs, out_dir, report):
                           label=f"vs {label}", color=color)
             ax.bar_label(bars, labels=[f"{v:.2g}x" if np.isfinite(v) else "" for v in vals], fontsize=6)
         ax.axhline(1.0, color="black", linewidth=0.8)
-        _log_y(ax)
+        log_y(ax)
         ax.set_xticks(np.arange(len(presets)), presets)
         ax.set_ylabel("baseline time / pymoe time")
         ax.set_title(_device_title(device, items), fontsize=9)
@@ -130,7 +122,7 @@ def _bars_per_impl(ax, items, value, ylabel):
 def _throughput(runs, out_dir, report):
     fig, axes = _panels(runs)
     for ax, (device, items) in zip(axes, runs.items()):
-        _log_y(ax)
+        log_y(ax)
         _bars_per_impl(ax, items, lambda run, row: run["tokens"] / row["median_s"], "tokens per second")
         ax.set_title(_device_title(device, items), fontsize=9)
         ax.legend(fontsize=7)
@@ -196,7 +188,7 @@ def _flop_reduction(runs, out_dir, report):
                 vals.append(d["median_s"] / m["median_s"] if d and m else np.nan)
             ax.bar(x + k * 0.27, vals, 0.27, label=label, color=color)
         ax.axhline(1, color="black", linewidth=0.8)
-        _log_y(ax)
+        log_y(ax)
         ax.set_xticks(x, presets)
         ax.set_ylabel("ratio")
         ax.set_title(_device_title(device, items), fontsize=9)
@@ -226,7 +218,7 @@ def _dashboard(runs, results_dir: Path, out_dir, report):
                 colors.append("#2ca02c" if values[-1] >= 1 else "#d62728")
     ax.bar(labels, values, color=colors)
     ax.axhline(1, color="black", linewidth=0.8)
-    _log_y(ax)
+    log_y(ax)
     ax.set_ylabel("speedup over the best PyTorch MoE")
     ax.set_title("pymoe vs the best PyTorch MoE in the same run (red: pymoe slower)", fontsize=9)
     ax.tick_params(axis="x", labelsize=7)
@@ -262,7 +254,7 @@ def _dashboard(runs, results_dir: Path, out_dir, report):
                 case = next((c for c in ops if c["op"] == op and c["rung"] == rung and c.get("median_s")), None)
                 vals.append(scalar["median_s"] / case["median_s"] if scalar and case else np.nan)
             ax.bar(np.arange(len(names)) + (i - 1.5) * 0.2, vals, 0.2, label=rung)
-        _log_y(ax)
+        log_y(ax)
         ax.set_xticks(np.arange(len(names)), names, fontsize=8)
         ax.set_ylabel("speedup over the scalar rung")
         ax.set_title("CPU ablation: SIMD, compile-time specialisation, buffer pool", fontsize=9)

@@ -7,14 +7,21 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import STRATEGY_ORDER, STRATEGY_STYLE, Report, footer, load_results, plt, provenance_line, save
+from .common import STRATEGY_ORDER, STRATEGY_STYLE, Report, footer, load_results, log_y, plt, provenance_line, save
 
 
-def latest_sweeps(results_dir: Path, cache_fraction: float = 0.25) -> dict[str, tuple[Path, dict]]:
-    """The newest sweep per model at the given cache fraction, model name -> (path, data)."""
+def is_eviction_sweep(data: dict) -> bool:
+    """A sweep run with --eviction (strategy labels like on-demand[lfu])."""
+    return any("[" in name for name in data["strategies"])
+
+
+def latest_sweeps(results_dir: Path, cache_fraction: float = 0.25, evictions: bool = False
+                  ) -> dict[str, tuple[Path, dict]]:
+    """The newest sweep per model at the given cache fraction, model name -> (path, data);
+    strategy sweeps, or with `evictions` the eviction-policy sweeps."""
     newest = {}
     for path, data in load_results(results_dir, "pymoe.offload-sim/1"):
-        if abs(data["cache_fraction"] - cache_fraction) < 1e-9:
+        if abs(data["cache_fraction"] - cache_fraction) < 1e-9 and is_eviction_sweep(data) == evictions:
             newest[data["model"]["name"]] = (path, data)
     return dict(sorted(newest.items(), key=lambda kv: kv[0] != "switch"))
 
@@ -43,11 +50,12 @@ def _sim_footer(fig, sweeps) -> None:
     footer(fig, *lines)
 
 
-def _per_strategy(results_dir, out_dir, report, name, metric, ylabel, *, log_y=False, scale=1.0, ci=True,
-                  ylim=None, reference=None):
-    sweeps = latest_sweeps(results_dir)
+def _per_strategy(results_dir, out_dir, report, name, metric, ylabel, *, logy=False, scale=1.0, ci=True,
+                  ylim=None, reference=None, evictions=False):
+    sweeps = latest_sweeps(results_dir, evictions=evictions)
     if not sweeps:
-        report.skip(name, "no pymoe simulate result file (results/offload/*-simulated-*.json)")
+        report.skip(name, "no pymoe simulate result file (results/offload/*-simulated-*.json)"
+                    + (" run with --eviction" if evictions else ""))
         return
     fig, axes = plt.subplots(1, len(sweeps), figsize=(max(11.0, 6.4 * len(sweeps)), 5.6), squeeze=False)
     for ax, (_, (path, data)) in zip(axes[0], sweeps.items()):
@@ -67,8 +75,8 @@ def _per_strategy(results_dir, out_dir, report, name, metric, ylabel, *, log_y=F
             reference(ax, data)
         ax.set_xscale("log", base=2)
         ax.set_xticks([1, 2, 4, 8, 16, 32, 64], labels=["1", "2", "4", "8", "16", "32", "64"])
-        if log_y:
-            ax.set_yscale("log")
+        if logy:
+            log_y(ax)
         if ylim:
             ax.set_ylim(*ylim)
         ax.set_xlabel("batch size (requests decoding together)")
@@ -94,13 +102,15 @@ def _compute_floor(ax, data):
 
 def render_offload(results_dir: Path, out_dir: Path, report: Report) -> None:
     _per_strategy(results_dir, out_dir, report, "offload_latency_vs_batch.png", "ms_per_step",
-                  "ms per decode step", log_y=True, reference=_compute_floor)
+                  "ms per decode step", logy=True, reference=_compute_floor)
     _per_strategy(results_dir, out_dir, report, "offload_hit_rate_vs_batch.png", "hit_rate",
                   "cache hit rate (expert ready when its layer starts)", ylim=(0, 1.02))
     _per_strategy(results_dir, out_dir, report, "offload_speedup.png", "speedup_vs_on_demand",
-                  "speedup over On-Demand (same cache)", log_y=True)
+                  "speedup over On-Demand (same cache)", logy=True)
     _per_strategy(results_dir, out_dir, report, "offload_scalability.png", "tokens_per_s",
-                  "throughput (tokens/s)", log_y=True)
+                  "throughput (tokens/s)", logy=True)
+    _per_strategy(results_dir, out_dir, report, "offload_eviction_policies.png", "speedup_vs_on_demand",
+                  "speedup of each eviction policy over LRU (On-Demand)", logy=True, evictions=True)
     _tail_latency(results_dir, out_dir, report)
     _dedup(results_dir, out_dir, report)
     _pareto(results_dir, out_dir, report)
@@ -169,6 +179,8 @@ def _pareto(results_dir, out_dir, report):
     name = "offload_pareto.png"
     by_model = {}
     for path, data in load_results(results_dir, "pymoe.offload-sim/1"):
+        if is_eviction_sweep(data):
+            continue
         by_model.setdefault(data["model"]["name"], {})[data["cache_fraction"]] = (path, data)
     usable = {m: v for m, v in by_model.items() if len(v) >= 2}
     if not usable:
@@ -192,7 +204,7 @@ def _pareto(results_dir, out_dir, report):
                     style["linestyle"] = "-" if batch == 1 else ":"
                     ax.plot(*zip(*pts), label=f"{strategy}, batch {batch}", markersize=4, **style)
         used += list(fractions.values())
-        ax.set_yscale("log")
+        log_y(ax)
         ax.set_xlabel("GPU expert cache (GiB)")
         ax.set_ylabel("ms per decode step (lower is better)")
         ax.set_title(f"{model}: latency vs cache memory", fontsize=9)
