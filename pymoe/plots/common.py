@@ -60,7 +60,8 @@ def machine_label(data: dict) -> str:
 def log_y(ax) -> None:
     """Log scale with plain numbers (0.1, 1, 4) instead of powers of ten."""
     ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1000 else f"{v:g}"))
     ax.yaxis.set_minor_formatter(ticker.NullFormatter())
 
 

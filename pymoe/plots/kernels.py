@@ -152,15 +152,15 @@ def _efficiency(runs, out_dir, report):
         x = np.arange(len(presets))
         moe = [_row(run, "pymoe") for run, _, _ in items]
         dense = [_row(run, "max_dense") for run, _, _ in items]
-        panels = (("median time (s)", lambda r, run: r["median_s"]),
-                  ("FLOPs", lambda r, run: r["flops"]),
-                  ("weight bytes read", lambda r, run: r["weight_bytes"]))
+        panels = (("median time (ms)", lambda r, run: r["median_s"] * 1e3),
+                  ("GFLOP per call", lambda r, run: r["flops"] / 1e9),
+                  ("MB of weights read per call", lambda r, run: r["weight_bytes"] / 1e6))
         for ax, (label, get) in zip(axes[i], panels):
             ax.bar(x - 0.2, [get(r, run) if r else np.nan for r, (run, _, _) in zip(moe, items)], 0.4,
                    label="MoE (pymoe)", color="#d62728")
             ax.bar(x + 0.2, [get(r, run) if r else np.nan for r, (run, _, _) in zip(dense, items)], 0.4,
                    label="dense FFN, same parameters (MAX)", color="#7f7f7f")
-            ax.set_yscale("log")
+            log_y(ax)
             ax.set_xticks(x, presets, fontsize=8)
             ax.set_title(f"{device.upper()}: {label}", fontsize=9)
             ax.grid(True, axis="y", which="both", alpha=0.3)
