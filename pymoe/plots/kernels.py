@@ -20,11 +20,16 @@ PRESET_ORDER = ("small-decode", "medium-decode", "large-decode", "small", "mediu
 
 
 def latest_runs(results_dir: Path) -> dict[str, list[tuple[dict, Path, dict]]]:
-    """device -> [(run, path, file)] with the newest run per preset, in preset order."""
+    """device -> [(run, path, file)] with the newest run per preset at the preset's own
+    token count (runs with --tokens are left out), in preset order."""
+    from ..config import PRESETS
+
     newest: dict[tuple[str, str], tuple[dict, Path, dict]] = {}
     for path, data in load_results(results_dir, "pymoe.bench/1"):
         for run in data["runs"]:
-            newest[(data["device"], run["preset"])] = (run, path, data)
+            preset = PRESETS.get(run["preset"])
+            if preset is not None and run["tokens"] == preset.tokens:
+                newest[(data["device"], run["preset"])] = (run, path, data)
     out: dict[str, list] = {}
     for (device, preset), item in newest.items():
         out.setdefault(device, []).append(item)
