@@ -305,6 +305,49 @@ def simulate(trace_path, model_name, calibration_path, strategies, batch_sizes, 
 
 
 
+
+@main.command("train-predictor")
+@click.option("--trace", "trace_paths", multiple=True, required=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="Repeat for several traces.")
+@click.option("--pregate/--no-pregate", default=True, show_default=True,
+              help="Give the predictor the Pre-gated signal for the next layer (if the trace has it).")
+@click.option("--epochs", type=int, default=30, show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
+              show_default=True)
+def train_predictor_cmd(trace_paths, pregate, epochs, out_dir) -> None:
+    """Train the next-expert predictor on each trace (held-out: the last 25% of requests) and
+    compare it with baselines and the Fano ceiling; writes results/offload/<stamp>-predictor.json."""
+    import datetime as dt
+    import json
+    import sys
+
+    from .bench.machine import provenance
+    from .offload.predictor import train_predictor
+    from .offload.trace import TraceError, load_trace
+
+    if epochs < 1:
+        raise click.UsageError("--epochs must be >= 1")
+    result = {"schema": "pymoe.predictor/1", **provenance(" ".join(["pymoe", *sys.argv[1:]])), "runs": []}
+    for path in trace_paths:
+        try:
+            trace = load_trace(path)
+            run = train_predictor(trace, use_pregate=pregate and trace.pregate is not None, epochs=epochs)
+        except (TraceError, ValueError) as e:
+            raise click.ClickException(str(e)) from e
+        run["trace"] = str(path)
+        result["runs"].append(run)
+        click.echo(f"{path}: learned top-1 {run['learned']['top1_accuracy']:.3f} (top-k recall "
+                   f"{run['learned']['topk_recall']:.3f}); transition table {run['transition_table']['top1_accuracy']:.3f}; "
+                   f"most frequent {run['most_frequent']['top1_accuracy']:.3f}; Fano ceiling {run['fano_ceiling_top1']:.3f} "
+                   f"(H(Y|X) = {run['conditional_entropy_bits']:.2f} bits): {run['learned_fraction_of_ceiling']:.0%} of it")
+    folder = out_dir / "offload"
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = folder / f"{stamp}-predictor{'' if pregate else '-no-pregate'}.json"
+    path.write_text(json.dumps(result, indent=1))
+    click.echo(f"wrote {path}")
+
+
 @main.command()
 @click.option("--results", "results_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
               show_default=True, help="Where the result files are.")

@@ -317,3 +317,23 @@ def test_a_new_strategy_plugs_in_as_how_to_run_shows(tmp_path):
         assert len(mine) == 4 and all(r["prefetches"] > 0 for r in mine)
     finally:
         del STRATEGIES["every-other"]
+
+
+def test_fano_ceiling_and_predictor_beat_chance(tmp_path):
+    from pymoe.offload.predictor import conditional_entropy_bits, fano_max_accuracy
+
+    assert fano_max_accuracy(0.0, 8) == 1.0
+    assert fano_max_accuracy(3.0, 8) == pytest.approx(1 / 8)  # H = log2(8): no information
+    # Y = X exactly: no uncertainty; Y independent of X with 4 equally likely values: 2 bits.
+    x = np.arange(4000) % 4
+    assert conditional_entropy_bits(x, x) == 0.0
+    assert conditional_entropy_bits(np.zeros(4000, int), x) == pytest.approx(2.0)
+    model = OffloadModel("p", 8, 4, 1, d_model=8, d_ff=8)
+    trace = save_trace(generate(model, SyntheticParams(1.0, 0.2, 0.7), requests=40, tokens=16, seed=2),
+                       tmp_path / "t.npz")
+    r = CliRunner().invoke(main, ["train-predictor", "--trace", str(trace), "--epochs", "5", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    result = json.loads(next((tmp_path / "offload").glob("*-predictor.json")).read_text())
+    run = result["runs"][0]
+    assert run["learned"]["top1_accuracy"] > run["most_frequent"]["top1_accuracy"]  # cross-layer structure
+    assert run["learned"]["top1_accuracy"] <= run["fano_ceiling_top1"] + 0.05

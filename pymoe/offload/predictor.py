@@ -1,0 +1,162 @@
+"""The learned next-expert predictor (`pymoe train-predictor`) and its information-theoretic
+ceiling.
+
+Task: for every token and layer l < L-1, predict the experts the token uses at layer l+1.
+Inputs: the layer, the token's highest-weight expert at layer l and, when the trace has it
+and `use_pregate`, the Pre-gated signal's top expert for layer l+1. Target: the token's
+experts at l+1 (top-1 accuracy on the highest-weight one, top-k recall on all k).
+
+The ceiling: with X the predictor's inputs and Y the next layer's top expert, Fano's
+inequality H(Y|X) <= h(P_e) + P_e log2(|Y| - 1) bounds the error of *any* predictor from
+below; the smallest P_e that satisfies it gives the best achievable top-1 accuracy.
+H(Y|X) is the plug-in estimate on the held-out requests. Baselines: the most frequent next
+expert per layer and the last-seen transition table (both fitted on the training requests).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from .trace import Trace
+
+
+def examples(trace: Trace, use_pregate: bool) -> dict[str, np.ndarray]:
+    """One row per (token, layer l < L-1): layer, top expert at l, pre-gate top for l+1
+    (E when unused), and the k experts at l+1."""
+    e, layers = trace.num_experts, trace.num_layers
+    if layers < 2:
+        raise ValueError("a next-layer predictor needs a trace with at least 2 layers")
+    if use_pregate and trace.pregate is None:
+        raise ValueError(f"trace {trace.path} has no pre-gate signal; use use_pregate=False")
+    tokens = trace.num_tokens
+    layer = np.tile(np.arange(layers - 1), tokens)
+    current = trace.experts[:, :-1, 0].reshape(-1).astype(np.int64)
+    target = trace.experts[:, 1:, :].reshape(-1, trace.top_k).astype(np.int64)
+    if use_pregate:
+        pregate = trace.pregate[:, 1:, 0].reshape(-1).astype(np.int64)
+    else:
+        pregate = np.full_like(current, e)
+    return {"layer": layer, "current": current, "pregate": pregate, "target": target}
+
+
+class NextExpertNet(nn.Module):
+    def __init__(self, num_experts: int, num_layers: int, width: int = 128):
+        super().__init__()
+        self.layer = nn.Embedding(num_layers, 16)
+        self.current = nn.Embedding(num_experts, 32)
+        self.pregate = nn.Embedding(num_experts + 1, 32)
+        self.mlp = nn.Sequential(nn.Linear(80, width), nn.ReLU(), nn.Linear(width, num_experts))
+
+    def forward(self, layer, current, pregate):
+        return self.mlp(torch.cat([self.layer(layer), self.current(current), self.pregate(pregate)], dim=-1))
+
+
+def scores(pred_topk: np.ndarray, target: np.ndarray) -> dict:
+    """pred_topk [N, k] ranked predictions; target [N, k] true experts (first = top)."""
+    top1 = float((pred_topk[:, 0] == target[:, 0]).mean())
+    hits = (pred_topk[:, :, None] == target[:, None, :]).any(axis=2).sum(axis=1)
+    return {"top1_accuracy": top1, "topk_recall": float(hits.mean() / target.shape[1])}
+
+
+def conditional_entropy_bits(x_keys: np.ndarray, y: np.ndarray) -> float:
+    """Plug-in H(Y|X) in bits from paired samples."""
+    joint = {}
+    for xk, yk in zip(x_keys.tolist(), y.tolist()):
+        joint.setdefault(xk, {}).setdefault(yk, 0)
+        joint[xk][yk] += 1
+    n = len(y)
+    h = 0.0
+    for ys in joint.values():
+        total = sum(ys.values())
+        for c in ys.values():
+            h -= c / n * math.log2(c / total)
+    return h
+
+
+def fano_max_accuracy(h_bits: float, alphabet: int) -> float:
+    """Best top-1 accuracy Fano's inequality allows for H(Y|X) = h_bits over `alphabet` values."""
+    if alphabet < 2:
+        return 1.0
+
+    def bound(p):  # h(p) + p log2(M - 1), increasing on [0, 1 - 1/M]
+        hp = 0.0 if p in (0.0, 1.0) else -p * math.log2(p) - (1 - p) * math.log2(1 - p)
+        return hp + p * math.log2(alphabet - 1)
+
+    lo, hi = 0.0, 1.0 - 1.0 / alphabet
+    if h_bits <= 0:
+        return 1.0
+    if bound(hi) <= h_bits:
+        return 1.0 / alphabet
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if bound(mid) < h_bits:
+            lo = mid
+        else:
+            hi = mid
+    return 1.0 - hi
+
+
+def train_predictor(trace: Trace, *, use_pregate: bool = True, holdout: float = 0.25, epochs: int = 30,
+                    seed: int = 0, progress=None) -> dict:
+    """Train on the first requests, evaluate on the held-out last `holdout` of them."""
+    torch.manual_seed(seed)
+    train_trace, test_trace = trace.split(1.0 - holdout)
+    tr, te = examples(train_trace, use_pregate), examples(test_trace, use_pregate)
+    e, layers, k = trace.num_experts, trace.num_layers, trace.top_k
+    net = NextExpertNet(e, layers - 1)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    t = {key: torch.from_numpy(value) for key, value in tr.items()}
+    # Half the target mass on the top expert (top-1 accuracy), half spread over all k (recall).
+    soft = torch.zeros(len(t["layer"]), e).scatter_(1, t["target"], 0.5 / k)
+    soft[torch.arange(len(soft)), t["target"][:, 0]] += 0.5
+    n = len(soft)
+    history = []
+    for epoch in range(epochs):
+        order = torch.randperm(n)
+        total = 0.0
+        for start in range(0, n, 2048):
+            idx = order[start:start + 2048]
+            logits = net(t["layer"][idx], t["current"][idx], t["pregate"][idx])
+            loss = -(soft[idx] * logits.log_softmax(-1)).sum(-1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        schedule.step()
+        history.append(round(total / n, 4))
+        if progress:
+            progress(epoch + 1, history[-1])
+    with torch.no_grad():
+        logits = net(torch.from_numpy(te["layer"]), torch.from_numpy(te["current"]), torch.from_numpy(te["pregate"]))
+        learned = logits.topk(k, dim=-1).indices.numpy()
+
+    # Baselines fitted on the training requests.
+    freq = np.zeros((layers - 1, e))
+    np.add.at(freq, (np.repeat(tr["layer"], k), tr["target"].ravel()), 1)
+    most_frequent = np.argsort(-freq, axis=1, kind="stable")[:, :k][te["layer"]]
+    trans = np.zeros((layers - 1, e, e))
+    np.add.at(trans, (np.repeat(tr["layer"], k), np.repeat(tr["current"], k), tr["target"].ravel()), 1)
+    trans += 1e-6 * freq[:, None, :]  # unseen transitions fall back to popularity
+    transition = np.argsort(-trans[te["layer"], te["current"]], axis=1, kind="stable")[:, :k]
+
+    x_keys = te["layer"] * (e + 1) ** 2 + te["current"] * (e + 1) + te["pregate"]
+    h = conditional_entropy_bits(x_keys, te["target"][:, 0])
+    ceiling = fano_max_accuracy(h, e)
+    result = {
+        "inputs": ["layer", "top expert at layer l"] + (["pre-gate top expert for l+1"] if use_pregate else []),
+        "train_requests": train_trace.num_requests, "heldout_requests": test_trace.num_requests,
+        "train_examples": int(n), "heldout_examples": int(len(te["layer"])), "epochs": epochs,
+        "loss_per_epoch": history,
+        "learned": scores(learned, te["target"]),
+        "most_frequent": scores(most_frequent, te["target"]),
+        "transition_table": scores(transition, te["target"]),
+        "conditional_entropy_bits": h,
+        "fano_ceiling_top1": ceiling,
+    }
+    result["learned_fraction_of_ceiling"] = result["learned"]["top1_accuracy"] / ceiling
+    return result
