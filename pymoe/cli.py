@@ -306,6 +306,39 @@ def simulate(trace_path, model_name, calibration_path, strategies, batch_sizes, 
 
 
 
+
+@main.command("serve-offloaded")
+@click.option("--trace", "trace_path", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--model", "model_name", required=True, help="Preset or E:layers:k:d_model:d_ff[:act[:dtype]].")
+@click.option("--calibration", "calibration_path", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--strategy", "strategies", multiple=True, help="Repeat; default: all the trace supports.")
+@click.option("--batch-sizes", default="1,4,16,64", show_default=True)
+@click.option("--requests", type=int, default=8, show_default=True)
+@click.option("--cache-fraction", type=float, default=0.25, show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
+              show_default=True)
+def serve_offloaded(trace_path, model_name, calibration_path, strategies, batch_sizes, requests, cache_fraction,
+                    out_dir) -> None:
+    """Run the real offloading engine on the GPU (experts in pinned host memory, GPU slot pool,
+    prefetches on a copy stream) and compare its measured latency with the simulator's."""
+    import sys
+
+    from .offload.engine import EngineError, validate
+    from .offload.strategies import STRATEGIES
+    from .offload.trace import TraceError
+
+    try:
+        sizes = tuple(int(b) for b in batch_sizes.split(","))
+    except ValueError:
+        raise click.UsageError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
+    chosen = tuple(strategies) or tuple(STRATEGIES)
+    try:
+        validate(trace_path, model_name, calibration_path, strategies=chosen, batch_sizes=sizes, requests=requests,
+                 cache_fraction=cache_fraction, out_dir=out_dir, command=" ".join(["pymoe", *sys.argv[1:]]))
+    except (EngineError, TraceError) as e:
+        raise click.ClickException(str(e)) from e
+
+
 @main.command("train-predictor")
 @click.option("--trace", "trace_paths", multiple=True, required=True,
               type=click.Path(dir_okay=False, path_type=Path), help="Repeat for several traces.")

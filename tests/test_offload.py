@@ -337,3 +337,26 @@ def test_fano_ceiling_and_predictor_beat_chance(tmp_path):
     run = result["runs"][0]
     assert run["learned"]["top1_accuracy"] > run["most_frequent"]["top1_accuracy"]  # cross-layer structure
     assert run["learned"]["top1_accuracy"] <= run["fano_ceiling_top1"] + 0.05
+
+
+@pytest.mark.parametrize("name", ["on-demand", "oracle", "intelligent", "pre-gated"])
+def test_engine_outputs_equal_the_all_resident_model(name):
+    """The executor carries out the simulator's transfers (here on the CPU): whatever the
+    strategy evicts and prefetches, every layer computes with the right expert's weights."""
+    import torch
+
+    from pymoe.offload.engine import Executor, reference_outputs
+    from pymoe.offload.simulator import batch_schedule
+
+    model = OffloadModel("eng", 6, 3, 2, d_model=16, d_ff=24, activation="swiglu")
+    trace = generate(model, SyntheticParams(0.8, 0.3, 0.3), requests=6, tokens=5, seed=4)
+    trace.pregate = trace.experts.copy()
+    trace.pregate[:, 0] = -1
+    executor = Executor(model, 5, device="cpu", check=True, max_tokens=2)
+    r = simulate(trace, model, make_strategy(name), calibration_for(model), capacity=5, batch_size=2,
+                 requests=4, seed=1, executor=executor)
+    assert executor.transfers == r.misses + r.prefetches and r.misses > 0
+    expected = reference_outputs(trace, model, batch_schedule(trace, 2, 4, 1), max_tokens=2)
+    assert set(executor.outputs) == set(expected)
+    for tick, out in expected.items():
+        torch.testing.assert_close(executor.outputs[tick], out)

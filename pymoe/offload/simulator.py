@@ -149,8 +149,13 @@ def batch_schedule(trace: Trace, batch_size: int, requests: int, seed: int) -> l
 
 def simulate(trace: Trace, model: OffloadModel, strategy: Strategy, calibration: Calibration, *,
              capacity: int, batch_size: int, requests: int, seed: int = 0, dedup: bool = True,
-             memory: str = "pinned") -> RunResult:
-    """Replay the trace through the strategy; returns the SIMULATED run."""
+             memory: str = "pinned", executor=None) -> RunResult:
+    """Replay the trace through the strategy; returns the SIMULATED run.
+
+    With an `executor` (see engine.py) every decision is also carried out for real: it is
+    told each transfer (`transfer(key, evicted)`) and each layer's compute (`layer(tick,
+    tokens, layer, experts, counts)`) as the cost model schedules them, so that the measured
+    run makes exactly the simulated run's choices."""
     trace.check_shape(model.num_experts, model.num_layers, model.top_k, f"model {model.name}")
     if strategy.needs_pregate and trace.pregate is None:
         raise TraceError(f"strategy {strategy.name} needs the pre-gate signal; trace {trace.path} has none")
@@ -225,6 +230,8 @@ def simulate(trace: Trace, model: OffloadModel, strategy: Strategy, calibration:
                     raise RuntimeError("no evictable slot for a demand load: cache smaller than one layer's need")
                 if result is not None:
                     outstanding.discard(result)
+                if executor is not None:
+                    executor.transfer(key, result)
                 wait = max(wait, copy_free)
             if dedup:
                 work = float(sum(compute_ms(c) for c in counts))
@@ -233,6 +240,8 @@ def simulate(trace: Trace, model: OffloadModel, strategy: Strategy, calibration:
                 work = float(chosen.size * compute_ms(1))
                 working_set = chosen.size  # each request holds its own copy of its experts
             begin = max(t0, wait)
+            if executor is not None:
+                executor.layer(tick, tokens, layer, experts, counts)
             view = LayerView(tick, s, layer, routing, trace.weights[tokens, layer],
                              None if trace.pregate is None or layer + 1 >= layers else trace.pregate[tokens, layer + 1],
                              dict(zip(experts.tolist(), counts.tolist())))
@@ -250,6 +259,8 @@ def simulate(trace: Trace, model: OffloadModel, strategy: Strategy, calibration:
                     continue
                 if result is not None and result in outstanding:
                     outstanding.discard(result)
+                if executor is not None:
+                    executor.transfer(key, result)
                 copy_free = start + transfer_ms
                 outstanding.add(key)
                 issued += 1

@@ -1,0 +1,275 @@
+"""The real offloading engine: runs the experts of a MoE model on the GPU, layer by layer,
+with every expert's weights in pinned host memory and a fixed pool of GPU expert slots.
+
+It replays a routing trace through a strategy with *the simulator's own decisions* (the
+simulator calls it back for every transfer and every layer; see `simulate(executor=...)`)
+and carries them out for real: misses and prefetches are copied host->GPU on a separate
+copy stream, each copy records a CUDA event, the compute stream waits for the events of the
+experts a layer needs, and a slot is overwritten only after the compute that last read it
+has finished. No allocation happens on the hot path (one slot pool, one activation buffer).
+Measured per-layer times (CUDA events on the compute stream) replace the simulated ones, so
+the same trace, strategy and batch give a simulated and a measured run to compare.
+
+Like the simulator, it runs the expert FFNs only (the hidden states are random; attention
+is not run). Memory: `host_copies` distinct pinned buffers hold the expert weights and
+experts share them round-robin when the model has more experts (the bytes moved and the
+arithmetic are the same; the weights' values do not matter for timing). With
+`check=True` every expert has its own weights and each layer's output is kept, so that it can
+be compared with the all-on-GPU model (`reference_outputs`).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from .calibration import Calibration
+from .models import OffloadModel
+from .simulator import RunResult, simulate
+from .strategies import Strategy
+from .trace import Trace
+
+
+class EngineError(ValueError):
+    pass
+
+
+def _expert_weights(model: OffloadModel, key: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + key)
+    first = model.d_ff * (2 if model.activation == "swiglu" else 1)
+    w_in = torch.randn(model.d_model, first, generator=g) / model.d_model ** 0.5
+    w_out = torch.randn(model.d_ff, model.d_model, generator=g) / model.d_ff ** 0.5
+    return w_in.to(dtype), w_out.to(dtype)
+
+
+def _pack(w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
+    return torch.cat([w_in.reshape(-1), w_out.reshape(-1)]).view(torch.uint8)
+
+
+class Executor:
+    """Carries out the simulator's transfers and layer computes on a device."""
+
+    def __init__(self, model: OffloadModel, capacity: int, *, device: str = "cuda", host_copies: int = 64,
+                 check: bool = False, max_tokens: int = 64, seed: int = 0):
+        self.model, self.device, self.check = model, torch.device(device), check
+        self.cuda = self.device.type == "cuda"
+        self.dtype = getattr(torch, model.dtype)
+        nbytes = model.expert_bytes
+        if self.cuda:
+            free, _ = torch.cuda.mem_get_info(self.device)
+            need = capacity * nbytes + max_tokens * model.top_k * (model.d_model + 2 * model.d_ff) * 8
+            if need > free:
+                raise EngineError(f"a cache of {capacity} experts needs {need / 2**30:.1f} GiB on the GPU; "
+                                  f"only {free / 2**30:.1f} GiB are free")
+        self.first = model.d_ff * (2 if model.activation == "swiglu" else 1)
+        distinct = model.total_experts if check else min(host_copies, model.total_experts)
+        self.host = [_pack(*_expert_weights(model, i, self.dtype)).pin_memory() if self.cuda
+                     else _pack(*_expert_weights(model, i, self.dtype)) for i in range(distinct)]
+        self.slots = torch.empty(capacity, nbytes, dtype=torch.uint8, device=self.device)
+        self.slot_of: dict[int, int] = {}
+        self.free_slots = list(range(capacity - 1, -1, -1))
+        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.compute_stream = torch.cuda.current_stream(self.device) if self.cuda else None
+        self.ready_event: dict[int, torch.cuda.Event] = {}
+        self.slot_free_event: dict[int, torch.cuda.Event] = {}
+        g = torch.Generator().manual_seed(seed)
+        self.x = (torch.randn(max_tokens * model.top_k, model.d_model, generator=g)).to(self.device, self.dtype)
+        self.layer_events: list[torch.cuda.Event] = []
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.transfers = 0
+
+    def _event(self):
+        return torch.cuda.Event(enable_timing=True) if self.cuda else None
+
+    def transfer(self, key: int, evicted: int | None) -> None:
+        """Bring expert `key` into a slot (the evicted key's, or a free one)."""
+        if evicted is not None and evicted in self.slot_of:
+            slot = self.slot_of.pop(evicted)
+            self.ready_event.pop(evicted, None)
+        else:
+            if not self.free_slots:
+                raise EngineError("no free GPU slot: the cache and the slot pool disagree")
+            slot = self.free_slots.pop()
+        self.slot_of[key] = slot
+        src = self.host[key % len(self.host)]
+        self.transfers += 1
+        if not self.cuda:
+            self.slots[slot].copy_(src)
+            return
+        with torch.cuda.stream(self.copy_stream):
+            if slot in self.slot_free_event:  # do not overwrite weights a queued layer still reads
+                self.copy_stream.wait_event(self.slot_free_event[slot])
+            self.slots[slot].copy_(src, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.copy_stream)
+        self.ready_event[key] = event
+
+    def _weights(self, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raw = self.slots[self.slot_of[key]].view(self.dtype)
+        d, f = self.model.d_model, self.model.d_ff
+        return raw[: d * self.first].view(d, self.first), raw[d * self.first:].view(f, d)
+
+    def _ffn(self, x: torch.Tensor, key: int) -> torch.Tensor:
+        w_in, w_out = self._weights(key)
+        h = x @ w_in
+        if self.model.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = torch.nn.functional.silu(gate) * up
+        else:
+            h = torch.relu(h)
+        return h @ w_out
+
+    def layer(self, tick: int, tokens: np.ndarray, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
+        e = self.model.num_experts
+        keys = [layer * e + int(x) for x in experts]
+        if self.cuda:
+            start = self._event()
+            start.record(self.compute_stream)
+            for key in keys:
+                if key in self.ready_event:
+                    self.compute_stream.wait_event(self.ready_event[key])
+        out = torch.zeros(len(tokens), self.model.d_model, device=self.device, dtype=self.dtype) if self.check else None
+        for key, n in zip(keys, counts.tolist()):
+            y = self._ffn(self.x[:n], key)
+            if out is not None:
+                out[:n] += y  # the first n rows stand for the tokens routed to this expert
+        if self.cuda:
+            end = self._event()
+            end.record(self.compute_stream)
+            for key in keys:
+                self.slot_free_event[self.slot_of[key]] = end
+            self.layer_events.append((start, end))
+        if out is not None:
+            self.outputs[tick] = out.float().cpu()
+
+    def measured_layer_ms(self) -> np.ndarray:
+        """Per layer: from the end of the previous layer's compute (or this layer's start) to
+        the end of its own, on the compute stream, i.e. waiting for transfers included."""
+        torch.cuda.synchronize(self.device)
+        out = np.empty(len(self.layer_events))
+        previous = None
+        for i, (start, end) in enumerate(self.layer_events):
+            out[i] = (previous or start).elapsed_time(end)
+            previous = end
+        return out
+
+
+def run_engine(trace: Trace, model: OffloadModel, strategy: Strategy, calibration: Calibration, *,
+               capacity: int, batch_size: int, requests: int, seed: int = 0, memory: str = "pinned",
+               device: str = "cuda", host_copies: int = 64) -> tuple[RunResult, RunResult]:
+    """(simulated, measured) runs of the same trace, strategy, batch and seed. The measured
+    run has the simulated run's hits, misses and bytes (same decisions) and measured times."""
+    if memory != "pinned":
+        raise EngineError("the engine keeps experts in pinned host memory")
+    if not torch.cuda.is_available():
+        raise EngineError("the offloading engine needs a CUDA GPU; on this machine use `pymoe simulate`")
+    if strategy.eviction == "tiered":
+        raise EngineError("the engine runs single-pool caches; the tiered cache is simulator-only")
+    simulated = simulate(trace, model, copy.deepcopy(strategy), calibration, capacity=capacity,
+                         batch_size=batch_size, requests=requests, seed=seed)
+    executor = Executor(model, capacity, device=device, host_copies=host_copies,
+                        max_tokens=batch_size)
+    measured = simulate(trace, model, strategy, calibration, capacity=capacity, batch_size=batch_size,
+                        requests=requests, seed=seed, executor=executor)
+    layer_ms = executor.measured_layer_ms()
+    layers = model.num_layers
+    step_ms = layer_ms.reshape(-1, layers).sum(axis=1)
+    measured.layer_ms, measured.step_ms = layer_ms, step_ms
+    measured.total_ms = float(layer_ms.sum())
+    measured.stall_ms = float("nan")  # not separable from compute on the GPU timeline
+    measured.peak_cache_bytes = int(executor.slots.numel())
+    if executor.transfers != simulated.misses + simulated.prefetches:
+        raise EngineError(f"engine made {executor.transfers} transfers, the simulator "
+                          f"{simulated.misses + simulated.prefetches}")
+    return simulated, measured
+
+
+def reference_outputs(trace: Trace, model: OffloadModel, steps: list[np.ndarray], *, max_tokens: int,
+                      seed: int = 0) -> dict[int, torch.Tensor]:
+    """The same layer outputs computed on the CPU straight from every expert's own weights
+    (nothing offloaded, no slots): what the engine must reproduce."""
+    dtype = getattr(torch, model.dtype)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(max_tokens * model.top_k, model.d_model, generator=g).to(dtype)
+    outputs, tick = {}, 0
+    for tokens in steps:
+        for layer in range(model.num_layers):
+            experts, counts = np.unique(trace.experts[tokens, layer], return_counts=True)
+            out = torch.zeros(len(tokens), model.d_model, dtype=dtype)
+            for expert, n in zip(experts.tolist(), counts.tolist()):
+                w_in, w_out = _expert_weights(model, layer * model.num_experts + expert, dtype)
+                h = x[:n] @ w_in
+                if model.activation == "swiglu":
+                    gate, up = h.chunk(2, dim=-1)
+                    h = torch.nn.functional.silu(gate) * up
+                else:
+                    h = torch.relu(h)
+                out[:n] += h @ w_out
+            outputs[tick] = out.float()
+            tick += 1
+    return outputs
+
+
+def validate(trace_path, model_name: str, calibration_path, *, strategies, batch_sizes=(1, 4, 16, 64),
+             requests: int = 8, cache_fraction: float = 0.25, seed: int = 0, out_dir="results", command: str = "",
+             console=None):
+    """Engine vs simulator for every strategy and batch size; writes
+    `<out_dir>/offload/<stamp>-engine-<model>-<device>.json`."""
+    import datetime as dt
+    import json
+    import re
+    import time
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..bench.machine import provenance
+    from .calibration import load_calibration
+    from .models import get_model
+    from .simulator import cache_capacity
+    from .strategies import make_strategy
+    from .trace import load_trace
+
+    console = console or Console()
+    if not torch.cuda.is_available():
+        raise EngineError("the offloading engine needs a CUDA GPU; on this machine use `pymoe simulate`")
+    model = get_model(model_name)
+    trace = load_trace(trace_path)
+    trace.check_shape(model.num_experts, model.num_layers, model.top_k, f"model {model.name}")
+    calibration = load_calibration(calibration_path)
+    profile, evaluation = trace.split(0.25)
+    capacity = cache_capacity(model, fraction=cache_fraction)
+    result = {"schema": "pymoe.offload-engine/1", **provenance(command), "model": model.to_dict(),
+              "trace": str(trace_path), "calibration": str(calibration_path), "cache_experts": capacity,
+              "cache_fraction": cache_fraction, "requests_per_run": requests, "seed": seed, "runs": []}
+    start = time.perf_counter()
+    table = Table(title=f"{model.name} on {torch.cuda.get_device_name(0)}: engine (measured) vs simulator")
+    for col in ("strategy", "batch", "simulated ms/step", "measured ms/step", "error", "hit rate", "GiB moved"):
+        table.add_column(col, justify="right")
+    for batch in batch_sizes:
+        for name in strategies:
+            strategy = make_strategy(name)
+            strategy.fit(profile)
+            with console.status(f"{name}, batch {batch}"):
+                sim, real = run_engine(evaluation, model, strategy, calibration, capacity=capacity,
+                                       batch_size=batch, requests=max(batch, requests), seed=seed)
+            s, m = sim.summary(), real.summary()
+            error = m["ms_per_step"] / s["ms_per_step"] - 1
+            result["runs"].append({"strategy": name, "batch_size": batch, "simulated": s, "measured": m,
+                                   "measured_step_ms": real.step_ms.tolist(), "relative_error": error})
+            table.add_row(name, str(batch), f"{s['ms_per_step']:.2f}", f"{m['ms_per_step']:.2f}", f"{error:+.1%}",
+                          f"{s['hit_rate']:.3f}", f"{s['bytes_moved'] / 2**30:.1f}")
+    result["wall_s"] = round(time.perf_counter() - start, 1)
+    result["max_abs_relative_error"] = max(abs(r["relative_error"]) for r in result["runs"])
+    console.print(table)
+    folder = Path(out_dir) / "offload"
+    folder.mkdir(parents=True, exist_ok=True)
+    slug = re.sub("[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(0)).strip("-")
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = folder / f"{stamp}-engine-{model.name}-{slug}.json"
+    path.write_text(json.dumps(result, indent=1))
+    console.print(f"wrote {path}")
+    return result, path
