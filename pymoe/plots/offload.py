@@ -115,8 +115,7 @@ def render_offload(results_dir: Path, out_dir: Path, report: Report) -> None:
     _dedup(results_dir, out_dir, report)
     _pareto(results_dir, out_dir, report)
     _load_balancing(results_dir, out_dir, report)
-    report.skip("offload_simulated_vs_measured.png",
-                "needs the real GPU engine's measurements (offloading part 2); none in results/offload yet")
+    _simulated_vs_measured(results_dir, out_dir, report)
 
 
 def _tail_latency(results_dir, out_dir, report):
@@ -258,4 +257,44 @@ def _load_balancing(results_dir, out_dir, report):
         axes[1][j].grid(True, axis="y", alpha=0.3)
     fig.suptitle("Load balancing in pymoe's trained MoE LM (measured; balance = exp(entropy)/E)", fontsize=11)
     footer(fig, *[provenance_line(p, d) for p, d in used])
+    save(fig, out_dir, name, report)
+
+
+def _simulated_vs_measured(results_dir, out_dir, report):
+    name = "offload_simulated_vs_measured.png"
+    files = load_results(results_dir, "pymoe.offload-engine/1")
+    if not files:
+        report.skip(name, "needs `pymoe serve-offloaded` results (the real engine on a GPU)")
+        return
+    newest = {}
+    for path, data in files:
+        newest[data["model"]["name"]] = (path, data)
+    fig, axes = plt.subplots(1, len(newest), figsize=(max(11.0, 6.4 * len(newest)), 6.6), squeeze=False)
+    markers = dict(zip((1, 4, 16, 64), ("o", "s", "^", "D")))
+    for ax, (model, (path, data)) in zip(axes[0], sorted(newest.items())):
+        lo, hi = np.inf, 0.0
+        for run in data["runs"]:
+            sim, real = run["simulated"]["ms_per_step"], run["measured"]["ms_per_step"]
+            lo, hi = min(lo, sim, real), max(hi, sim, real)
+            style = STRATEGY_STYLE.get(run["strategy"], {})
+            ax.scatter(sim, real, color=style.get("color", "black"), marker=markers.get(run["batch_size"], "x"), s=40)
+        line = np.array([lo * 0.8, hi * 1.25])
+        ax.plot(line, line, color="black", linewidth=0.8, label="measured = simulated")
+        ax.fill_between(line, line * 0.9, line * 1.1, color="grey", alpha=0.2, label="within 10%")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
+        log_y(ax)
+        ax.set_xlabel("SIMULATED ms per decode step")
+        ax.set_ylabel("MEASURED ms per decode step (real engine)")
+        ax.set_title(f"{model}: {sum(abs(r['relative_error']) <= 0.1 for r in data['runs'])} of "
+                     f"{len(data['runs'])} runs within 10%", fontsize=9)
+        for strategy in STRATEGY_ORDER:
+            if any(r["strategy"] == strategy for r in data["runs"]):
+                ax.scatter([], [], color=STRATEGY_STYLE[strategy]["color"], label=strategy)
+        for batch, marker in markers.items():
+            ax.scatter([], [], color="grey", marker=marker, label=f"batch {batch}")
+        ax.legend(fontsize=7, ncol=2)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle("Simulator vs the real offloading engine (same trace, strategy, batch and decisions)", fontsize=11)
+    footer(fig, *[f"measured on {d['machine'].get('gpu')} | " + provenance_line(p, d) for p, d in newest.values()])
     save(fig, out_dir, name, report)
