@@ -77,14 +77,19 @@ class Executor:
         g = torch.Generator().manual_seed(seed)
         self.x = (torch.randn(max_tokens * model.top_k, model.d_model, generator=g)).to(self.device, self.dtype)
         self.layer_events: list[torch.cuda.Event] = []
+        self.previous_end = self.current_end = None  # compute-end events of layers l-1 and l
         self.outputs: dict[int, torch.Tensor] = {}
         self.transfers = 0
 
     def _event(self):
         return torch.cuda.Event(enable_timing=True) if self.cuda else None
 
-    def transfer(self, key: int, evicted: int | None) -> None:
-        """Bring expert `key` into a slot (the evicted key's, or a free one)."""
+    def transfer(self, key: int, evicted: int | None, prefetch: bool = False) -> None:
+        """Bring expert `key` into a slot (the evicted key's, or a free one). The copy starts
+        no earlier than the decision could be made in a real model: a demand load of layer l
+        once layer l-1's compute (which its gate needs) has finished; a prefetch issued at
+        layer l likewise once layer l-1 has finished, since the trace's routing is not known
+        earlier in a running model."""
         if evicted is not None and evicted in self.slot_of:
             slot = self.slot_of.pop(evicted)
             self.ready_event.pop(evicted, None)
@@ -99,6 +104,9 @@ class Executor:
             self.slots[slot].copy_(src)
             return
         with torch.cuda.stream(self.copy_stream):
+            decided = self.previous_end if prefetch else self.current_end
+            if decided is not None:
+                self.copy_stream.wait_event(decided)
             if slot in self.slot_free_event:  # do not overwrite weights a queued layer still reads
                 self.copy_stream.wait_event(self.slot_free_event[slot])
             self.slots[slot].copy_(src, non_blocking=True)
@@ -141,6 +149,7 @@ class Executor:
             for key in keys:
                 self.slot_free_event[self.slot_of[key]] = end
             self.layer_events.append((start, end))
+            self.previous_end, self.current_end = self.current_end, end
         if out is not None:
             self.outputs[tick] = out.float().cpu()
 

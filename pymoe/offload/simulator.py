@@ -231,7 +231,7 @@ def simulate(trace: Trace, model: OffloadModel, strategy: Strategy, calibration:
                 if result is not None:
                     outstanding.discard(result)
                 if executor is not None:
-                    executor.transfer(key, result)
+                    executor.transfer(key, result, prefetch=False)
                 wait = max(wait, copy_free)
             if dedup:
                 work = float(sum(compute_ms(c) for c in counts))
@@ -260,7 +260,7 @@ def simulate(trace: Trace, model: OffloadModel, strategy: Strategy, calibration:
                 if result is not None and result in outstanding:
                     outstanding.discard(result)
                 if executor is not None:
-                    executor.transfer(key, result)
+                    executor.transfer(key, result, prefetch=True)
                 copy_free = start + transfer_ms
                 outstanding.add(key)
                 issued += 1
