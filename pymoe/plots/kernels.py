@@ -68,8 +68,7 @@ def render_kernels(results_dir: Path, out_dir: Path, report: Report) -> None:
         _flop_reduction(runs, out_dir, report)
         _industry(runs, out_dir, report)
         _dashboard(runs, results_dir, out_dir, report)
-    report.skip("scaling_analysis.png", "needs a token-count sweep (pymoe bench --tokens N at several N for one "
-                "preset); no such result files yet")
+    _scaling(results_dir, out_dir, report)
 
 
 def _panels(runs, height=5.4):
@@ -297,3 +296,43 @@ def _dashboard(runs, results_dir: Path, out_dir, report):
     lines += ["SIMULATED: " + provenance_line(p, d) for p, d in sweeps.values()]
     footer(fig, *lines)
     save(fig, out_dir, "moe_dashboard.png", report)
+
+
+def _scaling(results_dir: Path, out_dir: Path, report: Report) -> None:
+    """Time vs tokens for one layer shape, from every bench run of it (any --tokens)."""
+    name = "scaling_analysis.png"
+    series: dict[tuple[str, str], dict[int, tuple[dict, Path, dict]]] = {}
+    for path, data in load_results(results_dir, "pymoe.bench/1"):
+        for run in data["runs"]:
+            base = run["preset"].removesuffix("-decode")
+            series.setdefault((data["device"], base), {})[run["tokens"]] = (run, path, data)
+    usable = {k: v for k, v in series.items() if len(v) >= 3}
+    if not usable:
+        report.skip(name, "needs bench runs of one layer shape at three or more token counts "
+                    "(pymoe bench --preset small --tokens N)")
+        return
+    fig, axes = plt.subplots(1, len(usable), figsize=(max(11.0, 6.6 * len(usable)), 5.6), squeeze=False)
+    used = []
+    for ax, ((device, shape), runs) in zip(axes[0], sorted(usable.items())):
+        tokens = sorted(runs)
+        for impl in IMPL_STYLE:
+            pts = [(t, _row(runs[t][0], impl)["median_s"] * 1e3) for t in tokens if _row(runs[t][0], impl)]
+            if len(pts) >= 2:
+                label, color = IMPL_STYLE[impl]
+                ax.plot(*zip(*pts), marker="o", color=color, label=label)
+        floor = [(t, _row(runs[t][0], "pymoe")["floor_s"] * 1e3) for t in tokens if _row(runs[t][0], "pymoe")]
+        if floor:
+            ax.plot(*zip(*floor), color="black", linestyle=":", label="roofline floor of the MoE layer")
+        ax.set_xscale("log", base=2)
+        log_y(ax)
+        ax.set_xlabel("tokens in the call")
+        ax.set_ylabel("median time (ms)")
+        ax.set_title(f"{device.upper()}: {shape} layer shape, {machine_label(runs[tokens[0]][2])}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+        used += [(p, d) for _, p, d in runs.values()]
+    fig.suptitle("Scaling with the number of tokens: decode (left of the knee) is bound by reading "
+                 "weights, prefill by FLOPs", fontsize=10)
+    files = {p: d for p, d in used}
+    footer(fig, *[f"measured: {machine_label(d)}, {d['dtype']} | {provenance_line(p, d)}" for p, d in files.items()])
+    save(fig, out_dir, name, report)
