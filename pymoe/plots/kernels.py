@@ -324,8 +324,9 @@ def _scaling(results_dir: Path, out_dir: Path, report: Report) -> None:
         if floor:
             ax.plot(*zip(*floor), color="black", linestyle=":", label="roofline floor of the MoE layer")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(tokens, [str(t) for t in tokens])
         log_y(ax)
-        ax.set_xlabel("tokens in the call")
+        ax.set_xlabel("tokens in the call (markers: measured)")
         ax.set_ylabel("median time (ms)")
         ax.set_title(f"{device.upper()}: {shape} layer shape, {machine_label(runs[tokens[0]][2])}", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
