@@ -1,6 +1,7 @@
 """`pymoe transfer`: how fast experts move, and how that compares with computing them.
 
-Measured with PyTorch on the GPU: host->GPU copies from pinned and from pageable memory,
+Measured with PyTorch on the GPU: host->GPU copies from pinned and from pageable memory
+(pinned also timed with CUDA events on the copy stream, i.e. without host latency),
 GPU->GPU copies, and bringing experts in with a fresh allocation (the caching allocator
 emptied first, so cudaMalloc runs) versus into a pre-allocated slot pool; for one expert and
 for a batch of 10, over expert sizes 1-256 MiB and the presets' expert sizes. The peak is the
@@ -84,6 +85,22 @@ def _peaks(torch, sync) -> dict:
             "peak_what": "1 GiB pinned host->GPU copy; 512 MiB GPU->GPU copy counted as read + write"}
 
 
+def _device_timed(torch, fn, stream, reps: int) -> list[float]:
+    """ms between CUDA events recorded on the copy stream around fn: the copy itself, without
+    the host's launch and synchronisation latency that `_timed` includes."""
+    fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        fn()
+        end.record(stream)
+        end.synchronize()
+        out.append(start.elapsed_time(end))
+    return out
+
+
 def _one_size(torch, sync, stream, size: int, count: int, reps: int) -> list[dict]:
     pinned = [torch.ones(size, dtype=torch.uint8, pin_memory=True) for _ in range(count)]
     pageable = [torch.ones(size, dtype=torch.uint8) for _ in range(count)]
@@ -107,6 +124,7 @@ def _one_size(torch, sync, stream, size: int, count: int, reps: int) -> list[dic
 
     return [
         _entry("h2d_pinned", size, count, _timed(lambda: h2d(pinned), sync, reps)),
+        _entry("h2d_pinned_device_timed", size, count, _device_timed(torch, lambda: h2d(pinned), stream, reps)),
         _entry("h2d_pageable", size, count, _timed(lambda: h2d(pageable), sync, reps)),
         _entry("d2d", size, count, _timed(d2d, sync, reps)),
         _entry("h2d_pinned_fresh_alloc", size, count, _timed(fresh, sync, reps)),
