@@ -27,11 +27,17 @@ def _tensor(a, dtype: torch.dtype, device: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype)
 
 
-def _expert_act(h: torch.Tensor, activation: str) -> torch.Tensor:
+def expert_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """relu, or swiglu on [gate | up] halves of the last dimension (pymoe's w1 layout)."""
     if activation == "relu":
         return F.relu(h)
     f = h.shape[-1] // 2
     return F.silu(h[..., :f]) * h[..., f:]
+
+
+def expert_ffn(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, activation: str) -> torch.Tensor:
+    """One expert: activation(x @ w_in) @ w_out."""
+    return expert_activation(x @ w_in, activation) @ w_out
 
 
 class TorchMoE:
@@ -69,7 +75,7 @@ class TorchMoE:
         hit = torch.nonzero(expert_mask.sum(dim=(-1, -2)) > 0).flatten().tolist()
         for e in hit:
             slot, token = torch.where(expert_mask[e])
-            h = _expert_act(x[token] @ self.w1[e], self.config.activation)
+            h = expert_activation(x[token] @ self.w1[e], self.config.activation)
             y = (h @ self.w2[e]) * weights[token, slot, None]
             out.index_add_(0, token, y)
         return out
@@ -81,7 +87,7 @@ class TorchMoE:
         token = order // k
         counts = torch.bincount(flat, minlength=self.config.num_experts)
         offs = torch.cumsum(counts, 0).to(torch.int32)
-        h = _expert_act(torch._grouped_mm(x[token], self.w1, offs=offs), self.config.activation)
+        h = expert_activation(torch._grouped_mm(x[token], self.w1, offs=offs), self.config.activation)
         y = torch._grouped_mm(h, self.w2, offs=offs)
         y = y * weights.flatten()[order, None]
         return torch.zeros_like(x).index_add_(0, token, y)
@@ -99,4 +105,4 @@ class TorchDenseFFN:
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return _expert_act(x @ self.w1, self.activation) @ self.w2
+        return expert_ffn(x, self.w1, self.w2, self.activation)

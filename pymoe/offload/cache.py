@@ -214,7 +214,6 @@ class ExpertCache:
         self.capacity = capacity
         self.policy = policy
         self.ready: dict[int, float] = {}
-        self.evictions = 0
 
     def __len__(self) -> int:
         return len(self.ready)
@@ -243,7 +242,6 @@ class ExpertCache:
                 return False
             del self.ready[evicted]
             self.policy.on_evict(evicted)
-            self.evictions += 1
         self.ready[key] = ready_at
         self.policy.on_insert(key, tick)
         return evicted
@@ -266,7 +264,6 @@ class TieredCache:
         self.l1, self.l2, self.l3 = (ExpertCache(sizes[0], LRU()), ExpertCache(sizes[1], LRU()),
                                      ExpertCache(sizes[2], LRU()))
         self.frequency = LFU()
-        self.evictions = 0
 
     def __len__(self) -> int:
         return len(self.l1) + len(self.l2) + len(self.l3)
@@ -311,7 +308,6 @@ class TieredCache:
         if count(weakest, 0.0) < count(key, 0.0):
             del self.l3.ready[weakest]
             self.l3.ready[key] = ready
-        self.evictions += 1  # one of the two left the GPU
 
     def admit(self, key: int, tick: int, now: float, ready: float, protected: set[int],
               allow=None, prefetch: bool = False, in_flight: bool = False) -> int | None | bool:
@@ -322,10 +318,7 @@ class TieredCache:
             result = tier.admit(key, tick, now, ready, protected, allow, in_flight=in_flight)
             if result is False:
                 continue
-            if result is not None:
-                if tier is self.l1:
-                    self._demote(result, now)
-                else:
-                    self.evictions += 1
+            if result is not None and tier is self.l1:
+                self._demote(result, now)
             return result
         return False

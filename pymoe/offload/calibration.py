@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..baselines import expert_ffn
 from .models import OffloadModel
 
 SCHEMA = "pymoe.calibration/1"
@@ -93,7 +94,7 @@ def _fit_transfer(sizes: list[int], ms: list[float]) -> dict:
     return {"gbps": float(1e-6 / slope), "latency_ms": float(max(intercept, 0.0))}
 
 
-def _median_ms(fn, reps: int, sync, inner: int = 1) -> list[float]:
+def time_calls(fn, reps: int, sync, inner: int = 1) -> list[float]:
     """reps samples of the time per call; each sample times `inner` calls issued back to
     back before one synchronisation (as an engine queues expert after expert on a stream)."""
     for _ in range(2):
@@ -127,7 +128,7 @@ def measure_calibration(models: list[OffloadModel], *, tokens=DEFAULT_TOKENS, re
             src = torch.empty(size, dtype=torch.uint8, pin_memory=gpu and memory == "pinned")
             src.fill_(1)
             dst = torch.empty(size, dtype=torch.uint8, device="cuda" if gpu else "cpu")
-            raw[size] = _median_ms(lambda: dst.copy_(src, non_blocking=memory == "pinned"), reps, sync)
+            raw[size] = time_calls(lambda: dst.copy_(src, non_blocking=memory == "pinned"), reps, sync)
         medians = [float(np.median(raw[s])) for s in sizes]
         data["transfer"][memory] = {
             **_fit_transfer(sizes, medians),
@@ -138,18 +139,8 @@ def measure_calibration(models: list[OffloadModel], *, tokens=DEFAULT_TOKENS, re
         dtype = getattr(torch, model.dtype) if gpu else torch.float32
         dev = "cuda" if gpu else "cpu"
         g = torch.Generator(device="cpu").manual_seed(0)
-        first = model.d_ff * (2 if model.activation == "swiglu" else 1)
-        w_in = (torch.randn(model.d_model, first, generator=g) * 0.02).to(dev, dtype)
+        w_in = (torch.randn(model.d_model, model.w_in_cols, generator=g) * 0.02).to(dev, dtype)
         w_out = (torch.randn(model.d_ff, model.d_model, generator=g) * 0.02).to(dev, dtype)
-
-        def expert(x):
-            a = x @ w_in
-            if model.activation == "swiglu":
-                gate, up = a.chunk(2, dim=-1)
-                a = torch.nn.functional.silu(gate) * up
-            else:
-                a = torch.relu(a)
-            return a @ w_out
 
         curve = {"tokens": list(tokens), "median_ms": [], "raw_ms": [],
                  "dtype": str(dtype).replace("torch.", ""),
@@ -157,7 +148,7 @@ def measure_calibration(models: list[OffloadModel], *, tokens=DEFAULT_TOKENS, re
         for n in tokens:
             say(f"compute {model.name} expert, {n} tokens")
             x = torch.randn(n, model.d_model, generator=g).to(dev, dtype)
-            raw = _median_ms(lambda: expert(x), reps, sync, inner=20 if gpu else 1)
+            raw = time_calls(lambda: expert_ffn(x, w_in, w_out, model.activation), reps, sync, inner=20 if gpu else 1)
             curve["median_ms"].append(float(np.median(raw)))
             curve["raw_ms"].append(raw)
         data["compute"][model.shape_key()] = curve

@@ -25,6 +25,7 @@ import copy
 import numpy as np
 import torch
 
+from ..baselines import expert_ffn
 from .calibration import Calibration
 from .models import OffloadModel
 from .simulator import RunResult, simulate
@@ -38,8 +39,7 @@ class EngineError(ValueError):
 
 def _expert_weights(model: OffloadModel, key: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + key)
-    first = model.d_ff * (2 if model.activation == "swiglu" else 1)
-    w_in = torch.randn(model.d_model, first, generator=g) / model.d_model ** 0.5
+    w_in = torch.randn(model.d_model, model.w_in_cols, generator=g) / model.d_model ** 0.5
     w_out = torch.randn(model.d_ff, model.d_model, generator=g) / model.d_ff ** 0.5
     return w_in.to(dtype), w_out.to(dtype)
 
@@ -63,7 +63,6 @@ class Executor:
             if need > free:
                 raise EngineError(f"a cache of {capacity} experts needs {need / 2**30:.1f} GiB on the GPU; "
                                   f"only {free / 2**30:.1f} GiB are free")
-        self.first = model.d_ff * (2 if model.activation == "swiglu" else 1)
         distinct = model.total_experts if check else min(host_copies, model.total_experts)
         self.host = [_pack(*_expert_weights(model, i, self.dtype)).pin_memory() if self.cuda
                      else _pack(*_expert_weights(model, i, self.dtype)) for i in range(distinct)]
@@ -131,18 +130,11 @@ class Executor:
 
     def _weights(self, key: int) -> tuple[torch.Tensor, torch.Tensor]:
         raw = self.slots[self.slot_of[key]].view(self.dtype)
-        d, f = self.model.d_model, self.model.d_ff
-        return raw[: d * self.first].view(d, self.first), raw[d * self.first:].view(f, d)
+        d, f, cols = self.model.d_model, self.model.d_ff, self.model.w_in_cols
+        return raw[: d * cols].view(d, cols), raw[d * cols:].view(f, d)
 
     def _ffn(self, x: torch.Tensor, key: int) -> torch.Tensor:
-        w_in, w_out = self._weights(key)
-        h = x @ w_in
-        if self.model.activation == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            h = torch.nn.functional.silu(gate) * up
-        else:
-            h = torch.relu(h)
-        return h @ w_out
+        return expert_ffn(x, *self._weights(key), self.model.activation)
 
     def layer(self, tick: int, tokens: np.ndarray, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
         e = self.model.num_experts
@@ -191,12 +183,11 @@ def run_engine(trace: Trace, model: OffloadModel, strategy: Strategy, calibratio
         raise EngineError("the offloading engine needs a CUDA GPU; on this machine use `pymoe simulate`")
     if strategy.eviction == "tiered":
         raise EngineError("the engine runs single-pool caches; the tiered cache is simulator-only")
-    simulated = simulate(trace, model, copy.deepcopy(strategy), calibration, capacity=capacity,
-                         batch_size=batch_size, requests=requests, seed=seed)
     executor = Executor(model, capacity, device=device, host_copies=host_copies,
                         max_tokens=batch_size)
     measured = simulate(trace, model, strategy, calibration, capacity=capacity, batch_size=batch_size,
                         requests=requests, seed=seed, executor=executor)
+    simulated = copy.copy(measured)  # the cost model's times; the measured ones replace them below
     layer_ms = executor.measured_layer_ms()
     layers = model.num_layers
     step_ms = layer_ms.reshape(-1, layers).sum(axis=1)
@@ -224,13 +215,7 @@ def reference_outputs(trace: Trace, model: OffloadModel, steps: list[np.ndarray]
             out = torch.zeros(len(tokens), model.d_model, dtype=dtype)
             for expert, n in zip(experts.tolist(), counts.tolist()):
                 w_in, w_out = _expert_weights(model, layer * model.num_experts + expert, dtype)
-                h = x[:n] @ w_in
-                if model.activation == "swiglu":
-                    gate, up = h.chunk(2, dim=-1)
-                    h = torch.nn.functional.silu(gate) * up
-                else:
-                    h = torch.relu(h)
-                out[:n] += h @ w_out
+                out[:n] += expert_ffn(x[:n], w_in, w_out, model.activation)
             outputs[tick] = out.float()
             tick += 1
     return outputs

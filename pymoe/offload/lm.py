@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..baselines import expert_activation
 from .models import MODELS
 from .trace import Trace, topk_routing
 
@@ -109,12 +110,7 @@ class MoEFFN(nn.Module):
         offsets = torch.cumsum(counts, 0).to(torch.int32)
         token_of = flat_token[order]
         x = h[token_of]
-        a = torch._grouped_mm(x, self.w_in, offs=offsets)
-        if cfg.activation == "swiglu":
-            gate, up = a.chunk(2, dim=-1)
-            a = F.silu(gate) * up
-        else:
-            a = F.relu(a)
+        a = expert_activation(torch._grouped_mm(x, self.w_in, offs=offsets), cfg.activation)
         y = torch._grouped_mm(a, self.w_out, offs=offsets) * flat_weight[order, None]
         out = torch.zeros_like(h).index_add_(0, token_of, y)
         # Switch auxiliary loss E * sum_i f_i P_i, f_i over all k assignments.

@@ -49,15 +49,17 @@ class OffloadModel:
         return 3 if self.activation == "swiglu" else 2
 
     @property
+    def w_in_cols(self) -> int:
+        """Columns of an expert's first matrix: d_ff, or gate and up side by side for swiglu."""
+        return 2 * self.d_ff if self.activation == "swiglu" else self.d_ff
+
+    @property
     def expert_bytes(self) -> int:
         return self.matrices * self.d_model * self.d_ff * DTYPE_BYTES[self.dtype]
 
     @property
     def total_experts(self) -> int:
         return self.num_experts * self.num_layers
-
-    def expert_flops(self, tokens: int) -> int:
-        return 2 * self.matrices * self.d_model * self.d_ff * tokens
 
     def shape_key(self) -> str:
         """Names the expert FFN shape in calibration files."""

@@ -243,8 +243,7 @@ def simulate(trace: Trace, model: OffloadModel, strategy: Strategy, calibration:
             if executor is not None:
                 executor.layer(tick, tokens, layer, experts, counts)
             view = LayerView(tick, s, layer, routing, trace.weights[tokens, layer],
-                             None if trace.pregate is None or layer + 1 >= layers else trace.pregate[tokens, layer + 1],
-                             dict(zip(experts.tolist(), counts.tolist())))
+                             None if trace.pregate is None or layer + 1 >= layers else trace.pregate[tokens, layer + 1])
             for key in strategy.prefetch(view):
                 start = max(copy_free, t0)
                 if start >= begin + work:

@@ -20,7 +20,7 @@ the trained-model traces a 0.5 threshold beat 0.1-0.2 for every predicting strat
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -61,7 +61,6 @@ class LayerView:
     routing: list[np.ndarray]  # routing[l]: [batch, k] experts at layers 0..layer of this step
     gate_weights: np.ndarray  # [batch, k] at this layer
     pregate_next: np.ndarray | None  # [batch, k] Pre-gated prediction of layer+1, if known
-    needed: dict[int, int] = field(default_factory=dict)  # expert -> tokens at this layer
 
 
 class Strategy:
@@ -249,11 +248,8 @@ class MultiLookAhead(Strategy):
 
     def prefetch(self, view: LayerView) -> list[int]:
         ctx, layer = self.ctx, view.layer
-        for model in self.models:
-            if layer - model.distance >= 0:
-                model.learn(layer, view.routing[layer - model.distance], view.routing[layer])
-            else:
-                model.learn(layer, view.routing[layer], view.routing[layer])
+        for model in self.models:  # below `distance`, learn() only updates the popularity
+            model.learn(layer, view.routing[max(layer - model.distance, 0)], view.routing[layer])
         keys = []
         for model in self.models:
             target = layer + model.distance
@@ -282,8 +278,7 @@ class Intelligent(PredictingStrategy):
 
     def prefetch(self, view: LayerView) -> list[int]:
         ctx, layer = self.ctx, view.layer
-        source = view.routing[layer - 1] if layer > 0 else view.routing[layer]
-        self.model.learn(layer, source, view.routing[layer])
+        self.model.learn(layer, view.routing[max(layer - 1, 0)], view.routing[layer])
         if layer + 1 >= ctx.num_layers:
             return self.protect([])
         prob = self.batch_probability(self.model.token_probs(layer, view.routing[layer], ctx.top_k))

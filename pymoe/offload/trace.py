@@ -79,9 +79,6 @@ class Trace:
         """Token indices of request r, in order."""
         return np.arange(self.request_offsets[r], self.request_offsets[r + 1])
 
-    def request_lengths(self) -> np.ndarray:
-        return np.diff(self.request_offsets)
-
     # -- checks ------------------------------------------------------------
     def _fail(self, problem: str) -> None:
         raise TraceError(f"trace {self.path}: {problem}")

@@ -17,25 +17,15 @@ import time
 
 import numpy as np
 
+from ..baselines import expert_ffn
 from ..stats import summarize
+from .calibration import time_calls
 from .models import OffloadModel
 
 MIB = 2**20
 SIZES_MIB = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 COUNTS = (1, 10)
 COMPUTE_TOKENS = (1, 2, 4, 8, 16)
-
-
-def _timed(fn, sync, reps: int) -> list[float]:
-    fn()
-    sync()
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        sync()
-        out.append((time.perf_counter() - t) * 1e3)
-    return out
 
 
 def _entry(kind: str, size: int, count: int, raw_ms: list[float]) -> dict:
@@ -58,7 +48,7 @@ def measure_transfers(models: list[OffloadModel], *, reps: int = 20, progress=No
                 say(f"host copy {size / MIB:.1f} MiB x {count}")
                 src = [torch.ones(size, dtype=torch.uint8) for _ in range(count)]
                 dst = [torch.empty(size, dtype=torch.uint8) for _ in range(count)]
-                raw = _timed(lambda: [d.copy_(s) for d, s in zip(dst, src)], lambda: None, reps)
+                raw = time_calls(lambda: [d.copy_(s) for d, s in zip(dst, src)], reps, lambda: None)
                 out["measurements"].append(_entry("host->host", size, count, raw))
         return out
 
@@ -78,8 +68,8 @@ def _peaks(torch, sync) -> dict:
     big = 1024 * MIB
     src = torch.ones(big, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty(big, dtype=torch.uint8, device="cuda")
-    h2d = _timed(lambda: dst.copy_(src, non_blocking=True), sync, 10)
-    d2d = _timed(lambda: dst[: big // 2].copy_(dst[big // 2:]), sync, 10)
+    h2d = time_calls(lambda: dst.copy_(src, non_blocking=True), 10, sync)
+    d2d = time_calls(lambda: dst[: big // 2].copy_(dst[big // 2:]), 10, sync)
     return {"peak_h2d_pinned_gbps": big / (float(np.median(h2d)) * 1e6), "peak_h2d_raw_ms": h2d,
             "peak_d2d_gbps": big / (float(np.median(d2d)) * 1e6), "peak_d2d_raw_ms": d2d,  # read + write
             "peak_what": "1 GiB pinned host->GPU copy; 512 MiB GPU->GPU copy counted as read + write"}
@@ -123,11 +113,11 @@ def _one_size(torch, sync, stream, size: int, count: int, reps: int) -> list[dic
             d.copy_(s)
 
     return [
-        _entry("h2d_pinned", size, count, _timed(lambda: h2d(pinned), sync, reps)),
+        _entry("h2d_pinned", size, count, time_calls(lambda: h2d(pinned), reps, sync)),
         _entry("h2d_pinned_device_timed", size, count, _device_timed(torch, lambda: h2d(pinned), stream, reps)),
-        _entry("h2d_pageable", size, count, _timed(lambda: h2d(pageable), sync, reps)),
-        _entry("d2d", size, count, _timed(d2d, sync, reps)),
-        _entry("h2d_pinned_fresh_alloc", size, count, _timed(fresh, sync, reps)),
+        _entry("h2d_pageable", size, count, time_calls(lambda: h2d(pageable), reps, sync)),
+        _entry("d2d", size, count, time_calls(d2d, reps, sync)),
+        _entry("h2d_pinned_fresh_alloc", size, count, time_calls(fresh, reps, sync)),
     ]
 
 
@@ -144,18 +134,17 @@ def compute_vs_transfer(models: list[OffloadModel], *, reps: int = 30, progress=
     rows = []
     for model in models:
         dtype = getattr(torch, model.dtype) if gpu else torch.float32
-        first = model.d_ff * (2 if model.activation == "swiglu" else 1)
         for count in COUNTS:
-            rows += _compute_rows(torch, st, model, count, dev, dtype, first, gpu, sync, reps, say)
+            rows += _compute_rows(torch, st, model, count, dev, dtype, gpu, sync, reps, say)
     return rows
 
 
-def _compute_rows(torch, st, model, count, dev, dtype, first, gpu, sync, reps, say) -> list[dict]:
-    w_in = [torch.randn(model.d_model, first, device=dev, dtype=dtype) * 0.02 for _ in range(count)]
+def _compute_rows(torch, st, model, count, dev, dtype, gpu, sync, reps, say) -> list[dict]:
+    w_in = [torch.randn(model.d_model, model.w_in_cols, device=dev, dtype=dtype) * 0.02 for _ in range(count)]
     w_out = [torch.randn(model.d_ff, model.d_model, device=dev, dtype=dtype) * 0.02 for _ in range(count)]
     host = [torch.ones(model.expert_bytes, dtype=torch.uint8, pin_memory=gpu) for _ in range(count)]
     slots = [torch.empty(model.expert_bytes, dtype=torch.uint8, device=dev) for _ in range(count)]
-    load = _timed(lambda: [d.copy_(s, non_blocking=gpu) for d, s in zip(slots, host)], sync, reps)
+    load = time_calls(lambda: [d.copy_(s, non_blocking=gpu) for d, s in zip(slots, host)], reps, sync)
     rows = []
     for tokens in COMPUTE_TOKENS:
         say(f"{model.name}: {count} expert(s), {tokens} token(s)")
@@ -163,15 +152,9 @@ def _compute_rows(torch, st, model, count, dev, dtype, first, gpu, sync, reps, s
 
         def compute(x=x):
             for a, b in zip(w_in, w_out):
-                h = x @ a
-                if model.activation == "swiglu":
-                    g, u = h.chunk(2, dim=-1)
-                    h = torch.nn.functional.silu(g) * u
-                else:
-                    h = torch.relu(h)
-                h @ b
+                expert_ffn(x, a, b, model.activation)
 
-        comp = _timed(compute, sync, reps)
+        comp = time_calls(compute, reps, sync)
         c, t = np.asarray(comp), np.asarray(load)
         pooled = np.sqrt((c.var(ddof=1) + t.var(ddof=1)) / 2)
         rows.append({
