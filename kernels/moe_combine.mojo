@@ -4,8 +4,8 @@
 #
 # over the slots that were not dropped (slot_to_row >= 0); a token whose slots
 # were all dropped gets zeros. CPU: tokens are split across worker threads and
-# the model dimension is vectorised. GPU: one thread per output element, a
-# block row per token, so the reads of each expert row are coalesced. The sum
+# the model dimension is vectorised. GPU: one thread per 16 bytes of output,
+# a block row per token, so the reads of each expert row are coalesced. The sum
 # is accumulated in float32.
 
 import extensibility
@@ -17,7 +17,7 @@ from max.runtime.asyncrt import parallelism_level
 from std.algorithm import vectorize
 from std.math import ceildiv
 from std.memory import Pointer
-from std.sys import simd_width_of
+from std.sys import simd_width_of, size_of
 
 comptime TOKENS_PER_WORKER_MIN = 16
 comptime GPU_BLOCK = 256
@@ -33,27 +33,45 @@ def combine_gpu[dtype: DType](
     rows: Pointer[Int32, MutAnyOrigin],
     k: Int,
 ) raises:
-    """The weighted gather-sum on the GPU: one block per (token, column block)
-    (a flat grid: the y dimension of a grid is limited to 65535)."""
+    """The weighted gather-sum on the GPU: one block per (token, column
+    block), 16 bytes per thread when d allows (a flat grid: the y dimension
+    of a grid is limited to 65535)."""
+    comptime VW = 16 // size_of[Scalar[dtype]]()
     if tokens == 0 or d == 0:
         return
+    if d % VW == 0:
+        _combine_gpu[dtype, VW](ctx, dst, tokens, d, src, weights, rows, k)
+    else:
+        _combine_gpu[dtype, 1](ctx, dst, tokens, d, src, weights, rows, k)
+
+
+def _combine_gpu[dtype: DType, vw: Int](
+    ctx: DeviceContext,
+    dst: Pointer[Scalar[dtype], MutAnyOrigin],
+    tokens: Int,
+    d: Int,
+    src: Pointer[Scalar[dtype], MutAnyOrigin],
+    weights: Pointer[Float32, MutAnyOrigin],
+    rows: Pointer[Int32, MutAnyOrigin],
+    k: Int,
+) raises:
     var n_d = Int64(d)
     var n_k = Int64(k)
-    var col_blocks = ceildiv(d, GPU_BLOCK)
+    var col_blocks = ceildiv(d // vw, GPU_BLOCK)
     var n_cb = Int64(col_blocks)
 
     def kernel() {var dst, var src, var weights, var rows, var n_d, var n_k, var n_cb}:
         var t = Int(block_idx.x) // Int(n_cb)
-        var c = (Int(block_idx.x) % Int(n_cb)) * GPU_BLOCK + Int(thread_idx.x)
+        var c = ((Int(block_idx.x) % Int(n_cb)) * GPU_BLOCK + Int(thread_idx.x)) * vw
         var width = Int(n_d)
         if c >= width:
             return
-        var acc: Float32 = 0
+        var acc = SIMD[DType.float32, vw](0)
         for j in range(Int(n_k)):
             var slot = t * Int(n_k) + j
             var row = Int(rows.unsafe_load(slot))
             if row >= 0:
-                acc += weights.unsafe_load(slot) * src.unsafe_load(row * width + c).cast[DType.float32]()
+                acc += weights.unsafe_load(slot) * src.unsafe_load[width=vw](row * width + c).cast[DType.float32]()
         dst.unsafe_store(t * width + c, acc.cast[dtype]())
 
     ctx.enqueue_function(kernel, grid_dim=tokens * col_blocks, block_dim=GPU_BLOCK)

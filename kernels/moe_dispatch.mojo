@@ -19,7 +19,7 @@
 # O(T*k) and stable, so the layout is deterministic. On the GPU each pass is
 # a kernel with one thread block per expert; the place pass numbers an
 # expert's slots in token order with a block-wide prefix sum per chunk of
-# slots. The counts live in expert_offsets between the passes, so no scratch
+# slots (each thread counts a few consecutive slots first). The counts live in expert_offsets between the passes, so no scratch
 # memory is needed. Out-of-range ids cannot raise on the GPU: those slots are
 # dropped (slot_to_row = -1); the graph API rejects such ids where it can.
 
@@ -28,10 +28,12 @@ from extensibility import InputTensor, OutputTensor
 from max.gpu import barrier, block_idx, thread_idx
 from max.gpu.host import DeviceContext
 from max.gpu.memory import AddressSpace
+from max.gpu.primitives.block import prefix_sum as block_prefix_sum
 from std.math import ceildiv
 from std.memory import Pointer, stack_allocation
 
 comptime GPU_BLOCK = 256
+comptime SLOTS_PER_THREAD = 4
 
 
 def dispatch_gpu(
@@ -79,40 +81,46 @@ def dispatch_gpu(
             offsets.unsafe_store(e + 1, running)
 
     def place_kernel() {var sorted_ptr, var offsets, var rows, var ids, var n_slots, var n_k, var n_e, var cap}:
+        # Block e walks the slots in chunks of GPU_BLOCK * SLOTS_PER_THREAD;
+        # thread i owns SLOTS_PER_THREAD consecutive slots of a chunk, so a
+        # block-wide exclusive prefix sum of the threads' counts numbers the
+        # expert's slots in slot (= token) order.
         var e = Int(block_idx.x)
         var tid = Int(thread_idx.x)
-        var scan = stack_allocation[GPU_BLOCK, Int32, address_space=AddressSpace.SHARED]()
+        var chunk_total = stack_allocation[1, Int32, address_space=AddressSpace.SHARED]()
         var start = Int(offsets.unsafe_load(e))
         var kept = Int(offsets.unsafe_load(e + 1)) - start
+        var slots = Int(n_slots)
         var base = 0
-        for chunk in range(0, Int(n_slots), GPU_BLOCK):
-            var s = chunk + tid
-            var id = Int(ids.unsafe_load(s)) if s < Int(n_slots) else -1
-            var mine = Int32(1) if id == e else Int32(0)
-            scan.unsafe_store(tid, mine)
+        for chunk in range(0, slots, GPU_BLOCK * SLOTS_PER_THREAD):
+            var first = chunk + tid * SLOTS_PER_THREAD
+            var mine = Int32(0)
+            comptime for i in range(SLOTS_PER_THREAD):
+                if first + i < slots and Int(ids.unsafe_load(first + i)) == e:
+                    mine += 1
+            var before = block_prefix_sum[block_size=GPU_BLOCK, exclusive=True](mine)
+            if tid == GPU_BLOCK - 1:
+                chunk_total[0] = before + mine
+            var pos = base + Int(before)
+            comptime for i in range(SLOTS_PER_THREAD):
+                var s = first + i
+                if s < slots:
+                    var id = Int(ids.unsafe_load(s))
+                    if id == e:
+                        if pos < kept:
+                            sorted_ptr.unsafe_store(start + pos, Int32(s // Int(n_k)))
+                            rows.unsafe_store(s, Int32(start + pos))
+                        else:
+                            rows.unsafe_store(s, Int32(-1))
+                        pos += 1
+                    elif e == 0 and (id < 0 or id >= Int(n_e)):
+                        rows.unsafe_store(s, Int32(-1))
             barrier()
-            # Inclusive Hillis-Steele scan of the chunk's flags.
-            var offset = 1
-            while offset < GPU_BLOCK:
-                var add = scan.unsafe_load(tid - offset) if tid >= offset else Int32(0)
-                barrier()
-                scan.unsafe_store(tid, scan.unsafe_load(tid) + add)
-                barrier()
-                offset *= 2
-            if mine == 1:
-                var pos = base + Int(scan.unsafe_load(tid)) - 1
-                if pos < kept:
-                    sorted_ptr.unsafe_store(start + pos, Int32(s // Int(n_k)))
-                    rows.unsafe_store(s, Int32(start + pos))
-                else:
-                    rows.unsafe_store(s, Int32(-1))
-            elif e == 0 and s < Int(n_slots) and (id < 0 or id >= Int(n_e)):
-                rows.unsafe_store(s, Int32(-1))
-            base += Int(scan.unsafe_load(GPU_BLOCK - 1))
+            base += Int(chunk_total[0])
             barrier()
         # Rows past the kept slots hold token 0; the blocks share that tail.
         var total = Int(offsets.unsafe_load(Int(n_e)))
-        for row in range(total + e * GPU_BLOCK + tid, Int(n_slots), Int(n_e) * GPU_BLOCK):
+        for row in range(total + e * GPU_BLOCK + tid, slots, Int(n_e) * GPU_BLOCK):
             sorted_ptr.unsafe_store(row, Int32(0))
 
     if experts == 0:

@@ -39,26 +39,26 @@
 # the epilogue forms silu(gate) * up from two accumulators without a pass
 # over an intermediate tensor.
 #
-# GPU schedule (expert_matmul_gpu): a shared-memory tiled SIMT GEMM in
-# float32 (no tensor cores yet). Each block computes a GBM x GBN output tile
-# of one expert; the grid's tiles are laid out expert after expert, each
-# block finds its expert by walking expert_offsets. A and W tiles (GBK deep)
-# are staged in shared memory, each thread accumulates a 4 x 4 register tile
-# (and a second one for the SwiGLU up columns), and the epilogue applies the
-# activation.
+# GPU schedule (expert_matmul_gpu): the expert offsets are read back to the
+# host (one stream sync), the gathered rows are copied into a contiguous
+# block, and each expert's rows are one cuBLAS GEMM (tensor cores in bf16,
+# see gpu_gemm.mojo) writing the raw products; a memory-bound pass then
+# applies the activation (SwiGLU folds its two halves). Unlike the CPU path
+# the activation is not fused into the GEMM: cuBLAS has no SiLU epilogue.
 
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.algorithm import sync_parallelize
-from max.gpu import barrier, block_idx, thread_idx
+from max.gpu import block_idx, thread_idx
 from max.gpu.host import DeviceContext
-from max.gpu.memory import AddressSpace
 from max.runtime.asyncrt import parallelism_level
 from std.math import ceildiv, exp, fma
-from std.memory import Pointer, stack_allocation
+from std.memory import Pointer
 from std.memory.alloc import unsafe_alloc
 from std.sys import simd_width_of, size_of
 from std.sys.intrinsics import PrefetchOptions, prefetch
+
+from .gpu_gemm import activation_gpu, expert_offsets_to_host, gather_rows_gpu, gemm_gpu
 
 comptime W = simd_width_of[DType.float32]()
 # Micro-kernel tile: MR rows x NR = 2 vectors of columns.
@@ -275,128 +275,45 @@ def expert_matmul_cpu[dtype: DType, activation: StaticString, gather: Bool](
     _ = job_start^
 
 
-comptime GBM = 64
-comptime GBN = 64
-comptime GBK = 16
-comptime GTM = 4
-comptime GTN = 4
-comptime GPU_THREADS = (GBM // GTM) * (GBN // GTN)
-
-
 def expert_matmul_gpu[dtype: DType, activation: StaticString, gather: Bool](
     ctx: DeviceContext,
     c_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
-    n_out: Int,
+    ldc: Int,
     a_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
+    lda: Int,
     k_dim: Int,
     ids_ptr: Pointer[Int32, MutAnyOrigin],
-    off_ptr: Pointer[Int32, MutAnyOrigin],
-    experts: Int,
+    offsets: List[Int],
     b_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
     n_w: Int,
-    m_rows: Int,
+    gathered_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
+    wide_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
+    ldw: Int,
 ) raises:
-    """The grouped GEMM on the GPU (see the file header). `m_rows` bounds the
-    rows of all experts together (len(row_ids))."""
-    comptime swiglu = activation == "swiglu"
-    if n_out == 0 or m_rows == 0:
+    """The grouped GEMM on the GPU (see the file header). `offsets` are the
+    expert offsets on the host. A has row stride lda (k_dim columns used);
+    with `gather`, its rows are first gathered into gathered_ptr [rows, k_dim].
+    The raw products (n_w columns) go to wide_ptr (row stride ldw); the
+    activation then writes C (row stride ldc). wide_ptr may be c_ptr."""
+    var experts = len(offsets) - 1
+    var rows = offsets[experts]
+    if rows == 0 or n_w == 0:
         return
-    var n_n = Int64(n_out)
-    var n_kd = Int64(k_dim)
-    var n_e = Int64(experts)
-    var n_nw = Int64(n_w)
-    var n_half = Int64(n_w // 2)
-    # Enough row tiles for any split of m_rows rows over the experts.
-    var row_tiles = ceildiv(m_rows, GBM) + experts
-    var col_tiles = ceildiv(n_out, GBN)
-    var n_ct = Int64(col_tiles)
-
-    def tile_kernel() {var c_ptr, var a_ptr, var ids_ptr, var off_ptr, var b_ptr, var n_n, var n_kd, var n_e, var n_nw, var n_half, var n_ct}:
-        var a_sh = stack_allocation[GBK * GBM, Float32, address_space=AddressSpace.SHARED]()
-        var b_sh = stack_allocation[GBK * GBN, Float32, address_space=AddressSpace.SHARED]()
-        var u_sh = stack_allocation[GBK * GBN if swiglu else 1, Float32, address_space=AddressSpace.SHARED]()
-        var tid = Int(thread_idx.x)
-        var tile = Int(block_idx.x) // Int(n_ct)
-        var col0 = (Int(block_idx.x) % Int(n_ct)) * GBN
-        var n = Int(n_n)
-        var kd = Int(n_kd)
-        var nw = Int(n_nw)
-        var e = 0
-        var row0 = 0
-        var row_end = 0
-        var found = False
-        for ee in range(Int(n_e)):
-            var start = Int(off_ptr.unsafe_load(ee))
-            var end = Int(off_ptr.unsafe_load(ee + 1))
-            var tiles = ceildiv(end - start, GBM)
-            if not found:
-                if tile < tiles:
-                    e = ee
-                    row0 = start + tile * GBM
-                    row_end = end
-                    found = True
-                else:
-                    tile -= tiles
-        if not found:
-            return
-        var b_e = b_ptr.unsafe_offset(e * kd * nw)
-        var ty = tid // (GBN // GTN)
-        var tx = tid % (GBN // GTN)
-        var acc = Array[Float32, GTM * GTN](fill=0)
-        var acc_u = Array[Float32, GTM * GTN if swiglu else 1](fill=0)
-        for k0 in range(0, kd, GBK):
-            # Stage A (GBM rows x GBK) transposed, and W (GBK x GBN).
-            comptime for i in range(GBM * GBK // GPU_THREADS):
-                var idx = tid + i * GPU_THREADS
-                var r = idx // GBK
-                var kk = idx % GBK
-                var v: Float32 = 0
-                if row0 + r < row_end and k0 + kk < kd:
-                    var src_row = row0 + r
-                    comptime if gather:
-                        src_row = Int(ids_ptr.unsafe_load(row0 + r))
-                    v = a_ptr.unsafe_load(src_row * kd + k0 + kk).cast[DType.float32]()
-                a_sh.unsafe_store(kk * GBM + r, v)
-            comptime for i in range(GBK * GBN // GPU_THREADS):
-                var idx = tid + i * GPU_THREADS
-                var kk = idx // GBN
-                var cc = idx % GBN
-                var v: Float32 = 0
-                var u: Float32 = 0
-                if k0 + kk < kd and col0 + cc < n:
-                    v = b_e.unsafe_load((k0 + kk) * nw + col0 + cc).cast[DType.float32]()
-                    comptime if swiglu:
-                        u = b_e.unsafe_load((k0 + kk) * nw + Int(n_half) + col0 + cc).cast[DType.float32]()
-                b_sh.unsafe_store(kk * GBN + cc, v)
-                comptime if swiglu:
-                    u_sh.unsafe_store(kk * GBN + cc, u)
-            barrier()
-            for kk in range(GBK):
-                var a_reg = a_sh.unsafe_load[width=GTM](kk * GBM + ty * GTM)
-                var b_reg = b_sh.unsafe_load[width=GTN](kk * GBN + tx * GTN)
-                comptime for i in range(GTM):
-                    comptime for j in range(GTN):
-                        acc[i * GTN + j] += a_reg[i] * b_reg[j]
-                comptime if swiglu:
-                    var u_reg = u_sh.unsafe_load[width=GTN](kk * GBN + tx * GTN)
-                    comptime for i in range(GTM):
-                        comptime for j in range(GTN):
-                            acc_u[i * GTN + j] += a_reg[i] * u_reg[j]
-            barrier()
-        comptime for i in range(GTM):
-            var r = row0 + ty * GTM + i
-            if r < row_end:
-                comptime for j in range(GTN):
-                    var c = col0 + tx * GTN + j
-                    if c < n:
-                        var y = acc[i * GTN + j]
-                        comptime if swiglu:
-                            y = y / (1.0 + exp(-y)) * acc_u[i * GTN + j]
-                        else:
-                            y = _activate[activation, 1](y)[0]
-                        c_ptr.unsafe_store(r * n + c, y.cast[dtype]())
-
-    ctx.enqueue_function(tile_kernel, grid_dim=row_tiles * col_tiles, block_dim=GPU_THREADS)
+    var a = a_ptr
+    var a_stride = lda
+    comptime if gather:
+        gather_rows_gpu[dtype](ctx, gathered_ptr, a_ptr, ids_ptr, rows, k_dim)
+        a = gathered_ptr
+        a_stride = k_dim
+    for e in range(experts):
+        var r0 = offsets[e]
+        gemm_gpu[dtype](
+            ctx, wide_ptr.unsafe_offset(r0 * ldw), ldw, a.unsafe_offset(r0 * a_stride), a_stride,
+            b_ptr.unsafe_offset(e * k_dim * n_w), n_w, offsets[e + 1] - r0, n_w, k_dim,
+        )
+    comptime if activation != "none":
+        var n_out = n_w // 2 if activation == "swiglu" else n_w
+        activation_gpu[dtype, activation](ctx, c_ptr, ldc, wide_ptr, ldw, rows, n_out)
 
 
 def zero_dropped_rows_gpu[dtype: DType](
@@ -449,11 +366,26 @@ struct MoEExpertMatmul:
         var c_ptr = output.unsafe_ptr()
         comptime if target == "gpu":
             var experts = w.dim_size(0)
+            var k_dim = x.dim_size(1)
+            var n_w = w.dim_size(2)
             zero_dropped_rows_gpu[dtype](ctx, c_ptr, m_rows, n_out, expert_offsets.unsafe_ptr().unsafe_offset(experts))
+            var offsets = expert_offsets_to_host(ctx, expert_offsets.unsafe_ptr(), experts)
+            # Scratch for this standalone op (the layer's moe_ffn uses pooled
+            # workspaces instead): gathered rows, and SwiGLU's two halves.
+            var rows = max(offsets[experts], 1)
+            var gathered = ctx.enqueue_create_buffer[dtype](rows * k_dim if gather else 1)
+            var wide = ctx.enqueue_create_buffer[dtype](rows * n_w if activation == "swiglu" else 1)
+            var g_ptr = rebind[Pointer[Scalar[dtype], MutAnyOrigin]](gathered.unsafe_ptr())
+            var w_ptr = rebind[Pointer[Scalar[dtype], MutAnyOrigin]](wide.unsafe_ptr())
             expert_matmul_gpu[dtype, activation, gather](
-                ctx, c_ptr, n_out, x.unsafe_ptr(), x.dim_size(1), row_ids.unsafe_ptr(),
-                expert_offsets.unsafe_ptr(), experts, w.unsafe_ptr(), w.dim_size(2), m_rows,
+                ctx, c_ptr, n_out, x.unsafe_ptr(), k_dim, k_dim, row_ids.unsafe_ptr(), offsets,
+                w.unsafe_ptr(), n_w, g_ptr, w_ptr if activation == "swiglu" else c_ptr,
+                n_w if activation == "swiglu" else n_out,
             )
+            # The scratch must outlive the kernels that use it.
+            ctx.synchronize()
+            _ = gathered^
+            _ = wide^
             return
         var valid_rows = Int(expert_offsets.unsafe_ptr().unsafe_load(w.dim_size(0)))
         for r in range(valid_rows, m_rows):

@@ -8,13 +8,16 @@
 # mutable workspace buffers that the caller owns (pymoe's buffer pool) rather
 # than in tensors the graph allocates on every call. The workspaces may have
 # more rows than row_ids (the pool grows geometrically and is reused for
-# smaller batches); only the first len(row_ids) rows are used.
+# smaller batches); only the first len(row_ids) rows are used. h has w1's
+# column count (2*d_ff for SwiGLU) because on the GPU the first GEMM writes
+# both SwiGLU halves before the activation folds them.
 
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from extensibility import _MutableInputTensor as MutableInputTensor
 from max.gpu.host import DeviceContext
 
+from .gpu_gemm import expert_offsets_to_host
 from .moe_combine import combine_cpu, combine_gpu
 from .moe_expert_matmul import check_activation, expert_matmul_cpu, expert_matmul_gpu
 
@@ -41,25 +44,37 @@ struct MoEFFN:
         check_activation[activation]()
         comptime dtype = output.dtype
         var slots = row_ids.dim_size(0)
+        var experts = w1.dim_size(0)
+        var n_w1 = w1.dim_size(2)
+        var d_ff = w2.dim_size(1)
+        var d_model = output.dim_size(1)
         if h_workspace.dim_size(0) < slots or y_workspace.dim_size(0) < slots:
             raise Error("pymoe_moe_ffn: workspace has fewer rows than token slots")
-        var experts = w1.dim_size(0)
-        var d_ff = h_workspace.dim_size(1)
-        var d_model = output.dim_size(1)
+        if h_workspace.dim_size(1) != n_w1 or y_workspace.dim_size(1) != d_model:
+            raise Error("pymoe_moe_ffn: workspaces must be [rows, w1 columns] and [rows, d_model]")
         comptime if target == "gpu":
+            var offsets = expert_offsets_to_host(ctx, expert_offsets.unsafe_ptr(), experts)
+            var h = h_workspace.unsafe_ptr()
+            var y = y_workspace.unsafe_ptr()
+            # y doubles as the buffer of gathered x rows: the second GEMM
+            # overwrites it only after the first one has read it (one stream).
+            # The first GEMM writes all n_w1 columns of h; for SwiGLU the
+            # activation folds them into the first d_ff columns in place.
             expert_matmul_gpu[dtype, activation, True](
-                ctx, h_workspace.unsafe_ptr(), d_ff, x.unsafe_ptr(), x.dim_size(1), row_ids.unsafe_ptr(),
-                expert_offsets.unsafe_ptr(), experts, w1.unsafe_ptr(), w1.dim_size(2), slots,
+                ctx, h, n_w1, x.unsafe_ptr(), d_model, d_model, row_ids.unsafe_ptr(), offsets,
+                w1.unsafe_ptr(), n_w1, y, h, n_w1,
             )
             expert_matmul_gpu[dtype, "none", False](
-                ctx, y_workspace.unsafe_ptr(), d_model, h_workspace.unsafe_ptr(), d_ff, row_ids.unsafe_ptr(),
-                expert_offsets.unsafe_ptr(), experts, w2.unsafe_ptr(), d_model, slots,
+                ctx, y, d_model, h, n_w1, d_ff, row_ids.unsafe_ptr(), offsets,
+                w2.unsafe_ptr(), d_model, y, y, d_model,
             )
             combine_gpu[dtype](
-                ctx, output.unsafe_ptr(), output.dim_size(0), d_model, y_workspace.unsafe_ptr(),
+                ctx, output.unsafe_ptr(), output.dim_size(0), d_model, y,
                 topk_weights.unsafe_ptr(), slot_to_row.unsafe_ptr(), topk_weights.dim_size(1),
             )
             return
+        # The CPU kernel fuses the activation and writes h compactly
+        # ([slots, d_ff], row stride d_ff) into the front of the workspace.
         expert_matmul_cpu[dtype, activation, True](
             h_workspace.unsafe_ptr(), d_ff, x.unsafe_ptr(), x.dim_size(1), row_ids.unsafe_ptr(),
             expert_offsets.unsafe_ptr(), experts, w1.unsafe_ptr(), w1.dim_size(2),

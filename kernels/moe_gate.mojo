@@ -19,24 +19,31 @@
 # is unrolled and the branch on renormalisation disappears. CPU: tokens are
 # split across worker threads; each worker keeps float64 partial sums that
 # are added in a fixed order afterwards, so the statistics are deterministic.
-# GPU: one thread per token; the statistics are accumulated with atomics
-# into the output tensors themselves (no scratch memory), in float32 for
-# P_i and the z-loss, so their last bits depend on the order of the adds.
+# GPU: one warp per token (see gate_gpu); the statistics are accumulated
+# with atomics into the output tensors themselves (no scratch memory), in
+# float32 for P_i and the z-loss, so their last bits depend on the order of
+# the adds.
 
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.algorithm import sync_parallelize
-from max.gpu import block_dim, block_idx, thread_idx
+from max.gpu import WARP_SIZE, barrier, block_idx, grid_dim, thread_idx
+from max.gpu.memory import AddressSpace
+from max.gpu.primitives.warp import max as warp_max, sum as warp_sum
 from max.gpu.host import DeviceContext
 from max.runtime.asyncrt import parallelism_level
 from std.algorithm import vectorize
 from std.atomic import Atomic
 from std.math import ceildiv, exp, log
-from std.memory import Pointer
+from std.memory import Pointer, stack_allocation
 from std.sys import simd_width_of
 
 comptime TOKENS_PER_WORKER_MIN = 64
-comptime GPU_BLOCK = 128
+comptime GPU_BLOCK = 256
+comptime WARPS_PER_BLOCK = GPU_BLOCK // WARP_SIZE
+# Enough blocks to fill an H100 several times over; more would only add
+# per-block atomics.
+comptime MAX_GATE_BLOCKS = 1024
 
 
 def gate_gpu[dtype: DType, top_k: Int, renormalize: Bool](
@@ -52,74 +59,129 @@ def gate_gpu[dtype: DType, top_k: Int, renormalize: Bool](
     d_model: Int,
     experts: Int,
 ) raises:
-    """The gate on the GPU: a zeroing kernel, one thread per token, and a
-    one-thread kernel that turns the sums into means and losses."""
+    """The gate on the GPU: a zeroing kernel, the token kernel (one warp per
+    token, see below), and a one-thread kernel that turns the sums into means
+    and losses."""
     var n_tok = Int64(tokens)
     var n_d = Int64(d_model)
     var n_e = Int64(experts)
 
     def zero_stats() {var counts, var pmean, var losses, var n_e}:
-        var e = Int(thread_idx.x)
-        if e < Int(n_e):
+        for e in range(Int(thread_idx.x), Int(n_e), GPU_BLOCK):
             counts.unsafe_store(e, Int32(0))
             pmean.unsafe_store(e, Float32(0))
-        if e < 2:
-            losses.unsafe_store(e, Float32(0))
+        if Int(thread_idx.x) < 2:
+            losses.unsafe_store(Int(thread_idx.x), Float32(0))
 
+    # One warp per token (grid-stride over tokens). Lane l owns experts
+    # l, l + 32, ...: it computes their logits along d_model (the router
+    # weights of neighbouring experts are neighbours in memory, so the warp's
+    # loads coalesce; the token's x is broadcast). Softmax max and sum are
+    # warp reductions, accumulated online over chunks of 32 experts; top-k
+    # takes the warp's arg-max k times per chunk (lower index on ties, as on
+    # the CPU). Statistics of the first 32 experts are summed in registers
+    # over the warp's tokens and then over the block, so the atomics are per
+    # block instead of per token; experts past 32 add per token.
     def token_kernel() {var w_out, var id_out, var counts, var pmean, var losses, var x, var rw, var n_tok, var n_d, var n_e}:
-        var t = block_idx.x * block_dim.x + thread_idx.x
-        if t >= Int(n_tok):
-            return
+        var tid = Int(thread_idx.x)
+        var lane = tid % WARP_SIZE
+        var warps = Int(grid_dim.x) * WARPS_PER_BLOCK
         var d = Int(n_d)
         var e_count = Int(n_e)
-        var xt = x.unsafe_offset(t * d)
-        # Pass 1: max logit. Pass 2: sum of exp. Selection recomputes the
-        # logits instead of storing E of them per thread.
-        var m = Float32.MIN
-        for e in range(e_count):
-            var acc: Float32 = 0
-            for kk in range(d):
-                acc += xt.unsafe_load(kk).cast[DType.float32]() * rw.unsafe_load(kk * e_count + e).cast[DType.float32]()
-            m = max(m, acc)
-        var total: Float32 = 0
-        var chosen = Array[Int, top_k](fill=-1)
-        var chosen_logit = Array[Float32, top_k](fill=Float32.MIN)
-        for e in range(e_count):
-            var acc: Float32 = 0
-            for kk in range(d):
-                acc += xt.unsafe_load(kk).cast[DType.float32]() * rw.unsafe_load(kk * e_count + e).cast[DType.float32]()
-            var p = exp(acc - m)
-            total += p
-            # Insert into the sorted top-k list; strict '>' keeps the lower
-            # index first on ties, as on the CPU.
-            var v = acc
-            var id = e
+        var chunks = ceildiv(e_count, WARP_SIZE)
+        var neg_inf = Float32.MIN
+        var p_acc: Float32 = 0
+        var n_acc = Int32(0)
+        var z_acc: Float32 = 0
+        for t in range(Int(block_idx.x) * WARPS_PER_BLOCK + tid // WARP_SIZE, Int(n_tok), warps):
+            var xt = x.unsafe_offset(t * d)
+            var m = neg_inf
+            var total: Float32 = 0
+            var logit0: Float32 = 0
+            var chosen = Array[Int, top_k](fill=-1)
+            var chosen_logit = Array[Float32, top_k](fill=neg_inf)
+            for c in range(chunks):
+                var e = c * WARP_SIZE + lane
+                var valid = e < e_count
+                var acc: Float32 = 0
+                if valid:
+                    for kk in range(d):
+                        acc += xt.unsafe_load(kk).cast[DType.float32]() * rw.unsafe_load(kk * e_count + e).cast[DType.float32]()
+                if c == 0:
+                    logit0 = acc
+                var chunk_max = warp_max(acc if valid else neg_inf)
+                var new_m = max(m, chunk_max)
+                total = total * exp(m - new_m) + warp_sum(exp(acc - new_m) if valid else Float32(0))
+                m = new_m
+                var v = acc if valid else neg_inf
+                var live = valid
+                comptime for _ in range(top_k):
+                    var best = warp_max(v if live else neg_inf)
+                    var win = -warp_max(-Int32(lane if live and v == best else WARP_SIZE))
+                    if Int(win) < WARP_SIZE:
+                        if lane == Int(win):
+                            live = False
+                        # Insert into the sorted list; strict '>' keeps the
+                        # earlier (lower-index) expert first on ties.
+                        var cv = best
+                        var ci = c * WARP_SIZE + Int(win)
+                        comptime for j in range(top_k):
+                            if chosen[j] < 0 or cv > chosen_logit[j]:
+                                var tv = chosen_logit[j]
+                                var ti = chosen[j]
+                                chosen_logit[j] = cv
+                                chosen[j] = ci
+                                cv = tv
+                                ci = ti
+            var inv = 1.0 / total
+            var chosen_sum: Float32 = 0
             comptime for j in range(top_k):
-                if chosen[j] < 0 or v > chosen_logit[j]:
-                    var tv = chosen_logit[j]
-                    var ti = chosen[j]
-                    chosen_logit[j] = v
-                    chosen[j] = id
-                    v = tv
-                    id = ti
-        var inv = 1.0 / total
-        var chosen_sum: Float32 = 0
-        comptime for j in range(top_k):
-            chosen_sum += exp(chosen_logit[j] - m) * inv
-        comptime for j in range(top_k):
-            var p = exp(chosen_logit[j] - m) * inv
-            comptime if renormalize:
-                p = p / chosen_sum
-            w_out.unsafe_store(t * top_k + j, p)
-            id_out.unsafe_store(t * top_k + j, Int32(chosen[j]))
-            _ = Atomic.fetch_add(counts.unsafe_offset(chosen[j]), Int32(1))
-        for e in range(e_count):
-            var acc: Float32 = 0
-            for kk in range(d):
-                acc += xt.unsafe_load(kk).cast[DType.float32]() * rw.unsafe_load(kk * e_count + e).cast[DType.float32]()
-            _ = Atomic.fetch_add(pmean.unsafe_offset(e), exp(acc - m) * inv)
-        var lse = m + log(total)
-        _ = Atomic.fetch_add(losses.unsafe_offset(1), lse * lse)
+                chosen_sum += exp(chosen_logit[j] - m) * inv
+            comptime for j in range(top_k):
+                if lane == j % WARP_SIZE:
+                    var p = exp(chosen_logit[j] - m) * inv
+                    comptime if renormalize:
+                        p = p / chosen_sum
+                    w_out.unsafe_store(t * top_k + j, p)
+                    id_out.unsafe_store(t * top_k + j, Int32(chosen[j]))
+                if chosen[j] == lane:
+                    n_acc += 1
+                elif chosen[j] >= WARP_SIZE and lane == 0:
+                    _ = Atomic.fetch_add(counts.unsafe_offset(chosen[j]), Int32(1))
+            if lane < e_count:
+                p_acc += exp(logit0 - m) * inv
+            for c in range(1, chunks):
+                var e = c * WARP_SIZE + lane
+                if e < e_count:
+                    var acc: Float32 = 0
+                    for kk in range(d):
+                        acc += xt.unsafe_load(kk).cast[DType.float32]() * rw.unsafe_load(kk * e_count + e).cast[DType.float32]()
+                    _ = Atomic.fetch_add(pmean.unsafe_offset(e), exp(acc - m) * inv)
+            if lane == 0:
+                var lse = m + log(total)
+                z_acc += lse * lse
+        # Block reduction of the first chunk's statistics, then one atomic
+        # per expert per block.
+        var p_sh = stack_allocation[GPU_BLOCK, Float32, address_space=AddressSpace.SHARED]()
+        var n_sh = stack_allocation[GPU_BLOCK, Int32, address_space=AddressSpace.SHARED]()
+        var z_sh = stack_allocation[GPU_BLOCK, Float32, address_space=AddressSpace.SHARED]()
+        p_sh.unsafe_store(tid, p_acc)
+        n_sh.unsafe_store(tid, n_acc)
+        z_sh.unsafe_store(tid, z_acc)
+        barrier()
+        if tid < WARP_SIZE:
+            var p_sum: Float32 = 0
+            var n_sum = Int32(0)
+            var z_sum: Float32 = 0
+            for w in range(WARPS_PER_BLOCK):
+                p_sum += p_sh.unsafe_load(w * WARP_SIZE + tid)
+                n_sum += n_sh.unsafe_load(w * WARP_SIZE + tid)
+                z_sum += z_sh.unsafe_load(w * WARP_SIZE + tid)
+            if tid < e_count:
+                _ = Atomic.fetch_add(pmean.unsafe_offset(tid), p_sum)
+                _ = Atomic.fetch_add(counts.unsafe_offset(tid), n_sum)
+            if tid == 0:
+                _ = Atomic.fetch_add(losses.unsafe_offset(1), z_sum)
 
     def finish() {var counts, var pmean, var losses, var n_tok, var n_e}:
         var t = Float64(max(Int(n_tok), 1))
@@ -131,9 +193,10 @@ def gate_gpu[dtype: DType, top_k: Int, renormalize: Bool](
         losses.unsafe_store(0, Float32(Float64(Int(n_e)) * aux))
         losses.unsafe_store(1, Float32(Float64(losses.unsafe_load(1)) / t))
 
-    ctx.enqueue_function(zero_stats, grid_dim=1, block_dim=max(experts, 2))
+    ctx.enqueue_function(zero_stats, grid_dim=1, block_dim=GPU_BLOCK)
     if tokens > 0:
-        ctx.enqueue_function(token_kernel, grid_dim=ceildiv(tokens, GPU_BLOCK), block_dim=GPU_BLOCK)
+        var blocks = min(ceildiv(tokens, WARPS_PER_BLOCK), MAX_GATE_BLOCKS)
+        ctx.enqueue_function(token_kernel, grid_dim=blocks, block_dim=GPU_BLOCK)
     ctx.enqueue_function(finish, grid_dim=1, block_dim=1)
 
 

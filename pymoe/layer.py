@@ -44,6 +44,50 @@ def check_device_dtype(device: str, dtype: str) -> None:
 
         if accelerator_count() == 0:
             raise ValueError("device='gpu' was requested but MAX sees no GPU on this machine")
+        load_cublas()
+
+
+_CUBLAS_SONAMES = ("libcublas.so.13", "libcublas.so.12")
+
+
+def load_cublas() -> str:
+    """Make cuBLAS loadable for the GPU expert GEMM (kernels/gpu_gemm.mojo).
+
+    MAX opens cuBLAS by its soname at run time and does not ship it. If the
+    dynamic loader cannot find it, load it from the NVIDIA wheels that CUDA
+    builds of PyTorch install (nvidia/cublas/lib or nvidia/cu13/lib); once
+    loaded, MAX's lookup by soname finds the same library. Returns the path
+    or soname loaded; raises RuntimeError naming what was searched."""
+    import ctypes
+    import os
+    import sys
+
+    for name in _CUBLAS_SONAMES:
+        try:
+            ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+            return name
+        except OSError:
+            pass
+    searched = []
+    for entry in sys.path:
+        for sub in ("nvidia/cublas/lib", "nvidia/cu13/lib"):
+            folder = os.path.join(entry, sub)
+            searched.append(folder)
+            for name in _CUBLAS_SONAMES:
+                path = os.path.join(folder, name)
+                if os.path.exists(path):
+                    # cuBLAS needs cuBLASLt from the same folder, which its
+                    # wheel does not put on the loader's path.
+                    lt_path = os.path.join(folder, name.replace("libcublas", "libcublasLt"))
+                    if os.path.exists(lt_path):
+                        ctypes.CDLL(lt_path, mode=ctypes.RTLD_GLOBAL)
+                    ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                    return path
+    raise RuntimeError(
+        "the GPU expert GEMM needs cuBLAS (libcublas.so.13 or .12): install the CUDA toolkit or a CUDA "
+        "build of PyTorch (its nvidia-cublas wheel), or add its lib folder to LD_LIBRARY_PATH; searched "
+        + ", ".join(sorted(set(searched)))
+    )
 
 
 def _driver_device(device: str):
@@ -118,7 +162,7 @@ def _wrap_output(out, like):
 class BufferPool:
     """Device buffers for the experts' intermediates, reused across calls.
 
-    One buffer per width in `widths` (h: [rows, d_ff], y: [rows, d_model]).
+    One buffer per width in `widths` (h: [rows, w1 columns], y: [rows, d_model]).
     A call needing more rows than the pool holds replaces every buffer with
     one of the next power-of-two rows, so any sequence of batch sizes causes
     at most log2(max rows) reallocations; `allocations` counts them.
@@ -181,7 +225,7 @@ class MoELayer:
         self._device = _driver_device(device)
         # pooled=False lets the graph allocate the intermediates on every call
         # (kept for the ablation that measures what the pool saves).
-        self.pool = BufferPool((config.d_ff, config.d_model), dtype, self._device) if pooled else None
+        self.pool = BufferPool((config.expert_n, config.d_model), dtype, self._device) if pooled else None
         self.compile_seconds = 0.0
         self._model = self._compiled()
         self._weights = [
@@ -271,7 +315,7 @@ def _compile_moe(config: MoEConfig, device: str, dtype: str, pooled: bool):
         TensorType(dt, [e, f, d], ref),
     ]
     if pooled:
-        input_types += [BufferType(dt, ["pool_rows", f], ref), BufferType(dt, ["pool_rows", d], ref)]
+        input_types += [BufferType(dt, ["pool_rows", config.expert_n], ref), BufferType(dt, ["pool_rows", d], ref)]
     with Graph("pymoe_moe_layer", input_types=input_types, custom_extensions=[mops.KERNELS_DIR]) as g:
         x, router, w1, w2 = (v.tensor for v in g.inputs[:4])
         workspaces = (g.inputs[4].buffer, g.inputs[5].buffer) if pooled else None

@@ -298,15 +298,16 @@ def moe_ffn(
 
     Same result as moe_expert_matmul (gathered, fused activation), then
     moe_expert_matmul on w2, then moe_combine; the intermediates h and y are
-    written into `workspaces` = (h buffer [rows, d_ff], y buffer [rows,
+    written into `workspaces` = (h buffer [rows, w1 columns], y buffer [rows,
     d_model]) instead of new tensors, rows >= T*k (the kernel raises at run
-    time otherwise). `activation` is "relu" or "swiglu" (w1 = [Wg | Wu]).
+    time otherwise). h is as wide as w1 (2*d_ff for SwiGLU) because the GPU
+    path writes both SwiGLU halves before folding them. `activation` is "relu" or "swiglu" (w1 = [Wg | Wu]).
     """
     if activation not in ("relu", "swiglu"):
         raise ValueError(f"activation must be 'relu' or 'swiglu', got {activation!r}")
     h_ws, y_ws = workspaces
-    d_ff, d_model = w2.shape[1], w2.shape[2]
-    for name, ws, width in (("h workspace", h_ws, d_ff), ("y workspace", y_ws, d_model)):
+    w1_cols, d_model = w1.shape[2], w2.shape[2]
+    for name, ws, width in (("h workspace", h_ws, w1_cols), ("y workspace", y_ws, d_model)):
         if not isinstance(ws, BufferValue):
             raise TypeError(f"{name} must be a BufferValue (a mutable graph buffer), got {type(ws).__name__}")
         if ws.dtype != x.dtype or ws.rank != 2 or ws.shape[1] != width:

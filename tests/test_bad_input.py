@@ -154,3 +154,15 @@ def test_moe_ffn_workspace_checks():
             mops.moe_ffn(x, gate.topk_weights, disp, w1, w2, (h_ws, x), activation="relu")
         with pytest.raises(ValueError, match="activation"):
             mops.moe_ffn(x, gate.topk_weights, disp, w1, w2, (h_ws, h_ws), activation="gelu")
+
+
+def test_missing_cublas_is_a_clear_error(monkeypatch, tmp_path):
+    """Without cuBLAS the GPU path says what it needs and where it looked."""
+    import sys
+
+    from pymoe import layer
+
+    monkeypatch.setattr(layer, "_CUBLAS_SONAMES", ("libcublas_not_installed.so.99",))
+    monkeypatch.setattr(sys, "path", [str(tmp_path)])
+    with pytest.raises(RuntimeError, match="needs cuBLAS.*nvidia/cublas/lib"):
+        layer.load_cublas()

@@ -136,4 +136,4 @@ def test_buffer_pool_grows_geometrically_and_is_reused(layers, rng):
         _check_against_reference(layer, config, weights, x, FP32_TOL)
         history.append((layer.pool.rows, layer.pool.allocations))
     assert history == [(256, 2), (256, 2), (256, 2), (256, 2), (512, 4), (512, 4)]
-    assert layer.pool.nbytes == 512 * (config.d_ff + config.d_model) * 4
+    assert layer.pool.nbytes == 512 * (config.expert_n + config.d_model) * 4

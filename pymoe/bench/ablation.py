@@ -259,7 +259,7 @@ def _layer_cases(x: np.ndarray, w: MoEWeights, cfg: MoEConfig) -> list[Case]:
     ]
     cases.append(Case("layer", "specialized", t, lambda: _compile_moe(cfg, "cpu", "float32", False), inputs,
                       check, 1e-5, flops=flops, note="MoELayer(pooled=False); " + intermediates))
-    pool = BufferPool((cfg.d_ff, d), "float32", _driver_device("cpu"))
+    pool = BufferPool((cfg.expert_n, d), "float32", _driver_device("cpu"))
     cases.append(Case("layer", "pooled", t, lambda: _compile_moe(cfg, "cpu", "float32", True), inputs,
                       check, 1e-5, flops=flops, pool=pool, pool_rows=t * k,
                       note="MoELayer(pooled=True): h and y live in a BufferPool"))
@@ -358,7 +358,7 @@ def routing_cases(cfg: MoEConfig, t: int, seed: int = 0) -> list[Case]:
     tw = gate.topk_weights.astype(np.float32)
     ids = gate.topk_ids.astype(np.int32)
     s2r = disp.slot_to_row.astype(np.int32)
-    pool = BufferPool((cfg.d_ff, d), "float32", _driver_device("cpu"))
+    pool = BufferPool((cfg.expert_n, d), "float32", _driver_device("cpu"))
 
     def gate_check(outs):
         return R.relative_error(outs[0], gate.topk_weights) if np.array_equal(outs[1], gate.topk_ids) else float("inf")

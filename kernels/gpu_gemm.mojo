@@ -1,0 +1,200 @@
+# GPU building blocks for the grouped expert GEMM (not registered ops):
+#
+# - gemm_gpu: one row-major C = A @ B through cuBLAS on the op's stream, with
+#   explicit row strides so that a GEMM can read or write a column block of a
+#   wider buffer (the SwiGLU halves). cuBLAS is column-major, so the row-major
+#   product is issued as C^T = B^T @ A^T. Tensor cores are used for bfloat16
+#   (float32 accumulation); float32 runs in full float32 (no TF32), so fp32
+#   keeps the 1e-5 error bound of the reference tests.
+#   We call cuBLAS rather than write a Hopper GEMM (wgmma + TMA) ourselves:
+#   the per-expert GEMMs are ordinary large GEMMs once the rows are grouped,
+#   and MAX's own vendor-BLAS handle (one per device context, created lazily)
+#   is the supported way to reach it from a kernel.
+# - expert_offsets_to_host: the grouped GEMM needs each expert's row count on
+#   the host to size its launches, so the dispatch's offsets (E+1 int32) are
+#   copied back and the stream is synchronised once per layer call.
+# - gather_rows_gpu / activation_gpu: the memory-bound steps around the GEMMs,
+#   vectorised 16 bytes per thread when the row lengths allow it.
+
+from _cublas.cublas import (
+    Algorithm,
+    ComputeType,
+    _convert_to_cublas_datatype,
+    check_cublas_error,
+    cublasGemmEx,
+    cublasMath_t,
+    cublasOperation_t,
+    cublasSetMathMode,
+)
+from linalg.matmul.vendor.blas import _get_global_handle
+from max.gpu import block_idx, thread_idx
+from max.gpu.host import DeviceBuffer, DeviceContext
+from std.math import ceildiv, exp
+from std.memory import Pointer
+from std.sys import size_of
+
+comptime GPU_BLOCK = 256
+
+
+def gemm_gpu[dtype: DType](
+    ctx: DeviceContext,
+    c: Pointer[Scalar[dtype], MutAnyOrigin],
+    ldc: Int,
+    a: Pointer[Scalar[dtype], MutAnyOrigin],
+    lda: Int,
+    b: Pointer[Scalar[dtype], MutAnyOrigin],
+    ldb: Int,
+    m: Int,
+    n: Int,
+    k: Int,
+) raises:
+    """C[m, n] = A[m, k] @ B[k, n], all row-major with row strides ldc/lda/ldb."""
+    comptime assert dtype == DType.float32 or dtype == DType.bfloat16, "gemm_gpu: float32 or bfloat16"
+    if m == 0 or n == 0:
+        return
+    var handle = _get_global_handle[dtype](ctx)._get_cublas()
+    check_cublas_error(cublasSetMathMode(handle, cublasMath_t.CUBLAS_DEFAULT_MATH))
+    var alpha = Float32(1.0)
+    var beta = Float32(0.0)
+    comptime cublas_type = _convert_to_cublas_datatype[dtype]()
+    check_cublas_error(
+        cublasGemmEx(
+            handle,
+            cublasOperation_t.CUBLAS_OP_N,
+            cublasOperation_t.CUBLAS_OP_N,
+            Int32(n),
+            Int32(m),
+            Int32(k),
+            rebind[Pointer[NoneType, ImmutAnyOrigin]](Pointer(to=alpha).bitcast[NoneType]()),
+            rebind[Pointer[NoneType, ImmutAnyOrigin]](b.bitcast[NoneType]()),
+            cublas_type,
+            Int32(ldb),
+            rebind[Pointer[NoneType, ImmutAnyOrigin]](a.bitcast[NoneType]()),
+            cublas_type,
+            Int32(lda),
+            rebind[Pointer[NoneType, ImmutAnyOrigin]](Pointer(to=beta).bitcast[NoneType]()),
+            c.bitcast[NoneType](),
+            cublas_type,
+            Int32(ldc),
+            ComputeType.COMPUTE_32F,
+            Algorithm.DEFAULT,
+        )
+    )
+
+
+def expert_offsets_to_host(
+    ctx: DeviceContext, off_ptr: Pointer[Int32, MutAnyOrigin], experts: Int
+) raises -> List[Int]:
+    """The dispatch's expert_offsets [E+1] as host integers (synchronises the stream)."""
+    var n = experts + 1
+    var host = List[Int32](length=n, fill=0)
+    var view = DeviceBuffer[DType.int32](ctx, off_ptr, n, owning=False)
+    ctx.enqueue_copy(host.unsafe_ptr(), view)
+    ctx.synchronize()
+    var out = List[Int](capacity=n)
+    for i in range(n):
+        out.append(Int(host[i]))
+    return out^
+
+
+def _vector_width[dtype: DType]() -> Int:
+    return 16 // size_of[Scalar[dtype]]()
+
+
+def gather_rows_gpu[dtype: DType](
+    ctx: DeviceContext,
+    dst: Pointer[Scalar[dtype], MutAnyOrigin],
+    src: Pointer[Scalar[dtype], MutAnyOrigin],
+    ids: Pointer[Int32, MutAnyOrigin],
+    rows: Int,
+    width: Int,
+) raises:
+    """dst[r, :] = src[ids[r], :] for r < rows (both with row stride `width`)."""
+    comptime VW = _vector_width[dtype]()
+    if rows == 0 or width == 0:
+        return
+    if width % VW == 0:
+        _gather[dtype, VW](ctx, dst, src, ids, rows, width)
+    else:
+        _gather[dtype, 1](ctx, dst, src, ids, rows, width)
+
+
+def _gather[dtype: DType, vw: Int](
+    ctx: DeviceContext,
+    dst: Pointer[Scalar[dtype], MutAnyOrigin],
+    src: Pointer[Scalar[dtype], MutAnyOrigin],
+    ids: Pointer[Int32, MutAnyOrigin],
+    rows: Int,
+    width: Int,
+) raises:
+    var vecs = width // vw
+    var n_total = Int64(rows * vecs)
+    var n_vecs = Int64(vecs)
+    var n_w = Int64(width)
+
+    def kernel() {var dst, var src, var ids, var n_total, var n_vecs, var n_w}:
+        var i = Int(block_idx.x) * GPU_BLOCK + Int(thread_idx.x)
+        if i >= Int(n_total):
+            return
+        var r = i // Int(n_vecs)
+        var c = (i % Int(n_vecs)) * vw
+        var s = Int(ids.unsafe_load(r))
+        dst.unsafe_store(r * Int(n_w) + c, src.unsafe_load[width=vw](s * Int(n_w) + c))
+
+    ctx.enqueue_function(kernel, grid_dim=ceildiv(Int(n_total), GPU_BLOCK), block_dim=GPU_BLOCK)
+
+
+def activation_gpu[dtype: DType, activation: StaticString](
+    ctx: DeviceContext,
+    dst: Pointer[Scalar[dtype], MutAnyOrigin],
+    ldd: Int,
+    src: Pointer[Scalar[dtype], MutAnyOrigin],
+    lds: Int,
+    rows: Int,
+    n_out: Int,
+) raises:
+    """dst[r, c] = act(src[r, c]) for r < rows, c < n_out; for "swiglu",
+    dst[r, c] = silu(src[r, c]) * src[r, n_out + c]. dst may be src (each
+    element is read and written by the same thread), computed in float32."""
+    comptime VW = _vector_width[dtype]()
+    if rows == 0 or n_out == 0:
+        return
+    if n_out % VW == 0 and ldd % VW == 0 and lds % VW == 0:
+        _activation[dtype, activation, VW](ctx, dst, ldd, src, lds, rows, n_out)
+    else:
+        _activation[dtype, activation, 1](ctx, dst, ldd, src, lds, rows, n_out)
+
+
+def _activation[dtype: DType, activation: StaticString, vw: Int](
+    ctx: DeviceContext,
+    dst: Pointer[Scalar[dtype], MutAnyOrigin],
+    ldd: Int,
+    src: Pointer[Scalar[dtype], MutAnyOrigin],
+    lds: Int,
+    rows: Int,
+    n_out: Int,
+) raises:
+    var vecs = n_out // vw
+    var n_total = Int64(rows * vecs)
+    var n_vecs = Int64(vecs)
+    var n_ldd = Int64(ldd)
+    var n_lds = Int64(lds)
+    var n_half = Int64(n_out)
+
+    def kernel() {var dst, var src, var n_total, var n_vecs, var n_ldd, var n_lds, var n_half}:
+        var i = Int(block_idx.x) * GPU_BLOCK + Int(thread_idx.x)
+        if i >= Int(n_total):
+            return
+        var r = i // Int(n_vecs)
+        var c = (i % Int(n_vecs)) * vw
+        var v = src.unsafe_load[width=vw](r * Int(n_lds) + c).cast[DType.float32]()
+        comptime if activation == "relu":
+            v = max(v, SIMD[DType.float32, vw](0))
+        elif activation == "silu":
+            v = v / (1.0 + exp(-v))
+        elif activation == "swiglu":
+            var up = src.unsafe_load[width=vw](r * Int(n_lds) + Int(n_half) + c).cast[DType.float32]()
+            v = v / (1.0 + exp(-v)) * up
+        dst.unsafe_store(r * Int(n_ldd) + c, v.cast[dtype]())
+
+    ctx.enqueue_function(kernel, grid_dim=ceildiv(Int(n_total), GPU_BLOCK), block_dim=GPU_BLOCK)
