@@ -101,6 +101,15 @@ def _vector_width[dtype: DType]() -> Int:
     return 16 // size_of[Scalar[dtype]]()
 
 
+def aligned16[dtype: DType](*ptrs: Pointer[Scalar[dtype], MutAnyOrigin]) -> Bool:
+    """Whether every pointer is 16-byte aligned, so 16-byte vector accesses
+    are legal (a tensor shared from PyTorch may be an offset view)."""
+    for p in ptrs:
+        if Int(p) % 16 != 0:
+            return False
+    return True
+
+
 def gather_rows_gpu[dtype: DType](
     ctx: DeviceContext,
     dst: Pointer[Scalar[dtype], MutAnyOrigin],
@@ -113,7 +122,7 @@ def gather_rows_gpu[dtype: DType](
     comptime VW = _vector_width[dtype]()
     if rows == 0 or width == 0:
         return
-    if width % VW == 0:
+    if width % VW == 0 and aligned16[dtype](dst, src):
         _gather[dtype, VW](ctx, dst, src, ids, rows, width)
     else:
         _gather[dtype, 1](ctx, dst, src, ids, rows, width)
@@ -127,6 +136,10 @@ def _gather[dtype: DType, vw: Int](
     rows: Int,
     width: Int,
 ) raises:
+    # Rows start on 16-byte boundaries when width is a multiple of vw (MAX
+    # buffers are aligned), so tell the compiler: otherwise it splits the
+    # vector accesses into scalar ones.
+    comptime ALIGN = vw * size_of[Scalar[dtype]]()
     var vecs = width // vw
     var n_total = Int64(rows * vecs)
     var n_vecs = Int64(vecs)
@@ -139,7 +152,7 @@ def _gather[dtype: DType, vw: Int](
         var r = i // Int(n_vecs)
         var c = (i % Int(n_vecs)) * vw
         var s = Int(ids.unsafe_load(r))
-        dst.unsafe_store(r * Int(n_w) + c, src.unsafe_load[width=vw](s * Int(n_w) + c))
+        dst.unsafe_store[alignment=ALIGN](r * Int(n_w) + c, src.unsafe_load[width=vw, alignment=ALIGN](s * Int(n_w) + c))
 
     ctx.enqueue_function(kernel, grid_dim=ceildiv(Int(n_total), GPU_BLOCK), block_dim=GPU_BLOCK)
 
@@ -159,7 +172,7 @@ def activation_gpu[dtype: DType, activation: StaticString](
     comptime VW = _vector_width[dtype]()
     if rows == 0 or n_out == 0:
         return
-    if n_out % VW == 0 and ldd % VW == 0 and lds % VW == 0:
+    if n_out % VW == 0 and ldd % VW == 0 and lds % VW == 0 and aligned16[dtype](dst, src):
         _activation[dtype, activation, VW](ctx, dst, ldd, src, lds, rows, n_out)
     else:
         _activation[dtype, activation, 1](ctx, dst, ldd, src, lds, rows, n_out)
@@ -174,6 +187,7 @@ def _activation[dtype: DType, activation: StaticString, vw: Int](
     rows: Int,
     n_out: Int,
 ) raises:
+    comptime ALIGN = vw * size_of[Scalar[dtype]]()
     var vecs = n_out // vw
     var n_total = Int64(rows * vecs)
     var n_vecs = Int64(vecs)
@@ -187,14 +201,14 @@ def _activation[dtype: DType, activation: StaticString, vw: Int](
             return
         var r = i // Int(n_vecs)
         var c = (i % Int(n_vecs)) * vw
-        var v = src.unsafe_load[width=vw](r * Int(n_lds) + c).cast[DType.float32]()
+        var v = src.unsafe_load[width=vw, alignment=ALIGN](r * Int(n_lds) + c).cast[DType.float32]()
         comptime if activation == "relu":
             v = max(v, SIMD[DType.float32, vw](0))
         elif activation == "silu":
             v = v / (1.0 + exp(-v))
         elif activation == "swiglu":
-            var up = src.unsafe_load[width=vw](r * Int(n_lds) + Int(n_half) + c).cast[DType.float32]()
+            var up = src.unsafe_load[width=vw, alignment=ALIGN](r * Int(n_lds) + Int(n_half) + c).cast[DType.float32]()
             v = v / (1.0 + exp(-v)) * up
-        dst.unsafe_store(r * Int(n_ldd) + c, v.cast[dtype]())
+        dst.unsafe_store[alignment=ALIGN](r * Int(n_ldd) + c, v.cast[dtype]())
 
     ctx.enqueue_function(kernel, grid_dim=ceildiv(Int(n_total), GPU_BLOCK), block_dim=GPU_BLOCK)

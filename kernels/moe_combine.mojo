@@ -19,6 +19,8 @@ from std.math import ceildiv
 from std.memory import Pointer
 from std.sys import simd_width_of, size_of
 
+from .gpu_gemm import aligned16
+
 comptime TOKENS_PER_WORKER_MIN = 16
 comptime GPU_BLOCK = 256
 
@@ -39,7 +41,7 @@ def combine_gpu[dtype: DType](
     comptime VW = 16 // size_of[Scalar[dtype]]()
     if tokens == 0 or d == 0:
         return
-    if d % VW == 0:
+    if d % VW == 0 and aligned16[dtype](dst, src):
         _combine_gpu[dtype, VW](ctx, dst, tokens, d, src, weights, rows, k)
     else:
         _combine_gpu[dtype, 1](ctx, dst, tokens, d, src, weights, rows, k)
@@ -55,6 +57,7 @@ def _combine_gpu[dtype: DType, vw: Int](
     rows: Pointer[Int32, MutAnyOrigin],
     k: Int,
 ) raises:
+    comptime ALIGN = vw * size_of[Scalar[dtype]]()  # see gpu_gemm.gather_rows_gpu
     var n_d = Int64(d)
     var n_k = Int64(k)
     var col_blocks = ceildiv(d // vw, GPU_BLOCK)
@@ -71,8 +74,8 @@ def _combine_gpu[dtype: DType, vw: Int](
             var slot = t * Int(n_k) + j
             var row = Int(rows.unsafe_load(slot))
             if row >= 0:
-                acc += weights.unsafe_load(slot) * src.unsafe_load[width=vw](row * width + c).cast[DType.float32]()
-        dst.unsafe_store(t * width + c, acc.cast[dtype]())
+                acc += weights.unsafe_load(slot) * src.unsafe_load[width=vw, alignment=ALIGN](row * width + c).cast[DType.float32]()
+        dst.unsafe_store[alignment=ALIGN](t * width + c, acc.cast[dtype]())
 
     ctx.enqueue_function(kernel, grid_dim=tokens * col_blocks, block_dim=GPU_BLOCK)
 

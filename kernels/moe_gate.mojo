@@ -29,7 +29,7 @@ from extensibility import InputTensor, OutputTensor
 from max.algorithm import sync_parallelize
 from max.gpu import WARP_SIZE, barrier, block_idx, grid_dim, thread_idx
 from max.gpu.memory import AddressSpace
-from max.gpu.primitives.warp import max as warp_max, sum as warp_sum
+from max.gpu.primitives.warp import sum as warp_sum
 from max.gpu.host import DeviceContext
 from max.runtime.asyncrt import parallelism_level
 from std.algorithm import vectorize
@@ -44,6 +44,32 @@ comptime WARPS_PER_BLOCK = GPU_BLOCK // WARP_SIZE
 # Enough blocks to fill an H100 several times over; more would only add
 # per-block atomics.
 comptime MAX_GATE_BLOCKS = 1024
+# Experts whose logits a warp computes together (registers per lane).
+comptime EG = 8
+
+
+@always_inline
+def _group_logits[dtype: DType](
+    xt: Pointer[Scalar[dtype], MutAnyOrigin],
+    rw: Pointer[Scalar[dtype], MutAnyOrigin],
+    d: Int,
+    experts: Int,
+    e0: Int,
+    lane: Int,
+) -> SIMD[DType.float32, EG]:
+    """Logits of experts e0 .. e0+EG-1 of one token, on every lane of the
+    warp (lanes split d_model, then warp sums). Experts >= `experts` get 0."""
+    var acc = SIMD[DType.float32, EG](0)
+    var n_valid = min(EG, experts - e0)
+    for kk in range(lane, d, WARP_SIZE):
+        var xv = xt.unsafe_load(kk).cast[DType.float32]()
+        var row = rw.unsafe_offset(kk * experts + e0)
+        comptime for j in range(EG):
+            if j < n_valid:
+                acc[j] += xv * row.unsafe_load(j).cast[DType.float32]()
+    comptime for j in range(EG):
+        acc[j] = warp_sum(acc[j])
+    return acc
 
 
 def gate_gpu[dtype: DType, top_k: Int, renormalize: Bool](
@@ -73,22 +99,23 @@ def gate_gpu[dtype: DType, top_k: Int, renormalize: Bool](
         if Int(thread_idx.x) < 2:
             losses.unsafe_store(Int(thread_idx.x), Float32(0))
 
-    # One warp per token (grid-stride over tokens). Lane l owns experts
-    # l, l + 32, ...: it computes their logits along d_model (the router
-    # weights of neighbouring experts are neighbours in memory, so the warp's
-    # loads coalesce; the token's x is broadcast). Softmax max and sum are
-    # warp reductions, accumulated online over chunks of 32 experts; top-k
-    # takes the warp's arg-max k times per chunk (lower index on ties, as on
-    # the CPU). Statistics of the first 32 experts are summed in registers
-    # over the warp's tokens and then over the block, so the atomics are per
-    # block instead of per token; experts past 32 add per token.
+    # One warp per token (grid-stride over tokens). Experts go in groups of
+    # EG: the lanes split d_model, each keeps EG partial dot products in
+    # registers (the token's x is read once per group, coalesced; a group's
+    # router weights are EG neighbours in memory), and EG warp sums give
+    # every lane the group's logits. Softmax max and sum are accumulated
+    # online over the groups; the top-k insertion is the CPU's (strict '>',
+    # so the lower index wins ties), done redundantly by every lane. The
+    # first group's statistics are summed in registers over the warp's
+    # tokens (lane j holds expert j) and then over the block, so those
+    # atomics are per block instead of per token; later groups add per token.
     def token_kernel() {var w_out, var id_out, var counts, var pmean, var losses, var x, var rw, var n_tok, var n_d, var n_e}:
         var tid = Int(thread_idx.x)
         var lane = tid % WARP_SIZE
         var warps = Int(grid_dim.x) * WARPS_PER_BLOCK
         var d = Int(n_d)
         var e_count = Int(n_e)
-        var chunks = ceildiv(e_count, WARP_SIZE)
+        var groups = ceildiv(e_count, EG)
         var neg_inf = Float32.MIN
         var p_acc: Float32 = 0
         var n_acc = Int32(0)
@@ -97,42 +124,31 @@ def gate_gpu[dtype: DType, top_k: Int, renormalize: Bool](
             var xt = x.unsafe_offset(t * d)
             var m = neg_inf
             var total: Float32 = 0
-            var logit0: Float32 = 0
+            var logits0 = SIMD[DType.float32, EG](0)
             var chosen = Array[Int, top_k](fill=-1)
             var chosen_logit = Array[Float32, top_k](fill=neg_inf)
-            for c in range(chunks):
-                var e = c * WARP_SIZE + lane
-                var valid = e < e_count
-                var acc: Float32 = 0
-                if valid:
-                    for kk in range(d):
-                        acc += xt.unsafe_load(kk).cast[DType.float32]() * rw.unsafe_load(kk * e_count + e).cast[DType.float32]()
-                if c == 0:
-                    logit0 = acc
-                var chunk_max = warp_max(acc if valid else neg_inf)
-                var new_m = max(m, chunk_max)
-                total = total * exp(m - new_m) + warp_sum(exp(acc - new_m) if valid else Float32(0))
+            for g in range(groups):
+                var l = _group_logits[dtype](xt, rw, d, e_count, g * EG, lane)
+                if g == 0:
+                    logits0 = l
+                var n_valid = min(EG, e_count - g * EG)
+                var new_m = m
+                for j in range(n_valid):
+                    new_m = max(new_m, l[j])
+                total *= exp(m - new_m)
+                for j in range(n_valid):
+                    total += exp(l[j] - new_m)
+                    var cv = l[j]
+                    var ci = g * EG + j
+                    comptime for i in range(top_k):
+                        if chosen[i] < 0 or cv > chosen_logit[i]:
+                            var tv = chosen_logit[i]
+                            var ti = chosen[i]
+                            chosen_logit[i] = cv
+                            chosen[i] = ci
+                            cv = tv
+                            ci = ti
                 m = new_m
-                var v = acc if valid else neg_inf
-                var live = valid
-                comptime for _ in range(top_k):
-                    var best = warp_max(v if live else neg_inf)
-                    var win = -warp_max(-Int32(lane if live and v == best else WARP_SIZE))
-                    if Int(win) < WARP_SIZE:
-                        if lane == Int(win):
-                            live = False
-                        # Insert into the sorted list; strict '>' keeps the
-                        # earlier (lower-index) expert first on ties.
-                        var cv = best
-                        var ci = c * WARP_SIZE + Int(win)
-                        comptime for j in range(top_k):
-                            if chosen[j] < 0 or cv > chosen_logit[j]:
-                                var tv = chosen_logit[j]
-                                var ti = chosen[j]
-                                chosen_logit[j] = cv
-                                chosen[j] = ci
-                                cv = tv
-                                ci = ti
             var inv = 1.0 / total
             var chosen_sum: Float32 = 0
             comptime for j in range(top_k):
@@ -146,21 +162,19 @@ def gate_gpu[dtype: DType, top_k: Int, renormalize: Bool](
                     id_out.unsafe_store(t * top_k + j, Int32(chosen[j]))
                 if chosen[j] == lane:
                     n_acc += 1
-                elif chosen[j] >= WARP_SIZE and lane == 0:
+                elif chosen[j] >= EG and lane == 0:
                     _ = Atomic.fetch_add(counts.unsafe_offset(chosen[j]), Int32(1))
-            if lane < e_count:
-                p_acc += exp(logit0 - m) * inv
-            for c in range(1, chunks):
-                var e = c * WARP_SIZE + lane
-                if e < e_count:
-                    var acc: Float32 = 0
-                    for kk in range(d):
-                        acc += xt.unsafe_load(kk).cast[DType.float32]() * rw.unsafe_load(kk * e_count + e).cast[DType.float32]()
-                    _ = Atomic.fetch_add(pmean.unsafe_offset(e), exp(acc - m) * inv)
+            if lane < min(EG, e_count):
+                p_acc += exp(logits0[lane] - m) * inv
+            for g in range(1, groups):
+                var l = _group_logits[dtype](xt, rw, d, e_count, g * EG, lane)
+                var e = g * EG + lane
+                if lane < EG and e < e_count:
+                    _ = Atomic.fetch_add(pmean.unsafe_offset(e), exp(l[lane] - m) * inv)
             if lane == 0:
                 var lse = m + log(total)
                 z_acc += lse * lse
-        # Block reduction of the first chunk's statistics, then one atomic
+        # Block reduction of the first group's statistics, then one atomic
         # per expert per block.
         var p_sh = stack_allocation[GPU_BLOCK, Float32, address_space=AddressSpace.SHARED]()
         var n_sh = stack_allocation[GPU_BLOCK, Int32, address_space=AddressSpace.SHARED]()
@@ -177,7 +191,7 @@ def gate_gpu[dtype: DType, top_k: Int, renormalize: Bool](
                 p_sum += p_sh.unsafe_load(w * WARP_SIZE + tid)
                 n_sum += n_sh.unsafe_load(w * WARP_SIZE + tid)
                 z_sum += z_sh.unsafe_load(w * WARP_SIZE + tid)
-            if tid < e_count:
+            if tid < min(EG, e_count):
                 _ = Atomic.fetch_add(pmean.unsafe_offset(tid), p_sum)
                 _ = Atomic.fetch_add(counts.unsafe_offset(tid), n_sum)
             if tid == 0:
