@@ -38,6 +38,11 @@ def latest_runs(results_dir: Path) -> dict[str, list[tuple[dict, Path, dict]]]:
     return dict(sorted(out.items()))
 
 
+def _tick_labels(presets) -> list[str]:
+    """'small-decode' -> 'small\ndecode': six presets side by side would overlap."""
+    return [p.replace("-", "\n") for p in presets]
+
+
 def _row(run: dict, name: str) -> dict | None:
     return next((r for r in run["rows"] if r["name"] == name and r["status"] == "ok"), None)
 
@@ -93,7 +98,7 @@ def _gains(runs, out_dir, report):
             ax.bar_label(bars, labels=[f"{v:.2g}x" if np.isfinite(v) else "" for v in vals], fontsize=6)
         ax.axhline(1.0, color="black", linewidth=0.8)
         log_y(ax)
-        ax.set_xticks(np.arange(len(presets)), presets)
+        ax.set_xticks(np.arange(len(presets)), _tick_labels(presets))
         ax.set_ylabel("baseline time / pymoe time")
         ax.set_title(_device_title(device, items), fontsize=9)
         ax.grid(True, axis="y", which="both", alpha=0.3)
@@ -118,7 +123,7 @@ def _bars_per_impl(ax, items, value, ylabel):
             if row is not None and row["status"] != "ok":
                 ax.text(xi, ax.get_ylim()[0] if ax.get_yscale() == "log" else 0, " failed", rotation=90,
                         fontsize=6, va="bottom", ha="center", color=color)
-    ax.set_xticks(np.arange(len(presets)), presets)
+    ax.set_xticks(np.arange(len(presets)), _tick_labels(presets))
     ax.set_ylabel(ylabel)
     ax.grid(True, axis="y", which="both", alpha=0.3)
 
@@ -165,7 +170,7 @@ def _efficiency(runs, out_dir, report):
             ax.bar(x + 0.2, [get(r, run) if r else np.nan for r, (run, _, _) in zip(dense, items)], 0.4,
                    label="dense FFN, same parameters (MAX)", color="#7f7f7f")
             log_y(ax)
-            ax.set_xticks(x, presets, fontsize=8)
+            ax.set_xticks(x, _tick_labels(presets), fontsize=8)
             ax.set_title(f"{device.upper()}: {label}", fontsize=9)
             ax.grid(True, axis="y", which="both", alpha=0.3)
         axes[i][0].legend(fontsize=7)
@@ -193,7 +198,7 @@ def _flop_reduction(runs, out_dir, report):
             ax.bar(x + k * 0.27, vals, 0.27, label=label, color=color)
         ax.axhline(1, color="black", linewidth=0.8)
         log_y(ax)
-        ax.set_xticks(x, presets)
+        ax.set_xticks(x, _tick_labels(presets))
         ax.set_ylabel("ratio")
         ax.set_title(_device_title(device, items), fontsize=9)
         ax.grid(True, axis="y", which="both", alpha=0.3)
@@ -217,10 +222,11 @@ def _dashboard(runs, results_dir: Path, out_dir, report):
             best = min((r for r in run["rows"] if r["status"] == "ok" and r["kind"] == "moe" and r["name"] != "pymoe"),
                        key=lambda r: r["median_s"], default=None)
             if ours and best:
-                labels.append(f"{device}\n{run['preset']}")
+                labels.append(f"{device}\n{_tick_labels([run['preset']])[0]}")
                 values.append(best["median_s"] / ours["median_s"])
                 colors.append("#2ca02c" if values[-1] >= 1 else "#d62728")
-    ax.bar(labels, values, color=colors)
+    bars = ax.bar(labels, values, color=colors)
+    ax.bar_label(bars, labels=[f"{v:.2f}x" for v in values], fontsize=7)
     ax.axhline(1, color="black", linewidth=0.8)
     log_y(ax)
     ax.set_ylabel("speedup over the best PyTorch MoE")
@@ -234,7 +240,7 @@ def _dashboard(runs, results_dir: Path, out_dir, report):
         for run, _, _ in items:
             ours = _row(run, "pymoe")
             if ours:
-                labels.append(f"{device}\n{run['preset']}")
+                labels.append(f"{device}\n{_tick_labels([run['preset']])[0]}")
                 values.append(ours["pct_of_floor"])
     ax.bar(labels, values, color="#d62728")
     ax.set_ylim(0, 100)
