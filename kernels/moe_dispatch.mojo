@@ -19,8 +19,8 @@
 # O(T*k) and stable, so the layout is deterministic. On the GPU each pass is
 # a kernel with one thread block per expert; the place pass numbers an
 # expert's slots in token order with a block-wide prefix sum per chunk of
-# slots (each thread counts a few consecutive slots first). The counts live in expert_offsets between the passes, so no scratch
-# memory is needed. Out-of-range ids cannot raise on the GPU: those slots are
+# slots (each thread counts a few consecutive slots first). The counts live
+# in expert_offsets between the passes, so no scratch memory is needed. Out-of-range ids cannot raise on the GPU: those slots are
 # dropped (slot_to_row = -1); the graph API rejects such ids where it can.
 
 import extensibility

@@ -142,10 +142,12 @@ def test_moe_ffn_workspace_checks():
         TensorType(DType.float32, [4, 12, 8], REF),
         BufferType(DType.float32, ["rows", 12], REF),
         BufferType(DType.float32, ["rows", 7], REF),
+        TensorType(DType.float32, [4, 8, 24], REF),  # SwiGLU w1 = [Wg | Wu]
     ]
     with Graph("bad_ws", input_types=types, custom_extensions=[mops.KERNELS_DIR]) as g:
         x, router, w1, w2 = (v.tensor for v in g.inputs[:4])
         h_ws, bad_ws = g.inputs[4].buffer, g.inputs[5].buffer
+        w1_swiglu = g.inputs[6].tensor
         gate = mops.moe_gate(x, router, top_k=2)
         disp = mops.moe_dispatch(gate.topk_ids, num_experts=4)
         with pytest.raises(ValueError, match="y workspace"):
@@ -154,25 +156,10 @@ def test_moe_ffn_workspace_checks():
             mops.moe_ffn(x, gate.topk_weights, disp, w1, w2, (h_ws, x), activation="relu")
         with pytest.raises(ValueError, match="activation"):
             mops.moe_ffn(x, gate.topk_weights, disp, w1, w2, (h_ws, h_ws), activation="gelu")
-
-
-def test_moe_ffn_h_workspace_is_as_wide_as_w1():
-    """For SwiGLU, w1 is [Wg | Wu] and h must hold both halves (2*d_ff columns)."""
-    types = [
-        TensorType(DType.float32, ["t", 8], REF),
-        TensorType(DType.float32, [8, 4], REF),
-        TensorType(DType.float32, [4, 8, 24], REF),
-        TensorType(DType.float32, [4, 12, 8], REF),
-        BufferType(DType.float32, ["rows", 12], REF),
-        BufferType(DType.float32, ["rows", 8], REF),
-    ]
-    with Graph("narrow_h", input_types=types, custom_extensions=[mops.KERNELS_DIR]) as g:
-        x, router, w1, w2 = (v.tensor for v in g.inputs[:4])
-        h_ws, y_ws = g.inputs[4].buffer, g.inputs[5].buffer
-        gate = mops.moe_gate(x, router, top_k=2)
-        disp = mops.moe_dispatch(gate.topk_ids, num_experts=4)
+        # h must hold both SwiGLU halves: as wide as w1 (2*d_ff), not d_ff.
         with pytest.raises(ValueError, match=r"h workspace must be .*\[rows, 24\]"):
-            mops.moe_ffn(x, gate.topk_weights, disp, w1, w2, (h_ws, y_ws), activation="swiglu")
+            mops.moe_ffn(x, gate.topk_weights, disp, w1_swiglu, w2, (h_ws, bad_ws), activation="swiglu")
+
 
 
 def test_missing_cublas_is_a_clear_error(monkeypatch, tmp_path):
