@@ -10,6 +10,9 @@
 #   the per-expert GEMMs are ordinary large GEMMs once the rows are grouped,
 #   and MAX's own vendor-BLAS handle (one per device context, created lazily)
 #   is the supported way to reach it from a kernel.
+# - gemm_batched_gpu: the same for a batch of equally sized GEMMs at fixed
+#   strides, one launch (cublasGemmStridedBatchedEx): the small-batch path of
+#   moe_ffn runs every expert as one batch without reading the offsets back.
 # - expert_offsets_to_host: the grouped GEMM needs each expert's row count on
 #   the host to size its launches, so the dispatch's offsets (E+1 int32) are
 #   copied back and the stream is synchronised once per layer call.
@@ -22,6 +25,7 @@ from _cublas.cublas import (
     _convert_to_cublas_datatype,
     check_cublas_error,
     cublasGemmEx,
+    cublasGemmStridedBatchedEx,
     cublasMath_t,
     cublasOperation_t,
     cublasSetMathMode,
@@ -53,7 +57,7 @@ def gemm_gpu[dtype: DType](
     if m == 0 or n == 0:
         return
     var handle = _get_global_handle[dtype](ctx)._get_cublas()
-    check_cublas_error(cublasSetMathMode(handle, cublasMath_t.CUBLAS_DEFAULT_MATH))
+    check_cublas_error(cublasSetMathMode(handle, cublasMath_t.CUBLAS_DEFAULT_MATH))  # no TF32
     var alpha = Float32(1.0)
     var beta = Float32(0.0)
     comptime cublas_type = _convert_to_cublas_datatype[dtype]()
@@ -76,6 +80,62 @@ def gemm_gpu[dtype: DType](
             c.bitcast[NoneType](),
             cublas_type,
             Int32(ldc),
+            ComputeType.COMPUTE_32F,
+            Algorithm.DEFAULT,
+        )
+    )
+
+
+def gemm_batched_gpu[dtype: DType](
+    ctx: DeviceContext,
+    c: Pointer[Scalar[dtype], MutAnyOrigin],
+    ldc: Int,
+    stride_c: Int,
+    a: Pointer[Scalar[dtype], MutAnyOrigin],
+    lda: Int,
+    stride_a: Int,
+    b: Pointer[Scalar[dtype], MutAnyOrigin],
+    ldb: Int,
+    stride_b: Int,
+    m: Int,
+    n: Int,
+    k: Int,
+    batch: Int,
+) raises:
+    """C_i = A_i @ B_i for i < batch in one cuBLAS launch, where X_i starts
+    stride_x elements after X_{i-1} (stride 0 repeats the same matrix);
+    row-major as gemm_gpu."""
+    comptime assert dtype == DType.float32 or dtype == DType.bfloat16, "gemm_batched_gpu: float32 or bfloat16"
+    if m == 0 or n == 0 or batch == 0:
+        return
+    var handle = _get_global_handle[dtype](ctx)._get_cublas()
+    check_cublas_error(cublasSetMathMode(handle, cublasMath_t.CUBLAS_DEFAULT_MATH))  # no TF32
+    var alpha = Float32(1.0)
+    var beta = Float32(0.0)
+    comptime cublas_type = _convert_to_cublas_datatype[dtype]()
+    check_cublas_error(
+        cublasGemmStridedBatchedEx(
+            handle,
+            cublasOperation_t.CUBLAS_OP_N,
+            cublasOperation_t.CUBLAS_OP_N,
+            Int64(n),
+            Int64(m),
+            Int64(k),
+            rebind[Pointer[NoneType, ImmutAnyOrigin]](Pointer(to=alpha).bitcast[NoneType]()),
+            rebind[Pointer[NoneType, ImmutAnyOrigin]](b.bitcast[NoneType]()),
+            cublas_type,
+            Int64(ldb),
+            Int64(stride_b),
+            rebind[Pointer[NoneType, ImmutAnyOrigin]](a.bitcast[NoneType]()),
+            cublas_type,
+            Int64(lda),
+            Int64(stride_a),
+            rebind[Pointer[NoneType, ImmutAnyOrigin]](Pointer(to=beta).bitcast[NoneType]()),
+            c.bitcast[NoneType](),
+            cublas_type,
+            Int64(ldc),
+            Int64(stride_c),
+            Int64(batch),
             ComputeType.COMPUTE_32F,
             Algorithm.DEFAULT,
         )

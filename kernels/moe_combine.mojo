@@ -7,6 +7,11 @@
 # the model dimension is vectorised. GPU: one thread per 16 bytes of output,
 # a block row per token, so the reads of each expert row are coalesced. The sum
 # is accumulated in float32.
+#
+# combine_gpu also serves moe_ffn's every-expert path, where expert_out holds
+# every expert's output for every token ([E * T, d], expert-major): there the
+# row of slot (t, j) is topk_ids[t, j] * T + t, and slot_to_row only says
+# whether the slot was dropped.
 
 import extensibility
 from extensibility import InputTensor, OutputTensor
@@ -25,7 +30,7 @@ comptime TOKENS_PER_WORKER_MIN = 16
 comptime GPU_BLOCK = 256
 
 
-def combine_gpu[dtype: DType](
+def combine_gpu[dtype: DType, every_expert: Bool = False](
     ctx: DeviceContext,
     dst: Pointer[Scalar[dtype], MutAnyOrigin],
     tokens: Int,
@@ -34,20 +39,23 @@ def combine_gpu[dtype: DType](
     weights: Pointer[Float32, MutAnyOrigin],
     rows: Pointer[Int32, MutAnyOrigin],
     k: Int,
+    topk_ids: Pointer[Int32, MutAnyOrigin],
 ) raises:
     """The weighted gather-sum on the GPU: one block per (token, column
     block), 16 bytes per thread when d allows (a flat grid: the y dimension
-    of a grid is limited to 65535)."""
+    of a grid is limited to 65535). With `every_expert`, src is [E * T, d]
+    expert-major and topk_ids picks the rows (see the file header);
+    otherwise topk_ids is not read."""
     comptime VW = 16 // size_of[Scalar[dtype]]()
     if tokens == 0 or d == 0:
         return
     if d % VW == 0 and aligned16[dtype](dst, src):
-        _combine_gpu[dtype, VW](ctx, dst, tokens, d, src, weights, rows, k)
+        _combine_gpu[dtype, VW, every_expert](ctx, dst, tokens, d, src, weights, rows, k, topk_ids)
     else:
-        _combine_gpu[dtype, 1](ctx, dst, tokens, d, src, weights, rows, k)
+        _combine_gpu[dtype, 1, every_expert](ctx, dst, tokens, d, src, weights, rows, k, topk_ids)
 
 
-def _combine_gpu[dtype: DType, vw: Int](
+def _combine_gpu[dtype: DType, vw: Int, every_expert: Bool](
     ctx: DeviceContext,
     dst: Pointer[Scalar[dtype], MutAnyOrigin],
     tokens: Int,
@@ -56,14 +64,16 @@ def _combine_gpu[dtype: DType, vw: Int](
     weights: Pointer[Float32, MutAnyOrigin],
     rows: Pointer[Int32, MutAnyOrigin],
     k: Int,
+    topk_ids: Pointer[Int32, MutAnyOrigin],
 ) raises:
     comptime ALIGN = vw * size_of[Scalar[dtype]]()  # see gpu_gemm.gather_rows_gpu
     var n_d = Int64(d)
     var n_k = Int64(k)
+    var n_t = Int64(tokens)
     var col_blocks = ceildiv(d // vw, GPU_BLOCK)
     var n_cb = Int64(col_blocks)
 
-    def kernel() {var dst, var src, var weights, var rows, var n_d, var n_k, var n_cb}:
+    def kernel() {var dst, var src, var weights, var rows, var topk_ids, var n_d, var n_k, var n_t, var n_cb}:
         var t = Int(block_idx.x) // Int(n_cb)
         var c = ((Int(block_idx.x) % Int(n_cb)) * GPU_BLOCK + Int(thread_idx.x)) * vw
         var width = Int(n_d)
@@ -73,6 +83,9 @@ def _combine_gpu[dtype: DType, vw: Int](
         for j in range(Int(n_k)):
             var slot = t * Int(n_k) + j
             var row = Int(rows.unsafe_load(slot))
+            comptime if every_expert:
+                if row >= 0:
+                    row = Int(topk_ids.unsafe_load(slot)) * Int(n_t) + t
             if row >= 0:
                 acc += weights.unsafe_load(slot) * src.unsafe_load[width=vw, alignment=ALIGN](row * width + c).cast[DType.float32]()
         dst.unsafe_store[alignment=ALIGN](t * width + c, acc.cast[dtype]())
@@ -129,6 +142,7 @@ struct MoECombine:
             combine_gpu[output.dtype](
                 ctx, output.unsafe_ptr(), output.dim_size(0), output.dim_size(1), expert_out.unsafe_ptr(),
                 topk_weights.unsafe_ptr(), slot_to_row.unsafe_ptr(), topk_weights.dim_size(1),
+                slot_to_row.unsafe_ptr(),
             )
         else:
             combine_cpu[output.dtype](

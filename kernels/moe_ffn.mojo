@@ -11,13 +11,27 @@
 # smaller batches); only the first len(row_ids) rows are used. h has w1's
 # column count (2*d_ff for SwiGLU) because on the GPU the first GEMM writes
 # both SwiGLU halves before the activation folds them.
+#
+# Every-expert path (GPU, every_expert_min_tokens <= T <= every_expert_max_tokens,
+# chosen by Python: pymoe.ops.every_expert_token_range): for a small batch, every
+# expert's weights are read anyway (decode), the GEMMs are weight-bandwidth
+# bound, and the routed path's costs are fixed ones: reading the offsets back
+# to the host (a stream sync) and one GEMM launch per expert. So every expert
+# runs on every token, as two strided-batched GEMMs (E at once, no gather, no
+# host sync):
+#
+#   h[e*T + t] = act(x[t] @ w1[e]),   y[e*T + t] = h[e*T + t] @ w2[e]
+#
+# and the combine picks y[topk_ids[t, j]*T + t] for the kept slots. That is
+# E/k times the routed FLOPs, which Python only allows while they stay under
+# the weight-read time; the workspaces then need E*T rows.
 
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from extensibility import _MutableInputTensor as MutableInputTensor
 from max.gpu.host import DeviceContext
 
-from .gpu_gemm import expert_offsets_to_host
+from .gpu_gemm import activation_gpu, expert_offsets_to_host, gemm_batched_gpu
 from .moe_combine import combine_cpu, combine_gpu
 from .moe_expert_matmul import check_activation, expert_matmul_cpu, expert_matmul_gpu
 
@@ -27,6 +41,8 @@ struct MoEFFN:
     @staticmethod
     def execute[
         activation: StaticString,
+        every_expert_min_tokens: Int,
+        every_expert_max_tokens: Int,
         target: StaticString,
     ](
         output: OutputTensor[rank=2, ...],
@@ -36,6 +52,7 @@ struct MoEFFN:
         row_ids: InputTensor[dtype=DType.int32, rank=1, ...],
         expert_offsets: InputTensor[dtype=DType.int32, rank=1, ...],
         topk_weights: InputTensor[dtype=DType.float32, rank=2, ...],
+        topk_ids: InputTensor[dtype=DType.int32, rank=2, ...],
         slot_to_row: InputTensor[dtype=DType.int32, rank=1, ...],
         w1: InputTensor[dtype=output.dtype, rank=3, ...],
         w2: InputTensor[dtype=output.dtype, rank=3, ...],
@@ -48,10 +65,21 @@ struct MoEFFN:
         var n_w1 = w1.dim_size(2)
         var d_ff = w2.dim_size(1)
         var d_model = output.dim_size(1)
-        if h_workspace.dim_size(0) < slots or y_workspace.dim_size(0) < slots:
-            raise Error("pymoe_moe_ffn: workspace has fewer rows than token slots")
+        var tokens = x.dim_size(0)
         if h_workspace.dim_size(1) != n_w1 or y_workspace.dim_size(1) != d_model:
             raise Error("pymoe_moe_ffn: workspaces must be [rows, w1 columns] and [rows, d_model]")
+        comptime if target == "gpu":
+            if every_expert_min_tokens <= tokens and tokens <= every_expert_max_tokens:
+                if h_workspace.dim_size(0) < experts * tokens or y_workspace.dim_size(0) < experts * tokens:
+                    raise Error("pymoe_moe_ffn: the every-expert path needs workspaces of num_experts * tokens rows")
+                every_expert_ffn_gpu[dtype, activation](
+                    ctx, output.unsafe_ptr(), h_workspace.unsafe_ptr(), y_workspace.unsafe_ptr(), x.unsafe_ptr(),
+                    topk_weights.unsafe_ptr(), topk_ids.unsafe_ptr(), slot_to_row.unsafe_ptr(),
+                    topk_weights.dim_size(1), w1.unsafe_ptr(), w2.unsafe_ptr(), tokens, experts, d_model, n_w1, d_ff,
+                )
+                return
+        if h_workspace.dim_size(0) < slots or y_workspace.dim_size(0) < slots:
+            raise Error("pymoe_moe_ffn: workspace has fewer rows than token slots")
         comptime if target == "gpu":
             var offsets = expert_offsets_to_host(ctx, expert_offsets.unsafe_ptr(), experts)
             var h = h_workspace.unsafe_ptr()
@@ -71,6 +99,7 @@ struct MoEFFN:
             combine_gpu[dtype](
                 ctx, output.unsafe_ptr(), output.dim_size(0), d_model, y,
                 topk_weights.unsafe_ptr(), slot_to_row.unsafe_ptr(), topk_weights.dim_size(1),
+                topk_ids.unsafe_ptr(),
             )
             return
         # The CPU kernel fuses the activation and writes h compactly
@@ -87,3 +116,35 @@ struct MoEFFN:
             output.unsafe_ptr(), output.dim_size(0), d_model, y_workspace.unsafe_ptr(),
             topk_weights.unsafe_ptr(), slot_to_row.unsafe_ptr(), topk_weights.dim_size(1),
         )
+
+
+def every_expert_ffn_gpu[dtype: DType, activation: StaticString](
+    ctx: DeviceContext,
+    dst: Pointer[Scalar[dtype], MutAnyOrigin],
+    h: Pointer[Scalar[dtype], MutAnyOrigin],
+    y: Pointer[Scalar[dtype], MutAnyOrigin],
+    x: Pointer[Scalar[dtype], MutAnyOrigin],
+    topk_weights: Pointer[Float32, MutAnyOrigin],
+    topk_ids: Pointer[Int32, MutAnyOrigin],
+    slot_to_row: Pointer[Int32, MutAnyOrigin],
+    k: Int,
+    w1: Pointer[Scalar[dtype], MutAnyOrigin],
+    w2: Pointer[Scalar[dtype], MutAnyOrigin],
+    tokens: Int,
+    experts: Int,
+    d_model: Int,
+    n_w1: Int,
+    d_ff: Int,
+) raises:
+    """The every-expert path (see the file header): dst [T, d_model] = the
+    layer's output; h [E*T, n_w1] and y [E*T, d_model] are the workspaces."""
+    # x is the A of every batch entry (stride 0).
+    gemm_batched_gpu[dtype](
+        ctx, h, n_w1, tokens * n_w1, x, d_model, 0, w1, n_w1, d_model * n_w1, tokens, n_w1, d_model, experts,
+    )
+    activation_gpu[dtype, activation](ctx, h, n_w1, h, n_w1, experts * tokens, d_ff)
+    gemm_batched_gpu[dtype](
+        ctx, y, d_model, tokens * d_model, h, n_w1, tokens * n_w1, w2, d_model, d_ff * d_model,
+        tokens, d_model, d_ff, experts,
+    )
+    combine_gpu[dtype, True](ctx, dst, tokens, d_model, y, topk_weights, slot_to_row, k, topk_ids)

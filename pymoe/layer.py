@@ -216,12 +216,20 @@ class MoELayer:
         device: str = "cpu",
         dtype: str = "float32",
         pooled: bool = True,
+        every_expert_tokens: tuple[int, int] | None = None,
     ):
+        from .ops import every_expert_token_range
+
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
         check_device_dtype(device, dtype)
         weights.validate(config)
         self.config, self.device, self.dtype, self.pooled = config, device, dtype, pooled
+        # Batch sizes that run every expert on every token on the GPU (see
+        # pymoe.ops.every_expert_token_range); tests pass a range to force it.
+        if every_expert_tokens is not None and device != "gpu":
+            raise ValueError("every_expert_tokens applies to device='gpu' only (the CPU always routes)")
+        self.every_expert_tokens = every_expert_tokens or every_expert_token_range(config, device, dtype)
         self._device = _driver_device(device)
         # pooled=False lets the graph allocate the intermediates on every call
         # (kept for the ablation that measures what the pool saves).
@@ -233,16 +241,19 @@ class MoELayer:
         ]
 
     def _compiled(self):
-        key = ("moe", self.config, self.device, self.dtype, self.pooled)
+        key = ("moe", self.config, self.device, self.dtype, self.pooled, self.every_expert_tokens)
         if key not in _COMPILED:
             start = time.perf_counter()
-            _COMPILED[key] = _compile_moe(self.config, self.device, self.dtype, self.pooled)
+            _COMPILED[key] = _compile_moe(self.config, self.device, self.dtype, self.pooled, self.every_expert_tokens)
             self.compile_seconds = time.perf_counter() - start
         return _COMPILED[key]
 
     def _execute(self, x):
         xb = to_device_buffer(x, self.dtype, self._device)
-        workspaces = self.pool.buffers(x.shape[0] * self.config.top_k) if self.pool else []
+        from .ops import moe_ffn_workspace_rows
+
+        rows = moe_ffn_workspace_rows(x.shape[0], self.config, self.every_expert_tokens)
+        workspaces = self.pool.buffers(rows) if self.pool else []
         return self._model.execute(xb, *self._weights, *workspaces)
 
     def run(self, x) -> MoEOutput:
@@ -300,7 +311,8 @@ def _session_and_ref(device: str):
     return InferenceSession(devices=[dev]), DeviceRef.from_device(dev)
 
 
-def _compile_moe(config: MoEConfig, device: str, dtype: str, pooled: bool):
+def _compile_moe(config: MoEConfig, device: str, dtype: str, pooled: bool,
+                 every_expert_tokens: tuple[int, int] = (1, 0)):
     from max.graph import BufferType, Graph, TensorType
 
     from . import ops as mops
@@ -319,7 +331,7 @@ def _compile_moe(config: MoEConfig, device: str, dtype: str, pooled: bool):
     with Graph("pymoe_moe_layer", input_types=input_types, custom_extensions=[mops.KERNELS_DIR]) as g:
         x, router, w1, w2 = (v.tensor for v in g.inputs[:4])
         workspaces = (g.inputs[4].buffer, g.inputs[5].buffer) if pooled else None
-        res = mops.moe_layer(x, mops.MoEGraphWeights(router, w1, w2), config, workspaces)
+        res = mops.moe_layer(x, mops.MoEGraphWeights(router, w1, w2), config, workspaces, every_expert_tokens)
         g.output(res.out, res.expert_counts, res.losses, res.expert_offsets)
     return session.load(g)
 

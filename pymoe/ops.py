@@ -20,6 +20,7 @@ name in `pymoe/reference.py`.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -284,27 +285,67 @@ def check_layer_weights(x: TensorValue, weights: MoEGraphWeights, config: MoECon
             raise ValueError(f"weights.{name} has shape {list(v.shape)}, expected {shape}")
 
 
+# The GPU's every-expert path of moe_ffn (see kernels/moe_ffn.mojo) runs all
+# E experts on all T tokens, E/k times the routed FLOPs, to save the routed
+# path's host sync and per-expert launches. It pays while those FLOPs stay
+# under the time of reading the weights: up to about peak FLOP/s * itemsize /
+# (2 * bandwidth) tokens in theory (about 500 in bf16 and 70 in fp32 on an
+# H100), less in practice because cuBLAS is far from peak at small M. The
+# limits below are where the two paths crossed when measured on the H100
+# (results/gpu/*-every-expert-crossover-*.json, scripts/gpu_every_expert_crossover.py).
+EVERY_EXPERT_MAX_TOKENS = {"bfloat16": 128, "float32": 16}
+# ... and only while nearly every expert is used anyway: under uniform routing
+# at least this fraction of the experts receives a token, so reading every
+# expert's weights costs at most ~1/0.9 of the routed path's bytes.
+EVERY_EXPERT_MIN_USED = 0.9
+
+
+def every_expert_token_range(config: MoEConfig, device: str, dtype: str) -> tuple[int, int]:
+    """(lo, hi): moe_ffn takes the every-expert path for lo <= tokens <= hi
+    (the GPU only; (1, 0), i.e. never, on the CPU)."""
+    if device != "gpu":
+        return (1, 0)
+    e, k = config.num_experts, config.top_k
+    lo = 1 if k == e else math.ceil(math.log(1 - EVERY_EXPERT_MIN_USED) / math.log(1 - k / e))
+    return (lo, EVERY_EXPERT_MAX_TOKENS[dtype])
+
+
+def moe_ffn_workspace_rows(tokens: int, config: MoEConfig, token_range: tuple[int, int]) -> int:
+    """Rows each moe_ffn workspace needs for `tokens` tokens: T*k for the routed
+    path, E*T when `token_range` (see every_expert_token_range) selects the every-expert path."""
+    lo, hi = token_range
+    every = config.num_experts * tokens if lo <= tokens <= hi else 0
+    return max(tokens * config.top_k, every)
+
+
 def moe_ffn(
     x: TensorValue,
-    topk_weights: TensorValue,
+    gate: GateOutput,
     dispatch: DispatchOutput,
     w1: TensorValue,
     w2: TensorValue,
     workspaces: tuple[BufferValue, BufferValue],
     *,
     activation: str,
+    every_expert_tokens: tuple[int, int] = (1, 0),
 ) -> TensorValue:
     """The experts' FFN and the combine in one op, with caller-owned workspaces.
 
     Same result as moe_expert_matmul (gathered, fused activation), then
     moe_expert_matmul on w2, then moe_combine; the intermediates h and y are
     written into `workspaces` = (h buffer [rows, w1 columns], y buffer [rows,
-    d_model]) instead of new tensors, rows >= T*k (the kernel raises at run
-    time otherwise). h is as wide as w1 (2*d_ff for SwiGLU) because the GPU
-    path writes both SwiGLU halves before folding them. `activation` is "relu" or "swiglu" (w1 = [Wg | Wu]).
+    d_model]) instead of new tensors. rows >= moe_ffn_workspace_rows(T, ...)
+    (the kernel raises at run time otherwise). h is as wide as w1 (2*d_ff for
+    SwiGLU) because the GPU path writes both SwiGLU halves before folding them.
+    `activation` is "relu" or "swiglu" (w1 = [Wg | Wu]). `every_expert_tokens`
+    = (lo, hi): on the GPU, batches of lo..hi tokens run every expert on every
+    token (see every_expert_token_range; the default (1, 0) never does).
     """
     if activation not in ("relu", "swiglu"):
         raise ValueError(f"activation must be 'relu' or 'swiglu', got {activation!r}")
+    lo, hi = every_expert_tokens
+    if not (isinstance(lo, int) and isinstance(hi, int) and lo >= 1):
+        raise ValueError(f"every_expert_tokens must be two ints (lo >= 1, hi), got {every_expert_tokens!r}")
     h_ws, y_ws = workspaces
     w1_cols, d_model = w1.shape[2], w2.shape[2]
     for name, ws, width in (("h workspace", h_ws, w1_cols), ("y workspace", y_ws, d_model)):
@@ -318,10 +359,10 @@ def moe_ffn(
         device=x.device,
         values=[
             h_ws, y_ws, x, dispatch.sorted_token_ids, dispatch.expert_offsets,
-            topk_weights, dispatch.slot_to_row, w1, w2,
+            gate.topk_weights, gate.topk_ids, dispatch.slot_to_row, w1, w2,
         ],
         out_types=[TensorType(x.dtype, [x.shape[0], d_model], x.device)],
-        parameters={"activation": activation},
+        parameters={"activation": activation, "every_expert_min_tokens": lo, "every_expert_max_tokens": hi},
     )
     return out[0].tensor
 
@@ -331,11 +372,14 @@ def moe_layer(
     weights: MoEGraphWeights,
     config: MoEConfig,
     workspaces: tuple[BufferValue, BufferValue] | None = None,
+    every_expert_tokens: tuple[int, int] | None = None,
 ) -> LayerOutput:
     """The MoE layer: gate -> dispatch -> expert FFN (gathered, fused activation) -> combine.
 
     With `workspaces` (see moe_ffn) the expert intermediates go to those
     buffers; without, the graph allocates them on every call.
+    `every_expert_tokens` (moe_ffn's, pooled only) defaults to
+    every_expert_token_range(config, device of x, dtype of x).
     """
     check_layer_weights(x, weights, config)
     gate = moe_gate(x, weights.router, top_k=config.top_k, renormalize=config.renormalize)
@@ -344,7 +388,11 @@ def moe_layer(
     )
     act = "relu" if config.activation == "relu" else "swiglu"
     if workspaces is not None:
-        out = moe_ffn(x, gate.topk_weights, disp, weights.w1, weights.w2, workspaces, activation=act)
+        if every_expert_tokens is None:
+            dtype = "bfloat16" if x.dtype == DType.bfloat16 else "float32"
+            every_expert_tokens = every_expert_token_range(config, "cpu" if x.device.is_cpu() else "gpu", dtype)
+        out = moe_ffn(x, gate, disp, weights.w1, weights.w2, workspaces, activation=act,
+                      every_expert_tokens=every_expert_tokens)
         return LayerOutput(out, gate.expert_counts, gate.losses, disp.expert_offsets)
     h = moe_expert_matmul(
         x, disp.sorted_token_ids, disp.expert_offsets, weights.w1, activation=act, gather=True

@@ -151,14 +151,16 @@ def test_moe_ffn_workspace_checks():
         gate = mops.moe_gate(x, router, top_k=2)
         disp = mops.moe_dispatch(gate.topk_ids, num_experts=4)
         with pytest.raises(ValueError, match="y workspace"):
-            mops.moe_ffn(x, gate.topk_weights, disp, w1, w2, (h_ws, bad_ws), activation="relu")
+            mops.moe_ffn(x, gate, disp, w1, w2, (h_ws, bad_ws), activation="relu")
         with pytest.raises(TypeError, match="BufferValue"):
-            mops.moe_ffn(x, gate.topk_weights, disp, w1, w2, (h_ws, x), activation="relu")
+            mops.moe_ffn(x, gate, disp, w1, w2, (h_ws, x), activation="relu")
         with pytest.raises(ValueError, match="activation"):
-            mops.moe_ffn(x, gate.topk_weights, disp, w1, w2, (h_ws, h_ws), activation="gelu")
+            mops.moe_ffn(x, gate, disp, w1, w2, (h_ws, h_ws), activation="gelu")
+        with pytest.raises(ValueError, match="every_expert_tokens"):
+            mops.moe_ffn(x, gate, disp, w1, w2, (h_ws, bad_ws), activation="relu", every_expert_tokens=(0, 8))
         # h must hold both SwiGLU halves: as wide as w1 (2*d_ff), not d_ff.
         with pytest.raises(ValueError, match=r"h workspace must be .*\[rows, 24\]"):
-            mops.moe_ffn(x, gate.topk_weights, disp, w1_swiglu, w2, (h_ws, bad_ws), activation="swiglu")
+            mops.moe_ffn(x, gate, disp, w1_swiglu, w2, (h_ws, bad_ws), activation="swiglu")
 
 
 

@@ -24,6 +24,7 @@ def test_bench_writes_a_result_file(tmp_path):
     assert data["command"].startswith("pymoe") and data["machine"]["cpu_model"]
     assert data["commit"], "run from a pymoe checkout, the file must name its commit"
     assert data["ceilings"]["matmul"]["gflops"] > 0 and data["ceilings"]["read"]["gbps"] > 0
+    assert 0 < data["ceilings"]["max_call"]["median_s"] < 1
     assert data["wall_s"] > 0
     (run,) = data["runs"]
     assert run["tokens"] == 4 and [r["name"] for r in run["rows"]] == ["pymoe", "torch_loop"]

@@ -160,6 +160,23 @@ def test_gpu_layer_matches_reference(rng, config, pooled):
         assert res.dropped_slots == ref.dropped_slots
 
 
+@pytest.mark.parametrize("config", LAYER_CONFIGS, ids=["relu-top2", "switch-capacity", "swiglu-k=E"])
+def test_gpu_every_expert_path_matches_reference(rng, config):
+    """moe_ffn's every-expert path (forced here for every batch size; by
+    default only small batches take it) computes the same layer, capacity
+    drops included."""
+    weights = MoEWeights.random(config, seed=int(rng.integers(1 << 30)))
+    layer = MoELayer(config, weights, device="gpu", every_expert_tokens=(1, 1 << 20))
+    for tokens in (1, 77, 300):
+        x = rng.standard_normal((tokens, config.d_model), dtype=np.float32)
+        res = layer.run(x)
+        ref = R.moe_layer(x, weights, config)
+        assert rel_err(res.out, ref.out) < FP32_TOL
+        np.testing.assert_array_equal(res.expert_counts, ref.gate.expert_counts)
+        assert res.dropped_slots == ref.dropped_slots
+    assert layer.pool.rows >= 300 * config.num_experts
+
+
 def test_gpu_layer_bfloat16_and_torch_cuda_io(rng):
     import torch
 
@@ -167,9 +184,11 @@ def test_gpu_layer_bfloat16_and_torch_cuda_io(rng):
     weights = MoEWeights.random(config, seed=3)
     rounded = MoEWeights(*(torch.from_numpy(a).bfloat16().float().numpy() for a in (weights.router, weights.w1, weights.w2)))
     layer = MoELayer(config, rounded, device="gpu", dtype="bfloat16")
-    x = torch.randn(200, config.d_model, device="cuda").bfloat16()
-    out = layer(x)
-    assert out.is_cuda and out.dtype == torch.bfloat16 and out.shape == x.shape
-    ref = R.moe_layer(x.float().cpu().numpy(), rounded, config).out
-    per_token = np.linalg.norm(out.float().cpu().numpy() - ref, axis=1) / np.linalg.norm(ref, axis=1)
-    assert np.median(per_token) < BF16_TOL
+    lo, hi = layer.every_expert_tokens
+    for tokens in (hi + 72, (lo + hi) // 2):  # the routed path, then the every-expert path
+        x = torch.randn(tokens, config.d_model, device="cuda").bfloat16()
+        out = layer(x)
+        assert out.is_cuda and out.dtype == torch.bfloat16 and out.shape == x.shape
+        ref = R.moe_layer(x.float().cpu().numpy(), rounded, config).out
+        per_token = np.linalg.norm(out.float().cpu().numpy() - ref, axis=1) / np.linalg.norm(ref, axis=1)
+        assert np.median(per_token) < BF16_TOL

@@ -137,3 +137,22 @@ def test_buffer_pool_grows_geometrically_and_is_reused(layers, rng):
         history.append((layer.pool.rows, layer.pool.allocations))
     assert history == [(256, 2), (256, 2), (256, 2), (256, 2), (512, 4), (512, 4)]
     assert layer.pool.nbytes == 512 * (config.expert_n + config.d_model) * 4
+
+
+def test_every_expert_token_range_and_workspace_rows():
+    """The GPU's every-expert path: never on the CPU; on the GPU from the
+    batch size where >= 90% of the experts are expected to be used under
+    uniform routing; the workspaces then need E*T rows instead of T*k."""
+    from pymoe.ops import EVERY_EXPERT_MAX_TOKENS, every_expert_token_range, moe_ffn_workspace_rows
+
+    cfg = MoEConfig(d_model=8, d_ff=8, num_experts=8, top_k=2)
+    assert every_expert_token_range(cfg, "cpu", "float32") == (1, 0)
+    lo, hi = every_expert_token_range(cfg, "gpu", "bfloat16")
+    assert hi == EVERY_EXPERT_MAX_TOKENS["bfloat16"]
+    assert 1 - 0.75**lo >= 0.9 > 1 - 0.75 ** (lo - 1)
+    assert every_expert_token_range(MoEConfig(d_model=8, d_ff=8, num_experts=4, top_k=4), "gpu", "float32")[0] == 1
+    assert moe_ffn_workspace_rows(10, cfg, (1, 0)) == 20
+    assert moe_ffn_workspace_rows(10, cfg, (8, 16)) == 80
+    assert moe_ffn_workspace_rows(20, cfg, (8, 16)) == 40
+    with pytest.raises(ValueError, match="device='gpu' only"):
+        MoELayer(cfg, MoEWeights.random(cfg, seed=0), device="cpu", every_expert_tokens=(1, 8))

@@ -4,7 +4,12 @@
   matmul on the machine we can call), in the benchmark's dtype;
 - copy bandwidth: a large tensor copy, counted as bytes read + bytes written;
 - read bandwidth: a large sum-reduction, bytes read only. Decode reads the
-  weights once and writes little, so its roofline floor uses this one.
+  weights once and writes little, so its roofline floor uses this one;
+- MAX graph call: the time of one call of a MAX graph that does almost
+  nothing (x + x on a [32, 1024] float32 tensor), made the way MoELayer
+  makes its calls (input shared or copied into a device buffer, execute,
+  output wrapped). No MAX implementation can take less per call, so for
+  small decode batches it is a floor beside the roofline.
 """
 
 from __future__ import annotations
@@ -31,6 +36,28 @@ def _stream_times(elems: int, tdev: str, min_seconds: float, sync) -> tuple[dict
     return copy, read
 
 
+MAX_CALL_SHAPE = (32, 1024)
+
+
+def _max_call_times(device: str, tdev: str, min_seconds: float, sync) -> dict:
+    from max.graph import Graph, TensorType
+
+    from ..layer import _driver_device, _max_dtype, _session_and_ref, _wrap_output, to_device_buffer
+
+    session, ref = _session_and_ref(device)
+    with Graph("max_call_floor", input_types=[TensorType(_max_dtype("float32"), ["tokens", MAX_CALL_SHAPE[1]], ref)]) as g:
+        x = g.inputs[0].tensor
+        g.output(x + x)
+    model = session.load(g)
+    dev = _driver_device(device)
+    x = torch.randn(*MAX_CALL_SHAPE, device=tdev)
+
+    def call():
+        return _wrap_output(model.execute(to_device_buffer(x, "float32", dev))[0], x)
+
+    return summarize(measure(call, min_seconds=min_seconds, sync=sync))
+
+
 def measure_ceilings(device: str = "cpu", dtype: torch.dtype = torch.float32, min_seconds: float = 1.0) -> dict:
     tdev = "cuda" if device == "gpu" else "cpu"
     sync = device_sync(device)
@@ -40,6 +67,7 @@ def measure_ceilings(device: str = "cpu", dtype: torch.dtype = torch.float32, mi
     # stream buffers are allocated.
     mm = _matmul_times(n, tdev, dtype, min_seconds, sync)
     copy, read = _stream_times(elems, tdev, min_seconds, sync)
+    call = _max_call_times(device, tdev, min_seconds, sync)
     flops, nbytes = 2 * n**3, elems * 4
     return {
         "matmul": {
@@ -51,4 +79,5 @@ def measure_ceilings(device: str = "cpu", dtype: torch.dtype = torch.float32, mi
         },
         "copy": {**copy, "bytes": 2 * nbytes, "via": "torch copy_ (read + write)", "gbps": 2 * nbytes / copy["median_s"] / 1e9},
         "read": {**read, "bytes": nbytes, "via": "torch sum (read only)", "gbps": nbytes / read["median_s"] / 1e9},
+        "max_call": {**call, "shape": list(MAX_CALL_SHAPE), "via": "MAX graph computing x + x, called as MoELayer calls"},
     }
