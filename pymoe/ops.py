@@ -293,7 +293,7 @@ def check_layer_weights(x: TensorValue, weights: MoEGraphWeights, config: MoECon
 # H100), less in practice because cuBLAS is far from peak at small M. The
 # limits below are where the two paths crossed when measured on the H100
 # (results/gpu/*-every-expert-crossover-*.json, scripts/gpu_every_expert_crossover.py).
-EVERY_EXPERT_MAX_TOKENS = {"bfloat16": 128, "float32": 16}
+EVERY_EXPERT_MAX_TOKENS = {"bfloat16": 128, "float32": 64}
 # ... and only while nearly every expert is used anyway: under uniform routing
 # at least this fraction of the experts receives a token, so reading every
 # expert's weights costs at most ~1/0.9 of the routed path's bytes.
