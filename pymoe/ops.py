@@ -289,10 +289,12 @@ def check_layer_weights(x: TensorValue, weights: MoEGraphWeights, config: MoECon
 # E experts on all T tokens, E/k times the routed FLOPs, to save the routed
 # path's host sync and per-expert launches. It pays while those FLOPs stay
 # under the time of reading the weights: up to about peak FLOP/s * itemsize /
-# (2 * bandwidth) tokens in theory (about 500 in bf16 and 70 in fp32 on an
-# H100), less in practice because cuBLAS is far from peak at small M. The
-# limits below are where the two paths crossed when measured on the H100
-# (results/gpu/*-every-expert-crossover-*.json, scripts/gpu_every_expert_crossover.py).
+# (2 * bandwidth) tokens in theory (about 250 in bf16 and 35 in fp32 on an
+# H100). The limits below are measured: on the H100 the every-expert path was
+# faster from 8 to 256 tokens in bf16 (by 6% at 256 tokens of the large shape,
+# so we stop at 128) and from 16 to 64 in fp32, slower at 128
+# (results/gpu/20261123T024908Z-every-expert-crossover-NVIDIA-H100-80GB-HBM3.json,
+# from scripts/gpu_every_expert_crossover.py).
 EVERY_EXPERT_MAX_TOKENS = {"bfloat16": 128, "float32": 64}
 # ... and only while nearly every expert is used anyway: under uniform routing
 # at least this fraction of the experts receives a token, so reading every
