@@ -360,3 +360,31 @@ def test_engine_outputs_equal_the_all_resident_model(name):
     assert set(executor.outputs) == set(expected)
     for tick, out in expected.items():
         torch.testing.assert_close(executor.outputs[tick], out)
+
+
+@pytest.mark.parametrize("name", ["oracle", "pre-gated"])
+def test_failed_prefetches_fall_back_to_on_demand(name):
+    """Half the prefetch copies fail (injected): their slots are poisoned, each failed expert
+    that a layer needs is loaded again on demand and counted, and every output still equals
+    the all-resident model's."""
+    import torch
+
+    from pymoe.offload.engine import EngineError, Executor, reference_outputs
+    from pymoe.offload.simulator import batch_schedule
+
+    model = OffloadModel("eng", 6, 3, 2, d_model=16, d_ff=24, activation="swiglu")
+    trace = generate(model, SyntheticParams(0.8, 0.3, 0.3), requests=6, tokens=5, seed=4)
+    trace.pregate = trace.experts.copy()
+    trace.pregate[:, 0] = -1
+    executor = Executor(model, 5, device="cpu", check=True, max_tokens=2, prefetch_failure_rate=0.5)
+    r = simulate(trace, model, make_strategy(name), calibration_for(model), capacity=5, batch_size=2,
+                 requests=4, seed=1, executor=executor)
+    faults = executor.faults
+    assert executor.transfers == r.misses + r.prefetches
+    assert 0 < faults["failed_prefetches"] < r.prefetches
+    assert 0 < faults["fallback_loads"] <= faults["failed_prefetches"]
+    expected = reference_outputs(trace, model, batch_schedule(trace, 2, 4, 1), max_tokens=2)
+    for tick, out in expected.items():
+        torch.testing.assert_close(executor.outputs[tick], out)
+    with pytest.raises(EngineError, match="prefetch_failure_rate"):
+        Executor(model, 5, device="cpu", prefetch_failure_rate=1.5)

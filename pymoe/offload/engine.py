@@ -16,6 +16,13 @@ experts share them round-robin when the model has more experts (the bytes moved 
 arithmetic are the same; the weights' values do not matter for timing). With
 `check=True` every expert has its own weights and each layer's output is kept, so that it can
 be compared with the all-on-GPU model (`reference_outputs`).
+
+Faults: a prefetch whose copy fails (a RuntimeError from the copy, or one injected with
+`prefetch_failure_rate` to test this path) leaves its slot poisoned (NaN bytes) and the
+expert marked; when a layer needs it, it is loaded again on demand, like a miss, and counted
+(`faults["fallback_loads"]`). A prefetch that has not finished when the layer that needs it
+is launched is counted as late (`faults["late_prefetches"]`, CUDA only); the layer waits for
+it on the GPU, which is what a fresh demand load queued behind it would cost too.
 """
 
 from __future__ import annotations
@@ -52,7 +59,9 @@ class Executor:
     """Carries out the simulator's transfers and layer computes on a device."""
 
     def __init__(self, model: OffloadModel, capacity: int, *, device: str = "cuda", host_copies: int = 64,
-                 check: bool = False, max_tokens: int = 64, seed: int = 0):
+                 check: bool = False, max_tokens: int = 64, seed: int = 0, prefetch_failure_rate: float = 0.0):
+        if not 0.0 <= prefetch_failure_rate <= 1.0:
+            raise EngineError(f"prefetch_failure_rate must be in [0, 1], got {prefetch_failure_rate!r}")
         self.model, self.device, self.check = model, torch.device(device), check
         self.cuda = self.device.type == "cuda"
         self.dtype = getattr(torch, model.dtype)
@@ -78,7 +87,12 @@ class Executor:
         self.layer_events: list[torch.cuda.Event] = []
         self.previous_end = self.current_end = None  # compute-end events of layers l-1 and l
         self.outputs: dict[int, torch.Tensor] = {}
-        self.transfers = 0
+        self.transfers = 0  # the simulator's decisions carried out (fallback loads not included)
+        self.failure_rate = prefetch_failure_rate
+        self._fault_rng = np.random.default_rng(seed + 7919)
+        self.failed: set[int] = set()  # experts whose prefetch failed and that were not reloaded yet
+        self.in_flight_prefetch: set[int] = set()
+        self.faults = {"failed_prefetches": 0, "fallback_loads": 0, "late_prefetches": 0}
         if self.cuda:
             self._warm_up()
 
@@ -107,20 +121,49 @@ class Executor:
         if evicted is not None and evicted in self.slot_of:
             slot = self.slot_of.pop(evicted)
             self.ready_event.pop(evicted, None)
+            self.failed.discard(evicted)
+            self.in_flight_prefetch.discard(evicted)
         else:
             if not self.free_slots:
                 raise EngineError("no free GPU slot: the cache and the slot pool disagree")
             slot = self.free_slots.pop()
         self.slot_of[key] = slot
-        src = self.host[key % len(self.host)]
         self.transfers += 1
+        self.failed.discard(key)
+        self.in_flight_prefetch.discard(key)
+        try:
+            self._copy(key, slot, after=self.previous_end if prefetch else self.current_end,
+                       inject=prefetch and self._fault_rng.random() < self.failure_rate)
+        except RuntimeError:
+            if not prefetch:
+                raise
+            # A failed prefetch: the slot may hold part of the copy; poison it (NaN bytes)
+            # so that nothing can compute with it, and reload on demand when a layer needs it.
+            if self.cuda:
+                with torch.cuda.stream(self.copy_stream):  # ordered before the reload's copy
+                    if slot in self.slot_free_event:
+                        self.copy_stream.wait_event(self.slot_free_event[slot])
+                    self.slots[slot].fill_(255)
+            else:
+                self.slots[slot].fill_(255)
+            self.failed.add(key)
+            self.faults["failed_prefetches"] += 1
+            return
+        if prefetch:
+            self.in_flight_prefetch.add(key)
+
+    def _copy(self, key: int, slot: int, *, after, inject: bool = False) -> None:
+        """Copy expert `key`'s weights into `slot`, on the copy stream once the compute
+        event `after` (the decision point) has passed and the slot's last reader is done."""
+        if inject:
+            raise RuntimeError("injected prefetch failure")
+        src = self.host[key % len(self.host)]
         if not self.cuda:
             self.slots[slot].copy_(src)
             return
         with torch.cuda.stream(self.copy_stream):
-            decided = self.previous_end if prefetch else self.current_end
-            if decided is not None:
-                self.copy_stream.wait_event(decided)
+            if after is not None:
+                self.copy_stream.wait_event(after)
             if slot in self.slot_free_event:  # do not overwrite weights a queued layer still reads
                 self.copy_stream.wait_event(self.slot_free_event[slot])
             self.slots[slot].copy_(src, non_blocking=True)
@@ -139,6 +182,15 @@ class Executor:
     def layer(self, tick: int, tokens: np.ndarray, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
         e = self.model.num_experts
         keys = [layer * e + int(x) for x in experts]
+        for key in keys:
+            if key in self.failed:  # its prefetch failed: load it now, as a miss would be
+                self._copy(key, self.slot_of[key], after=self.current_end)
+                self.failed.discard(key)
+                self.faults["fallback_loads"] += 1
+            elif key in self.in_flight_prefetch:
+                if self.cuda and not self.ready_event[key].query():
+                    self.faults["late_prefetches"] += 1
+                self.in_flight_prefetch.discard(key)
         if self.cuda:
             start = self._event()
             start.record(self.compute_stream)
@@ -174,9 +226,11 @@ class Executor:
 
 def run_engine(trace: Trace, model: OffloadModel, strategy: Strategy, calibration: Calibration, *,
                capacity: int, batch_size: int, requests: int, seed: int = 0, memory: str = "pinned",
-               device: str = "cuda", host_copies: int = 64) -> tuple[RunResult, RunResult]:
-    """(simulated, measured) runs of the same trace, strategy, batch and seed. The measured
-    run has the simulated run's hits, misses and bytes (same decisions) and measured times."""
+               device: str = "cuda", host_copies: int = 64,
+               prefetch_failure_rate: float = 0.0) -> tuple[RunResult, RunResult, dict]:
+    """(simulated, measured, faults) for the same trace, strategy, batch and seed. The
+    measured run has the simulated run's hits, misses and bytes (same decisions) and measured
+    times; faults counts failed prefetches and their fallback loads (see Executor)."""
     if memory != "pinned":
         raise EngineError("the engine keeps experts in pinned host memory")
     if not torch.cuda.is_available():
@@ -184,7 +238,7 @@ def run_engine(trace: Trace, model: OffloadModel, strategy: Strategy, calibratio
     if strategy.eviction == "tiered":
         raise EngineError("the engine runs single-pool caches; the tiered cache is simulator-only")
     executor = Executor(model, capacity, device=device, host_copies=host_copies,
-                        max_tokens=batch_size)
+                        max_tokens=batch_size, seed=seed, prefetch_failure_rate=prefetch_failure_rate)
     measured = simulate(trace, model, strategy, calibration, capacity=capacity, batch_size=batch_size,
                         requests=requests, seed=seed, executor=executor)
     simulated = copy.copy(measured)  # the cost model's times; the measured ones replace them below
@@ -198,7 +252,7 @@ def run_engine(trace: Trace, model: OffloadModel, strategy: Strategy, calibratio
     if executor.transfers != simulated.misses + simulated.prefetches:
         raise EngineError(f"engine made {executor.transfers} transfers, the simulator "
                           f"{simulated.misses + simulated.prefetches}")
-    return simulated, measured
+    return simulated, measured, dict(executor.faults)
 
 
 def reference_outputs(trace: Trace, model: OffloadModel, steps: list[np.ndarray], *, max_tokens: int,
@@ -223,7 +277,7 @@ def reference_outputs(trace: Trace, model: OffloadModel, steps: list[np.ndarray]
 
 def validate(trace_path, model_name: str, calibration_path, *, strategies, batch_sizes=(1, 4, 16, 64),
              requests: int = 8, cache_fraction: float = 0.25, seed: int = 0, out_dir="results", command: str = "",
-             console=None):
+             console=None, prefetch_failure_rate: float = 0.0):
     """Engine vs simulator for every strategy and batch size; writes
     `<out_dir>/offload/<stamp>-engine-<model>-<device>.json`."""
     import datetime as dt
@@ -253,24 +307,29 @@ def validate(trace_path, model_name: str, calibration_path, *, strategies, batch
     capacity = cache_capacity(model, fraction=cache_fraction)
     result = {"schema": "pymoe.offload-engine/1", **provenance(command), "model": model.to_dict(),
               "trace": str(trace_path), "calibration": str(calibration_path), "cache_experts": capacity,
-              "cache_fraction": cache_fraction, "requests_per_run": requests, "seed": seed, "runs": []}
+              "cache_fraction": cache_fraction, "requests_per_run": requests, "seed": seed,
+              "prefetch_failure_rate": prefetch_failure_rate, "runs": []}
     start = time.perf_counter()
     table = Table(title=f"{model.name} on {torch.cuda.get_device_name(0)}: engine (measured) vs simulator")
-    for col in ("strategy", "batch", "simulated ms/step", "measured ms/step", "error", "hit rate", "GiB moved"):
+    for col in ("strategy", "batch", "simulated ms/step", "measured ms/step", "error", "hit rate", "GiB moved",
+                "failed / late prefetches"):
         table.add_column(col, justify="right")
     for batch in batch_sizes:
         for name in strategies:
             strategy = make_strategy(name)
             strategy.fit(profile)
             with console.status(f"{name}, batch {batch}"):
-                sim, real = run_engine(evaluation, model, strategy, calibration, capacity=capacity,
-                                       batch_size=batch, requests=max(batch, requests), seed=seed)
+                sim, real, faults = run_engine(evaluation, model, strategy, calibration, capacity=capacity,
+                                               batch_size=batch, requests=max(batch, requests), seed=seed,
+                                               prefetch_failure_rate=prefetch_failure_rate)
             s, m = sim.summary(), real.summary()
             error = m["ms_per_step"] / s["ms_per_step"] - 1
             result["runs"].append({"strategy": name, "batch_size": batch, "simulated": s, "measured": m,
-                                   "measured_step_ms": real.step_ms.tolist(), "relative_error": error})
+                                   "measured_step_ms": real.step_ms.tolist(), "relative_error": error,
+                                   "faults": faults})
             table.add_row(name, str(batch), f"{s['ms_per_step']:.2f}", f"{m['ms_per_step']:.2f}", f"{error:+.1%}",
-                          f"{s['hit_rate']:.3f}", f"{s['bytes_moved'] / 2**30:.1f}")
+                          f"{s['hit_rate']:.3f}", f"{s['bytes_moved'] / 2**30:.1f}",
+                          f"{faults['failed_prefetches']} / {faults['late_prefetches']}")
     result["wall_s"] = round(time.perf_counter() - start, 1)
     result["max_abs_relative_error"] = max(abs(r["relative_error"]) for r in result["runs"])
     console.print(table)
