@@ -100,17 +100,15 @@ def fano_max_accuracy(h_bits: float, alphabet: int) -> float:
     return 1.0 - hi
 
 
-def train_predictor(trace: Trace, *, use_pregate: bool = True, holdout: float = 0.25, epochs: int = 30,
-                    seed: int = 0, progress=None) -> dict:
-    """Train on the first requests, evaluate on the held-out last `holdout` of them."""
+def fit_next_expert_net(ex: dict[str, np.ndarray], num_experts: int, num_layers: int, top_k: int, *,
+                        epochs: int = 30, seed: int = 0, progress=None) -> tuple[NextExpertNet, list[float]]:
+    """Train a NextExpertNet on `examples(...)` rows; returns the net and the loss per epoch."""
     torch.manual_seed(seed)
-    train_trace, test_trace = trace.split(1.0 - holdout)
-    tr, te = examples(train_trace, use_pregate), examples(test_trace, use_pregate)
-    e, layers, k = trace.num_experts, trace.num_layers, trace.top_k
-    net = NextExpertNet(e, layers - 1)
+    e, k = num_experts, top_k
+    net = NextExpertNet(e, num_layers - 1)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    t = {key: torch.from_numpy(value) for key, value in tr.items()}
+    t = {key: torch.from_numpy(value) for key, value in ex.items()}
     # Half the target mass on the top expert (top-1 accuracy), half spread over all k (recall).
     soft = torch.zeros(len(t["layer"]), e).scatter_(1, t["target"], 0.5 / k)
     soft[torch.arange(len(soft)), t["target"][:, 0]] += 0.5
@@ -131,6 +129,17 @@ def train_predictor(trace: Trace, *, use_pregate: bool = True, holdout: float = 
         history.append(round(total / n, 4))
         if progress:
             progress(epoch + 1, history[-1])
+    return net.eval(), history
+
+
+def train_predictor(trace: Trace, *, use_pregate: bool = True, holdout: float = 0.25, epochs: int = 30,
+                    seed: int = 0, progress=None) -> dict:
+    """Train on the first requests, evaluate on the held-out last `holdout` of them."""
+    train_trace, test_trace = trace.split(1.0 - holdout)
+    tr, te = examples(train_trace, use_pregate), examples(test_trace, use_pregate)
+    e, layers, k = trace.num_experts, trace.num_layers, trace.top_k
+    net, history = fit_next_expert_net(tr, e, layers, k, epochs=epochs, seed=seed, progress=progress)
+    n = len(tr["layer"])
     with torch.no_grad():
         logits = net(torch.from_numpy(te["layer"]), torch.from_numpy(te["current"]), torch.from_numpy(te["pregate"]))
         learned = logits.topk(k, dim=-1).indices.numpy()

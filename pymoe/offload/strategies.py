@@ -20,6 +20,7 @@ the trained-model traces a 0.5 threshold beat 0.1-0.2 for every predicting strat
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,7 +113,7 @@ class Strategy:
     def batch_probability(self, token_probs: np.ndarray) -> np.ndarray:
         """[batch, E] per-token probability of choosing each expert -> [E] probability that
         at least one token of the batch needs it (tokens taken as independent)."""
-        p = np.clip(token_probs, 0.0, 1.0)
+        p = np.clip(np.asarray(token_probs, dtype=np.float64), 0.0, 1.0)
         return 1.0 - np.exp(np.log1p(-np.minimum(p, 1 - 1e-12)).sum(axis=0))
 
     def choose(self, layer: int, prob: np.ndarray, budget: int, threshold: float) -> list[int]:
@@ -281,8 +282,55 @@ class Intelligent(PredictingStrategy):
         self.model.learn(layer, view.routing[max(layer - 1, 0)], view.routing[layer])
         if layer + 1 >= ctx.num_layers:
             return self.protect([])
-        prob = self.batch_probability(self.model.token_probs(layer, view.routing[layer], ctx.top_k))
+        prob = self.batch_probability(self.token_probs(view))
         return self.protect(self.choose(layer + 1, prob, ctx.layer_budget, self.threshold))
+
+    def token_probs(self, view: LayerView) -> np.ndarray:
+        """[batch, E]: probability that each token uses each expert at the next layer."""
+        return self.model.token_probs(view.layer, view.routing[view.layer], self.ctx.top_k)
+
+
+@register
+class IntelligentLearned(Intelligent):
+    """Intelligent with the learned next-expert predictor (pymoe.offload.predictor, the
+    model `pymoe train-predictor` evaluates) in place of the online transition table:
+    trained on the profiling split, it predicts each token's next-layer experts from its top
+    expert at this layer and, when the trace has it, the pre-gate signal for the next layer."""
+
+    name = "intelligent-learned"
+
+    def __init__(self, eviction: str | None = None, threshold: float = 0.5, epochs: int = 10) -> None:
+        super().__init__(eviction, threshold)
+        self.epochs = epochs
+
+    def fit(self, profile: Trace) -> None:
+        from .predictor import examples, fit_next_expert_net
+
+        self.use_pregate = profile.pregate is not None
+        if profile.num_layers < 2:  # no next layer to predict: prefetch() never asks
+            self.net = None
+            return
+        rows = examples(profile, self.use_pregate)
+        # At least 150 optimiser steps (batches of 2048 rows), however small the profile.
+        epochs = max(self.epochs, math.ceil(150 / math.ceil(len(rows["layer"]) / 2048)))
+        self.net, _ = fit_next_expert_net(rows, profile.num_experts, profile.num_layers, profile.top_k,
+                                          epochs=epochs)
+
+    def token_probs(self, view: LayerView) -> np.ndarray:
+        import torch
+
+        e, k = self.ctx.num_experts, self.ctx.top_k
+        current = torch.from_numpy(view.routing[view.layer][:, 0].astype(np.int64))
+        if self.use_pregate and view.pregate_next is not None:
+            pregate = torch.from_numpy(view.pregate_next[:, 0].astype(np.int64))
+        else:
+            pregate = torch.full_like(current, e)
+        layer = torch.full_like(current, view.layer)
+        with torch.no_grad():
+            p = self.net(layer, current, pregate).softmax(-1).numpy()
+        # The net spreads a token's mass over its k next experts (see its training target);
+        # k * p approximates the probability that the token uses each one.
+        return np.minimum(1.0, k * p)
 
 
 @register

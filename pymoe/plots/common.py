@@ -18,6 +18,7 @@ STRATEGY_STYLE = {
     "top-k": dict(color="#1f77b4", marker="s", linestyle="-"),
     "multi-lookahead": dict(color="#17becf", marker="v", linestyle="-"),
     "intelligent": dict(color="#2ca02c", marker="^", linestyle="-"),
+    "intelligent-learned": dict(color="#8c564b", marker="X", linestyle="-"),
     "pre-gated": dict(color="#9467bd", marker="D", linestyle="-"),
     "expertflow": dict(color="#ff7f0e", marker="P", linestyle="-"),
     "oracle": dict(color="#d62728", marker="*", linestyle="--"),

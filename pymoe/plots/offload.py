@@ -17,13 +17,18 @@ def is_eviction_sweep(data: dict) -> bool:
 
 def latest_sweeps(results_dir: Path, cache_fraction: float = 0.25, evictions: bool = False
                   ) -> dict[str, tuple[Path, dict]]:
-    """The newest sweep per model at the given cache fraction, model name -> (path, data);
-    strategy sweeps, or with `evictions` the eviction-policy sweeps."""
-    newest = {}
+    """The fullest sweep per model at the given cache fraction (most batch sizes, both dedup
+    settings; the newest of equals), model name -> (path, data): a narrower run made to compare
+    a few strategies does not replace the sweep the figures need. Strategy sweeps, or with
+    `evictions` the eviction-policy sweeps."""
+    best = {}
     for path, data in load_results(results_dir, "pymoe.offload-sim/1"):
         if abs(data["cache_fraction"] - cache_fraction) < 1e-9 and is_eviction_sweep(data) == evictions:
-            newest[data["model"]["name"]] = (path, data)
-    return dict(sorted(newest.items(), key=lambda kv: kv[0] != "switch"))
+            rank = (len(data["batch_sizes"]), len({run["dedup"] for run in data["runs"]}), path.name)
+            name = data["model"]["name"]
+            if name not in best or rank > best[name][0]:
+                best[name] = (rank, (path, data))
+    return dict(sorted(((name, item) for name, (_, item) in best.items()), key=lambda kv: kv[0] != "switch"))
 
 
 def _rows(data: dict, dedup: bool = True) -> dict[str, list[dict]]:
