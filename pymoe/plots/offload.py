@@ -15,6 +15,11 @@ def is_eviction_sweep(data: dict) -> bool:
     return any("[" in name for name in data["strategies"])
 
 
+def _sweep_rank(path: Path, data: dict) -> tuple:
+    """Fuller sweeps first (batch sizes, dedup settings, strategies), then newer."""
+    return (len(data["batch_sizes"]), len({run["dedup"] for run in data["runs"]}), len(data["strategies"]), path.name)
+
+
 def latest_sweeps(results_dir: Path, cache_fraction: float = 0.25, evictions: bool = False
                   ) -> dict[str, tuple[Path, dict]]:
     """The fullest sweep per model at the given cache fraction (most batch sizes, both dedup
@@ -24,7 +29,7 @@ def latest_sweeps(results_dir: Path, cache_fraction: float = 0.25, evictions: bo
     best = {}
     for path, data in load_results(results_dir, "pymoe.offload-sim/1"):
         if abs(data["cache_fraction"] - cache_fraction) < 1e-9 and is_eviction_sweep(data) == evictions:
-            rank = (len(data["batch_sizes"]), len({run["dedup"] for run in data["runs"]}), path.name)
+            rank = _sweep_rank(path, data)
             name = data["model"]["name"]
             if name not in best or rank > best[name][0]:
                 best[name] = (rank, (path, data))
@@ -185,7 +190,10 @@ def _pareto(results_dir, out_dir, report):
     for path, data in load_results(results_dir, "pymoe.offload-sim/1"):
         if is_eviction_sweep(data):
             continue
-        by_model.setdefault(data["model"]["name"], {})[data["cache_fraction"]] = (path, data)
+        fractions = by_model.setdefault(data["model"]["name"], {})
+        current = fractions.get(data["cache_fraction"])
+        if current is None or _sweep_rank(path, data) > _sweep_rank(*current):
+            fractions[data["cache_fraction"]] = (path, data)
     usable = {m: v for m, v in by_model.items() if len(v) >= 2}
     if not usable:
         report.skip(name, "needs sweeps at two or more --cache-fraction values for one model")
