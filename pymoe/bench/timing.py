@@ -14,13 +14,14 @@ def measure(
     *,
     warmup: int = 1,
     min_reps: int = 3,
-    max_reps: int = 30,
+    max_reps: int = 1000,
     min_seconds: float = 1.0,
     sync: Callable[[], None] | None = None,
 ) -> list[float]:
     """Seconds per call of `fn`: `warmup` untimed calls, then at least
     `min_reps` timed ones, continuing until `min_seconds` have been spent or
-    `max_reps` reached. `sync` (e.g. torch.cuda.synchronize) runs before each
+    `max_reps` reached (the cap is high so that sub-millisecond calls are timed
+    over the whole min_seconds window, not over a few milliseconds of it). `sync` (e.g. torch.cuda.synchronize) runs before each
     clock read so that asynchronous devices are timed to completion."""
     sync = sync or (lambda: None)
     for _ in range(warmup):
