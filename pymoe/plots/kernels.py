@@ -102,7 +102,8 @@ def _gains(runs, out_dir, report):
         ax.set_ylabel("baseline time / pymoe time")
         ax.set_title(_device_title(device, items), fontsize=9)
         ax.grid(True, axis="y", which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.set_ylim(top=ax.get_ylim()[1] * 3)  # headroom so the legend covers no bar label
+        ax.legend(fontsize=7, loc="upper left", ncol=2)
     fig.suptitle("Speedup of pymoe's MoE layer over each baseline, side by side in one run "
                  "(median times; below 1: pymoe is slower)", fontsize=11)
     _footer_for(fig, [it for items in runs.values() for it in items])
