@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -218,7 +219,7 @@ class MoELayer:
         pooled: bool = True,
         every_expert_tokens: tuple[int, int] | None = None,
     ):
-        from .ops import every_expert_token_range
+        from .ops import every_expert_token_range, moe_ffn_workspace_rows
 
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
@@ -230,6 +231,7 @@ class MoELayer:
         if every_expert_tokens is not None and device != "gpu":
             raise ValueError("every_expert_tokens applies to device='gpu' only (the CPU always routes)")
         self.every_expert_tokens = every_expert_tokens or every_expert_token_range(config, device, dtype)
+        self._workspace_rows = partial(moe_ffn_workspace_rows, config=config, token_range=self.every_expert_tokens)
         self._device = _driver_device(device)
         # pooled=False lets the graph allocate the intermediates on every call
         # (kept for the ablation that measures what the pool saves).
@@ -250,10 +252,7 @@ class MoELayer:
 
     def _execute(self, x):
         xb = to_device_buffer(x, self.dtype, self._device)
-        from .ops import moe_ffn_workspace_rows
-
-        rows = moe_ffn_workspace_rows(x.shape[0], self.config, self.every_expert_tokens)
-        workspaces = self.pool.buffers(rows) if self.pool else []
+        workspaces = self.pool.buffers(self._workspace_rows(x.shape[0])) if self.pool else []
         return self._model.execute(xb, *self._weights, *workspaces)
 
     def run(self, x) -> MoEOutput:

@@ -291,8 +291,9 @@ def check_layer_weights(x: TensorValue, weights: MoEGraphWeights, config: MoECon
 # under the time of reading the weights: up to about peak FLOP/s * itemsize /
 # (2 * bandwidth) tokens in theory (about 250 in bf16 and 35 in fp32 on an
 # H100). The limits below are measured: on the H100 the every-expert path was
-# faster from 8 to 256 tokens in bf16 (by 6% at 256 tokens of the large shape,
-# so we stop at 128) and from 16 to 64 in fp32, slower at 128
+# faster at 8-256 tokens in bf16 for all three preset shapes but one noisy point
+# (small shape, 16 tokens), by only 6% at 256 tokens of the large shape, so we
+# stop at 128; in fp32 (small shape) faster at 16-64 tokens, slower at 128
 # (results/gpu/20261123T024908Z-every-expert-crossover-NVIDIA-H100-80GB-HBM3.json,
 # from scripts/gpu_every_expert_crossover.py).
 EVERY_EXPERT_MAX_TOKENS = {"bfloat16": 128, "float32": 64}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -42,6 +43,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--min-seconds", type=float, default=0.3)
     args = parser.parse_args(argv)
     console = Console()
+    start = time.perf_counter()
     result = {
         "schema": "pymoe.every_expert_crossover/1",
         **provenance("python scripts/gpu_every_expert_crossover.py " + " ".join(argv)),
@@ -75,6 +77,7 @@ def main(argv: list[str]) -> int:
         console.print(table)
         del layers
         torch.cuda.empty_cache()
+    result["wall_s"] = time.perf_counter() - start  # ceilings, compiles and timings
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = result["date"].replace(":", "").replace("-", "").replace("+0000", "Z")
     gpu = (result["machine"]["gpu"] or "gpu").replace(" ", "-")

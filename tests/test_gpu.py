@@ -146,11 +146,16 @@ LAYER_CONFIGS = [
 ]
 
 
+# The pooled layer takes the routed path or, for small batches, the every-expert
+# path (forced here for every batch size); the unpooled layer always routes.
+LAYER_PATHS = [(True, None), (False, None), (True, (1, 1 << 20))]
+
+
 @pytest.mark.parametrize("config", LAYER_CONFIGS, ids=["relu-top2", "switch-capacity", "swiglu-k=E"])
-@pytest.mark.parametrize("pooled", [True, False], ids=["pooled", "unpooled"])
-def test_gpu_layer_matches_reference(rng, config, pooled):
+@pytest.mark.parametrize("pooled,every_expert", LAYER_PATHS, ids=["pooled", "unpooled", "every-expert"])
+def test_gpu_layer_matches_reference(rng, config, pooled, every_expert):
     weights = MoEWeights.random(config, seed=int(rng.integers(1 << 30)))
-    layer = MoELayer(config, weights, device="gpu", pooled=pooled)
+    layer = MoELayer(config, weights, device="gpu", pooled=pooled, every_expert_tokens=every_expert)
     for tokens in (1, 77, 300):  # the pool grows across these
         x = rng.standard_normal((tokens, config.d_model), dtype=np.float32)
         res = layer.run(x)
@@ -158,23 +163,8 @@ def test_gpu_layer_matches_reference(rng, config, pooled):
         assert rel_err(res.out, ref.out) < FP32_TOL
         np.testing.assert_array_equal(res.expert_counts, ref.gate.expert_counts)
         assert res.dropped_slots == ref.dropped_slots
-
-
-@pytest.mark.parametrize("config", LAYER_CONFIGS, ids=["relu-top2", "switch-capacity", "swiglu-k=E"])
-def test_gpu_every_expert_path_matches_reference(rng, config):
-    """moe_ffn's every-expert path (forced here for every batch size; by
-    default only small batches take it) computes the same layer, capacity
-    drops included."""
-    weights = MoEWeights.random(config, seed=int(rng.integers(1 << 30)))
-    layer = MoELayer(config, weights, device="gpu", every_expert_tokens=(1, 1 << 20))
-    for tokens in (1, 77, 300):
-        x = rng.standard_normal((tokens, config.d_model), dtype=np.float32)
-        res = layer.run(x)
-        ref = R.moe_layer(x, weights, config)
-        assert rel_err(res.out, ref.out) < FP32_TOL
-        np.testing.assert_array_equal(res.expert_counts, ref.gate.expert_counts)
-        assert res.dropped_slots == ref.dropped_slots
-    assert layer.pool.rows >= 300 * config.num_experts
+    if every_expert:
+        assert layer.pool.rows >= 300 * config.num_experts
 
 
 def test_gpu_layer_bfloat16_and_torch_cuda_io(rng):

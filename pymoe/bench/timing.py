@@ -20,9 +20,10 @@ def measure(
 ) -> list[float]:
     """Seconds per call of `fn`: `warmup` untimed calls, then at least
     `min_reps` timed ones, continuing until `min_seconds` have been spent or
-    `max_reps` reached (the cap is high so that sub-millisecond calls are timed
-    over the whole min_seconds window, not over a few milliseconds of it). `sync` (e.g. torch.cuda.synchronize) runs before each
-    clock read so that asynchronous devices are timed to completion."""
+    `max_reps` reached (the cap is high so that sub-millisecond calls are
+    timed over the whole min_seconds window, not over a few milliseconds of
+    it). `sync` (e.g. torch.cuda.synchronize) runs before each clock read so
+    that asynchronous devices are timed to completion."""
     sync = sync or (lambda: None)
     for _ in range(warmup):
         fn()

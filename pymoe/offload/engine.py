@@ -127,7 +127,6 @@ class Executor:
             slot = self.free_slots.pop()
         self.slot_of[key] = slot
         self.transfers += 1
-        self.failed.discard(key)
         try:
             self._copy(key, slot, after=self.previous_end if prefetch else self.current_end,
                        inject=prefetch and self._fault_rng.random() < self.failure_rate)

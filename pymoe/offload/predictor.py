@@ -54,6 +54,15 @@ class NextExpertNet(nn.Module):
     def forward(self, layer, current, pregate):
         return self.mlp(torch.cat([self.layer(layer), self.current(current), self.pregate(pregate)], dim=-1))
 
+    def next_expert_probs(self, layer: int, current: np.ndarray, pregate: np.ndarray | None) -> np.ndarray:
+        """[tokens, E] softmax over the next layer's experts for tokens whose top expert at
+        `layer` is `current` ([tokens]); `pregate` ([tokens]) or None when unused."""
+        cur = torch.from_numpy(current.astype(np.int64))
+        pre = torch.full_like(cur, self.pregate.num_embeddings - 1) if pregate is None \
+            else torch.from_numpy(pregate.astype(np.int64))
+        with torch.no_grad():
+            return self(torch.full_like(cur, layer), cur, pre).softmax(-1).numpy()
+
 
 def scores(pred_topk: np.ndarray, target: np.ndarray) -> dict:
     """pred_topk [N, k] ranked predictions; target [N, k] true experts (first = top)."""

@@ -317,20 +317,11 @@ class IntelligentLearned(Intelligent):
                                           epochs=epochs)
 
     def token_probs(self, view: LayerView) -> np.ndarray:
-        import torch
-
-        e, k = self.ctx.num_experts, self.ctx.top_k
-        current = torch.from_numpy(view.routing[view.layer][:, 0].astype(np.int64))
-        if self.use_pregate and view.pregate_next is not None:
-            pregate = torch.from_numpy(view.pregate_next[:, 0].astype(np.int64))
-        else:
-            pregate = torch.full_like(current, e)
-        layer = torch.full_like(current, view.layer)
-        with torch.no_grad():
-            p = self.net(layer, current, pregate).softmax(-1).numpy()
+        pregate = view.pregate_next[:, 0] if self.use_pregate and view.pregate_next is not None else None
+        p = self.net.next_expert_probs(view.layer, view.routing[view.layer][:, 0], pregate)
         # The net spreads a token's mass over its k next experts (see its training target);
         # k * p approximates the probability that the token uses each one.
-        return np.minimum(1.0, k * p)
+        return np.minimum(1.0, self.ctx.top_k * p)
 
 
 @register
