@@ -34,7 +34,22 @@
 #   vectors and broadcasts MR activations. A weight panel (KC x NR) stays in
 #   cache while the micro-kernel walks the MC rows;
 # - partial sums over K slices wait in a per-job float32 scratch tile; the
-#   activation is applied when the last slice finishes.
+#   activation is applied when the last slice finishes;
+# - a block's rows go in tiles of MR, then one of 4 or 2 rows, so a few rows
+#   (decode) do not pay for a whole MR tile of padding.
+# Decode schedule, when no expert has more than DECODE_ROWS rows: each weight
+# is used by a few rows only, so the time goes into reading the weights, and
+# packing a block and then computing on it would leave the memory idle
+# during the FMAs and the FMAs idle during the packing. Instead the blocks are
+# small (DECODE_BLOCK panel-rows, so two sit in L2), and while a block is
+# computed the first tile of each panel also packs its share of the next
+# block (this job's next slice, or the worker's next job's first), one
+# panel-row per k step, with a prefetch PIPELINE_PREFETCH_ROWS rows ahead:
+# the reads that go to memory are spread among the FMAs. With at most
+# DECODE_WIDE_ROWS rows a block spans 64 panels, so each weight row is read
+# in 4 KiB runs (the hardware prefetchers stop at page ends). SwiGLU blocks,
+# and jobs whose width is not a whole number of panels, are packed before
+# use as in prefill.
 # For SwiGLU a panel holds W gate columns and the W matching up columns, so
 # the epilogue forms silu(gate) * up from two accumulators without a pass
 # over an intermediate tensor.
@@ -72,6 +87,20 @@ comptime NC_PANELS = 16
 # Weight rows prefetched ahead while packing: the rows of a block are a page
 # apart, which the hardware prefetchers do not follow.
 comptime PREFETCH_ROWS = 8
+# Decode schedule (see the file header), taken when no expert has more than
+# DECODE_ROWS rows. A packed block is DECODE_BLOCK panel-rows (128 KiB of
+# float32, well inside L2 beside the block packed ahead), cut into
+# DECODE_PANELS_WIDE panels (each weight row read in 4 KiB runs, a page) of
+# DECODE_BLOCK / DECODE_PANELS_WIDE rows when the block has at most
+# DECODE_WIDE_ROWS rows (reading the weights is the cost), else into
+# NC_PANELS panels of deeper slices (fewer accumulator round trips through
+# the scratch, for the FMAs).
+comptime DECODE_ROWS = 4 * MR
+comptime DECODE_WIDE_ROWS = 2 * MR
+comptime DECODE_BLOCK = 2048
+comptime DECODE_PANELS_WIDE = 64
+# The decode pipeline prefetches this many rows below the row it packs.
+comptime PIPELINE_PREFETCH_ROWS = 2
 
 comptime F32Ptr = Pointer[Float32, MutUntrackedOrigin]
 
@@ -135,10 +164,42 @@ def _pack_b[dtype: DType, swiglu: Bool](
                     d.unsafe_store(j, v)
 
 
+struct _NextBlock[dtype: DType](ImplicitlyCopyable):
+    """The weight block the decode schedule packs while it computes the
+    current one: rows [k0, k0 + kc) of one expert, `panels` NR-wide column
+    panels from col0 (full panels only), packed as _pack_b packs them.
+    Packing goes in units of one panel-row (NR weights), row by row, so the
+    reads walk each weight row forwards."""
+
+    var src: Pointer[Scalar[Self.dtype], MutUntrackedOrigin]  # row k0, column col0
+    var n_w: Int
+    var kc: Int
+    var panels: Int
+
+    def __init__(out self, b_e: Pointer[Scalar[Self.dtype], MutAnyOrigin], k0: Int, kc: Int, n_w: Int, col0: Int, panels: Int):
+        self.src = rebind[Pointer[Scalar[Self.dtype], MutUntrackedOrigin]](b_e.unsafe_offset(k0 * n_w + col0))
+        self.n_w = n_w
+        self.kc = kc
+        self.panels = panels
+
+    def units(self) -> Int:
+        return self.kc * self.panels
+
+
 @always_inline
-def _micro_tile[dtype: DType, activation: StaticString](
+def _pack_units[dtype: DType](nb: _NextBlock[dtype], dst: F32Ptr, u0: Int, n: Int):
+    """Pack units [u0, u0 + n) of `nb` into dst (outside a micro-kernel)."""
+    for u in range(u0, u0 + n):
+        var r = u // nb.panels
+        var j = u % nb.panels
+        var v = nb.src.unsafe_load[width=NR](r * nb.n_w + j * NR)
+        dst.unsafe_store((j * nb.kc + r) * NR, v.cast[DType.float32]())
+
+
+@always_inline
+def _micro_tile[dtype: DType, activation: StaticString, mr: Int, pipelined: Bool](
     a: Pointer[Scalar[dtype], MutAnyOrigin],
-    a_off: Array[Int, MR],
+    a_off: Array[Int, mr],
     pb: F32Ptr,
     kc: Int,
     first: Bool,
@@ -150,29 +211,54 @@ def _micro_tile[dtype: DType, activation: StaticString](
     nrows: Int,
     col: Int,
     col_end: Int,
+    nb: _NextBlock[dtype],
+    nb_dst: F32Ptr,
+    nb_u0: Int,
+    nb_units: Int,
 ):
-    """One MR x NR tile over a K slice. Partial sums go to `scratch` (row
+    """One mr x NR tile over a K slice. Partial sums go to `scratch` (row
     stride scratch_stride) between slices; the last slice applies the
-    activation and stores rows < nrows and columns < col_end of C."""
+    activation and stores rows < nrows and columns < col_end of C.
+    When `pipelined`, its first `nb_units` (<= kc) steps also each pack one unit of the next
+    block (from unit nb_u0, into nb_dst) and prefetch the weights
+    PIPELINE_PREFETCH_ROWS rows below it: the loads that go to memory are then spread
+    among the FMAs instead of stalling a separate packing pass."""
     comptime swiglu = activation == "swiglu"
-    var acc = Array[SIMD[DType.float32, W], 2 * MR](fill=SIMD[DType.float32, W](0))
+    var acc = Array[SIMD[DType.float32, W], 2 * mr](fill=SIMD[DType.float32, W](0))
     if not first:
-        comptime for i in range(MR):
+        comptime for i in range(mr):
             comptime for v in range(2):
                 acc[2 * i + v] = scratch.unsafe_load[width=W](i * scratch_stride + v * W)
+    var r = nb_u0 // max(nb.panels, 1)
+    var j = nb_u0 - r * nb.panels
+    var src = nb.src.unsafe_offset(r * nb.n_w + j * NR)
+    var dst = nb_dst.unsafe_offset((j * nb.kc + r) * NR)
+    var ahead = PIPELINE_PREFETCH_ROWS * nb.n_w
     for kk in range(kc):
+        comptime if pipelined:
+            if kk < nb_units:
+                prefetch[PrefetchOptions().for_read().high_locality().to_data_cache()](src.unsafe_offset(ahead))
+                dst.unsafe_store(0, src.unsafe_load[width=NR](0).cast[DType.float32]())
+                j += 1
+                src = src.unsafe_offset(NR)
+                dst = dst.unsafe_offset(nb.kc * NR)
+                if j == nb.panels:
+                    j = 0
+                    r += 1
+                    src = nb.src.unsafe_offset(r * nb.n_w)
+                    dst = nb_dst.unsafe_offset(r * NR)
         var b0 = pb.unsafe_load[width=W](kk * NR)
         var b1 = pb.unsafe_load[width=W](kk * NR + W)
-        comptime for i in range(MR):
+        comptime for i in range(mr):
             var a = SIMD[DType.float32, W](a.unsafe_load(a_off[i] + kk).cast[DType.float32]())
             acc[2 * i] = fma(a, b0, acc[2 * i])
             acc[2 * i + 1] = fma(a, b1, acc[2 * i + 1])
     if not last:
-        comptime for i in range(MR):
+        comptime for i in range(mr):
             comptime for v in range(2):
                 scratch.unsafe_store(i * scratch_stride + v * W, acc[2 * i + v])
         return
-    comptime for i in range(MR):
+    comptime for i in range(mr):
         if i < nrows:
             var c_row = c.unsafe_offset(i * n_out)
             comptime if swiglu:
@@ -181,8 +267,8 @@ def _micro_tile[dtype: DType, activation: StaticString](
                 if col + W <= col_end:
                     c_row.unsafe_store(col, y.cast[dtype]())
                 else:
-                    for j in range(col_end - col):
-                        c_row.unsafe_store(col + j, y[j].cast[dtype]())
+                    for jj in range(col_end - col):
+                        c_row.unsafe_store(col + jj, y[jj].cast[dtype]())
             else:
                 comptime for v in range(2):
                     var y = _activate[activation](acc[2 * i + v])
@@ -190,8 +276,45 @@ def _micro_tile[dtype: DType, activation: StaticString](
                     if cv + W <= col_end:
                         c_row.unsafe_store(cv, y.cast[dtype]())
                     else:
-                        for j in range(max(0, col_end - cv)):
-                            c_row.unsafe_store(cv + j, y[j].cast[dtype]())
+                        for jj in range(max(0, col_end - cv)):
+                            c_row.unsafe_store(cv + jj, y[jj].cast[dtype]())
+
+
+@always_inline
+def _row_tile[dtype: DType, activation: StaticString, gather: Bool, mr: Int, pipelined: Bool = False](
+    a_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
+    ids_ptr: Pointer[Int32, MutAnyOrigin],
+    k_dim: Int,
+    k0: Int,
+    r0: Int,
+    row_end: Int,
+    pb: F32Ptr,
+    kc: Int,
+    scratch: F32Ptr,
+    scratch_stride: Int,
+    c_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
+    n_out: Int,
+    col: Int,
+    col_end: Int,
+    nb: _NextBlock[dtype],
+    nb_dst: F32Ptr,
+    nb_u0: Int,
+    nb_units: Int,
+):
+    """_micro_tile on rows [r0, min(r0 + mr, row_end)) of the expert's
+    block: rows past the block repeat its last row; their results are
+    computed but never stored."""
+    var a_off = Array[Int, mr](fill=0)
+    comptime for i in range(mr):
+        var r = min(r0 + i, row_end - 1)
+        comptime if gather:
+            a_off[i] = Int(ids_ptr.unsafe_load(r)) * k_dim + k0
+        else:
+            a_off[i] = r * k_dim + k0
+    _micro_tile[dtype, activation, mr, pipelined](
+        a_ptr, a_off, pb, kc, k0 == 0, k0 + kc >= k_dim, scratch, scratch_stride,
+        c_ptr.unsafe_offset(r0 * n_out), n_out, min(mr, row_end - r0), col, col_end, nb, nb_dst, nb_u0, nb_units,
+    )
 
 
 def expert_matmul_cpu[dtype: DType, activation: StaticString, gather: Bool](
@@ -208,67 +331,137 @@ def expert_matmul_cpu[dtype: DType, activation: StaticString, gather: Bool](
     """The whole grouped GEMM on the CPU worker threads (see the file header)."""
     comptime swiglu = activation == "swiglu"
     comptime cols_per_panel = W if swiglu else NR
-    comptime NC = NC_PANELS * cols_per_panel  # output columns per job
-
-    var col_jobs = ceildiv(n_out, NC)
+    # Decode when every expert has few rows: then each weight is used a few
+    # times only and reading the weights is the cost, so jobs are wider
+    # (longer runs of each weight row) but still at least two per worker.
+    var max_rows = 0
+    var busy_experts = 0
+    for e in range(experts):
+        var rows_e = Int(off_ptr.unsafe_load(e + 1)) - Int(off_ptr.unsafe_load(e))
+        max_rows = max(max_rows, rows_e)
+        busy_experts += 1 if rows_e > 0 else 0
+    if max_rows == 0:
+        return
+    var decode = max_rows <= DECODE_ROWS
+    var job_panels = NC_PANELS
+    var kc_step = KC
+    if decode:
+        job_panels = DECODE_PANELS_WIDE if max_rows <= DECODE_WIDE_ROWS else NC_PANELS
+        # At least two jobs per worker.
+        var jobs_per_expert = ceildiv(2 * parallelism_level(None), busy_experts)
+        job_panels = max(1, min(job_panels, ceildiv(ceildiv(n_out, cols_per_panel), jobs_per_expert)))
+        kc_step = DECODE_BLOCK // job_panels
+    var nc = job_panels * cols_per_panel  # output columns per job
+    var col_jobs = ceildiv(n_out, nc)
     var job_start = List[Int](length=experts + 1, fill=0)
     for e in range(experts):
         var rows_e = Int(off_ptr.unsafe_load(e + 1)) - Int(off_ptr.unsafe_load(e))
         job_start[e + 1] = job_start[e] + ceildiv(rows_e, MC) * col_jobs
     var total_jobs = job_start[experts]
-    if total_jobs == 0:
-        return
     var job_start_ptr = job_start.unsafe_ptr()
     var workers = max(1, min(parallelism_level(None), total_jobs))
 
     def jobs_of_worker(wk: Int) {
         var c_ptr, var a_ptr, var ids_ptr, var off_ptr, var b_ptr, var job_start_ptr,
         var n_out, var k_dim, var n_w, var col_jobs, var total_jobs, var workers,
+        var decode, var job_panels, var nc, var kc_step,
     }:
+        comptime assert DECODE_BLOCK <= KC * NC_PANELS, "decode blocks fit the packing buffers"
+        comptime assert DECODE_ROWS * DECODE_PANELS_WIDE <= MC * NC_PANELS, "decode tiles fit the scratch"
         var pb = unsafe_alloc[Float32](KC * NC_PANELS * NR)
+        var pb_next = unsafe_alloc[Float32](KC * NC_PANELS * NR)
         var scratch = unsafe_alloc[Float32](MC * NC_PANELS * NR)
+        var scratch_stride = job_panels * NR
+
+        @always_inline
+        def srow(row: Int, q: Int) {var scratch, var scratch_stride} -> F32Ptr:
+            return scratch.unsafe_offset(row * scratch_stride + q * NR)
+
         var e = 0
-        for job in range(wk * total_jobs // workers, (wk + 1) * total_jobs // workers):
+        var job_end = (wk + 1) * total_jobs // workers
+        var packed_ahead = False  # pb already holds this block (decode pipeline)
+        for job in range(wk * total_jobs // workers, job_end):
             while job >= job_start_ptr.unsafe_load(e + 1):
                 e += 1
             var local = job - job_start_ptr.unsafe_load(e)
             var row0 = Int(off_ptr.unsafe_load(e)) + (local // col_jobs) * MC
             var nrows = min(MC, Int(off_ptr.unsafe_load(e + 1)) - row0)
-            var col0 = (local % col_jobs) * NC
-            var col_end = min(col0 + NC, n_out)
+            var row_end = row0 + nrows
+            var col0 = (local % col_jobs) * nc
+            var col_end = min(col0 + nc, n_out)
             var panels = ceildiv(col_end - col0, cols_per_panel)
             var b_e = b_ptr.unsafe_offset(e * k_dim * n_w)
-            for k0 in range(0, k_dim, KC):
-                var kc = min(KC, k_dim - k0)
-                _pack_b[dtype, swiglu](pb, b_e, k0, kc, n_w, col0, col_end, n_out)
+            for k0 in range(0, k_dim, kc_step):
+                var kc = min(kc_step, k_dim - k0)
+                if not packed_ahead:
+                    _pack_b[dtype, swiglu](pb, b_e, k0, kc, n_w, col0, col_end, n_out)
+                packed_ahead = False
+                # Decode: pack the next block (this job's next slice, or the
+                # next job's first one) while computing this one.
+                var nb = _NextBlock[dtype](b_e, 0, 0, n_w, col0, 0)
+                comptime if not swiglu:
+                    if decode:
+                        if k0 + kc < k_dim:
+                            if (col_end - col0) % NR == 0:
+                                nb = _NextBlock[dtype](b_e, k0 + kc, min(kc_step, k_dim - k0 - kc), n_w, col0, panels)
+                        elif job + 1 < job_end:
+                            var ne = e
+                            while job + 1 >= job_start_ptr.unsafe_load(ne + 1):
+                                ne += 1
+                            var ncol0 = ((job + 1 - job_start_ptr.unsafe_load(ne)) % col_jobs) * nc
+                            var ncols = min(ncol0 + nc, n_out) - ncol0
+                            if ncols % NR == 0:
+                                nb = _NextBlock[dtype](
+                                    b_ptr.unsafe_offset(ne * k_dim * n_w), 0, min(kc_step, k_dim), n_w, ncol0, ncols // NR,
+                                )
+                var share = min(ceildiv(nb.units(), panels), kc)
+                var done = 0
                 for q in range(panels):
                     var col = col0 + q * cols_per_panel
-                    for p in range(ceildiv(nrows, MR)):
-                        # Rows past the block repeat its last row; their
-                        # results are computed but never stored.
-                        var a_off = Array[Int, MR](fill=0)
-                        comptime for i in range(MR):
-                            var r = row0 + min(p * MR + i, nrows - 1)
-                            comptime if gather:
-                                a_off[i] = Int(ids_ptr.unsafe_load(r)) * k_dim + k0
-                            else:
-                                a_off[i] = r * k_dim + k0
-                        _micro_tile[dtype, activation](
-                            a_ptr,
-                            a_off,
-                            pb.unsafe_offset(q * kc * NR),
-                            kc,
-                            k0 == 0,
-                            k0 + kc >= k_dim,
-                            scratch.unsafe_offset(p * MR * NC_PANELS * NR + q * NR),
-                            NC_PANELS * NR,
-                            c_ptr.unsafe_offset((row0 + p * MR) * n_out),
-                            n_out,
-                            min(MR, nrows - p * MR),
-                            col,
-                            min(col + cols_per_panel, col_end),
+                    var tile_end = min(col + cols_per_panel, col_end)
+                    var pq = pb.unsafe_offset(q * kc * NR)
+                    var units = min(share, nb.units() - done)
+                    var r0 = row0
+                    if units > 0:
+                        # The tile that packs ahead has 4 rows: the packing
+                        # needs registers beside the accumulators.
+                        _row_tile[dtype, activation, gather, 4, True](
+                            a_ptr, ids_ptr, k_dim, k0, r0, row_end, pq, kc, srow(0, q), scratch_stride, c_ptr, n_out, col,
+                            tile_end, nb, pb_next, done, units,
                         )
+                        r0 += 4
+                        done += units
+                    # Full MR-row tiles, then the rest in a 4- or 2-row tile,
+                    # so a decode block of 8 rows computes 8, not 12.
+                    while r0 < row_end:
+                        var left = row_end - r0
+                        var s_r = srow(r0 - row0, q)
+                        if left > 4:
+                            _row_tile[dtype, activation, gather, MR](
+                                a_ptr, ids_ptr, k_dim, k0, r0, row_end, pq, kc, s_r, scratch_stride, c_ptr, n_out, col, tile_end,
+                                nb, pb_next, 0, 0,
+                            )
+                            r0 += MR
+                        elif left > 2:
+                            _row_tile[dtype, activation, gather, 4](
+                                a_ptr, ids_ptr, k_dim, k0, r0, row_end, pq, kc, s_r, scratch_stride, c_ptr, n_out, col, tile_end,
+                                nb, pb_next, 0, 0,
+                            )
+                            r0 += 4
+                        else:
+                            _row_tile[dtype, activation, gather, 2](
+                                a_ptr, ids_ptr, k_dim, k0, r0, row_end, pq, kc, s_r, scratch_stride, c_ptr, n_out, col, tile_end,
+                                nb, pb_next, 0, 0,
+                            )
+                            r0 += 2
+                if nb.units() > 0:
+                    _pack_units[dtype](nb, pb_next, done, nb.units() - done)
+                    var packed = pb_next
+                    pb_next = pb
+                    pb = packed
+                    packed_ahead = True
         pb.unsafe_free()
+        pb_next.unsafe_free()
         scratch.unsafe_free()
 
     sync_parallelize(jobs_of_worker, workers)

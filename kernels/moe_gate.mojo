@@ -36,7 +36,9 @@ from std.algorithm import vectorize
 from std.atomic import Atomic
 from std.math import ceildiv, exp, log
 from std.memory import Pointer, stack_allocation
-from std.sys import simd_width_of
+from std.sys import simd_width_of, size_of
+
+from .gpu_gemm import aligned16
 
 comptime TOKENS_PER_WORKER_MIN = 64
 comptime GPU_BLOCK = 256
@@ -56,17 +58,32 @@ def _group_logits[dtype: DType](
     experts: Int,
     e0: Int,
     lane: Int,
+    vector: Bool,
 ) -> SIMD[DType.float32, EG]:
     """Logits of experts e0 .. e0+EG-1 of one token, on every lane of the
-    warp (lanes split d_model, then warp sums). Experts >= `experts` get 0."""
+    warp (lanes split d_model, then warp sums). Experts >= `experts` get 0.
+    `vector` (see gate_gpu): each lane takes GATE_VEC consecutive elements
+    of x per step with one 16-byte load and the EG router weights of each
+    with one load, so GATE_VEC + 1 independent loads are in flight per step.
+    The scalar form reads one element of x per step and waits a memory
+    latency in each of its d / 32 steps (in decode, at 32-128 tokens, the
+    gate's time grew with d_model: it was latency-bound)."""
+    comptime GATE_VEC = 16 // size_of[Scalar[dtype]]()
     var acc = SIMD[DType.float32, EG](0)
-    var n_valid = min(EG, experts - e0)
-    for kk in range(lane, d, WARP_SIZE):
-        var xv = xt.unsafe_load(kk).cast[DType.float32]()
-        var row = rw.unsafe_offset(kk * experts + e0)
-        comptime for j in range(EG):
-            if j < n_valid:
-                acc[j] += xv * row.unsafe_load(j).cast[DType.float32]()
+    if vector:
+        for k0 in range(lane * GATE_VEC, d, WARP_SIZE * GATE_VEC):
+            var xv = xt.unsafe_load[width=GATE_VEC, alignment=16](k0).cast[DType.float32]()
+            comptime for i in range(GATE_VEC):
+                var row = rw.unsafe_load[width=EG, alignment=16]((k0 + i) * experts + e0)
+                acc += xv[i] * row.cast[DType.float32]()
+    else:
+        var n_valid = min(EG, experts - e0)
+        for kk in range(lane, d, WARP_SIZE):
+            var xv = xt.unsafe_load(kk).cast[DType.float32]()
+            var row = rw.unsafe_offset(kk * experts + e0)
+            comptime for j in range(EG):
+                if j < n_valid:
+                    acc[j] += xv * row.unsafe_load(j).cast[DType.float32]()
     comptime for j in range(EG):
         acc[j] = warp_sum(acc[j])
     return acc
@@ -91,6 +108,9 @@ def gate_gpu[dtype: DType, top_k: Int, renormalize: Bool](
     var n_tok = Int64(tokens)
     var n_d = Int64(d_model)
     var n_e = Int64(experts)
+    # The vector loads of _group_logits: x rows and router rows start on 16
+    # bytes, and every expert group is full.
+    var vector = d_model % (16 // size_of[Scalar[dtype]]()) == 0 and experts % EG == 0 and aligned16[dtype](x, rw)
 
     def zero_stats() {var counts, var pmean, var losses, var n_e}:
         for e in range(Int(thread_idx.x), Int(n_e), GPU_BLOCK):
@@ -109,7 +129,7 @@ def gate_gpu[dtype: DType, top_k: Int, renormalize: Bool](
     # first group's statistics are summed in registers over the warp's
     # tokens (lane j holds expert j) and then over the block, so those
     # atomics are per block instead of per token; later groups add per token.
-    def token_kernel() {var w_out, var id_out, var counts, var pmean, var losses, var x, var rw, var n_tok, var n_d, var n_e}:
+    def token_kernel() {var w_out, var id_out, var counts, var pmean, var losses, var x, var rw, var n_tok, var n_d, var n_e, var vector}:
         var tid = Int(thread_idx.x)
         var lane = tid % WARP_SIZE
         var warps = Int(grid_dim.x) * WARPS_PER_BLOCK
@@ -128,7 +148,7 @@ def gate_gpu[dtype: DType, top_k: Int, renormalize: Bool](
             var chosen = Array[Int, top_k](fill=-1)
             var chosen_logit = Array[Float32, top_k](fill=neg_inf)
             for g in range(groups):
-                var l = _group_logits[dtype](xt, rw, d, e_count, g * EG, lane)
+                var l = _group_logits[dtype](xt, rw, d, e_count, g * EG, lane, vector)
                 if g == 0:
                     logits0 = l
                 var n_valid = min(EG, e_count - g * EG)
@@ -167,7 +187,7 @@ def gate_gpu[dtype: DType, top_k: Int, renormalize: Bool](
             if lane < min(EG, e_count):
                 p_acc += exp(logits0[lane] - m) * inv
             for g in range(1, groups):
-                var l = _group_logits[dtype](xt, rw, d, e_count, g * EG, lane)
+                var l = _group_logits[dtype](xt, rw, d, e_count, g * EG, lane, vector)
                 var e = g * EG + lane
                 if lane < EG and e < e_count:
                     _ = Atomic.fetch_add(pmean.unsafe_offset(e), exp(l[lane] - m) * inv)

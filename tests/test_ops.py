@@ -211,6 +211,46 @@ def test_expert_matmul_matches_reference(matmul_model, rng, sizes):
             assert (out[offsets[-1] :] == 0).all(), "rows past the kept ones must be zero"
 
 
+# Decode-sized shapes: few rows per expert, weights wide and deep enough for
+# the CPU's decode schedule to cut several slices and jobs and to pack each
+# next block while computing the current one (kernels/moe_expert_matmul.mojo);
+# N = 1030 leaves a job whose width is not a whole number of panels (packed
+# without the pipeline).
+DEC_E, DEC_K, DEC_F = 3, 300, 520
+
+
+@pytest.fixture(scope="module")
+def decode_matmul_model():
+    types = [
+        TensorType(F32, ["r", DEC_K], REF),
+        TensorType(I32, ["m"], REF),
+        TensorType(I32, [DEC_E + 1], REF),
+        TensorType(F32, [DEC_E, DEC_K, 2 * DEC_F], REF),
+        TensorType(F32, [DEC_E, DEC_K, 1030], REF),
+    ]
+
+    def forward(x, rows, offsets, w, w_odd):
+        return [
+            mops.moe_expert_matmul(x, rows, offsets, w, activation="relu", gather=True),
+            mops.moe_expert_matmul(x, rows, offsets, w_odd, activation="none", gather=True),
+            mops.moe_expert_matmul(x, rows, offsets, w, activation="swiglu", gather=True),
+        ]
+
+    return compile_graph("expert_matmul_decode", types, forward)
+
+
+@pytest.mark.parametrize("sizes", [[5, 12, 1], [20, 13, 7], [25, 3, 0], [1, 0, 0]])
+def test_expert_matmul_decode_shapes_match_reference(decode_matmul_model, rng, sizes):
+    rows, offsets = _groups(rng, sizes, total_rows=40)
+    x = rng.standard_normal((40, DEC_K), dtype=np.float32)
+    w = rng.standard_normal((DEC_E, DEC_K, 2 * DEC_F), dtype=np.float32)
+    w_odd = rng.standard_normal((DEC_E, DEC_K, 1030), dtype=np.float32)
+    outs = run(decode_matmul_model, x, rows, offsets, w, w_odd)
+    for out, weights, act in zip(outs, (w, w_odd, w), ("relu", "none", "swiglu")):
+        ref = R.moe_expert_matmul(x, rows, offsets, weights, act, True)
+        assert rel_err(out, ref) < FP32_TOL, (act, sizes)
+
+
 # ------------------------------------------------------------------ combine
 
 
