@@ -93,7 +93,8 @@ def _per_strategy(results_dir, out_dir, report, name, metric, ylabel, *, logy=Fa
         ax.set_ylabel(ylabel)
         ax.set_title(_sim_title(data), fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    # Below the axes: inside them, every corner holds some strategy's line.
+    axes[0][0].legend(fontsize=8, ncol=4, loc="upper left", bbox_to_anchor=(0.0, -0.16))
     fig.suptitle(f"SIMULATED: {ylabel.split(' (')[0]} by batch size (mean of "
                  f"{next(iter(sweeps.values()))[1]['runs_per_config']} seeded runs, 95% CI)", fontsize=11)
     _sim_footer(fig, list(sweeps.values()))
