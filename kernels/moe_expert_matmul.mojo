@@ -377,17 +377,27 @@ def expert_matmul_cpu[dtype: DType, activation: StaticString, gather: Bool](
         def srow(row: Int, q: Int) {var scratch, var scratch_stride} -> F32Ptr:
             return scratch.unsafe_offset(row * scratch_stride + q * NR)
 
+        # A job's expert (searching on from expert e_from) and its first column.
+        @always_inline
+        def expert_of(job: Int, e_from: Int) {var job_start_ptr} -> Int:
+            var e = e_from
+            while job >= job_start_ptr.unsafe_load(e + 1):
+                e += 1
+            return e
+
+        @always_inline
+        def col0_of(job: Int, e: Int) {var job_start_ptr, var col_jobs, var nc} -> Int:
+            return ((job - job_start_ptr.unsafe_load(e)) % col_jobs) * nc
+
         var e = 0
         var job_end = (wk + 1) * total_jobs // workers
         var packed_ahead = False  # pb already holds this block (decode pipeline)
         for job in range(wk * total_jobs // workers, job_end):
-            while job >= job_start_ptr.unsafe_load(e + 1):
-                e += 1
-            var local = job - job_start_ptr.unsafe_load(e)
-            var row0 = Int(off_ptr.unsafe_load(e)) + (local // col_jobs) * MC
+            e = expert_of(job, e)
+            var row0 = Int(off_ptr.unsafe_load(e)) + ((job - job_start_ptr.unsafe_load(e)) // col_jobs) * MC
             var nrows = min(MC, Int(off_ptr.unsafe_load(e + 1)) - row0)
             var row_end = row0 + nrows
-            var col0 = (local % col_jobs) * nc
+            var col0 = col0_of(job, e)
             var col_end = min(col0 + nc, n_out)
             var panels = ceildiv(col_end - col0, cols_per_panel)
             var b_e = b_ptr.unsafe_offset(e * k_dim * n_w)
@@ -405,10 +415,8 @@ def expert_matmul_cpu[dtype: DType, activation: StaticString, gather: Bool](
                             if (col_end - col0) % NR == 0:
                                 nb = _NextBlock[dtype](b_e, k0 + kc, min(kc_step, k_dim - k0 - kc), n_w, col0, panels)
                         elif job + 1 < job_end:
-                            var ne = e
-                            while job + 1 >= job_start_ptr.unsafe_load(ne + 1):
-                                ne += 1
-                            var ncol0 = ((job + 1 - job_start_ptr.unsafe_load(ne)) % col_jobs) * nc
+                            var ne = expert_of(job + 1, e)
+                            var ncol0 = col0_of(job + 1, ne)
                             var ncols = min(ncol0 + nc, n_out) - ncol0
                             if ncols % NR == 0:
                                 nb = _NextBlock[dtype](

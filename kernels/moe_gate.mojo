@@ -51,6 +51,12 @@ comptime EG = 8
 
 
 @always_inline
+def _gate_vec[dtype: DType]() -> Int:
+    """Elements of x in one 16-byte load (the vector form of _group_logits)."""
+    return 16 // size_of[Scalar[dtype]]()
+
+
+@always_inline
 def _group_logits[dtype: DType](
     xt: Pointer[Scalar[dtype], MutAnyOrigin],
     rw: Pointer[Scalar[dtype], MutAnyOrigin],
@@ -68,7 +74,7 @@ def _group_logits[dtype: DType](
     The scalar form reads one element of x per step and waits a memory
     latency in each of its d / 32 steps (in decode, at 32-128 tokens, the
     gate's time grew with d_model: it was latency-bound)."""
-    comptime GATE_VEC = 16 // size_of[Scalar[dtype]]()
+    comptime GATE_VEC = _gate_vec[dtype]()
     var acc = SIMD[DType.float32, EG](0)
     if vector:
         for k0 in range(lane * GATE_VEC, d, WARP_SIZE * GATE_VEC):
@@ -110,7 +116,7 @@ def gate_gpu[dtype: DType, top_k: Int, renormalize: Bool](
     var n_e = Int64(experts)
     # The vector loads of _group_logits: x rows and router rows start on 16
     # bytes, and every expert group is full.
-    var vector = d_model % (16 // size_of[Scalar[dtype]]()) == 0 and experts % EG == 0 and aligned16[dtype](x, rw)
+    var vector = d_model % _gate_vec[dtype]() == 0 and experts % EG == 0 and aligned16[dtype](x, rw)
 
     def zero_stats() {var counts, var pmean, var losses, var n_e}:
         for e in range(Int(thread_idx.x), Int(n_e), GPU_BLOCK):
