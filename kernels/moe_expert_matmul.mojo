@@ -102,6 +102,8 @@ comptime DECODE_PANELS_WIDE = 64
 # The decode pipeline prefetches this many rows below the row it packs.
 comptime PIPELINE_PREFETCH_ROWS = 2
 
+comptime PACKED_PREFETCH_ROWS = 32
+
 comptime F32Ptr = Pointer[Float32, MutUntrackedOrigin]
 
 
@@ -116,8 +118,8 @@ def _activate[activation: StaticString, width: Int](v: SIMD[DType.float32, width
 
 
 @always_inline
-def _pack_b[dtype: DType, swiglu: Bool](
-    dst: F32Ptr,
+def _pack_b[dtype: DType, swiglu: Bool, pdtype: DType = DType.float32](
+    dst: Pointer[Scalar[pdtype], MutUntrackedOrigin],
     b: Pointer[Scalar[dtype], MutAnyOrigin],
     k0: Int,
     kc: Int,
@@ -127,7 +129,7 @@ def _pack_b[dtype: DType, swiglu: Bool](
     half: Int,
 ):
     """Pack rows [k0, k0+kc) of one expert's weights for output columns
-    [col0, col_end) as NR-wide panels: dst[(q * kc + kk) * NR + j].
+    [col0, col_end) as NR-wide panels of pdtype: dst[(q * kc + kk) * NR + j].
     Plain: panel q holds columns col0 + q*NR + j. SwiGLU: panel q covers
     output columns c = col0 + q*W .. +W, gate column c in lanes [0, W) and
     up column half + c in lanes [W, 2W). Columns past col_end are zero."""
@@ -147,20 +149,20 @@ def _pack_b[dtype: DType, swiglu: Bool](
             var c = col0 + q * cols_per_panel
             if c + cols_per_panel <= col_end:
                 comptime if swiglu:
-                    d.unsafe_store(0, src.unsafe_load[width=W](c).cast[DType.float32]())
-                    d.unsafe_store(W, src.unsafe_load[width=W](half + c).cast[DType.float32]())
+                    d.unsafe_store(0, src.unsafe_load[width=W](c).cast[pdtype]())
+                    d.unsafe_store(W, src.unsafe_load[width=W](half + c).cast[pdtype]())
                 else:
-                    d.unsafe_store(0, src.unsafe_load[width=NR](c).cast[DType.float32]())
+                    d.unsafe_store(0, src.unsafe_load[width=NR](c).cast[pdtype]())
             else:
                 for j in range(NR):
-                    var v = Float32(0)
+                    var v = Scalar[pdtype](0)
                     comptime if swiglu:
                         var cj = c + (j % W)
                         if cj < col_end:
-                            v = src.unsafe_load(cj + (half if j >= W else 0)).cast[DType.float32]()
+                            v = src.unsafe_load(cj + (half if j >= W else 0)).cast[pdtype]()
                     else:
                         if c + j < col_end:
-                            v = src.unsafe_load(c + j).cast[DType.float32]()
+                            v = src.unsafe_load(c + j).cast[pdtype]()
                     d.unsafe_store(j, v)
 
 
@@ -197,10 +199,10 @@ def _pack_units[dtype: DType](nb: _NextBlock[dtype], dst: F32Ptr, u0: Int, n: In
 
 
 @always_inline
-def _micro_tile[dtype: DType, activation: StaticString, mr: Int, pipelined: Bool](
+def _micro_tile[dtype: DType, pdtype: DType, activation: StaticString, mr: Int, pipelined: Bool, prefetch_b: Bool](
     a: Pointer[Scalar[dtype], MutAnyOrigin],
     a_off: Array[Int, mr],
-    pb: F32Ptr,
+    pb: Pointer[Scalar[pdtype], MutUntrackedOrigin],
     kc: Int,
     first: Bool,
     last: Bool,
@@ -235,6 +237,8 @@ def _micro_tile[dtype: DType, activation: StaticString, mr: Int, pipelined: Bool
     var dst = nb_dst.unsafe_offset((j * nb.kc + r) * NR)
     var ahead = PIPELINE_PREFETCH_ROWS * nb.n_w
     for kk in range(kc):
+        comptime if prefetch_b:
+            prefetch[PrefetchOptions().for_read().high_locality().to_data_cache()](pb.unsafe_offset((kk + PACKED_PREFETCH_ROWS) * NR))
         comptime if pipelined:
             if kk < nb_units:
                 prefetch[PrefetchOptions().for_read().high_locality().to_data_cache()](src.unsafe_offset(ahead))
@@ -247,8 +251,8 @@ def _micro_tile[dtype: DType, activation: StaticString, mr: Int, pipelined: Bool
                     r += 1
                     src = nb.src.unsafe_offset(r * nb.n_w)
                     dst = nb_dst.unsafe_offset(r * NR)
-        var b0 = pb.unsafe_load[width=W](kk * NR)
-        var b1 = pb.unsafe_load[width=W](kk * NR + W)
+        var b0 = pb.unsafe_load[width=W](kk * NR).cast[DType.float32]()
+        var b1 = pb.unsafe_load[width=W](kk * NR + W).cast[DType.float32]()
         comptime for i in range(mr):
             var a = SIMD[DType.float32, W](a.unsafe_load(a_off[i] + kk).cast[DType.float32]())
             acc[2 * i] = fma(a, b0, acc[2 * i])
@@ -281,14 +285,16 @@ def _micro_tile[dtype: DType, activation: StaticString, mr: Int, pipelined: Bool
 
 
 @always_inline
-def _row_tile[dtype: DType, activation: StaticString, gather: Bool, mr: Int, pipelined: Bool = False](
+def _row_tile[
+    dtype: DType, pdtype: DType, activation: StaticString, gather: Bool, mr: Int, pipelined: Bool = False, prefetch_b: Bool = False
+](
     a_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
     ids_ptr: Pointer[Int32, MutAnyOrigin],
     k_dim: Int,
     k0: Int,
     r0: Int,
     row_end: Int,
-    pb: F32Ptr,
+    pb: Pointer[Scalar[pdtype], MutUntrackedOrigin],
     kc: Int,
     scratch: F32Ptr,
     scratch_stride: Int,
@@ -311,13 +317,113 @@ def _row_tile[dtype: DType, activation: StaticString, gather: Bool, mr: Int, pip
             a_off[i] = Int(ids_ptr.unsafe_load(r)) * k_dim + k0
         else:
             a_off[i] = r * k_dim + k0
-    _micro_tile[dtype, activation, mr, pipelined](
+    _micro_tile[dtype, pdtype, activation, mr, pipelined, prefetch_b](
         a_ptr, a_off, pb, kc, k0 == 0, k0 + kc >= k_dim, scratch, scratch_stride,
         c_ptr.unsafe_offset(r0 * n_out), n_out, min(mr, row_end - r0), col, col_end, nb, nb_dst, nb_u0, nb_units,
     )
 
 
-def expert_matmul_cpu[dtype: DType, activation: StaticString, gather: Bool](
+@always_inline
+def _panel_rows[dtype: DType, pdtype: DType, activation: StaticString, gather: Bool, prefetch_b: Bool](
+    a_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
+    ids_ptr: Pointer[Int32, MutAnyOrigin],
+    k_dim: Int,
+    k0: Int,
+    r_from: Int,
+    row0: Int,
+    row_end: Int,
+    pb: Pointer[Scalar[pdtype], MutUntrackedOrigin],
+    kc: Int,
+    scratch: F32Ptr,
+    scratch_stride: Int,
+    c_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
+    n_out: Int,
+    col: Int,
+    col_end: Int,
+):
+    """Rows [r_from, row_end) of a block starting at row0, on one panel and K
+    slice: full MR-row tiles, then the rest in one 4- or 2-row tile, so a
+    decode block of 8 rows computes 8, not 12. `scratch` is row0's."""
+    # These tiles pack nothing ahead: an empty next block.
+    var none = _NextBlock[dtype](a_ptr, 0, 0, 0, 0, 0)
+    var r0 = r_from
+    while r0 < row_end:
+        var left = row_end - r0
+        var s_r = scratch.unsafe_offset((r0 - row0) * scratch_stride)
+        if left > 4:
+            _row_tile[dtype, pdtype, activation, gather, MR, False, prefetch_b](
+                a_ptr, ids_ptr, k_dim, k0, r0, row_end, pb, kc, s_r, scratch_stride, c_ptr, n_out, col, col_end,
+                none, scratch, 0, 0,
+            )
+            r0 += MR
+        elif left > 2:
+            _row_tile[dtype, pdtype, activation, gather, 4, False, prefetch_b](
+                a_ptr, ids_ptr, k_dim, k0, r0, row_end, pb, kc, s_r, scratch_stride, c_ptr, n_out, col, col_end,
+                none, scratch, 0, 0,
+            )
+            r0 += 4
+        else:
+            _row_tile[dtype, pdtype, activation, gather, 2, False, prefetch_b](
+                a_ptr, ids_ptr, k_dim, k0, r0, row_end, pb, kc, s_r, scratch_stride, c_ptr, n_out, col, col_end,
+                none, scratch, 0, 0,
+            )
+            r0 += 2
+
+
+@always_inline
+def _tail_panel[dtype: DType, swiglu: Bool](
+    dst: Pointer[Scalar[dtype], MutUntrackedOrigin],
+    tail: Pointer[Scalar[dtype], MutAnyOrigin],
+    k0: Int,
+    kc: Int,
+    rem: Int,
+):
+    """Rows [k0, k0 + kc) of a pre-packed expert's ragged last panel (`rem`
+    output columns, stored rem wide, or 2 * rem for SwiGLU: gate then up) as
+    one NR-wide panel with zeros past rem, so the micro-kernel needs no tail."""
+    comptime cols_per_panel = W if swiglu else NR
+    comptime width = 2 if swiglu else 1
+    for kk in range(kc):
+        var src = tail.unsafe_offset((k0 + kk) * rem * width)
+        for j in range(NR):
+            var c = j % cols_per_panel
+            var v = Scalar[dtype](0)
+            if c < rem:
+                v = src.unsafe_load(c + (rem if j >= cols_per_panel else 0))
+            dst.unsafe_store(kk * NR + j, v)
+
+
+def pack_expert_weights_cpu[dtype: DType, swiglu: Bool](
+    dst_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
+    src_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
+    experts: Int,
+    k_dim: Int,
+    n_w: Int,
+):
+    """Pack each expert's weights [K, N] into the layout that
+    expert_matmul_cpu[prepacked=True] reads (see the file header), N * K
+    values per expert like the input."""
+    comptime cols_per_panel = W if swiglu else NR
+    var n_out = n_w // 2 if swiglu else n_w
+    var full = n_out // cols_per_panel
+    var rem = n_out - full * cols_per_panel
+
+    def pack_expert(e: Int) {var dst_ptr, var src_ptr, var k_dim, var n_w, var n_out, var full, var rem}:
+        var src = src_ptr.unsafe_offset(e * k_dim * n_w)
+        var dst = rebind[Pointer[Scalar[dtype], MutUntrackedOrigin]](dst_ptr.unsafe_offset(e * k_dim * n_w))
+        _pack_b[dtype, swiglu, dtype](dst, src, 0, k_dim, n_w, 0, full * cols_per_panel, n_out)
+        var tail = dst.unsafe_offset(full * k_dim * NR)
+        var c0 = full * cols_per_panel
+        for kk in range(k_dim):
+            for j in range(rem):
+                tail.unsafe_store(kk * rem * (2 if swiglu else 1) + j, src.unsafe_load(kk * n_w + c0 + j))
+                comptime if swiglu:
+                    tail.unsafe_store(kk * rem * 2 + rem + j, src.unsafe_load(kk * n_w + n_out + c0 + j))
+
+    sync_parallelize(pack_expert, experts)
+
+
+def expert_matmul_cpu[dtype: DType, activation: StaticString, gather: Bool, prepacked: Bool = False](
     c_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
     n_out: Int,
     a_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
@@ -328,9 +434,15 @@ def expert_matmul_cpu[dtype: DType, activation: StaticString, gather: Bool](
     b_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
     n_w: Int,
 ):
-    """The whole grouped GEMM on the CPU worker threads (see the file header)."""
+    """The whole grouped GEMM on the CPU worker threads (see the file header).
+    With `prepacked`, b_ptr holds the weights as pack_expert_weights_cpu
+    wrote them (n_w is still the unpacked column count)."""
     comptime swiglu = activation == "swiglu"
     comptime cols_per_panel = W if swiglu else NR
+    # Packed weights are float32 when this kernel packs them, and keep their
+    # dtype when pre-packed (bf16 then moves half the bytes).
+    comptime pdtype = dtype if prepacked else DType.float32
+    comptime PanelPtr = Pointer[Scalar[pdtype], MutUntrackedOrigin]
     # Decode when every expert has few rows: then each weight is used a few
     # times only and reading the weights is the cost, so jobs are wider
     # (longer runs of each weight row) but still at least two per worker.
@@ -346,11 +458,16 @@ def expert_matmul_cpu[dtype: DType, activation: StaticString, gather: Bool](
     var job_panels = NC_PANELS
     var kc_step = KC
     if decode:
-        job_panels = DECODE_PANELS_WIDE if max_rows <= DECODE_WIDE_ROWS else NC_PANELS
+        # Pre-packed panels are contiguous already: no wide jobs needed.
+        var wide = not prepacked and max_rows <= DECODE_WIDE_ROWS
+        job_panels = DECODE_PANELS_WIDE if wide else NC_PANELS
         # At least two jobs per worker.
         var jobs_per_expert = ceildiv(2 * parallelism_level(None), busy_experts)
         job_panels = max(1, min(job_panels, ceildiv(ceildiv(n_out, cols_per_panel), jobs_per_expert)))
-        kc_step = DECODE_BLOCK // job_panels
+        comptime if prepacked:
+            kc_step = KC
+        else:
+            kc_step = DECODE_BLOCK // job_panels
     var nc = job_panels * cols_per_panel  # output columns per job
     var col_jobs = ceildiv(n_out, nc)
     var job_start = List[Int](length=experts + 1, fill=0)
@@ -360,16 +477,20 @@ def expert_matmul_cpu[dtype: DType, activation: StaticString, gather: Bool](
     var total_jobs = job_start[experts]
     var job_start_ptr = job_start.unsafe_ptr()
     var workers = max(1, min(parallelism_level(None), total_jobs))
+    # Pre-packed: full panels, then the ragged one (rem output columns).
+    var full_panels = n_out // cols_per_panel
+    var rem = n_out - full_panels * cols_per_panel
 
     def jobs_of_worker(wk: Int) {
         var c_ptr, var a_ptr, var ids_ptr, var off_ptr, var b_ptr, var job_start_ptr,
         var n_out, var k_dim, var n_w, var col_jobs, var total_jobs, var workers,
-        var decode, var job_panels, var nc, var kc_step,
+        var decode, var job_panels, var nc, var kc_step, var full_panels, var rem,
     }:
         comptime assert DECODE_BLOCK <= KC * NC_PANELS, "decode blocks fit the packing buffers"
         comptime assert DECODE_ROWS * DECODE_PANELS_WIDE <= MC * NC_PANELS, "decode tiles fit the scratch"
-        var pb = unsafe_alloc[Float32](KC * NC_PANELS * NR)
-        var pb_next = unsafe_alloc[Float32](KC * NC_PANELS * NR)
+        # Packing buffers (pre-packed weights need one panel, for the ragged one).
+        var pb = unsafe_alloc[Float32](NR * KC if prepacked else KC * NC_PANELS * NR)
+        var pb_next = unsafe_alloc[Float32](1 if prepacked else KC * NC_PANELS * NR)
         var scratch = unsafe_alloc[Float32](MC * NC_PANELS * NR)
         var scratch_stride = job_panels * NR
 
@@ -390,9 +511,8 @@ def expert_matmul_cpu[dtype: DType, activation: StaticString, gather: Bool](
             return ((job - job_start_ptr.unsafe_load(e)) % col_jobs) * nc
 
         var e = 0
-        var job_end = (wk + 1) * total_jobs // workers
         var packed_ahead = False  # pb already holds this block (decode pipeline)
-        for job in range(wk * total_jobs // workers, job_end):
+        for job in range(wk, total_jobs, workers):
             e = expert_of(job, e)
             var row0 = Int(off_ptr.unsafe_load(e)) + ((job - job_start_ptr.unsafe_load(e)) // col_jobs) * MC
             var nrows = min(MC, Int(off_ptr.unsafe_load(e + 1)) - row0)
@@ -401,6 +521,29 @@ def expert_matmul_cpu[dtype: DType, activation: StaticString, gather: Bool](
             var col_end = min(col0 + nc, n_out)
             var panels = ceildiv(col_end - col0, cols_per_panel)
             var b_e = b_ptr.unsafe_offset(e * k_dim * n_w)
+            comptime if prepacked:
+                # Nothing to pack. Decode walks each panel's K slices in
+                # order, so the weights are read as one stream per job; prefill
+                # keeps a K slice's rows of A in cache across the panels.
+                var slices = ceildiv(k_dim, kc_step)
+                for step in range(panels * slices):
+                    var q = step // slices if decode else step % panels
+                    var k0 = (step % slices if decode else step // panels) * kc_step
+                    var kc = min(kc_step, k_dim - k0)
+                    var col = col0 + q * cols_per_panel
+                    var gq = col0 // cols_per_panel + q
+                    var pq: PanelPtr
+                    if gq < full_panels:
+                        pq = rebind[PanelPtr](b_e.unsafe_offset((gq * k_dim + k0) * NR))
+                    else:
+                        var tail = rebind[Pointer[Scalar[dtype], MutUntrackedOrigin]](pb)
+                        _tail_panel[dtype, swiglu](tail, b_e.unsafe_offset(full_panels * k_dim * NR), k0, kc, rem)
+                        pq = rebind[PanelPtr](tail)
+                    _panel_rows[dtype, pdtype, activation, gather, True](
+                        a_ptr, ids_ptr, k_dim, k0, row0, row0, row_end, pq, kc, srow(0, q), scratch_stride, c_ptr, n_out,
+                        col, min(col + cols_per_panel, col_end),
+                    )
+                continue
             for k0 in range(0, k_dim, kc_step):
                 var kc = min(kc_step, k_dim - k0)
                 if not packed_ahead:
@@ -414,9 +557,9 @@ def expert_matmul_cpu[dtype: DType, activation: StaticString, gather: Bool](
                         if k0 + kc < k_dim:
                             if (col_end - col0) % NR == 0:
                                 nb = _NextBlock[dtype](b_e, k0 + kc, min(kc_step, k_dim - k0 - kc), n_w, col0, panels)
-                        elif job + 1 < job_end:
-                            var ne = expert_of(job + 1, e)
-                            var ncol0 = col0_of(job + 1, ne)
+                        elif job + workers < total_jobs:
+                            var ne = expert_of(job + workers, e)
+                            var ncol0 = col0_of(job + workers, ne)
                             var ncols = min(ncol0 + nc, n_out) - ncol0
                             if ncols % NR == 0:
                                 nb = _NextBlock[dtype](
@@ -433,35 +576,16 @@ def expert_matmul_cpu[dtype: DType, activation: StaticString, gather: Bool](
                     if units > 0:
                         # The tile that packs ahead has 4 rows: the packing
                         # needs registers beside the accumulators.
-                        _row_tile[dtype, activation, gather, 4, True](
+                        _row_tile[dtype, DType.float32, activation, gather, 4, True](
                             a_ptr, ids_ptr, k_dim, k0, r0, row_end, pq, kc, srow(0, q), scratch_stride, c_ptr, n_out, col,
                             tile_end, nb, pb_next, done, units,
                         )
                         r0 += 4
                         done += units
-                    # Full MR-row tiles, then the rest in a 4- or 2-row tile,
-                    # so a decode block of 8 rows computes 8, not 12.
-                    while r0 < row_end:
-                        var left = row_end - r0
-                        var s_r = srow(r0 - row0, q)
-                        if left > 4:
-                            _row_tile[dtype, activation, gather, MR](
-                                a_ptr, ids_ptr, k_dim, k0, r0, row_end, pq, kc, s_r, scratch_stride, c_ptr, n_out, col, tile_end,
-                                nb, pb_next, 0, 0,
-                            )
-                            r0 += MR
-                        elif left > 2:
-                            _row_tile[dtype, activation, gather, 4](
-                                a_ptr, ids_ptr, k_dim, k0, r0, row_end, pq, kc, s_r, scratch_stride, c_ptr, n_out, col, tile_end,
-                                nb, pb_next, 0, 0,
-                            )
-                            r0 += 4
-                        else:
-                            _row_tile[dtype, activation, gather, 2](
-                                a_ptr, ids_ptr, k_dim, k0, r0, row_end, pq, kc, s_r, scratch_stride, c_ptr, n_out, col, tile_end,
-                                nb, pb_next, 0, 0,
-                            )
-                            r0 += 2
+                    _panel_rows[dtype, DType.float32, activation, gather, False](
+                        a_ptr, ids_ptr, k_dim, k0, r0, row0, row_end, pq, kc, srow(0, q), scratch_stride, c_ptr, n_out,
+                        col, tile_end,
+                    )
                 if nb.units() > 0:
                     _pack_units[dtype](nb, pb_next, done, nb.units() - done)
                     var packed = pb_next
@@ -551,6 +675,7 @@ struct MoEExpertMatmul:
     def execute[
         activation: StaticString,
         gather: Bool,
+        packed: Bool,
         target: StaticString,
     ](
         output: OutputTensor[rank=2, ...],
@@ -566,6 +691,8 @@ struct MoEExpertMatmul:
         var n_out = output.dim_size(1)
         var c_ptr = output.unsafe_ptr()
         comptime if target == "gpu":
+            comptime if packed:
+                raise Error(PACKED_ON_GPU)
             var experts = w.dim_size(0)
             var k_dim = x.dim_size(1)
             var n_w = w.dim_size(2)
@@ -594,7 +721,32 @@ struct MoEExpertMatmul:
                 c_ptr.unsafe_store(r * n_out + c, Scalar[dtype](0))
         if n_out == 0:
             return
-        expert_matmul_cpu[dtype, activation, gather](
+        expert_matmul_cpu[dtype, activation, gather, packed](
             c_ptr, n_out, x.unsafe_ptr(), x.dim_size(1), row_ids.unsafe_ptr(),
             expert_offsets.unsafe_ptr(), w.dim_size(0), w.unsafe_ptr(), w.dim_size(2),
         )
+
+
+comptime PACKED_ON_GPU = "packed expert weights are a CPU layout; the GPU kernels read [E, K, N] as it is"
+
+
+@extensibility.register("pymoe_pack_expert_weights")
+struct PackExpertWeights:
+    """Expert weights [E, K, N] in the CPU kernels' pre-packed layout (same
+    shape and dtype; see the file header). Run once when the weights load."""
+
+    @staticmethod
+    def execute[
+        swiglu: Bool,
+        target: StaticString,
+    ](
+        output: OutputTensor[rank=3, ...],
+        w: InputTensor[dtype=output.dtype, rank=3, ...],
+        ctx: DeviceContext,
+    ) raises:
+        comptime if target == "gpu":
+            raise Error(PACKED_ON_GPU)
+        else:
+            pack_expert_weights_cpu[output.dtype, swiglu](
+                output.unsafe_ptr(), w.unsafe_ptr(), w.dim_size(0), w.dim_size(1), w.dim_size(2),
+            )

@@ -33,7 +33,7 @@ from max.gpu.host import DeviceContext
 
 from .gpu_gemm import activation_gpu, expert_offsets_to_host, gemm_batched_gpu
 from .moe_combine import combine_cpu, combine_gpu
-from .moe_expert_matmul import check_activation, expert_matmul_cpu, expert_matmul_gpu
+from .moe_expert_matmul import PACKED_ON_GPU, check_activation, expert_matmul_cpu, expert_matmul_gpu
 
 
 @extensibility.register("pymoe_moe_ffn")
@@ -41,6 +41,7 @@ struct MoEFFN:
     @staticmethod
     def execute[
         activation: StaticString,
+        packed: Bool,
         every_expert_min_tokens: Int,
         every_expert_max_tokens: Int,
         target: StaticString,
@@ -69,6 +70,8 @@ struct MoEFFN:
         if h_workspace.dim_size(1) != n_w1 or y_workspace.dim_size(1) != d_model:
             raise Error("pymoe_moe_ffn: workspaces must be [rows, w1 columns] and [rows, d_model]")
         comptime if target == "gpu":
+            comptime if packed:
+                raise Error(PACKED_ON_GPU)
             if every_expert_min_tokens <= tokens and tokens <= every_expert_max_tokens:
                 if h_workspace.dim_size(0) < experts * tokens or y_workspace.dim_size(0) < experts * tokens:
                     raise Error("pymoe_moe_ffn: the every-expert path needs workspaces of num_experts * tokens rows")
@@ -104,11 +107,11 @@ struct MoEFFN:
             return
         # The CPU kernel fuses the activation and writes h compactly
         # ([slots, d_ff], row stride d_ff) into the front of the workspace.
-        expert_matmul_cpu[dtype, activation, True](
+        expert_matmul_cpu[dtype, activation, True, packed](
             h_workspace.unsafe_ptr(), d_ff, x.unsafe_ptr(), x.dim_size(1), row_ids.unsafe_ptr(),
             expert_offsets.unsafe_ptr(), experts, w1.unsafe_ptr(), w1.dim_size(2),
         )
-        expert_matmul_cpu[dtype, "none", False](
+        expert_matmul_cpu[dtype, "none", False, packed](
             y_workspace.unsafe_ptr(), d_model, h_workspace.unsafe_ptr(), d_ff, row_ids.unsafe_ptr(),
             expert_offsets.unsafe_ptr(), experts, w2.unsafe_ptr(), d_model,
         )

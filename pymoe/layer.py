@@ -238,9 +238,13 @@ class MoELayer:
         self.pool = BufferPool((config.expert_n, config.d_model), dtype, self._device) if pooled else None
         self.compile_seconds = 0.0
         self._model = self._compiled()
-        self._weights = [
-            to_device_buffer(w, dtype, self._device) for w in (weights.router, weights.w1, weights.w2)
-        ]
+        router, w1, w2 = (to_device_buffer(w, dtype, self._device) for w in (weights.router, weights.w1, weights.w2))
+        if device == "cpu":
+            # The CPU kernels read the experts pre-packed (see
+            # pymoe.ops.pack_expert_weights): packed once here, not per call.
+            w1 = pack_expert_weights(w1, dtype, swiglu=config.activation == "swiglu")
+            w2 = pack_expert_weights(w2, dtype, swiglu=False)
+        self._weights = [router, w1, w2]
 
     def _compiled(self):
         key = ("moe", self.config, self.device, self.dtype, self.pooled, self.every_expert_tokens)
@@ -273,6 +277,15 @@ class MoELayer:
         for callers that validated their inputs, and for timing the kernels.
         On the GPU, a CUDA torch tensor in gives a CUDA tensor out, both shared."""
         return _wrap_output(self._execute(x)[0], x)
+
+
+def pack_expert_weights(w, dtype: str, swiglu: bool):
+    """A CPU Buffer of expert weights [E, K, N] in the pre-packed layout of
+    pymoe.ops.pack_expert_weights (same shape), computed by that op."""
+    key = ("pack", dtype, swiglu)
+    if key not in _COMPILED:
+        _COMPILED[key] = _compile_pack(dtype, swiglu)
+    return _COMPILED[key].execute(w)[0]
 
 
 class DenseFFN:
@@ -330,8 +343,24 @@ def _compile_moe(config: MoEConfig, device: str, dtype: str, pooled: bool,
     with Graph("pymoe_moe_layer", input_types=input_types, custom_extensions=[mops.KERNELS_DIR]) as g:
         x, router, w1, w2 = (v.tensor for v in g.inputs[:4])
         workspaces = (g.inputs[4].buffer, g.inputs[5].buffer) if pooled else None
-        res = mops.moe_layer(x, mops.MoEGraphWeights(router, w1, w2), config, workspaces, every_expert_tokens)
+        graph_weights = mops.MoEGraphWeights(router, w1, w2, packed=device == "cpu")
+        res = mops.moe_layer(x, graph_weights, config, workspaces, every_expert_tokens)
         g.output(res.out, res.expert_counts, res.losses, res.expert_offsets)
+    return session.load(g)
+
+
+def _compile_pack(dtype: str, swiglu: bool):
+    from max.graph import Graph, TensorType
+
+    from . import ops as mops
+
+    session, ref = _session_and_ref("cpu")
+    with Graph(
+        "pymoe_pack_expert_weights",
+        input_types=[TensorType(_max_dtype(dtype), ["experts", "k", "n"], ref)],
+        custom_extensions=[mops.KERNELS_DIR],
+    ) as g:
+        g.output(mops.pack_expert_weights(g.inputs[0].tensor, swiglu=swiglu))
     return session.load(g)
 
 

@@ -13,7 +13,8 @@ Use them inside a `max.graph.Graph` next to `max.graph.ops`:
 
 Every function checks shapes and dtypes in Python, so a mismatch raises a
 ValueError/TypeError while the graph is being built, never inside a kernel.
-Weight layouts are documented in `pymoe/weights.py`. Each op here has a Mojo
+Weight layouts are documented in `pymoe/weights.py` (on the CPU, MoELayer
+keeps the expert weights pre-packed: see pack_expert_weights). Each op here has a Mojo
 kernel of the same name in `kernels/` and a float64 reference of the same
 name in `pymoe/reference.py`.
 """
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from max.dtype import DType
-from max.graph import BufferValue, Dim, Graph, TensorType, TensorValue, ops
+from max.graph import BufferValue, Dim, Graph, StaticDim, TensorType, TensorValue, ops
 
 from .config import MoEConfig
 
@@ -191,6 +192,33 @@ def moe_dispatch(
 EXPERT_ACTIVATIONS = ("none", "relu", "silu", "swiglu")
 
 
+def pack_expert_weights(w: TensorValue, *, swiglu: bool = False) -> TensorValue:
+    """Expert weights [E, K, N] in the CPU kernels' pre-packed layout.
+
+    The result has w's shape and dtype; its contents are the column panels
+    that the CPU expert matmul reads (kernels/moe_expert_matmul.mojo), so that
+    each expert is one sequential stream and no call packs again. Pass it
+    with packed=True to moe_expert_matmul / moe_ffn (MoEGraphWeights.packed).
+    The layout depends on the CPU's SIMD width: pack on the machine that runs
+    the layer. `swiglu` packs w1 = [W_gate | W_up] for the SwiGLU activation
+    (gate and up columns side by side); every other weight packs with False.
+    CPU only: the GPU kernels read [E, K, N] as it is.
+    """
+    _float("expert weights", w, rank=3)
+    _cpu_only("pack_expert_weights", w)
+    if swiglu and isinstance(w.shape[2], StaticDim) and int(w.shape[2]) % 2:
+        raise ValueError(f"swiglu expert weights need an even number of columns, got {w.shape[2]}")
+    return _custom(
+        "pymoe_pack_expert_weights", w, [w], [TensorType(w.dtype, w.shape, w.device)],
+        parameters={"swiglu": bool(swiglu)},
+    )[0]
+
+
+def _cpu_only(what: str, v: TensorValue) -> None:
+    if not v.device.is_cpu():
+        raise ValueError(f"{what}: packed expert weights are a CPU layout; on the GPU pass the weights as they are")
+
+
 def moe_expert_matmul(
     x: TensorValue,
     row_ids: TensorValue,
@@ -199,14 +227,19 @@ def moe_expert_matmul(
     *,
     activation: str = "none",
     gather: bool = False,
+    packed: bool = False,
 ) -> TensorValue:
     """Grouped GEMM over ragged expert groups: out[r] = act(a_r @ w[e(r)]).
 
     a_r = x[row_ids[r]] when `gather` (x in token order), else x[r] (x already
     in the expert-grouped layout). The output has one row per entry of row_ids.
+    `packed`: w came from pack_expert_weights (CPU only; with the same
+    `swiglu` as this activation).
     """
     if activation not in EXPERT_ACTIVATIONS:
         raise ValueError(f"activation must be one of {EXPERT_ACTIVATIONS}, got {activation!r}")
+    if packed:
+        _cpu_only("moe_expert_matmul", x)
     _float("x", x, rank=2)
     _float("expert weights", w, rank=3)
     if w.dtype != x.dtype:
@@ -226,7 +259,7 @@ def moe_expert_matmul(
         x,
         [x, row_ids, expert_offsets, w],
         [TensorType(x.dtype, [row_ids.shape[0], n], x.device)],
-        parameters={"activation": activation, "gather": bool(gather)},
+        parameters={"activation": activation, "gather": bool(gather), "packed": bool(packed)},
     )[0]
 
 
@@ -258,6 +291,9 @@ class MoEGraphWeights(NamedTuple):
     router: TensorValue  # [d_model, E]
     w1: TensorValue  # [E, d_model, d_ff] (relu) or [E, d_model, 2*d_ff] (swiglu)
     w2: TensorValue  # [E, d_ff, d_model]
+    # True: w1 and w2 came from pack_expert_weights (CPU only; w1 packed with
+    # swiglu=True for SwiGLU layers), the layout MoELayer uses on the CPU.
+    packed: bool = False
 
 
 class LayerOutput(NamedTuple):
@@ -331,6 +367,7 @@ def moe_ffn(
     *,
     activation: str,
     every_expert_tokens: tuple[int, int] = (1, 0),
+    packed: bool = False,
 ) -> TensorValue:
     """The experts' FFN and the combine in one op, with caller-owned workspaces.
 
@@ -343,9 +380,12 @@ def moe_ffn(
     `activation` is "relu" or "swiglu" (w1 = [Wg | Wu]). `every_expert_tokens`
     = (lo, hi): on the GPU, batches of lo..hi tokens run every expert on every
     token (see every_expert_token_range; the default (1, 0) never does).
+    `packed`: w1 and w2 came from pack_expert_weights (CPU only).
     """
     if activation not in ("relu", "swiglu"):
         raise ValueError(f"activation must be 'relu' or 'swiglu', got {activation!r}")
+    if packed:
+        _cpu_only("moe_ffn", x)
     lo, hi = every_expert_tokens
     if not (isinstance(lo, int) and isinstance(hi, int) and lo >= 1):
         raise ValueError(f"every_expert_tokens must be two ints (lo >= 1, hi), got {every_expert_tokens!r}")
@@ -365,7 +405,10 @@ def moe_ffn(
             gate.topk_weights, gate.topk_ids, dispatch.slot_to_row, w1, w2,
         ],
         out_types=[TensorType(x.dtype, [x.shape[0], d_model], x.device)],
-        parameters={"activation": activation, "every_expert_min_tokens": lo, "every_expert_max_tokens": hi},
+        parameters={
+            "activation": activation, "packed": bool(packed),
+            "every_expert_min_tokens": lo, "every_expert_max_tokens": hi,
+        },
     )
     return out[0].tensor
 
@@ -395,12 +438,15 @@ def moe_layer(
             dtype = "bfloat16" if x.dtype == DType.bfloat16 else "float32"
             every_expert_tokens = every_expert_token_range(config, "cpu" if x.device.is_cpu() else "gpu", dtype)
         out = moe_ffn(x, gate, disp, weights.w1, weights.w2, workspaces, activation=act,
-                      every_expert_tokens=every_expert_tokens)
+                      every_expert_tokens=every_expert_tokens, packed=weights.packed)
         return LayerOutput(out, gate.expert_counts, gate.losses, disp.expert_offsets)
     h = moe_expert_matmul(
-        x, disp.sorted_token_ids, disp.expert_offsets, weights.w1, activation=act, gather=True
+        x, disp.sorted_token_ids, disp.expert_offsets, weights.w1, activation=act, gather=True,
+        packed=weights.packed,
     )
-    y = moe_expert_matmul(h, disp.sorted_token_ids, disp.expert_offsets, weights.w2, activation="none")
+    y = moe_expert_matmul(
+        h, disp.sorted_token_ids, disp.expert_offsets, weights.w2, activation="none", packed=weights.packed
+    )
     out = moe_combine(y, gate.topk_weights, disp.slot_to_row)
     return LayerOutput(out, gate.expert_counts, gate.losses, disp.expert_offsets)
 
