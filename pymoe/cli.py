@@ -46,7 +46,8 @@ def check(preset: str, tokens: int | None, dtype: str, seed: int) -> None:
 @click.option("--no-save", is_flag=True, help="Print only; write no result file.")
 @click.option("--ablation", is_flag=True,
               help="Instead: time each op (softmax, relu, gate, expert matmul, layer) rung by rung "
-                   "(scalar, SIMD, compile-time specialised, buffer pool) and the routing overhead; CPU, "
+                   "(scalar, SIMD, compile-time specialised, pre-packed weights, buffer pool) and the routing "
+                   "overhead; CPU, "
                    "float32, one preset (default small). The slowest mode: about 20 graph compiles and scalar rungs "
                    "that take seconds per call (the result file records the run's wall time; --matmul-tokens "
                    "shortens it).")

@@ -238,13 +238,7 @@ class MoELayer:
         self.pool = BufferPool((config.expert_n, config.d_model), dtype, self._device) if pooled else None
         self.compile_seconds = 0.0
         self._model = self._compiled()
-        router, w1, w2 = (to_device_buffer(w, dtype, self._device) for w in (weights.router, weights.w1, weights.w2))
-        if device == "cpu":
-            # The CPU kernels read the experts pre-packed (see
-            # pymoe.ops.pack_expert_weights): packed once here, not per call.
-            w1 = pack_expert_weights(w1, dtype, swiglu=config.activation == "swiglu")
-            w2 = pack_expert_weights(w2, dtype, swiglu=False)
-        self._weights = [router, w1, w2]
+        self._weights = layer_weight_buffers(config, weights, device, dtype, packed=device == "cpu")
 
     def _compiled(self):
         key = ("moe", self.config, self.device, self.dtype, self.pooled, self.every_expert_tokens)
@@ -277,6 +271,18 @@ class MoELayer:
         for callers that validated their inputs, and for timing the kernels.
         On the GPU, a CUDA torch tensor in gives a CUDA tensor out, both shared."""
         return _wrap_output(self._execute(x)[0], x)
+
+
+def layer_weight_buffers(config: MoEConfig, weights: MoEWeights, device: str, dtype: str, packed: bool) -> list:
+    """The router, w1 and w2 buffers a compiled layer graph takes. `packed`
+    (the CPU layer's layout, see pymoe.ops.pack_expert_weights): the experts
+    are packed once here, not on every call."""
+    dev = _driver_device(device)
+    router, w1, w2 = (to_device_buffer(w, dtype, dev) for w in (weights.router, weights.w1, weights.w2))
+    if packed:
+        w1 = pack_expert_weights(w1, dtype, swiglu=config.activation == "swiglu")
+        w2 = pack_expert_weights(w2, dtype, swiglu=False)
+    return [router, w1, w2]
 
 
 def pack_expert_weights(w, dtype: str, swiglu: bool):
@@ -324,7 +330,9 @@ def _session_and_ref(device: str):
 
 
 def _compile_moe(config: MoEConfig, device: str, dtype: str, pooled: bool,
-                 every_expert_tokens: tuple[int, int] = (1, 0)):
+                 every_expert_tokens: tuple[int, int] = (1, 0), packed: bool | None = None):
+    """The layer's graph; `packed` (default: on the CPU) takes the experts
+    pre-packed (layer_weight_buffers)."""
     from max.graph import BufferType, Graph, TensorType
 
     from . import ops as mops
@@ -343,7 +351,7 @@ def _compile_moe(config: MoEConfig, device: str, dtype: str, pooled: bool,
     with Graph("pymoe_moe_layer", input_types=input_types, custom_extensions=[mops.KERNELS_DIR]) as g:
         x, router, w1, w2 = (v.tensor for v in g.inputs[:4])
         workspaces = (g.inputs[4].buffer, g.inputs[5].buffer) if pooled else None
-        graph_weights = mops.MoEGraphWeights(router, w1, w2, packed=device == "cpu")
+        graph_weights = mops.MoEGraphWeights(router, w1, w2, packed=device == "cpu" if packed is None else packed)
         res = mops.moe_layer(x, graph_weights, config, workspaces, every_expert_tokens)
         g.output(res.out, res.expert_counts, res.losses, res.expert_offsets)
     return session.load(g)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from graphs import REF
 from max.dtype import DType
-from max.graph import BufferType, Graph, TensorType
+from max.graph import BufferType, DeviceRef, Graph, TensorType
 
 import pymoe.layer as layer_mod
 import pymoe.ops as mops
@@ -174,3 +174,23 @@ def test_missing_cublas_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "path", [str(tmp_path)])
     with pytest.raises(RuntimeError, match="needs cuBLAS.*nvidia/cublas/lib"):
         layer.load_cublas()
+
+
+def test_packed_weights_checks():
+    """Packed expert weights are a CPU layout, and SwiGLU packing needs gate and up halves."""
+    gpu = DeviceRef.GPU()
+    types = [
+        TensorType(DType.float32, ["t", 8], gpu),
+        TensorType(DType.int32, ["m"], gpu),
+        TensorType(DType.int32, [5], gpu),
+        TensorType(DType.float32, [4, 8, 12], gpu),
+        TensorType(DType.float32, [4, 8, 13], REF),
+    ]
+    with Graph("bad_packed", input_types=types, custom_extensions=[mops.KERNELS_DIR]) as g:
+        x, rows, offsets, w, w_odd = (v.tensor for v in g.inputs)
+        with pytest.raises(ValueError, match="CPU layout"):
+            mops.pack_expert_weights(w)
+        with pytest.raises(ValueError, match="CPU layout"):
+            mops.moe_expert_matmul(x, rows, offsets, w, packed=True)
+        with pytest.raises(ValueError, match="even number of columns"):
+            mops.pack_expert_weights(w_odd, swiglu=True)

@@ -154,7 +154,20 @@ def test_dispatch_rejects_out_of_range_ids(dispatch_model):
 # ------------------------------------------------------------ expert matmul
 
 MM_E, MM_K, MM_N, MM_F = 5, 37, 19, 11
-MM_VARIANTS = [(act, gather) for act in ("none", "relu", "silu", "swiglu") for gather in (False, True)]
+# packed: the weights go through pack_expert_weights first (the layout
+# MoELayer keeps on the CPU); N = 19 and F = 11 leave a ragged last panel.
+MM_VARIANTS = [
+    (act, gather, packed)
+    for act in ("none", "relu", "silu", "swiglu")
+    for gather in (False, True)
+    for packed in (False, True)
+]
+
+
+def _matmul(x, rows, offsets, w, act, gather, packed):
+    if packed:
+        w = mops.pack_expert_weights(w, swiglu=act == "swiglu")
+    return mops.moe_expert_matmul(x, rows, offsets, w, activation=act, gather=gather, packed=packed)
 
 
 @pytest.fixture(scope="module")
@@ -168,10 +181,7 @@ def matmul_model():
     ]
 
     def forward(x, rows, offsets, w, w_glu):
-        return [
-            mops.moe_expert_matmul(x, rows, offsets, w_glu if act == "swiglu" else w, activation=act, gather=g)
-            for act, g in MM_VARIANTS
-        ]
+        return [_matmul(x, rows, offsets, w_glu if act == "swiglu" else w, act, g, p) for act, g, p in MM_VARIANTS]
 
     return compile_graph("expert_matmul", types, forward)
 
@@ -202,12 +212,12 @@ def test_expert_matmul_matches_reference(matmul_model, rng, sizes):
     for gather in (False, True):
         x = x_gather if gather else x_sorted
         outs = run(matmul_model, x, rows, offsets, w, w_glu)
-        for (act, g), out in zip(MM_VARIANTS, outs):
+        for (act, g, packed), out in zip(MM_VARIANTS, outs):
             if g != gather:
                 continue
             ref = R.moe_expert_matmul(x, rows, offsets, w_glu if act == "swiglu" else w, act, gather)
             assert out.shape == ref.shape
-            assert rel_err(out, ref) < FP32_TOL, (act, gather)
+            assert rel_err(out, ref) < FP32_TOL, (act, gather, packed)
             assert (out[offsets[-1] :] == 0).all(), "rows past the kept ones must be zero"
 
 
@@ -215,8 +225,9 @@ def test_expert_matmul_matches_reference(matmul_model, rng, sizes):
 # the CPU's decode schedule to cut several slices and jobs and to pack each
 # next block while computing the current one (kernels/moe_expert_matmul.mojo);
 # N = 1030 leaves a job whose width is not a whole number of panels (packed
-# without the pipeline).
-DEC_E, DEC_K, DEC_F = 3, 300, 520
+# without the pipeline). The same products with pre-packed weights: several
+# K slices per panel, read panel by panel.
+DEC_E, DEC_K, DEC_F = 3, 600, 520
 
 
 @pytest.fixture(scope="module")
@@ -231,9 +242,9 @@ def decode_matmul_model():
 
     def forward(x, rows, offsets, w, w_odd):
         return [
-            mops.moe_expert_matmul(x, rows, offsets, w, activation="relu", gather=True),
-            mops.moe_expert_matmul(x, rows, offsets, w_odd, activation="none", gather=True),
-            mops.moe_expert_matmul(x, rows, offsets, w, activation="swiglu", gather=True),
+            _matmul(x, rows, offsets, weights, act, True, packed)
+            for packed in (False, True)
+            for weights, act in ((w, "relu"), (w_odd, "none"), (w, "swiglu"))
         ]
 
     return compile_graph("expert_matmul_decode", types, forward)
@@ -246,7 +257,7 @@ def test_expert_matmul_decode_shapes_match_reference(decode_matmul_model, rng, s
     w = rng.standard_normal((DEC_E, DEC_K, 2 * DEC_F), dtype=np.float32)
     w_odd = rng.standard_normal((DEC_E, DEC_K, 1030), dtype=np.float32)
     outs = run(decode_matmul_model, x, rows, offsets, w, w_odd)
-    for out, weights, act in zip(outs, (w, w_odd, w), ("relu", "none", "swiglu")):
+    for out, weights, act in zip(outs, 2 * (w, w_odd, w), 2 * ("relu", "none", "swiglu")):
         ref = R.moe_expert_matmul(x, rows, offsets, weights, act, True)
         assert rel_err(out, ref) < FP32_TOL, (act, sizes)
 

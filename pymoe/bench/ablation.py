@@ -6,6 +6,8 @@ that add one optimisation at a time (kernels/ablation.mojo documents them):
     scalar       one element at a time, op parameters read at run time
     simd         explicit SIMD vectors, op parameters still read at run time
     specialized  SIMD + compile-time parameters (the production kernels)
+    prepacked    expert matmul and layer: + expert weights pre-packed once at
+                 load (the CPU layer's layout), so no call packs them
     pooled       layer only: + the buffer pool for the experts' intermediates
 
 Every rung is checked against the float64 reference before it is timed, on
@@ -31,7 +33,8 @@ RUNG_NOTES = {
     "scalar": "one element at a time; op parameters (k, renormalize, activation) read at run time",
     "simd": "explicit SIMD vectors; op parameters still read at run time",
     "specialized": "SIMD + op parameters, row length or register tile fixed at compile time (production kernel)",
-    "pooled": "specialized + buffer pool for the experts' intermediates (production layer)",
+    "prepacked": "specialized + expert weights pre-packed once at load, not per call (the CPU layer's layout)",
+    "pooled": "prepacked + buffer pool for the experts' intermediates (production layer)",
 }
 # The expert matmul and the layer run the scalar rung, which is ~100x slower
 # than production, so they use fewer tokens than the preset by default.
@@ -45,7 +48,7 @@ class Case:
     rung: str
     tokens: int
     build: Callable[[], object]  # -> compiled MAX model
-    inputs: list  # NumPy arrays, uploaded once before timing
+    inputs: list  # NumPy arrays (uploaded once before timing) or MAX Buffers
     check: Callable[[list[np.ndarray]], float]  # model outputs -> error against the reference
     tol: float
     flops: int = 0  # work the op must do, for the rate beside its time
@@ -191,6 +194,7 @@ def _matmul_cases(x: np.ndarray, w: MoEWeights, cfg: MoEConfig) -> list[Case]:
     from max.graph import TensorType
 
     from .. import ops as mops
+    from ..layer import layer_weight_buffers
 
     f32, i32 = DType.float32, DType.int32
     d, e, t = cfg.d_model, cfg.num_experts, x.shape[0]
@@ -208,15 +212,21 @@ def _matmul_cases(x: np.ndarray, w: MoEWeights, cfg: MoEConfig) -> list[Case]:
                            [out], {"simd": simd})
         return forward
 
-    def production(xv, iv, ov, wv):
-        return [mops.moe_expert_matmul(xv, iv, ov, wv, activation=act, gather=True)]
+    def production(packed: bool):
+        def forward(xv, iv, ov, wv):
+            return [mops.moe_expert_matmul(xv, iv, ov, wv, activation=act, gather=True, packed=packed)]
+        return forward
 
-    forwards = {"scalar": runtime(False), "simd": runtime(True), "specialized": production}
+    forwards = {"scalar": runtime(False), "simd": runtime(True), "specialized": production(False),
+                "prepacked": production(True)}
+    packed_w1 = layer_weight_buffers(cfg, w, "cpu", "float32", packed=True)[1]
     flops = 2 * int(offs[-1]) * d * cfg.expert_n
-    notes = {"specialized": "pymoe_moe_expert_matmul (production): + MRxNR register tile, packing, cache blocks"}
+    notes = {"specialized": "pymoe_moe_expert_matmul (production): + MRxNR register tile, packing, cache blocks",
+             "prepacked": "the same op on weights from pack_expert_weights (as MoELayer on the CPU)"}
     return [
         Case("expert matmul", rung, t, (lambda f=f, r=rung: _graph(f"ablation_matmul_{r}", types, f)),
-             [x, ids, offs, w.w1], lambda outs: R.relative_error(outs[0], ref), 1e-5, flops=flops, note=notes.get(rung, ""))
+             [x, ids, offs, packed_w1 if rung == "prepacked" else w.w1], lambda outs: R.relative_error(outs[0], ref),
+             1e-5, flops=flops, note=notes.get(rung, ""))
         for rung, f in forwards.items()
     ]
 
@@ -226,7 +236,7 @@ def _layer_cases(x: np.ndarray, w: MoEWeights, cfg: MoEConfig) -> list[Case]:
     from max.graph import TensorType
 
     from .. import ops as mops
-    from ..layer import BufferPool, _compile_moe, _driver_device
+    from ..layer import BufferPool, _compile_moe, _driver_device, layer_weight_buffers
 
     f32 = DType.float32
     d, e, k, t = cfg.d_model, cfg.num_experts, cfg.top_k, x.shape[0]
@@ -257,10 +267,14 @@ def _layer_cases(x: np.ndarray, w: MoEWeights, cfg: MoEConfig) -> list[Case]:
              inputs, check, 1e-5, flops=flops, note=intermediates)
         for rung in ("scalar", "simd")
     ]
-    cases.append(Case("layer", "specialized", t, lambda: _compile_moe(cfg, "cpu", "float32", False), inputs,
+    cases.append(Case("layer", "specialized", t, lambda: _compile_moe(cfg, "cpu", "float32", False, packed=False),
+                      inputs, check, 1e-5, flops=flops,
+                      note="production ops, weights as given (packed per call); " + intermediates))
+    packed = [x, *layer_weight_buffers(cfg, w, "cpu", "float32", packed=True)]
+    cases.append(Case("layer", "prepacked", t, lambda: _compile_moe(cfg, "cpu", "float32", False), packed,
                       check, 1e-5, flops=flops, note="MoELayer(pooled=False); " + intermediates))
     pool = BufferPool((cfg.expert_n, d), "float32", _driver_device("cpu"))
-    cases.append(Case("layer", "pooled", t, lambda: _compile_moe(cfg, "cpu", "float32", True), inputs,
+    cases.append(Case("layer", "pooled", t, lambda: _compile_moe(cfg, "cpu", "float32", True), packed,
                       check, 1e-5, flops=flops, pool=pool, pool_rows=t * k,
                       note="MoELayer(pooled=True): h and y live in a BufferPool"))
     return cases
@@ -276,7 +290,7 @@ def _run_case(case: Case, ceilings: dict, min_seconds: float) -> dict:
     start = time.perf_counter()
     model = case.build()
     row["compile_s"] = time.perf_counter() - start
-    bufs = [Buffer.from_numpy(np.ascontiguousarray(a)) for a in case.inputs]
+    bufs = [Buffer.from_numpy(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a for a in case.inputs]
 
     def call():
         # As MoELayer.run does: ask the pool for buffers on every call.
@@ -345,7 +359,7 @@ def routing_cases(cfg: MoEConfig, t: int, seed: int = 0) -> list[Case]:
     from max.dtype import DType
 
     from .. import ops as mops
-    from ..layer import BufferPool, _compile_moe, _driver_device
+    from ..layer import BufferPool, _compile_moe, _driver_device, layer_weight_buffers
 
     f32, i32 = DType.float32, DType.int32
     d, e, k = cfg.d_model, cfg.num_experts, cfg.top_k
@@ -384,7 +398,8 @@ def routing_cases(cfg: MoEConfig, t: int, seed: int = 0) -> list[Case]:
              [y, tw, s2r], lambda outs: R.relative_error(outs[0], combine_ref), 1e-5, nbytes=y.nbytes + t * d * 4),
     ]
     layer = Case("layer", "routing", t, lambda: _compile_moe(cfg, "cpu", "float32", True),
-                 [x, w.router, w.w1, w.w2], lambda outs: R.relative_error(outs[0][:256], layer_ref), 1e-5,
+                 [x, *layer_weight_buffers(cfg, w, "cpu", "float32", packed=True)],
+                 lambda outs: R.relative_error(outs[0][:256], layer_ref), 1e-5,
                  flops=cfg.active_flops(t) + 2 * t * d * e, pool=pool, pool_rows=t * k,
                  note="the production layer (pooled); checked on its first 256 tokens")
     return [*cases, layer]

@@ -257,18 +257,19 @@ def _dashboard(runs, results_dir: Path, out_dir, report):
         used_ablation = (path, data)
         ops = [c for c in data["ablation"] if c.get("status") == "ok"]
         names = sorted({c["op"] for c in ops}, key=[c["op"] for c in ops].index)
-        rungs = ["scalar", "simd", "specialized", "pooled"]
+        rungs = [r for r in ("scalar", "simd", "specialized", "prepacked", "pooled") if any(c["rung"] == r for c in ops)]
+        width = 0.8 / len(rungs)
         for i, rung in enumerate(rungs):
             vals = []
             for op in names:
                 scalar = next((c for c in ops if c["op"] == op and c["rung"] == "scalar" and c.get("median_s")), None)
                 case = next((c for c in ops if c["op"] == op and c["rung"] == rung and c.get("median_s")), None)
                 vals.append(scalar["median_s"] / case["median_s"] if scalar and case else np.nan)
-            ax.bar(np.arange(len(names)) + (i - 1.5) * 0.2, vals, 0.2, label=rung)
+            ax.bar(np.arange(len(names)) + (i - (len(rungs) - 1) / 2) * width, vals, width, label=rung)
         log_y(ax)
         ax.set_xticks(np.arange(len(names)), names, fontsize=8)
         ax.set_ylabel("speedup over the scalar rung")
-        ax.set_title("CPU ablation: SIMD, compile-time specialisation, buffer pool", fontsize=9)
+        ax.set_title("CPU ablation: SIMD, compile-time specialisation, pre-packing, buffer pool", fontsize=9)
         ax.legend(fontsize=7)
         ax.grid(True, axis="y", which="both", alpha=0.3)
     else:
