@@ -54,6 +54,22 @@
 # the epilogue forms silu(gate) * up from two accumulators without a pass
 # over an intermediate tensor.
 #
+# Pre-packed weights (prepacked=True; pymoe_pack_expert_weights writes them
+# once, when MoELayer loads its weights on the CPU): each expert's [K, N] is
+# stored as its NR-wide panels one after another, panel q = K rows of NR
+# values (the order above, in the weights' dtype), and the ragged last panel
+# (rem < NR output columns) as K rows of rem values (SwiGLU: rem gate, then
+# rem up): K * N values, so the tensor keeps its shape [E, K, N]. The
+# micro-kernel then reads the panels in place: nothing is packed per call,
+# only the ragged panel is copied (zero-padded) per K slice. Decode walks
+# each panel's K slices in order, so a job reads one contiguous stream and
+# prefetches PACKED_PREFETCH_ROWS panel rows ahead (crossing into the next
+# panel at the end); prefill keeps the K-slice-outer order so a slice of A
+# stays in L2 across the panels. Measured on the 2-core EPYC (small-decode,
+# MoELayer): 18.5 -> 11.2 ms; small prefill 3.59 -> 3.33 s.
+# Jobs are dealt to the workers round-robin, so each worker gets a share of
+# every expert (experts with more rows cost more).
+#
 # GPU schedule (expert_matmul_gpu): the expert offsets are read back to the
 # host (one stream sync), the gathered rows are copied into a contiguous
 # block, and each expert's rows are one cuBLAS GEMM (tensor cores in bf16,
@@ -102,6 +118,8 @@ comptime DECODE_PANELS_WIDE = 64
 # The decode pipeline prefetches this many rows below the row it packs.
 comptime PIPELINE_PREFETCH_ROWS = 2
 
+# Pre-packed panels: rows prefetched ahead of the micro-kernel (2 KiB of
+# float32; the panel streams cross pages, where hardware prefetchers stop).
 comptime PACKED_PREFETCH_ROWS = 32
 
 comptime F32Ptr = Pointer[Float32, MutUntrackedOrigin]
