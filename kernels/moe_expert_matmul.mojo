@@ -422,6 +422,7 @@ def pack_expert_weights_cpu[dtype: DType, swiglu: Bool](
     expert_matmul_cpu[prepacked=True] reads (see the file header), N * K
     values per expert like the input."""
     comptime cols_per_panel = W if swiglu else NR
+    comptime width = 2 if swiglu else 1  # tail values per row and column
     var n_out = n_w // 2 if swiglu else n_w
     var full = n_out // cols_per_panel
     var rem = n_out - full * cols_per_panel
@@ -434,9 +435,9 @@ def pack_expert_weights_cpu[dtype: DType, swiglu: Bool](
         var c0 = full * cols_per_panel
         for kk in range(k_dim):
             for j in range(rem):
-                tail.unsafe_store(kk * rem * (2 if swiglu else 1) + j, src.unsafe_load(kk * n_w + c0 + j))
+                tail.unsafe_store(kk * rem * width + j, src.unsafe_load(kk * n_w + c0 + j))
                 comptime if swiglu:
-                    tail.unsafe_store(kk * rem * 2 + rem + j, src.unsafe_load(kk * n_w + n_out + c0 + j))
+                    tail.unsafe_store(kk * rem * width + rem + j, src.unsafe_load(kk * n_w + n_out + c0 + j))
 
     sync_parallelize(pack_expert, experts)
 
@@ -482,9 +483,7 @@ def expert_matmul_cpu[dtype: DType, activation: StaticString, gather: Bool, prep
         # At least two jobs per worker.
         var jobs_per_expert = ceildiv(2 * parallelism_level(None), busy_experts)
         job_panels = max(1, min(job_panels, ceildiv(ceildiv(n_out, cols_per_panel), jobs_per_expert)))
-        comptime if prepacked:
-            kc_step = KC
-        else:
+        comptime if not prepacked:
             kc_step = DECODE_BLOCK // job_panels
     var nc = job_panels * cols_per_panel  # output columns per job
     var col_jobs = ceildiv(n_out, nc)

@@ -280,12 +280,12 @@ def layer_weight_buffers(config: MoEConfig, weights: MoEWeights, device: str, dt
     dev = _driver_device(device)
     router, w1, w2 = (to_device_buffer(w, dtype, dev) for w in (weights.router, weights.w1, weights.w2))
     if packed:
-        w1 = pack_expert_weights(w1, dtype, swiglu=config.activation == "swiglu")
-        w2 = pack_expert_weights(w2, dtype, swiglu=False)
+        w1 = _packed_on_cpu(w1, dtype, swiglu=config.activation == "swiglu")
+        w2 = _packed_on_cpu(w2, dtype, swiglu=False)
     return [router, w1, w2]
 
 
-def pack_expert_weights(w, dtype: str, swiglu: bool):
+def _packed_on_cpu(w, dtype: str, swiglu: bool):
     """A CPU Buffer of expert weights [E, K, N] in the pre-packed layout of
     pymoe.ops.pack_expert_weights (same shape), computed by that op."""
     key = ("pack", dtype, swiglu)
