@@ -232,7 +232,8 @@ def calibrate(models, reps, out_path) -> None:
     write_calibration(data, out_path)
     for memory in ("pinned", "pageable"):
         t = data["transfer"][memory]
-        click.echo(f"{memory}: {t['gbps']:.1f} GB/s, latency {t['latency_ms'] * 1e3:.1f} us ({t['what']})")
+        click.echo(f"{memory}: {t['gbps']:.1f} GB/s, {t['latency_ms'] * 1e3:.1f} us per queued copy, "
+                   f"{t['start_latency_ms'] * 1e3:.1f} us more on an idle copy stream ({t['what']})")
     click.echo(f"wrote {out_path}")
 
 
@@ -316,12 +317,14 @@ def simulate(trace_path, model_name, calibration_path, strategies, batch_sizes, 
 @click.option("--batch-sizes", default="1,4,16,64", show_default=True)
 @click.option("--requests", type=int, default=8, show_default=True)
 @click.option("--cache-fraction", type=float, default=0.25, show_default=True)
+@click.option("--max-steps", type=click.IntRange(min=1), default=None,
+              help="Run only the first N decode steps of each run (default: all of the requests' tokens).")
 @click.option("--inject-prefetch-failures", "failure_rate", type=click.FloatRange(0, 1), default=0.0,
               show_default=True, help="Fraction of prefetch copies made to fail (tests the on-demand fallback).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
               show_default=True)
 def serve_offloaded(trace_path, model_name, calibration_path, strategies, batch_sizes, requests, cache_fraction,
-                    failure_rate, out_dir) -> None:
+                    max_steps, failure_rate, out_dir) -> None:
     """Run the real offloading engine on the GPU (experts in pinned host memory, GPU slot pool,
     prefetches on a copy stream) and compare its measured latency with the simulator's."""
     import sys
@@ -337,8 +340,8 @@ def serve_offloaded(trace_path, model_name, calibration_path, strategies, batch_
     chosen = tuple(strategies) or tuple(STRATEGIES)
     try:
         validate(trace_path, model_name, calibration_path, strategies=chosen, batch_sizes=sizes, requests=requests,
-                 cache_fraction=cache_fraction, out_dir=out_dir, command=" ".join(["pymoe", *sys.argv[1:]]),
-                 prefetch_failure_rate=failure_rate)
+                 cache_fraction=cache_fraction, max_steps=max_steps, out_dir=out_dir,
+                 command=" ".join(["pymoe", *sys.argv[1:]]), prefetch_failure_rate=failure_rate)
     except (EngineError, TraceError) as e:
         raise click.ClickException(str(e)) from e
 

@@ -29,12 +29,14 @@ def rng():
     return np.random.default_rng(seed)
 
 
-def calibration_for(model, gbps=1.0, compute_ms=0.5, per_token_ms=0.0):
-    """A cost model for offloading tests: transfers at `gbps`, expert compute linear in tokens."""
+def calibration_for(model, gbps=1.0, compute_ms=0.5, per_token_ms=0.0, start_latency_ms=0.0):
+    """A cost model for offloading tests: transfers at `gbps` (plus `start_latency_ms` when the
+    copy stream was idle), expert compute linear in tokens."""
     from pymoe.offload.calibration import Calibration
 
     return Calibration({
-        "schema": "pymoe.calibration/1", "device": "test",
-        "transfer": {"pinned": {"gbps": gbps, "latency_ms": 0.0}, "pageable": {"gbps": gbps / 4, "latency_ms": 0.0}},
+        "schema": "pymoe.calibration/2", "device": "test",
+        "transfer": {"pinned": {"gbps": gbps, "latency_ms": 0.0, "start_latency_ms": start_latency_ms},
+                     "pageable": {"gbps": gbps / 4, "latency_ms": 0.0, "start_latency_ms": 0.0}},
         "compute": {model.shape_key(): {"tokens": [1, 1000], "median_ms": [compute_ms, compute_ms + 999 * per_token_ms]}},
     })

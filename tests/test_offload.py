@@ -124,6 +124,28 @@ def test_hand_computed_lru_run():
     np.testing.assert_allclose(r.step_ms, [3.0, 2.0, 3.0])
 
 
+def test_a_copy_that_finds_the_copy_stream_idle_pays_the_start_latency():
+    r = simulate(hand_trace(), TINY, make_strategy("on-demand"), calibration_for(TINY, start_latency_ms=0.25),
+                 capacity=2, batch_size=1, requests=1)
+    # The same run as above; each of the 5 misses is the only copy of its layer.
+    assert r.total_ms == pytest.approx(8.0 + 5 * 0.25)
+    np.testing.assert_allclose(r.layer_ms, [1.75, 1.75, 0.5, 1.75, 1.75, 1.75])
+
+
+def test_transfer_fit_recovers_start_latency_per_copy_latency_and_bandwidth(rng):
+    from pymoe.offload.calibration import _fit_transfer
+
+    gbps, latency, start = rng.uniform(5, 60), rng.uniform(0.001, 0.02), rng.uniform(0.005, 0.05)
+    cells = [(size, n) for size in (2**20, 2**24, 2**26) for n in (1, 4, 10)]
+    ms = [start + n * (latency + size / (gbps * 1e6)) for size, n in cells]
+    fit = _fit_transfer([c[0] for c in cells], [c[1] for c in cells], ms)
+    assert fit["gbps"] == pytest.approx(gbps, rel=1e-6)
+    assert fit["latency_ms"] == pytest.approx(latency, rel=1e-6)
+    assert fit["start_latency_ms"] == pytest.approx(start, rel=1e-6)
+    one_count = _fit_transfer([c[0] for c in cells[::3]], [1, 1, 1], ms[::3])
+    assert one_count["start_latency_ms"] == 0.0 and one_count["gbps"] == pytest.approx(gbps, rel=1e-6)
+
+
 def test_hand_computed_belady_run():
     r = simulate(hand_trace(), TINY, make_strategy("on-demand", "belady"), calibration_for(TINY), capacity=2,
                  batch_size=1, requests=1)
@@ -191,8 +213,11 @@ def test_bad_simulation_settings_fail_before_running():
 
 def test_calibration_file_checks(tmp_path):
     bad = tmp_path / "c.json"
-    bad.write_text(json.dumps({"schema": "pymoe.calibration/1", "transfer": {}}))
+    bad.write_text(json.dumps({"schema": "pymoe.calibration/2", "transfer": {}}))
     with pytest.raises(CalibrationError, match="gbps"):
+        load_calibration(bad)
+    bad.write_text(json.dumps({"schema": "pymoe.calibration/1", "transfer": {}}))
+    with pytest.raises(CalibrationError, match="pymoe calibrate"):
         load_calibration(bad)
     bad.write_text("{")
     with pytest.raises(CalibrationError, match="not JSON"):
@@ -345,16 +370,17 @@ def test_engine_outputs_equal_the_all_resident_model(name):
     strategy evicts and prefetches, every layer computes with the right expert's weights."""
     import torch
 
-    from pymoe.offload.engine import Executor, reference_outputs
+    from pymoe.offload.engine import Executor, Plan, reference_outputs
     from pymoe.offload.simulator import batch_schedule
 
     model = OffloadModel("eng", 6, 3, 2, d_model=16, d_ff=24, activation="swiglu")
     trace = generate(model, SyntheticParams(0.8, 0.3, 0.3), requests=6, tokens=5, seed=4)
     trace.pregate = trace.experts.copy()
     trace.pregate[:, 0] = -1
-    executor = Executor(model, 5, device="cpu", check=True, max_tokens=2)
+    executor, plan = Executor(model, 5, device="cpu", check=True, max_tokens=2), Plan()
     r = simulate(trace, model, make_strategy(name), calibration_for(model), capacity=5, batch_size=2,
-                 requests=4, seed=1, executor=executor)
+                 requests=4, seed=1, executor=plan)
+    executor.run(plan)  # the decisions first, then carried out, as run_engine does
     assert executor.transfers == r.misses + r.prefetches and r.misses > 0
     expected = reference_outputs(trace, model, batch_schedule(trace, 2, 4, 1), max_tokens=2)
     assert set(executor.outputs) == set(expected)

@@ -1,12 +1,17 @@
 """The simulator's cost model, measured: host->GPU transfer time of an expert (pinned and
 pageable host memory) and the compute time of one expert FFN as a function of its tokens.
 
-`measure_calibration` times both with PyTorch on the GPU when there is one (each transfer
-synchronised on its own: what a single load costs; expert compute as the mean of 20 calls
-queued back to back: what an engine running expert after expert sees); without a GPU it
-measures the CPU's own host memory copies (recorded as both "pinned" and "pageable", and
-labelled so) and the expert FFN on the CPU in float32. The file it writes
-(`pymoe.calibration/1`) records the raw timings; the simulator reads the fitted values.
+On a GPU, `measure_calibration` times both the way the offloading engine issues them, on
+the device's clock (CUDA events), with the host's launches out of the picture: a sleep
+kernel holds the streams while the host queues the work, as a host running ahead of the GPU
+does. Transfers: a copy stream waits for an event on the compute stream (the end of the
+layer whose routing the loads need) and then copies 1, 4 or 10 experts back to back; the
+fit is `start_latency + copies * (latency + bytes / bandwidth)`, so a copy that finds the
+copy stream idle pays `start_latency_ms` once more than one queued behind another. Compute:
+20 expert FFNs queued back to back, per call. Without a GPU it measures the CPU's own host
+memory copies (recorded as both "pinned" and "pageable", and labelled so) and the expert
+FFN on the CPU in float32, with the host clock. The file it writes (`pymoe.calibration/2`)
+records the raw timings; the simulator reads the fitted values.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import numpy as np
 from ..baselines import expert_ffn
 from .models import OffloadModel
 
-SCHEMA = "pymoe.calibration/1"
+SCHEMA = "pymoe.calibration/2"
+COPY_COUNTS = (1, 4, 10)
+COMPUTE_CALLS = 20
 DEFAULT_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 MEMORY_KINDS = ("pinned", "pageable")
 
@@ -39,11 +46,19 @@ class Calibration:
     def device(self) -> str:
         return self.data.get("device", "unknown")
 
-    def transfer_ms(self, nbytes: int, memory: str = "pinned") -> float:
+    def _fit(self, memory: str) -> dict:
         if memory not in MEMORY_KINDS:
             raise ValueError(f"memory must be one of {MEMORY_KINDS}, got {memory!r}")
-        fit = self.data["transfer"][memory]
+        return self.data["transfer"][memory]
+
+    def transfer_ms(self, nbytes: int, memory: str = "pinned") -> float:
+        """One copy queued behind another on the copy stream."""
+        fit = self._fit(memory)
         return fit["latency_ms"] + nbytes / (fit["gbps"] * 1e9) * 1e3
+
+    def start_latency_ms(self, memory: str = "pinned") -> float:
+        """What a copy that finds the copy stream idle pays on top of `transfer_ms`."""
+        return self._fit(memory)["start_latency_ms"]
 
     def compute_curve(self, model: OffloadModel):
         """tokens -> ms for one expert of this model's shape: linear interpolation between
@@ -76,11 +91,13 @@ def load_calibration(path: str | Path) -> Calibration:
     except json.JSONDecodeError as err:
         raise CalibrationError(f"calibration {path}: not JSON ({err})") from None
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        raise CalibrationError(f"calibration {path}: schema is not {SCHEMA}")
+        raise CalibrationError(f"calibration {path}: schema is not {SCHEMA} (run `pymoe calibrate` to measure "
+                               f"a current one)")
     for memory in MEMORY_KINDS:
         fit = data.get("transfer", {}).get(memory, {})
-        if not (fit.get("gbps", 0) > 0 and fit.get("latency_ms", -1) >= 0):
-            raise CalibrationError(f"calibration {path}: transfer.{memory} needs gbps > 0 and latency_ms >= 0")
+        if not (fit.get("gbps", 0) > 0 and fit.get("latency_ms", -1) >= 0 and fit.get("start_latency_ms", -1) >= 0):
+            raise CalibrationError(f"calibration {path}: transfer.{memory} needs gbps > 0, latency_ms >= 0 "
+                                   f"and start_latency_ms >= 0")
     for key, curve in data.get("compute", {}).items():
         t, ms = curve.get("tokens", []), curve.get("median_ms", [])
         if len(t) < 1 or len(t) != len(ms) or list(t) != sorted(t) or not all(np.isfinite(ms)) or min(ms) <= 0:
@@ -88,26 +105,75 @@ def load_calibration(path: str | Path) -> Calibration:
     return Calibration(data, str(path))
 
 
-def _fit_transfer(sizes: list[int], ms: list[float]) -> dict:
-    """time = latency + bytes / bandwidth, least squares over the measured sizes."""
-    slope, intercept = np.polyfit(np.asarray(sizes, float), np.asarray(ms, float), 1)
-    return {"gbps": float(1e-6 / slope), "latency_ms": float(max(intercept, 0.0))}
+def _fit_transfer(sizes: list[int], counts: list[int], ms: list[float]) -> dict:
+    """time = start_latency + copies * (latency + bytes / bandwidth), least squares over the
+    measured (size, copies) pairs; with one copy count only, start_latency is 0."""
+    sizes, counts, ms = (np.asarray(v, float) for v in (sizes, counts, ms))
+    columns = [counts, counts * sizes] + ([np.ones_like(ms)] if len(set(counts.tolist())) > 1 else [])
+    coef = np.linalg.lstsq(np.stack(columns, axis=1), ms, rcond=None)[0]
+    return {"gbps": float(1e-6 / coef[1]), "latency_ms": float(max(coef[0], 0.0)),
+            "start_latency_ms": float(max(coef[2], 0.0)) if len(coef) > 2 else 0.0}
 
 
-def time_calls(fn, reps: int, sync, inner: int = 1) -> list[float]:
-    """reps samples of the time per call; each sample times `inner` calls issued back to
-    back before one synchronisation (as an engine queues expert after expert on a stream)."""
+def time_calls(fn, reps: int, sync) -> list[float]:
+    """reps samples of the time of one call on the host clock, synchronised after each."""
     for _ in range(2):
         fn()
     sync()
     out = []
     for _ in range(reps):
         t = time.perf_counter()
+        fn()
+        sync()
+        out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def _hold_gpu(torch) -> None:
+    """A ~2 ms sleep kernel on the current stream: the host queues what follows before the
+    GPU reaches it, so device-clock timings hold no launch gaps (as in an engine whose host
+    runs ahead of the GPU)."""
+    torch.cuda._sleep(4_000_000)
+
+
+def time_queued_on_gpu(torch, fn, reps: int, inner: int = 1) -> list[float]:
+    """reps samples of the device time per call of `inner` calls queued back to back on the
+    current stream (CUDA events around them, the GPU held until they are all queued)."""
+    fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        _hold_gpu(torch)
+        start.record()
         for _ in range(inner):
             fn()
-        sync()
-        out.append((time.perf_counter() - t) * 1e3 / inner)
+        end.record()
+        end.synchronize()
+        out.append(start.elapsed_time(end) / inner)
     return out
+
+
+def time_copies_after_compute(torch, dst: list, src: list, reps: int) -> list[float]:
+    """reps samples of the device time from an event on the compute stream (a layer ending)
+    to the end of copies queued on a separate copy stream that waits for it: how the engine
+    loads experts."""
+    copy_stream = torch.cuda.Stream()
+
+    def once() -> float:
+        done, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        _hold_gpu(torch)
+        done.record()
+        with torch.cuda.stream(copy_stream):
+            copy_stream.wait_event(done)
+            for d, s in zip(dst, src):
+                d.copy_(s, non_blocking=True)
+            end.record(copy_stream)
+        end.synchronize()
+        return done.elapsed_time(end)
+
+    once()
+    return [once() for _ in range(reps)]
 
 
 def measure_calibration(models: list[OffloadModel], *, tokens=DEFAULT_TOKENS, reps: int = 20,
@@ -116,24 +182,31 @@ def measure_calibration(models: list[OffloadModel], *, tokens=DEFAULT_TOKENS, re
     import torch
 
     gpu = torch.cuda.is_available()
-    sync = torch.cuda.synchronize if gpu else (lambda: None)
     say = progress or (lambda msg: None)
     data: dict = {"schema": SCHEMA, "device": torch.cuda.get_device_name(0) if gpu else "cpu",
                   "transfer": {}, "compute": {}, "reps": reps}
     sizes = sorted({2**20, 4 * 2**20, 16 * 2**20, 64 * 2**20, *(m.expert_bytes for m in models)})
+    counts = COPY_COUNTS if gpu else (1,)
     for memory in MEMORY_KINDS:
-        raw = {}
-        for size in sizes:
-            say(f"transfer {memory} {size / 2**20:.1f} MiB")
-            src = torch.empty(size, dtype=torch.uint8, pin_memory=gpu and memory == "pinned")
-            src.fill_(1)
-            dst = torch.empty(size, dtype=torch.uint8, device="cuda" if gpu else "cpu")
-            raw[size] = time_calls(lambda: dst.copy_(src, non_blocking=memory == "pinned"), reps, sync)
-        medians = [float(np.median(raw[s])) for s in sizes]
+        cells, raw = [(size, n) for size in sizes for n in counts], []
+        for size, n in cells:
+            say(f"transfer {memory} {size / 2**20:.1f} MiB x {n}")
+            src = [torch.ones(size, dtype=torch.uint8, pin_memory=gpu and memory == "pinned") for _ in range(n)]
+            if gpu:
+                dst = [torch.empty(size, dtype=torch.uint8, device="cuda") for _ in range(n)]
+                raw.append(time_copies_after_compute(torch, dst, src, reps))
+                del dst
+                torch.cuda.empty_cache()
+            else:
+                dst = torch.empty(size, dtype=torch.uint8)
+                raw.append(time_calls(lambda: dst.copy_(src[0]), reps, lambda: None))
+        medians = [float(np.median(r)) for r in raw]
         data["transfer"][memory] = {
-            **_fit_transfer(sizes, medians),
-            "what": ("host->GPU copy" if gpu else "host memory copy (no GPU: CPU stand-in)"),
-            "sizes_bytes": sizes, "median_ms": medians, "raw_ms": [raw[s] for s in sizes],
+            **_fit_transfer([c[0] for c in cells], [c[1] for c in cells], medians),
+            "what": ("host->GPU copies on a copy stream, from a compute-stream event to the last copy's end "
+                     "(device clock)" if gpu else "host memory copy (no GPU: CPU stand-in, host clock)"),
+            "sizes_bytes": [c[0] for c in cells], "copies": [c[1] for c in cells], "median_ms": medians,
+            "raw_ms": raw,
         }
     for model in models:
         dtype = getattr(torch, model.dtype) if gpu else torch.float32
@@ -144,11 +217,17 @@ def measure_calibration(models: list[OffloadModel], *, tokens=DEFAULT_TOKENS, re
 
         curve = {"tokens": list(tokens), "median_ms": [], "raw_ms": [],
                  "dtype": str(dtype).replace("torch.", ""),
-                 "what": f"PyTorch expert FFN on {dev}" + (", 20 calls back to back per sample" if gpu else "")}
+                 "what": f"PyTorch expert FFN on {dev}, per call" +
+                         (f", {COMPUTE_CALLS} calls queued back to back (device clock)" if gpu else " (host clock)")}
         for n in tokens:
             say(f"compute {model.name} expert, {n} tokens")
             x = torch.randn(n, model.d_model, generator=g).to(dev, dtype)
-            raw = time_calls(lambda: expert_ffn(x, w_in, w_out, model.activation), reps, sync, inner=20 if gpu else 1)
+
+            def ffn(x=x):
+                expert_ffn(x, w_in, w_out, model.activation)
+
+            raw = (time_queued_on_gpu(torch, ffn, reps, inner=COMPUTE_CALLS) if gpu
+                   else time_calls(ffn, reps, lambda: None))
             curve["median_ms"].append(float(np.median(raw)))
             curve["raw_ms"].append(raw)
         data["compute"][model.shape_key()] = curve

@@ -1,14 +1,21 @@
 """The real offloading engine: runs the experts of a MoE model on the GPU, layer by layer,
 with every expert's weights in pinned host memory and a fixed pool of GPU expert slots.
 
-It replays a routing trace through a strategy with *the simulator's own decisions* (the
-simulator calls it back for every transfer and every layer; see `simulate(executor=...)`)
-and carries them out for real: misses and prefetches are copied host->GPU on a separate
-copy stream, each copy records a CUDA event, the compute stream waits for the events of the
+It replays a routing trace through a strategy with *the simulator's own decisions* and
+carries them out for real: misses and prefetches are copied host->GPU on a separate copy
+stream, each copy records a CUDA event, the compute stream waits for the events of the
 experts a layer needs, and a slot is overwritten only after the compute that last read it
 has finished. No allocation happens on the hot path (one slot pool, one activation buffer).
 Measured per-layer times (CUDA events on the compute stream) replace the simulated ones, so
 the same trace, strategy and batch give a simulated and a measured run to compare.
+
+The decisions are made first (`Plan` records what the simulator asks for, see
+`simulate(executor=...)`) and then carried out in a tight loop (`Executor.run`). The
+strategies are Python and some do milliseconds of bookkeeping per layer; interleaved with
+the GPU work, that host time set the pace at small batches and the comparison measured
+Python, not transfers and compute. The decision time is still measured and reported per
+layer (`decision_ms_per_layer`): a production engine has to make those decisions in under a
+layer's GPU time, off the critical path, to get the measured latency.
 
 Like the simulator, it runs the expert FFNs only (the hidden states are random; attention
 is not run). Memory: `host_copies` distinct pinned buffers hold the expert weights and
@@ -28,6 +35,7 @@ same copy stream anyway.
 from __future__ import annotations
 
 import copy
+import time
 
 import numpy as np
 import torch
@@ -55,8 +63,22 @@ def _pack(w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
     return torch.cat([w_in.reshape(-1), w_out.reshape(-1)]).view(torch.uint8)
 
 
+class Plan:
+    """The simulator's decisions for one run, in order: what `Executor.run` carries out."""
+
+    def __init__(self):
+        self.ops: list[tuple] = []
+
+    def transfer(self, key: int, evicted: int | None, prefetch: bool = False) -> None:
+        self.ops.append((Executor.transfer, key, evicted, prefetch))
+
+    def layer(self, tick: int, tokens: np.ndarray, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
+        self.ops.append((Executor.layer, tick, tokens, layer, experts, counts))
+
+
 class Executor:
-    """Carries out the simulator's transfers and layer computes on a device."""
+    """Carries out the simulator's transfers and layer computes on a device (called back by
+    the simulator one decision at a time, or all of a Plan's at once with `run`)."""
 
     def __init__(self, model: OffloadModel, capacity: int, *, device: str = "cuda", host_copies: int = 64,
                  check: bool = False, max_tokens: int = 64, seed: int = 0, prefetch_failure_rate: float = 0.0):
@@ -201,6 +223,10 @@ class Executor:
         if out is not None:
             self.outputs[tick] = out.float().cpu()
 
+    def run(self, plan: Plan) -> None:
+        for method, *args in plan.ops:
+            method(self, *args)
+
     def measured_layer_ms(self) -> np.ndarray:
         """Per layer: from the end of the previous layer's compute (or this layer's start) to
         the end of its own, on the compute stream, i.e. waiting for transfers included."""
@@ -215,11 +241,12 @@ class Executor:
 
 def run_engine(trace: Trace, model: OffloadModel, strategy: Strategy, calibration: Calibration, *,
                capacity: int, batch_size: int, requests: int, seed: int = 0, memory: str = "pinned",
-               device: str = "cuda", host_copies: int = 64,
+               device: str = "cuda", host_copies: int = 64, max_steps: int | None = None,
                prefetch_failure_rate: float = 0.0) -> tuple[RunResult, RunResult, dict]:
-    """(simulated, measured, faults) for the same trace, strategy, batch and seed. The
+    """(simulated, measured, info) for the same trace, strategy, batch and seed. The
     measured run has the simulated run's hits, misses and bytes (same decisions) and measured
-    times; faults counts failed prefetches and their fallback loads (see Executor)."""
+    times; info has the faults (failed prefetches and their fallback loads, see Executor) and
+    the host time spent deciding, per layer."""
     if memory != "pinned":
         raise EngineError("the engine keeps experts in pinned host memory")
     if not torch.cuda.is_available():
@@ -228,8 +255,12 @@ def run_engine(trace: Trace, model: OffloadModel, strategy: Strategy, calibratio
         raise EngineError("the engine runs single-pool caches; the tiered cache is simulator-only")
     executor = Executor(model, capacity, device=device, host_copies=host_copies,
                         max_tokens=batch_size, seed=seed, prefetch_failure_rate=prefetch_failure_rate)
+    plan = Plan()
+    started = time.perf_counter()
     measured = simulate(trace, model, strategy, calibration, capacity=capacity, batch_size=batch_size,
-                        requests=requests, seed=seed, executor=executor)
+                        requests=requests, seed=seed, max_steps=max_steps, executor=plan)
+    decision_ms = (time.perf_counter() - started) * 1e3
+    executor.run(plan)
     simulated = copy.copy(measured)  # the cost model's times; the measured ones replace them below
     layer_ms = executor.measured_layer_ms()
     layers = model.num_layers
@@ -241,7 +272,8 @@ def run_engine(trace: Trace, model: OffloadModel, strategy: Strategy, calibratio
     if executor.transfers != simulated.misses + simulated.prefetches:
         raise EngineError(f"engine made {executor.transfers} transfers, the simulator "
                           f"{simulated.misses + simulated.prefetches}")
-    return simulated, measured, dict(executor.faults)
+    info = {"faults": dict(executor.faults), "decision_ms_per_layer": decision_ms / len(layer_ms)}
+    return simulated, measured, info
 
 
 def reference_outputs(trace: Trace, model: OffloadModel, steps: list[np.ndarray], *, max_tokens: int,
@@ -265,14 +297,14 @@ def reference_outputs(trace: Trace, model: OffloadModel, steps: list[np.ndarray]
 
 
 def validate(trace_path, model_name: str, calibration_path, *, strategies, batch_sizes=(1, 4, 16, 64),
-             requests: int = 8, cache_fraction: float = 0.25, seed: int = 0, out_dir="results", command: str = "",
-             console=None, prefetch_failure_rate: float = 0.0):
-    """Engine vs simulator for every strategy and batch size; writes
+             requests: int = 8, cache_fraction: float = 0.25, seed: int = 0, max_steps: int | None = None,
+             out_dir="results", command: str = "", console=None, prefetch_failure_rate: float = 0.0):
+    """Engine vs simulator for every strategy and batch size (each run cut to its first
+    `max_steps` decode steps if given); writes
     `<out_dir>/offload/<stamp>-engine-<model>-<device>.json`."""
     import datetime as dt
     import json
     import re
-    import time
     from pathlib import Path
 
     from rich.console import Console
@@ -294,31 +326,32 @@ def validate(trace_path, model_name: str, calibration_path, *, strategies, batch
     calibration = load_calibration(calibration_path)
     profile, evaluation = trace.split(0.25)
     capacity = cache_capacity(model, fraction=cache_fraction)
-    result = {"schema": "pymoe.offload-engine/1", **provenance(command), "model": model.to_dict(),
+    result = {"schema": "pymoe.offload-engine/2", **provenance(command), "model": model.to_dict(),
               "trace": str(trace_path), "calibration": str(calibration_path), "cache_experts": capacity,
               "cache_fraction": cache_fraction, "requests_per_run": requests, "seed": seed,
-              "prefetch_failure_rate": prefetch_failure_rate, "runs": []}
+              "max_steps": max_steps, "prefetch_failure_rate": prefetch_failure_rate, "runs": []}
     start = time.perf_counter()
     table = Table(title=f"{model.name} on {torch.cuda.get_device_name(0)}: engine (measured) vs simulator")
     for col in ("strategy", "batch", "simulated ms/step", "measured ms/step", "error", "hit rate", "GiB moved",
-                "failed prefetches / fallback loads"):
+                "decision ms/layer (host, not timed)", "failed prefetches / fallback loads"):
         table.add_column(col, justify="right")
     for batch in batch_sizes:
         for name in strategies:
             strategy = make_strategy(name)
             strategy.fit(profile)
             with console.status(f"{name}, batch {batch}"):
-                sim, real, faults = run_engine(evaluation, model, strategy, calibration, capacity=capacity,
-                                               batch_size=batch, requests=max(batch, requests), seed=seed,
-                                               prefetch_failure_rate=prefetch_failure_rate)
+                sim, real, info = run_engine(evaluation, model, strategy, calibration, capacity=capacity,
+                                             batch_size=batch, requests=max(batch, requests), seed=seed,
+                                             max_steps=max_steps, prefetch_failure_rate=prefetch_failure_rate)
+            faults = info["faults"]
             s, m = sim.summary(), real.summary()
             error = m["ms_per_step"] / s["ms_per_step"] - 1
             result["runs"].append({"strategy": name, "batch_size": batch, "simulated": s, "measured": m,
                                    "measured_step_ms": real.step_ms.tolist(), "relative_error": error,
-                                   "faults": faults})
+                                   **info})
             table.add_row(name, str(batch), f"{s['ms_per_step']:.2f}", f"{m['ms_per_step']:.2f}", f"{error:+.1%}",
                           f"{s['hit_rate']:.3f}", f"{s['bytes_moved'] / 2**30:.1f}",
-                          f"{faults['failed_prefetches']} / {faults['fallback_loads']}")
+                          f"{info['decision_ms_per_layer']:.3f}", f"{faults['failed_prefetches']} / {faults['fallback_loads']}")
     result["wall_s"] = round(time.perf_counter() - start, 1)
     result["max_abs_relative_error"] = max(abs(r["relative_error"]) for r in result["runs"])
     console.print(table)

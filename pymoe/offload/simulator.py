@@ -8,7 +8,8 @@ The model of an engine: B requests decode in lockstep; at each layer the gate's 
 known first; experts missing from the GPU cache are loaded on demand (the layer waits for
 them); the strategy then issues prefetches for later layers. All transfers go through one
 copy stream, first come first served, and overlap compute, which runs on its own stream and
-starts once every expert the layer needs has arrived. A prefetch is issued only while the
+starts once every expert the layer needs has arrived. A copy costs the calibrated time of one
+queued behind another, plus the calibrated start latency when it finds the copy stream idle. A prefetch is issued only while the
 copy stream can start it before the current layer's compute ends, so that speculation never
 queues far ahead of the next layer's demand loads (the copy stream is first come, first
 served). Compute time of an expert is the
@@ -149,8 +150,9 @@ def batch_schedule(trace: Trace, batch_size: int, requests: int, seed: int) -> l
 
 def simulate(trace: Trace, model: OffloadModel, strategy: Strategy, calibration: Calibration, *,
              capacity: int, batch_size: int, requests: int, seed: int = 0, dedup: bool = True,
-             memory: str = "pinned", executor=None) -> RunResult:
-    """Replay the trace through the strategy; returns the SIMULATED run.
+             memory: str = "pinned", max_steps: int | None = None, executor=None) -> RunResult:
+    """Replay the trace through the strategy; returns the SIMULATED run (of the first
+    `max_steps` decode steps only, if given).
 
     With an `executor` (see engine.py) every decision is also carried out for real: it is
     told each transfer (`transfer(key, evicted)`) and each layer's compute (`layer(tick,
@@ -166,8 +168,16 @@ def simulate(trace: Trace, model: OffloadModel, strategy: Strategy, calibration:
             f"a cache of {capacity} experts is smaller than one layer's top-k experts for batch "
             f"{batch_size} ({layer_need}); give it at least {layer_need}")
     transfer_ms = calibration.transfer_ms(model.expert_bytes, memory)
+    start_latency = calibration.start_latency_ms(memory)
+
+    def copy_start(copy_free: float, t0: float) -> float:
+        """When a copy decided at t0 starts: behind the queue, or after the idle stream wakes."""
+        return copy_free if copy_free > t0 else t0 + start_latency
+
     compute_ms = calibration.compute_curve(model)
-    steps = batch_schedule(trace, batch_size, requests, seed)
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    steps = batch_schedule(trace, batch_size, requests, seed)[:max_steps]
 
     ticks = [np.unique(trace.experts[tokens, layer]) + layer * e for tokens in steps for layer in range(layers)]
     future = Future(ticks) if strategy.uses_future or strategy.eviction == "belady" else None
@@ -221,7 +231,7 @@ def simulate(trace: Trace, model: OffloadModel, strategy: Strategy, calibration:
                 n = loads_for[key]
                 misses += n
                 demand_transfers += n
-                start = max(copy_free, t0)
+                start = copy_start(copy_free, t0)
                 copy_free = start + n * transfer_ms
                 result = cache.admit(key, tick, t0, start + transfer_ms, protected)
                 if result is False:  # every free slot holds a pending prefetch: abandon one
@@ -245,7 +255,7 @@ def simulate(trace: Trace, model: OffloadModel, strategy: Strategy, calibration:
             view = LayerView(tick, s, layer, routing, trace.weights[tokens, layer],
                              None if trace.pregate is None or layer + 1 >= layers else trace.pregate[tokens, layer + 1])
             for key in strategy.prefetch(view):
-                start = max(copy_free, t0)
+                start = copy_start(copy_free, t0)
                 if start >= begin + work:
                     break  # the copy stream is booked past this layer's compute: stop prefetching
                 if cache.lookup(key) is not None:

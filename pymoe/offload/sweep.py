@@ -138,7 +138,7 @@ def run_sweep(trace_path: Path, model_name: str, calibration_path: Path, *,
         "trace": {"path": str(trace_path), "meta": trace.meta, "requests": trace.num_requests,
                   "profile_requests": profile.num_requests, "evaluation_requests": evaluation.num_requests},
         "calibration": {"path": str(calibration_path), "device": calibration.device,
-                        "transfer": {m: {k: calibration.data["transfer"][m][k] for k in ("gbps", "latency_ms")}
+                        "transfer": {m: {k: calibration.data["transfer"][m][k] for k in ("gbps", "latency_ms", "start_latency_ms")}
                                      for m in ("pinned", "pageable")},
                         "expert_transfer_ms": calibration.transfer_ms(model.expert_bytes, memory),
                         "expert_compute_ms_1_token": calibration.compute_curve(model)(1)},

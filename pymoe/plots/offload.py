@@ -277,7 +277,7 @@ def _load_balancing(results_dir, out_dir, report):
 def _simulated_vs_measured(results_dir, out_dir, report):
     name = "offload_simulated_vs_measured.png"
     # Runs with injected prefetch failures test the fallback, not the cost model.
-    files = [(path, data) for path, data in load_results(results_dir, "pymoe.offload-engine/1")
+    files = [(path, data) for path, data in load_results(results_dir, "pymoe.offload-engine/2")
              if not data.get("prefetch_failure_rate")]
     if not files:
         report.skip(name, "needs `pymoe serve-offloaded` results (the real engine on a GPU)")
