@@ -98,6 +98,11 @@ class Executor:
         self.host = [_pack(*_expert_weights(model, i, self.dtype)).pin_memory() if self.cuda
                      else _pack(*_expert_weights(model, i, self.dtype)) for i in range(distinct)]
         self.slots = torch.empty(capacity, nbytes, dtype=torch.uint8, device=self.device)
+        # Views made once: on the hot path every tensor op is host time the GPU may wait for.
+        self.slot_bytes = list(self.slots.unbind(0))
+        d, f, cols = model.d_model, model.d_ff, model.w_in_cols
+        self.slot_weights = [(row.view(self.dtype)[: d * cols].view(d, cols), row.view(self.dtype)[d * cols:].view(f, d))
+                             for row in self.slot_bytes]
         self.slot_of: dict[int, int] = {}
         self.free_slots = list(range(capacity - 1, -1, -1))
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
@@ -106,7 +111,9 @@ class Executor:
         self.slot_free_event: dict[int, torch.cuda.Event] = {}
         g = torch.Generator().manual_seed(seed)
         self.x = (torch.randn(max_tokens * model.top_k, model.d_model, generator=g)).to(self.device, self.dtype)
-        self.layer_events: list[torch.cuda.Event] = []
+        self.x_rows = [self.x[:n] for n in range(len(self.x) + 1)]
+        self.first_start = None  # timing event before the first layer
+        self.layer_ends: list[torch.cuda.Event] = []
         self.previous_end = self.current_end = None  # compute-end events of layers l-1 and l
         self.outputs: dict[int, torch.Tensor] = {}
         self.transfers = 0  # the simulator's decisions carried out (fallback loads not included)
@@ -122,16 +129,13 @@ class Executor:
         the first timed layer, so that the first run is not charged for them."""
         with torch.cuda.stream(self.copy_stream):
             for _ in range(3):
-                self.slots[0].copy_(self.host[0], non_blocking=True)
+                self.slot_bytes[0].copy_(self.host[0], non_blocking=True)
         self.copy_stream.synchronize()
         self.slot_of[-1] = 0
         for n in range(1, len(self.x) + 1):
-            self._ffn(self.x[:n], -1)
+            self._ffn(self.x_rows[n], -1)
         del self.slot_of[-1]
         torch.cuda.synchronize(self.device)
-
-    def _event(self):
-        return torch.cuda.Event(enable_timing=True) if self.cuda else None
 
     def transfer(self, key: int, evicted: int | None, prefetch: bool = False) -> None:
         """Bring expert `key` into a slot (the evicted key's, or a free one). The copy starts
@@ -161,9 +165,9 @@ class Executor:
                 with torch.cuda.stream(self.copy_stream):  # ordered before the reload's copy
                     if slot in self.slot_free_event:
                         self.copy_stream.wait_event(self.slot_free_event[slot])
-                    self.slots[slot].fill_(255)
+                    self.slot_bytes[slot].fill_(255)
             else:
-                self.slots[slot].fill_(255)
+                self.slot_bytes[slot].fill_(255)
             self.failed.add(key)
             self.faults["failed_prefetches"] += 1
 
@@ -174,69 +178,67 @@ class Executor:
             raise RuntimeError("injected prefetch failure")
         src = self.host[key % len(self.host)]
         if not self.cuda:
-            self.slots[slot].copy_(src)
+            self.slot_bytes[slot].copy_(src)
             return
         with torch.cuda.stream(self.copy_stream):
             if after is not None:
                 self.copy_stream.wait_event(after)
             if slot in self.slot_free_event:  # do not overwrite weights a queued layer still reads
                 self.copy_stream.wait_event(self.slot_free_event[slot])
-            self.slots[slot].copy_(src, non_blocking=True)
+            self.slot_bytes[slot].copy_(src, non_blocking=True)
             event = torch.cuda.Event()
             event.record(self.copy_stream)
         self.ready_event[key] = event
 
-    def _weights(self, key: int) -> tuple[torch.Tensor, torch.Tensor]:
-        raw = self.slots[self.slot_of[key]].view(self.dtype)
-        d, f, cols = self.model.d_model, self.model.d_ff, self.model.w_in_cols
-        return raw[: d * cols].view(d, cols), raw[d * cols:].view(f, d)
-
     def _ffn(self, x: torch.Tensor, key: int) -> torch.Tensor:
-        return expert_ffn(x, *self._weights(key), self.model.activation)
+        return expert_ffn(x, *self.slot_weights[self.slot_of[key]], self.model.activation)
 
     def layer(self, tick: int, tokens: np.ndarray, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
-        e = self.model.num_experts
-        keys = [layer * e + int(x) for x in experts]
+        keys = (experts + layer * self.model.num_experts).tolist()
         for key in keys:
             if key in self.failed:  # its prefetch failed: load it now, as a miss would be
                 self._copy(key, self.slot_of[key], after=self.current_end)
                 self.failed.discard(key)
                 self.faults["fallback_loads"] += 1
         if self.cuda:
-            start = self._event()
-            start.record(self.compute_stream)
+            if self.first_start is None:
+                self.first_start = torch.cuda.Event(enable_timing=True)
+                self.first_start.record(self.compute_stream)
             for key in keys:
-                if key in self.ready_event:
-                    self.compute_stream.wait_event(self.ready_event[key])
+                # Once waited for, a copy is behind every later layer on this stream too.
+                ready = self.ready_event.pop(key, None)
+                if ready is not None:
+                    self.compute_stream.wait_event(ready)
         out = torch.zeros(len(tokens), self.model.d_model, device=self.device, dtype=self.dtype) if self.check else None
         for key, n in zip(keys, counts.tolist()):
-            y = self._ffn(self.x[:n], key)
+            y = self._ffn(self.x_rows[n], key)
             if out is not None:
                 out[:n] += y  # the first n rows stand for the tokens routed to this expert
         if self.cuda:
-            end = self._event()
+            end = torch.cuda.Event(enable_timing=True)
             end.record(self.compute_stream)
             for key in keys:
                 self.slot_free_event[self.slot_of[key]] = end
-            self.layer_events.append((start, end))
+            self.layer_ends.append(end)
             self.previous_end, self.current_end = self.current_end, end
         if out is not None:
             self.outputs[tick] = out.float().cpu()
 
-    def run(self, plan: Plan) -> None:
+    def run(self, plan: Plan) -> float:
+        """Carry out the plan; returns the host's time to issue it, in ms (the GPU may still
+        be working when it returns)."""
+        started = time.perf_counter()
         for method, *args in plan.ops:
             method(self, *args)
+        return (time.perf_counter() - started) * 1e3
 
     def measured_layer_ms(self) -> np.ndarray:
-        """Per layer: from the end of the previous layer's compute (or this layer's start) to
-        the end of its own, on the compute stream, i.e. waiting for transfers included."""
+        """Per layer: from the end of the previous layer's compute (or the first layer's
+        start) to the end of its own, on the compute stream, i.e. waiting for transfers
+        included."""
         torch.cuda.synchronize(self.device)
-        out = np.empty(len(self.layer_events))
-        previous = None
-        for i, (start, end) in enumerate(self.layer_events):
-            out[i] = (previous or start).elapsed_time(end)
-            previous = end
-        return out
+        previous = [self.first_start, *self.layer_ends[:-1]]
+        return np.array([a.elapsed_time(b) for a, b in zip(previous, self.layer_ends)])
 
 
 def run_engine(trace: Trace, model: OffloadModel, strategy: Strategy, calibration: Calibration, *,
@@ -245,8 +247,10 @@ def run_engine(trace: Trace, model: OffloadModel, strategy: Strategy, calibratio
                prefetch_failure_rate: float = 0.0) -> tuple[RunResult, RunResult, dict]:
     """(simulated, measured, info) for the same trace, strategy, batch and seed. The
     measured run has the simulated run's hits, misses and bytes (same decisions) and measured
-    times; info has the faults (failed prefetches and their fallback loads, see Executor) and
-    the host time spent deciding, per layer."""
+    times; info has the faults (failed prefetches and their fallback loads, see Executor) and,
+    per layer, the host's time to decide (the simulator and strategy) and to issue the GPU
+    work: an issue time near the measured layer time means the host, not the GPU, set the
+    pace."""
     if memory != "pinned":
         raise EngineError("the engine keeps experts in pinned host memory")
     if not torch.cuda.is_available():
@@ -260,7 +264,7 @@ def run_engine(trace: Trace, model: OffloadModel, strategy: Strategy, calibratio
     measured = simulate(trace, model, strategy, calibration, capacity=capacity, batch_size=batch_size,
                         requests=requests, seed=seed, max_steps=max_steps, executor=plan)
     decision_ms = (time.perf_counter() - started) * 1e3
-    executor.run(plan)
+    issue_ms = executor.run(plan)
     simulated = copy.copy(measured)  # the cost model's times; the measured ones replace them below
     layer_ms = executor.measured_layer_ms()
     layers = model.num_layers
@@ -272,7 +276,8 @@ def run_engine(trace: Trace, model: OffloadModel, strategy: Strategy, calibratio
     if executor.transfers != simulated.misses + simulated.prefetches:
         raise EngineError(f"engine made {executor.transfers} transfers, the simulator "
                           f"{simulated.misses + simulated.prefetches}")
-    info = {"faults": dict(executor.faults), "decision_ms_per_layer": decision_ms / len(layer_ms)}
+    info = {"faults": dict(executor.faults), "decision_ms_per_layer": decision_ms / len(layer_ms),
+            "issue_ms_per_layer": issue_ms / len(layer_ms)}
     return simulated, measured, info
 
 
@@ -333,7 +338,7 @@ def validate(trace_path, model_name: str, calibration_path, *, strategies, batch
     start = time.perf_counter()
     table = Table(title=f"{model.name} on {torch.cuda.get_device_name(0)}: engine (measured) vs simulator")
     for col in ("strategy", "batch", "simulated ms/step", "measured ms/step", "error", "hit rate", "GiB moved",
-                "decision ms/layer (host, not timed)", "failed prefetches / fallback loads"):
+                "host ms/layer: decide (not timed) / issue", "failed prefetches / fallback loads"):
         table.add_column(col, justify="right")
     for batch in batch_sizes:
         for name in strategies:
@@ -351,7 +356,7 @@ def validate(trace_path, model_name: str, calibration_path, *, strategies, batch
                                    **info})
             table.add_row(name, str(batch), f"{s['ms_per_step']:.2f}", f"{m['ms_per_step']:.2f}", f"{error:+.1%}",
                           f"{s['hit_rate']:.3f}", f"{s['bytes_moved'] / 2**30:.1f}",
-                          f"{info['decision_ms_per_layer']:.3f}", f"{faults['failed_prefetches']} / {faults['fallback_loads']}")
+                          f"{info['decision_ms_per_layer']:.3f} / {info['issue_ms_per_layer']:.3f}", f"{faults['failed_prefetches']} / {faults['fallback_loads']}")
     result["wall_s"] = round(time.perf_counter() - start, 1)
     result["max_abs_relative_error"] = max(abs(r["relative_error"]) for r in result["runs"])
     console.print(table)
