@@ -16,6 +16,7 @@ records the raw timings; the simulator reads the fitted values.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import dataclass
@@ -29,6 +30,10 @@ from .models import OffloadModel
 SCHEMA = "pymoe.calibration/2"
 COPY_COUNTS = (1, 4, 10)
 COMPUTE_CALLS = 20
+# Expert weights are cycled through at least this many bytes when timing compute: an engine
+# computes a different expert each time, so one expert's weights, re-read from the GPU's
+# L2 cache (50 MB on an H100), would time the cache instead of memory.
+ROTATE_BYTES = 512 * 2**20
 DEFAULT_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 MEMORY_KINDS = ("pinned", "pageable")
 
@@ -176,6 +181,13 @@ def time_copies_after_compute(torch, dst: list, src: list, reps: int) -> list[fl
     return [once() for _ in range(reps)]
 
 
+def rotating_expert_weights(torch, model: OffloadModel, device: str, dtype, at_least: int = 1) -> list[tuple]:
+    """(w_in, w_out) of enough distinct experts (at least `at_least`) to fill ROTATE_BYTES."""
+    count = max(at_least, -(-ROTATE_BYTES // model.expert_bytes))
+    return [(torch.randn(model.d_model, model.w_in_cols, device=device, dtype=dtype) * 0.02,
+             torch.randn(model.d_ff, model.d_model, device=device, dtype=dtype) * 0.02) for _ in range(count)]
+
+
 def measure_calibration(models: list[OffloadModel], *, tokens=DEFAULT_TOKENS, reps: int = 20,
                         progress=None) -> dict:
     """Measure transfers and expert compute on this machine (GPU if torch sees one)."""
@@ -211,20 +223,20 @@ def measure_calibration(models: list[OffloadModel], *, tokens=DEFAULT_TOKENS, re
     for model in models:
         dtype = getattr(torch, model.dtype) if gpu else torch.float32
         dev = "cuda" if gpu else "cpu"
-        g = torch.Generator(device="cpu").manual_seed(0)
-        w_in = (torch.randn(model.d_model, model.w_in_cols, generator=g) * 0.02).to(dev, dtype)
-        w_out = (torch.randn(model.d_ff, model.d_model, generator=g) * 0.02).to(dev, dtype)
+        torch.manual_seed(0)
+        experts = rotating_expert_weights(torch, model, dev, dtype)
+        calls = itertools.cycle(range(len(experts)))
 
         curve = {"tokens": list(tokens), "median_ms": [], "raw_ms": [],
                  "dtype": str(dtype).replace("torch.", ""),
-                 "what": f"PyTorch expert FFN on {dev}, per call" +
+                 "what": f"PyTorch expert FFN on {dev}, per call, cycling through {len(experts)} experts' weights" +
                          (f", {COMPUTE_CALLS} calls queued back to back (device clock)" if gpu else " (host clock)")}
         for n in tokens:
             say(f"compute {model.name} expert, {n} tokens")
-            x = torch.randn(n, model.d_model, generator=g).to(dev, dtype)
+            x = torch.randn(n, model.d_model, device=dev, dtype=dtype)
 
             def ffn(x=x):
-                expert_ffn(x, w_in, w_out, model.activation)
+                expert_ffn(x, *experts[next(calls)], model.activation)
 
             raw = (time_queued_on_gpu(torch, ffn, reps, inner=COMPUTE_CALLS) if gpu
                    else time_calls(ffn, reps, lambda: None))

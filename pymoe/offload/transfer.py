@@ -6,20 +6,22 @@ GPU->GPU copies, and bringing experts in with a fresh allocation (the caching al
 emptied first, so cudaMalloc runs) versus into a pre-allocated slot pool; for one expert and
 for a batch of 10, over expert sizes 1-256 MiB and the presets' expert sizes. The peak is the
 bandwidth of one 1 GiB pinned copy. Then compute vs transfer: for 1-16 tokens and 1 or 10
-experts, the time to compute the experts (PyTorch expert FFN of the preset's shape) against
-the time to load them from pinned memory, with mean, std, 95% CI, Welch's t-test and Cohen's
+experts, the time to compute the experts (PyTorch expert FFN of the preset's shape, a
+different expert's weights in each sample, as in an engine) against the time to load them
+from pinned memory, with mean, std, 95% CI, Welch's t-test and Cohen's
 d. Without a GPU it says so and measures host memory copies only.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import numpy as np
 
 from ..baselines import expert_ffn
 from ..stats import summarize
-from .calibration import time_calls
+from .calibration import rotating_expert_weights, time_calls
 from .models import OffloadModel
 
 MIB = 2**20
@@ -140,8 +142,10 @@ def compute_vs_transfer(models: list[OffloadModel], *, reps: int = 30, progress=
 
 
 def _compute_rows(torch, st, model, count, dev, dtype, gpu, sync, reps, say) -> list[dict]:
-    w_in = [torch.randn(model.d_model, model.w_in_cols, device=dev, dtype=dtype) * 0.02 for _ in range(count)]
-    w_out = [torch.randn(model.d_ff, model.d_model, device=dev, dtype=dtype) * 0.02 for _ in range(count)]
+    # Each sample computes the next `count` of a rotating set of experts, so that no sample
+    # reads weights the previous one left in the GPU's L2 cache.
+    experts = rotating_expert_weights(torch, model, dev, dtype, at_least=2 * count)
+    groups = itertools.cycle(range(len(experts) // count))
     host = [torch.ones(model.expert_bytes, dtype=torch.uint8, pin_memory=gpu) for _ in range(count)]
     slots = [torch.empty(model.expert_bytes, dtype=torch.uint8, device=dev) for _ in range(count)]
     load = time_calls(lambda: [d.copy_(s, non_blocking=gpu) for d, s in zip(slots, host)], reps, sync)
@@ -151,8 +155,9 @@ def _compute_rows(torch, st, model, count, dev, dtype, gpu, sync, reps, say) -> 
         x = torch.randn(tokens, model.d_model, device=dev, dtype=dtype)
 
         def compute(x=x):
-            for a, b in zip(w_in, w_out):
-                expert_ffn(x, a, b, model.activation)
+            first = next(groups) * count
+            for w_in, w_out in experts[first:first + count]:
+                expert_ffn(x, w_in, w_out, model.activation)
 
         comp = time_calls(compute, reps, sync)
         c, t = np.asarray(comp), np.asarray(load)
