@@ -6,9 +6,10 @@ the device's clock (CUDA events), with the host's launches out of the picture: a
 kernel holds the streams while the host queues the work, as a host running ahead of the GPU
 does. Transfers: a copy stream waits for an event on the compute stream (the end of the
 layer whose routing the loads need) and then copies 1, 4 or 10 experts back to back; the
-fit is `start_latency + copies * (latency + bytes / bandwidth)`, so a copy that finds the
-copy stream idle pays `start_latency_ms` once more than one queued behind another. Compute:
-20 expert FFNs queued back to back, per call. Without a GPU it measures the CPU's own host
+fit (robust, see `_fit_transfer`) is `start_latency + copies * (latency + bytes / bandwidth)`,
+so a copy that finds the copy stream idle pays `start_latency_ms` once more than one queued
+behind another. Compute: 20 expert FFNs queued back to back, per call, each on a different
+expert's weights. Without a GPU it measures the CPU's own host
 memory copies (recorded as both "pinned" and "pageable", and labelled so) and the expert
 FFN on the CPU in float32, with the host clock. The file it writes (`pymoe.calibration/2`)
 records the raw timings; the simulator reads the fitted values.
@@ -111,13 +112,25 @@ def load_calibration(path: str | Path) -> Calibration:
 
 
 def _fit_transfer(sizes: list[int], counts: list[int], ms: list[float]) -> dict:
-    """time = start_latency + copies * (latency + bytes / bandwidth), least squares over the
-    measured (size, copies) pairs; with one copy count only, start_latency is 0."""
+    """time = start_latency + copies * (latency + bytes / bandwidth), fitted to the measured
+    (size, copies) medians by least squares on relative residuals with a soft-L1 loss: cells
+    from a few microseconds to tens of milliseconds count alike, and a cell slowed by
+    something else on the machine does not drag the fit. With one copy count only,
+    start_latency is 0."""
+    from scipy.optimize import least_squares
+
     sizes, counts, ms = (np.asarray(v, float) for v in (sizes, counts, ms))
-    columns = [counts, counts * sizes] + ([np.ones_like(ms)] if len(set(counts.tolist())) > 1 else [])
-    coef = np.linalg.lstsq(np.stack(columns, axis=1), ms, rcond=None)[0]
-    return {"gbps": float(1e-6 / coef[1]), "latency_ms": float(max(coef[0], 0.0)),
-            "start_latency_ms": float(max(coef[2], 0.0)) if len(coef) > 2 else 0.0}
+    several = len(set(counts.tolist())) > 1
+
+    def model(p):  # p = (latency ms, ms per MB, start latency ms)
+        return (p[2] if several else 0.0) + counts * (p[0] + p[1] * sizes / 1e6)
+
+    guess = np.polyfit(counts * sizes / 1e6, ms, 1)
+    fit = least_squares(lambda p: model(p) / ms - 1, x0=[0.0, max(guess[0], 1e-6), 0.0], bounds=([0, 1e-9, 0], np.inf),
+                        loss="soft_l1", f_scale=0.02)
+    latency, ms_per_mb, start = fit.x
+    return {"gbps": float(1.0 / ms_per_mb), "latency_ms": float(latency),
+            "start_latency_ms": float(start) if several else 0.0}
 
 
 def time_calls(fn, reps: int, sync) -> list[float]:
