@@ -147,7 +147,7 @@ def time_calls(fn, reps: int, sync) -> list[float]:
     return out
 
 
-def _hold_gpu(torch) -> None:
+def hold_gpu(torch) -> None:
     """A ~2 ms sleep kernel on the current stream: the host queues what follows before the
     GPU reaches it, so device-clock timings hold no launch gaps (as in an engine whose host
     runs ahead of the GPU)."""
@@ -162,7 +162,7 @@ def time_queued_on_gpu(torch, fn, reps: int, inner: int = 1) -> list[float]:
     out = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        _hold_gpu(torch)
+        hold_gpu(torch)
         start.record()
         for _ in range(inner):
             fn()
@@ -180,7 +180,7 @@ def time_copies_after_compute(torch, dst: list, src: list, reps: int) -> list[fl
 
     def once() -> float:
         done, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        _hold_gpu(torch)
+        hold_gpu(torch)
         done.record()
         with torch.cuda.stream(copy_stream):
             copy_stream.wait_event(done)

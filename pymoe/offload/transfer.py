@@ -21,7 +21,7 @@ import numpy as np
 
 from ..baselines import expert_ffn
 from ..stats import summarize
-from .calibration import rotating_expert_weights, time_calls
+from .calibration import hold_gpu, rotating_expert_weights, time_calls
 from .models import OffloadModel
 
 MIB = 2**20
@@ -78,14 +78,17 @@ def _peaks(torch, sync) -> dict:
 
 
 def _device_timed(torch, fn, stream, reps: int) -> list[float]:
-    """ms between CUDA events recorded on the copy stream around fn: the copy itself, without
-    the host's launch and synchronisation latency that `_timed` includes."""
+    """ms between CUDA events recorded on the copy stream around fn, the stream held by a
+    sleep kernel while the host queues them: the copies themselves, without the host's launch
+    and synchronisation latency that `time_calls` includes."""
     fn()
     torch.cuda.synchronize()
     out = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(stream)
+        with torch.cuda.stream(stream):
+            hold_gpu(torch)
+            start.record(stream)
         fn()
         end.record(stream)
         end.synchronize()
