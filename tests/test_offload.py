@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from pymoe.cli import main
@@ -364,12 +365,16 @@ def test_fano_ceiling_and_predictor_beat_chance(tmp_path):
     assert run["learned"]["top1_accuracy"] <= run["fano_ceiling_top1"] + 0.05
 
 
-@pytest.mark.parametrize("name", ["on-demand", "oracle", "intelligent", "pre-gated"])
-def test_engine_outputs_equal_the_all_resident_model(name):
-    """The executor carries out the simulator's transfers (here on the CPU): whatever the
-    strategy evicts and prefetches, every layer computes with the right expert's weights."""
-    import torch
+ENGINE_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                      reason="needs a CUDA GPU"))]
 
+
+@pytest.mark.parametrize("device", ENGINE_DEVICES)
+@pytest.mark.parametrize("name", ["on-demand", "oracle", "intelligent", "pre-gated"])
+def test_engine_outputs_equal_the_all_resident_model(name, device):
+    """The executor carries out the simulator's transfers (on the CPU, and on the GPU with
+    copy streams and events where there is one): whatever the strategy evicts and
+    prefetches, every layer computes with the right expert's weights."""
     from pymoe.offload.engine import Executor, Plan, reference_outputs
     from pymoe.offload.simulator import batch_schedule
 
@@ -377,7 +382,7 @@ def test_engine_outputs_equal_the_all_resident_model(name):
     trace = generate(model, SyntheticParams(0.8, 0.3, 0.3), requests=6, tokens=5, seed=4)
     trace.pregate = trace.experts.copy()
     trace.pregate[:, 0] = -1
-    executor, plan = Executor(model, 5, device="cpu", check=True, max_tokens=2), Plan()
+    executor, plan = Executor(model, 5, device=device, check=True, max_tokens=2), Plan()
     r = simulate(trace, model, make_strategy(name), calibration_for(model), capacity=5, batch_size=2,
                  requests=4, seed=1, executor=plan)
     executor.run(plan)  # the decisions first, then carried out, as run_engine does
@@ -388,13 +393,12 @@ def test_engine_outputs_equal_the_all_resident_model(name):
         torch.testing.assert_close(executor.outputs[tick], out)
 
 
+@pytest.mark.parametrize("device", ENGINE_DEVICES)
 @pytest.mark.parametrize("name", ["oracle", "pre-gated"])
-def test_failed_prefetches_fall_back_to_on_demand(name):
+def test_failed_prefetches_fall_back_to_on_demand(name, device):
     """Half the prefetch copies fail (injected): their slots are poisoned, each failed expert
     that a layer needs is loaded again on demand and counted, and every output still equals
     the all-resident model's."""
-    import torch
-
     from pymoe.offload.engine import EngineError, Executor, reference_outputs
     from pymoe.offload.simulator import batch_schedule
 
@@ -402,7 +406,7 @@ def test_failed_prefetches_fall_back_to_on_demand(name):
     trace = generate(model, SyntheticParams(0.8, 0.3, 0.3), requests=6, tokens=5, seed=4)
     trace.pregate = trace.experts.copy()
     trace.pregate[:, 0] = -1
-    executor = Executor(model, 5, device="cpu", check=True, max_tokens=2, prefetch_failure_rate=0.5)
+    executor = Executor(model, 5, device=device, check=True, max_tokens=2, prefetch_failure_rate=0.5)
     r = simulate(trace, model, make_strategy(name), calibration_for(model), capacity=5, batch_size=2,
                  requests=4, seed=1, executor=executor)
     faults = executor.faults
