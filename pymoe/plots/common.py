@@ -12,7 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
-STRATEGY_ORDER = ("on-demand", "top-k", "multi-lookahead", "intelligent", "pre-gated", "expertflow", "oracle")
+STRATEGY_ORDER = ("on-demand", "top-k", "multi-lookahead", "intelligent", "intelligent-learned", "pre-gated", "expertflow",
+                  "oracle")
 STRATEGY_STYLE = {
     "on-demand": dict(color="#444444", marker="o", linestyle="-"),
     "top-k": dict(color="#1f77b4", marker="s", linestyle="-"),
