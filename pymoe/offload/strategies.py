@@ -12,10 +12,11 @@ To add a strategy, subclass `Strategy` in a new file, decorate it with `@registe
 that file before building the simulator (see HOW_TO_RUN.md).
 
 The predicting strategies prefetch an expert only when they give it at least a 50% chance of
-being needed (`threshold`). On the H100 a 27 MiB transfer takes about ten times an expert's
+being needed (`threshold`). On the H100 a 27 MiB transfer takes about 25 times an expert's
 decode compute, so a wrong prefetch delays the next layer's demand loads by almost a whole
 transfer while a right one saves little more than the overlap; in the simulated sweeps on
-the trained-model traces a 0.5 threshold beat 0.1-0.2 for every predicting strategy.
+the trained-model traces a 0.5 threshold beat 0.1-0.2 for every predicting strategy (with
+the first, host-clock H100 calibration; not re-checked with the current one).
 """
 
 from __future__ import annotations
