@@ -9,11 +9,11 @@ known first; experts missing from the GPU cache are loaded on demand (the layer 
 them); the strategy then issues prefetches for later layers. All transfers go through one
 copy stream, first come first served, and overlap compute, which runs on its own stream and
 starts once every expert the layer needs has arrived. A copy costs the calibrated time of one
-queued behind another, plus the calibrated start latency when it finds the copy stream idle. A prefetch is issued only while the
-copy stream can start it before the current layer's compute ends, so that speculation never
-queues far ahead of the next layer's demand loads (the copy stream is first come, first
-served). Compute time of an expert is the
-calibrated time for the number of tokens it serves. With deduplication (the default) each
+queued behind another, plus the calibrated start latency when it finds the copy stream idle.
+A prefetch is issued only while the copy stream can start it before the current layer's
+compute ends, so that speculation never queues far ahead of the next layer's demand loads
+(the copy stream is first come, first served). Compute time of an expert is the calibrated
+time for the number of tokens it serves. With deduplication (the default) each
 distinct expert of a layer is loaded and computed once for the whole batch; without it every
 request loads and computes its experts on its own, as a per-request engine would (copies of
 the same expert for several requests are transient and do not take cache slots). Time spent

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..baselines import expert_ffn
 from ..stats import summarize
-from .calibration import hold_gpu, rotating_expert_weights, time_calls
+from .calibration import rotating_expert_weights, time_calls, time_queued_on_gpu
 from .models import OffloadModel
 
 MIB = 2**20
@@ -78,22 +78,11 @@ def _peaks(torch, sync) -> dict:
 
 
 def _device_timed(torch, fn, stream, reps: int) -> list[float]:
-    """ms between CUDA events recorded on the copy stream around fn, the stream held by a
-    sleep kernel while the host queues them: the copies themselves, without the host's launch
-    and synchronisation latency that `time_calls` includes."""
-    fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.cuda.stream(stream):
-            hold_gpu(torch)
-            start.record(stream)
-        fn()
-        end.record(stream)
-        end.synchronize()
-        out.append(start.elapsed_time(end))
-    return out
+    """Device-clock ms of fn's copies on the copy stream, queued behind a sleep kernel: the
+    copies themselves, without the host's launch and synchronisation latency that
+    `time_calls` includes."""
+    with torch.cuda.stream(stream):
+        return time_queued_on_gpu(torch, fn, reps)
 
 
 def _one_size(torch, sync, stream, size: int, count: int, reps: int) -> list[dict]:
