@@ -33,7 +33,7 @@ COPY_COUNTS = (1, 4, 10)
 COMPUTE_CALLS = 20
 # Expert weights are cycled through at least this many bytes when timing compute: an engine
 # computes a different expert each time, so one expert's weights, re-read from the GPU's
-# L2 cache (50 MB on an H100), would time the cache instead of memory.
+# L2 cache, would time the cache instead of memory.
 ROTATE_BYTES = 512 * 2**20
 DEFAULT_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 MEMORY_KINDS = ("pinned", "pageable")
