@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from .offload.strategies import EVICTIONS
+
 
 @click.group()
 @click.version_option(package_name="pymoe")
@@ -280,9 +282,11 @@ def transfer(models, reps, out_dir, calibration_out) -> None:
               help="GPU cache size as a fraction of all experts.")
 @click.option("--dedup", type=click.Choice(["on", "off", "both"]), default="both", show_default=True)
 @click.option("--memory", type=click.Choice(["pinned", "pageable"]), default="pinned", show_default=True)
-@click.option("--eviction", "evictions", multiple=True, type=click.Choice(["lru", "lfu", "belady", "tiered"]),
+@click.option("--eviction", "evictions", multiple=True, type=click.Choice(list(EVICTIONS)),
               help="Run every strategy once per eviction policy given (default: each strategy's own); "
-                   "tiered = L1/L2/L3 split of the same budget.")
+                   "predicted = evict the expert whose next use is expected furthest ahead, from the "
+                   "request's recent experts and the profile's popularity (a practical Belady); "
+                   "belady needs the future; tiered = L1/L2/L3 split of the same budget.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
               show_default=True)
 def simulate(trace_path, model_name, calibration_path, strategies, batch_sizes, runs, requests, cache_fraction,
@@ -313,7 +317,9 @@ def simulate(trace_path, model_name, calibration_path, strategies, batch_sizes, 
 @click.option("--trace", "trace_path", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.option("--model", "model_name", required=True, help="Preset or E:layers:k:d_model:d_ff[:act[:dtype]].")
 @click.option("--calibration", "calibration_path", type=click.Path(dir_okay=False, path_type=Path), required=True)
-@click.option("--strategy", "strategies", multiple=True, help="Repeat; default: all the trace supports.")
+@click.option("--strategy", "strategies", multiple=True,
+              help="Repeat; default: all the trace supports. name[eviction] picks the eviction policy, "
+                   "e.g. on-demand[predicted].")
 @click.option("--batch-sizes", default="1,4,16,64", show_default=True)
 @click.option("--requests", type=int, default=8, show_default=True)
 @click.option("--cache-fraction", type=float, default=0.25, show_default=True)
@@ -342,7 +348,7 @@ def serve_offloaded(trace_path, model_name, calibration_path, strategies, batch_
         validate(trace_path, model_name, calibration_path, strategies=chosen, batch_sizes=sizes, requests=requests,
                  cache_fraction=cache_fraction, max_steps=max_steps, out_dir=out_dir,
                  command=" ".join(["pymoe", *sys.argv[1:]]), prefetch_failure_rate=failure_rate)
-    except (EngineError, TraceError) as e:
+    except (EngineError, TraceError, ValueError) as e:
         raise click.ClickException(str(e)) from e
 
 

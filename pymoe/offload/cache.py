@@ -16,6 +16,8 @@ import heapq
 from collections import OrderedDict
 from collections.abc import Iterable
 
+import numpy as np
+
 
 class Future:
     """When each key is next needed: what Belady and Oracle know and online policies do not.
@@ -175,6 +177,37 @@ class Belady(HeapPolicy):
 
     def priority(self, key: int, tick: int) -> tuple:
         return (-self.future.next_use(key, tick), -key)
+
+
+class PredictedReuse(EvictionPolicy):
+    """Belady with estimates instead of the future: evicts the key whose next use is expected
+    furthest ahead. `probability[key]` is the estimated chance that the key's layer needs it
+    the next time that layer runs (kept current by the strategy from a reuse.ReuseModel);
+    taking passes as independent, its next use is expected `d + L (1/p - 1)` ticks ahead,
+    where d is the distance to the key's layer's next turn and L the number of layers."""
+
+    name = "predicted"
+
+    def __init__(self, probability: np.ndarray, num_experts: int, num_layers: int) -> None:
+        self.probability = probability  # [layers * E], updated in place
+        self.num_experts, self.num_layers = num_experts, num_layers
+
+    def pick(self, resident, evictable, tick: int) -> int | None:
+        keys = np.fromiter(resident, dtype=np.int64, count=len(resident))
+        if not len(keys):
+            return None
+        layers = self.num_layers
+        distance = (keys // self.num_experts - tick % layers - 1) % layers + 1
+        p = np.maximum(self.probability[keys], 1e-9)
+        expected = distance + layers * (1.0 / p - 1.0)
+        for i in np.argsort(-expected, kind="stable"):
+            key = int(keys[i])
+            if evictable(key):
+                return key
+        return None
+
+    def victim(self, candidates: list[int], tick: int) -> int:
+        return self.pick(dict.fromkeys(candidates), lambda k: True, tick)
 
 
 class PredictionAware(EvictionPolicy):

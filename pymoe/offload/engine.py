@@ -347,6 +347,8 @@ def validate(trace_path, model_name: str, calibration_path, *, strategies, batch
     from .trace import load_trace
 
     console = console or Console()
+    for name in strategies:  # an unknown name fails here, before any GPU work
+        make_strategy(name)
     if not torch.cuda.is_available():
         raise EngineError("the offloading engine needs a CUDA GPU; on this machine use `pymoe simulate`")
     model = get_model(model_name)

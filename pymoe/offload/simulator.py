@@ -197,6 +197,7 @@ def simulate(trace: Trace, model: OffloadModel, strategy: Strategy, calibration:
     tick = 0
     for s, tokens in enumerate(steps):
         step_start = compute_free
+        requests_now = np.searchsorted(trace.request_offsets, tokens, side="right") - 1
         routing: list[np.ndarray] = []
         for layer in range(layers):
             chosen = trace.experts[tokens, layer]  # [batch, k]
@@ -252,8 +253,9 @@ def simulate(trace: Trace, model: OffloadModel, strategy: Strategy, calibration:
             begin = max(t0, wait)
             if executor is not None:
                 executor.layer(tick, tokens, layer, experts, counts)
-            view = LayerView(tick, s, layer, routing, trace.weights[tokens, layer],
+            view = LayerView(tick, s, layer, routing, requests_now, trace.weights[tokens, layer],
                              None if trace.pregate is None or layer + 1 >= layers else trace.pregate[tokens, layer + 1])
+            strategy.observe(view)
             for key in strategy.prefetch(view):
                 start = copy_start(copy_free, t0)
                 if start >= begin + work:

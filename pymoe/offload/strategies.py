@@ -26,11 +26,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .cache import LFU, LRU, Belady, ExpertCache, Future, PredictionAware, TieredCache
+from .cache import LFU, LRU, Belady, ExpertCache, Future, PredictedReuse, PredictionAware, TieredCache
+from .reuse import ReuseModel
 from .trace import Trace
 
 STRATEGIES: dict[str, type[Strategy]] = {}
-EVICTIONS = ("lru", "lfu", "belady", "tiered")
+EVICTIONS = ("lru", "lfu", "belady", "predicted", "tiered")
 
 
 def register(cls):
@@ -61,6 +62,7 @@ class LayerView:
     step: int
     layer: int
     routing: list[np.ndarray]  # routing[l]: [batch, k] experts at layers 0..layer of this step
+    requests: np.ndarray  # [batch] the request each row belongs to
     gate_weights: np.ndarray  # [batch, k] at this layer
     pregate_next: np.ndarray | None  # [batch, k] Pre-gated prediction of layer+1, if known
 
@@ -77,13 +79,16 @@ class Strategy:
             raise ValueError(f"eviction must be one of {EVICTIONS}, got {self.eviction!r}")
         self.ctx: RunContext | None = None
         self.policy = None
+        self.reuse: ReuseModel | None = None  # the `predicted` eviction's estimates
 
     @property
     def label(self) -> str:
         return self.name if self.eviction == self.default_eviction else f"{self.name}[{self.eviction}]"
 
     def fit(self, profile: Trace) -> None:
-        pass
+        """Subclasses that learn from the profile call this too."""
+        if self.eviction == "predicted":
+            self.reuse = ReuseModel.fit(profile)
 
     def reset(self, ctx: RunContext) -> None:
         self.ctx = ctx
@@ -96,10 +101,23 @@ class Strategy:
             if ctx.future is None:
                 raise ValueError("Belady eviction needs the future; the simulator did not provide it")
             policy = Belady(ctx.future)
+        elif self.eviction == "predicted":
+            if self.reuse is None:
+                raise ValueError("predicted eviction learns from the profile: call fit() first")
+            self.reuse.reset()
+            self.next_use = self.reuse.fresh(ctx.batch_size).ravel()
+            policy = PredictedReuse(self.next_use, ctx.num_experts, ctx.num_layers)
         else:
             policy = LFU() if self.eviction == "lfu" else LRU()
         self.policy = policy
         return ExpertCache(ctx.capacity, policy)
+
+    def observe(self, view: LayerView) -> None:
+        """Called at every layer once its routing is known, before prefetch()."""
+        if self.reuse is not None:
+            e = self.ctx.num_experts
+            self.next_use[view.layer * e:(view.layer + 1) * e] = self.reuse.observe(
+                view.layer, view.requests, view.routing[view.layer])
 
     def prefetch(self, view: LayerView) -> list[int]:
         return []
@@ -184,6 +202,7 @@ class TopK(PredictingStrategy):
     name = "top-k"
 
     def fit(self, profile: Trace) -> None:
+        super().fit(profile)
         self.frequency = profile.expert_frequency()
 
     def reset(self, ctx: RunContext) -> None:
@@ -307,6 +326,7 @@ class IntelligentLearned(Intelligent):
     def fit(self, profile: Trace) -> None:
         from .predictor import examples, fit_next_expert_net
 
+        super().fit(profile)
         self.use_pregate = profile.pregate is not None
         if profile.num_layers < 2:  # no next layer to predict: prefetch() never asks
             self.net = None
@@ -356,6 +376,7 @@ class ExpertFlow(PredictingStrategy):
         self.threshold = threshold
 
     def fit(self, profile: Trace) -> None:
+        super().fit(profile)
         e, layers = profile.num_experts, profile.num_layers
         self.model = TransitionModel(layers, e, 1, 1.0)
         for layer in range(layers):
@@ -385,6 +406,11 @@ class ExpertFlow(PredictingStrategy):
 
 
 def make_strategy(name: str, eviction: str | None = None) -> Strategy:
+    """`name` may carry its eviction policy as a label does: `on-demand[predicted]`."""
+    if name.endswith("]") and "[" in name:
+        if eviction is not None:
+            raise ValueError(f"strategy {name!r} names its eviction policy; do not also give eviction={eviction!r}")
+        name, eviction = name[:-1].split("[", 1)
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; choose from {sorted(STRATEGIES)}")
     return STRATEGIES[name](eviction=eviction)
