@@ -418,7 +418,8 @@ def test_a_new_strategy_plugs_in_as_how_to_run_shows(tmp_path):
 
 
 def test_fano_ceiling_and_predictor_beat_chance(tmp_path):
-    from pymoe.offload.predictor import conditional_entropy_bits, fano_max_accuracy
+    from pymoe.offload.predictor import (conditional_entropy_bits, fano_max_accuracy,
+                                         miller_madow_conditional_entropy_bits)
 
     assert fano_max_accuracy(0.0, 8) == 1.0
     assert fano_max_accuracy(3.0, 8) == pytest.approx(1 / 8)  # H = log2(8): no information
@@ -426,6 +427,9 @@ def test_fano_ceiling_and_predictor_beat_chance(tmp_path):
     x = np.arange(4000) % 4
     assert conditional_entropy_bits(x, x) == 0.0
     assert conditional_entropy_bits(np.zeros(4000, int), x) == pytest.approx(2.0)
+    # Miller-Madow: 4 pairs and 1 context seen: + (4 - 1) / (2 * 4000) nats.
+    assert miller_madow_conditional_entropy_bits(np.zeros(4000, int), x) == pytest.approx(
+        2.0 + 3 / 8000 / np.log(2))
     model = OffloadModel("p", 8, 4, 1, d_model=8, d_ff=8)
     trace = save_trace(generate(model, SyntheticParams(1.0, 0.2, 0.7), requests=40, tokens=16, seed=2),
                        tmp_path / "t.npz")
@@ -435,6 +439,10 @@ def test_fano_ceiling_and_predictor_beat_chance(tmp_path):
     run = result["runs"][0]
     assert run["learned"]["top1_accuracy"] > run["most_frequent"]["top1_accuracy"]  # cross-layer structure
     assert run["learned"]["top1_accuracy"] <= run["fano_ceiling_top1"] + 0.05
+    estimates = run["entropy_estimates"]
+    assert estimates["plug-in"]["bits"] <= estimates["miller-madow"]["bits"]
+    low, high = run["learned_fraction_of_ceiling_range"]
+    assert low <= run["learned_fraction_of_ceiling"] <= high
 
 
 ENGINE_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),

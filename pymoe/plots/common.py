@@ -12,8 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
-STRATEGY_ORDER = ("on-demand", "top-k", "multi-lookahead", "intelligent", "intelligent-learned", "pre-gated", "expertflow",
-                  "oracle")
+STRATEGY_ORDER = ("on-demand", "on-demand[predicted]", "top-k", "multi-lookahead", "intelligent", "intelligent-learned",
+                  "pre-gated", "expertflow", "expertflow[predicted]", "oracle")
 STRATEGY_STYLE = {
     "on-demand": dict(color="#444444", marker="o", linestyle="-"),
     "top-k": dict(color="#1f77b4", marker="s", linestyle="-"),
@@ -22,6 +22,8 @@ STRATEGY_STYLE = {
     "intelligent-learned": dict(color="#8c564b", marker="X", linestyle="-"),
     "pre-gated": dict(color="#9467bd", marker="D", linestyle="-"),
     "expertflow": dict(color="#ff7f0e", marker="P", linestyle="-"),
+    "on-demand[predicted]": dict(color="#e377c2", marker="o", linestyle="--"),
+    "expertflow[predicted]": dict(color="#bcbd22", marker="P", linestyle="--"),
     "oracle": dict(color="#d62728", marker="*", linestyle="--"),
 }
 

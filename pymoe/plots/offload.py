@@ -282,8 +282,10 @@ def _simulated_vs_measured(results_dir, out_dir, report):
     if not files:
         report.skip(name, "needs `pymoe serve-offloaded` results (the real engine on a GPU)")
         return
+    # The fullest run per model (newest of equals): a narrower recheck of a few strategies does
+    # not replace the validation of all of them.
     newest = {}
-    for path, data in files:
+    for path, data in sorted(files, key=lambda item: (len(item[1]["runs"]), item[0].name)):
         newest[data["model"]["name"]] = (path, data)
     fig, axes = plt.subplots(1, len(newest), figsize=(max(11.0, 6.4 * len(newest)), 6.6), squeeze=False)
     markers = dict(zip((1, 4, 16, 64), ("o", "s", "^", "D")))
