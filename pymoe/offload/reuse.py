@@ -4,9 +4,8 @@ the `predicted` eviction policy (cache.PredictedReuse), a practical stand-in for
 Two signals, both measured on the profiling split of the trace:
 
 - recency: how many tokens ago this request last used the expert at this layer (1..`max_age`,
-  or longer ago / never). Requests reuse their recent experts: on the trained-model traces the
-  expert a token uses at a layer is in the previous token's set there 25% (switch) to 47%
-  (qwen) of the time, far above a random expert's popularity;
+  or longer ago / never): requests keep returning to the experts of their last few tokens,
+  which is what LRU exploits, but LRU ignores popularity and the order of the layers;
 - popularity: the expert's share of the layer's tokens in the profile, in `bins` rank bins.
 
 `rate[age, bin]` is the profile's empirical probability that a token uses an expert of that
