@@ -37,7 +37,9 @@ class ReuseModel:
         uses = np.zeros((max_age + 1, bins))
         seen = np.zeros((max_age + 1, bins))
         for r in range(profile.num_requests):
-            used = _used(profile.experts[profile.request_tokens(r)], e)  # [tokens, layers, E]
+            chosen = profile.experts[profile.request_tokens(r)].astype(np.int64)  # [tokens, layers, k]
+            used = np.zeros((*chosen.shape[:2], e), dtype=bool)
+            np.put_along_axis(used, chosen, True, axis=2)
             age = np.full((layers, e), max_age)
             for t in range(len(used)):
                 if t:  # predict token t from the ages after token t-1
@@ -72,11 +74,3 @@ class ReuseModel:
             log_miss += np.log1p(-rate[row, bins])
         return 1.0 - np.exp(log_miss)
 
-
-def _used(experts: np.ndarray, num_experts: int) -> np.ndarray:
-    """[tokens, layers, k] expert ids -> [tokens, layers, E] bool."""
-    tokens, layers, _ = experts.shape
-    used = np.zeros((tokens, layers, num_experts), dtype=bool)
-    t, layer = np.meshgrid(np.arange(tokens), np.arange(layers), indexing="ij")
-    used[t[..., None], layer[..., None], experts] = True
-    return used

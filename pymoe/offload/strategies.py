@@ -105,8 +105,8 @@ class Strategy:
             if self.reuse is None:
                 raise ValueError("predicted eviction learns from the profile: call fit() first")
             self.reuse.reset()
-            self.next_use = self.reuse.fresh(ctx.batch_size).ravel()
-            policy = PredictedReuse(self.next_use, ctx.num_experts, ctx.num_layers)
+            self.reuse_probability = self.reuse.fresh(ctx.batch_size).ravel()
+            policy = PredictedReuse(self.reuse_probability, ctx.num_experts, ctx.num_layers)
         else:
             policy = LFU() if self.eviction == "lfu" else LRU()
         self.policy = policy
@@ -116,7 +116,7 @@ class Strategy:
         """Called at every layer once its routing is known, before prefetch()."""
         if self.reuse is not None:
             e = self.ctx.num_experts
-            self.next_use[view.layer * e:(view.layer + 1) * e] = self.reuse.observe(
+            self.reuse_probability[view.layer * e:(view.layer + 1) * e] = self.reuse.observe(
                 view.layer, view.requests, view.routing[view.layer])
 
     def prefetch(self, view: LayerView) -> list[int]:
