@@ -384,11 +384,17 @@ def train_predictor_cmd(trace_paths, pregate, epochs, out_dir) -> None:
         result["runs"].append(run)
         click.echo(f"{path}: learned top-1 {run['learned']['top1_accuracy']:.3f} (top-k recall "
                    f"{run['learned']['topk_recall']:.3f}); transition table {run['transition_table']['top1_accuracy']:.3f}; "
+                   f"previous token {run['previous_token']['top1_accuracy']:.3f}; "
                    f"most frequent {run['most_frequent']['top1_accuracy']:.3f}; Fano ceiling {run['fano_ceiling_top1']:.3f} "
                    f"(plug-in H(Y|X) = {run['conditional_entropy_bits']:.2f} bits): {run['learned_fraction_of_ceiling']:.0%} of it; "
                    f"{run['learned_fraction_of_ceiling_range'][0]:.0%}-{run['learned_fraction_of_ceiling_range'][1]:.0%} "
                    "over the entropy estimates (" + ", ".join(f"{name} {v['bits']:.2f} bits -> {v['fano_ceiling_top1']:.3f}"
                                                             for name, v in run["entropy_estimates"].items()) + ")")
+        if "fano_tightness" in run:
+            tight = run["fano_tightness"]
+            click.echo(f"  were the net's distribution the truth, the best top-1 would be {tight['net_as_truth_best_top1']:.3f} "
+                       f"against a Fano ceiling of {tight['fano_ceiling_at_net_entropy']:.3f} at its entropy "
+                       f"({tight['ratio']:.0%}): how far below Fano's bound a perfect predictor sits here")
     folder = out_dir / "offload"
     folder.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")

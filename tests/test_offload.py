@@ -443,6 +443,73 @@ def test_fano_ceiling_and_predictor_beat_chance(tmp_path):
     assert estimates["plug-in"]["bits"] <= estimates["miller-madow"]["bits"]
     low, high = run["learned_fraction_of_ceiling_range"]
     assert low <= run["learned_fraction_of_ceiling"] <= high
+    tight = run["fano_tightness"]  # a top-1 trace
+    assert 0 < tight["net_as_truth_best_top1"] <= tight["fano_ceiling_at_net_entropy"]
+    assert tight["ratio"] == pytest.approx(tight["net_as_truth_best_top1"] / tight["fano_ceiling_at_net_entropy"])
+    assert "previous_token" in run
+
+
+def sticky_requests_trace(seed: int, requests: int = 60, tokens: int = 12) -> Trace:
+    """Each request keeps one expert per layer (90% of its tokens; the rest uniform), drawn
+    independently for every layer: the next layer's expert follows from the request's
+    previous token, not from this layer's expert."""
+    rng = np.random.default_rng(seed)
+    e, layers = 8, 3
+    route = rng.integers(0, e, (requests, 1, layers))
+    experts = np.where(rng.random((requests, tokens, layers)) < 0.9, route, rng.integers(0, e, (requests, tokens, layers)))
+    experts = experts.reshape(-1, layers, 1).astype(np.int16)
+    return Trace(experts, np.ones(experts.shape, np.float16), np.arange(requests + 1) * tokens,
+                 {"num_experts": e, "num_layers": layers, "top_k": 1})
+
+
+def test_predictor_examples_carry_the_previous_token_at_the_next_layer():
+    from pymoe.offload.predictor import examples
+
+    experts = np.array([[0, 1], [2, 3], [4, 5], [6, 7]], np.int16)[:, :, None]  # tokens x 2 layers, k = 1
+    trace = Trace(experts, np.ones(experts.shape, np.float16), np.array([0, 3, 4]),
+                  {"num_experts": 8, "num_layers": 2, "top_k": 1})
+    rows = examples(trace, use_pregate=False)
+    assert rows["current"].tolist() == [0, 2, 4, 6]
+    assert rows["target"][:, 0].tolist() == [1, 3, 5, 7]
+    # Request 0 is tokens 0-2, request 1 is token 3: first tokens have none (E = 8).
+    assert rows["previous"].tolist() == [8, 1, 3, 8]
+    assert rows["pregate"].tolist() == [8] * 4
+
+
+def test_predictor_learns_from_the_previous_token():
+    from pymoe.offload.predictor import train_predictor
+
+    run = train_predictor(sticky_requests_trace(seed=5), use_pregate=False, epochs=20)
+    # The previous token predicts ~0.9 * 11/12 of the held-out rows; this layer's expert
+    # predicts no better than chance (1/8).
+    assert run["previous_token"]["top1_accuracy"] > 0.7
+    assert run["transition_table"]["top1_accuracy"] < 0.35
+    assert run["learned"]["top1_accuracy"] > run["transition_table"]["top1_accuracy"] + 0.4
+
+
+def test_intelligent_learned_remembers_each_requests_previous_token():
+    """During a run the strategy feeds the net each request's previous token's experts at the
+    next layer: after request 0 used expert x at layer 1, the net favours x at layer 1 for
+    request 0's next token, and not for a request it has not seen."""
+    from pymoe.offload.strategies import LayerView, RunContext
+
+    trace = sticky_requests_trace(seed=6)
+    strategy = make_strategy("intelligent-learned")
+    strategy.fit(trace)
+    strategy.reset(RunContext(8, 3, 1, capacity=8, batch_size=2))
+    strategy.make_cache()
+
+    def view(step, layer, routing, requests):
+        return LayerView(step * 3 + layer, step, layer, routing, np.array(requests), np.ones((len(requests), 1)), None)
+
+    first = [np.array([[2]]), np.array([[5]]), np.array([[1]])]  # request 0's first token
+    for layer in range(3):
+        strategy.observe(view(0, layer, first[: layer + 1], [0]))
+    step = view(1, 0, [np.array([[2], [2]])], [0, 1])  # request 0's second token, request 1's first
+    strategy.observe(step)
+    probs = strategy.token_probs(step)
+    assert probs[0].argmax() == 5
+    assert probs[0, 5] > probs[1, 5] + 0.3
 
 
 ENGINE_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),

@@ -315,7 +315,9 @@ class IntelligentLearned(Intelligent):
     """Intelligent with the learned next-expert predictor (pymoe.offload.predictor, the
     model `pymoe train-predictor` evaluates) in place of the online transition table:
     trained on the profiling split, it predicts each token's next-layer experts from its top
-    expert at this layer and, when the trace has it, the pre-gate signal for the next layer."""
+    expert at this layer, its request's previous token's top expert at the next layer (kept
+    per request during the run) and, when the trace has it, the pre-gate signal for the next
+    layer."""
 
     name = "intelligent-learned"
 
@@ -337,12 +339,26 @@ class IntelligentLearned(Intelligent):
         self.net, _ = fit_next_expert_net(rows, profile.num_experts, profile.num_layers, profile.top_k,
                                           epochs=epochs)
 
+    def reset(self, ctx: RunContext) -> None:
+        super().reset(ctx)
+        self.last_top: dict[int, np.ndarray] = {}  # request -> [layers] its previous token's top experts
+
+    def observe(self, view: LayerView) -> None:
+        super().observe(view)
+        e = self.ctx.num_experts
+        for request, expert in zip(view.requests.tolist(), view.routing[view.layer][:, 0].tolist()):
+            self.last_top.setdefault(request, np.full(self.ctx.num_layers, e))[view.layer] = expert
+
     def token_probs(self, view: LayerView) -> np.ndarray:
+        ctx, layer = self.ctx, view.layer
+        # Layer l+1 has not run in this step yet: these are the previous token's experts.
+        previous = np.array([self.last_top[r][layer + 1] for r in view.requests.tolist()])
+        current = view.routing[layer][:, 0]
         pregate = view.pregate_next[:, 0] if self.use_pregate and view.pregate_next is not None else None
-        p = self.net.next_expert_probs(view.layer, view.routing[view.layer][:, 0], pregate)
+        p = self.net.next_expert_probs(layer, current, previous, pregate)
         # The net spreads a token's mass over its k next experts (see its training target);
         # k * p approximates the probability that the token uses each one.
-        return np.minimum(1.0, self.ctx.top_k * p)
+        return np.minimum(1.0, ctx.top_k * p)
 
 
 @register
