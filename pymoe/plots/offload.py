@@ -16,8 +16,9 @@ def is_eviction_sweep(data: dict) -> bool:
 
 
 def _sweep_rank(path: Path, data: dict) -> tuple:
-    """Fuller sweeps first (batch sizes, dedup settings, strategies), then newer."""
-    return (len(data["batch_sizes"]), len({run["dedup"] for run in data["runs"]}), len(data["strategies"]), path.name)
+    """Fuller sweeps first (batch sizes, dedup settings, strategy-eviction pairs), then newer."""
+    return (len(data["batch_sizes"]), len({run["dedup"] for run in data["runs"]}),
+            len({run["strategy"] for run in data["runs"]}), path.name)
 
 
 def latest_sweeps(results_dir: Path, cache_fraction: float = 0.25, evictions: bool = False
