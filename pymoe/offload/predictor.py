@@ -23,9 +23,11 @@ Fano's bound is reached only when the errors spread evenly over all other expert
 next-expert distributions are not like that, so even a perfect predictor sits below it. For
 top-1 traces the report measures how far: were the net's own distribution the truth, the
 best accuracy would be E[max p], against the Fano ceiling at its entropy (`fano_tightness`;
-the ratio is at most 1: Fano holds for every context and its ceiling is concave in H). Baselines: the most frequent next expert
-per layer and the last-seen transition table (both fitted on the training requests), and
-repeating the previous token's experts at the next layer.
+the ratio is at most 1: Fano holds for every context and its ceiling is concave in H).
+
+Baselines: the most frequent next expert per layer and the last-seen transition table (both
+fitted on the training requests), and repeating the previous token's experts at the next
+layer.
 """
 
 from __future__ import annotations
