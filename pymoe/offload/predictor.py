@@ -57,8 +57,7 @@ def examples(trace: Trace, use_pregate: bool) -> dict[str, np.ndarray]:
     target = trace.experts[:, 1:, :].reshape(-1, trace.top_k).astype(np.int64)
     previous = np.full((tokens, layers - 1, trace.top_k), e, dtype=np.int64)
     previous[1:] = trace.experts[:-1, 1:]
-    starts = trace.request_offsets[:-1]
-    previous[starts[starts < tokens]] = e  # a request's first token has no previous token
+    previous[trace.request_offsets[:-1]] = e  # a request's first token has no previous token
     previous = previous.reshape(-1, trace.top_k)
     if use_pregate:
         pregate = trace.pregate[:, 1:, 0].reshape(-1).astype(np.int64)
@@ -228,11 +227,10 @@ def train_predictor(trace: Trace, *, use_pregate: bool = True, holdout: float = 
                               for name, bits in estimates.items()},
     }
     if k == 1:  # the net was trained on the top expert alone: its softmax estimates P(Y|X)
-        result["fano_tightness"] = {
-            "net_as_truth_best_top1": net_best_top1,
-            "fano_ceiling_at_net_entropy": fano_max_accuracy(net_entropy, e),
-            "ratio": net_best_top1 / fano_max_accuracy(net_entropy, e),
-        }
+        net_ceiling = fano_max_accuracy(net_entropy, e)
+        result["fano_tightness"] = {"net_as_truth_best_top1": net_best_top1,
+                                    "fano_ceiling_at_net_entropy": net_ceiling,
+                                    "ratio": net_best_top1 / net_ceiling}
     accuracy = result["learned"]["top1_accuracy"]
     result["learned_fraction_of_ceiling"] = accuracy / ceiling
     bounds = [v["fano_ceiling_top1"] for v in result["entropy_estimates"].values()]
