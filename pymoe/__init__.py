@@ -21,6 +21,6 @@ def __getattr__(name: str):
         value = getattr(import_module(_LAZY[name], __name__), name)
         globals()[name] = value
         return value
-    if name in ("reference", "ops", "hf", "layer", "config", "weights"):
+    if name in ("reference", "ops", "hf", "layer", "config", "weights", "runtime", "routing", "dtypes"):
         return import_module(f".{name}", __name__)
     raise AttributeError(f"module 'pymoe' has no attribute {name!r}")

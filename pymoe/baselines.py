@@ -1,9 +1,9 @@
 """PyTorch baselines for the benchmark, on the same weights as the MoE layer.
 
 - `torch_moe_loop`: the Hugging Face transformers style (Mixtral/Qwen2-MoE
-  sparse block): router softmax, top-k, then one loop iteration per expert
-  that has tokens, gathering them, running the expert FFN and `index_add_`-ing
-  the weighted result back.
+  sparse block): routing (pymoe.routing.route_torch: router softmax, top-k),
+  then one loop iteration per expert that has tokens, gathering them, running
+  the expert FFN and `index_add_`-ing the weighted result back.
 - `torch_moe_grouped`: tokens sorted by expert and the two expert matmuls done
   as `torch._grouped_mm` over the ragged groups (the GPU path of recent
   PyTorch MoE code; on CPU it is only defined for some dtypes and may raise).
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import MoEConfig
+from .routing import route_torch
 from .weights import DenseWeights, MoEWeights
 
 
@@ -53,17 +54,10 @@ class TorchMoE:
         self.w1 = _tensor(weights.w1, dtype, device)
         self.w2 = _tensor(weights.w2, dtype, device)
 
-    def _route(self, x: torch.Tensor):
-        cfg = self.config
-        probs = torch.softmax((x @ self.router).float(), dim=-1)
-        weights, ids = torch.topk(probs, cfg.top_k, dim=-1)
-        if cfg.renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights.to(x.dtype), ids
-
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = self._route(x)
+        _, ids, weights = route_torch(x @ self.router, self.config.top_k, self.config.renormalize)
+        weights = weights.to(x.dtype)
         if self.style == "loop":
             return self._loop(x, weights, ids)
         return self._grouped(x, weights, ids)

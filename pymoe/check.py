@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import reference
-from .config import MoEConfig, get_preset
+from .config import ACTIVATIONS, MoEConfig, get_preset
 from .layer import MoELayer
 from .weights import MoEWeights
 
@@ -30,7 +30,7 @@ def check_preset(name: str, tokens: int | None = None, dtype: str = "float32", s
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((tokens, base.d_model), dtype=np.float32)
     all_ok = True
-    for activation in ("relu", "swiglu"):
+    for activation in ACTIVATIONS:
         config = MoEConfig(
             d_model=base.d_model, d_ff=base.d_ff, num_experts=base.num_experts, top_k=base.top_k,
             activation=activation,

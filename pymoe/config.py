@@ -1,10 +1,13 @@
-"""MoE layer configuration and the benchmark presets (see DESIGN.md, "Presets")."""
+"""MoE layer configuration, the expert shape every model description shares, and the
+benchmark presets (see DESIGN.md, "Presets")."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+# The expert activations a model may use; pymoe.ops.EXPERT_ACTIVATIONS is the wider set
+# the expert-matmul op takes (its building blocks, "none" and "silu", too).
 ACTIVATIONS = ("relu", "swiglu")
 
 
@@ -19,8 +22,41 @@ def expert_capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: 
 
 
 @dataclass(frozen=True)
+class ExpertShape:
+    """One expert FFN's shape, the part every model description shares (MoEConfig here,
+    OffloadModel for the offloading simulator, LMConfig for the trained LM).
+
+    d_model: hidden size of the tokens. d_ff: hidden size of the FFN.
+    activation: "relu" (relu(x W1) W2) or "swiglu" ((silu(x Wg) * (x Wu)) Wd), whose
+        first weight holds [W_gate | W_up] side by side (pymoe/weights.py).
+    """
+
+    d_model: int
+    d_ff: int
+    activation: str = "relu"
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+
+    @property
+    def w1_cols(self) -> int:
+        """Columns of the first weight w1: d_ff, or 2*d_ff for SwiGLU's [W_gate | W_up]."""
+        return 2 * self.d_ff if self.activation == "swiglu" else self.d_ff
+
+    @property
+    def params(self) -> int:
+        """Weights of one expert: w1 [d_model, w1_cols] and w2 [d_ff, d_model]."""
+        return self.d_model * (self.w1_cols + self.d_ff)
+
+    def nbytes(self, itemsize: int) -> int:
+        """Bytes of one expert's weights at `itemsize` bytes per element."""
+        return itemsize * self.params
+
+
+@dataclass(frozen=True)
 class MoEConfig:
-    """Shape and routing rules of one MoE layer.
+    """Shape and routing rules of one MoE layer (each expert's FFN: `expert`).
 
     d_model: hidden size of the tokens.
     d_ff: hidden size of each expert's FFN.
@@ -86,22 +122,32 @@ class MoEConfig:
         return expert_capacity(tokens, self.top_k, self.num_experts, self.capacity_factor)
 
     @property
+    def expert(self) -> ExpertShape:
+        """The shape of each expert's FFN."""
+        return ExpertShape(self.d_model, self.d_ff, self.activation)
+
+    @property
     def expert_n(self) -> int:
-        """Columns of the first expert weight: d_ff, or 2*d_ff for [W_gate | W_up]."""
-        return 2 * self.d_ff if self.activation == "swiglu" else self.d_ff
+        """Columns of the first expert weight (expert.w1_cols): d_ff, or 2*d_ff for [W_gate | W_up]."""
+        return self.expert.w1_cols
 
     @property
     def d_ff_dense(self) -> int:
         """Hidden size of the dense FFN with the same parameter count as all experts."""
         return self.num_experts * self.d_ff
 
+    @property
+    def dense_shape(self) -> ExpertShape:
+        """The dense baseline's FFN: one expert d_ff_dense wide, as many weights as all experts."""
+        return ExpertShape(self.d_model, self.d_ff_dense, self.activation)
+
     def active_flops(self, tokens: int) -> int:
         """FLOPs of the experts a batch actually runs (2 per multiply-add)."""
-        return 2 * tokens * self.top_k * self.d_model * (self.expert_n + self.d_ff)
+        return 2 * tokens * self.top_k * self.expert.params
 
     def expert_bytes(self, itemsize: int) -> int:
         """Bytes of one expert's weights."""
-        return itemsize * self.d_model * (self.expert_n + self.d_ff)
+        return self.expert.nbytes(itemsize)
 
 
 @dataclass(frozen=True)

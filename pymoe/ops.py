@@ -28,7 +28,8 @@ from typing import NamedTuple
 from max.dtype import DType
 from max.graph import BufferValue, Dim, Graph, StaticDim, TensorType, TensorValue, ops
 
-from .config import MoEConfig
+from .config import ACTIVATIONS, MoEConfig
+from .dtypes import dtype_name
 
 
 def _find_kernels_dir() -> Path:
@@ -67,9 +68,18 @@ def _ensure_kernels_loaded() -> None:
         graph._import_kernels([KERNELS_DIR])
 
 
-def _custom(name: str, x: TensorValue, values, out_types, parameters=None) -> list[TensorValue]:
+def custom_op(name: str, values: list, out_types: list, parameters: dict | None = None) -> list[TensorValue]:
+    """Add the Mojo custom op `name` to the current graph, on the device of values[0];
+    returns its outputs, one per entry of `out_types`.
+
+    The typed functions below are the API; this is what they share, public for graphs
+    that call kernels they do not wrap (the ablation rungs of pymoe/bench/ablation.py).
+    pymoe's own kernel package is loaded into the graph if it was not already; another
+    package must be in the Graph's custom_extensions. Nothing here checks shapes: the
+    caller does, as the typed functions do.
+    """
     _ensure_kernels_loaded()
-    outs = ops.custom(name, device=x.device, values=values, out_types=out_types, parameters=parameters)
+    outs = ops.custom(name, device=values[0].device, values=values, out_types=out_types, parameters=parameters)
     return [o.tensor for o in outs]
 
 
@@ -91,17 +101,17 @@ def _same_dim(what: str, a: Dim, b: Dim) -> None:
 def softmax(x: TensorValue) -> TensorValue:
     """Row-wise numerically stable softmax over the last axis of a 2-D tensor."""
     _float("softmax input", x, rank=2)
-    return _custom("pymoe_softmax", x, [x], [TensorType(x.dtype, x.shape, x.device)])[0]
+    return custom_op("pymoe_softmax", [x], [TensorType(x.dtype, x.shape, x.device)])[0]
 
 
 def relu(x: TensorValue) -> TensorValue:
     _float("relu input", x)
-    return _custom("pymoe_relu", x, [x], [TensorType(x.dtype, x.shape, x.device)])[0]
+    return custom_op("pymoe_relu", [x], [TensorType(x.dtype, x.shape, x.device)])[0]
 
 
 def silu(x: TensorValue) -> TensorValue:
     _float("silu input", x)
-    return _custom("pymoe_silu", x, [x], [TensorType(x.dtype, x.shape, x.device)])[0]
+    return custom_op("pymoe_silu", [x], [TensorType(x.dtype, x.shape, x.device)])[0]
 
 
 def swiglu(gate: TensorValue, up: TensorValue) -> TensorValue:
@@ -109,7 +119,7 @@ def swiglu(gate: TensorValue, up: TensorValue) -> TensorValue:
     _float("swiglu gate", gate)
     if up.dtype != gate.dtype or up.shape != gate.shape:
         raise ValueError(f"swiglu: up {up.dtype}{up.shape} must match gate {gate.dtype}{gate.shape}")
-    return _custom("pymoe_swiglu", gate, [gate, up], [TensorType(gate.dtype, gate.shape, gate.device)])[0]
+    return custom_op("pymoe_swiglu", [gate, up], [TensorType(gate.dtype, gate.shape, gate.device)])[0]
 
 
 # ----------------------------------------------------------------------- gate
@@ -137,9 +147,8 @@ def moe_gate(x: TensorValue, router_w: TensorValue, *, top_k: int, renormalize: 
     if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= int(experts):
         raise ValueError(f"top_k must be an int in [1, num_experts={int(experts)}], got {top_k!r}")
     t, dev = x.shape[0], x.device
-    outs = _custom(
+    outs = custom_op(
         "pymoe_moe_gate",
-        x,
         [x, router_w],
         [
             TensorType(DType.float32, [t, top_k], dev),
@@ -173,9 +182,8 @@ def moe_dispatch(
     ).capacity_factor_permille
     slots = topk_ids.shape[0] * topk_ids.shape[1]
     dev = topk_ids.device
-    outs = _custom(
+    outs = custom_op(
         "pymoe_moe_dispatch",
-        topk_ids,
         [topk_ids],
         [
             TensorType(DType.int32, [slots], dev),
@@ -189,6 +197,8 @@ def moe_dispatch(
 
 # --------------------------------------------------------------- expert matmul
 
+# What moe_expert_matmul may fuse after its GEMM: a model's ACTIVATIONS (pymoe/config.py)
+# plus "none" (the w2 GEMM) and "silu" (a building block, tested on its own).
 EXPERT_ACTIVATIONS = ("none", "relu", "silu", "swiglu")
 
 
@@ -208,8 +218,8 @@ def pack_expert_weights(w: TensorValue, *, swiglu: bool = False) -> TensorValue:
     _cpu_only("pack_expert_weights", w)
     if swiglu and isinstance(w.shape[2], StaticDim) and int(w.shape[2]) % 2:
         raise ValueError(f"swiglu expert weights need an even number of columns, got {w.shape[2]}")
-    return _custom(
-        "pymoe_pack_expert_weights", w, [w], [TensorType(w.dtype, w.shape, w.device)],
+    return custom_op(
+        "pymoe_pack_expert_weights", [w], [TensorType(w.dtype, w.shape, w.device)],
         parameters={"swiglu": bool(swiglu)},
     )[0]
 
@@ -254,9 +264,8 @@ def moe_expert_matmul(
         if int(n) % 2:
             raise ValueError(f"swiglu expert weights need an even number of columns, got {n}")
         n = Dim(int(n) // 2)
-    return _custom(
+    return custom_op(
         "pymoe_moe_expert_matmul",
-        x,
         [x, row_ids, expert_offsets, w],
         [TensorType(x.dtype, [row_ids.shape[0], n], x.device)],
         parameters={"activation": activation, "gather": bool(gather), "packed": bool(packed)},
@@ -274,9 +283,8 @@ def moe_combine(expert_out: TensorValue, topk_weights: TensorValue, slot_to_row:
     if slot_to_row.dtype != DType.int32 or slot_to_row.rank != 1:
         raise TypeError(f"slot_to_row must be rank-1 int32, got {slot_to_row.dtype}{slot_to_row.shape}")
     tokens = topk_weights.shape[0]
-    return _custom(
+    return custom_op(
         "pymoe_moe_combine",
-        expert_out,
         [expert_out, topk_weights, slot_to_row],
         [TensorType(expert_out.dtype, [tokens, expert_out.shape[1]], expert_out.device)],
     )[0]
@@ -382,8 +390,8 @@ def moe_ffn(
     token (see every_expert_token_range; the default (1, 0) never does).
     `packed`: w1 and w2 came from pack_expert_weights (CPU only).
     """
-    if activation not in ("relu", "swiglu"):
-        raise ValueError(f"activation must be 'relu' or 'swiglu', got {activation!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if packed:
         _cpu_only("moe_ffn", x)
     lo, hi = every_expert_tokens
@@ -435,8 +443,8 @@ def moe_layer(
     act = "relu" if config.activation == "relu" else "swiglu"
     if workspaces is not None:
         if every_expert_tokens is None:
-            dtype = "bfloat16" if x.dtype == DType.bfloat16 else "float32"
-            every_expert_tokens = every_expert_token_range(config, "cpu" if x.device.is_cpu() else "gpu", dtype)
+            device = "cpu" if x.device.is_cpu() else "gpu"
+            every_expert_tokens = every_expert_token_range(config, device, dtype_name(x.dtype))
         out = moe_ffn(x, gate, disp, weights.w1, weights.w2, workspaces, activation=act,
                       every_expert_tokens=every_expert_tokens, packed=weights.packed)
         return LayerOutput(out, gate.expert_counts, gate.losses, disp.expert_offsets)
@@ -454,8 +462,8 @@ def moe_layer(
 def dense_ffn(x: TensorValue, w1: TensorValue, w2: TensorValue, activation: str = "relu") -> TensorValue:
     """The dense FFN baseline in MAX's own ops (ops.matmul): act(x @ w1) @ w2."""
     _float("x", x, rank=2)
-    if activation not in ("relu", "swiglu"):
-        raise ValueError(f"activation must be 'relu' or 'swiglu', got {activation!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     h = ops.matmul(x, w1)
     if activation == "relu":
         h = ops.relu(h)

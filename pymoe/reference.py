@@ -12,6 +12,8 @@ from typing import NamedTuple
 import numpy as np
 
 from .config import MoEConfig, expert_capacity
+from .routing import route
+from .routing import softmax as softmax  # the softmax op's reference is the routing softmax
 from .weights import DenseWeights, MoEWeights
 
 
@@ -25,12 +27,6 @@ def relative_error(actual, expected) -> float:
     actual, expected = _f64(actual), _f64(expected)
     denom = np.linalg.norm(expected)
     return float(np.linalg.norm(actual - expected) / (denom if denom > 0 else 1.0))
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    x = _f64(x)
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def relu(x: np.ndarray) -> np.ndarray:
@@ -56,15 +52,11 @@ class GateResult(NamedTuple):
 
 
 def moe_gate(x: np.ndarray, router: np.ndarray, top_k: int, renormalize: bool) -> GateResult:
-    """logits = x @ router, softmax over experts, top-k (ties: lower index first)."""
+    """logits = x @ router, then pymoe.routing.route (softmax over experts, top-k with
+    ties to the lower index, optional renormalization), and the routing statistics."""
     logits = _f64(x) @ _f64(router)
     tokens, experts = logits.shape
-    probs = softmax(logits)
-    # A stable sort of -p puts equal probabilities in index order.
-    ids = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
-    weights = np.take_along_axis(probs, ids, axis=1)
-    if renormalize:
-        weights = weights / weights.sum(axis=1, keepdims=True)
+    probs, ids, weights = route(logits, top_k, renormalize)
     counts = np.bincount(ids.ravel(), minlength=experts)
     prob_mean = probs.mean(axis=0)
     aux = experts * float(np.sum(counts / tokens * prob_mean))

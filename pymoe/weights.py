@@ -3,7 +3,8 @@
 Layouts (row-major, "x @ W" convention, the same for every implementation):
 
   router  [d_model, E]              logits = x @ router
-  w1      [E, d_model, N1]          relu:   N1 = d_ff,   h = relu(x @ w1[e])
+  w1      [E, d_model, N1]          N1 = MoEConfig.expert_n (ExpertShape.w1_cols):
+                                    relu:   N1 = d_ff,   h = relu(x @ w1[e])
                                     swiglu: N1 = 2*d_ff, w1[e] = [W_gate | W_up],
                                             h = silu(x @ W_gate) * (x @ W_up)
   w2      [E, d_ff, d_model]        y = h @ w2[e]
@@ -75,16 +76,14 @@ class DenseWeights:
 
     def validate(self, config: MoEConfig) -> None:
         d, f = config.d_model, config.d_ff_dense
-        n1 = 2 * f if config.activation == "swiglu" else f
-        _check("dense w1", self.w1, (d, n1))
+        _check("dense w1", self.w1, (d, config.dense_shape.w1_cols))
         _check("dense w2", self.w2, (f, d))
 
     @classmethod
     def random(cls, config: MoEConfig, seed: int | None = None, dtype=np.float32) -> "DenseWeights":
         rng = np.random.default_rng(seed)
         d, f = config.d_model, config.d_ff_dense
-        n1 = 2 * f if config.activation == "swiglu" else f
-        w1 = rng.standard_normal((d, n1), dtype=np.float32) / np.sqrt(d)
+        w1 = rng.standard_normal((d, config.dense_shape.w1_cols), dtype=np.float32) / np.sqrt(d)
         w2 = rng.standard_normal((f, d), dtype=np.float32) / np.sqrt(f)
         return cls(w1.astype(dtype), w2.astype(dtype))
 

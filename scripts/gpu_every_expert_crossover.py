@@ -28,13 +28,13 @@ from pymoe.bench.ceilings import measure_ceilings
 from pymoe.bench.machine import provenance
 from pymoe.bench.timing import device_sync, measure, summarize
 from pymoe.config import get_preset
+from pymoe.dtypes import itemsize, torch_dtype
 from pymoe.layer import MoELayer
 from pymoe.weights import MoEWeights
 
 TOKENS = (1, 4, 8, 16, 32, 64, 128, 256)
 CASES = (("small", "bfloat16"), ("medium", "bfloat16"), ("large", "bfloat16"), ("small", "float32"))
 PATHS = {"routed": (1, 0), "every_expert": (1, 1 << 20)}
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def main(argv: list[str]) -> int:
@@ -47,7 +47,7 @@ def main(argv: list[str]) -> int:
     result = {
         "schema": "pymoe.every_expert_crossover/1",
         **provenance("python scripts/gpu_every_expert_crossover.py " + " ".join(argv)),
-        "ceilings": {dt: measure_ceilings("gpu", TORCH_DTYPES[dt], min_seconds=args.min_seconds)
+        "ceilings": {dt: measure_ceilings("gpu", torch_dtype(dt), min_seconds=args.min_seconds)
                      for dt in sorted({dt for _, dt in CASES})},
         "points": [],
     }
@@ -59,15 +59,14 @@ def main(argv: list[str]) -> int:
         for path, token_range in PATHS.items():
             layer = MoELayer(config, weights, device="gpu", dtype=dtype, every_expert_tokens=token_range)
             layers[path] = layer
-        itemsize = 2 if dtype == "bfloat16" else 4
         ceil = result["ceilings"][dtype]
-        all_weights_s = config.num_experts * config.expert_bytes(itemsize) / (ceil["read"]["gbps"] * 1e9)
+        all_weights_s = config.num_experts * config.expert_bytes(itemsize(dtype)) / (ceil["read"]["gbps"] * 1e9)
         table = Table(title=f"{shape} {dtype}: median ms per layer call (floor: all experts' weights read once "
                             f"= {all_weights_s * 1e3:.3f} ms; MAX call floor {ceil['max_call']['median_s'] * 1e3:.3f} ms)")
         for col in ("tokens", *PATHS, "every/routed"):
             table.add_column(col, justify="right")
         for tokens in TOKENS:
-            x = torch.randn(tokens, config.d_model, device="cuda", dtype=TORCH_DTYPES[dtype])
+            x = torch.randn(tokens, config.d_model, device="cuda", dtype=torch_dtype(dtype))
             point = {"shape": shape, "dtype": dtype, "tokens": tokens, "all_weights_floor_s": all_weights_s}
             for path, layer in layers.items():
                 point[path] = summarize(measure(lambda: layer.forward_unchecked(x), min_seconds=args.min_seconds, sync=sync))

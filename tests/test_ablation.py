@@ -9,6 +9,7 @@ from graphs import REF, compile_graph, run
 from max.dtype import DType
 from max.graph import TensorType, ops
 
+import pymoe.ops as mops
 from pymoe import reference as R
 from pymoe.bench import ablation as A
 from pymoe.cli import main
@@ -41,22 +42,23 @@ def ablation_model():
     def forward(a, b, x, router, ids, offs, w, xg):
         same = [TensorType(F32, a.shape, REF)]
         outs = [
-            A._custom("pymoe_ablation_softmax_scalar", [a], same)[0],
-            A._custom("pymoe_ablation_softmax_fixed", [b], [TensorType(F32, b.shape, REF)], {"cols": FIXED_COLS})[0],
+            mops.custom_op("pymoe_ablation_softmax_scalar", [a], same)[0],
+            mops.custom_op("pymoe_ablation_softmax_fixed", [b], [TensorType(F32, b.shape, REF)],
+                           {"cols": FIXED_COLS})[0],
         ]
         for simd in (False, True):
             for code in (A.ACT_CODES["relu"], A.ACT_CODES["silu"]):
-                outs += A._custom("pymoe_ablation_activation", [a, _p(code)], same, {"simd": simd})
+                outs += mops.custom_op("pymoe_ablation_activation", [a, _p(code)], same, {"simd": simd})
             for renorm in (0, 1):
                 t = x.shape[0]
                 gate_types = [TensorType(F32, [t, K], REF), TensorType(I32, [t, K], REF), TensorType(I32, [E], REF),
                               TensorType(F32, [E], REF), TensorType(F32, [2], REF)]
-                outs += A._custom("pymoe_ablation_moe_gate", [x, router, _p(renorm)], gate_types, {"simd": simd})
+                outs += mops.custom_op("pymoe_ablation_moe_gate", [x, router, _p(renorm)], gate_types, {"simd": simd})
             for act, gather in MATMUL_CASES:
-                outs += A._custom("pymoe_ablation_moe_expert_matmul",
-                                  [x if gather else xg, ids, offs, w, _p(A.ACT_CODES[act], int(gather))],
-                                  [TensorType(F32, [ids.shape[0], N // 2 if act == "swiglu" else N], REF)],
-                                  {"simd": simd})
+                outs += mops.custom_op("pymoe_ablation_moe_expert_matmul",
+                                       [x if gather else xg, ids, offs, w, _p(A.ACT_CODES[act], int(gather))],
+                                       [TensorType(F32, [ids.shape[0], N // 2 if act == "swiglu" else N], REF)],
+                                       {"simd": simd})
         return outs
 
     return compile_graph("ablation_ops", types, forward)
@@ -136,7 +138,7 @@ def test_failing_rung_is_recorded_and_the_rest_still_run():
 def test_speedups_and_routing_share():
     rows = [{"op": "gate", "rung": r, "status": "ok", "median_s": t}
             for r, t in (("scalar", 8.0), ("simd", 2.0), ("specialized", 1.0))]
-    A._add_speedups(rows)
+    A.add_speedups(rows)
     assert [r.get("speedup_vs_scalar") for r in rows] == [1.0, 4.0, 8.0]
     assert [r.get("step_gain") for r in rows] == [None, 4.0, 2.0]
     routing = [{"op": o, "status": "ok", "median_s": t}

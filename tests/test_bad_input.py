@@ -9,9 +9,8 @@ from graphs import REF
 from max.dtype import DType
 from max.graph import BufferType, DeviceRef, Graph, TensorType
 
-import pymoe.layer as layer_mod
 import pymoe.ops as mops
-from pymoe import MoEConfig, MoELayer, MoEWeights, get_preset
+from pymoe import MoEConfig, MoELayer, MoEWeights, get_preset, runtime
 
 CFG = MoEConfig(d_model=8, d_ff=12, num_experts=4, top_k=2)
 
@@ -23,9 +22,8 @@ def no_compile(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a graph was compiled for bad input")
 
-    monkeypatch.setattr(layer_mod, "_compile_moe", refuse)
-    monkeypatch.setattr(layer_mod, "_compile_dense", refuse)
-    monkeypatch.setattr(layer_mod, "_COMPILED", {})
+    # Every compile goes through the cache, even of a graph compiled earlier in the process.
+    monkeypatch.setattr(runtime, "compiled", refuse)
 
 
 @pytest.mark.parametrize(
@@ -95,9 +93,8 @@ def test_non_finite_router_weights(no_compile):
     ],
 )
 def test_bad_inputs_rejected_before_running(x, exc, match):
-    layer = object.__new__(MoELayer)  # a layer whose graph must never run
+    layer = object.__new__(MoELayer)  # a layer with no graph: running one would fail otherwise
     layer.config = CFG
-    layer._model = None
     with pytest.raises(exc, match=match):
         layer.run(x)
 
@@ -168,12 +165,10 @@ def test_missing_cublas_is_a_clear_error(monkeypatch, tmp_path):
     """Without cuBLAS the GPU path says what it needs and where it looked."""
     import sys
 
-    from pymoe import layer
-
-    monkeypatch.setattr(layer, "_CUBLAS_SONAMES", ("libcublas_not_installed.so.99",))
+    monkeypatch.setattr(runtime, "CUBLAS_SONAMES", ("libcublas_not_installed.so.99",))
     monkeypatch.setattr(sys, "path", [str(tmp_path)])
     with pytest.raises(RuntimeError, match="needs cuBLAS.*nvidia/cublas/lib"):
-        layer.load_cublas()
+        runtime.load_cublas()
 
 
 def test_packed_weights_checks():

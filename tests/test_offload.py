@@ -135,16 +135,16 @@ def test_a_copy_that_finds_the_copy_stream_idle_pays_the_start_latency():
 
 
 def test_transfer_fit_recovers_start_latency_per_copy_latency_and_bandwidth(rng):
-    from pymoe.offload.calibration import _fit_transfer
+    from pymoe.offload.calibration import fit_transfer
 
     gbps, latency, start = rng.uniform(5, 60), rng.uniform(0.001, 0.02), rng.uniform(0.005, 0.05)
     cells = [(size, n) for size in (2**20, 2**24, 2**26) for n in (1, 4, 10)]
     ms = [start + n * (latency + size / (gbps * 1e6)) for size, n in cells]
-    fit = _fit_transfer([c[0] for c in cells], [c[1] for c in cells], ms)
+    fit = fit_transfer([c[0] for c in cells], [c[1] for c in cells], ms)
     assert fit["gbps"] == pytest.approx(gbps, rel=1e-6)
     assert fit["latency_ms"] == pytest.approx(latency, rel=1e-6)
     assert fit["start_latency_ms"] == pytest.approx(start, rel=1e-6)
-    one_count = _fit_transfer([c[0] for c in cells[::3]], [1, 1, 1], ms[::3])
+    one_count = fit_transfer([c[0] for c in cells[::3]], [1, 1, 1], ms[::3])
     assert one_count["start_latency_ms"] == 0.0 and one_count["gbps"] == pytest.approx(gbps, rel=1e-6)
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from .. import reference as R
 from ..config import MoEConfig
 from ..weights import MoEWeights
+from .report import error_summary
 from .timing import measure, peak_rss_during, summarize
 
 RUNG_NOTES = {
@@ -63,9 +64,9 @@ def _graph(name: str, input_types, forward):
     from max.graph import Graph
 
     from .. import ops as mops
-    from ..layer import _session_and_ref
+    from ..runtime import session_and_device_ref
 
-    session, _ = _session_and_ref("cpu")
+    session, _ = session_and_device_ref("cpu")
     with Graph(name, input_types=input_types, custom_extensions=[mops.KERNELS_DIR]) as g:
         g.output(*forward(*(v.tensor for v in g.inputs)))
     return session.load(g)
@@ -85,23 +86,19 @@ def _params(*values: int):
     return ops.constant(np.array(values, np.int32), DType.int32, DeviceRef.CPU())
 
 
-def _custom(name: str, values, out_types, parameters=None):
-    from .. import ops as mops
-
-    return mops._custom(name, values[0], values, out_types, parameters)
-
-
 def _runtime_gate(xv, rv, cfg: MoEConfig, simd: bool):
     """The ablation gate (top-k from the output shape, renormalize at run
     time): the same five outputs as ops.moe_gate."""
     from max.dtype import DType
     from max.graph import TensorType
 
+    from .. import ops as mops
+
     f32, i32, t, dev = DType.float32, DType.int32, xv.shape[0], xv.device
     k, e = cfg.top_k, cfg.num_experts
     outs = [TensorType(f32, [t, k], dev), TensorType(i32, [t, k], dev), TensorType(i32, [e], dev),
             TensorType(f32, [e], dev), TensorType(f32, [2], dev)]
-    return _custom("pymoe_ablation_moe_gate", [xv, rv, _params(int(cfg.renormalize))], outs, {"simd": simd})
+    return mops.custom_op("pymoe_ablation_moe_gate", [xv, rv, _params(int(cfg.renormalize))], outs, {"simd": simd})
 
 
 # ------------------------------------------------------------------ the ops
@@ -122,10 +119,10 @@ def _softmax_cases(logits: np.ndarray) -> list[Case]:
         return [TensorType(f32, x.shape, x.device)]
 
     forwards = {
-        "scalar": lambda x: _custom("pymoe_ablation_softmax_scalar", [x], same(x)),
-        "simd": lambda x: [mops.softmax(x)],
-        "specialized": lambda x: _custom("pymoe_ablation_softmax_fixed", [x], same(x), {"cols": e}),
-    }
+        "scalar": lambda x: mops.custom_op("pymoe_ablation_softmax_scalar", [x], same(x)),
+                                           "simd": lambda x: [mops.softmax(x)],
+        "specialized": lambda x: mops.custom_op("pymoe_ablation_softmax_fixed", [x], same(x), {"cols": e}),
+                                                }
     notes = {"simd": "pymoe_softmax (production; row length at run time)",
              "specialized": "row length E fixed at compile time: one SIMD value per row"}
     return [
@@ -146,8 +143,8 @@ def _relu_cases(h: np.ndarray) -> list[Case]:
     ref = R.relu(h)
 
     def runtime(simd: bool):
-        return lambda x: _custom("pymoe_ablation_activation", [x, _params(ACT_CODES["relu"])],
-                                 [TensorType(f32, x.shape, x.device)], {"simd": simd})
+        return lambda x: mops.custom_op("pymoe_ablation_activation", [x, _params(ACT_CODES["relu"])],
+                                        [TensorType(f32, x.shape, x.device)], {"simd": simd})
 
     forwards = {"scalar": runtime(False), "simd": runtime(True), "specialized": lambda x: [mops.relu(x)]}
     return [
@@ -194,7 +191,7 @@ def _matmul_cases(x: np.ndarray, w: MoEWeights, cfg: MoEConfig) -> list[Case]:
     from max.graph import TensorType
 
     from .. import ops as mops
-    from ..layer import layer_weight_buffers
+    from ..runtime import layer_weight_buffers
 
     f32, i32 = DType.float32, DType.int32
     d, e, t = cfg.d_model, cfg.num_experts, x.shape[0]
@@ -208,8 +205,8 @@ def _matmul_cases(x: np.ndarray, w: MoEWeights, cfg: MoEConfig) -> list[Case]:
     def runtime(simd: bool):
         def forward(xv, iv, ov, wv):
             out = TensorType(f32, [iv.shape[0], cfg.d_ff], xv.device)
-            return _custom("pymoe_ablation_moe_expert_matmul", [xv, iv, ov, wv, _params(ACT_CODES[act], 1)],
-                           [out], {"simd": simd})
+            return mops.custom_op("pymoe_ablation_moe_expert_matmul", [xv, iv, ov, wv, _params(ACT_CODES[act], 1)],
+                                  [out], {"simd": simd})
         return forward
 
     def production(packed: bool):
@@ -236,7 +233,7 @@ def _layer_cases(x: np.ndarray, w: MoEWeights, cfg: MoEConfig) -> list[Case]:
     from max.graph import TensorType
 
     from .. import ops as mops
-    from ..layer import BufferPool, _compile_moe, _driver_device, layer_weight_buffers
+    from ..runtime import BufferPool, compile_moe_graph, driver_device, layer_weight_buffers
 
     f32 = DType.float32
     d, e, k, t = cfg.d_model, cfg.num_experts, cfg.top_k, x.shape[0]
@@ -249,12 +246,12 @@ def _layer_cases(x: np.ndarray, w: MoEWeights, cfg: MoEConfig) -> list[Case]:
             weights, ids = _runtime_gate(xv, rv, cfg, simd)[:2]
             disp = mops.moe_dispatch(ids, num_experts=e, capacity_factor=cfg.capacity_factor)
             slots = disp.sorted_token_ids.shape[0]
-            h = _custom("pymoe_ablation_moe_expert_matmul",
-                        [xv, disp.sorted_token_ids, disp.expert_offsets, w1v, _params(ACT_CODES[act], 1)],
-                        [TensorType(f32, [slots, cfg.d_ff], xv.device)], {"simd": simd})[0]
-            y = _custom("pymoe_ablation_moe_expert_matmul",
-                        [h, disp.sorted_token_ids, disp.expert_offsets, w2v, _params(ACT_CODES["none"], 0)],
-                        [TensorType(f32, [slots, d], xv.device)], {"simd": simd})[0]
+            h = mops.custom_op("pymoe_ablation_moe_expert_matmul",
+                               [xv, disp.sorted_token_ids, disp.expert_offsets, w1v, _params(ACT_CODES[act], 1)],
+                               [TensorType(f32, [slots, cfg.d_ff], xv.device)], {"simd": simd})[0]
+            y = mops.custom_op("pymoe_ablation_moe_expert_matmul",
+                               [h, disp.sorted_token_ids, disp.expert_offsets, w2v, _params(ACT_CODES["none"], 0)],
+                               [TensorType(f32, [slots, d], xv.device)], {"simd": simd})[0]
             return [mops.moe_combine(y, weights, disp.slot_to_row)]
         return forward
 
@@ -267,14 +264,14 @@ def _layer_cases(x: np.ndarray, w: MoEWeights, cfg: MoEConfig) -> list[Case]:
              inputs, check, 1e-5, flops=flops, note=intermediates)
         for rung in ("scalar", "simd")
     ]
-    cases.append(Case("layer", "specialized", t, lambda: _compile_moe(cfg, "cpu", "float32", False, packed=False),
+    cases.append(Case("layer", "specialized", t, lambda: compile_moe_graph(cfg, "cpu", "float32", False, packed=False),
                       inputs, check, 1e-5, flops=flops,
                       note="production ops, weights as given (packed per call); " + intermediates))
     packed = [x, *layer_weight_buffers(cfg, w, "cpu", "float32", packed=True)]
-    cases.append(Case("layer", "prepacked", t, lambda: _compile_moe(cfg, "cpu", "float32", False), packed,
+    cases.append(Case("layer", "prepacked", t, lambda: compile_moe_graph(cfg, "cpu", "float32", False), packed,
                       check, 1e-5, flops=flops, note="MoELayer(pooled=False); " + intermediates))
-    pool = BufferPool((cfg.expert_n, d), "float32", _driver_device("cpu"))
-    cases.append(Case("layer", "pooled", t, lambda: _compile_moe(cfg, "cpu", "float32", True), packed,
+    pool = BufferPool((cfg.expert_n, d), "float32", driver_device("cpu"))
+    cases.append(Case("layer", "pooled", t, lambda: compile_moe_graph(cfg, "cpu", "float32", True), packed,
                       check, 1e-5, flops=flops, pool=pool, pool_rows=t * k,
                       note="MoELayer(pooled=True): h and y live in a BufferPool"))
     return cases
@@ -318,7 +315,7 @@ def _run_case(case: Case, ceilings: dict, min_seconds: float) -> dict:
     return row
 
 
-def _add_speedups(rows: list[dict]) -> None:
+def add_speedups(rows: list[dict]) -> None:
     """Speedup of each rung over the op's scalar rung and over the rung before it."""
     for op in dict.fromkeys(r["op"] for r in rows):
         prev = None
@@ -359,7 +356,7 @@ def routing_cases(cfg: MoEConfig, t: int, seed: int = 0) -> list[Case]:
     from max.dtype import DType
 
     from .. import ops as mops
-    from ..layer import BufferPool, _compile_moe, _driver_device, layer_weight_buffers
+    from ..runtime import BufferPool, compile_moe_graph, driver_device, layer_weight_buffers
 
     f32, i32 = DType.float32, DType.int32
     d, e, k = cfg.d_model, cfg.num_experts, cfg.top_k
@@ -372,7 +369,7 @@ def routing_cases(cfg: MoEConfig, t: int, seed: int = 0) -> list[Case]:
     tw = gate.topk_weights.astype(np.float32)
     ids = gate.topk_ids.astype(np.int32)
     s2r = disp.slot_to_row.astype(np.int32)
-    pool = BufferPool((cfg.expert_n, d), "float32", _driver_device("cpu"))
+    pool = BufferPool((cfg.expert_n, d), "float32", driver_device("cpu"))
 
     def gate_check(outs):
         return R.relative_error(outs[0], gate.topk_weights) if np.array_equal(outs[1], gate.topk_ids) else float("inf")
@@ -397,7 +394,7 @@ def routing_cases(cfg: MoEConfig, t: int, seed: int = 0) -> list[Case]:
                                                      lambda yv, wv, sv: [mops.moe_combine(yv, wv, sv)]),
              [y, tw, s2r], lambda outs: R.relative_error(outs[0], combine_ref), 1e-5, nbytes=y.nbytes + t * d * 4),
     ]
-    layer = Case("layer", "routing", t, lambda: _compile_moe(cfg, "cpu", "float32", True),
+    layer = Case("layer", "routing", t, lambda: compile_moe_graph(cfg, "cpu", "float32", True),
                  [x, *layer_weight_buffers(cfg, w, "cpu", "float32", packed=True)],
                  lambda outs: R.relative_error(outs[0][:256], layer_ref), 1e-5,
                  flops=cfg.active_flops(t) + 2 * t * d * e, pool=pool, pool_rows=t * k,
@@ -423,11 +420,9 @@ def run_cases(cases: list[Case], ceilings: dict, min_seconds: float,
         try:
             rows.append(_run_case(case, ceilings, min_seconds))
         except Exception as exc:  # recorded: a rung that fails to build or run is a result
-            from .suite import _one_line
-
             rows.append({"op": case.op, "rung": case.rung, "tokens": case.tokens, "status": "failed",
-                         "error": _one_line(exc)})
-    _add_speedups(rows)
+                         "error": error_summary(exc)})
+    add_speedups(rows)
     return rows
 
 

@@ -42,18 +42,20 @@ MAX_CALL_SHAPE = (32, 1024)
 def _max_call_times(device: str, tdev: str, min_seconds: float, sync) -> dict:
     from max.graph import Graph, TensorType
 
-    from ..layer import _driver_device, _max_dtype, _session_and_ref, _wrap_output, to_device_buffer
+    from ..dtypes import max_dtype
+    from ..runtime import driver_device, session_and_device_ref, to_device_buffer, wrap_output
 
-    session, ref = _session_and_ref(device)
-    with Graph("max_call_floor", input_types=[TensorType(_max_dtype("float32"), ["tokens", MAX_CALL_SHAPE[1]], ref)]) as g:
+    session, ref = session_and_device_ref(device)
+    input_types = [TensorType(max_dtype("float32"), ["tokens", MAX_CALL_SHAPE[1]], ref)]
+    with Graph("max_call_floor", input_types=input_types) as g:
         x = g.inputs[0].tensor
         g.output(x + x)
     model = session.load(g)
-    dev = _driver_device(device)
+    dev = driver_device(device)
     x = torch.randn(*MAX_CALL_SHAPE, device=tdev)
 
     def call():
-        return _wrap_output(model.execute(to_device_buffer(x, "float32", dev))[0], x)
+        return wrap_output(model.execute(to_device_buffer(x, "float32", dev))[0], x)
 
     # The first calls of a process pay MAX's start-up (seen on the H100: a
     # median of 0.73 ms in the first graph's first 30 calls, 0.19 ms later).

@@ -14,7 +14,8 @@ import time
 import numpy as np
 
 from ..config import MoEConfig
-from ..layer import _driver_device, _max_dtype, _wrap_output, to_device_buffer
+from ..dtypes import max_dtype
+from ..runtime import driver_device, to_device_buffer, wrap_output
 from ..weights import MoEWeights
 
 
@@ -28,9 +29,9 @@ class MaxBuiltinMoE:
         from max.nn.kernels import grouped_matmul_ragged, moe_create_indices, moe_finalize
 
         self.config, self.dtype = config, dtype
-        self._device = _driver_device(device)
+        self._device = driver_device(device)
         ref = DeviceRef.from_device(self._device)
-        dt = _max_dtype(dtype)
+        dt = max_dtype(dtype)
         d, e, f, n1 = config.d_model, config.num_experts, config.d_ff, config.expert_n
         k = config.top_k
         # grouped_matmul_ragged takes Linear-convention weights [E, out, in].
@@ -43,6 +44,7 @@ class MaxBuiltinMoE:
         start = time.perf_counter()
         with Graph("max_builtin_moe", input_types=input_types) as g:
             x, router, w1t, w2t = (v.tensor for v in g.inputs)
+            # The routing rule of pymoe/routing.py, in MAX's graph ops.
             probs = ops.softmax(ops.cast(ops.matmul(x, router), DType.float32))
             topk_w, topk_ids = ops.top_k(probs, k, axis=-1)
             if config.renormalize:
@@ -68,4 +70,4 @@ class MaxBuiltinMoE:
 
     def __call__(self, x):
         xb = to_device_buffer(x, self.dtype, self._device)
-        return _wrap_output(self.model.execute(xb, *self._weights)[0], x)
+        return wrap_output(self.model.execute(xb, *self._weights)[0], x)

@@ -1,6 +1,9 @@
-"""Readable tables of benchmark results (printing only; numbers come from the result dicts)."""
+"""Readable tables of benchmark results (printing only; numbers come from the result dicts),
+and the one-line text that a result row records for a failure."""
 
 from __future__ import annotations
+
+import re
 
 from rich.console import Console
 from rich.table import Table
@@ -129,3 +132,14 @@ def print_ablation(result: dict, console: Console | None = None) -> None:
     for rung, note in result["rungs"].items():
         console.print(f"  {rung}: {note}")
     console.print(routing_table(result))
+
+
+def error_summary(exc: BaseException) -> str:
+    """An exception as the one line a result row keeps in its `error` field: the
+    message's first line and up to two later lines that name an error."""
+    text = f"{type(exc).__name__}: {exc}".strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    msg = lines[0] if lines else type(exc).__name__
+    # MAX compile errors put the useful part further down; keep a short tail.
+    tail = [ln.strip() for ln in lines[1:] if re.search(r"error|not|fail", ln, re.I)][:2]
+    return " | ".join([msg[:300], *[t[:200] for t in tail]])

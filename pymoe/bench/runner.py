@@ -11,11 +11,12 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from ..config import get_preset
-from ..layer import check_device_dtype
+from ..dtypes import torch_dtype
+from ..runtime import check_device_dtype
 from .ceilings import measure_ceilings
 from .machine import provenance
 from .report import print_result
-from .suite import IMPL_NAMES, TORCH_DTYPES, run_preset, write_result
+from .suite import IMPL_NAMES, run_preset, write_result
 
 DEFAULT_PRESETS = ("small-decode", "small")
 
@@ -50,7 +51,7 @@ def run_bench(
     start = time.perf_counter()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("measuring the machine's ceilings", total=None)
-        result["ceilings"] = measure_ceilings(device, TORCH_DTYPES[dtype], min_seconds=min_seconds)
+        result["ceilings"] = measure_ceilings(device, torch_dtype(dtype), min_seconds=min_seconds)
         for name in presets:
 
             def show(impl: str, name=name) -> None:
@@ -101,7 +102,7 @@ def run_ablation(
     start = time.perf_counter()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("measuring the machine's ceilings", total=None)
-        result["ceilings"] = measure_ceilings("cpu", TORCH_DTYPES["float32"], min_seconds=min_seconds)
+        result["ceilings"] = measure_ceilings("cpu", torch_dtype("float32"), min_seconds=min_seconds)
 
         def show(what: str) -> None:
             bar.update(task, description=f"{what}: compile, check, time")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,11 +22,13 @@ import torch
 from .. import reference as R
 from ..baselines import TorchDenseFFN, TorchMoE
 from ..config import MoEConfig, Preset, get_preset
+from ..dtypes import itemsize, torch_dtype
 from ..layer import DenseFFN, MoELayer
+from ..routing import route
 from ..weights import DenseWeights, MoEWeights
+from .report import error_summary
 from .timing import device_sync, measure, peak_rss_during, summarize
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Tokens of the batch checked against the float64 reference before timing.
 CHECK_TOKENS = 32
 # Pass criteria of that check: relative Frobenius error (fp32), median
@@ -64,7 +65,7 @@ def _torch_in(fn, device: str, dtype: str):
 
     def call(x):
         if not isinstance(x, torch.Tensor):
-            x = torch.from_numpy(x).to(device=tdev, dtype=TORCH_DTYPES[dtype])
+            x = torch.from_numpy(x).to(device=tdev, dtype=torch_dtype(dtype))
         return fn(x)
 
     return call
@@ -84,14 +85,14 @@ def _build_max_dense(w: Workload):
 
 def _build_torch(style: str):
     def build(w: Workload):
-        moe = TorchMoE(w.config, w.moe_weights, "cuda" if w.device == "gpu" else "cpu", TORCH_DTYPES[w.dtype], style)
+        moe = TorchMoE(w.config, w.moe_weights, "cuda" if w.device == "gpu" else "cpu", torch_dtype(w.dtype), style)
         return _torch_in(moe, w.device, w.dtype), 0.0
 
     return build
 
 
 def _build_torch_dense(w: Workload):
-    dense = TorchDenseFFN(w.config, w.dense_weights, "cuda" if w.device == "gpu" else "cpu", TORCH_DTYPES[w.dtype])
+    dense = TorchDenseFFN(w.config, w.dense_weights, "cuda" if w.device == "gpu" else "cpu", torch_dtype(w.dtype))
     return _torch_in(dense, w.device, w.dtype), 0.0
 
 
@@ -156,22 +157,20 @@ def _check(out: np.ndarray, ref: np.ndarray, dtype: str) -> tuple[float, bool]:
 
 def work_model(w: Workload) -> dict:
     """FLOPs and weight bytes each kind of implementation must at least spend."""
-    cfg, itemsize = w.config, (4 if w.dtype == "float32" else 2)
-    probs = R.softmax(w.x.astype(np.float64) @ w.moe_weights.router)
-    top = np.argsort(-probs, axis=1, kind="stable")[:, : cfg.top_k]
-    used = int(np.unique(top).size)
-    router_bytes = cfg.d_model * cfg.num_experts * itemsize
+    cfg, size = w.config, itemsize(w.dtype)
+    ids = route(w.x.astype(np.float64) @ w.moe_weights.router, cfg.top_k, cfg.renormalize).ids
+    used = int(np.unique(ids).size)
+    router_bytes = cfg.d_model * cfg.num_experts * size
     router_flops = 2 * w.tokens * cfg.d_model * cfg.num_experts
-    n1_dense = 2 * cfg.d_ff_dense if cfg.activation == "swiglu" else cfg.d_ff_dense
     return {
         "experts_used": used,
         "moe": {
             "flops": cfg.active_flops(w.tokens) + router_flops,
-            "weight_bytes": used * cfg.expert_bytes(itemsize) + router_bytes,
+            "weight_bytes": used * cfg.expert_bytes(size) + router_bytes,
         },
         "dense": {
-            "flops": 2 * w.tokens * cfg.d_model * (n1_dense + cfg.d_ff_dense),
-            "weight_bytes": itemsize * cfg.d_model * (n1_dense + cfg.d_ff_dense),
+            "flops": 2 * w.tokens * cfg.dense_shape.params,
+            "weight_bytes": cfg.dense_shape.nbytes(size),
         },
     }
 
@@ -200,7 +199,7 @@ def run_impl(impl: Impl, w: Workload, work: dict, ceilings: dict, min_seconds: f
     try:
         fn, compile_s = impl.build(w)
     except Exception as exc:  # recorded, not raised: a failing baseline is a result
-        row.update(status="failed", error=_one_line(exc), phase="build")
+        row.update(status="failed", error=error_summary(exc), phase="build")
         return row
     row["compile_s"] = compile_s
     try:
@@ -212,25 +211,16 @@ def run_impl(impl: Impl, w: Workload, work: dict, ceilings: dict, min_seconds: f
             row.update(status="wrong", error=f"relative error {err:.3g} against the float64 reference")
             return row
         # On the GPU every implementation gets the batch already on the device.
-        x = w.x if w.device == "cpu" else torch.from_numpy(w.x).to("cuda", TORCH_DTYPES[w.dtype])
+        x = w.x if w.device == "cpu" else torch.from_numpy(w.x).to("cuda", torch_dtype(w.dtype))
         times = measure(lambda: fn(x), min_seconds=min_seconds, sync=sync)
         row.update(summarize(times))
         if w.device == "cpu":
             row["peak_rss_delta_mib"] = peak_rss_during(lambda: fn(x))
     except Exception as exc:
-        row.update(status="failed", error=_one_line(exc), phase="run")
+        row.update(status="failed", error=error_summary(exc), phase="run")
         return row
     _roofline(row, work[impl.kind], ceilings)
     return row
-
-
-def _one_line(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip()
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    msg = lines[0] if lines else type(exc).__name__
-    # MAX compile errors put the useful part further down; keep a short tail.
-    tail = [ln.strip() for ln in lines[1:] if re.search(r"error|not|fail", ln, re.I)][:2]
-    return " | ".join([msg[:300], *[t[:200] for t in tail]])
 
 
 def run_preset(

@@ -6,7 +6,7 @@ the device's clock (CUDA events), with the host's launches out of the picture: a
 kernel holds the streams while the host queues the work, as a host running ahead of the GPU
 does. Transfers: a copy stream waits for an event on the compute stream (the end of the
 layer whose routing the loads need) and then copies 1, 4 or 10 experts back to back; the
-fit (robust, see `_fit_transfer`) is `start_latency + copies * (latency + bytes / bandwidth)`,
+fit (robust, see `fit_transfer`) is `start_latency + copies * (latency + bytes / bandwidth)`,
 so a copy that finds the copy stream idle pays `start_latency_ms` once more than one queued
 behind another. Compute: 20 expert FFNs queued back to back, per call, each on a different
 expert's weights. Without a GPU it measures the CPU's own host
@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..baselines import expert_ffn
+from ..dtypes import torch_dtype
 from .models import OffloadModel
 
 SCHEMA = "pymoe.calibration/2"
@@ -111,7 +112,7 @@ def load_calibration(path: str | Path) -> Calibration:
     return Calibration(data, str(path))
 
 
-def _fit_transfer(sizes: list[int], counts: list[int], ms: list[float]) -> dict:
+def fit_transfer(sizes: list[int], counts: list[int], ms: list[float]) -> dict:
     """time = start_latency + copies * (latency + bytes / bandwidth), fitted to the measured
     (size, copies) medians by least squares on relative residuals with a soft-L1 loss: cells
     from a few microseconds to tens of milliseconds count alike, and a cell slowed by
@@ -197,7 +198,7 @@ def time_copies_after_compute(torch, dst: list, src: list, reps: int) -> list[fl
 def rotating_expert_weights(torch, model: OffloadModel, device: str, dtype, at_least: int = 1) -> list[tuple]:
     """(w_in, w_out) of enough distinct experts (at least `at_least`) to fill ROTATE_BYTES."""
     count = max(at_least, -(-ROTATE_BYTES // model.expert_bytes))
-    return [(torch.randn(model.d_model, model.w_in_cols, device=device, dtype=dtype) * 0.02,
+    return [(torch.randn(model.d_model, model.expert.w1_cols, device=device, dtype=dtype) * 0.02,
              torch.randn(model.d_ff, model.d_model, device=device, dtype=dtype) * 0.02) for _ in range(count)]
 
 
@@ -227,14 +228,14 @@ def measure_calibration(models: list[OffloadModel], *, tokens=DEFAULT_TOKENS, re
                 raw.append(time_calls(lambda: dst.copy_(src[0]), reps, lambda: None))
         medians = [float(np.median(r)) for r in raw]
         data["transfer"][memory] = {
-            **_fit_transfer([c[0] for c in cells], [c[1] for c in cells], medians),
+            **fit_transfer([c[0] for c in cells], [c[1] for c in cells], medians),
             "what": ("host->GPU copies on a copy stream, from a compute-stream event to the last copy's end "
                      "(device clock)" if gpu else "host memory copy (no GPU: CPU stand-in, host clock)"),
             "sizes_bytes": [c[0] for c in cells], "copies": [c[1] for c in cells], "median_ms": medians,
             "raw_ms": raw,
         }
     for model in models:
-        dtype = getattr(torch, model.dtype) if gpu else torch.float32
+        dtype = torch_dtype(model.dtype) if gpu else torch.float32
         dev = "cuda" if gpu else "cpu"
         torch.manual_seed(0)
         experts = rotating_expert_weights(torch, model, dev, dtype)

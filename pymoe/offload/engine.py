@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from ..baselines import expert_ffn
+from ..dtypes import torch_dtype
 from .calibration import Calibration
 from .models import OffloadModel
 from .simulator import RunResult, simulate
@@ -54,7 +55,7 @@ class EngineError(ValueError):
 
 def _expert_weights(model: OffloadModel, key: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + key)
-    w_in = torch.randn(model.d_model, model.w_in_cols, generator=g) / model.d_model ** 0.5
+    w_in = torch.randn(model.d_model, model.expert.w1_cols, generator=g) / model.d_model ** 0.5
     w_out = torch.randn(model.d_ff, model.d_model, generator=g) / model.d_ff ** 0.5
     return w_in.to(dtype), w_out.to(dtype)
 
@@ -86,7 +87,7 @@ class Executor:
             raise EngineError(f"prefetch_failure_rate must be in [0, 1], got {prefetch_failure_rate!r}")
         self.model, self.device, self.check = model, torch.device(device), check
         self.cuda = self.device.type == "cuda"
-        self.dtype = getattr(torch, model.dtype)
+        self.dtype = torch_dtype(model.dtype)
         nbytes = model.expert_bytes
         if self.cuda:
             free, _ = torch.cuda.mem_get_info(self.device)
@@ -100,7 +101,7 @@ class Executor:
         self.slots = torch.empty(capacity, nbytes, dtype=torch.uint8, device=self.device)
         # Views made once: on the hot path every tensor op is host time the GPU may wait for.
         self.slot_bytes = list(self.slots.unbind(0))
-        d, f, cols = model.d_model, model.d_ff, model.w_in_cols
+        d, f, cols = model.d_model, model.d_ff, model.expert.w1_cols
         self.slot_weights = [(row.view(self.dtype)[: d * cols].view(d, cols), row.view(self.dtype)[d * cols:].view(f, d))
                              for row in self.slot_bytes]
         self.slot_of: dict[int, int] = {}
@@ -309,7 +310,7 @@ def reference_outputs(trace: Trace, model: OffloadModel, steps: list[np.ndarray]
                       seed: int = 0) -> dict[int, torch.Tensor]:
     """The same layer outputs computed on the CPU straight from every expert's own weights
     (nothing offloaded, no slots): what the engine must reproduce."""
-    dtype = getattr(torch, model.dtype)
+    dtype = torch_dtype(model.dtype)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(max_tokens * model.top_k, model.d_model, generator=g).to(dtype)
     outputs, tick = {}, 0

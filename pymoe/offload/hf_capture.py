@@ -2,8 +2,9 @@
 SwitchTransformers, and any model whose router is a module with an [E, d_model] weight).
 
 Forward pre-hooks on the routers record each router's input; the routing is recomputed from
-it with the router's own weight (softmax in float64, top-k, renormalization as the config
-says), and the next router applied to the same input gives the Pre-gated MoE prediction.
+it with the router's own weight (pymoe.routing.route: softmax in float64, top-k,
+renormalization as the config says), and the next router applied to the same input gives
+the Pre-gated MoE prediction.
 Encoder-decoder models (Switch) are traced through their encoder.
 """
 
@@ -13,7 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .trace import Trace, topk_routing
+from ..routing import route
+from .trace import Trace
 
 
 def find_routers(model: nn.Module) -> list[tuple[str, nn.Module, torch.Tensor]]:
@@ -99,13 +101,13 @@ def capture_hf(model: nn.Module, requests: list[torch.Tensor], *, top_k: int | N
     weights_np = [w.detach().float().cpu().numpy().astype(np.float64) for _, _, w in routers]
     experts, gate_w, pregate = [], [], []
     for layer, (h, w) in enumerate(zip(hidden, weights_np)):
-        idx, wt = topk_routing(h @ w.T, k, renorm)
+        _, idx, wt = route(h @ w.T, k, renorm)
         experts.append(idx)
         gate_w.append(wt)
         if layer == 0:
             pregate.append(np.full_like(idx, -1))
         else:
-            pregate.append(topk_routing(hidden[layer - 1] @ w.T, k, renorm)[0])
+            pregate.append(route(hidden[layer - 1] @ w.T, k, renorm).ids)
     expert_bytes = _expert_bytes(run, routers[0][0], e)
     meta = {
         "num_experts": int(e), "num_layers": len(routers), "top_k": k, "renormalize": renorm,

@@ -24,8 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..baselines import expert_activation
+from ..config import ExpertShape
+from ..dtypes import itemsize
+from ..routing import route, route_torch
 from .models import MODELS
-from .trace import Trace, topk_routing
+from .trace import Trace
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,11 @@ class LMConfig:
         if self.d_model % self.n_heads:
             raise ValueError(f"LMConfig.d_model={self.d_model} must be a multiple of n_heads={self.n_heads}")
 
+    @property
+    def expert(self) -> ExpertShape:
+        """The shape of each expert's FFN."""
+        return ExpertShape(self.d_model, self.d_ff, self.activation)
+
 
 def lm_config_for(preset: str, *, aux_loss: bool = True, capacity_factor: float | None = None,
                   d_model: int = 64) -> LMConfig:
@@ -77,23 +85,14 @@ class MoEFFN(nn.Module):
         self.cfg = cfg
         e, d, f = cfg.num_experts, cfg.d_model, cfg.d_ff
         self.router = nn.Linear(d, e, bias=False)
-        first = 2 * f if cfg.activation == "swiglu" else f
-        self.w_in = nn.Parameter(torch.randn(e, d, first) / math.sqrt(d))
+        self.w_in = nn.Parameter(torch.randn(e, d, cfg.expert.w1_cols) / math.sqrt(d))
         self.w_out = nn.Parameter(torch.randn(e, f, d) / math.sqrt(f))
-
-    def route(self, h: torch.Tensor):
-        logits = self.router(h)
-        probs = logits.float().softmax(-1)
-        weights, experts = probs.topk(self.cfg.top_k, dim=-1)
-        if self.cfg.renormalize:
-            weights = weights / weights.sum(-1, keepdim=True)
-        return logits, probs, weights, experts
 
     def forward(self, h: torch.Tensor):
         """h: [tokens, d]. Returns (out, aux_loss, tokens per expert)."""
         cfg = self.cfg
         tokens = h.shape[0]
-        _, probs, weights, experts = self.route(h)
+        probs, experts, weights = route_torch(self.router(h), cfg.top_k, cfg.renormalize)
         flat_expert = experts.reshape(-1)
         flat_token = torch.arange(tokens, device=h.device).repeat_interleave(cfg.top_k)
         flat_weight = weights.reshape(-1)
@@ -277,15 +276,14 @@ def capture_trace(model: MoELM, *, requests: int, seed: int = 0, source: dict | 
     model.eval()
     own, ahead = model.routing(tokens)
     own, ahead = own.numpy(), None if ahead is None else ahead.numpy()
-    experts, weights = topk_routing(own, cfg.top_k, cfg.renormalize)  # [layers, T, k]
+    _, experts, weights = route(own, cfg.top_k, cfg.renormalize)  # [layers, T, k]
     pregate = np.full_like(experts, -1)
     if ahead is not None:
-        pregate[1:], _ = topk_routing(ahead, cfg.top_k, cfg.renormalize)
-    matrices = 3 if cfg.activation == "swiglu" else 2
+        pregate[1:] = route(ahead, cfg.top_k, cfg.renormalize).ids
     meta = {
         "num_experts": cfg.num_experts, "num_layers": cfg.num_layers, "top_k": cfg.top_k,
         "renormalize": cfg.renormalize, "d_model": cfg.d_model, "d_ff": cfg.d_ff,
-        "expert_bytes": matrices * cfg.d_model * cfg.d_ff * 4,
+        "expert_bytes": cfg.expert.nbytes(itemsize("float32")),  # the model trains in float32
         "source": {"kind": "pymoe-lm", "corpus": corpus, "requests": requests,
                    "tokens_per_request": cfg.seq_len, "seed": seed, **(source or {})},
     }

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ACTIVATIONS = ("relu", "swiglu")
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+from ..config import ACTIVATIONS, ExpertShape
+from ..dtypes import ITEMSIZE
 
 
 @dataclass(frozen=True)
@@ -41,21 +41,18 @@ class OffloadModel:
             )
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"OffloadModel.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if self.dtype not in DTYPE_BYTES:
-            raise ValueError(f"OffloadModel.dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
+        if self.dtype not in ITEMSIZE:
+            raise ValueError(f"OffloadModel.dtype must be one of {sorted(ITEMSIZE)}, got {self.dtype!r}")
 
     @property
-    def matrices(self) -> int:
-        return 3 if self.activation == "swiglu" else 2
-
-    @property
-    def w_in_cols(self) -> int:
-        """Columns of an expert's first matrix: d_ff, or gate and up side by side for swiglu."""
-        return 2 * self.d_ff if self.activation == "swiglu" else self.d_ff
+    def expert(self) -> ExpertShape:
+        """The shape of each expert's FFN (expert.w1_cols: columns of its first matrix)."""
+        return ExpertShape(self.d_model, self.d_ff, self.activation)
 
     @property
     def expert_bytes(self) -> int:
-        return self.matrices * self.d_model * self.d_ff * DTYPE_BYTES[self.dtype]
+        """Bytes of one expert's weights in `dtype`."""
+        return self.expert.nbytes(ITEMSIZE[self.dtype])
 
     @property
     def total_experts(self) -> int:

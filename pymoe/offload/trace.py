@@ -225,15 +225,3 @@ def load_trace(path: str | Path) -> Trace:
         path=str(path),
     )
 
-
-def topk_routing(logits: np.ndarray, k: int, renormalize: bool) -> tuple[np.ndarray, np.ndarray]:
-    """softmax over E in float64, top-k (ties to the lower index), optional renormalization."""
-    z = logits.astype(np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(axis=-1, keepdims=True)
-    idx = np.argsort(-p, axis=-1, kind="stable")[..., :k]
-    w = np.take_along_axis(p, idx, axis=-1)
-    if renormalize:
-        w = w / w.sum(axis=-1, keepdims=True)
-    return idx, w

@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from ..baselines import expert_ffn
+from ..dtypes import torch_dtype
 from ..stats import summarize
 from .calibration import rotating_expert_weights, time_calls, time_queued_on_gpu
 from .models import OffloadModel
@@ -127,7 +128,7 @@ def compute_vs_transfer(models: list[OffloadModel], *, reps: int = 30, progress=
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     rows = []
     for model in models:
-        dtype = getattr(torch, model.dtype) if gpu else torch.float32
+        dtype = torch_dtype(model.dtype) if gpu else torch.float32
         for count in COUNTS:
             rows += _compute_rows(torch, st, model, count, dev, dtype, gpu, sync, reps, say)
     return rows

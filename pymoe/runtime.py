@@ -1,0 +1,270 @@
+"""What a compiled MoE layer runs on: MAX devices and sessions, device buffers, the buffer
+pool, the in-process compile cache with the layer's graphs, and cuBLAS loading.
+
+MoELayer and DenseFFN (pymoe/layer.py) are built from these parts; the benchmarks
+(pymoe/bench/) use them to build and call graphs exactly as the layer does. Devices are
+named "cpu" or "gpu" and dtypes "float32" or "bfloat16" (pymoe/dtypes.py maps the names).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from .config import MoEConfig
+from .dtypes import LAYER_DTYPES, itemsize, max_dtype, torch_dtype
+from .weights import MoEWeights
+
+DEVICES = ("cpu", "gpu")
+CUBLAS_SONAMES = ("libcublas.so.13", "libcublas.so.12")
+
+# Compiled graphs by key, shared by every layer object of this process.
+_COMPILED: dict[tuple, Any] = {}
+
+
+def check_device_dtype(device: str, dtype: str) -> None:
+    """Raise a ValueError for an unknown device or dtype, before anything compiles."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if dtype not in LAYER_DTYPES:
+        raise ValueError(f"dtype must be one of {LAYER_DTYPES}, got {dtype!r}")
+    if device == "gpu":
+        from max.driver import accelerator_count
+
+        if accelerator_count() == 0:
+            raise ValueError("device='gpu' was requested but MAX sees no GPU on this machine")
+        load_cublas()
+
+
+def load_cublas() -> str:
+    """Make cuBLAS loadable for the GPU expert GEMM (kernels/gpu_gemm.mojo).
+
+    MAX opens cuBLAS by its soname at run time and does not ship it. If the
+    dynamic loader cannot find it, load it from the NVIDIA wheels that CUDA
+    builds of PyTorch install (nvidia/cublas/lib or nvidia/cu13/lib); once
+    loaded, MAX's lookup by soname finds the same library. Returns the path
+    or soname loaded; raises RuntimeError naming what was searched."""
+    import ctypes
+    import os
+    import sys
+
+    for name in CUBLAS_SONAMES:
+        try:
+            ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+            return name
+        except OSError:
+            pass
+    searched = []
+    for entry in sys.path:
+        for sub in ("nvidia/cublas/lib", "nvidia/cu13/lib"):
+            folder = os.path.join(entry, sub)
+            searched.append(folder)
+            for name in CUBLAS_SONAMES:
+                path = os.path.join(folder, name)
+                if os.path.exists(path):
+                    # cuBLAS needs cuBLASLt from the same folder, which its
+                    # wheel does not put on the loader's path.
+                    lt_path = os.path.join(folder, name.replace("libcublas", "libcublasLt"))
+                    if os.path.exists(lt_path):
+                        ctypes.CDLL(lt_path, mode=ctypes.RTLD_GLOBAL)
+                    ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                    return path
+    raise RuntimeError(
+        "the GPU expert GEMM needs cuBLAS (libcublas.so.13 or .12): install the CUDA toolkit or a CUDA "
+        "build of PyTorch (its nvidia-cublas wheel), or add its lib folder to LD_LIBRARY_PATH; searched "
+        + ", ".join(sorted(set(searched)))
+    )
+
+
+# ------------------------------------------------------------------ devices
+
+
+def driver_device(device: str):
+    """The max.driver device for "cpu" or "gpu" (the first accelerator)."""
+    from max.driver import CPU, Accelerator
+
+    return Accelerator() if device == "gpu" else CPU()
+
+
+def session_and_device_ref(device: str):
+    """(InferenceSession on `device`, DeviceRef for the graph's tensor types): what
+    building and loading a graph for "cpu" or "gpu" needs."""
+    from max.engine import InferenceSession
+    from max.graph import DeviceRef
+
+    dev = driver_device(device)
+    return InferenceSession(devices=[dev]), DeviceRef.from_device(dev)
+
+
+# ------------------------------------------------------------------ buffers
+
+
+def to_device_buffer(array, dtype: str, device):
+    """A NumPy array or torch tensor as a MAX Buffer of `dtype` on `device` (a driver device).
+
+    A contiguous CUDA tensor of the right dtype is shared, not copied, when
+    `device` is the GPU."""
+    import torch
+    from max.driver import Buffer
+
+    dtype_t = torch_dtype(dtype)
+    if isinstance(array, torch.Tensor):
+        tensor = array.detach()
+        if tensor.is_cuda and not device.is_host and tensor.dtype == dtype_t and tensor.is_contiguous():
+            return Buffer.from_dlpack(tensor)
+    else:
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+    tensor = tensor.to(device="cpu", dtype=dtype_t).contiguous()
+    return Buffer.from_dlpack(tensor).to(device)
+
+
+def to_numpy_f32(buffer) -> np.ndarray:
+    """A MAX Buffer (any float dtype) as a float32 NumPy array."""
+    import torch
+
+    tensor = torch.from_dlpack(buffer.to(driver_device("cpu")))
+    return tensor.to(torch.float32).numpy()
+
+
+def wrap_output(out, like):
+    """The output Buffer `out` in the kind of the input `like`: a torch tensor on the
+    input's device and dtype (shared, not copied, when both are on the GPU), or a float32
+    NumPy array for a NumPy input."""
+    import torch
+
+    if isinstance(like, torch.Tensor):
+        if like.is_cuda and not out.device.is_host:
+            return torch.from_dlpack(out).to(like.dtype)
+        return torch.from_numpy(to_numpy_f32(out)).to(device=like.device, dtype=like.dtype)
+    return to_numpy_f32(out)
+
+
+class BufferPool:
+    """Device buffers for the experts' intermediates, reused across calls.
+
+    One buffer per width in `widths` (h: [rows, w1 columns], y: [rows, d_model]).
+    A call needing more rows than the pool holds replaces every buffer with
+    one of the next power-of-two rows, so any sequence of batch sizes causes
+    at most log2(max rows) reallocations; `allocations` counts them.
+    """
+
+    MIN_ROWS = 64
+
+    def __init__(self, widths: tuple[int, ...], dtype: str, device):
+        self.widths, self.dtype, self.device = widths, dtype, device
+        self.rows = 0
+        self.allocations = 0
+        self._buffers: list = []
+
+    def buffers(self, rows: int) -> list:
+        """Buffers with at least `rows` rows (allocating only if the pool is too small)."""
+        if rows > self.rows:
+            from max.driver import Buffer
+
+            self.rows = max(self.MIN_ROWS, 1 << (rows - 1).bit_length())
+            self._buffers = [Buffer(max_dtype(self.dtype), (self.rows, w), self.device) for w in self.widths]
+            self.allocations += len(self.widths)
+        return self._buffers
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * sum(self.widths) * itemsize(self.dtype)
+
+
+def layer_weight_buffers(config: MoEConfig, weights: MoEWeights, device: str, dtype: str, packed: bool) -> list:
+    """The router, w1 and w2 buffers a compiled layer graph takes. `packed`
+    (the CPU layer's layout, see pymoe.ops.pack_expert_weights): the experts
+    are packed once here, not on every call."""
+    dev = driver_device(device)
+    router, w1, w2 = (to_device_buffer(w, dtype, dev) for w in (weights.router, weights.w1, weights.w2))
+    if packed:
+        w1 = _packed_on_cpu(w1, dtype, swiglu=config.activation == "swiglu")
+        w2 = _packed_on_cpu(w2, dtype, swiglu=False)
+    return [router, w1, w2]
+
+
+def _packed_on_cpu(w, dtype: str, swiglu: bool):
+    """A CPU Buffer of expert weights [E, K, N] in the pre-packed layout of
+    pymoe.ops.pack_expert_weights (same shape), computed by that op."""
+    model, _ = compiled(("pack", dtype, swiglu), lambda: _compile_pack_graph(dtype, swiglu))
+    return model.execute(w)[0]
+
+
+# ------------------------------------------------------------ compile cache
+
+
+def compiled(key: tuple, build: Callable[[], Any]) -> tuple[Any, float]:
+    """(the compiled model cached under `key`, seconds spent compiling it now): `build()`
+    compiles it on the first request of the process; later requests get it for 0.0 s."""
+    if key in _COMPILED:
+        return _COMPILED[key], 0.0
+    start = time.perf_counter()
+    _COMPILED[key] = build()
+    return _COMPILED[key], time.perf_counter() - start
+
+
+def compile_moe_graph(config: MoEConfig, device: str, dtype: str, pooled: bool,
+                      every_expert_tokens: tuple[int, int] = (1, 0), packed: bool | None = None):
+    """The MoE layer's compiled graph (uncached; MoELayer goes through `compiled`).
+
+    Inputs: x [tokens, d_model], router, w1, w2 (the layouts of pymoe/weights.py) and,
+    when `pooled`, the two BufferPool buffers; outputs: out, expert counts, losses, expert
+    offsets (pymoe.ops.moe_layer). `packed` (default: on the CPU) takes the experts
+    pre-packed (layer_weight_buffers)."""
+    from max.graph import BufferType, Graph, TensorType
+
+    from . import ops as mops
+
+    session, ref = session_and_device_ref(device)
+    dt = max_dtype(dtype)
+    d, e, f = config.d_model, config.num_experts, config.d_ff
+    input_types = [
+        TensorType(dt, ["tokens", d], ref),
+        TensorType(dt, [d, e], ref),
+        TensorType(dt, [e, d, config.expert_n], ref),
+        TensorType(dt, [e, f, d], ref),
+    ]
+    if pooled:
+        input_types += [BufferType(dt, ["pool_rows", config.expert_n], ref), BufferType(dt, ["pool_rows", d], ref)]
+    with Graph("pymoe_moe_layer", input_types=input_types, custom_extensions=[mops.KERNELS_DIR]) as g:
+        x, router, w1, w2 = (v.tensor for v in g.inputs[:4])
+        workspaces = (g.inputs[4].buffer, g.inputs[5].buffer) if pooled else None
+        graph_weights = mops.MoEGraphWeights(router, w1, w2, packed=device == "cpu" if packed is None else packed)
+        res = mops.moe_layer(x, graph_weights, config, workspaces, every_expert_tokens)
+        g.output(res.out, res.expert_counts, res.losses, res.expert_offsets)
+    return session.load(g)
+
+
+def _compile_pack_graph(dtype: str, swiglu: bool):
+    from max.graph import Graph, TensorType
+
+    from . import ops as mops
+
+    session, ref = session_and_device_ref("cpu")
+    with Graph(
+        "pymoe_pack_expert_weights",
+        input_types=[TensorType(max_dtype(dtype), ["experts", "k", "n"], ref)],
+        custom_extensions=[mops.KERNELS_DIR],
+    ) as g:
+        g.output(mops.pack_expert_weights(g.inputs[0].tensor, swiglu=swiglu))
+    return session.load(g)
+
+
+def compile_dense_graph(config: MoEConfig, device: str, dtype: str):
+    """The dense baseline's compiled graph (x, w1, w2 -> out; uncached, as compile_moe_graph)."""
+    from max.graph import Graph, TensorType
+
+    from . import ops as mops
+
+    session, ref = session_and_device_ref(device)
+    dt = max_dtype(dtype)
+    dense = config.dense_shape
+    d, f = dense.d_model, dense.d_ff
+    input_types = [TensorType(dt, ["tokens", d], ref), TensorType(dt, [d, dense.w1_cols], ref),
+                   TensorType(dt, [f, d], ref)]
+    with Graph("pymoe_dense_ffn", input_types=input_types) as g:
+        x, w1, w2 = (v.tensor for v in g.inputs)
+        g.output(mops.dense_ffn(x, w1, w2, config.activation))
+    return session.load(g)
