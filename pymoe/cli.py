@@ -392,14 +392,25 @@ def train_predictor_cmd(trace_paths, pregate, epochs, out_dir) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Default: <results>/graphs")
 def graphs(results_dir, out_dir) -> None:
-    """Draw every figure from the result files; list the figures that lack one."""
+    """Draw every figure from the result files <results>/figures.toml lists for it; list the
+    figures it skipped and why, and newer result files that the list leaves out."""
     from .plots import render_all
+    from .results import FigureListError
 
-    report = render_all(results_dir, out_dir)
+    try:
+        report = render_all(results_dir, out_dir)
+    except FigureListError as e:
+        raise click.ClickException(str(e)) from e
     for path in report.written:
         click.echo(f"wrote {path}")
     for name, why in report.missing:
         click.echo(f"skipped {name}: {why}")
+    for note in report.notes:
+        click.echo(f"note: {note}")
+    for name, why in report.errors:
+        click.echo(f"error: {name} not drawn: {why}", err=True)
+    if report.errors:
+        raise click.ClickException(f"{len(report.errors)} figure(s) not drawn (see above)")
 
 
 if __name__ == "__main__":
