@@ -109,16 +109,15 @@ def trace() -> None:
 def trace_lm(preset, aux_loss, capacity_factor, steps, requests, seed, out_dir, checkpoint) -> None:
     """Train pymoe's small MoE language model on the Python standard library's source, then
     trace held-out text. Writes lm-<preset>-<aux|noaux>.npz and its .training.json log."""
-    import sys
-
     from .offload.lm import train_and_trace
+    from .results import command_line
 
     if steps < 1 or requests < 1:
         raise click.UsageError("--steps and --requests must be >= 1")
     try:
         paths = train_and_trace(preset, aux_loss=aux_loss, steps=steps, requests=requests, out_dir=out_dir,
                                 capacity_factor=capacity_factor, seed=seed, checkpoint=checkpoint,
-                                command=" ".join(["pymoe", *sys.argv[1:]]))
+                                command=command_line())
     except ValueError as e:
         raise click.UsageError(str(e)) from e
     click.echo(f"wrote {paths[0]} and {paths[1]}")
@@ -216,22 +215,16 @@ def trace_info(path) -> None:
 def calibrate(models, reps, out_path) -> None:
     """Measure host->GPU transfer time and expert compute time for the simulator's cost model
     (on a machine without a GPU: host memory copies and CPU compute, labelled so)."""
-    import re
-
-    from .offload.calibration import measure_calibration, write_calibration
+    from .offload.calibration import calibrate as run_calibration
     from .offload.models import get_model
 
     try:
         shapes = [get_model(m) for m in models]
     except ValueError as e:
         raise click.UsageError(str(e)) from e
-    from .bench.machine import provenance
-
-    data = measure_calibration(shapes, reps=reps, progress=lambda msg: click.echo(msg, err=True))
-    data.update(provenance(" ".join(["pymoe calibrate", *[f"--model {m}" for m in models]])))
-    if out_path is None:
-        out_path = Path("results/offload") / f"calibration-{re.sub('[^A-Za-z0-9]+', '-', data['device']).strip('-')}.json"
-    write_calibration(data, out_path)
+    data, out_path = run_calibration(shapes, reps=reps, out_path=out_path,
+                                     command=" ".join(["pymoe calibrate", *[f"--model {m}" for m in models]]),
+                                     progress=lambda msg: click.echo(msg, err=True))
     for memory in ("pinned", "pageable"):
         t = data["transfer"][memory]
         click.echo(f"{memory}: {t['gbps']:.1f} GB/s, {t['latency_ms'] * 1e3:.1f} us per queued copy, "
@@ -251,10 +244,9 @@ def calibrate(models, reps, out_path) -> None:
 def transfer(models, reps, out_dir, calibration_out) -> None:
     """Benchmark expert transfers (pinned / pageable host->GPU, GPU->GPU, fresh allocation vs
     slot pool; 1 and 10 experts, 1-256 MiB) and compute vs transfer; write the calibration."""
-    import sys
-
     from .offload.models import get_model
     from .offload.transfer import run_transfer
+    from .results import command_line
 
     if reps < 2:
         raise click.UsageError("--reps must be >= 2")
@@ -263,7 +255,7 @@ def transfer(models, reps, out_dir, calibration_out) -> None:
     except ValueError as e:
         raise click.UsageError(str(e)) from e
     run_transfer(shapes, reps=reps, out_dir=out_dir, calibration_out=calibration_out,
-                 command=" ".join(["pymoe", *sys.argv[1:]]))
+                 command=command_line())
 
 
 @main.command()
@@ -333,11 +325,10 @@ def serve_offloaded(trace_path, model_name, calibration_path, strategies, batch_
                     max_steps, failure_rate, out_dir) -> None:
     """Run the real offloading engine on the GPU (experts in pinned host memory, GPU slot pool,
     prefetches on a copy stream) and compare its measured latency with the simulator's."""
-    import sys
-
     from .offload.engine import EngineError, validate
     from .offload.strategies import STRATEGIES
     from .offload.trace import TraceError
+    from .results import command_line
 
     try:
         sizes = tuple(int(b) for b in batch_sizes.split(","))
@@ -347,7 +338,7 @@ def serve_offloaded(trace_path, model_name, calibration_path, strategies, batch_
     try:
         validate(trace_path, model_name, calibration_path, strategies=chosen, batch_sizes=sizes, requests=requests,
                  cache_fraction=cache_fraction, max_steps=max_steps, out_dir=out_dir,
-                 command=" ".join(["pymoe", *sys.argv[1:]]), prefetch_failure_rate=failure_rate)
+                 command=command_line(), prefetch_failure_rate=failure_rate)
     except (EngineError, TraceError, ValueError) as e:
         raise click.ClickException(str(e)) from e
 
@@ -363,43 +354,35 @@ def serve_offloaded(trace_path, model_name, calibration_path, strategies, batch_
 def train_predictor_cmd(trace_paths, pregate, epochs, out_dir) -> None:
     """Train the next-expert predictor on each trace (held-out: the last 25% of requests) and
     compare it with baselines and the Fano ceiling; writes results/offload/<stamp>-predictor.json."""
-    import datetime as dt
-    import json
-    import sys
-
-    from .bench.machine import provenance
-    from .offload.predictor import train_predictor
-    from .offload.trace import TraceError, load_trace
+    from .offload.predictor import predictor_experiment
+    from .offload.trace import TraceError
+    from .results import command_line
 
     if epochs < 1:
         raise click.UsageError("--epochs must be >= 1")
-    result = {"schema": "pymoe.predictor/1", **provenance(" ".join(["pymoe", *sys.argv[1:]])), "runs": []}
-    for path in trace_paths:
-        try:
-            trace = load_trace(path)
-            run = train_predictor(trace, use_pregate=pregate and trace.pregate is not None, epochs=epochs)
-        except (TraceError, ValueError) as e:
-            raise click.ClickException(str(e)) from e
-        run["trace"] = str(path)
-        result["runs"].append(run)
-        click.echo(f"{path}: learned top-1 {run['learned']['top1_accuracy']:.3f} (top-k recall "
-                   f"{run['learned']['topk_recall']:.3f}); transition table {run['transition_table']['top1_accuracy']:.3f}; "
-                   f"previous token {run['previous_token']['top1_accuracy']:.3f}; "
-                   f"most frequent {run['most_frequent']['top1_accuracy']:.3f}; Fano ceiling {run['fano_ceiling_top1']:.3f} "
-                   f"(plug-in H(Y|X) = {run['conditional_entropy_bits']:.2f} bits): {run['learned_fraction_of_ceiling']:.0%} of it; "
-                   f"{run['learned_fraction_of_ceiling_range'][0]:.0%}-{run['learned_fraction_of_ceiling_range'][1]:.0%} "
-                   "over the entropy estimates (" + ", ".join(f"{name} {v['bits']:.2f} bits -> {v['fano_ceiling_top1']:.3f}"
-                                                            for name, v in run["entropy_estimates"].items()) + ")")
+
+    def show(run: dict) -> None:
+        learned, bounds = run["learned"], run["learned_fraction_of_ceiling_range"]
+        estimates = ", ".join(f"{name} {v['bits']:.2f} bits -> {v['fano_ceiling_top1']:.3f}"
+                              for name, v in run["entropy_estimates"].items())
+        click.echo(f"{run['trace']}: learned top-1 {learned['top1_accuracy']:.3f} (top-k recall "
+                   f"{learned['topk_recall']:.3f}); transition table {run['transition_table']['top1_accuracy']:.3f}; "
+                   f"previous token {run['previous_token']['top1_accuracy']:.3f}; most frequent "
+                   f"{run['most_frequent']['top1_accuracy']:.3f}; Fano ceiling {run['fano_ceiling_top1']:.3f} (plug-in "
+                   f"H(Y|X) = {run['conditional_entropy_bits']:.2f} bits): {run['learned_fraction_of_ceiling']:.0%} "
+                   f"of it; {bounds[0]:.0%}-{bounds[1]:.0%} over the entropy estimates ({estimates})")
         if "fano_tightness" in run:
             tight = run["fano_tightness"]
-            click.echo(f"  were the net's distribution the truth, the best top-1 would be {tight['net_as_truth_best_top1']:.3f} "
-                       f"against a Fano ceiling of {tight['fano_ceiling_at_net_entropy']:.3f} at its entropy "
-                       f"({tight['ratio']:.0%}): how far below Fano's bound a perfect predictor sits here")
-    folder = out_dir / "offload"
-    folder.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = folder / f"{stamp}-predictor{'' if pregate else '-no-pregate'}.json"
-    path.write_text(json.dumps(result, indent=1))
+            click.echo(f"  were the net's distribution the truth, the best top-1 would be "
+                       f"{tight['net_as_truth_best_top1']:.3f} against a Fano ceiling of "
+                       f"{tight['fano_ceiling_at_net_entropy']:.3f} at its entropy ({tight['ratio']:.0%}): how far "
+                       "below Fano's bound a perfect predictor sits here")
+
+    try:
+        _, path = predictor_experiment(trace_paths, use_pregate=pregate, epochs=epochs, out_dir=out_dir,
+                                       command=command_line(), on_run=show)
+    except (TraceError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
     click.echo(f"wrote {path}")
 
 
@@ -409,14 +392,25 @@ def train_predictor_cmd(trace_paths, pregate, epochs, out_dir) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Default: <results>/graphs")
 def graphs(results_dir, out_dir) -> None:
-    """Draw every figure from the result files; list the figures that lack one."""
+    """Draw every figure from the result files <results>/figures.toml lists for it; list the
+    figures it skipped and why, and newer result files that the list leaves out."""
     from .plots import render_all
+    from .results import FigureListError
 
-    report = render_all(results_dir, out_dir)
+    try:
+        report = render_all(results_dir, out_dir)
+    except FigureListError as e:
+        raise click.ClickException(str(e)) from e
     for path in report.written:
         click.echo(f"wrote {path}")
     for name, why in report.missing:
         click.echo(f"skipped {name}: {why}")
+    for note in report.notes:
+        click.echo(f"note: {note}")
+    for name, why in report.errors:
+        click.echo(f"error: {name} not drawn: {why}", err=True)
+    if report.errors:
+        raise click.ClickException(f"{len(report.errors)} figure(s) not drawn (see above)")
 
 
 if __name__ == "__main__":

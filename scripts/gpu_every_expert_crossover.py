@@ -15,7 +15,6 @@ point, the floor of reading all experts' weights once.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,11 +24,11 @@ from rich.console import Console
 from rich.table import Table
 
 from pymoe.bench.ceilings import measure_ceilings
-from pymoe.bench.machine import provenance
 from pymoe.bench.timing import device_sync, measure, summarize
 from pymoe.config import get_preset
 from pymoe.dtypes import itemsize, torch_dtype
 from pymoe.layer import MoELayer
+from pymoe.results import file_stamp, result_header, write_result
 from pymoe.weights import MoEWeights
 
 TOKENS = (1, 4, 8, 16, 32, 64, 128, 256)
@@ -45,8 +44,8 @@ def main(argv: list[str]) -> int:
     console = Console()
     start = time.perf_counter()
     result = {
-        "schema": "pymoe.every_expert_crossover/1",
-        **provenance("python scripts/gpu_every_expert_crossover.py " + " ".join(argv)),
+        **result_header("pymoe.every_expert_crossover/1",
+                        "python scripts/gpu_every_expert_crossover.py " + " ".join(argv)),
         "ceilings": {dt: measure_ceilings("gpu", torch_dtype(dt), min_seconds=args.min_seconds)
                      for dt in sorted({dt for _, dt in CASES})},
         "points": [],
@@ -77,11 +76,8 @@ def main(argv: list[str]) -> int:
         del layers
         torch.cuda.empty_cache()
     result["wall_s"] = time.perf_counter() - start  # ceilings, compiles and timings
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = result["date"].replace(":", "").replace("-", "").replace("+0000", "Z")
     gpu = (result["machine"]["gpu"] or "gpu").replace(" ", "-")
-    path = args.out / f"{stamp}-every-expert-crossover-{gpu}.json"
-    path.write_text(json.dumps(result, indent=1))
+    path = write_result(args.out, f"every-expert-crossover-{gpu}", result, stamp=file_stamp(result["date"]))
     console.print(f"wrote {path}")
     return 0
 

@@ -1,38 +1,109 @@
-"""Figures render from result files only, and say which result files are missing."""
+"""Figures render from the result files results/figures.toml lists, and say which are missing."""
 
 import json
 
+import pytest
 from click.testing import CliRunner
 from conftest import calibration_for
 
 from pymoe.cli import main
 from pymoe.offload.models import get_model
 from pymoe.plots import render_all
+from pymoe.results import FigureListError, read_result
+
+SWEEP_FIGURES = ("offload_latency_vs_batch.png", "offload_hit_rate_vs_batch.png", "offload_speedup.png",
+                 "offload_tail_latency.png", "offload_dedup_savings.png")
+
+
+def list_figures(results, files, figures=SWEEP_FIGURES):
+    (results / "figures.toml").write_text(
+        "[sweeps]\nfigures = " + json.dumps(list(figures)) + "\nfiles = " + json.dumps(list(files)) + "\n")
+
+
+def simulate(tmp_path, results, runner):
+    """One small simulated sweep under results/offload; its path relative to results."""
+    shape = "8:3:2:125:1000"
+    cal = tmp_path / "cal.json"
+    cal.write_text(json.dumps(calibration_for(get_model(shape)).data))
+    trace = tmp_path / "t.npz"
+    assert runner.invoke(main, ["trace", "synthetic", "--model", shape, "--requests", "12", "--tokens", "4",
+                                "--out", str(trace)]).exit_code == 0
+    r = runner.invoke(main, ["simulate", "--trace", str(trace), "--model", shape, "--calibration", str(cal),
+                             "--batch-sizes", "1,2", "--runs", "2", "--out", str(results)])
+    assert r.exit_code == 0, r.output
+    (path,) = (results / "offload").glob("*.json")
+    return path.relative_to(results).as_posix()
 
 
 def test_no_result_files_means_every_figure_skipped_with_a_reason(tmp_path):
     report = render_all(tmp_path / "results")
-    assert report.written == []
+    assert report.written == [] and report.errors == []
     names = {name for name, _ in report.missing}
     assert {"moe_dashboard.png", "offload_latency_vs_batch.png", "load_balancing.png"} <= names
-    assert all(why for _, why in report.missing)
+    assert all("figures.toml (no such file)" in why for _, why in report.missing)
 
 
-def test_offload_figures_render_from_a_simulation_result(tmp_path):
-    shape = "8:3:2:125:1000"
-    cal = tmp_path / "cal.json"
-    cal.write_text(json.dumps(calibration_for(get_model(shape)).data))
+def test_offload_figures_render_from_the_listed_simulation_result(tmp_path):
     runner = CliRunner()
-    trace = tmp_path / "t.npz"
-    assert runner.invoke(main, ["trace", "synthetic", "--model", shape, "--requests", "12", "--tokens", "4",
-                                "--out", str(trace)]).exit_code == 0
     results = tmp_path / "results"
-    r = runner.invoke(main, ["simulate", "--trace", str(trace), "--model", shape, "--calibration", str(cal),
-                             "--batch-sizes", "1,2", "--runs", "2", "--out", str(results)])
-    assert r.exit_code == 0, r.output
+    sweep = simulate(tmp_path, results, runner)
+    list_figures(results, [sweep])
     r = runner.invoke(main, ["graphs", "--results", str(results)])
     assert r.exit_code == 0, r.output
     written = {p.name for p in (results / "graphs").glob("*.png")}
-    assert {"offload_latency_vs_batch.png", "offload_hit_rate_vs_batch.png", "offload_speedup.png",
-            "offload_tail_latency.png", "offload_dedup_savings.png"} <= written
-    assert "skipped moe_dashboard.png" in r.output  # no bench result in this folder
+    assert set(SWEEP_FIGURES) == written
+    assert "skipped moe_dashboard.png" in r.output  # figures.toml lists nothing for it
+    assert "note:" not in r.output
+
+
+def test_a_missing_listed_file_is_a_clear_error_and_a_newer_unlisted_one_a_note(tmp_path):
+    runner = CliRunner()
+    results = tmp_path / "results"
+    sweep = simulate(tmp_path, results, runner)
+    list_figures(results, [sweep, "offload/20000101T000000Z-gone.json"])
+    r = runner.invoke(main, ["graphs", "--results", str(results)])
+    assert r.exit_code != 0
+    assert "lists offload/20000101T000000Z-gone.json, but" in r.output and "no such file" in r.output
+    assert not (results / "graphs").exists()
+
+    # An older listed run: the newer one is drawn only once listed, and the report says so.
+    data = read_result(results / sweep)
+    (results / "offload" / "old.json").write_text(json.dumps({**data, "date": "2000-01-01T00:00:00+00:00"}))
+    list_figures(results, ["offload/old.json"])
+    r = runner.invoke(main, ["graphs", "--results", str(results)])
+    assert r.exit_code == 0, r.output
+    assert f"note: {(results / sweep).as_posix()} (pymoe.offload-sim/1" in r.output and "[sweeps]" in r.output
+
+
+def test_a_listed_file_of_the_wrong_kind_or_an_unknown_figure_is_an_error(tmp_path):
+    runner = CliRunner()
+    results = tmp_path / "results"
+    sweep = simulate(tmp_path, results, runner)
+    list_figures(results, [sweep], figures=["moe_performance_gains.png", "no_such_figure.png"])
+    report = render_all(results)
+    errors = dict(report.errors)
+    assert "a pymoe.offload-sim/1 file; moe_performance_gains.png draws pymoe.bench/1 files" in \
+        errors["moe_performance_gains.png"]
+    assert "pymoe draws no figure of that name" in errors["no_such_figure.png"]
+
+
+def test_a_malformed_figure_list_is_refused(tmp_path):
+    (tmp_path / "figures.toml").write_text("[sweeps]\nfigures = [\"offload_speedup.png\"]\n")
+    with pytest.raises(FigureListError, match="needs exactly `figures` and `files`"):
+        render_all(tmp_path)
+    (tmp_path / "figures.toml").write_text("[sweeps\n")
+    r = CliRunner().invoke(main, ["graphs", "--results", str(tmp_path)])
+    assert r.exit_code != 0 and "not valid TOML" in r.output
+
+
+def test_the_committed_figure_list_names_existing_result_files():
+    from pathlib import Path
+
+    from pymoe.results import FigureList
+
+    results = Path(__file__).resolve().parents[1] / "results"
+    figures = FigureList.read(results)
+    assert figures.exists and len(figures.files) == 17
+    for names in figures.files.values():
+        for name in names:
+            assert read_result(results / name)["schema"].startswith("pymoe.")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from pathlib import Path
 
@@ -12,11 +10,11 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from ..config import get_preset
 from ..dtypes import torch_dtype
+from ..results import command_line, file_stamp, result_header, write_result
 from ..runtime import check_device_dtype
 from .ceilings import measure_ceilings
-from .machine import provenance
 from .report import print_result
-from .suite import IMPL_NAMES, run_preset, write_result
+from .suite import IMPL_NAMES, run_preset, write_bench_result
 
 DEFAULT_PRESETS = ("small-decode", "small")
 
@@ -42,8 +40,7 @@ def run_bench(
     check_device_dtype(device, dtype)
     console = console or Console()
     result = {
-        "schema": "pymoe.bench/1",
-        **provenance(command or " ".join(["pymoe", *sys.argv[1:]])),
+        **result_header("pymoe.bench/1", command or command_line()),
         "device": device,
         "dtype": dtype,
         "runs": [],
@@ -63,7 +60,7 @@ def run_bench(
             )
     result["wall_s"] = time.perf_counter() - start  # the whole run: compiles, references, timings
     print_result(result, console)
-    path = write_result(result, out_dir) if out_dir is not None else None
+    path = write_bench_result(result, out_dir) if out_dir is not None else None
     if path:
         console.print(f"wrote {path}")
     return result, path
@@ -90,8 +87,7 @@ def run_ablation(
         raise ValueError(f"token counts must be >= 1, got tokens={tokens}, matmul tokens={matmul_tokens}")
     console = console or Console()
     result = {
-        "schema": "pymoe.ablation/1",
-        **provenance(command or " ".join(["pymoe", *sys.argv[1:]])),
+        **result_header("pymoe.ablation/1", command or command_line()),
         "device": "cpu",
         "dtype": "float32",
         "preset": preset,
@@ -116,10 +112,7 @@ def run_ablation(
     print_ablation(result, console)
     path = None
     if out_dir is not None:
-        stamp = result["date"].replace(":", "").replace("-", "").replace("+0000", "Z")
-        folder = Path(out_dir) / "bench" / "cpu"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{stamp}-float32-ablation-{preset}.json"
-        path.write_text(json.dumps(result, indent=1))
+        path = write_result(Path(out_dir) / "bench" / "cpu", f"float32-ablation-{preset}", result,
+                            stamp=file_stamp(result["date"]))
         console.print(f"wrote {path}")
     return result, path

@@ -5,13 +5,12 @@ is built (compile time kept apart), checked against the float64 reference on
 the first tokens of the batch, then timed (warm-up, repetitions, median and
 spread), with the roofline floor from the machine's measured ceilings beside
 it. Data flows one way: this module measures and returns plain dicts; the CLI
-prints them (report.py) and writes them to results/ (write_result).
+prints them (report.py) and writes them to results/ (write_bench_result).
 """
 
 from __future__ import annotations
 
 import gc
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from .. import reference as R
+from .. import results
 from ..baselines import TorchDenseFFN, TorchMoE
 from ..config import MoEConfig, Preset, get_preset
 from ..dtypes import itemsize, torch_dtype
@@ -275,13 +275,10 @@ def run_preset(
     }
 
 
-def write_result(result: dict, out_dir: Path) -> Path:
-    """Write one result file: results/bench/<device>/<stamp>-<presets>.json."""
-    stamp = result["date"].replace(":", "").replace("-", "").replace("+0000", "Z")
+def write_bench_result(result: dict, out_dir: Path) -> Path:
+    """Write one result file: results/bench/<device>/<stamp>-<dtype>-<presets>.json, stamped
+    with the run's start."""
     presets = "_".join(r["preset"] + (f"@{r['tokens']}" if r["tokens"] != get_preset(r["preset"]).tokens else "")
                        for r in result["runs"])
-    folder = Path(out_dir) / "bench" / result["device"]
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{stamp}-{result['dtype']}-{presets}.json"
-    path.write_text(json.dumps(result, indent=1))
-    return path
+    return results.write_result(Path(out_dir) / "bench" / result["device"], f"{result['dtype']}-{presets}", result,
+                                stamp=results.file_stamp(result["date"]))

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..baselines import expert_ffn
 from ..dtypes import torch_dtype
+from ..results import provenance, slug, write_json
 from .models import OffloadModel
 
 SCHEMA = "pymoe.calibration/2"
@@ -260,6 +261,11 @@ def measure_calibration(models: list[OffloadModel], *, tokens=DEFAULT_TOKENS, re
     return data
 
 
+def default_calibration_path(out_dir: str | Path, device: str) -> Path:
+    """Where a device's calibration goes unless told: `<out_dir>/offload/calibration-<device>.json`."""
+    return Path(out_dir) / "offload" / f"calibration-{slug(device)}.json"
+
+
 def write_calibration(data: dict, path: str | Path, *, merge: bool = True) -> Path:
     """Write the file; with merge, compute curves already in an existing file for the same
     device are kept unless re-measured."""
@@ -268,6 +274,14 @@ def write_calibration(data: dict, path: str | Path, *, merge: bool = True) -> Pa
         old = json.loads(path.read_text())
         if old.get("device") == data.get("device"):
             data = {**data, "compute": {**old.get("compute", {}), **data["compute"]}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1))
-    return path
+    return write_json(path, data)
+
+
+def calibrate(models: list[OffloadModel], *, reps: int = 20, out_path: str | Path | None = None,
+              out_dir: str | Path = "results", command: str = "", progress=None) -> tuple[dict, Path]:
+    """`pymoe calibrate`: measure (see measure_calibration), add the provenance and write the
+    calibration to out_path (default `<out_dir>/offload/calibration-<device>.json`, merged
+    with the compute curves already there). Returns (data, path)."""
+    data = measure_calibration(models, reps=reps, progress=progress)
+    data.update(provenance(command))
+    return data, write_calibration(data, out_path or default_calibration_path(out_dir, data["device"]))

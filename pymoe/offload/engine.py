@@ -332,15 +332,12 @@ def validate(trace_path, model_name: str, calibration_path, *, strategies, batch
     """Engine vs simulator for every strategy and batch size (each run cut to its first
     `max_steps` decode steps if given); writes
     `<out_dir>/offload/<stamp>-engine-<model>-<device>.json`."""
-    import datetime as dt
-    import json
-    import re
     from pathlib import Path
 
     from rich.console import Console
     from rich.table import Table
 
-    from ..bench.machine import provenance
+    from ..results import result_header, slug, write_result
     from .calibration import load_calibration
     from .models import get_model
     from .simulator import cache_capacity
@@ -358,7 +355,7 @@ def validate(trace_path, model_name: str, calibration_path, *, strategies, batch
     calibration = load_calibration(calibration_path)
     profile, evaluation = trace.split(0.25)
     capacity = cache_capacity(model, fraction=cache_fraction)
-    result = {"schema": "pymoe.offload-engine/2", **provenance(command), "model": model.to_dict(),
+    result = {**result_header("pymoe.offload-engine/2", command), "model": model.to_dict(),
               "trace": str(trace_path), "calibration": str(calibration_path), "cache_experts": capacity,
               "cache_fraction": cache_fraction, "requests_per_run": requests, "seed": seed,
               "max_steps": max_steps, "prefetch_failure_rate": prefetch_failure_rate, "runs": []}
@@ -387,14 +384,10 @@ def validate(trace_path, model_name: str, calibration_path, *, strategies, batch
     result["wall_s"] = round(time.perf_counter() - start, 1)
     result["max_abs_relative_error"] = max(abs(r["relative_error"]) for r in result["runs"])
     console.print(table)
-    folder = Path(out_dir) / "offload"
-    folder.mkdir(parents=True, exist_ok=True)
-    slug = re.sub("[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(0)).strip("-")
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     # Runs with injected failures test the fallback; the simulator does not model them, so
-    # they are kept apart from the validation runs (the figures read only those).
+    # their name keeps them apart from the validation runs (the figures draw only those).
     faults = f"-prefetch-failures{prefetch_failure_rate:g}" if prefetch_failure_rate else ""
-    path = folder / f"{stamp}-engine-{model.name}-{slug}{faults}.json"
-    path.write_text(json.dumps(result, indent=1))
+    path = write_result(Path(out_dir) / "offload", f"engine-{model.name}-{slug(torch.cuda.get_device_name(0))}{faults}",
+                        result)
     console.print(f"wrote {path}")
     return result, path

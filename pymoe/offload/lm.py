@@ -299,12 +299,10 @@ def train_and_trace(preset: str, *, aux_loss: bool, steps: int, requests: int, o
                     checkpoint: Path | None = None, console=None) -> tuple[Path, Path]:
     """Train the preset's model, capture a trace of held-out text, write
     `<out_dir>/lm-<preset>-<aux|noaux>.npz` and its `.training.json` log. Returns both paths."""
-    import json
-
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from ..bench.machine import provenance
+    from ..results import result_header, write_json
     from .trace import save_trace
 
     cfg = lm_config_for(preset, aux_loss=aux_loss, capacity_factor=capacity_factor)
@@ -325,9 +323,8 @@ def train_and_trace(preset: str, *, aux_loss: bool, steps: int, requests: int, o
                           source={"preset": preset, "aux_loss": aux_loss, "train_steps": steps,
                                   "final_val_bits_per_byte": log["checkpoints"][-1]["val_bits_per_byte"]})
     trace_path = save_trace(trace, out_dir / f"{stem}.npz")
-    log_path = out_dir / f"{stem}.training.json"
-    log_path.write_text(json.dumps({"schema": "pymoe.lm-training/1", **provenance(command), "preset": preset,
-                                    "trace": trace_path.name, **log}, indent=1))
+    log_path = write_json(out_dir / f"{stem}.training.json", {**result_header("pymoe.lm-training/1", command),
+                                                               "preset": preset, "trace": trace_path.name, **log})
     if checkpoint is not None:
         Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
         torch.save({"config": asdict(cfg), "state_dict": model.state_dict()}, checkpoint)

@@ -33,6 +33,7 @@ layer.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -236,3 +237,23 @@ def train_predictor(trace: Trace, *, use_pregate: bool = True, holdout: float = 
     bounds = [v["fano_ceiling_top1"] for v in result["entropy_estimates"].values()]
     result["learned_fraction_of_ceiling_range"] = [accuracy / max(bounds), accuracy / min(bounds)]
     return result
+
+
+def predictor_experiment(trace_paths, *, use_pregate: bool = True, epochs: int = 30, out_dir="results",
+                         command: str = "", on_run=None) -> tuple[dict, Path]:
+    """`pymoe train-predictor`: train_predictor on each trace (with the pre-gate signal where
+    the trace has it and `use_pregate`), `on_run(run)` after each, then write
+    `<out_dir>/offload/<stamp>-predictor[-no-pregate].json`. Returns (result, path)."""
+    from ..results import result_header, write_result
+    from .trace import load_trace
+
+    result = {**result_header("pymoe.predictor/1", command), "runs": []}
+    for path in trace_paths:
+        trace = load_trace(path)
+        run = train_predictor(trace, use_pregate=use_pregate and trace.pregate is not None, epochs=epochs)
+        run["trace"] = str(path)
+        result["runs"].append(run)
+        if on_run is not None:
+            on_run(run)
+    path = write_result(Path(out_dir) / "offload", "predictor" + ("" if use_pregate else "-no-pregate"), result)
+    return result, path

@@ -5,9 +5,6 @@ SIMULATED (cost model from a measured calibration file), and the files say so.""
 from __future__ import annotations
 
 import csv
-import datetime as dt
-import json
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..bench.machine import provenance
+from ..results import command_line, provenance, write_result
 from ..stats import compare_paired, summarize
 from .calibration import load_calibration
 from .models import get_model
@@ -133,7 +130,7 @@ def run_sweep(trace_path: Path, model_name: str, calibration_path: Path, *,
     result = {
         "schema": "pymoe.offload-sim/1",
         "simulated": SIMULATED,
-        **provenance(command or " ".join(["pymoe", *sys.argv[1:]])),
+        **provenance(command or command_line()),
         "model": model.to_dict(),
         "trace": {"path": str(trace_path), "meta": trace.meta, "requests": trace.num_requests,
                   "profile_requests": profile.num_requests, "evaluation_requests": evaluation.num_requests},
@@ -174,13 +171,12 @@ def run_sweep(trace_path: Path, model_name: str, calibration_path: Path, *,
 
 
 def write_sweep(result: dict, out_dir: Path, trace_stem: str) -> Path:
-    folder = out_dir / "offload"
-    folder.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    """Write `<out_dir>/offload/<stamp>-simulated-<model>-<trace>-cache<percent>[-evictions].json`
+    and, beside it, a .csv of the aggregates."""
     cache = int(round(result["cache_fraction"] * 100))
     policies = "-evictions" if any("[" in name for name in result["strategies"]) else ""
-    path = folder / f"{stamp}-simulated-{result['model']['name']}-{trace_stem}-cache{cache}{policies}.json"
-    path.write_text(json.dumps(result, indent=1))
+    path = write_result(out_dir / "offload", f"simulated-{result['model']['name']}-{trace_stem}-cache{cache}{policies}",
+                        result)
     with path.with_suffix(".csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["simulated", "strategy", "batch_size", "dedup", "runs", "ms_per_step_mean",

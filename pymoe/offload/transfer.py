@@ -169,16 +169,13 @@ def _compute_rows(torch, st, model, count, dev, dtype, gpu, sync, reps, say) -> 
 def run_transfer(models: list[OffloadModel], *, reps: int, out_dir, calibration_out, command: str, console=None):
     """Measure, print, write `<out_dir>/offload/<stamp>-transfer-<device>.json` and the
     simulator's calibration file. Returns (result, path)."""
-    import datetime as dt
-    import json
-    import re
     from pathlib import Path
 
     from rich.console import Console
     from rich.table import Table
 
-    from ..bench.machine import provenance
-    from .calibration import measure_calibration, write_calibration
+    from ..results import provenance, result_header, slug, write_result
+    from .calibration import default_calibration_path, measure_calibration, write_calibration
 
     console = console or Console()
     start = time.perf_counter()
@@ -186,7 +183,7 @@ def run_transfer(models: list[OffloadModel], *, reps: int, out_dir, calibration_
         def say(msg):
             status.update(msg)
 
-        result = {"schema": "pymoe.transfer/1", **provenance(command),
+        result = {**result_header("pymoe.transfer/1", command),
                   "models": [m.to_dict() for m in models], "reps": reps}
         result.update(measure_transfers(models, reps=reps, progress=say))
         result["compute_vs_transfer"] = compute_vs_transfer(models, progress=say)
@@ -215,13 +212,7 @@ def run_transfer(models: list[OffloadModel], *, reps: int, out_dir, calibration_
                     f"{r['transfer']['mean']:.3f} ± {r['transfer']['std']:.3f}",
                     f"{r['transfer_over_compute']:.1f}x", f"{r['welch_p']:.1e}", f"{r['cohens_d']:.1f}")
     console.print(cvt)
-    folder = Path(out_dir) / "offload"
-    folder.mkdir(parents=True, exist_ok=True)
-    slug = re.sub("[^A-Za-z0-9]+", "-", device).strip("-")
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = folder / f"{stamp}-transfer-{slug}.json"
-    path.write_text(json.dumps(result, indent=1))
-    cal_path = Path(calibration_out) if calibration_out else folder / f"calibration-{slug}.json"
-    write_calibration(calibration, cal_path)
+    path = write_result(Path(out_dir) / "offload", f"transfer-{slug(device)}", result)
+    cal_path = write_calibration(calibration, calibration_out or default_calibration_path(out_dir, device))
     console.print(f"wrote {path} and {cal_path}")
     return result, path

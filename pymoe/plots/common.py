@@ -1,8 +1,8 @@
-"""What every figure shares: finding result files by schema, the provenance footer, saving."""
+"""What every figure shares: its result files (from results/figures.toml), the provenance
+footer, saving."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
+
+from ..results import FigureList, FigureListError  # noqa: E402
 
 STRATEGY_ORDER = ("on-demand", "on-demand[predicted]", "top-k", "multi-lookahead", "intelligent", "intelligent-learned",
                   "pre-gated", "expertflow", "expertflow[predicted]", "oracle")
@@ -30,28 +32,40 @@ STRATEGY_STYLE = {
 
 @dataclass
 class Report:
-    """What `render_all` made and what it could not make (and why)."""
+    """What `render_all` made, what it did not make and why (`missing`: nothing listed or not
+    enough to draw; `errors`: figures.toml names a file that is missing or of the wrong
+    kind), and notes on newer result files that figures.toml leaves out."""
 
     written: list[Path] = field(default_factory=list)
     missing: list[tuple[str, str]] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def skip(self, figure: str, why: str) -> None:
         self.missing.append((figure, why))
 
+    def fail(self, figure: str, why: str) -> None:
+        self.errors.append((figure, why))
 
-def load_results(results_dir: Path, schema: str) -> list[tuple[Path, dict]]:
-    """Every JSON file under results_dir whose `schema` is the given one, oldest first."""
-    found = []
-    for path in sorted(Path(results_dir).rglob("*.json")):
-        if "graphs" in path.parts:
-            continue
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(data, dict) and data.get("schema") == schema:
-            found.append((path, data))
-    return found
+
+def listed_files(figures: FigureList, figure: str, report: Report, schemas: tuple[str, ...],
+                 needs: str) -> list[tuple[Path, dict]] | None:
+    """The result files figures.toml lists for the figure, read; None, with the reason in the
+    report, if it lists none (`needs` says what run makes one) or a listed file is missing."""
+    try:
+        files = figures.load(figure, schemas)
+    except FigureListError as err:
+        report.fail(figure, str(err))
+        return None
+    if not files:
+        where = figures.path.as_posix() + ("" if figures.exists else " (no such file)")
+        report.skip(figure, f"{where} lists no result file for it; it needs {needs}")
+        return None
+    return files
+
+
+def of_schema(files: list[tuple[Path, dict]], schema: str) -> list[tuple[Path, dict]]:
+    return [(path, data) for path, data in files if data["schema"] == schema]
 
 
 def machine_label(data: dict) -> str:

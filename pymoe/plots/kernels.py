@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import Report, footer, load_results, log_y, machine_label, plt, provenance_line, save
+from ..results import FigureList
+from .common import Report, footer, listed_files, log_y, machine_label, of_schema, plt, provenance_line, save
 
 IMPL_STYLE = {
     "pymoe": ("pymoe (Mojo kernels)", "#d62728"),
@@ -17,15 +18,18 @@ IMPL_STYLE = {
     "max_builtin": ("MAX built-in MoE kernels", "#9467bd"),
 }
 PRESET_ORDER = ("small-decode", "medium-decode", "large-decode", "small", "medium", "large")
+BENCH = "pymoe.bench/1"
+ABLATION = "pymoe.ablation/1"
+NEEDS_BENCH = "a pymoe bench result file (results/bench/*/*.json)"
 
 
-def latest_runs(results_dir: Path) -> dict[str, list[tuple[dict, Path, dict]]]:
-    """device -> [(run, path, file)] with the newest run per preset at the preset's own
-    token count (runs with --tokens are left out), in preset order."""
+def bench_runs(files: list[tuple[Path, dict]]) -> dict[str, list[tuple[dict, Path, dict]]]:
+    """device -> [(run, path, file)], one run per preset at the preset's own token count
+    (runs with --tokens are left out; of two, the later listed file's), in preset order."""
     from ..config import PRESETS
 
     newest: dict[tuple[str, str], tuple[dict, Path, dict]] = {}
-    for path, data in load_results(results_dir, "pymoe.bench/1"):
+    for path, data in of_schema(files, BENCH):
         for run in data["runs"]:
             preset = PRESETS.get(run["preset"])
             if preset is not None and run["tokens"] == preset.tokens:
@@ -60,20 +64,18 @@ def _device_title(device: str, items) -> str:
     return f"{device.upper()}: {machine_label(data)}, {data['dtype']}"
 
 
-def render_kernels(results_dir: Path, out_dir: Path, report: Report) -> None:
-    runs = latest_runs(results_dir)
-    if not runs:
-        for name in ("moe_performance_gains.png", "moe_throughput_comparison.png", "efficiency_comparison.png",
-                     "flop_reduction.png", "industry_comparison.png", "moe_dashboard.png"):
-            report.skip(name, "no pymoe bench result file (results/bench/*/*.json)")
-    else:
-        _gains(runs, out_dir, report)
-        _throughput(runs, out_dir, report)
-        _efficiency(runs, out_dir, report)
-        _flop_reduction(runs, out_dir, report)
-        _industry(runs, out_dir, report)
-        _dashboard(runs, results_dir, out_dir, report)
-    _scaling(results_dir, out_dir, report)
+def render_kernels(figures: FigureList, out_dir: Path, report: Report) -> None:
+    for name, draw in (("moe_performance_gains.png", _gains), ("moe_throughput_comparison.png", _throughput),
+                       ("efficiency_comparison.png", _efficiency), ("flop_reduction.png", _flop_reduction),
+                       ("industry_comparison.png", _industry)):
+        files = listed_files(figures, name, report, (BENCH,), NEEDS_BENCH)
+        runs = bench_runs(files) if files else None
+        if files and not runs:
+            report.skip(name, "its files hold no run at a preset's own token count")
+        if runs:
+            draw(runs, out_dir, report)
+    _dashboard(figures, out_dir, report)
+    _scaling(figures, out_dir, report)
 
 
 def _panels(runs, height=5.4):
@@ -211,9 +213,17 @@ def _flop_reduction(runs, out_dir, report):
     save(fig, out_dir, "flop_reduction.png", report)
 
 
-def _dashboard(runs, results_dir: Path, out_dir, report):
-    from .offload import latest_sweeps
+def _dashboard(figures: FigureList, out_dir, report):
+    from .offload import SWEEP, sweeps_by_model
 
+    name = "moe_dashboard.png"
+    files = listed_files(figures, name, report, (BENCH, ABLATION, SWEEP),
+                         NEEDS_BENCH + " (and an ablation and the simulated sweeps, if there are)")
+    runs = bench_runs(files) if files else None
+    if files and not runs:
+        report.skip(name, "its files hold no bench run at a preset's own token count")
+    if not runs:
+        return
     fig = plt.figure(figsize=(15, 10))
     grid = fig.add_gridspec(2, 2)
     used = [it for items in runs.values() for it in items]
@@ -253,7 +263,7 @@ def _dashboard(runs, results_dir: Path, out_dir, report):
     ax.grid(True, axis="y", alpha=0.3)
 
     ax = fig.add_subplot(grid[1, 0])
-    ablations = load_results(results_dir, "pymoe.ablation/1")
+    ablations = of_schema(files, ABLATION)
     if ablations:
         path, data = ablations[-1]
         used_ablation = (path, data)
@@ -279,7 +289,7 @@ def _dashboard(runs, results_dir: Path, out_dir, report):
         ax.text(0.5, 0.5, "no ablation result file", ha="center")
 
     ax = fig.add_subplot(grid[1, 1])
-    sweeps = latest_sweeps(results_dir)
+    sweeps = sweeps_by_model(files)
     combos = [(model, batch) for model in sweeps for batch in (1, 16)]
     strategies = [s for s in ("top-k", "multi-lookahead", "intelligent", "pre-gated", "expertflow", "oracle")]
     width = 0.8 / max(len(combos), 1)
@@ -305,14 +315,18 @@ def _dashboard(runs, results_dir: Path, out_dir, report):
         lines.append("ablation: " + provenance_line(*used_ablation))
     lines += ["SIMULATED: " + provenance_line(p, d) for p, d in sweeps.values()]
     footer(fig, *lines)
-    save(fig, out_dir, "moe_dashboard.png", report)
+    save(fig, out_dir, name, report)
 
 
-def _scaling(results_dir: Path, out_dir: Path, report: Report) -> None:
-    """Time vs tokens for one layer shape, from every bench run of it (any --tokens)."""
+def _scaling(figures: FigureList, out_dir: Path, report: Report) -> None:
+    """Time vs tokens for one layer shape, from every listed bench run of it (any --tokens)."""
     name = "scaling_analysis.png"
+    files = listed_files(figures, name, report, (BENCH,), "bench runs of one layer shape at three or more "
+                         "token counts (pymoe bench --preset small --tokens N)")
+    if files is None:
+        return
     series: dict[tuple[str, str], dict[int, tuple[dict, Path, dict]]] = {}
-    for path, data in load_results(results_dir, "pymoe.bench/1"):
+    for path, data in files:
         for run in data["runs"]:
             base = run["preset"].removesuffix("-decode")
             series.setdefault((data["device"], base), {})[run["tokens"]] = (run, path, data)

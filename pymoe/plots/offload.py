@@ -7,34 +7,35 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import STRATEGY_ORDER, STRATEGY_STYLE, Report, footer, load_results, log_y, plt, provenance_line, save
+from ..results import FigureList
+from .common import (
+    STRATEGY_ORDER,
+    STRATEGY_STYLE,
+    Report,
+    footer,
+    listed_files,
+    log_y,
+    of_schema,
+    plt,
+    provenance_line,
+    save,
+)
+
+SWEEP = "pymoe.offload-sim/1"
+ENGINE = "pymoe.offload-engine/2"
+LM_TRAINING = "pymoe.lm-training/1"
+NEEDS_SWEEP = "a pymoe simulate result file (results/offload/*-simulated-*.json)"
 
 
-def is_eviction_sweep(data: dict) -> bool:
-    """A sweep run with --eviction (strategy labels like on-demand[lfu])."""
-    return any("[" in name for name in data["strategies"])
+def sweeps_by_model(files: list[tuple[Path, dict]]) -> dict[str, tuple[Path, dict]]:
+    """model name -> (path, data) of its simulated sweep (of two, the later listed), switch first."""
+    by_model = {data["model"]["name"]: (path, data) for path, data in of_schema(files, SWEEP)}
+    return dict(sorted(by_model.items(), key=lambda kv: kv[0] != "switch"))
 
 
-def _sweep_rank(path: Path, data: dict) -> tuple:
-    """Fuller sweeps first (batch sizes, dedup settings, strategy-eviction pairs), then newer."""
-    return (len(data["batch_sizes"]), len({run["dedup"] for run in data["runs"]}),
-            len({run["strategy"] for run in data["runs"]}), path.name)
-
-
-def latest_sweeps(results_dir: Path, cache_fraction: float = 0.25, evictions: bool = False
-                  ) -> dict[str, tuple[Path, dict]]:
-    """The fullest sweep per model at the given cache fraction (most batch sizes, both dedup
-    settings; the newest of equals), model name -> (path, data): a narrower run made to compare
-    a few strategies does not replace the sweep the figures need. Strategy sweeps, or with
-    `evictions` the eviction-policy sweeps."""
-    best = {}
-    for path, data in load_results(results_dir, "pymoe.offload-sim/1"):
-        if abs(data["cache_fraction"] - cache_fraction) < 1e-9 and is_eviction_sweep(data) == evictions:
-            rank = _sweep_rank(path, data)
-            name = data["model"]["name"]
-            if name not in best or rank > best[name][0]:
-                best[name] = (rank, (path, data))
-    return dict(sorted(((name, item) for name, (_, item) in best.items()), key=lambda kv: kv[0] != "switch"))
+def _listed_sweeps(figures: FigureList, name: str, report: Report, needs: str = NEEDS_SWEEP):
+    files = listed_files(figures, name, report, (SWEEP,), needs)
+    return sweeps_by_model(files) if files else None
 
 
 def _rows(data: dict, dedup: bool = True) -> dict[str, list[dict]]:
@@ -61,12 +62,10 @@ def _sim_footer(fig, sweeps) -> None:
     footer(fig, *lines)
 
 
-def _per_strategy(results_dir, out_dir, report, name, metric, ylabel, *, logy=False, scale=1.0, ci=True,
+def _per_strategy(figures, out_dir, report, name, metric, ylabel, *, logy=False, scale=1.0, ci=True,
                   ylim=None, reference=None, evictions=False):
-    sweeps = latest_sweeps(results_dir, evictions=evictions)
+    sweeps = _listed_sweeps(figures, name, report, NEEDS_SWEEP + (" run with --eviction" if evictions else ""))
     if not sweeps:
-        report.skip(name, "no pymoe simulate result file (results/offload/*-simulated-*.json)"
-                    + (" run with --eviction" if evictions else ""))
         return
     fig, axes = plt.subplots(1, len(sweeps), figsize=(max(11.0, 6.4 * len(sweeps)), 5.6), squeeze=False)
     for ax, (_, (path, data)) in zip(axes[0], sweeps.items()):
@@ -112,29 +111,28 @@ def _compute_floor(ax, data):
     ax.plot(b, floor, color="black", linestyle=":", label="all experts on GPU (compute only)")
 
 
-def render_offload(results_dir: Path, out_dir: Path, report: Report) -> None:
-    _per_strategy(results_dir, out_dir, report, "offload_latency_vs_batch.png", "ms_per_step",
+def render_offload(figures: FigureList, out_dir: Path, report: Report) -> None:
+    _per_strategy(figures, out_dir, report, "offload_latency_vs_batch.png", "ms_per_step",
                   "ms per decode step", logy=True, reference=_compute_floor)
-    _per_strategy(results_dir, out_dir, report, "offload_hit_rate_vs_batch.png", "hit_rate",
+    _per_strategy(figures, out_dir, report, "offload_hit_rate_vs_batch.png", "hit_rate",
                   "cache hit rate (expert ready when its layer starts)", ylim=(0, 1.02))
-    _per_strategy(results_dir, out_dir, report, "offload_speedup.png", "speedup_vs_on_demand",
+    _per_strategy(figures, out_dir, report, "offload_speedup.png", "speedup_vs_on_demand",
                   "speedup over On-Demand (same cache)", logy=True)
-    _per_strategy(results_dir, out_dir, report, "offload_scalability.png", "tokens_per_s",
+    _per_strategy(figures, out_dir, report, "offload_scalability.png", "tokens_per_s",
                   "throughput (tokens/s)", logy=True)
-    _per_strategy(results_dir, out_dir, report, "offload_eviction_policies.png", "speedup_vs_on_demand",
+    _per_strategy(figures, out_dir, report, "offload_eviction_policies.png", "speedup_vs_on_demand",
                   "speedup of each eviction policy over LRU (On-Demand)", logy=True, evictions=True)
-    _tail_latency(results_dir, out_dir, report)
-    _dedup(results_dir, out_dir, report)
-    _pareto(results_dir, out_dir, report)
-    _load_balancing(results_dir, out_dir, report)
-    _simulated_vs_measured(results_dir, out_dir, report)
+    _tail_latency(figures, out_dir, report)
+    _dedup(figures, out_dir, report)
+    _pareto(figures, out_dir, report)
+    _load_balancing(figures, out_dir, report)
+    _simulated_vs_measured(figures, out_dir, report)
 
 
-def _tail_latency(results_dir, out_dir, report):
+def _tail_latency(figures, out_dir, report):
     name = "offload_tail_latency.png"
-    sweeps = latest_sweeps(results_dir)
+    sweeps = _listed_sweeps(figures, name, report)
     if not sweeps:
-        report.skip(name, "no pymoe simulate result file")
         return
     batches = (1, 16)
     fig, axes = plt.subplots(len(sweeps), len(batches), figsize=(12, 1.4 + 4.0 * len(sweeps)), squeeze=False)
@@ -157,11 +155,12 @@ def _tail_latency(results_dir, out_dir, report):
     save(fig, out_dir, name, report)
 
 
-def _dedup(results_dir, out_dir, report):
+def _dedup(figures, out_dir, report):
     name = "offload_dedup_savings.png"
-    sweeps = latest_sweeps(results_dir)
-    if not sweeps or not any(d["dedup_savings"] and "bandwidth_savings" in d["dedup_savings"][0]
-                             for _, d in sweeps.values()):
+    sweeps = _listed_sweeps(figures, name, report, NEEDS_SWEEP + " run with --dedup both")
+    if sweeps is None:
+        return
+    if not any(d["dedup_savings"] and "bandwidth_savings" in d["dedup_savings"][0] for _, d in sweeps.values()):
         report.skip(name, "no sweep with --dedup both")
         return
     fig, axes = plt.subplots(1, len(sweeps), figsize=(max(10.0, 6.4 * len(sweeps)), 4.6), squeeze=False)
@@ -186,19 +185,18 @@ def _dedup(results_dir, out_dir, report):
     save(fig, out_dir, name, report)
 
 
-def _pareto(results_dir, out_dir, report):
+def _pareto(figures, out_dir, report):
     name = "offload_pareto.png"
+    needs = "sweeps at two or more --cache-fraction values for one model"
+    files = listed_files(figures, name, report, (SWEEP,), needs)
+    if files is None:
+        return
     by_model = {}
-    for path, data in load_results(results_dir, "pymoe.offload-sim/1"):
-        if is_eviction_sweep(data):
-            continue
-        fractions = by_model.setdefault(data["model"]["name"], {})
-        current = fractions.get(data["cache_fraction"])
-        if current is None or _sweep_rank(path, data) > _sweep_rank(*current):
-            fractions[data["cache_fraction"]] = (path, data)
+    for path, data in files:
+        by_model.setdefault(data["model"]["name"], {})[data["cache_fraction"]] = (path, data)
     usable = {m: v for m, v in by_model.items() if len(v) >= 2}
     if not usable:
-        report.skip(name, "needs sweeps at two or more --cache-fraction values for one model")
+        report.skip(name, "needs " + needs)
         return
     fig, axes = plt.subplots(1, len(usable), figsize=(max(11.0, 6.4 * len(usable)), 6.0), squeeze=False)
     used = []
@@ -229,15 +227,18 @@ def _pareto(results_dir, out_dir, report):
     save(fig, out_dir, name, report)
 
 
-def _load_balancing(results_dir, out_dir, report):
+def _load_balancing(figures, out_dir, report):
     name = "load_balancing.png"
-    logs = load_results(results_dir, "pymoe.lm-training/1")
+    needs = "training logs with and without the auxiliary loss (pymoe trace lm [--no-aux-loss])"
+    logs = listed_files(figures, name, report, (LM_TRAINING,), needs)
+    if logs is None:
+        return
     by_preset = {}
     for path, data in logs:
         by_preset.setdefault(data["preset"], {})[data["config"]["aux_loss_coef"] > 0] = (path, data)
     pairs = {p: v for p, v in by_preset.items() if True in v and False in v}
     if not pairs:
-        report.skip(name, "needs training logs with and without the auxiliary loss (pymoe trace lm [--no-aux-loss])")
+        report.skip(name, "needs " + needs)
         return
     fig, axes = plt.subplots(2, len(pairs), figsize=(6.2 * len(pairs), 7.2), squeeze=False)
     used = []
@@ -275,19 +276,19 @@ def _load_balancing(results_dir, out_dir, report):
     save(fig, out_dir, name, report)
 
 
-def _simulated_vs_measured(results_dir, out_dir, report):
+def _simulated_vs_measured(figures, out_dir, report):
     name = "offload_simulated_vs_measured.png"
-    # Runs with injected prefetch failures test the fallback, not the cost model.
-    files = [(path, data) for path, data in load_results(results_dir, "pymoe.offload-engine/2")
-             if not data.get("prefetch_failure_rate")]
-    if not files:
-        report.skip(name, "needs `pymoe serve-offloaded` results (the real engine on a GPU)")
+    files = listed_files(figures, name, report, (ENGINE,),
+                         "`pymoe serve-offloaded` results (the real engine on a GPU)")
+    if files is None:
         return
-    # The fullest run per model (newest of equals): a narrower recheck of a few strategies does
-    # not replace the validation of all of them.
-    newest = {}
-    for path, data in sorted(files, key=lambda item: (len(item[1]["runs"]), item[0].name)):
-        newest[data["model"]["name"]] = (path, data)
+    # Runs with injected prefetch failures test the fallback, not the cost model.
+    failures = [path.as_posix() for path, data in files if data.get("prefetch_failure_rate")]
+    if failures:
+        report.fail(name, f"lists {', '.join(failures)}, a run with injected prefetch failures, which the "
+                    "simulator does not model")
+        return
+    newest = {data["model"]["name"]: (path, data) for path, data in files}  # of two, the later listed
     fig, axes = plt.subplots(1, len(newest), figsize=(max(11.0, 6.4 * len(newest)), 6.6), squeeze=False)
     markers = dict(zip((1, 4, 16, 64), ("o", "s", "^", "D")))
     for ax, (model, (path, data)) in zip(axes[0], sorted(newest.items())):

@@ -14,10 +14,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from pymoe.bench.machine import REPO_ROOT
 from pymoe.bench.runner import run_bench
 from pymoe.check import check_preset
 from pymoe.offload.sweep import run_sweep
+from pymoe.results import REPO_ROOT
 
 # On a CPU the small shape runs on 2048 of its 16384 tokens so that the demo stays short;
 # `pymoe bench --preset small` runs all of them.

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from pymoe.bench.machine import machine_info
 from pymoe.bench.runner import run_ablation, run_bench
 from pymoe.config import PRESETS
 from pymoe.offload.sweep import run_sweep
+from pymoe.results import machine_info
 
 CALIBRATION = Path("results/offload/calibration-NVIDIA-H100-80GB-HBM3.json")
 SWEEPS = (("results/traces/lm-switch-aux.npz", "switch"), ("results/traces/lm-qwen-aux.npz", "qwen"))
