@@ -31,20 +31,24 @@ from max.graph import BufferValue, Dim, Graph, StaticDim, TensorType, TensorValu
 from .config import MoEConfig
 
 
-def _find_kernels_dir() -> Path:
-    # Installed: the Mojo sources ship inside the package as pymoe/kernels.
-    # Source checkout: they live at the repository root in kernels/.
+def find_kernels_dir(name: str = "kernels") -> Path:
+    """The directory of pymoe's Mojo package `name` ("kernels": the production
+    ops; "ablation_kernels": the benchmark-only rungs of `pymoe bench --ablation`).
+
+    Installed, the Mojo sources ship inside the package as pymoe/<name>; in a
+    source checkout they live at the repository root in <name>/.
+    """
     here = Path(__file__).resolve().parent
-    for candidate in (here / "kernels", here.parent / "kernels"):
+    for candidate in (here / name, here.parent / name):
         if (candidate / "__init__.mojo").is_file():
             return candidate
     raise FileNotFoundError(
-        f"pymoe's Mojo kernels were not found in {here / 'kernels'} or {here.parent / 'kernels'}; "
-        "reinstall pymoe (pip install .) so that kernels/*.mojo are included"
+        f"pymoe's Mojo package {name} was not found in {here / name} or {here.parent / name}; "
+        f"reinstall pymoe (pip install .) so that {name}/*.mojo are included"
     )
 
 
-KERNELS_DIR: Path = _find_kernels_dir()
+KERNELS_DIR: Path = find_kernels_dir()
 
 FLOAT_DTYPES = (DType.float32, DType.bfloat16)
 
