@@ -200,7 +200,7 @@ def pack_expert_weights(w: TensorValue, *, swiglu: bool = False) -> TensorValue:
     """Expert weights [E, K, N] in the CPU kernels' pre-packed layout.
 
     The result has w's shape and dtype; its contents are the column panels
-    that the CPU expert matmul reads (kernels/moe_expert_matmul.mojo), so that
+    that the CPU expert matmul reads (layout in kernels/cpu_pack.mojo), so that
     each expert is one sequential stream and no call packs again. Pass it
     with packed=True to moe_expert_matmul / moe_ffn (MoEGraphWeights.packed).
     The layout depends on the CPU's SIMD width: pack on the machine that runs
