@@ -18,6 +18,14 @@
 #   copied back and the stream is synchronised once per layer call.
 # - gather_rows_gpu / activation_gpu: the memory-bound steps around the GEMMs,
 #   vectorised 16 bytes per thread when the row lengths allow it.
+# - expert_matmul_gpu: the grouped GEMM of pymoe_moe_expert_matmul and
+#   moe_ffn on the GPU, built from the pieces above. The expert offsets are
+#   read back to the host (one stream sync), the gathered rows are copied
+#   into a contiguous block, and each expert's rows are one cuBLAS GEMM
+#   (tensor cores in bf16) writing the raw products; a memory-bound pass then
+#   applies the activation (SwiGLU folds its two halves). Unlike the CPU path
+#   the activation is not fused into the GEMM: cuBLAS has no SiLU epilogue.
+#   zero_dropped_rows_gpu zeroes the op's rows past the last expert.
 
 from _cublas.cublas import (
     Algorithm,
@@ -272,3 +280,66 @@ def _activation[dtype: DType, activation: StaticString, vw: Int](
         dst.unsafe_store[alignment=ALIGN](r * Int(n_ldd) + c, v.cast[dtype]())
 
     ctx.enqueue_function(kernel, grid_dim=ceildiv(Int(n_total), GPU_BLOCK), block_dim=GPU_BLOCK)
+
+
+def expert_matmul_gpu[dtype: DType, activation: StaticString, gather: Bool](
+    ctx: DeviceContext,
+    c_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
+    ldc: Int,
+    a_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
+    lda: Int,
+    k_dim: Int,
+    ids_ptr: Pointer[Int32, MutAnyOrigin],
+    offsets: List[Int],
+    b_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
+    n_w: Int,
+    gathered_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
+    wide_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
+    ldw: Int,
+) raises:
+    """The grouped GEMM on the GPU (see the file header). `offsets` are the
+    expert offsets on the host. A has row stride lda (k_dim columns used);
+    with `gather`, its rows are first gathered into gathered_ptr [rows, k_dim].
+    The raw products (n_w columns) go to wide_ptr (row stride ldw); the
+    activation then writes C (row stride ldc). wide_ptr may be c_ptr."""
+    var experts = len(offsets) - 1
+    var rows = offsets[experts]
+    if rows == 0 or n_w == 0:
+        return
+    var a = a_ptr
+    var a_stride = lda
+    comptime if gather:
+        gather_rows_gpu[dtype](ctx, gathered_ptr, a_ptr, ids_ptr, rows, k_dim)
+        a = gathered_ptr
+        a_stride = k_dim
+    for e in range(experts):
+        var r0 = offsets[e]
+        gemm_gpu[dtype](
+            ctx, wide_ptr.unsafe_offset(r0 * ldw), ldw, a.unsafe_offset(r0 * a_stride), a_stride,
+            b_ptr.unsafe_offset(e * k_dim * n_w), n_w, offsets[e + 1] - r0, n_w, k_dim,
+        )
+    comptime if activation != "none":
+        var n_out = n_w // 2 if activation == "swiglu" else n_w
+        activation_gpu[dtype, activation](ctx, c_ptr, ldc, wide_ptr, ldw, rows, n_out)
+
+
+def zero_dropped_rows_gpu[dtype: DType](
+    ctx: DeviceContext,
+    c_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
+    m_rows: Int,
+    n_out: Int,
+    valid_ptr: Pointer[Int32, MutAnyOrigin],
+) raises:
+    """Zero rows [valid_ptr[0], m_rows) of C (slots dropped by the capacity)."""
+    var total = m_rows * n_out
+    if total == 0:
+        return
+    var n_total = Int64(total)
+    var n_n = Int64(n_out)
+
+    def kernel() {var c_ptr, var valid_ptr, var n_total, var n_n}:
+        var i = Int(block_idx.x) * 256 + Int(thread_idx.x)
+        if i < Int(n_total) and i // Int(n_n) >= Int(valid_ptr.unsafe_load(0)):
+            c_ptr.unsafe_store(i, Scalar[dtype](0))
+
+    ctx.enqueue_function(kernel, grid_dim=ceildiv(total, 256), block_dim=256)

@@ -31,9 +31,10 @@ from extensibility import InputTensor, OutputTensor
 from extensibility import _MutableInputTensor as MutableInputTensor
 from max.gpu.host import DeviceContext
 
-from .gpu_gemm import activation_gpu, expert_offsets_to_host, gemm_batched_gpu
+from .cpu_gemm import expert_matmul_cpu
+from .gpu_gemm import activation_gpu, expert_matmul_gpu, expert_offsets_to_host, gemm_batched_gpu
 from .moe_combine import combine_cpu, combine_gpu
-from .moe_expert_matmul import PACKED_ON_GPU, check_activation, expert_matmul_cpu, expert_matmul_gpu
+from .moe_expert_matmul import PACKED_ON_GPU, check_activation
 
 
 @extensibility.register("pymoe_moe_ffn")

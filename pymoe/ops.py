@@ -32,20 +32,24 @@ from .config import ACTIVATIONS, MoEConfig
 from .dtypes import dtype_name
 
 
-def _find_kernels_dir() -> Path:
-    # Installed: the Mojo sources ship inside the package as pymoe/kernels.
-    # Source checkout: they live at the repository root in kernels/.
+def find_kernels_dir(name: str = "kernels") -> Path:
+    """The directory of pymoe's Mojo package `name` ("kernels": the production
+    ops; "ablation_kernels": the benchmark-only rungs of `pymoe bench --ablation`).
+
+    Installed, the Mojo sources ship inside the package as pymoe/<name>; in a
+    source checkout they live at the repository root in <name>/.
+    """
     here = Path(__file__).resolve().parent
-    for candidate in (here / "kernels", here.parent / "kernels"):
+    for candidate in (here / name, here.parent / name):
         if (candidate / "__init__.mojo").is_file():
             return candidate
     raise FileNotFoundError(
-        f"pymoe's Mojo kernels were not found in {here / 'kernels'} or {here.parent / 'kernels'}; "
-        "reinstall pymoe (pip install .) so that kernels/*.mojo are included"
+        f"pymoe's Mojo package {name} was not found in {here / name} or {here.parent / name}; "
+        f"reinstall pymoe (pip install .) so that {name}/*.mojo are included"
     )
 
 
-KERNELS_DIR: Path = _find_kernels_dir()
+KERNELS_DIR: Path = find_kernels_dir()
 
 FLOAT_DTYPES = (DType.float32, DType.bfloat16)
 
@@ -206,7 +210,7 @@ def pack_expert_weights(w: TensorValue, *, swiglu: bool = False) -> TensorValue:
     """Expert weights [E, K, N] in the CPU kernels' pre-packed layout.
 
     The result has w's shape and dtype; its contents are the column panels
-    that the CPU expert matmul reads (kernels/moe_expert_matmul.mojo), so that
+    that the CPU expert matmul reads (layout in kernels/cpu_pack.mojo), so that
     each expert is one sequential stream and no call packs again. Pass it
     with packed=True to moe_expert_matmul / moe_ffn (MoEGraphWeights.packed).
     The layout depends on the CPU's SIMD width: pack on the machine that runs

@@ -10,8 +10,8 @@ DEVICE = CPU()
 REF = DeviceRef.from_device(DEVICE)
 
 
-def compile_graph(name, input_types, forward):
-    with Graph(name, input_types=input_types, custom_extensions=[mops.KERNELS_DIR]) as g:
+def compile_graph(name, input_types, forward, extra_kernels=()):
+    with Graph(name, input_types=input_types, custom_extensions=[mops.KERNELS_DIR, *extra_kernels]) as g:
         outs = forward(*(v.tensor for v in g.inputs))
         g.output(*outs)
     return InferenceSession(devices=[DEVICE]).load(g)

@@ -1,5 +1,7 @@
-"""The ablation's slower rungs (kernels/ablation.mojo) against the float64
-reference, and the ablation harness's bookkeeping."""
+"""The ablation's slower rungs (ablation_kernels/ablation.mojo) against the
+float64 reference, and the ablation harness's bookkeeping."""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,7 +63,14 @@ def ablation_model():
                                        {"simd": simd})
         return outs
 
-    return compile_graph("ablation_ops", types, forward)
+    return compile_graph("ablation_ops", types, forward, [mops.find_kernels_dir(A.ABLATION_KERNELS)])
+
+
+def test_production_kernels_do_not_register_ablation_ops():
+    # User graphs load the production package only; the rungs below it are benchmark subjects.
+    sources = "".join(p.read_text() for p in Path(mops.KERNELS_DIR).glob("*.mojo"))
+    assert "pymoe_ablation_" not in sources
+    assert "pymoe_ablation_" in (mops.find_kernels_dir(A.ABLATION_KERNELS) / "ablation.mojo").read_text()
 
 
 def _routing(x, router, capacity):

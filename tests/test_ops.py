@@ -223,7 +223,7 @@ def test_expert_matmul_matches_reference(matmul_model, rng, sizes):
 
 # Decode-sized shapes: few rows per expert, weights wide and deep enough for
 # the CPU's decode schedule to cut several slices and jobs and to pack each
-# next block while computing the current one (kernels/moe_expert_matmul.mojo);
+# next block while computing the current one (kernels/cpu_decode.mojo);
 # N = 1030 leaves a job whose width is not a whole number of panels (packed
 # without the pipeline). The same products with pre-packed weights: several
 # K slices per panel, read panel by panel.

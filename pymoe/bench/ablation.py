@@ -1,7 +1,8 @@
 """`pymoe bench --ablation`: the optimisation breakdown, measured one step at a time.
 
 Each op (softmax, relu, gate, expert matmul, the whole layer) runs in rungs
-that add one optimisation at a time (kernels/ablation.mojo documents them):
+that add one optimisation at a time (ablation_kernels/ablation.mojo documents
+them; that Mojo package is loaded only by the graphs built here):
 
     scalar       one element at a time, op parameters read at run time
     simd         explicit SIMD vectors, op parameters still read at run time
@@ -41,6 +42,9 @@ RUNG_NOTES = {
 # than production, so they use fewer tokens than the preset by default.
 DEFAULT_MATMUL_TOKENS = 256
 ACT_CODES = {"none": 0, "relu": 1, "silu": 2, "swiglu": 3}
+# The Mojo package of the rungs below production: benchmark subjects, kept out
+# of the production package so that user graphs never load them.
+ABLATION_KERNELS = "ablation_kernels"
 
 
 @dataclass
@@ -67,7 +71,8 @@ def _graph(name: str, input_types, forward):
     from ..runtime import session_and_device_ref
 
     session, _ = session_and_device_ref("cpu")
-    with Graph(name, input_types=input_types, custom_extensions=[mops.KERNELS_DIR]) as g:
+    kernels = [mops.KERNELS_DIR, mops.find_kernels_dir(ABLATION_KERNELS)]
+    with Graph(name, input_types=input_types, custom_extensions=kernels) as g:
         g.output(*forward(*(v.tensor for v in g.inputs)))
     return session.load(g)
 

@@ -1,6 +1,6 @@
 # The lower rungs of the optimisation ablation (`pymoe bench --ablation`).
 #
-# The production ops in the other files are the top rung. The rungs below
+# The production ops in kernels/ are the top rung. The rungs below
 # them differ in one step at a time so that each step's effect is measured:
 #
 #   scalar       one element at a time; the op's parameters (top-k,
@@ -16,7 +16,9 @@
 #
 # Every rung uses the same worker threads as production so that threading is
 # not part of any step. These kernels are benchmark subjects, not API: the
-# layer never uses them. Each is tested against the float64 reference.
+# layer never uses them, so they are a Mojo package of their own that only the
+# graphs of pymoe/bench/ablation.py load (user graphs never see these ops).
+# Each is tested against the float64 reference.
 #
 # Runtime activation codes: 0 none, 1 relu, 2 silu, 3 swiglu.
 
