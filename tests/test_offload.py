@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from pymoe.cli import main
-from pymoe.offload.cache import LRU, Belady, ExpertCache, Future, PredictedReuse
+from pymoe.offload.cache import LRU, Admission, Belady, ExpertCache, Future, PredictedReuse, TieredCache
 from conftest import calibration_for
 from pymoe.offload.calibration import CalibrationError, load_calibration
 from pymoe.offload.models import OffloadModel, get_model
@@ -161,10 +161,24 @@ def test_future_and_policies():
     cache = ExpertCache(2, Belady(f))
     cache.admit(1, 0, 0.0, 0.0, set())
     cache.admit(2, 0, 0.0, 0.0, set())
-    assert cache.admit(3, 1, 0.0, 0.0, {3}) == 2  # 2 is never needed again
+    assert cache.admit(3, 1, 0.0, 0.0, {3}) == Admission(admitted=True, evicted=2)  # 2 is never needed again
     lru = ExpertCache(1, LRU())
-    lru.admit(7, 0, 0.0, 5.0, set())
-    assert lru.admit(8, 0, 1.0, 6.0, set()) is False  # 7's transfer still running: not evictable
+    assert lru.admit(0, 0, 0.0, 5.0, set()) == Admission(admitted=True, evicted=None)  # a free slot
+    assert lru.admit(8, 0, 1.0, 6.0, set()) == Admission(admitted=False)  # 0's transfer still running
+    assert 8 not in lru and lru.lookup(0) == 5.0
+    assert lru.admit(8, 0, 5.0, 6.0, set()) == Admission(admitted=True, evicted=0)  # key 0 is a key like any
+
+
+def test_tiered_cache_moves_a_used_prefetch_to_l1():
+    cache = TieredCache(5)  # L1 2, L2 2, L3 1 slots
+    assert cache.sizes == [2, 2, 1]
+    assert cache.admit(9, 0, 0.0, 1.0, set(), prefetch=True) == Admission(admitted=True)
+    assert 9 in cache.l2 and 9 not in cache.l1
+    cache.access(9, 1, {9})
+    assert 9 in cache.l1 and 9 not in cache.l2 and cache.lookup(9) == 1.0
+    cache.admit(1, 2, 2.0, 2.0, set())
+    assert cache.admit(3, 3, 3.0, 3.0, {3}).evicted == 9  # L1's least recently used ...
+    assert 9 in cache.l3 and len(cache) == 3  # ... stays in L3, which had room
 
 
 @pytest.mark.parametrize("seed", range(12))

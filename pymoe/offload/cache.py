@@ -15,6 +15,7 @@ import bisect
 import heapq
 from collections import OrderedDict
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -154,6 +155,10 @@ class LFU(HeapPolicy):
         self.lru.on_access(key, tick)
         self.rank(key, tick)
 
+    def uses(self, key: int) -> float:
+        """How often key was used (aged, if decay < 1); 0 if never."""
+        return self.count.get(key, 0.0)
+
     def priority(self, key: int, tick: int) -> tuple:
         return self.count.get(key, 0.0), self.lru.last.get(key, 0)
 
@@ -238,6 +243,17 @@ class PredictionAware(EvictionPolicy):
         return choice if choice is not None else self.base.pick(resident, evictable, tick)
 
 
+class Admission(NamedTuple):
+    """What `admit` did: whether the key got a slot, and the key evicted to make room for it
+    (None when a slot was free, or when nothing was admitted)."""
+
+    admitted: bool
+    evicted: int | None = None
+
+
+REFUSED = Admission(admitted=False)
+
+
 class ExpertCache:
     """One pool of GPU expert slots with one eviction policy."""
 
@@ -251,6 +267,17 @@ class ExpertCache:
     def __len__(self) -> int:
         return len(self.ready)
 
+    def __contains__(self, key: int) -> bool:
+        return key in self.ready
+
+    def __iter__(self):
+        """The resident keys, in the order they came in."""
+        return iter(self.ready)
+
+    @property
+    def full(self) -> bool:
+        return len(self.ready) >= self.capacity
+
     def lookup(self, key: int) -> float | None:
         """The time key is (or will be) ready, None if it is not resident."""
         return self.ready.get(key)
@@ -259,25 +286,49 @@ class ExpertCache:
         self.policy.on_access(key, tick)
 
     def admit(self, key: int, tick: int, now: float, ready_at: float, protected: set[int],
-              allow=None, prefetch: bool = False, in_flight: bool = False) -> int | None | bool:
+              allow=None, prefetch: bool = False, in_flight: bool = False) -> Admission:
         """Make room for key (evicting one ready, unprotected key if full) and insert it.
         `in_flight` also offers keys whose transfer has not finished (a demand load that
         finds every slot taken by pending prefetches abandons one). `allow(victim)` may veto
-        the eviction. Returns the evicted key, None if there was room, or False if nothing
-        could be evicted (then nothing changed)."""
+        the eviction. When nothing could be evicted, nothing changes and the key is not
+        admitted."""
         evicted = None
-        if len(self.ready) >= self.capacity:
+        if self.full:
             ready = self.ready
             evicted = self.policy.pick(ready, lambda k: (in_flight or ready[k] <= now) and k not in protected, tick)
             if evicted is None:
-                return False
+                return REFUSED
             if allow is not None and not allow(evicted):
-                return False
-            del self.ready[evicted]
-            self.policy.on_evict(evicted)
+                return REFUSED
+            self.remove(evicted)
+        self.insert(key, tick, ready_at)
+        return Admission(admitted=True, evicted=evicted)
+
+    def insert(self, key: int, tick: int, ready_at: float) -> None:
+        """Put key in a free slot; the policy counts it as inserted at tick."""
         self.ready[key] = ready_at
         self.policy.on_insert(key, tick)
-        return evicted
+
+    def remove(self, key: int) -> float:
+        """Take key out (the policy forgets it); returns the time it was ready."""
+        ready = self.ready.pop(key)
+        self.policy.on_evict(key)
+        return ready
+
+    def victim(self, tick: int, protected: set[int]) -> int | None:
+        """The key the policy would evict among the unprotected ones, arrived or not; None
+        if every key is protected."""
+        candidates = [k for k in self.ready if k not in protected]
+        return self.policy.victim(candidates, tick) if candidates else None
+
+    def place(self, key: int, ready_at: float) -> None:
+        """Put key in a free slot without telling the policy: a move between tiers, which
+        is not a use."""
+        self.ready[key] = ready_at
+
+    def displace(self, key: int) -> None:
+        """Take key out without telling the policy (the counterpart of `place`)."""
+        del self.ready[key]
 
 
 class TieredCache:
@@ -285,7 +336,8 @@ class TieredCache:
     the same total as a single cache): L1 holds experts that were used (LRU), L2 receives
     prefetches (LRU; a prefetched expert moves to L1 when it is used), L3 keeps the most
     frequently used experts that L1 evicts (LFU). A hit in any tier is a hit; moving between
-    tiers is bookkeeping, not a copy."""
+    tiers is bookkeeping, not a copy. L3's own LRU policy ranks only the demand loads that
+    land there: the experts L1 lets go come and go by frequency (`place`/`displace`)."""
 
     def __init__(self, capacity: int, fractions: tuple[float, float, float] = (0.4, 0.4, 0.2)) -> None:
         if capacity < 3:
@@ -303,55 +355,49 @@ class TieredCache:
 
     def lookup(self, key: int) -> float | None:
         for tier in (self.l1, self.l2, self.l3):
-            ready = tier.ready.get(key)
+            ready = tier.lookup(key)
             if ready is not None:
                 return ready
         return None
 
     def access(self, key: int, tick: int, protected: set[int] = frozenset()) -> None:
         self.frequency.on_access(key, tick)
-        if key in self.l1.ready:
+        if key in self.l1:
             self.l1.access(key, tick)
             return
-        tier = self.l2 if key in self.l2.ready else self.l3
-        ready = tier.ready[key]
-        if len(self.l1.ready) >= self.l1.capacity:
-            candidates = [k for k in self.l1.ready if k not in protected]
-            if not candidates:
+        tier = self.l2 if key in self.l2 else self.l3
+        if self.l1.full:
+            old = self.l1.victim(tick, protected)
+            if old is None:
                 return  # L1 is all in use this layer: the key stays where it is
-            old = self.l1.policy.victim(candidates, tick)
-            old_ready = self.l1.ready.pop(old)
-            self.l1.policy.on_evict(old)
-            del tier.ready[key]
-            tier.policy.on_evict(key)
+            old_ready = self.l1.remove(old)
+            ready = tier.remove(key)
             self._demote(old, old_ready)
         else:
-            del tier.ready[key]
-            tier.policy.on_evict(key)
-        self.l1.ready[key] = ready
-        self.l1.policy.on_insert(key, tick)
+            ready = tier.remove(key)
+        self.l1.insert(key, tick, ready)
 
     def _demote(self, key: int, ready: float) -> None:
         """An expert L1 lets go stays in L3 if L3 has room or holds a less frequent one."""
-        if len(self.l3.ready) < self.l3.capacity:
-            self.l3.ready[key] = ready
+        if not self.l3.full:
+            self.l3.place(key, ready)
             return
-        count = self.frequency.count.get
-        weakest = min(self.l3.ready, key=lambda k: count(k, 0.0))
-        if count(weakest, 0.0) < count(key, 0.0):
-            del self.l3.ready[weakest]
-            self.l3.ready[key] = ready
+        uses = self.frequency.uses
+        weakest = min(self.l3, key=uses)
+        if uses(weakest) < uses(key):
+            self.l3.displace(weakest)
+            self.l3.place(key, ready)
 
     def admit(self, key: int, tick: int, now: float, ready: float, protected: set[int],
-              allow=None, prefetch: bool = False, in_flight: bool = False) -> int | None | bool:
+              allow=None, prefetch: bool = False, in_flight: bool = False) -> Admission:
         """Prefetches land in L2; demand loads in L1 (or, when every L1 slot is in use this
         layer, in L3 or L2)."""
         tiers = (self.l2,) if prefetch else (self.l1, self.l3, self.l2)
         for tier in tiers:
-            result = tier.admit(key, tick, now, ready, protected, allow, in_flight=in_flight)
-            if result is False:
+            admission = tier.admit(key, tick, now, ready, protected, allow, in_flight=in_flight)
+            if not admission.admitted:
                 continue
-            if result is not None and tier is self.l1:
-                self._demote(result, now)
-            return result
-        return False
+            if admission.evicted is not None and tier is self.l1:
+                self._demote(admission.evicted, now)
+            return admission
+        return REFUSED

@@ -22,11 +22,12 @@ outside the expert FFNs (attention, norms) is not modelled.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from .cache import Future
+from .cache import ExpertCache, Future, TieredCache
 from .calibration import Calibration
 from .models import OffloadModel
 from .strategies import LayerView, RunContext, Strategy
@@ -97,7 +98,8 @@ class RunResult:
             "layer_mean_ms": float(self.layer_ms.mean()), "layer_p50_ms": float(pct(self.layer_ms, 50)),
             "layer_p95_ms": float(pct(self.layer_ms, 95)), "layer_p99_ms": float(pct(self.layer_ms, 99)),
             "tokens_per_s": self.tokens / (self.total_ms / 1e3),
-            "hit_rate": self.hit_rate, "covered_rate": self.covered_rate, "late_hits": self.late_hits, "hits": self.hits, "misses": self.misses,
+            "hit_rate": self.hit_rate, "covered_rate": self.covered_rate, "late_hits": self.late_hits,
+            "hits": self.hits, "misses": self.misses,
             "accesses": self.accesses, "prefetches": self.prefetches, "prefetches_used": self.prefetches_used,
             "prefetches_dropped": self.prefetches_dropped,
             "precision": self.precision, "recall": self.recall,
@@ -148,6 +150,192 @@ def batch_schedule(trace: Trace, batch_size: int, requests: int, seed: int) -> l
     return steps
 
 
+@dataclass
+class CopyStream:
+    """The one host->GPU copy stream: first come, first served."""
+
+    transfer_ms: float  # one expert's copy queued behind another
+    start_latency_ms: float  # added when a copy finds the stream idle
+    free: float = 0.0  # when the copies booked so far have finished
+
+    def start(self, t0: float) -> float:
+        """When a copy decided at t0 starts: behind the queue, or after the idle stream wakes."""
+        return self.free if self.free > t0 else t0 + self.start_latency_ms
+
+
+@dataclass
+class LayerTick:
+    """One layer of one decode step (one tick) while it is being simulated."""
+
+    tick: int
+    layer: int
+    t0: float  # when the layer's routing is known: the compute stream is done with the layer before
+    chosen: np.ndarray  # [batch, k] the experts its tokens chose
+    experts: np.ndarray  # the distinct experts, ascending
+    counts: np.ndarray  # tokens per distinct expert
+    keys: list[int]  # the distinct experts' global keys
+    protected: set[int]  # the same keys: the cache must not evict them this tick
+    loads: dict[int, int]  # key -> copies a miss loads: 1 with dedup, else one per request that chose it
+    ready: float  # when every expert the layer needs has arrived
+    work: float = 0.0  # compute time of its experts
+    working_set: int = 0  # expert copies the layer computes with
+
+    @property
+    def begin(self) -> float:
+        """When its compute starts."""
+        return max(self.t0, self.ready)
+
+
+@dataclass
+class RunState:
+    """Everything one simulated run changes as it goes: the two streams, the cache, the
+    counters and the per-tick and per-step times. `simulate` drives it one layer at a time:
+    route, load_experts, schedule_compute, prefetch, finish_layer."""
+
+    cache: ExpertCache | TieredCache
+    copies: CopyStream
+    compute_ms: Callable[[int], float]  # an expert's compute time for a number of tokens
+    num_experts: int
+    dedup: bool
+    executor: object | None  # told every transfer (see engine.py), or None
+    layer_ms: np.ndarray  # per tick
+    step_ms: np.ndarray  # per decode step
+    compute_free: float = 0.0  # when the compute stream has finished the layers scheduled so far
+    tick: int = 0
+    outstanding: set[int] = field(default_factory=set)  # prefetched keys not used yet
+    accesses: int = 0
+    hits: int = 0
+    late_hits: int = 0
+    misses: int = 0
+    prefetches: int = 0  # issued, each one a transfer
+    prefetches_used: int = 0
+    prefetches_dropped: int = 0
+    demand_transfers: int = 0
+    expert_requests: int = 0
+    unique_experts: int = 0
+    peak_cache: int = 0
+    peak_working_set: int = 0
+    compute_only_ms: float = 0.0
+    stall_ms: float = 0.0
+
+    def route(self, layer: int, chosen: np.ndarray) -> LayerTick:
+        """Start the layer once its gate chose `chosen` ([batch, k]): the distinct experts
+        (with dedup every one serves the whole batch) and the accesses they count."""
+        experts, counts = np.unique(chosen, return_counts=True)
+        keys = (experts + layer * self.num_experts).tolist()
+        self.expert_requests += chosen.size
+        self.unique_experts += len(keys)
+        if self.dedup:
+            loads = dict.fromkeys(keys, 1)
+            self.accesses += len(keys)
+        else:  # every request that misses an expert loads its own copy
+            loads = dict(zip(keys, counts.tolist()))
+            self.accesses += chosen.size
+        t0 = self.compute_free
+        return LayerTick(self.tick, layer, t0, chosen, experts, counts, keys, set(keys), loads, ready=t0)
+
+    def load_experts(self, lt: LayerTick) -> None:
+        """Look every needed expert up; a resident one is a hit (late if still on its way),
+        a missing one is loaded on demand."""
+        for key in lt.keys:
+            ready = self.cache.lookup(key)
+            if ready is None:
+                self.load_on_demand(lt, key)
+            else:
+                self.use_resident(lt, key, ready)
+
+    def use_resident(self, lt: LayerTick, key: int, ready: float) -> None:
+        n = lt.loads[key]
+        if ready > lt.t0:
+            self.late_hits += n
+        else:
+            self.hits += n
+        lt.ready = max(lt.ready, ready)
+        self.cache.access(key, lt.tick, lt.protected)
+        if key in self.outstanding:
+            self.outstanding.discard(key)
+            self.prefetches_used += 1
+
+    def load_on_demand(self, lt: LayerTick, key: int) -> None:
+        n = lt.loads[key]
+        self.misses += n
+        self.demand_transfers += n
+        copies = self.copies
+        start = copies.start(lt.t0)
+        copies.free = start + n * copies.transfer_ms
+        admission = self.cache.admit(key, lt.tick, lt.t0, start + copies.transfer_ms, lt.protected)
+        if not admission.admitted:  # every free slot holds a pending prefetch: abandon one
+            admission = self.cache.admit(key, lt.tick, lt.t0, start + copies.transfer_ms, lt.protected,
+                                         in_flight=True)
+        if not admission.admitted:
+            raise RuntimeError("no evictable slot for a demand load: cache smaller than one layer's need")
+        if admission.evicted is not None:
+            self.outstanding.discard(admission.evicted)
+        if self.executor is not None:
+            self.executor.transfer(key, admission.evicted, prefetch=False)
+        lt.ready = max(lt.ready, copies.free)
+
+    def schedule_compute(self, lt: LayerTick) -> None:
+        """The layer's compute time and working set (it starts at `lt.begin`)."""
+        if self.dedup:
+            lt.work = float(sum(self.compute_ms(c) for c in lt.counts))
+            lt.working_set = len(lt.keys)
+        else:
+            lt.work = float(lt.chosen.size * self.compute_ms(1))
+            lt.working_set = lt.chosen.size  # each request holds its own copy of its experts
+
+    def prefetch(self, lt: LayerTick, keys, strategy: Strategy) -> None:
+        """Issue the strategy's prefetches, most urgent first, while the copy stream can
+        start them before this layer's compute ends."""
+        copies, end = self.copies, lt.begin + lt.work
+        for key in keys:
+            start = copies.start(lt.t0)
+            if start >= end:
+                break  # the copy stream is booked past this layer's compute: stop prefetching
+            if self.cache.lookup(key) is not None:
+                continue
+            admission = self.cache.admit(key, lt.tick, lt.t0, start + copies.transfer_ms, lt.protected,
+                                         allow=lambda victim, key=key: strategy.allow_eviction(victim, key, lt.tick),
+                                         prefetch=True)
+            if not admission.admitted:
+                self.prefetches_dropped += 1
+                continue
+            if admission.evicted is not None:
+                self.outstanding.discard(admission.evicted)
+            if self.executor is not None:
+                self.executor.transfer(key, admission.evicted, prefetch=True)
+            copies.free = start + copies.transfer_ms
+            self.outstanding.add(key)
+            self.prefetches += 1
+
+    def finish_layer(self, lt: LayerTick) -> None:
+        """Book the layer's compute on the compute stream and record its time."""
+        begin = lt.begin
+        self.stall_ms += begin - lt.t0
+        self.compute_free = begin + lt.work
+        self.compute_only_ms += lt.work
+        self.layer_ms[lt.tick] = self.compute_free - lt.t0
+        self.peak_cache = max(self.peak_cache, len(self.cache))
+        self.peak_working_set = max(self.peak_working_set, lt.working_set)
+        self.tick += 1
+
+    def result(self, strategy: str, expert_bytes: int, *, batch_size: int, seed: int, requests: int) -> RunResult:
+        """The run so far as a RunResult."""
+        return RunResult(
+            strategy=strategy, batch_size=batch_size, dedup=self.dedup, seed=seed, requests=requests,
+            steps=len(self.step_ms), total_ms=self.compute_free, compute_only_ms=self.compute_only_ms,
+            layer_ms=self.layer_ms, step_ms=self.step_ms, accesses=self.accesses, hits=self.hits,
+            late_hits=self.late_hits, misses=self.misses, prefetches=self.prefetches,
+            prefetches_used=self.prefetches_used, prefetches_dropped=self.prefetches_dropped,
+            bytes_moved=(self.demand_transfers + self.prefetches) * expert_bytes,
+            demand_bytes=self.demand_transfers * expert_bytes,
+            peak_cache_bytes=self.peak_cache * expert_bytes,
+            peak_working_set_bytes=self.peak_working_set * expert_bytes,
+            dedup_expert_requests=self.expert_requests, dedup_unique_experts=self.unique_experts,
+            stall_ms=self.stall_ms,
+        )
+
+
 def simulate(trace: Trace, model: OffloadModel, strategy: Strategy, calibration: Calibration, *,
              capacity: int, batch_size: int, requests: int, seed: int = 0, dedup: bool = True,
              memory: str = "pinned", max_steps: int | None = None, executor=None) -> RunResult:
@@ -155,7 +343,7 @@ def simulate(trace: Trace, model: OffloadModel, strategy: Strategy, calibration:
     `max_steps` decode steps only, if given).
 
     With an `executor` (see engine.py) every decision is also carried out for real: it is
-    told each transfer (`transfer(key, evicted)`) and each layer's compute (`layer(tick,
+    told each transfer (`transfer(key, evicted, prefetch)`) and each layer's compute (`layer(tick,
     tokens, layer, experts, counts)`) as the cost model schedules them, so that the measured
     run makes exactly the simulated run's choices."""
     trace.check_shape(model.num_experts, model.num_layers, model.top_k, f"model {model.name}")
@@ -167,13 +355,7 @@ def simulate(trace: Trace, model: OffloadModel, strategy: Strategy, calibration:
         raise ValueError(
             f"a cache of {capacity} experts is smaller than one layer's top-k experts for batch "
             f"{batch_size} ({layer_need}); give it at least {layer_need}")
-    transfer_ms = calibration.transfer_ms(model.expert_bytes, memory)
-    start_latency = calibration.start_latency_ms(memory)
-
-    def copy_start(copy_free: float, t0: float) -> float:
-        """When a copy decided at t0 starts: behind the queue, or after the idle stream wakes."""
-        return copy_free if copy_free > t0 else t0 + start_latency
-
+    copies = CopyStream(calibration.transfer_ms(model.expert_bytes, memory), calibration.start_latency_ms(memory))
     compute_ms = calibration.compute_curve(model)
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
@@ -182,115 +364,24 @@ def simulate(trace: Trace, model: OffloadModel, strategy: Strategy, calibration:
     ticks = [np.unique(trace.experts[tokens, layer]) + layer * e for tokens in steps for layer in range(layers)]
     future = Future(ticks) if strategy.uses_future or strategy.eviction == "belady" else None
     strategy.reset(RunContext(e, layers, k, capacity, batch_size, future))
-    cache = strategy.make_cache()
+    run = RunState(strategy.make_cache(), copies, compute_ms, e, dedup, executor,
+                   layer_ms=np.empty(len(ticks)), step_ms=np.empty(len(steps)))
 
-    compute_free = copy_free = 0.0
-    layer_ms = np.empty(len(ticks))
-    step_ms = np.empty(len(steps))
-    hits = late = misses = accesses = 0
-    issued = used = dropped = 0
-    demand_transfers = prefetch_transfers = 0
-    outstanding: set[int] = set()
-    peak_cache = peak_ws = 0
-    total_requests = unique_total = 0
-    compute_only = stall = 0.0
-    tick = 0
     for s, tokens in enumerate(steps):
-        step_start = compute_free
+        step_start = run.compute_free
         requests_now = np.searchsorted(trace.request_offsets, tokens, side="right") - 1
         routing: list[np.ndarray] = []
         for layer in range(layers):
-            chosen = trace.experts[tokens, layer]  # [batch, k]
-            routing.append(chosen)
-            t0 = compute_free
-            experts, counts = np.unique(chosen, return_counts=True)
-            keys = (experts + layer * e).tolist()
-            protected = set(keys)
-            total_requests += chosen.size
-            unique_total += len(keys)
-            wait = t0
-            if dedup:
-                loads_for = dict.fromkeys(keys, 1)
-                accesses += len(keys)
-            else:  # every request that misses an expert loads its own copy
-                loads_for = dict(zip(keys, counts.tolist()))
-                accesses += chosen.size
-            for key in keys:
-                ready = cache.lookup(key)
-                if ready is not None:
-                    n = loads_for[key]
-                    if ready > t0:
-                        late += n
-                    else:
-                        hits += n
-                    wait = max(wait, ready)
-                    cache.access(key, tick, protected)
-                    if key in outstanding:
-                        outstanding.discard(key)
-                        used += 1
-                    continue
-                n = loads_for[key]
-                misses += n
-                demand_transfers += n
-                start = copy_start(copy_free, t0)
-                copy_free = start + n * transfer_ms
-                result = cache.admit(key, tick, t0, start + transfer_ms, protected)
-                if result is False:  # every free slot holds a pending prefetch: abandon one
-                    result = cache.admit(key, tick, t0, start + transfer_ms, protected, in_flight=True)
-                if result is False:
-                    raise RuntimeError("no evictable slot for a demand load: cache smaller than one layer's need")
-                if result is not None:
-                    outstanding.discard(result)
-                if executor is not None:
-                    executor.transfer(key, result, prefetch=False)
-                wait = max(wait, copy_free)
-            if dedup:
-                work = float(sum(compute_ms(c) for c in counts))
-                working_set = len(keys)
-            else:
-                work = float(chosen.size * compute_ms(1))
-                working_set = chosen.size  # each request holds its own copy of its experts
-            begin = max(t0, wait)
+            routing.append(trace.experts[tokens, layer])  # [batch, k]
+            lt = run.route(layer, routing[-1])
+            run.load_experts(lt)
+            run.schedule_compute(lt)
             if executor is not None:
-                executor.layer(tick, tokens, layer, experts, counts)
-            view = LayerView(tick, s, layer, routing, requests_now, trace.weights[tokens, layer],
+                executor.layer(lt.tick, tokens, layer, lt.experts, lt.counts)
+            view = LayerView(lt.tick, s, layer, routing, requests_now, trace.weights[tokens, layer],
                              None if trace.pregate is None or layer + 1 >= layers else trace.pregate[tokens, layer + 1])
             strategy.observe(view)
-            for key in strategy.prefetch(view):
-                start = copy_start(copy_free, t0)
-                if start >= begin + work:
-                    break  # the copy stream is booked past this layer's compute: stop prefetching
-                if cache.lookup(key) is not None:
-                    continue
-                result = cache.admit(key, tick, t0, start + transfer_ms, protected,
-                                     allow=lambda victim, key=key: strategy.allow_eviction(victim, key, tick),
-                                     prefetch=True)
-                if result is False:
-                    dropped += 1
-                    continue
-                if result is not None and result in outstanding:
-                    outstanding.discard(result)
-                if executor is not None:
-                    executor.transfer(key, result, prefetch=True)
-                copy_free = start + transfer_ms
-                outstanding.add(key)
-                issued += 1
-                prefetch_transfers += 1
-            stall += begin - t0
-            compute_free = begin + work
-            compute_only += work
-            layer_ms[tick] = compute_free - t0
-            peak_cache = max(peak_cache, len(cache))
-            peak_ws = max(peak_ws, working_set)
-            tick += 1
-        step_ms[s] = compute_free - step_start
-    moved = (demand_transfers + prefetch_transfers) * model.expert_bytes
-    return RunResult(
-        strategy=strategy.label, batch_size=batch_size, dedup=dedup, seed=seed, requests=requests,
-        steps=len(steps), total_ms=compute_free, compute_only_ms=compute_only, layer_ms=layer_ms,
-        step_ms=step_ms, accesses=accesses, hits=hits, late_hits=late, misses=misses,
-        prefetches=issued, prefetches_used=used, prefetches_dropped=dropped, bytes_moved=moved,
-        demand_bytes=demand_transfers * model.expert_bytes,
-        peak_cache_bytes=peak_cache * model.expert_bytes, peak_working_set_bytes=peak_ws * model.expert_bytes,
-        dedup_expert_requests=total_requests, dedup_unique_experts=unique_total, stall_ms=stall,
-    )
+            run.prefetch(lt, strategy.prefetch(view), strategy)
+            run.finish_layer(lt)
+        run.step_ms[s] = run.compute_free - step_start
+    return run.result(strategy.label, model.expert_bytes, batch_size=batch_size, seed=seed, requests=requests)

@@ -6,7 +6,8 @@
 - `prefetch(view)`: called at every layer once its routing is known (after the gate ran),
   returns global expert keys (`layer * E + expert`) to bring in ahead of time, most urgent
   first; learning online from `view` happens here too;
-- `make_cache()`: the cache and eviction policy it runs with (LRU unless it says otherwise).
+- `make_cache()` / `make_policy()`: the cache and eviction policy it runs with (LRU unless it
+  says otherwise).
 
 To add a strategy, subclass `Strategy` in a new file, decorate it with `@register`, and import
 that file before building the simulator (see HOW_TO_RUN.md).
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .cache import LFU, LRU, Belady, ExpertCache, Future, PredictedReuse, PredictionAware, TieredCache
+from .cache import LFU, LRU, Belady, EvictionPolicy, ExpertCache, Future, PredictedReuse, PredictionAware, TieredCache
 from .reuse import ReuseModel
 from .trace import Trace
 
@@ -93,24 +94,26 @@ class Strategy:
     def reset(self, ctx: RunContext) -> None:
         self.ctx = ctx
 
-    def make_cache(self):
-        ctx = self.ctx
+    def make_cache(self) -> ExpertCache | TieredCache:
         if self.eviction == "tiered":
-            return TieredCache(ctx.capacity)
+            return TieredCache(self.ctx.capacity)
+        self.policy = self.make_policy()
+        return ExpertCache(self.ctx.capacity, self.policy)
+
+    def make_policy(self) -> EvictionPolicy:
+        """The eviction policy of the single-pool cache (every eviction but tiered)."""
+        ctx = self.ctx
         if self.eviction == "belady":
             if ctx.future is None:
                 raise ValueError("Belady eviction needs the future; the simulator did not provide it")
-            policy = Belady(ctx.future)
-        elif self.eviction == "predicted":
+            return Belady(ctx.future)
+        if self.eviction == "predicted":
             if self.reuse is None:
                 raise ValueError("predicted eviction learns from the profile: call fit() first")
             self.reuse.reset()
             self.reuse_probability = self.reuse.fresh(ctx.batch_size).ravel()
-            policy = PredictedReuse(self.reuse_probability, ctx.num_experts, ctx.num_layers)
-        else:
-            policy = LFU() if self.eviction == "lfu" else LRU()
-        self.policy = policy
-        return ExpertCache(ctx.capacity, policy)
+            return PredictedReuse(self.reuse_probability, ctx.num_experts, ctx.num_layers)
+        return LFU() if self.eviction == "lfu" else LRU()
 
     def observe(self, view: LayerView) -> None:
         """Called at every layer once its routing is known, before prefetch()."""
@@ -143,12 +146,8 @@ class Strategy:
 class PredictingStrategy(Strategy):
     """Strategies whose predictions the cache protects from eviction (prediction-aware)."""
 
-    def make_cache(self):
-        cache = super().make_cache()
-        if isinstance(cache, ExpertCache):
-            self.policy = PredictionAware(cache.policy)
-            cache.policy = self.policy
-        return cache
+    def make_policy(self) -> EvictionPolicy:
+        return PredictionAware(super().make_policy())
 
     def protect(self, keys: list[int]) -> list[int]:
         if isinstance(self.policy, PredictionAware):
@@ -399,11 +398,10 @@ class ExpertFlow(PredictingStrategy):
             self.model.learn(layer, profile.experts[:, layer - 1] if layer else profile.experts[:, 0],
                              profile.experts[:, layer])
 
-    def make_cache(self):
+    def make_policy(self) -> EvictionPolicy:
         if self.eviction == "lfu":
-            self.policy = PredictionAware(LFU(decay=0.999))
-            return ExpertCache(self.ctx.capacity, self.policy)
-        return super().make_cache()
+            return PredictionAware(LFU(decay=0.999))
+        return super().make_policy()
 
     def prefetch(self, view: LayerView) -> list[int]:
         ctx, layer = self.ctx, view.layer
