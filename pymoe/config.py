@@ -1,4 +1,4 @@
-"""MoE layer configuration and the benchmark presets (see DESIGN.md, "Presets")."""
+"""MoE layer configuration and the benchmark presets (see docs/DESIGN.md, "Presets")."""
 
 from __future__ import annotations
 
