@@ -1,5 +1,5 @@
 """MoE layer configuration, the expert shape every model description shares, and the
-benchmark presets (see DESIGN.md, "Presets")."""
+benchmark presets (see docs/DESIGN.md, "Presets")."""
 
 from __future__ import annotations
 

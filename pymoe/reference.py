@@ -1,7 +1,7 @@
 """Float64 NumPy ground truth for every op and for the whole layer.
 
 Each function mirrors the custom op of the same name in `kernels/` and
-`pymoe/ops.py` and follows the contract in DESIGN.md ("Semantics"). Slow and
+`pymoe/ops.py` and follows the contract in docs/DESIGN.md ("Semantics"). Slow and
 simple on purpose: clarity over speed.
 """
 
@@ -22,7 +22,7 @@ def _f64(a) -> np.ndarray:
 
 
 def relative_error(actual, expected) -> float:
-    """Relative Frobenius error, the measure DESIGN.md sets tolerances in
+    """Relative Frobenius error, the measure docs/DESIGN.md ("Semantics") sets tolerances in
     (the absolute error where `expected` is all zeros)."""
     actual, expected = _f64(actual), _f64(expected)
     denom = np.linalg.norm(expected)
