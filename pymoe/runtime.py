@@ -9,7 +9,8 @@ named "cpu" or "gpu" and dtypes "float32" or "bfloat16" (pymoe/dtypes.py maps th
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

@@ -49,12 +49,12 @@ class MoEWeights:
     @classmethod
     def from_swiglu(
         cls, router: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray, w_down: np.ndarray
-    ) -> "MoEWeights":
+    ) -> MoEWeights:
         """Build from separate gate [E, d, F], up [E, d, F] and down [E, F, d] weights."""
         return cls(router, np.concatenate([w_gate, w_up], axis=2), w_down)
 
     @classmethod
-    def random(cls, config: MoEConfig, seed: int | None = None, dtype=np.float32) -> "MoEWeights":
+    def random(cls, config: MoEConfig, seed: int | None = None, dtype=np.float32) -> MoEWeights:
         """Scaled Gaussian weights (std 1/sqrt(fan_in)), so activations stay O(1)."""
         rng = np.random.default_rng(seed)
         d, e, f = config.d_model, config.num_experts, config.d_ff
@@ -80,7 +80,7 @@ class DenseWeights:
         _check("dense w2", self.w2, (f, d))
 
     @classmethod
-    def random(cls, config: MoEConfig, seed: int | None = None, dtype=np.float32) -> "DenseWeights":
+    def random(cls, config: MoEConfig, seed: int | None = None, dtype=np.float32) -> DenseWeights:
         rng = np.random.default_rng(seed)
         d, f = config.d_model, config.d_ff_dense
         w1 = rng.standard_normal((d, config.dense_shape.w1_cols), dtype=np.float32) / np.sqrt(d)

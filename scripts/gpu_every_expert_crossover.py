@@ -61,14 +61,18 @@ def main(argv: list[str]) -> int:
         ceil = result["ceilings"][dtype]
         all_weights_s = config.num_experts * config.expert_bytes(itemsize(dtype)) / (ceil["read"]["gbps"] * 1e9)
         table = Table(title=f"{shape} {dtype}: median ms per layer call (floor: all experts' weights read once "
-                            f"= {all_weights_s * 1e3:.3f} ms; MAX call floor {ceil['max_call']['median_s'] * 1e3:.3f} ms)")
+                            f"= {all_weights_s * 1e3:.3f} ms; "
+                            f"MAX call floor {ceil['max_call']['median_s'] * 1e3:.3f} ms)")
         for col in ("tokens", *PATHS, "every/routed"):
             table.add_column(col, justify="right")
         for tokens in TOKENS:
             x = torch.randn(tokens, config.d_model, device="cuda", dtype=torch_dtype(dtype))
             point = {"shape": shape, "dtype": dtype, "tokens": tokens, "all_weights_floor_s": all_weights_s}
             for path, layer in layers.items():
-                point[path] = summarize(measure(lambda: layer.forward_unchecked(x), min_seconds=args.min_seconds, sync=sync))
+                def call(layer=layer, x=x):
+                    return layer.forward_unchecked(x)
+
+                point[path] = summarize(measure(call, min_seconds=args.min_seconds, sync=sync))
             result["points"].append(point)
             r, e = point["routed"]["median_s"], point["every_expert"]["median_s"]
             table.add_row(str(tokens), f"{r * 1e3:.3f}", f"{e * 1e3:.3f}", f"{e / r:.2f}")

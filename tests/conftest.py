@@ -38,5 +38,6 @@ def calibration_for(model, gbps=1.0, compute_ms=0.5, per_token_ms=0.0, start_lat
         "schema": "pymoe.calibration/2", "device": "test",
         "transfer": {"pinned": {"gbps": gbps, "latency_ms": 0.0, "start_latency_ms": start_latency_ms},
                      "pageable": {"gbps": gbps / 4, "latency_ms": 0.0, "start_latency_ms": 0.0}},
-        "compute": {model.shape_key(): {"tokens": [1, 1000], "median_ms": [compute_ms, compute_ms + 999 * per_token_ms]}},
+        "compute": {model.shape_key(): {"tokens": [1, 1000],
+                                        "median_ms": [compute_ms, compute_ms + 999 * per_token_ms]}},
     })

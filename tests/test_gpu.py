@@ -172,7 +172,8 @@ def test_gpu_layer_bfloat16_and_torch_cuda_io(rng):
 
     config = LAYER_CONFIGS[0]
     weights = MoEWeights.random(config, seed=3)
-    rounded = MoEWeights(*(torch.from_numpy(a).bfloat16().float().numpy() for a in (weights.router, weights.w1, weights.w2)))
+    rounded = MoEWeights(*(torch.from_numpy(a).bfloat16().float().numpy()
+                           for a in (weights.router, weights.w1, weights.w2)))
     layer = MoELayer(config, rounded, device="gpu", dtype="bfloat16")
     lo, hi = layer.every_expert_tokens
     for tokens in (hi + 72, (lo + hi) // 2):  # the routed path, then the every-expert path

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import calibration_for
 
 from pymoe.cli import main
 from pymoe.offload.cache import LRU, Admission, Belady, ExpertCache, Future, PredictedReuse, TieredCache
-from conftest import calibration_for
 from pymoe.offload.calibration import CalibrationError, load_calibration
 from pymoe.offload.models import OffloadModel, get_model
 from pymoe.offload.reuse import ReuseModel
@@ -432,8 +432,11 @@ def test_a_new_strategy_plugs_in_as_how_to_run_shows(tmp_path):
 
 
 def test_fano_ceiling_and_predictor_beat_chance(tmp_path):
-    from pymoe.offload.predictor import (conditional_entropy_bits, fano_max_accuracy,
-                                         miller_madow_conditional_entropy_bits)
+    from pymoe.offload.predictor import (
+        conditional_entropy_bits,
+        fano_max_accuracy,
+        miller_madow_conditional_entropy_bits,
+    )
 
     assert fano_max_accuracy(0.0, 8) == 1.0
     assert fano_max_accuracy(3.0, 8) == pytest.approx(1 / 8)  # H = log2(8): no information
@@ -470,7 +473,8 @@ def sticky_requests_trace(seed: int, requests: int = 60, tokens: int = 12) -> Tr
     rng = np.random.default_rng(seed)
     e, layers = 8, 3
     route = rng.integers(0, e, (requests, 1, layers))
-    experts = np.where(rng.random((requests, tokens, layers)) < 0.9, route, rng.integers(0, e, (requests, tokens, layers)))
+    noise = rng.integers(0, e, (requests, tokens, layers))
+    experts = np.where(rng.random((requests, tokens, layers)) < 0.9, route, noise)
     experts = experts.reshape(-1, layers, 1).astype(np.int16)
     return Trace(experts, np.ones(experts.shape, np.float16), np.arange(requests + 1) * tokens,
                  {"num_experts": e, "num_layers": layers, "top_k": 1})

@@ -37,9 +37,12 @@ def test_hf_capture_matches_the_models_own_routing(kind):
     run = model.get_encoder() if kind == "switch" else model
     routers = find_routers(run)
     own = []  # the routers' own logits, from their outputs
-    hooks = [m.register_forward_hook(lambda _m, _a, out: own.append(
-        (out[2] if kind == "switch" else out[0]).reshape(-1, out[2].shape[-1] if kind == "switch" else out[0].shape[-1])))
-        for _, m, _ in routers]
+
+    def keep_logits(_module, _args, out):
+        logits = out[2] if kind == "switch" else out[0]
+        own.append(logits.reshape(-1, logits.shape[-1]))
+
+    hooks = [m.register_forward_hook(keep_logits) for _, m, _ in routers]
     requests = [torch.randint(0, 97, (n,)) for n in (7, 1, 5)]
     trace = capture_hf(model, requests)
     for h in hooks:
@@ -91,10 +94,12 @@ def test_own_lm_trains_records_utilization_and_traces():
 
 
 def test_lm_shapes_match_the_presets():
-    assert (lm_config_for("switch").num_experts, lm_config_for("switch").num_layers, lm_config_for("switch").top_k) == (128, 12, 1)
+    switch = lm_config_for("switch")
+    assert (switch.num_experts, switch.num_layers, switch.top_k) == (128, 12, 1)
     q = lm_config_for("qwen", aux_loss=False)
     assert (q.num_experts, q.num_layers, q.top_k, q.aux_loss_coef, q.activation) == (64, 28, 8, 0.0, "swiglu")
-    assert MoELM(LMConfig(4, 1, 1, False, d_model=8, d_ff=8, n_heads=2, seq_len=4))(torch.zeros(1, 4, dtype=torch.long))[0].shape == (1, 4, 256)
+    tiny = MoELM(LMConfig(4, 1, 1, False, d_model=8, d_ff=8, n_heads=2, seq_len=4))
+    assert tiny(torch.zeros(1, 4, dtype=torch.long))[0].shape == (1, 4, 256)
     with pytest.raises(ValueError, match="top_k"):
         LMConfig(4, 1, 5, False)
 

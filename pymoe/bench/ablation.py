@@ -20,8 +20,8 @@ preset's full token count against the whole layer: the routing overhead.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

@@ -81,7 +81,9 @@ def measure_ceilings(device: str = "cpu", dtype: torch.dtype = torch.float32, mi
             "via": "torch.matmul",
             "gflops": flops / mm["median_s"] / 1e9,
         },
-        "copy": {**copy, "bytes": 2 * nbytes, "via": "torch copy_ (read + write)", "gbps": 2 * nbytes / copy["median_s"] / 1e9},
+        "copy": {**copy, "bytes": 2 * nbytes, "via": "torch copy_ (read + write)",
+                 "gbps": 2 * nbytes / copy["median_s"] / 1e9},
         "read": {**read, "bytes": nbytes, "via": "torch sum (read only)", "gbps": nbytes / read["median_s"] / 1e9},
-        "max_call": {**call, "shape": list(MAX_CALL_SHAPE), "via": "MAX graph computing x + x, called as MoELayer calls"},
+        "max_call": {**call, "shape": list(MAX_CALL_SHAPE),
+                     "via": "MAX graph computing x + x, called as MoELayer calls"},
     }

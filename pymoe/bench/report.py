@@ -18,12 +18,14 @@ def ceilings_table(ceilings: dict) -> Table:
     for col in ("limit", "value", "how"):
         t.add_column(col)
     mm = ceilings["matmul"]
-    t.add_row("matmul peak", f"{mm['gflops']:,.1f} GFLOP/s", f"{mm['via']} {mm['dtype']} {'x'.join(map(str, mm['shape']))}")
+    t.add_row("matmul peak", f"{mm['gflops']:,.1f} GFLOP/s",
+              f"{mm['via']} {mm['dtype']} {'x'.join(map(str, mm['shape']))}")
     t.add_row("read bandwidth", f"{ceilings['read']['gbps']:,.1f} GB/s", ceilings["read"]["via"])
     t.add_row("copy bandwidth", f"{ceilings['copy']['gbps']:,.1f} GB/s", ceilings["copy"]["via"])
     if "max_call" in ceilings:  # result files before 2026-11-23 lack it
         call = ceilings["max_call"]
-        t.add_row("MAX graph call", f"{_ms(call['median_s'])} ms", f"{call['via']}, {'x'.join(map(str, call['shape']))}")
+        t.add_row("MAX graph call", f"{_ms(call['median_s'])} ms",
+                  f"{call['via']}, {'x'.join(map(str, call['shape']))}")
     return t
 
 

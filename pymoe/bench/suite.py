@@ -11,9 +11,9 @@ prints them (report.py) and writes them to results/ (write_bench_result).
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch

@@ -84,7 +84,8 @@ class Calibration:
 
         def curve(n: int) -> float:
             if n not in cache:
-                cache[n] = float(np.interp(n, tokens, ms)) if n <= tokens[-1] else float(ms[-1] + slope * (n - tokens[-1]))
+                inside = n <= tokens[-1]
+                cache[n] = float(np.interp(n, tokens, ms)) if inside else float(ms[-1] + slope * (n - tokens[-1]))
             return cache[n]
 
         return curve
@@ -226,7 +227,7 @@ def measure_calibration(models: list[OffloadModel], *, tokens=DEFAULT_TOKENS, re
                 torch.cuda.empty_cache()
             else:
                 dst = torch.empty(size, dtype=torch.uint8)
-                raw.append(time_calls(lambda: dst.copy_(src[0]), reps, lambda: None))
+                raw.append(time_calls(lambda dst=dst, src=src: dst.copy_(src[0]), reps, lambda: None))
         medians = [float(np.median(r)) for r in raw]
         data["transfer"][memory] = {
             **fit_transfer([c[0] for c in cells], [c[1] for c in cells], medians),
@@ -250,7 +251,7 @@ def measure_calibration(models: list[OffloadModel], *, tokens=DEFAULT_TOKENS, re
             say(f"compute {model.name} expert, {n} tokens")
             x = torch.randn(n, model.d_model, device=dev, dtype=dtype)
 
-            def ffn(x=x):
+            def ffn(x=x, experts=experts, calls=calls, model=model):
                 expert_ffn(x, *experts[next(calls)], model.activation)
 
             raw = (time_queued_on_gpu(torch, ffn, reps, inner=COMPUTE_CALLS) if gpu

@@ -102,7 +102,8 @@ class Executor:
         # Views made once: on the hot path every tensor op is host time the GPU may wait for.
         self.slot_bytes = list(self.slots.unbind(0))
         d, f, cols = model.d_model, model.d_ff, model.expert.w1_cols
-        self.slot_weights = [(row.view(self.dtype)[: d * cols].view(d, cols), row.view(self.dtype)[d * cols:].view(f, d))
+        self.slot_weights = [(row.view(self.dtype)[: d * cols].view(d, cols),
+                              row.view(self.dtype)[d * cols:].view(f, d))
                              for row in self.slot_bytes]
         self.slot_of: dict[int, int] = {}
         self.free_slots = list(range(capacity - 1, -1, -1))
@@ -380,7 +381,8 @@ def validate(trace_path, model_name: str, calibration_path, *, strategies, batch
                                    **info})
             table.add_row(name, str(batch), f"{s['ms_per_step']:.2f}", f"{m['ms_per_step']:.2f}", f"{error:+.1%}",
                           f"{s['hit_rate']:.3f}", f"{s['bytes_moved'] / 2**30:.1f}",
-                          f"{info['host_late_ms_per_step']:.3f}", f"{faults['failed_prefetches']} / {faults['fallback_loads']}")
+                          f"{info['host_late_ms_per_step']:.3f}",
+                          f"{faults['failed_prefetches']} / {faults['fallback_loads']}")
     result["wall_s"] = round(time.perf_counter() - start, 1)
     result["max_abs_relative_error"] = max(abs(r["relative_error"]) for r in result["runs"])
     console.print(table)

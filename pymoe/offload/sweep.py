@@ -24,7 +24,8 @@ from .trace import load_trace
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 SIMULATED = "SIMULATED: times come from a cost model calibrated by measurement, not from running a model"
 AGGREGATED = ("ms_per_step", "step_p50_ms", "step_p95_ms", "step_p99_ms", "layer_p99_ms", "tokens_per_s",
-              "hit_rate", "covered_rate", "precision", "recall", "bytes_moved", "peak_cache_bytes", "peak_working_set_bytes")
+              "hit_rate", "covered_rate", "precision", "recall", "bytes_moved", "peak_cache_bytes",
+              "peak_working_set_bytes")
 
 
 def _finite(values):
@@ -67,7 +68,8 @@ def dedup_savings(runs: list[dict]) -> list[dict]:
     out = []
     for batch in sorted({r["batch_size"] for r in runs}):
         on = {r["seed"]: r for r in runs if r["strategy"] == "on-demand" and r["batch_size"] == batch and r["dedup"]}
-        off = {r["seed"]: r for r in runs if r["strategy"] == "on-demand" and r["batch_size"] == batch and not r["dedup"]}
+        off = {r["seed"]: r for r in runs
+               if r["strategy"] == "on-demand" and r["batch_size"] == batch and not r["dedup"]}
         if not on:
             continue
         row = {"batch_size": batch,
@@ -95,7 +97,8 @@ def run_sweep(trace_path: Path, model_name: str, calibration_path: Path, *,
     model = get_model(model_name)
     trace = load_trace(trace_path)
     if strategies is None:
-        strategies = tuple(name for name, cls in STRATEGIES.items() if trace.pregate is not None or not cls.needs_pregate)
+        strategies = tuple(name for name, cls in STRATEGIES.items()
+                           if trace.pregate is not None or not cls.needs_pregate)
         left_out = sorted(set(STRATEGIES) - set(strategies))
         if left_out:
             console.print(f"{trace_path} has no pre-gate signal: leaving out {', '.join(left_out)}")
@@ -135,7 +138,8 @@ def run_sweep(trace_path: Path, model_name: str, calibration_path: Path, *,
         "trace": {"path": str(trace_path), "meta": trace.meta, "requests": trace.num_requests,
                   "profile_requests": profile.num_requests, "evaluation_requests": evaluation.num_requests},
         "calibration": {"path": str(calibration_path), "device": calibration.device,
-                        "transfer": {m: {k: calibration.data["transfer"][m][k] for k in ("gbps", "latency_ms", "start_latency_ms")}
+                        "transfer": {m: {k: calibration.data["transfer"][m][k]
+                                         for k in ("gbps", "latency_ms", "start_latency_ms")}
                                      for m in ("pinned", "pageable")},
                         "expert_transfer_ms": calibration.transfer_ms(model.expert_bytes, memory),
                         "expert_compute_ms_1_token": calibration.compute_curve(model)(1)},
@@ -199,7 +203,8 @@ def print_sweep(result: dict, console: Console) -> None:
                   "hit: expert ready when its layer started; covered: resident or already on its way",
                   title=(f"SIMULATED {model['name']}: cache {result['cache_experts']} experts "
                          f"({result['cache_fraction']:.0%}, {result['cache_bytes'] / 2**30:.1f} GiB), "
-                         f"expert {model['expert_bytes'] / 2**20:.1f} MiB: transfer {cal['expert_transfer_ms']:.3f} ms, "
+                         f"expert {model['expert_bytes'] / 2**20:.1f} MiB: "
+                         f"transfer {cal['expert_transfer_ms']:.3f} ms, "
                          f"compute {cal['expert_compute_ms_1_token']:.3f} ms/1 token ({cal['device']})"))
     for col in ("strategy", "batch", "ms/step", "±95%", "p99", "hit", "covered", "speedup", "of oracle"):
         table.add_column(col, justify="left" if col == "strategy" else "right", no_wrap=True)

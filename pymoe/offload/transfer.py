@@ -33,7 +33,8 @@ COMPUTE_TOKENS = (1, 2, 4, 8, 16)
 
 def _entry(kind: str, size: int, count: int, raw_ms: list[float]) -> dict:
     s = summarize(raw_ms)
-    return {"kind": kind, "bytes_per_expert": size, "experts": count, "raw_ms": raw_ms, **{f"{k}_ms": v for k, v in s.items() if k != "n"},
+    return {"kind": kind, "bytes_per_expert": size, "experts": count, "raw_ms": raw_ms,
+            **{f"{k}_ms": v for k, v in s.items() if k != "n"},
             "reps": s["n"], "gbps_median": size * count / (s["median"] * 1e6)}
 
 
@@ -51,7 +52,7 @@ def measure_transfers(models: list[OffloadModel], *, reps: int = 20, progress=No
                 say(f"host copy {size / MIB:.1f} MiB x {count}")
                 src = [torch.ones(size, dtype=torch.uint8) for _ in range(count)]
                 dst = [torch.empty(size, dtype=torch.uint8) for _ in range(count)]
-                raw = time_calls(lambda: [d.copy_(s) for d, s in zip(dst, src)], reps, lambda: None)
+                raw = time_calls(lambda dst=dst, src=src: [d.copy_(s) for d, s in zip(dst, src)], reps, lambda: None)
                 out["measurements"].append(_entry("host->host", size, count, raw))
         return out
 

@@ -35,7 +35,7 @@ def bench_runs(files: list[tuple[Path, dict]]) -> dict[str, list[tuple[dict, Pat
             if preset is not None and run["tokens"] == preset.tokens:
                 newest[(data["device"], run["preset"])] = (run, path, data)
     out: dict[str, list] = {}
-    for (device, preset), item in newest.items():
+    for (device, _preset), item in newest.items():
         out.setdefault(device, []).append(item)
     for device in out:
         out[device].sort(key=lambda it: PRESET_ORDER.index(it[0]["preset"]) if it[0]["preset"] in PRESET_ORDER else 99)
@@ -269,7 +269,8 @@ def _dashboard(figures: FigureList, out_dir, report):
         used_ablation = (path, data)
         ops = [c for c in data["ablation"] if c.get("status") == "ok"]
         names = sorted({c["op"] for c in ops}, key=[c["op"] for c in ops].index)
-        rungs = [r for r in ("scalar", "simd", "specialized", "prepacked", "pooled") if any(c["rung"] == r for c in ops)]
+        rungs = [r for r in ("scalar", "simd", "specialized", "prepacked", "pooled")
+                 if any(c["rung"] == r for c in ops)]
         width = 0.8 / len(rungs)
         for i, rung in enumerate(rungs):
             vals = []

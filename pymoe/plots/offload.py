@@ -57,7 +57,8 @@ def _sim_title(data: dict) -> str:
 def _sim_footer(fig, sweeps) -> None:
     lines = ["SIMULATED: cost model calibrated by measurement on "
              + ", ".join(sorted({d['calibration']['device'] for _, d in sweeps})) + "; expert FFN time only "
-             "(attention not modelled)", "traces: " + ", ".join(sorted({Path(d['trace']['path']).name for _, d in sweeps}))]
+             "(attention not modelled)",
+             "traces: " + ", ".join(sorted({Path(d['trace']['path']).name for _, d in sweeps}))]
     lines += [provenance_line(p, d) for p, d in sweeps]
     footer(fig, *lines)
 
@@ -68,7 +69,7 @@ def _per_strategy(figures, out_dir, report, name, metric, ylabel, *, logy=False,
     if not sweeps:
         return
     fig, axes = plt.subplots(1, len(sweeps), figsize=(max(11.0, 6.4 * len(sweeps)), 5.6), squeeze=False)
-    for ax, (_, (path, data)) in zip(axes[0], sweeps.items()):
+    for ax, (_, (_path, data)) in zip(axes[0], sweeps.items()):
         for strategy, rows in _rows(data).items():
             if rows[0].get(metric) is None:
                 continue
@@ -136,7 +137,7 @@ def _tail_latency(figures, out_dir, report):
         return
     batches = (1, 16)
     fig, axes = plt.subplots(len(sweeps), len(batches), figsize=(12, 1.4 + 4.0 * len(sweeps)), squeeze=False)
-    for i, (_, (path, data)) in enumerate(sweeps.items()):
+    for i, (_, (_path, data)) in enumerate(sweeps.items()):
         rows = _rows(data)
         for j, batch in enumerate(batches):
             ax = axes[i][j]
@@ -164,7 +165,7 @@ def _dedup(figures, out_dir, report):
         report.skip(name, "no sweep with --dedup both")
         return
     fig, axes = plt.subplots(1, len(sweeps), figsize=(max(10.0, 6.4 * len(sweeps)), 4.6), squeeze=False)
-    for ax, (_, (path, data)) in zip(axes[0], sweeps.items()):
+    for ax, (_, (_path, data)) in zip(axes[0], sweeps.items()):
         rows = data["dedup_savings"]
         b = [r["batch_size"] for r in rows]
         for key, label, style in (("expert_reuse", "expert requests served by another request's copy", "o-"),
@@ -204,7 +205,7 @@ def _pareto(figures, out_dir, report):
         for batch in (1, 16):
             for strategy in STRATEGY_ORDER:
                 pts = []
-                for frac, (path, data) in sorted(fractions.items()):
+                for _frac, (_path, data) in sorted(fractions.items()):
                     row = next((r for r in data["aggregates"] if r["strategy"] == strategy and r["dedup"]
                                 and r["batch_size"] == batch and "speedup_vs_on_demand" in r), None)
                     base = next((r for r in data["aggregates"] if r["strategy"] == "on-demand" and r["dedup"]
@@ -291,7 +292,7 @@ def _simulated_vs_measured(figures, out_dir, report):
     newest = {data["model"]["name"]: (path, data) for path, data in files}  # of two, the later listed
     fig, axes = plt.subplots(1, len(newest), figsize=(max(11.0, 6.4 * len(newest)), 6.6), squeeze=False)
     markers = dict(zip((1, 4, 16, 64), ("o", "s", "^", "D")))
-    for ax, (model, (path, data)) in zip(axes[0], sorted(newest.items())):
+    for ax, (model, (_path, data)) in zip(axes[0], sorted(newest.items())):
         lo, hi = np.inf, 0.0
         for run in data["runs"]:
             sim, real = run["simulated"]["ms_per_step"], run["measured"]["ms_per_step"]

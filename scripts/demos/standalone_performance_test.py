@@ -47,7 +47,8 @@ def main(argv: list[str]) -> int:
         available = (machine_info()["memory_gib"] or 8) * 2**30
     presets = tuple(argv) or tuple(name for name in PRESETS if fits(name, available, dtype_bytes))
     skipped = [name for name in PRESETS if name not in presets]
-    console.print(f"presets on {device}: {', '.join(presets)}" + (f"; left out: {', '.join(skipped)}" if skipped else ""))
+    left_out = f"; left out: {', '.join(skipped)}" if skipped else ""
+    console.print(f"presets on {device}: {', '.join(presets)}{left_out}")
     command = "python scripts/demos/standalone_performance_test.py " + " ".join(argv)
     for name in presets:  # one result file per preset, so a long run keeps what it finished
         run_bench((name,), device=device, dtype=dtype, command=command, console=console)
