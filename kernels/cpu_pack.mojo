@@ -14,7 +14,7 @@
 # each panel's K slices in order, so a job reads one contiguous stream and
 # prefetches PACKED_PREFETCH_ROWS panel rows ahead (crossing into the next
 # panel at the end); prefill keeps the K-slice-outer order so a slice of A
-# stays in L2 across the panels. (Before and after on the 2-core EPYC: README,
+# stays in L2 across the panels. (Before and after on the 2-core EPYC: docs/RESULTS.md,
 # "Results on CPU", and the result files it names.)
 
 from max.algorithm import sync_parallelize

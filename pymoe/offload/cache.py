@@ -332,7 +332,7 @@ class ExpertCache:
 
 
 class TieredCache:
-    """The reports' L1/L2/L3 split of one GPU budget (iso-cache: the tiers' slots add up to
+    """An L1/L2/L3 split of one GPU budget (iso-cache: the tiers' slots add up to
     the same total as a single cache): L1 holds experts that were used (LRU), L2 receives
     prefetches (LRU; a prefetched expert moves to L1 when it is used), L3 keeps the most
     frequently used experts that L1 evicts (LFU). A hit in any tier is a hit; moving between

@@ -1,6 +1,6 @@
 """Model shapes the offloading simulator and engine use: E, k, layers and the bytes of one expert.
 
-The presets follow the offloading reports: `switch` (Switch Transformer: 128 experts,
+The presets copy the expert sizes of two real models: `switch` (Switch Transformer: 128 experts,
 12 layers, top-1, 27 MiB per expert) and `qwen` (Qwen1.5-MoE: 64 experts, 28 layers,
 top-8, 28.5 MB per expert). d_model / d_ff / dtype are chosen so that one expert's weights
 are exactly that size; they set the compute cost the calibration measures."""
