@@ -125,9 +125,9 @@ def _softmax_cases(logits: np.ndarray) -> list[Case]:
 
     forwards = {
         "scalar": lambda x: mops.custom_op("pymoe_ablation_softmax_scalar", [x], same(x)),
-                                           "simd": lambda x: [mops.softmax(x)],
+        "simd": lambda x: [mops.softmax(x)],
         "specialized": lambda x: mops.custom_op("pymoe_ablation_softmax_fixed", [x], same(x), {"cols": e}),
-                                                }
+    }
     notes = {"simd": "pymoe_softmax (production; row length at run time)",
              "specialized": "row length E fixed at compile time: one SIMD value per row"}
     return [
