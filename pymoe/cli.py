@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from .dtypes import LAYER_DTYPES
 from .offload.strategies import EVICTIONS
 
 
@@ -18,7 +19,7 @@ def main() -> None:
 @main.command()
 @click.option("--preset", default="small-decode", show_default=True, help="Layer shape and token count.")
 @click.option("--tokens", type=int, default=None, help="Override the preset's token count.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(LAYER_DTYPES), default="float32", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def check(preset: str, tokens: int | None, dtype: str, seed: int) -> None:
     """Build a MoE layer on CPU, run it, and compare it with the float64 reference."""
@@ -37,7 +38,7 @@ def check(preset: str, tokens: int | None, dtype: str, seed: int) -> None:
               help="Preset to run (repeatable). Default: small-decode and small.")
 @click.option("--tokens", type=int, default=None, help="Override the presets' token counts.")
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(LAYER_DTYPES), default="float32", show_default=True)
 @click.option("--impl", "impls", multiple=True, metavar="NAME",
               help="Only these implementations (repeatable): pymoe, max_dense, torch_loop, torch_grouped, "
                    "torch_dense, max_builtin.")
