@@ -175,7 +175,7 @@ def read_result(path: str | Path) -> dict:
     except FileNotFoundError:
         raise ResultError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ResultError(f"{path}: not a readable JSON file ({err})") from None
+        raise ResultError(f"{path}: not JSON ({err})") from None
     if not isinstance(data, dict) or "schema" not in data:
         raise ResultError(f"{path}: not a result file (no schema)")
     return data

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..baselines import expert_ffn
 from ..dtypes import torch_dtype
-from ..results import provenance, slug, write_json
+from ..results import ResultError, provenance, read_result, slug, write_json
 from .models import OffloadModel
 
 SCHEMA = "pymoe.calibration/2"
@@ -94,12 +94,10 @@ class Calibration:
 def load_calibration(path: str | Path) -> Calibration:
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CalibrationError(f"calibration {path}: no such file (run `pymoe calibrate` to write one)") from None
-    except json.JSONDecodeError as err:
-        raise CalibrationError(f"calibration {path}: not JSON ({err})") from None
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        data = read_result(path)
+    except ResultError as err:
+        raise CalibrationError(f"calibration {err} (run `pymoe calibrate` to write one)") from None
+    if data["schema"] != SCHEMA:
         raise CalibrationError(f"calibration {path}: schema is not {SCHEMA} (run `pymoe calibrate` to measure "
                                f"a current one)")
     for memory in MEMORY_KINDS:
