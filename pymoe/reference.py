@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .config import MoEConfig, expert_capacity
-from .routing import route
+from .routing import route, sigmoid
 from .routing import softmax as softmax  # the softmax op's reference is the routing softmax
 from .weights import DenseWeights, MoEWeights
 
@@ -42,6 +42,31 @@ def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     return silu(gate) * _f64(up)
 
 
+def clamped_swiglu(gate: np.ndarray, up: np.ndarray, alpha: float, limit: float) -> np.ndarray:
+    """GPT-OSS's gated activation: gate clamped above at limit, up to [-limit, limit],
+    (up + 1) * gate * sigmoid(alpha * gate)."""
+    g = np.minimum(_f64(gate), limit)
+    u = np.clip(_f64(up), -limit, limit)
+    return (u + 1.0) * g * sigmoid(alpha * g)
+
+
+def expert_activation(h: np.ndarray, activation: str, alpha: float = 1.702, limit: float = 7.0) -> np.ndarray:
+    """An activation of pymoe.ops.EXPERT_ACTIVATIONS on a GEMM's output; the gated ones
+    take h = [gate | up] and return half its width."""
+    half = h.shape[-1] // 2
+    if activation == "none":
+        return _f64(h)
+    if activation == "relu":
+        return relu(h)
+    if activation == "silu":
+        return silu(h)
+    if activation == "swiglu":
+        return swiglu(h[..., :half], h[..., half:])
+    if activation == "clamped_swiglu":
+        return clamped_swiglu(h[..., :half], h[..., half:], alpha, limit)
+    raise ValueError(f"unknown activation {activation!r}")
+
+
 class GateResult(NamedTuple):
     topk_weights: np.ndarray  # [T, k]
     topk_ids: np.ndarray  # [T, k] int
@@ -51,12 +76,21 @@ class GateResult(NamedTuple):
     z_loss: float
 
 
-def moe_gate(x: np.ndarray, router: np.ndarray, top_k: int, renormalize: bool) -> GateResult:
-    """logits = x @ router, then pymoe.routing.route (softmax over experts, top-k with
-    ties to the lower index, optional renormalization), and the routing statistics."""
+def moe_gate(
+    x: np.ndarray, router: np.ndarray, top_k: int, renormalize: bool = True, *,
+    router_bias=None, selection_bias=None, scoring: str = "softmax",
+    n_group: int = 1, topk_group: int = 1, scaling: float = 1.0,
+) -> GateResult:
+    """logits = x @ router (+ router_bias), then pymoe.routing.route (scores, selection
+    bias, group-limited top-k with ties to the lower index, renormalization, scaling), and
+    the routing statistics: expert counts, the mean of the normalized scores (probs),
+    aux loss = E * sum_e counts_e / T * mean_prob_e, z-loss = mean(logsumexp(logits)^2)."""
     logits = _f64(x) @ _f64(router)
+    if router_bias is not None:
+        logits = logits + _f64(router_bias)
     tokens, experts = logits.shape
-    probs, ids, weights = route(logits, top_k, renormalize)
+    probs, ids, weights = route(logits, top_k, renormalize, scoring=scoring, selection_bias=selection_bias,
+                                n_group=n_group, topk_group=topk_group, scaling=scaling)
     counts = np.bincount(ids.ravel(), minlength=experts)
     prob_mean = probs.mean(axis=0)
     aux = experts * float(np.sum(counts / tokens * prob_mean))
@@ -103,11 +137,15 @@ def moe_expert_matmul(
     w: np.ndarray,
     activation: str = "none",
     gather: bool = False,
+    bias=None,
+    alpha: float = 1.702,
+    limit: float = 7.0,
 ) -> np.ndarray:
-    """Rows of expert e (offsets[e]..offsets[e+1]) times w[e], then the activation."""
+    """Rows of expert e (offsets[e]..offsets[e+1]) times w[e], plus bias[e] when given,
+    then the activation (alpha and limit: clamped_swiglu's constants)."""
     x, w = _f64(x), _f64(w)
     n = w.shape[2]
-    n_out = n // 2 if activation == "swiglu" else n
+    n_out = n // 2 if activation in ("swiglu", "clamped_swiglu") else n
     out = np.zeros((len(row_ids), n_out))
     for e in range(w.shape[0]):
         lo, hi = int(expert_offsets[e]), int(expert_offsets[e + 1])
@@ -115,13 +153,9 @@ def moe_expert_matmul(
             continue
         a = x[row_ids[lo:hi]] if gather else x[lo:hi]
         h = a @ w[e]
-        if activation == "relu":
-            h = relu(h)
-        elif activation == "silu":
-            h = silu(h)
-        elif activation == "swiglu":
-            h = swiglu(h[:, :n_out], h[:, n_out:])
-        out[lo:hi] = h
+        if bias is not None:
+            h = h + _f64(bias[e])
+        out[lo:hi] = expert_activation(h, activation, alpha, limit)
     return out
 
 
@@ -144,11 +178,16 @@ def moe_ffn(
     w1: np.ndarray,
     w2: np.ndarray,
     activation: str,
+    b1=None,
+    b2=None,
+    alpha: float = 1.702,
+    limit: float = 7.0,
 ) -> np.ndarray:
-    """The experts' FFN and the combine: expert matmul (gathered, activation), w2, combine."""
+    """The experts' FFN and the combine: expert matmul (gathered, bias, activation), w2
+    (bias), combine."""
     ids, offsets = dispatch.sorted_token_ids, dispatch.expert_offsets
-    h = moe_expert_matmul(x, ids, offsets, w1, activation, gather=True)
-    y = moe_expert_matmul(h, ids, offsets, w2, "none")
+    h = moe_expert_matmul(x, ids, offsets, w1, activation, gather=True, bias=b1, alpha=alpha, limit=limit)
+    y = moe_expert_matmul(h, ids, offsets, w2, "none", bias=b2)
     return moe_combine(y, topk_weights, dispatch.slot_to_row)
 
 
@@ -159,23 +198,35 @@ class LayerResult(NamedTuple):
     dropped_slots: int
 
 
+def shared_expert(x: np.ndarray, weights: MoEWeights) -> np.ndarray:
+    """The shared SwiGLU expert, times sigmoid(x @ shared_gate) when the layer gates it."""
+    out = dense_ffn(x, DenseWeights(weights.shared_w1, weights.shared_w2), "swiglu")
+    if weights.shared_gate is not None:
+        out = sigmoid(_f64(x) @ _f64(weights.shared_gate)) * out
+    return out
+
+
 def moe_layer(x: np.ndarray, weights: MoEWeights, config: MoEConfig) -> LayerResult:
-    """The whole MoE layer: gate, dispatch, expert FFNs, combine."""
+    """The whole MoE layer: gate, dispatch, expert FFNs, combine, plus the shared expert.
+
+    With weight_on_input (Llama-4, top_k 1) each token's expert input is x times its
+    routing weight and the expert output is added unweighted."""
     tokens = x.shape[0]
-    gate = moe_gate(x, weights.router, config.top_k, config.renormalize)
+    rule = config.routing_rule
+    gate = moe_gate(x, weights.router, rule.pop("top_k"), rule.pop("renormalize"),
+                    router_bias=weights.router_bias, selection_bias=weights.selection_bias, **rule)
     disp = moe_dispatch(gate.topk_ids, config.num_experts, config.capacity_factor)
-    act = "relu" if config.activation == "relu" else "swiglu"
-    out = moe_ffn(x, gate.topk_weights, disp, weights.w1, weights.w2, act)
+    expert_in, combine_weights = _f64(x), gate.topk_weights
+    if config.weight_on_input:
+        expert_in, combine_weights = expert_in * gate.topk_weights, np.ones_like(gate.topk_weights)
+    out = moe_ffn(expert_in, combine_weights, disp, weights.w1, weights.w2, config.activation,
+                  weights.b1, weights.b2, config.swiglu_alpha, config.swiglu_limit)
+    if config.shared_d_ff:
+        out = out + shared_expert(x, weights)
     dropped = tokens * config.top_k - int(disp.expert_offsets[-1])
     return LayerResult(out, gate, disp, dropped)
 
 
 def dense_ffn(x: np.ndarray, weights: DenseWeights, activation: str = "relu") -> np.ndarray:
-    """The dense baseline: one FFN with the experts' total parameter count."""
-    h = _f64(x) @ _f64(weights.w1)
-    if activation == "relu":
-        h = relu(h)
-    else:
-        f = h.shape[1] // 2
-        h = swiglu(h[:, :f], h[:, f:])
-    return h @ _f64(weights.w2)
+    """The dense baseline (and the shared expert): one FFN, act(x @ w1) @ w2."""
+    return expert_activation(_f64(x) @ _f64(weights.w1), activation) @ _f64(weights.w2)
