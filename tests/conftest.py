@@ -17,6 +17,30 @@ def near_tie_tokens(x, router, k, gap=1e-5):
     return (np.abs(np.diff(p[:, :upto], axis=1)) < gap).any(axis=1)
 
 
+def _close_in_top(values, count, gap):
+    v = np.sort(values, axis=-1)[..., ::-1][..., : min(count + 1, values.shape[-1])]
+    return (np.abs(np.diff(v, axis=-1)) < gap).any(axis=-1)
+
+
+def routing_near_ties(x, weights, config, gap=1e-5):
+    """near_tie_tokens for any router of MoEConfig (router bias, sigmoid scores, selection
+    bias, group-limited top-k): tokens whose top-(k+1) selection scores, or whose
+    top-(topk_group+1) group scores, are closer than `gap`."""
+    from pymoe.routing import sigmoid, softmax
+
+    logits = x.astype(np.float64) @ weights.router.astype(np.float64)
+    if weights.router_bias is not None:
+        logits = logits + weights.router_bias
+    choice = softmax(logits) if config.scoring == "softmax" else sigmoid(logits)
+    if weights.selection_bias is not None:
+        choice = choice + weights.selection_bias
+    ties = _close_in_top(choice, config.top_k, gap)
+    if config.n_group > 1:
+        grouped = np.sort(choice.reshape(len(choice), config.n_group, -1), axis=-1)[..., ::-1]
+        ties |= _close_in_top(grouped[..., :2].sum(-1), config.topk_group, gap)
+    return ties
+
+
 FP32_TOL = 1e-5
 BF16_TOL = 2e-2
 
