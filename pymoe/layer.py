@@ -129,7 +129,8 @@ class DenseFFN:
         weights.validate(config)
         self.config, self.device, self.dtype = config, device, dtype
         self._device = driver_device(device)
-        key = ("dense", config.d_model, config.d_ff_dense, config.activation, device, dtype)
+        key = ("dense", config.d_model, config.d_ff_dense, config.activation, config.swiglu_alpha,
+               config.swiglu_limit, device, dtype)
         self._model, self.compile_seconds = runtime.compiled(
             key, lambda: runtime.compile_dense_graph(config, device, dtype))
         self._weights = [to_device_buffer(w, dtype, self._device) for w in (weights.w1, weights.w2)]

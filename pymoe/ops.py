@@ -298,14 +298,23 @@ def moe_combine(expert_out: TensorValue, topk_weights: TensorValue, slot_to_row:
 
 
 class MoEGraphWeights(NamedTuple):
-    """Graph values of the layer's weights, in the layouts of pymoe/weights.py."""
+    """Graph values of the layer's weights, in the layouts of pymoe/weights.py. The
+    optional ones are present exactly when the MoEConfig asks for them
+    (pymoe.weights.optional_weight_shapes)."""
 
     router: TensorValue  # [d_model, E]
-    w1: TensorValue  # [E, d_model, d_ff] (relu) or [E, d_model, 2*d_ff] (swiglu)
+    w1: TensorValue  # [E, d_model, d_ff] (relu) or [E, d_model, 2*d_ff] (gated: [W_gate | W_up])
     w2: TensorValue  # [E, d_ff, d_model]
     # True: w1 and w2 came from pack_expert_weights (CPU only; w1 packed with
-    # swiglu=True for SwiGLU layers), the layout MoELayer uses on the CPU.
+    # swiglu=True for gated activations), the layout MoELayer uses on the CPU.
     packed: bool = False
+    router_bias: TensorValue | None = None  # [E] float32
+    selection_bias: TensorValue | None = None  # [E] float32
+    b1: TensorValue | None = None  # [E, w1 columns]
+    b2: TensorValue | None = None  # [E, d_model]
+    shared_w1: TensorValue | None = None  # [d_model, 2*shared_d_ff]
+    shared_w2: TensorValue | None = None  # [shared_d_ff, d_model]
+    shared_gate: TensorValue | None = None  # [d_model, 1]
 
 
 class LayerOutput(NamedTuple):
@@ -315,20 +324,30 @@ class LayerOutput(NamedTuple):
     expert_offsets: TensorValue  # [E+1] int32; T*k - offsets[E] slots were dropped
 
 
+# Weights kept in float32 whatever the layer's dtype: the router's biases, because the
+# gate computes its logits and scores in float32.
+FLOAT32_WEIGHTS = ("router_bias", "selection_bias")
+
+
 def check_layer_weights(x: TensorValue, weights: MoEGraphWeights, config: MoEConfig) -> None:
     """Raise a ValueError/TypeError unless x and the weights fit `config`."""
+    from .weights import OPTIONAL_WEIGHTS, optional_weight_shapes
+
     d, e, f = config.d_model, config.num_experts, config.d_ff
     _float("x", x, rank=2)
     _same_dim("x columns must equal d_model", x.shape[1], Dim(d))
-    expected = {
-        "router": [d, e],
-        "w1": [e, d, config.expert_n],
-        "w2": [e, f, d],
-    }
+    expected = {"router": [d, e], "w1": [e, d, config.expert_n], "w2": [e, f, d]}
+    expected |= {name: list(shape) for name, shape in optional_weight_shapes(config).items()}
+    for name in OPTIONAL_WEIGHTS:
+        if name not in expected and getattr(weights, name) is not None:
+            raise ValueError(f"weights.{name} is given but the config does not use it (see MoEConfig)")
     for name, shape in expected.items():
         v = getattr(weights, name)
-        if v.dtype != x.dtype:
-            raise TypeError(f"weights.{name} dtype {v.dtype} must match x dtype {x.dtype}")
+        if v is None:
+            raise ValueError(f"the config asks for weights.{name} {shape}, but it is None")
+        dtype = DType.float32 if name in FLOAT32_WEIGHTS else x.dtype
+        if v.dtype != dtype:
+            raise TypeError(f"weights.{name} dtype {v.dtype} must be {dtype}")
         if [int(s) for s in v.shape] != shape:
             raise ValueError(f"weights.{name} has shape {list(v.shape)}, expected {shape}")
 
@@ -432,39 +451,68 @@ def moe_layer(
     workspaces: tuple[BufferValue, BufferValue] | None = None,
     every_expert_tokens: tuple[int, int] | None = None,
 ) -> LayerOutput:
-    """The MoE layer: gate -> dispatch -> expert FFN (gathered, fused activation) -> combine.
+    """The MoE layer: gate -> dispatch -> expert FFN (gathered, fused bias and activation)
+    -> combine, plus the shared expert.
 
     With `workspaces` (see moe_ffn) the expert intermediates go to those
     buffers; without, the graph allocates them on every call.
     `every_expert_tokens` (moe_ffn's, pooled only) defaults to
     every_expert_token_range(config, device of x, dtype of x).
+    The layer's extras follow MoEConfig: weight_on_input (Llama-4, top_k 1) scales each
+    token's expert input by its routing weight and combines with weight 1; the shared
+    expert (MAX's matmul, see shared_expert) is added to the routed output.
     """
     check_layer_weights(x, weights, config)
-    gate = moe_gate(x, weights.router, top_k=config.top_k, renormalize=config.renormalize)
+    gate = moe_gate(
+        x, weights.router, top_k=config.top_k, renormalize=config.renormalize, scoring=config.scoring,
+        router_bias=weights.router_bias, selection_bias=weights.selection_bias, n_group=config.n_group,
+        topk_group=config.topk_group, routed_scaling_factor=float(config.routed_scaling_factor),
+    )
     disp = moe_dispatch(
         gate.topk_ids, num_experts=config.num_experts, capacity_factor=config.capacity_factor
     )
-    act = "relu" if config.activation == "relu" else "swiglu"
+    expert_in, combine_gate = x, gate
+    if config.weight_on_input:
+        # top_k is 1, so a token's one routing weight scales its whole row.
+        expert_in = x * ops.cast(gate.topk_weights, x.dtype)
+        combine_gate = gate._replace(topk_weights=ops.broadcast_to(
+            ops.constant(1.0, DType.float32, x.device), gate.topk_weights.shape))
+    epilogue = {"swiglu_alpha": float(config.swiglu_alpha), "swiglu_limit": float(config.swiglu_limit)}
     if workspaces is not None:
         if every_expert_tokens is None:
             device = "cpu" if x.device.is_cpu() else "gpu"
             every_expert_tokens = every_expert_token_range(config, device, dtype_name(x.dtype))
-        out = moe_ffn(x, gate, disp, weights.w1, weights.w2, workspaces, activation=act,
-                      every_expert_tokens=every_expert_tokens, packed=weights.packed)
-        return LayerOutput(out, gate.expert_counts, gate.losses, disp.expert_offsets)
-    h = moe_expert_matmul(
-        x, disp.sorted_token_ids, disp.expert_offsets, weights.w1, activation=act, gather=True,
-        packed=weights.packed,
-    )
-    y = moe_expert_matmul(
-        h, disp.sorted_token_ids, disp.expert_offsets, weights.w2, activation="none", packed=weights.packed
-    )
-    out = moe_combine(y, gate.topk_weights, disp.slot_to_row)
+        out = moe_ffn(expert_in, combine_gate, disp, weights.w1, weights.w2, workspaces,
+                      activation=config.activation, every_expert_tokens=every_expert_tokens,
+                      packed=weights.packed, b1=weights.b1, b2=weights.b2, **epilogue)
+    else:
+        h = moe_expert_matmul(
+            expert_in, disp.sorted_token_ids, disp.expert_offsets, weights.w1, activation=config.activation,
+            gather=True, packed=weights.packed, bias=weights.b1, **epilogue,
+        )
+        y = moe_expert_matmul(
+            h, disp.sorted_token_ids, disp.expert_offsets, weights.w2, activation="none", packed=weights.packed,
+            bias=weights.b2,
+        )
+        out = moe_combine(y, combine_gate.topk_weights, disp.slot_to_row)
+    if config.shared_d_ff:
+        out = out + shared_expert(x, weights.shared_w1, weights.shared_w2, weights.shared_gate)
     return LayerOutput(out, gate.expert_counts, gate.losses, disp.expert_offsets)
 
 
-def dense_ffn(x: TensorValue, w1: TensorValue, w2: TensorValue, activation: str = "relu") -> TensorValue:
-    """The dense FFN baseline in MAX's own ops (ops.matmul): act(x @ w1) @ w2."""
+def shared_expert(x: TensorValue, w1: TensorValue, w2: TensorValue, gate: TensorValue | None = None) -> TensorValue:
+    """The shared SwiGLU expert in MAX's own ops: dense_ffn(x, w1, w2, "swiglu"), times
+    sigmoid(x @ gate) when a gate [d_model, 1] is given (Qwen2-MoE)."""
+    out = dense_ffn(x, w1, w2, "swiglu")
+    if gate is not None:
+        out = out * ops.sigmoid(ops.matmul(x, gate))
+    return out
+
+
+def dense_ffn(x: TensorValue, w1: TensorValue, w2: TensorValue, activation: str = "relu",
+              swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0) -> TensorValue:
+    """The dense FFN baseline in MAX's own ops (ops.matmul): act(x @ w1) @ w2; a gated
+    activation takes w1 = [W_gate | W_up]."""
     _float("x", x, rank=2)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -473,5 +521,11 @@ def dense_ffn(x: TensorValue, w1: TensorValue, w2: TensorValue, activation: str 
         h = ops.relu(h)
     else:
         f = int(w1.shape[1]) // 2
-        h = ops.silu(h[:, :f]) * h[:, f:]
+        gate, up = h[:, :f], h[:, f:]
+        if activation == "swiglu":
+            h = ops.silu(gate) * up
+        else:  # clamped_swiglu, as pymoe.reference.clamped_swiglu
+            gate = ops.min(gate, swiglu_limit)
+            up = ops.max(ops.min(up, swiglu_limit), -swiglu_limit)
+            h = (up + 1.0) * gate * ops.sigmoid(gate * swiglu_alpha)
     return ops.matmul(h, w2)

@@ -227,6 +227,7 @@ def moe_layer(x: np.ndarray, weights: MoEWeights, config: MoEConfig) -> LayerRes
     return LayerResult(out, gate, disp, dropped)
 
 
-def dense_ffn(x: np.ndarray, weights: DenseWeights, activation: str = "relu") -> np.ndarray:
+def dense_ffn(x: np.ndarray, weights: DenseWeights, activation: str = "relu",
+              alpha: float = 1.702, limit: float = 7.0) -> np.ndarray:
     """The dense baseline (and the shared expert): one FFN, act(x @ w1) @ w2."""
-    return expert_activation(_f64(x) @ _f64(weights.w1), activation) @ _f64(weights.w2)
+    return expert_activation(_f64(x) @ _f64(weights.w1), activation, alpha, limit) @ _f64(weights.w2)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import MoEConfig
+from .config import GATED_ACTIVATIONS, MoEConfig
 from .dtypes import LAYER_DTYPES, itemsize, max_dtype, torch_dtype
 from .weights import MoEWeights
 
@@ -175,15 +175,23 @@ class BufferPool:
 
 
 def layer_weight_buffers(config: MoEConfig, weights: MoEWeights, device: str, dtype: str, packed: bool) -> list:
-    """The router, w1 and w2 buffers a compiled layer graph takes. `packed`
-    (the CPU layer's layout, see pymoe.ops.pack_expert_weights): the experts
-    are packed once here, not on every call."""
+    """The weight buffers a compiled layer graph takes, in MoEWeights.graph_inputs order:
+    router, w1, w2, then the optional weights of the config (the router's biases in
+    float32, pymoe.ops.FLOAT32_WEIGHTS). `packed` (the CPU layer's layout, see
+    pymoe.ops.pack_expert_weights): the experts are packed once here, not on every call."""
+    from .ops import FLOAT32_WEIGHTS
+    from .weights import optional_weight_shapes
+
     dev = driver_device(device)
-    router, w1, w2 = (to_device_buffer(w, dtype, dev) for w in (weights.router, weights.w1, weights.w2))
+    names = ["router", "w1", "w2", *optional_weight_shapes(config)]
+    buffers = {
+        name: to_device_buffer(array, "float32" if name in FLOAT32_WEIGHTS else dtype, dev)
+        for name, array in zip(names, weights.graph_inputs(config), strict=True)
+    }
     if packed:
-        w1 = _packed_on_cpu(w1, dtype, swiglu=config.activation == "swiglu")
-        w2 = _packed_on_cpu(w2, dtype, swiglu=False)
-    return [router, w1, w2]
+        buffers["w1"] = _packed_on_cpu(buffers["w1"], dtype, swiglu=config.activation in GATED_ACTIVATIONS)
+        buffers["w2"] = _packed_on_cpu(buffers["w2"], dtype, swiglu=False)
+    return list(buffers.values())
 
 
 def _packed_on_cpu(w, dtype: str, swiglu: bool):
@@ -214,25 +222,34 @@ def compile_moe_graph(config: MoEConfig, device: str, dtype: str, pooled: bool,
     when `pooled`, the two BufferPool buffers; outputs: out, expert counts, losses, expert
     offsets (pymoe.ops.moe_layer). `packed` (default: on the CPU) takes the experts
     pre-packed (layer_weight_buffers)."""
+    from max.dtype import DType
     from max.graph import BufferType, Graph, TensorType
 
     from . import ops as mops
+    from .weights import optional_weight_shapes
 
     session, ref = session_and_device_ref(device)
     dt = max_dtype(dtype)
     d, e, f = config.d_model, config.num_experts, config.d_ff
+    optional = optional_weight_shapes(config)
     input_types = [
         TensorType(dt, ["tokens", d], ref),
         TensorType(dt, [d, e], ref),
         TensorType(dt, [e, d, config.expert_n], ref),
         TensorType(dt, [e, f, d], ref),
+        *(TensorType(DType.float32 if name in mops.FLOAT32_WEIGHTS else dt, list(shape), ref)
+          for name, shape in optional.items()),
     ]
     if pooled:
         input_types += [BufferType(dt, ["pool_rows", config.expert_n], ref), BufferType(dt, ["pool_rows", d], ref)]
     with Graph("pymoe_moe_layer", input_types=input_types, custom_extensions=[mops.KERNELS_DIR]) as g:
-        x, router, w1, w2 = (v.tensor for v in g.inputs[:4])
-        workspaces = (g.inputs[4].buffer, g.inputs[5].buffer) if pooled else None
-        graph_weights = mops.MoEGraphWeights(router, w1, w2, packed=device == "cpu" if packed is None else packed)
+        n_weights = 3 + len(optional)
+        x, router, w1, w2, *extra = (v.tensor for v in g.inputs[: 1 + n_weights])
+        workspaces = (g.inputs[1 + n_weights].buffer, g.inputs[2 + n_weights].buffer) if pooled else None
+        graph_weights = mops.MoEGraphWeights(
+            router, w1, w2, packed=device == "cpu" if packed is None else packed,
+            **dict(zip(optional, extra, strict=True)),
+        )
         res = mops.moe_layer(x, graph_weights, config, workspaces, every_expert_tokens)
         g.output(res.out, res.expert_counts, res.losses, res.expert_offsets)
     return session.load(g)
@@ -267,5 +284,5 @@ def compile_dense_graph(config: MoEConfig, device: str, dtype: str):
                    TensorType(dt, [f, d], ref)]
     with Graph("pymoe_dense_ffn", input_types=input_types) as g:
         x, w1, w2 = (v.tensor for v in g.inputs)
-        g.output(mops.dense_ffn(x, w1, w2, config.activation))
+        g.output(mops.dense_ffn(x, w1, w2, config.activation, config.swiglu_alpha, config.swiglu_limit))
     return session.load(g)
