@@ -18,6 +18,8 @@ from .weights import DenseWeights, MoEWeights
 
 
 def _f64(a) -> np.ndarray:
+    if hasattr(a, "detach"):  # a torch tensor (weights may live on the GPU)
+        a = a.detach().float().cpu().numpy()
     return np.asarray(a, dtype=np.float64)
 
 
@@ -143,7 +145,7 @@ def moe_expert_matmul(
 ) -> np.ndarray:
     """Rows of expert e (offsets[e]..offsets[e+1]) times w[e], plus bias[e] when given,
     then the activation (alpha and limit: clamped_swiglu's constants)."""
-    x, w = _f64(x), _f64(w)
+    x = _f64(x)
     n = w.shape[2]
     n_out = n // 2 if activation in ("swiglu", "clamped_swiglu") else n
     out = np.zeros((len(row_ids), n_out))
@@ -152,7 +154,7 @@ def moe_expert_matmul(
         if hi == lo:
             continue
         a = x[row_ids[lo:hi]] if gather else x[lo:hi]
-        h = a @ w[e]
+        h = a @ _f64(w[e])  # one expert at a time: a layer's weights in float64 may not fit memory
         if bias is not None:
             h = h + _f64(bias[e])
         out[lo:hi] = expert_activation(h, activation, alpha, limit)

@@ -32,15 +32,29 @@ import numpy as np
 from .config import MoEConfig
 
 
-def _check(name: str, array: np.ndarray, shape: tuple[int, ...]) -> None:
-    if not isinstance(array, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array, got {type(array).__name__}")
-    if array.shape != shape:
-        raise ValueError(f"{name} has shape {array.shape}, expected {shape}")
-    if array.dtype not in (np.float32, np.float64):
-        raise TypeError(f"{name} must be float32 or float64, got {array.dtype}")
-    if not np.isfinite(array).all():
+def _check(name: str, array, shape: tuple[int, ...]) -> None:
+    """A weight is a float32/float64 NumPy array, or a float torch tensor (float32,
+    bfloat16 or float16, on any device: large layers are generated on the GPU)."""
+    if _is_torch(array):
+        import torch
+
+        if array.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"{name} must be a float32, bfloat16 or float16 tensor, got {array.dtype}")
+        finite = bool(torch.isfinite(array).all())
+    elif isinstance(array, np.ndarray):
+        if array.dtype not in (np.float32, np.float64):
+            raise TypeError(f"{name} must be float32 or float64, got {array.dtype}")
+        finite = bool(np.isfinite(array).all())
+    else:
+        raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(array).__name__}")
+    if tuple(array.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(array.shape)}, expected {shape}")
+    if not finite:
         raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def _is_torch(array) -> bool:
+    return type(array).__module__.startswith("torch")
 
 
 def optional_weight_shapes(config: MoEConfig) -> dict[str, tuple[int, ...]]:
