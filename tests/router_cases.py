@@ -1,7 +1,7 @@
 """The router variants that tests/test_routers.py (CPU) and tests/test_gpu_routers.py (GPU)
 run through ops.moe_gate, and the checks against pymoe.reference.moe_gate.
 
-Every variant of every expert count goes into ONE graph (one compile): its inputs are x
+Every variant, float32 and bfloat16, goes into ONE graph (one compile): its inputs are x
 and, for each expert count E, the router [d, E], a router bias [E] and a selection bias
 [E]; a variant without a bias simply does not pass it."""
 
@@ -67,40 +67,46 @@ BF16_CASES = {
 }
 
 
-def input_types(cases, device):
-    """x [t, d] float32, then per expert count: router [d, E], router bias [E], selection bias [E]."""
+def input_types(device):
+    """x [t, d] float32, then per expert count of CASES: router [d, E], router bias [E],
+    selection bias [E]."""
     f32 = DType.float32
     types = [TensorType(f32, ["t", "d"], device)]
-    for e in cases:
+    for e in CASES:
         types += [TensorType(f32, ["d", e], device), TensorType(f32, [e], device), TensorType(f32, [e], device)]
     return types
 
 
-def forward(cases, dtype=DType.float32):
-    """The graph body: every variant of `cases` on the inputs of input_types; x and the
-    router are cast to `dtype` first (the biases stay float32)."""
-
-    def body(x, *per_experts):
-        x = ops.cast(x, dtype) if dtype != DType.float32 else x
-        outs = []
-        for i, configs in enumerate(cases.values()):
-            w, rb, sb = per_experts[3 * i : 3 * i + 3]
+def forward(x, *per_experts):
+    """The graph body: every variant of CASES in float32, then every variant of BF16_CASES
+    on x and the router cast to bfloat16 (the biases stay float32)."""
+    inputs = {e: per_experts[3 * i : 3 * i + 3] for i, e in enumerate(CASES)}
+    outs = []
+    for dtype, cases in ((DType.float32, CASES), (DType.bfloat16, BF16_CASES)):
+        xc = ops.cast(x, dtype) if dtype != DType.float32 else x
+        for e, configs in cases.items():
+            w, rb, sb = inputs[e]
             w = ops.cast(w, dtype) if dtype != DType.float32 else w
             for c in configs:
                 gate = mops.moe_gate(
-                    x, w, top_k=c.top_k, renormalize=c.renormalize, scoring=c.scoring,
+                    xc, w, top_k=c.top_k, renormalize=c.renormalize, scoring=c.scoring,
                     router_bias=rb if c.router_bias else None, selection_bias=sb if c.selection_bias else None,
                     n_group=c.n_group, topk_group=c.topk_group, routed_scaling_factor=c.routed_scaling_factor)
                 outs += list(gate)
-        return outs
-
-    return body
+    return outs
 
 
-def random_inputs(rng, cases, tokens, d):
-    """x and, per expert count, router, router bias, selection bias (float32 arrays)."""
+def bf16_round(a):
+    """float32 values rounded to bfloat16 (to nearest even), as float32."""
+    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.astype(np.uint32).view(np.float32)
+
+
+def random_inputs(rng, tokens, d):
+    """x and, per expert count of CASES, router, router bias, selection bias (float32)."""
     arrays = [rng.standard_normal((tokens, d), dtype=np.float32)]
-    for e in cases:
+    for e in CASES:
         arrays += [
             (rng.standard_normal((d, e)) / np.sqrt(d) * 2).astype(np.float32),
             rng.standard_normal(e).astype(np.float32),
@@ -149,26 +155,46 @@ def check_variant(outs, x, w, rb, sb, config):
     assert abs(losses[1] - ref.z_loss) <= FP32_TOL * max(ref.z_loss, 1e-12), what
 
 
-def check_all(outs, arrays, cases):
-    """check_variant for every variant of `cases`; outs in forward's order."""
-    x, i = arrays[0], 0
-    for j, (_, configs) in enumerate(cases.items()):
-        w, rb, sb = arrays[1 + 3 * j : 4 + 3 * j]
-        for c in configs:
-            check_variant(outs[i : i + 5], x, w, rb, sb, c)
-            i += 5
+def _inputs_of(arrays, e):
+    j = list(CASES).index(e)
+    return arrays[1 + 3 * j : 4 + 3 * j]
+
+
+def check_all(outs, arrays):
+    """check_variant for every variant, outs in forward's order; the bfloat16 variants
+    against the reference on the bf16-rounded x and router (the kernel accumulates in
+    float32, so the float32 tolerance holds)."""
+    i = 0
+    for cases, rounded in ((CASES, False), (BF16_CASES, True)):
+        x = bf16_round(arrays[0]) if rounded else arrays[0]
+        for e, configs in cases.items():
+            w, rb, sb = _inputs_of(arrays, e)
+            w = bf16_round(w) if rounded else w
+            for c in configs:
+                check_variant(outs[i : i + 5], x, w, rb, sb, c)
+                i += 5
     assert i == len(outs)
 
 
-def outputs_of(outs, cases, config):
-    """The five outputs of `config` (the first variant equal to it) among outs."""
+def outputs_of(outs, config):
+    """The five outputs of `config` (its first float32 variant) among outs."""
     i = 0
-    for configs in cases.values():
+    for configs in CASES.values():
         for c in configs:
             if c == config:
                 return outs[i : i + 5]
             i += 5
     raise KeyError(config)
+
+
+def inputs_of(arrays, config):
+    """(x, router, router bias, selection bias) of `config`'s expert count."""
+    return (arrays[0], *_inputs_of(arrays, config.num_experts))
+
+
+def float32_variants():
+    """The float32 variants, in the order of their outputs."""
+    return [c for configs in CASES.values() for c in configs]
 
 
 def gpt_oss_routing(x, w, rb, k):

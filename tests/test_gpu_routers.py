@@ -1,7 +1,9 @@
 """Every router of ops.moe_gate on the GPU against the float64 reference: the cases of
 tests/test_routers.py (tests/router_cases.py), among them E=128 k=8 and DeepSeek-V3's
-E=256 with 8 groups, 4 kept, k=8, on few and on many tokens (the grid-stride loop and
-the per-block statistics). Skipped where MAX sees no GPU. On a GPU machine:
+E=256 with 8 groups, 4 kept, k=8, float32 and bfloat16, on few and on many tokens (the
+grid-stride loop and the per-block statistics). Both GPU kernels run: the online-softmax
+one (softmax routers, with and without router bias and scaling) and the one of every
+other router. Skipped where MAX sees no GPU. On a GPU machine:
 `pytest tests/test_gpu_routers.py`."""
 
 from types import SimpleNamespace
@@ -10,17 +12,16 @@ import numpy as np
 import pytest
 from conftest import FP32_TOL, rel_err, routing_near_ties
 from max.driver import Buffer, accelerator_count
-from max.dtype import DType
 from max.graph import DeviceRef, Graph
 from router_cases import (
-    BF16_CASES,
-    CASES,
     GPT_OSS,
     LLAMA4,
     check_all,
+    float32_variants,
     forward,
     gpt_oss_routing,
     input_types,
+    inputs_of,
     llama4_routing,
     outputs_of,
     random_inputs,
@@ -40,10 +41,11 @@ def gpu():
     return dev, DeviceRef.from_device(dev), InferenceSession(devices=[dev])
 
 
-def _compile(gpu, name, cases, dtype=DType.float32):
+@pytest.fixture(scope="module")
+def routers_model(gpu):
     _, ref, session = gpu
-    with Graph(name, input_types=input_types(cases, ref), custom_extensions=[mops.KERNELS_DIR]) as g:
-        g.output(*forward(cases, dtype)(*(v.tensor for v in g.inputs)))
+    with Graph("gpu_routers", input_types=input_types(ref), custom_extensions=[mops.KERNELS_DIR]) as g:
+        g.output(*forward(*(v.tensor for v in g.inputs)))
     return session.load(g)
 
 
@@ -54,64 +56,36 @@ def _run(gpu, model, *arrays):
     return [o.to(CPU()).to_numpy() for o in outs]
 
 
-@pytest.fixture(scope="module")
-def routers_model(gpu):
-    return _compile(gpu, "gpu_routers", CASES)
-
-
-@pytest.fixture(scope="module")
-def routers_bf16_model(gpu):
-    return _compile(gpu, "gpu_routers_bf16", BF16_CASES, DType.bfloat16)
-
-
 # 8 tokens fill one block's warps; 3000 tokens give every warp of the grid several.
 @pytest.mark.parametrize("tokens,d", [(1, 37), (8, 64), (33, 16), (300, 9), (3000, 40)])
 def test_gpu_routers_match_reference(gpu, routers_model, rng, tokens, d):
-    arrays = random_inputs(rng, CASES, tokens, d)
-    check_all(_run(gpu, routers_model, *arrays), arrays, CASES)
-
-
-@pytest.mark.parametrize("tokens,d", [(1, 37), (65, 24)])
-def test_gpu_routers_bfloat16(gpu, routers_bf16_model, rng, tokens, d):
-    import torch
-
-    def bf16(a):
-        return torch.from_numpy(a).to(torch.bfloat16).to(torch.float32).numpy()
-
-    arrays = random_inputs(rng, BF16_CASES, tokens, d)
-    outs = _run(gpu, routers_bf16_model, *arrays)
-    rounded = list(arrays)
-    rounded[0] = bf16(arrays[0])
-    for j in range(len(BF16_CASES)):
-        rounded[1 + 3 * j] = bf16(arrays[1 + 3 * j])
-    check_all(outs, rounded, BF16_CASES)
+    """Every variant, float32 and bfloat16 (tests/router_cases.py)."""
+    arrays = random_inputs(rng, tokens, d)
+    check_all(_run(gpu, routers_model, *arrays), arrays)
 
 
 def test_gpu_ties_go_to_the_lower_index(gpu, routers_model):
-    arrays = [np.zeros_like(a) for a in random_inputs(np.random.default_rng(0), CASES, 4, 5)]
+    arrays = [np.zeros_like(a) for a in random_inputs(np.random.default_rng(0), 4, 5)]
     outs = _run(gpu, routers_model, *arrays)
-    i = 0
-    for configs in CASES.values():
-        for c in configs:
-            weights, ids = outs[i], outs[i + 1]
-            i += 5
-            np.testing.assert_array_equal(ids, np.tile(np.arange(c.top_k), (4, 1)), err_msg=str(c))
-            score = 1 / c.num_experts if c.scoring == "softmax" else 0.5
-            expected = (1 / c.top_k if c.renormalize else score) * c.routed_scaling_factor
-            np.testing.assert_allclose(weights, expected, rtol=1e-6, err_msg=str(c))
+    for i, c in enumerate(float32_variants()):
+        weights, ids = outs[5 * i], outs[5 * i + 1]
+        np.testing.assert_array_equal(ids, np.tile(np.arange(c.top_k), (4, 1)), err_msg=str(c))
+        score = 1 / c.num_experts if c.scoring == "softmax" else 0.5
+        expected = (1 / c.top_k if c.renormalize else score) * c.routed_scaling_factor
+        np.testing.assert_allclose(weights, expected, rtol=1e-6, err_msg=str(c))
 
 
 def test_gpu_gpt_oss_and_llama4_routers(gpu, routers_model, rng):
-    arrays = random_inputs(rng, CASES, 50, 37)
-    x, (w, rb) = arrays[0], arrays[4:6]
+    arrays = random_inputs(rng, 50, 37)
     outs = _run(gpu, routers_model, *arrays)
+    x, w, rb, _ = inputs_of(arrays, GPT_OSS)
     ids, weights = gpt_oss_routing(x, w, rb, GPT_OSS.top_k)
-    out_w, out_ids = outputs_of(outs, CASES, GPT_OSS)[:2]
+    out_w, out_ids = outputs_of(outs, GPT_OSS)[:2]
     ok = ~routing_near_ties(x, SimpleNamespace(router=w, router_bias=rb, selection_bias=None), GPT_OSS)
     np.testing.assert_array_equal(out_ids[ok], ids[ok])
     assert rel_err(out_w[ok], weights[ok]) < FP32_TOL
     ids, weights = llama4_routing(x, w)
-    out_w, out_ids = outputs_of(outs, CASES, LLAMA4)[:2]
+    out_w, out_ids = outputs_of(outs, LLAMA4)[:2]
     ok = ~routing_near_ties(x, SimpleNamespace(router=w, router_bias=None, selection_bias=None), LLAMA4)
     np.testing.assert_array_equal(out_ids[ok], ids[ok])
     assert rel_err(out_w[ok], weights[ok]) < FP32_TOL
