@@ -243,6 +243,7 @@ class PymoeBlock(torch.nn.Module):
 
     def __init__(self, block, device: str, dtype: str):
         from .layer import MoELayer
+        from .runtime import driver_device
 
         super().__init__()
         self.kind = type(block).__name__
@@ -250,7 +251,7 @@ class PymoeBlock(torch.nn.Module):
         self.device_name, self.dtype_name = device, dtype
         self.layer = MoELayer(self.config, weights, device=device, dtype=dtype)
         self.router = block.router if hasattr(block, "router") else block.gate
-        self._accelerator = self.layer._device if device == "gpu" else None
+        self._accelerator = driver_device("gpu") if device == "gpu" else None
         # Switch drops tokens past expert_capacity per sequence: layers with that capacity
         # for a sequence length (built on first use), from the weights kept here.
         self._switch_weights = weights if self.kind == "SwitchTransformersSparseMLP" else None
@@ -285,21 +286,21 @@ class PymoeBlock(torch.nn.Module):
         return self._switch_layers[seq_len]
 
     def forward(self, hidden_states):
-        batch, seq, d = hidden_states.shape
-        x = hidden_states.reshape(-1, d)
-        if self.kind == "SwitchTransformersSparseMLP" and seq > self.router.expert_capacity:
-            layer = self._switch_layer(seq)
-            out = torch.cat([self._run(layer, hidden_states[b]) for b in range(batch)])
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        if self.kind == "SwitchTransformersSparseMLP" and shape[1] > self.router.expert_capacity:
+            layer = self._switch_layer(shape[1])
+            out = torch.cat([self._run(layer, sequence) for sequence in hidden_states])
         else:
             # (Switch with seq <= expert_capacity: top-1 cannot overfill an expert.)
             out = self._run(self.layer, x)
         if self.kind == "GptOssMLP":
-            return out.reshape(batch, seq, d), self.router(x)[1]
+            return out.reshape(shape), self.router(x)[1]
         if self.kind == "Llama4TextMoe":
             return out, self.router(x)[1]
         if _recording_router_logits():
             self.router(hidden_states if self.kind == "SwitchTransformersSparseMLP" else x)
-        return out.reshape(batch, seq, d)
+        return out.reshape(shape)
 
 
 def _layer_dtype(block) -> str:

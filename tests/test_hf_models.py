@@ -186,6 +186,45 @@ def test_patched_model_matches(name):
     assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), expected_tokens)
 
 
+class _ReferenceLayer:
+    """MoELayer's interface on the float64 reference: patch's plumbing without the kernels."""
+
+    def __init__(self, config, weights, device="cpu", dtype="float32"):
+        self.config, self.weights = config, weights
+
+    def forward_unchecked(self, x):
+        return torch.from_numpy(R.moe_layer(x.float().numpy(), self.weights, self.config).out).to(x.dtype)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_patch_plumbing_on_the_reference(monkeypatch, name):
+    """patch with the reference in place of MoELayer, so that this runs without compiling:
+    what each patched block returns, router logits recorded, generate under inference_mode,
+    and the routers run only where the block returns their output or they are recorded."""
+    import pymoe.layer
+
+    monkeypatch.setattr(pymoe.layer, "MoELayer", _ReferenceLayer)
+    model = hf_lm(name, seed=1)
+    ids = _prompt(seed=3, seq=7)
+    with torch.no_grad():
+        expected = model(ids, output_router_logits=True)
+    expected_tokens = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert patch(model) == 2
+    router_calls = []
+    for block in model.modules():
+        if isinstance(block, PymoeBlock):
+            block.router.register_forward_hook(lambda *_: router_calls.append(1))
+    with torch.inference_mode():
+        got = model(ids)
+        assert len(router_calls) == (2 if name in ("gpt-oss", "llama4") else 0)
+        recorded = model(ids, output_router_logits=True)
+        assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), expected_tokens)
+    assert rel_err(got.logits.numpy(), expected.logits.numpy()) < 1e-5
+    assert len(recorded.router_logits) == len(expected.router_logits) == 2
+    for a, b in zip(recorded.router_logits, expected.router_logits, strict=True):
+        assert a.shape == b.shape and rel_err(a.numpy(), b.numpy()) < 1e-5
+
+
 @pytest.mark.parametrize("seq", [32, 3])
 def test_patched_switch_block_keeps_per_sequence_capacity(rng, seq):
     """Switch drops past expert_capacity in each sequence; the patched block runs each
