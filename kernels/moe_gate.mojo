@@ -1,34 +1,53 @@
-# MoE gating: router logits x @ router_w -> float32 softmax over experts -> top-k.
+# MoE gating: router logits x @ router_w (+ router bias) -> float32 scores ->
+# (group-limited) top-k, for every router of pymoe.routing.route.
 #
 # The router matmul is fused here (it is d_model x E per token, E small) and
 # accumulated in float32 whatever the storage dtype.
 #
+# The routing rule (pymoe/routing.py has it in five steps): logits = x @ W,
+# plus the router bias (GPT-OSS); scores = softmax over the experts or a
+# sigmoid per expert; selection scores = scores + selection bias (DeepSeek-V3);
+# with n_group > 1 only the topk_group groups with the best sum of their two
+# best selection scores stay candidates; the top_k candidates by selection
+# score are chosen, highest first, the lower index winning ties; their weights
+# are their scores (never the selection scores), divided by their sum when
+# `renormalize`, times `scaling` (routed_scaling_factor).
+#
 # Outputs, for T tokens and E experts:
-#   topk_weights     [T, k] float32  softmax probabilities of the chosen experts,
-#                                    divided by their sum when `renormalize`
-#   topk_ids         [T, k] int32    chosen experts, highest probability first;
-#                                    on equal probabilities the lower index wins
+#   topk_weights     [T, k] float32  weights of the chosen experts (above)
+#   topk_ids         [T, k] int32    chosen experts, best selection score first
 #   expert_counts    [E]    int32    tokens routed to each expert (before any
 #                                    capacity limit)
-#   router_prob_mean [E]    float32  P_i, the mean router probability of expert i
+#   router_prob_mean [E]    float32  P_i, the mean over tokens of expert i's
+#                                    score normalized to sum 1 over the experts
+#                                    (the softmax itself; sigmoid / its sum)
 #   losses           [2]    float32  [Switch auxiliary loss E * sum_i f_i * P_i
 #                                    with f_i = counts_i / T, router z-loss
-#                                    mean_t logsumexp(logits_t)^2]
+#                                    mean_t logsumexp(logits_t)^2, the logits
+#                                    with the router bias]
 #
-# `top_k` and `renormalize` are compile-time parameters, so the selection loop
-# is unrolled and the branch on renormalisation disappears. CPU: tokens are
-# split across worker threads; each worker keeps float64 partial sums that
-# are added in a fixed order afterwards, so the statistics are deterministic.
-# GPU: one warp per token (see gate_gpu); the statistics are accumulated
-# with atomics into the output tensors themselves (no scratch memory), in
-# float32 for P_i and the z-loss, so their last bits depend on the order of
-# the adds.
+# Every router variant is a compile-time parameter, so the default router
+# (softmax, no biases, no groups, scaling 1) runs the same code as before the
+# variants existed. The two bias inputs are always there (a custom op has a
+# fixed list of inputs); without their flag the kernel never reads them and
+# pymoe.ops passes a one-element placeholder.
+#
+# `top_k` and `renormalize` are compile-time parameters too, so the selection
+# loop is unrolled and the branch on renormalisation disappears. CPU: tokens
+# are split across worker threads; each worker keeps float64 partial sums
+# that are added in a fixed order afterwards, so the statistics are
+# deterministic. GPU: one warp per token (see gate_gpu and
+# _enqueue_routed_tokens); the statistics are accumulated with atomics into
+# the output tensors themselves (no scratch memory), in float32 for P_i and
+# the z-loss, so their last bits depend on the order of the adds.
 
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.algorithm import sync_parallelize
 from max.gpu import WARP_SIZE, barrier, block_idx, grid_dim, thread_idx
 from max.gpu.memory import AddressSpace
+from max.gpu.primitives.warp import max as warp_max
+from max.gpu.primitives.warp import shuffle_xor
 from max.gpu.primitives.warp import sum as warp_sum
 from max.gpu.host import DeviceContext
 from max.runtime.asyncrt import parallelism_level
@@ -48,6 +67,33 @@ comptime WARPS_PER_BLOCK = GPU_BLOCK // WARP_SIZE
 comptime MAX_GATE_BLOCKS = 1024
 # Experts whose logits a warp computes together (registers per lane).
 comptime EG = 8
+# The GPU path of the routers other than the default keeps each token's E
+# logits in registers, ROUTED_SLOTS per lane (expert i * WARP_SIZE + lane in
+# slot i): E may be at most this (DeepSeek-V3 has 256). pymoe.ops checks it.
+comptime GPU_ROUTED_MAX_EXPERTS = 512
+comptime ROUTED_SLOTS = GPU_ROUTED_MAX_EXPERTS // WARP_SIZE
+
+
+@always_inline
+def _sigmoid(v: Float32) -> Float32:
+    """The logistic function without overflow for large negative v."""
+    var e = exp(-abs(v))
+    if v >= 0:
+        return 1.0 / (1.0 + e)
+    return e / (1.0 + e)
+
+
+@always_inline
+def _with_router_bias(
+    l: SIMD[DType.float32, EG], rb: Pointer[Float32, MutAnyOrigin], e0: Int, experts: Int
+) -> SIMD[DType.float32, EG]:
+    """The logits of experts e0 .. e0+EG-1 plus their router bias (experts
+    past the last keep their value)."""
+    var out = l
+    comptime for j in range(EG):
+        if e0 + j < experts:
+            out[j] += rb.unsafe_load(e0 + j)
+    return out
 
 
 @always_inline
@@ -95,7 +141,17 @@ def _group_logits[dtype: DType](
     return acc
 
 
-def gate_gpu[dtype: DType, top_k: Int, renormalize: Bool](
+def gate_gpu[
+    dtype: DType,
+    top_k: Int,
+    renormalize: Bool,
+    sigmoid: Bool,
+    has_router_bias: Bool,
+    has_selection_bias: Bool,
+    n_group: Int,
+    topk_group: Int,
+    scaling: Float32,
+](
     ctx: DeviceContext,
     w_out: Pointer[Float32, MutAnyOrigin],
     id_out: Pointer[Int32, MutAnyOrigin],
@@ -104,13 +160,46 @@ def gate_gpu[dtype: DType, top_k: Int, renormalize: Bool](
     losses: Pointer[Float32, MutAnyOrigin],
     x: Pointer[Scalar[dtype], MutAnyOrigin],
     rw: Pointer[Scalar[dtype], MutAnyOrigin],
+    rb: Pointer[Float32, MutAnyOrigin],
+    sb: Pointer[Float32, MutAnyOrigin],
     tokens: Int,
     d_model: Int,
     experts: Int,
 ) raises:
     """The gate on the GPU: a zeroing kernel, the token kernel (one warp per
-    token, see below), and a one-thread kernel that turns the sums into means
-    and losses."""
+    token), and a one-thread kernel that turns the sums into means and losses.
+
+    Softmax routers without selection bias or groups (Mixtral, Qwen, GPT-OSS)
+    run the online-softmax token kernel below; every other router runs
+    _enqueue_routed_tokens's (logits of all E experts in registers, then
+    warp-wide selection).
+
+    Parameters:
+        dtype: The dtype of x and the router weights.
+        top_k: Experts per token.
+        renormalize: Divide the k weights by their sum.
+        sigmoid: Sigmoid scores (else softmax).
+        has_router_bias: Add rb to the logits.
+        has_selection_bias: Add sb to the scores for the selection.
+        n_group: Expert groups of the group-limited top-k (1: plain top-k).
+        topk_group: Groups kept.
+        scaling: The factor of the weights (routed_scaling_factor).
+
+    Args:
+        ctx: The device context.
+        w_out: Weights [T, k].
+        id_out: Ids [T, k].
+        counts: Expert counts [E].
+        pmean: Mean normalized scores [E].
+        losses: [aux loss, z-loss].
+        x: Tokens [T, d_model].
+        rw: Router weights [d_model, E].
+        rb: Router bias [E] (read only with has_router_bias).
+        sb: Selection bias [E] (read only with has_selection_bias).
+        tokens: T.
+        d_model: d_model.
+        experts: E.
+    """
     var n_tok = Int64(tokens)
     var n_d = Int64(d_model)
     var n_e = Int64(experts)
@@ -129,13 +218,13 @@ def gate_gpu[dtype: DType, top_k: Int, renormalize: Bool](
     # EG: the lanes split d_model, each keeps EG partial dot products in
     # registers (the token's x is read once per group, coalesced; a group's
     # router weights are EG neighbours in memory), and EG warp sums give
-    # every lane the group's logits. Softmax max and sum are accumulated
-    # online over the groups; the top-k insertion is the CPU's (strict '>',
+    # every lane the group's logits (plus the router bias, if any). Softmax
+    # max and sum are accumulated online over the groups; the top-k insertion is the CPU's (strict '>',
     # so the lower index wins ties), done redundantly by every lane. The
     # first group's statistics are summed in registers over the warp's
     # tokens (lane j holds expert j) and then over the block, so those
     # atomics are per block instead of per token; later groups add per token.
-    def token_kernel() {var w_out, var id_out, var counts, var pmean, var losses, var x, var rw, var n_tok, var n_d, var n_e, var vector}:
+    def token_kernel() {var w_out, var id_out, var counts, var pmean, var losses, var x, var rw, var rb, var n_tok, var n_d, var n_e, var vector}:
         var tid = Int(thread_idx.x)
         var lane = tid % WARP_SIZE
         var warps = Int(grid_dim.x) * WARPS_PER_BLOCK
@@ -155,6 +244,8 @@ def gate_gpu[dtype: DType, top_k: Int, renormalize: Bool](
             var chosen_logit = Array[Float32, top_k](fill=neg_inf)
             for g in range(groups):
                 var l = _group_logits[dtype](xt, rw, d, e_count, g * EG, lane, vector)
+                comptime if has_router_bias:
+                    l = _with_router_bias(l, rb, g * EG, e_count)
                 if g == 0:
                     logits0 = l
                 var n_valid = min(EG, e_count - g * EG)
@@ -184,6 +275,8 @@ def gate_gpu[dtype: DType, top_k: Int, renormalize: Bool](
                     var p = exp(chosen_logit[j] - m) * inv
                     comptime if renormalize:
                         p = p / chosen_sum
+                    comptime if scaling != 1.0:
+                        p *= scaling
                     w_out.unsafe_store(t * top_k + j, p)
                     id_out.unsafe_store(t * top_k + j, Int32(chosen[j]))
                 if chosen[j] == lane:
@@ -194,6 +287,8 @@ def gate_gpu[dtype: DType, top_k: Int, renormalize: Bool](
                 p_acc += exp(logits0[lane] - m) * inv
             for g in range(1, groups):
                 var l = _group_logits[dtype](xt, rw, d, e_count, g * EG, lane, vector)
+                comptime if has_router_bias:
+                    l = _with_router_bias(l, rb, g * EG, e_count)
                 var e = g * EG + lane
                 if lane < EG and e < e_count:
                     _ = Atomic.fetch_add(pmean.unsafe_offset(e), exp(l[lane] - m) * inv)
@@ -236,8 +331,230 @@ def gate_gpu[dtype: DType, top_k: Int, renormalize: Bool](
     ctx.enqueue_function(zero_stats, grid_dim=1, block_dim=GPU_BLOCK)
     if tokens > 0:
         var blocks = min(ceildiv(tokens, WARPS_PER_BLOCK), MAX_GATE_BLOCKS)
-        ctx.enqueue_function(token_kernel, grid_dim=blocks, block_dim=GPU_BLOCK)
+        comptime if sigmoid or has_selection_bias or n_group > 1:
+            _enqueue_routed_tokens[
+                dtype, top_k, renormalize, sigmoid, has_router_bias, has_selection_bias, n_group, topk_group, scaling
+            ](ctx, blocks, w_out, id_out, counts, pmean, losses, x, rw, rb, sb, tokens, d_model, experts, vector)
+        else:
+            ctx.enqueue_function(token_kernel, grid_dim=blocks, block_dim=GPU_BLOCK)
     ctx.enqueue_function(finish, grid_dim=1, block_dim=1)
+
+
+def _enqueue_routed_tokens[
+    dtype: DType,
+    top_k: Int,
+    renormalize: Bool,
+    sigmoid: Bool,
+    has_router_bias: Bool,
+    has_selection_bias: Bool,
+    n_group: Int,
+    topk_group: Int,
+    scaling: Float32,
+](
+    ctx: DeviceContext,
+    blocks: Int,
+    w_out: Pointer[Float32, MutAnyOrigin],
+    id_out: Pointer[Int32, MutAnyOrigin],
+    counts: Pointer[Int32, MutAnyOrigin],
+    pmean: Pointer[Float32, MutAnyOrigin],
+    losses: Pointer[Float32, MutAnyOrigin],
+    x: Pointer[Scalar[dtype], MutAnyOrigin],
+    rw: Pointer[Scalar[dtype], MutAnyOrigin],
+    rb: Pointer[Float32, MutAnyOrigin],
+    sb: Pointer[Float32, MutAnyOrigin],
+    tokens: Int,
+    d_model: Int,
+    experts: Int,
+    vector: Bool,
+) raises:
+    """The token kernel of every router but the default softmax one (sigmoid
+    scores, a selection bias, group-limited top-k): one warp per token.
+
+    The warp computes the E logits in groups of EG as the softmax kernel does
+    (_group_logits) but keeps them: lane l holds expert i * WARP_SIZE + l in
+    slot i of its registers. Max, softmax sum, group scores (the two best of
+    each group, merged pairwise across the lanes) and each of the k choices
+    (the lane's best candidate, then a warp-wide arg-max whose ties go to the
+    lower index) are warp reductions, so no lane scans all E experts. The
+    statistics are summed per lane in registers over the warp's tokens, then
+    over the block in shared memory, then one atomic per expert per block.
+    Same parameters and pointers as gate_gpu; `vector` is its choice of loads.
+    """
+    if experts > GPU_ROUTED_MAX_EXPERTS:
+        raise Error("pymoe_moe_gate: this router holds at most 512 experts on the GPU")
+    var n_tok = Int64(tokens)
+    var n_d = Int64(d_model)
+    var n_e = Int64(experts)
+    comptime LANE_GROUPS = WARP_SIZE // EG  # EG-groups per slot
+
+    def routed_kernel() {var w_out, var id_out, var counts, var pmean, var losses, var x, var rw, var rb, var sb, var n_tok, var n_d, var n_e, var vector}:
+        var tid = Int(thread_idx.x)
+        var lane = tid % WARP_SIZE
+        var warp = tid // WARP_SIZE
+        var warps = Int(grid_dim.x) * WARPS_PER_BLOCK
+        var d = Int(n_d)
+        var e_count = Int(n_e)
+        var groups = ceildiv(e_count, EG)
+        var neg_inf = Float32.MIN
+        var p_acc = SIMD[DType.float32, ROUTED_SLOTS](0)
+        var n_acc = SIMD[DType.int32, ROUTED_SLOTS](0)
+        var z_acc: Float32 = 0
+        for t in range(Int(block_idx.x) * WARPS_PER_BLOCK + warp, Int(n_tok), warps):
+            var xt = x.unsafe_offset(t * d)
+            # Logits; slots past the last expert stay -inf (score 0).
+            var logit = SIMD[DType.float32, ROUTED_SLOTS](neg_inf)
+            for g in range(groups):
+                var l = _group_logits[dtype](xt, rw, d, e_count, g * EG, lane, vector)
+                if lane // EG == g % LANE_GROUPS:
+                    comptime for i in range(ROUTED_SLOTS):
+                        if g // LANE_GROUPS == i:
+                            logit[i] = l[lane % EG]
+            var local_max = neg_inf
+            comptime for i in range(ROUTED_SLOTS):
+                var e = i * WARP_SIZE + lane
+                if e < e_count:
+                    comptime if has_router_bias:
+                        logit[i] += rb.unsafe_load(e)
+                    local_max = max(local_max, logit[i])
+            var m = warp_max(local_max)
+            var local_sum: Float32 = 0
+            comptime for i in range(ROUTED_SLOTS):
+                if i * WARP_SIZE + lane < e_count:
+                    local_sum += exp(logit[i] - m)
+            var total = warp_sum(local_sum)
+            if lane == 0:
+                var lse = m + log(total)
+                z_acc += lse * lse
+
+            # Scores (weights and statistics) and selection scores.
+            var score = SIMD[DType.float32, ROUTED_SLOTS](0)
+            var sel = SIMD[DType.float32, ROUTED_SLOTS](neg_inf)
+            var score_sum: Float32 = 0
+            comptime for i in range(ROUTED_SLOTS):
+                var e = i * WARP_SIZE + lane
+                if e < e_count:
+                    comptime if sigmoid:
+                        score[i] = _sigmoid(logit[i])
+                    else:
+                        score[i] = exp(logit[i] - m) / total
+                    score_sum += score[i]
+                    sel[i] = score[i]
+                    comptime if has_selection_bias:
+                        sel[i] += sb.unsafe_load(e)
+            comptime if sigmoid:
+                p_acc += score / warp_sum(score_sum)
+            else:
+                p_acc += score
+
+            # Group-limited top-k: drop the candidates outside the topk_group
+            # groups of best two-best sums (every lane decides the same).
+            comptime if n_group > 1:
+                var group_size = e_count // n_group
+                var group_score = Array[Float32, n_group](fill=0)
+                for g in range(n_group):
+                    var b1 = neg_inf
+                    var b2 = neg_inf
+                    comptime for i in range(ROUTED_SLOTS):
+                        var e = i * WARP_SIZE + lane
+                        if e < e_count and e // group_size == g:
+                            if sel[i] > b1:
+                                b2 = b1
+                                b1 = sel[i]
+                            elif sel[i] > b2:
+                                b2 = sel[i]
+                    var off = WARP_SIZE // 2
+                    while off > 0:
+                        var o1 = shuffle_xor(b1, UInt32(off))
+                        var o2 = shuffle_xor(b2, UInt32(off))
+                        # The two best of two sorted pairs.
+                        var top = max(b1, o1)
+                        b2 = max(min(b1, o1), max(b2, o2))
+                        b1 = top
+                        off //= 2
+                    group_score[g] = b1 + b2
+                var kept = Array[Bool, n_group](fill=False)
+                for _ in range(topk_group):
+                    var best = -1
+                    var best_v = neg_inf
+                    for g in range(n_group):
+                        if not kept[g] and (best < 0 or group_score[g] > best_v):
+                            best = g
+                            best_v = group_score[g]
+                    kept[best] = True
+                comptime for i in range(ROUTED_SLOTS):
+                    var e = i * WARP_SIZE + lane
+                    if e < e_count and not kept[e // group_size]:
+                        sel[i] = neg_inf
+
+            # k arg-max rounds; `taken` marks this lane's chosen slots.
+            var taken = UInt32(0)
+            var chosen_sum: Float32 = 0
+            for j in range(top_k):
+                var best_v = neg_inf
+                var best = -1
+                var best_score: Float32 = 0
+                comptime for i in range(ROUTED_SLOTS):
+                    var e = i * WARP_SIZE + lane
+                    if e < e_count and (taken >> UInt32(i)) & 1 == 0 and (best < 0 or sel[i] > best_v):
+                        best_v = sel[i]
+                        best = e
+                        best_score = score[i]
+                var off = WARP_SIZE // 2
+                while off > 0:
+                    var other_v = shuffle_xor(best_v, UInt32(off))
+                    var other = Int(shuffle_xor(Int32(best), UInt32(off)))
+                    var other_score = shuffle_xor(best_score, UInt32(off))
+                    if other >= 0 and (
+                        best < 0 or other_v > best_v or (other_v == best_v and other < best)
+                    ):
+                        best_v = other_v
+                        best = other
+                        best_score = other_score
+                    off //= 2
+                if best >= 0 and best % WARP_SIZE == lane:
+                    taken |= UInt32(1) << UInt32(best // WARP_SIZE)
+                    comptime for i in range(ROUTED_SLOTS):
+                        if best == i * WARP_SIZE + lane:
+                            n_acc[i] += 1
+                chosen_sum += best_score
+                if lane == j % WARP_SIZE:
+                    var w = best_score
+                    comptime if not renormalize and scaling != 1.0:
+                        w *= scaling
+                    w_out.unsafe_store(t * top_k + j, w)
+                    id_out.unsafe_store(t * top_k + j, Int32(best))
+            comptime if renormalize:
+                # Each lane rescales the weights it wrote.
+                var f = scaling / chosen_sum
+                for j in range(lane, top_k, WARP_SIZE):
+                    w_out.unsafe_store(t * top_k + j, w_out.unsafe_load(t * top_k + j) * f)
+
+        # Block reduction of the statistics, then one atomic per expert per block.
+        var p_sh = stack_allocation[WARPS_PER_BLOCK * GPU_ROUTED_MAX_EXPERTS, Float32, address_space=AddressSpace.SHARED]()
+        var n_sh = stack_allocation[WARPS_PER_BLOCK * GPU_ROUTED_MAX_EXPERTS, Int32, address_space=AddressSpace.SHARED]()
+        var z_sh = stack_allocation[WARPS_PER_BLOCK, Float32, address_space=AddressSpace.SHARED]()
+        comptime for i in range(ROUTED_SLOTS):
+            p_sh.unsafe_store(warp * GPU_ROUTED_MAX_EXPERTS + i * WARP_SIZE + lane, p_acc[i])
+            n_sh.unsafe_store(warp * GPU_ROUTED_MAX_EXPERTS + i * WARP_SIZE + lane, n_acc[i])
+        if lane == 0:
+            z_sh.unsafe_store(warp, z_acc)
+        barrier()
+        for e in range(tid, e_count, GPU_BLOCK):
+            var p_sum: Float32 = 0
+            var n_sum = Int32(0)
+            for w in range(WARPS_PER_BLOCK):
+                p_sum += p_sh.unsafe_load(w * GPU_ROUTED_MAX_EXPERTS + e)
+                n_sum += n_sh.unsafe_load(w * GPU_ROUTED_MAX_EXPERTS + e)
+            _ = Atomic.fetch_add(pmean.unsafe_offset(e), p_sum)
+            if n_sum != 0:
+                _ = Atomic.fetch_add(counts.unsafe_offset(e), n_sum)
+        if tid == 0:
+            var z_sum: Float32 = 0
+            for w in range(WARPS_PER_BLOCK):
+                z_sum += z_sh.unsafe_load(w)
+            _ = Atomic.fetch_add(losses.unsafe_offset(1), z_sum)
+
+    ctx.enqueue_function(routed_kernel, grid_dim=blocks, block_dim=GPU_BLOCK)
 
 
 @extensibility.register("pymoe_moe_gate")
@@ -246,6 +563,12 @@ struct MoEGate:
     def execute[
         top_k: Int,
         renormalize: Bool,
+        scoring: StaticString,
+        has_router_bias: Bool,
+        has_selection_bias: Bool,
+        n_group: Int,
+        topk_group: Int,
+        scaling: Float32,
         target: StaticString,
     ](
         topk_weights: OutputTensor[dtype=DType.float32, rank=2, ...],
@@ -255,23 +578,70 @@ struct MoEGate:
         losses: OutputTensor[dtype=DType.float32, rank=1, ...],
         x: InputTensor[rank=2, ...],
         router_w: InputTensor[dtype=x.dtype, rank=2, ...],
+        router_bias: InputTensor[dtype=DType.float32, rank=1, ...],
+        selection_bias: InputTensor[dtype=DType.float32, rank=1, ...],
         ctx: DeviceContext,
     ) raises:
+        """Route T tokens to top_k of E experts (see the top of this file).
+
+        Parameters:
+            top_k: Experts per token.
+            renormalize: Divide the k weights by their sum.
+            scoring: "softmax" or "sigmoid".
+            has_router_bias: Add router_bias [E] to the logits; without it
+                router_bias is a placeholder that is never read.
+            has_selection_bias: Add selection_bias [E] to the scores for the
+                selection only; without it, a placeholder.
+            n_group: Expert groups of the group-limited top-k (1: plain top-k).
+            topk_group: Groups kept (1 when n_group is 1).
+            scaling: The factor of the weights (routed_scaling_factor).
+            target: "cpu" or "gpu".
+
+        Args:
+            topk_weights: Weights of the chosen experts [T, k].
+            topk_ids: Chosen experts [T, k].
+            expert_counts: Tokens per expert [E].
+            router_prob_mean: Mean normalized score per expert [E].
+            losses: [aux loss, z-loss].
+            x: Tokens [T, d_model].
+            router_w: Router weights [d_model, E].
+            router_bias: Router bias [E] or a placeholder.
+            selection_bias: Selection bias [E] or a placeholder.
+            ctx: The device context.
+        """
+        comptime assert scoring == "softmax" or scoring == "sigmoid", "scoring must be softmax or sigmoid"
+        comptime SIGMOID = scoring == "sigmoid"
+        # The default router keeps its original selection (probabilities are
+        # >= 0, so a chosen one is marked negative); the others need a
+        # selection buffer and the group step.
+        comptime ROUTED = SIGMOID or has_selection_bias or n_group > 1
         comptime W = simd_width_of[DType.float32]()
         var tokens = x.dim_size(0)
         var d_model = x.dim_size(1)
         var experts = router_w.dim_size(1)
         if top_k < 1 or top_k > experts:
             raise Error("pymoe_moe_gate: top_k must be in [1, num_experts]")
+        if n_group < 1 or experts % n_group != 0 or topk_group < 1 or topk_group > n_group:
+            raise Error("pymoe_moe_gate: n_group must divide num_experts and 1 <= topk_group <= n_group")
+        if n_group > 1 and (experts // n_group < 2 or top_k > topk_group * (experts // n_group)):
+            raise Error("pymoe_moe_gate: groups of >= 2 experts, and top_k within the kept groups")
+        if has_router_bias and router_bias.dim_size(0) != experts:
+            raise Error("pymoe_moe_gate: router_bias must have num_experts entries")
+        if has_selection_bias and selection_bias.dim_size(0) != experts:
+            raise Error("pymoe_moe_gate: selection_bias must have num_experts entries")
 
         var src = x.unsafe_ptr()
         var rw = router_w.unsafe_ptr()
+        var rb = router_bias.unsafe_ptr()
+        var sb = selection_bias.unsafe_ptr()
         var w_out = topk_weights.unsafe_ptr()
         var id_out = topk_ids.unsafe_ptr()
         comptime if target == "gpu":
-            gate_gpu[x.dtype, top_k, renormalize](
+            gate_gpu[
+                x.dtype, top_k, renormalize, SIGMOID, has_router_bias, has_selection_bias, n_group, topk_group, scaling
+            ](
                 ctx, w_out, id_out, expert_counts.unsafe_ptr(), router_prob_mean.unsafe_ptr(),
-                losses.unsafe_ptr(), src, rw, tokens, d_model, experts,
+                losses.unsafe_ptr(), src, rw, rb, sb, tokens, d_model, experts,
             )
             return
         var workers = max(1, min(parallelism_level(None), ceildiv(tokens, TOKENS_PER_WORKER_MIN)))
@@ -281,20 +651,27 @@ struct MoEGate:
         var partial = List[Float64](length=workers * stride, fill=0.0)
         var partial_ptr = partial.unsafe_ptr()
 
-        def tokens_of_worker(w: Int) {var src, var rw, var d_model, var w_out, var id_out, var tokens, var experts, var workers, var partial_ptr, var stride}:
+        def tokens_of_worker(w: Int) {var src, var rw, var rb, var sb, var d_model, var w_out, var id_out, var tokens, var experts, var workers, var partial_ptr, var stride}:
             var probs = List[Float32](length=experts, fill=0.0)
             var p = probs.unsafe_ptr()
             var logits = List[Float32](length=experts, fill=0.0)
             var row = logits.unsafe_ptr()
+            # The routed routers' selection scores and chosen marks.
+            var selection = List[Float32](length=experts if ROUTED else 0, fill=0.0)
+            var sel = selection.unsafe_ptr()
+            var taken_list = List[UInt8](length=experts if ROUTED else 0, fill=0)
+            var taken = taken_list.unsafe_ptr()
             var acc = partial_ptr.unsafe_offset(w * stride)
             for t in range(w * tokens // workers, (w + 1) * tokens // workers):
                 var xt = src.unsafe_offset(t * d_model)
 
-                def logit_step[width: Int](e: Int) {var xt, var rw, var row, var d_model, var experts}:
+                def logit_step[width: Int](e: Int) {var xt, var rw, var rb, var row, var d_model, var experts}:
                     var acc = SIMD[DType.float32, width](0)
                     for kk in range(d_model):
                         var a = xt.unsafe_load(kk).cast[DType.float32]()
                         acc += a * rw.unsafe_load[width=width](kk * experts + e).cast[DType.float32]()
+                    comptime if has_router_bias:
+                        acc += rb.unsafe_load[width=width](e)
                     row.unsafe_store(e, acc)
 
                 vectorize[W](experts, logit_step)
@@ -323,46 +700,114 @@ struct MoEGate:
 
                 vectorize[W](experts, exp_step)
                 var total = vsum.reduce_add()
-                var inv_total = 1.0 / total
-
-                def normalize_step[width: Int](i: Int) {var p, var inv_total}:
-                    p.unsafe_store(i, p.unsafe_load[width=width](i) * inv_total)
-
-                vectorize[W](experts, normalize_step)
-
-                for e in range(experts):
-                    acc.unsafe_store(experts + e, acc.unsafe_load(experts + e) + Float64(p.unsafe_load(e)))
                 var lse = Float64(row_max) + log(Float64(total))
                 acc.unsafe_store(2 * experts, acc.unsafe_load(2 * experts) + lse * lse)
 
-                # Top-k by k selection passes: strict '>' keeps the lower index on
-                # ties. A chosen expert is marked by a negative probability.
+                comptime if SIGMOID:
+                    # p held exp(logit - max) for the z-loss; now the scores.
+                    var score_sum: Float64 = 0
+                    for e in range(experts):
+                        var s = _sigmoid(row.unsafe_load(e))
+                        p.unsafe_store(e, s)
+                        score_sum += Float64(s)
+                    var inv_sum = 1.0 / score_sum
+                    for e in range(experts):
+                        acc.unsafe_store(experts + e, acc.unsafe_load(experts + e) + Float64(p.unsafe_load(e)) * inv_sum)
+                else:
+                    var inv_total = 1.0 / total
+
+                    def normalize_step[width: Int](i: Int) {var p, var inv_total}:
+                        p.unsafe_store(i, p.unsafe_load[width=width](i) * inv_total)
+
+                    vectorize[W](experts, normalize_step)
+
+                    for e in range(experts):
+                        acc.unsafe_store(experts + e, acc.unsafe_load(experts + e) + Float64(p.unsafe_load(e)))
+
                 var chosen_w = Array[Float32, top_k](fill=0)
                 var chosen_sum: Float32 = 0
-                for j in range(top_k):
-                    var best = -1
-                    var best_p: Float32 = -1.0
+                comptime if ROUTED:
                     for e in range(experts):
-                        var pe = p.unsafe_load(e)
-                        if pe >= 0 and (best < 0 or pe > best_p):
-                            best = e
-                            best_p = pe
-                    if best < 0:  # only NaN probabilities are left
+                        var v = p.unsafe_load(e)
+                        comptime if has_selection_bias:
+                            v += sb.unsafe_load(e)
+                        sel.unsafe_store(e, v)
+                    comptime if n_group > 1:
+                        # Keep the topk_group groups of best two-best sums
+                        # (ties to the lower group); the rest become -inf.
+                        var group_size = experts // n_group
+                        var group_score = Array[Float32, n_group](fill=0)
+                        for g in range(n_group):
+                            var b1 = Float32.MIN
+                            var b2 = Float32.MIN
+                            for e in range(g * group_size, (g + 1) * group_size):
+                                var v = sel.unsafe_load(e)
+                                if v > b1:
+                                    b2 = b1
+                                    b1 = v
+                                elif v > b2:
+                                    b2 = v
+                            group_score[g] = b1 + b2
+                        var kept = Array[Bool, n_group](fill=False)
+                        for _ in range(topk_group):
+                            var best = -1
+                            var best_v = Float32.MIN
+                            for g in range(n_group):
+                                if not kept[g] and (best < 0 or group_score[g] > best_v):
+                                    best = g
+                                    best_v = group_score[g]
+                            kept[best] = True
+                        for g in range(n_group):
+                            if not kept[g]:
+                                for e in range(g * group_size, (g + 1) * group_size):
+                                    sel.unsafe_store(e, Float32.MIN)
+                    # k selection passes over the selection scores; strict '>'
+                    # keeps the lower index on ties.
+                    for j in range(top_k):
+                        var best = -1
+                        var best_v = Float32.MIN
                         for e in range(experts):
-                            if p.unsafe_load(e) >= 0 or p.unsafe_load(e) != p.unsafe_load(e):
+                            if taken.unsafe_load(e) == 0 and (best < 0 or sel.unsafe_load(e) > best_v):
                                 best = e
-                                best_p = p.unsafe_load(e)
-                                break
-                    p.unsafe_store(best, -2.0)
-                    chosen_w[j] = best_p
-                    chosen_sum += best_p
-                    id_out.unsafe_store(t * top_k + j, Int32(best))
-                    acc.unsafe_store(best, acc.unsafe_load(best) + 1.0)
+                                best_v = sel.unsafe_load(e)
+                        taken.unsafe_store(best, UInt8(1))
+                        chosen_w[j] = p.unsafe_load(best)
+                        chosen_sum += chosen_w[j]
+                        id_out.unsafe_store(t * top_k + j, Int32(best))
+                        acc.unsafe_store(best, acc.unsafe_load(best) + 1.0)
+                    for j in range(top_k):
+                        taken.unsafe_store(Int(id_out.unsafe_load(t * top_k + j)), UInt8(0))
+                else:
+                    # Top-k by k selection passes: strict '>' keeps the lower index on
+                    # ties. A chosen expert is marked by a negative probability.
+                    for j in range(top_k):
+                        var best = -1
+                        var best_p: Float32 = -1.0
+                        for e in range(experts):
+                            var pe = p.unsafe_load(e)
+                            if pe >= 0 and (best < 0 or pe > best_p):
+                                best = e
+                                best_p = pe
+                        if best < 0:  # only NaN probabilities are left
+                            for e in range(experts):
+                                if p.unsafe_load(e) >= 0 or p.unsafe_load(e) != p.unsafe_load(e):
+                                    best = e
+                                    best_p = p.unsafe_load(e)
+                                    break
+                        p.unsafe_store(best, -2.0)
+                        chosen_w[j] = best_p
+                        chosen_sum += best_p
+                        id_out.unsafe_store(t * top_k + j, Int32(best))
+                        acc.unsafe_store(best, acc.unsafe_load(best) + 1.0)
                 comptime for j in range(top_k):
+                    var weight = chosen_w[j]
                     comptime if renormalize:
-                        w_out.unsafe_store(t * top_k + j, chosen_w[j] / chosen_sum)
-                    else:
-                        w_out.unsafe_store(t * top_k + j, chosen_w[j])
+                        weight = weight / chosen_sum
+                    comptime if scaling != 1.0:
+                        weight *= scaling
+                    w_out.unsafe_store(t * top_k + j, weight)
+            _ = selection^
+            _ = taken_list^
 
         sync_parallelize(tokens_of_worker, workers)
 

@@ -25,6 +25,7 @@ import math
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 from max.dtype import DType
 from max.graph import BufferValue, Dim, Graph, StaticDim, TensorType, TensorValue, ops
 
@@ -137,10 +138,52 @@ class GateOutput(NamedTuple):
     losses: TensorValue  # [2] float32: Switch aux loss, router z-loss
 
 
-def moe_gate(x: TensorValue, router_w: TensorValue, *, top_k: int, renormalize: bool = True) -> GateOutput:
-    """Router: x @ router_w (fused, float32) -> softmax over experts -> top-k.
+# The GPU kernel of every router but the default softmax one keeps a token's logits in
+# registers: at most this many experts (GPU_ROUTED_MAX_EXPERTS in kernels/moe_gate.mojo).
+GATE_GPU_ROUTED_MAX_EXPERTS = 512
 
-    See kernels/moe_gate.mojo for the outputs. Ties go to the lower expert index.
+
+def _gate_bias(name: str, bias: TensorValue | None, experts: int, x: TensorValue) -> TensorValue:
+    """The bias input of the gate kernel: `bias` after its checks, or for None a float32
+    [1] zero placeholder that the kernel, compiled without the bias, never reads."""
+    if bias is None:
+        return ops.constant(np.zeros(1, dtype=np.float32), DType.float32, device=x.device)
+    if not isinstance(bias, TensorValue):
+        raise TypeError(f"{name} must be None or a TensorValue, got {type(bias).__name__}")
+    if bias.dtype != DType.float32:
+        raise TypeError(f"{name} must be float32, got {bias.dtype}")
+    if bias.rank != 1 or bias.shape[0] != Dim(experts):
+        raise ValueError(f"{name} must have shape [num_experts={experts}], got {list(bias.shape)}")
+    if bias.device != x.device:
+        raise ValueError(f"{name} is on {bias.device}, x on {x.device}")
+    return bias
+
+
+def moe_gate(
+    x: TensorValue,
+    router_w: TensorValue,
+    *,
+    top_k: int,
+    renormalize: bool = True,
+    scoring: str = "softmax",
+    router_bias: TensorValue | None = None,
+    selection_bias: TensorValue | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    routed_scaling_factor: float = 1.0,
+) -> GateOutput:
+    """Router: x @ router_w (+ router_bias), fused, in float32 -> scores -> top-k.
+
+    Every router of pymoe.routing.route (its five steps): `scoring` "softmax" over the
+    experts or "sigmoid" per expert; `router_bias` (float32 [E], GPT-OSS) is added to the
+    logits; `selection_bias` (float32 [E], DeepSeek-V3) is added to the scores for choosing
+    only; with n_group > 1 the experts are chosen among the topk_group groups whose two
+    best selection scores sum highest; the weights are the chosen scores, divided by their
+    sum when `renormalize`, times `routed_scaling_factor`. Ties go to the lower expert
+    (and group) index. router_prob_mean is the mean of the scores normalized over the
+    experts; the z-loss takes the logits with the router bias. See
+    kernels/moe_gate.mojo for the outputs. Every rule is a compile-time parameter of the
+    kernel; the default router runs the code it ran before the others existed.
     """
     _float("x", x, rank=2)
     _float("router weights", router_w, rank=2)
@@ -150,10 +193,20 @@ def moe_gate(x: TensorValue, router_w: TensorValue, *, top_k: int, renormalize: 
     experts = router_w.shape[1]
     if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= int(experts):
         raise ValueError(f"top_k must be an int in [1, num_experts={int(experts)}], got {top_k!r}")
+    experts = int(experts)
+    # MoEConfig holds the rules of the router arguments (scoring, groups, scaling).
+    MoEConfig(d_model=1, d_ff=1, num_experts=experts, top_k=top_k, renormalize=renormalize, scoring=scoring,
+              n_group=n_group, topk_group=topk_group, routed_scaling_factor=routed_scaling_factor)
+    routed = scoring != "softmax" or selection_bias is not None or n_group > 1
+    if routed and not x.device.is_cpu() and experts > GATE_GPU_ROUTED_MAX_EXPERTS:
+        raise ValueError(f"on the GPU, {scoring} routers with a selection bias or groups take at most "
+                         f"{GATE_GPU_ROUTED_MAX_EXPERTS} experts, got {experts}")
+    biases = [_gate_bias("router_bias", router_bias, experts, x),
+              _gate_bias("selection_bias", selection_bias, experts, x)]
     t, dev = x.shape[0], x.device
     outs = custom_op(
         "pymoe_moe_gate",
-        [x, router_w],
+        [x, router_w, *biases],
         [
             TensorType(DType.float32, [t, top_k], dev),
             TensorType(DType.int32, [t, top_k], dev),
@@ -161,7 +214,11 @@ def moe_gate(x: TensorValue, router_w: TensorValue, *, top_k: int, renormalize: 
             TensorType(DType.float32, [experts], dev),
             TensorType(DType.float32, [2], dev),
         ],
-        parameters={"top_k": top_k, "renormalize": bool(renormalize)},
+        parameters={
+            "top_k": top_k, "renormalize": bool(renormalize), "scoring": scoring,
+            "has_router_bias": router_bias is not None, "has_selection_bias": selection_bias is not None,
+            "n_group": n_group, "topk_group": topk_group, "scaling": float(routed_scaling_factor),
+        },
     )
     return GateOutput(*outs)
 

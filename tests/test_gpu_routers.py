@@ -1,0 +1,91 @@
+"""Every router of ops.moe_gate on the GPU against the float64 reference: the cases of
+tests/test_routers.py (tests/router_cases.py), among them E=128 k=8 and DeepSeek-V3's
+E=256 with 8 groups, 4 kept, k=8, float32 and bfloat16, on few and on many tokens (the
+grid-stride loop and the per-block statistics). Both GPU kernels run: the online-softmax
+one (softmax routers, with and without router bias and scaling) and the one of every
+other router. Skipped where MAX sees no GPU. On a GPU machine:
+`pytest tests/test_gpu_routers.py`."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from conftest import FP32_TOL, rel_err, routing_near_ties
+from max.driver import Buffer, accelerator_count
+from max.graph import DeviceRef, Graph
+from router_cases import (
+    GPT_OSS,
+    LLAMA4,
+    check_all,
+    float32_variants,
+    forward,
+    gpt_oss_routing,
+    input_types,
+    inputs_of,
+    llama4_routing,
+    outputs_of,
+    random_inputs,
+)
+
+import pymoe.ops as mops
+
+pytestmark = pytest.mark.skipif(accelerator_count() == 0, reason="MAX sees no GPU on this machine")
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    from max.driver import Accelerator
+    from max.engine import InferenceSession
+
+    dev = Accelerator()
+    return dev, DeviceRef.from_device(dev), InferenceSession(devices=[dev])
+
+
+@pytest.fixture(scope="module")
+def routers_model(gpu):
+    _, ref, session = gpu
+    with Graph("gpu_routers", input_types=input_types(ref), custom_extensions=[mops.KERNELS_DIR]) as g:
+        g.output(*forward(*(v.tensor for v in g.inputs)))
+    return session.load(g)
+
+
+def _run(gpu, model, *arrays):
+    from max.driver import CPU
+
+    outs = model.execute(*(Buffer.from_numpy(np.ascontiguousarray(a)).to(gpu[0]) for a in arrays))
+    return [o.to(CPU()).to_numpy() for o in outs]
+
+
+# 8 tokens fill one block's warps; 3000 tokens give every warp of the grid several.
+@pytest.mark.parametrize("tokens,d", [(1, 37), (8, 64), (33, 16), (300, 9), (3000, 40)])
+def test_gpu_routers_match_reference(gpu, routers_model, rng, tokens, d):
+    """Every variant, float32 and bfloat16 (tests/router_cases.py)."""
+    arrays = random_inputs(rng, tokens, d)
+    check_all(_run(gpu, routers_model, *arrays), arrays)
+
+
+def test_gpu_ties_go_to_the_lower_index(gpu, routers_model):
+    arrays = [np.zeros_like(a) for a in random_inputs(np.random.default_rng(0), 4, 5)]
+    outs = _run(gpu, routers_model, *arrays)
+    for i, c in enumerate(float32_variants()):
+        weights, ids = outs[5 * i], outs[5 * i + 1]
+        np.testing.assert_array_equal(ids, np.tile(np.arange(c.top_k), (4, 1)), err_msg=str(c))
+        score = 1 / c.num_experts if c.scoring == "softmax" else 0.5
+        expected = (1 / c.top_k if c.renormalize else score) * c.routed_scaling_factor
+        np.testing.assert_allclose(weights, expected, rtol=1e-6, err_msg=str(c))
+
+
+def test_gpu_gpt_oss_and_llama4_routers(gpu, routers_model, rng):
+    arrays = random_inputs(rng, 50, 37)
+    outs = _run(gpu, routers_model, *arrays)
+    x, w, rb, _ = inputs_of(arrays, GPT_OSS)
+    ids, weights = gpt_oss_routing(x, w, rb, GPT_OSS.top_k)
+    out_w, out_ids = outputs_of(outs, GPT_OSS)[:2]
+    ok = ~routing_near_ties(x, SimpleNamespace(router=w, router_bias=rb, selection_bias=None), GPT_OSS)
+    np.testing.assert_array_equal(out_ids[ok], ids[ok])
+    assert rel_err(out_w[ok], weights[ok]) < FP32_TOL
+    ids, weights = llama4_routing(x, w)
+    out_w, out_ids = outputs_of(outs, LLAMA4)[:2]
+    ok = ~routing_near_ties(x, SimpleNamespace(router=w, router_bias=None, selection_bias=None), LLAMA4)
+    np.testing.assert_array_equal(out_ids[ok], ids[ok])
+    assert rel_err(out_w[ok], weights[ok]) < FP32_TOL

@@ -1,0 +1,177 @@
+"""Every router of ops.moe_gate on the CPU against the float64 reference
+(pymoe.reference.moe_gate): softmax and sigmoid scores, router bias, selection bias,
+group-limited top-k, renormalization and scaling, in float32 and bfloat16. The variants
+are in tests/router_cases.py; each graph holds all of its variants and compiles once."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from conftest import FP32_TOL, rel_err, routing_near_ties
+from graphs import REF, compile_graph, run
+from max.dtype import DType
+from max.graph import DeviceRef, Graph, TensorType
+from router_cases import (
+    DEEPSEEK_V3,
+    GPT_OSS,
+    LLAMA4,
+    check_all,
+    float32_variants,
+    forward,
+    gpt_oss_routing,
+    input_types,
+    inputs_of,
+    llama4_routing,
+    outputs_of,
+    random_inputs,
+)
+
+import pymoe.ops as mops
+from pymoe.routing import route
+
+
+@pytest.fixture(scope="module")
+def routers_model():
+    return compile_graph("routers", input_types(REF), forward)
+
+
+@pytest.mark.parametrize("tokens,d", [(1, 37), (7, 37), (33, 16), (300, 9)])
+def test_routers_match_reference(routers_model, rng, tokens, d):
+    arrays = random_inputs(rng, tokens, d)
+    check_all(run(routers_model, *arrays), arrays)
+
+
+def test_ties_go_to_the_lower_index(routers_model):
+    """All logits equal (zero x, zero biases): every score ties, every group ties, so
+    each variant takes experts 0..k-1 (groups 0.. kept), weighted by their scores."""
+    arrays = [np.zeros_like(a) for a in random_inputs(np.random.default_rng(0), 4, 5)]
+    outs = run(routers_model, *arrays)
+    for i, c in enumerate(float32_variants()):
+        weights, ids = outs[5 * i], outs[5 * i + 1]
+        np.testing.assert_array_equal(ids, np.tile(np.arange(c.top_k), (4, 1)), err_msg=str(c))
+        score = 1 / c.num_experts if c.scoring == "softmax" else 0.5
+        expected = (1 / c.top_k if c.renormalize else score) * c.routed_scaling_factor
+        np.testing.assert_allclose(weights, expected, rtol=1e-6, err_msg=str(c))
+
+
+def test_gpt_oss_router_is_renormalized_softmax_with_router_bias(routers_model, rng):
+    """GPT-OSS routes by top-k of the logits (router bias included) and a softmax over the
+    k chosen logits: the same as softmax scores + router bias + renormalize."""
+    arrays = random_inputs(rng, 50, 37)
+    x, w, rb, _ = inputs_of(arrays, GPT_OSS)
+    ids, weights = gpt_oss_routing(x, w, rb, GPT_OSS.top_k)
+    ref = route(x.astype(np.float64) @ w + rb, GPT_OSS.top_k, GPT_OSS.renormalize)
+    np.testing.assert_array_equal(ref.ids, ids)
+    np.testing.assert_allclose(ref.weights, weights, rtol=1e-12)
+    out_w, out_ids = outputs_of(run(routers_model, *arrays), GPT_OSS)[:2]
+    ok = ~routing_near_ties(x, SimpleNamespace(router=w, router_bias=rb, selection_bias=None), GPT_OSS)
+    assert ok.sum() > 40
+    np.testing.assert_array_equal(out_ids[ok], ids[ok])
+    assert rel_err(out_w[ok], weights[ok]) < FP32_TOL
+
+
+def test_llama4_router_is_top1_sigmoid(routers_model, rng):
+    """Llama-4: the expert of the best logit, weighted by its sigmoid (not renormalized)."""
+    arrays = random_inputs(rng, 50, 37)
+    x, w, _, _ = inputs_of(arrays, LLAMA4)
+    ids, weights = llama4_routing(x, w)
+    out_w, out_ids = outputs_of(run(routers_model, *arrays), LLAMA4)[:2]
+    ok = ~routing_near_ties(x, SimpleNamespace(router=w, router_bias=None, selection_bias=None), LLAMA4)
+    np.testing.assert_array_equal(out_ids[ok], ids[ok])
+    assert rel_err(out_w[ok], weights[ok]) < FP32_TOL
+    assert (out_w < 1).all()  # a sigmoid, not a renormalized 1
+
+
+def test_selection_bias_chooses_but_does_not_weight(routers_model, rng):
+    """A large selection bias on expert 5 makes DeepSeek-V3's router take it for every
+    token, weighted by its unbiased sigmoid score (renormalized, times the scaling)."""
+    arrays = random_inputs(rng, 20, 16)
+    x, w, _, sb = inputs_of(arrays, DEEPSEEK_V3)
+    sb[:] = 0
+    sb[5] = 10.0
+    weights, ids = outputs_of(run(routers_model, *arrays), DEEPSEEK_V3)[:2]
+    assert (ids[:, 0] == 5).all()
+    s = 1 / (1 + np.exp(-(x.astype(np.float64) @ w)))
+    chosen = np.take_along_axis(s, ids.astype(np.int64), axis=1)
+    expected = chosen[:, 0] / chosen.sum(axis=1) * DEEPSEEK_V3.routed_scaling_factor
+    np.testing.assert_allclose(weights[:, 0], expected, rtol=1e-5)
+
+
+def _graph_checks(device=REF, experts=16):
+    # No custom_extensions: these graphs never reach a kernel (loading the package costs
+    # as much as a compile).
+    types = [
+        TensorType(DType.float32, ["t", 8], device),
+        TensorType(DType.float32, [8, experts], device),
+        TensorType(DType.float32, [experts], device),
+        TensorType(DType.float32, [experts + 1], device),
+        TensorType(DType.bfloat16, [experts], device),
+        TensorType(DType.float32, [1, experts], device),
+    ]
+    return Graph("bad_router", input_types=types)
+
+
+@pytest.fixture
+def recorded_ops(monkeypatch):
+    """ops.custom_op replaced by a recorder: what moe_gate would add to the graph."""
+    calls = []
+
+    def record(name, values, out_types, parameters=None):
+        calls.append((name, values, parameters))
+        return [None] * len(out_types)
+
+    monkeypatch.setattr(mops, "custom_op", record)
+    return calls
+
+
+def test_bad_router_arguments_fail_before_compiling(recorded_ops):
+    with _graph_checks() as g:
+        x, w, bias, long_bias, bf16_bias, bias2d = (v.tensor for v in g.inputs)
+        cases = [
+            (ValueError, "router_bias must have shape", {"router_bias": long_bias}),
+            (TypeError, "selection_bias must be float32", {"selection_bias": bf16_bias}),
+            (ValueError, "selection_bias must have shape", {"selection_bias": bias2d}),
+            (TypeError, "router_bias must be None or a TensorValue", {"router_bias": np.zeros(16, np.float32)}),
+            (ValueError, "scoring", {"scoring": "relu"}),
+            (ValueError, "n_group", {"n_group": 3, "topk_group": 1}),
+            (ValueError, "topk_group", {"n_group": 4, "topk_group": 5}),
+            (ValueError, "topk_group", {"topk_group": 2}),
+            (ValueError, "two best", {"n_group": 16, "topk_group": 2}),
+            (ValueError, "kept groups", {"n_group": 4, "topk_group": 1, "top_k": 5}),
+            (ValueError, "routed_scaling_factor", {"routed_scaling_factor": 0.0}),
+            (ValueError, "routed_scaling_factor", {"routed_scaling_factor": -2.5}),
+            (ValueError, "routed_scaling_factor", {"routed_scaling_factor": float("inf")}),
+            (ValueError, "top_k", {"top_k": 17}),
+        ]
+        for error, match, kwargs in cases:
+            kwargs = {"top_k": 2, **kwargs}
+            with pytest.raises(error, match=match):
+                mops.moe_gate(x, w, **kwargs)
+        assert recorded_ops == []
+        # The accepted forms reach the kernel with their rule as compile-time parameters:
+        # the old call, and a DeepSeek-style one.
+        mops.moe_gate(x, w, top_k=2, renormalize=False)
+        mops.moe_gate(x, w, top_k=4, scoring="sigmoid", router_bias=bias, selection_bias=bias,
+                      n_group=4, topk_group=2, routed_scaling_factor=2)
+    (name, values, old), (_, new_values, new) = recorded_ops
+    assert name == "pymoe_moe_gate" and len(values) == len(new_values) == 4
+    assert old == {"top_k": 2, "renormalize": False, "scoring": "softmax", "has_router_bias": False,
+                   "has_selection_bias": False, "n_group": 1, "topk_group": 1, "scaling": 1.0}
+    assert new == {"top_k": 4, "renormalize": True, "scoring": "sigmoid", "has_router_bias": True,
+                   "has_selection_bias": True, "n_group": 4, "topk_group": 2, "scaling": 2.0}
+    assert isinstance(new["scaling"], float)
+    assert list(values[2].shape) == [1] and new_values[2] is bias  # the placeholder, the bias
+
+
+def test_gpu_routers_have_an_expert_limit(recorded_ops):
+    """The GPU kernel of the routers other than the default holds at most 512 experts;
+    the graph API says so before compiling (building a GPU graph needs no GPU)."""
+    e = mops.GATE_GPU_ROUTED_MAX_EXPERTS + 8
+    with _graph_checks(DeviceRef.GPU(), e) as g:
+        x, w, bias = (v.tensor for v in g.inputs[:3])
+        with pytest.raises(ValueError, match="at most 512 experts"):
+            mops.moe_gate(x, w, top_k=2, scoring="sigmoid")
+        with pytest.raises(ValueError, match="at most 512 experts"):
+            mops.moe_gate(x, w, top_k=2, selection_bias=bias)
+        mops.moe_gate(x, w, top_k=2, router_bias=bias)  # the softmax kernel has no limit
+    assert len(recorded_ops) == 1
