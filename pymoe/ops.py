@@ -25,7 +25,6 @@ import math
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 from max.dtype import DType
 from max.graph import BufferValue, Dim, Graph, StaticDim, TensorType, TensorValue, ops
 
@@ -225,7 +224,7 @@ def _expert_bias(name: str, bias: TensorValue | None, x: TensorValue, experts: D
     placeholder the kernels take in its place: a [1, 1] zero they never read (their
     has_bias parameter is False then, so the default path does no extra work)."""
     if bias is None:
-        return ops.constant(np.zeros((1, 1), dtype=np.float32), x.dtype, x.device)
+        return ops.constant([[0.0]], x.dtype, x.device)
     if not isinstance(bias, TensorValue):
         raise TypeError(f"{name} must be None or a TensorValue, got {type(bias).__name__}")
     if bias.dtype != x.dtype:

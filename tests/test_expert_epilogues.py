@@ -350,3 +350,18 @@ def test_bad_biases_and_constants_raise_before_compiling():
             ffn(swiglu_limit=-7.0)
         with pytest.raises(ValueError, match="swiglu_alpha"):
             ffn(swiglu_alpha=0.0)
+
+
+def test_bfloat16_graphs_without_biases_build():
+    """The placeholder that stands in for an absent bias takes x's dtype (bf16 too)."""
+    types = [TensorType(BF16, ["t", 8], REF), TensorType(I32, ["m"], REF), TensorType(I32, [5], REF),
+             TensorType(BF16, [4, 8, 12], REF), TensorType(BF16, [8, 4], REF), TensorType(BF16, [4, 6, 8], REF),
+             BufferType(BF16, ["rows", 12], REF), BufferType(BF16, ["rows", 8], REF)]
+    with Graph("bf16_no_bias", input_types=types, custom_extensions=[mops.KERNELS_DIR]) as g:
+        x, rows, offsets, w, router, w2 = (v.tensor for v in g.inputs[:6])
+        out = mops.moe_expert_matmul(x, rows, offsets, w, activation="clamped_swiglu")
+        assert out.dtype == BF16 and int(out.shape[1]) == 6
+        gate = mops.moe_gate(x, router, top_k=2)
+        disp = mops.moe_dispatch(gate.topk_ids, num_experts=4)
+        workspaces = (g.inputs[6].buffer, g.inputs[7].buffer)
+        assert mops.moe_ffn(x, gate, disp, w, w2, workspaces, activation="clamped_swiglu").dtype == BF16
