@@ -158,11 +158,14 @@ class DeviceDenseWeights(DenseWeights):
                 raise ValueError(f"dense weights.{name} contains NaN or infinite values")
 
 
+# Values made per chunk: no float32 copy of a whole weight exists when the dtype is narrower.
+CHUNK = 2**24
+
+
 def _normal(shape, std: float, generator: torch.Generator, device: str, dtype: torch.dtype) -> torch.Tensor:
-    """Gaussian values made slice by slice along the first axis, so that no float32 copy of
-    the whole tensor exists at once when `dtype` is narrower."""
+    """Gaussian values with standard deviation `std`, made CHUNK at a time."""
     out = torch.empty(shape, device=device, dtype=dtype)
-    for part in out.view(shape[0], -1) if len(shape) > 1 else [out]:
+    for part in out.view(-1).split(CHUNK):
         part.copy_(torch.randn(part.shape, generator=generator, device=device) * std)
     return out
 
@@ -182,7 +185,7 @@ def random_weights(config: MoEConfig, device: str, dtype: str, seed: int = 0,
         t = _normal(shape, std, generator, tdev, make_dtype)
         if device == "cpu":
             if dtype == "bfloat16":
-                for part in t.view(shape[0], -1):
+                for part in t.view(-1).split(CHUNK):
                     part.copy_(part.to(torch.bfloat16))
             return t.numpy()
         return t
