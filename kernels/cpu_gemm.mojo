@@ -28,7 +28,10 @@
 # cpu_pack.mojo) are read in place.
 # For SwiGLU a panel holds W gate columns and the W matching up columns, so
 # the epilogue forms silu(gate) * up from two accumulators without a pass
-# over an intermediate tensor.
+# over an intermediate tensor (GPT-OSS's clamped SwiGLU the same way).
+# An expert bias (has_bias) is loaded into the accumulators when a tile starts
+# its first K slice, so it is added before the activation at no cost per k
+# step; without it the kernel is the same code as before (a compile-time flag).
 # Jobs are dealt to the workers round-robin, so each worker gets a share of
 # every expert (experts with more rows cost more).
 
@@ -49,6 +52,7 @@ from .cpu_decode import (
     NextBlock,
     pack_units,
 )
+from .activation import DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT, clamped_swiglu_f32, is_gated
 from .cpu_pack import PACKED_PREFETCH_ROWS, pack_b, tail_panel
 
 
@@ -63,7 +67,21 @@ def _activate[activation: StaticString, width: Int](v: SIMD[DType.float32, width
 
 
 @always_inline
-def _micro_tile[dtype: DType, pdtype: DType, activation: StaticString, mr: Int, pipelined: Bool, prefetch_b: Bool](
+def _bias_vector[dtype: DType](bias: Pointer[Scalar[dtype], MutAnyOrigin], col: Int, col_end: Int) -> SIMD[DType.float32, W]:
+    """bias[col : col + W] in float32, zeros from col_end on (ragged edge)."""
+    if col + W <= col_end:
+        return bias.unsafe_load[width=W](col).cast[DType.float32]()
+    var v = SIMD[DType.float32, W](0)
+    for j in range(max(0, col_end - col)):
+        v[j] = bias.unsafe_load(col + j).cast[DType.float32]()
+    return v
+
+
+@always_inline
+def _micro_tile[
+    dtype: DType, pdtype: DType, activation: StaticString, mr: Int, pipelined: Bool, prefetch_b: Bool,
+    has_bias: Bool, alpha: Float32, limit: Float32,
+](
     a: Pointer[Scalar[dtype], MutAnyOrigin],
     a_off: Array[Int, mr],
     pb: Pointer[Scalar[pdtype], MutUntrackedOrigin],
@@ -81,20 +99,35 @@ def _micro_tile[dtype: DType, pdtype: DType, activation: StaticString, mr: Int, 
     nb_dst: F32Ptr,
     nb_u0: Int,
     nb_units: Int,
+    bias: Pointer[Scalar[dtype], MutAnyOrigin],
 ):
     """One mr x NR tile over a K slice. Partial sums go to `scratch` (row
     stride scratch_stride) between slices; the last slice applies the
     activation and stores rows < nrows and columns < col_end of C.
+    With `has_bias`, `bias` is the expert's bias row (gated: gate biases, then
+    the up biases from n_out on) and the first slice starts from it.
     When `pipelined`, its first `nb_units` (<= kc) steps also each pack one unit of the next
     block (from unit nb_u0, into nb_dst) and prefetch the weights
     PIPELINE_PREFETCH_ROWS rows below it: the loads that go to memory are then spread
     among the FMAs instead of stalling a separate packing pass."""
-    comptime swiglu = activation == "swiglu"
+    comptime gated = is_gated[activation]()
     var acc = Array[SIMD[DType.float32, W], 2 * mr](fill=SIMD[DType.float32, W](0))
     if not first:
         comptime for i in range(mr):
             comptime for v in range(2):
                 acc[2 * i + v] = scratch.unsafe_load[width=W](i * scratch_stride + v * W)
+    else:
+        comptime if has_bias:
+            # Gated: lanes [0, W) are gate columns, [W, 2W) the matching up columns.
+            var b0 = _bias_vector[dtype](bias, col, col_end)
+            var b1: SIMD[DType.float32, W]
+            comptime if gated:
+                b1 = _bias_vector[dtype](bias.unsafe_offset(n_out), col, col_end)
+            else:
+                b1 = _bias_vector[dtype](bias, col + W, col_end)
+            comptime for i in range(mr):
+                acc[2 * i] = b0
+                acc[2 * i + 1] = b1
     var r = nb_u0 // max(nb.panels, 1)
     var j = nb_u0 - r * nb.panels
     var src = nb.src.unsafe_offset(r * nb.n_w + j * NR)
@@ -129,9 +162,13 @@ def _micro_tile[dtype: DType, pdtype: DType, activation: StaticString, mr: Int, 
     comptime for i in range(mr):
         if i < nrows:
             var c_row = c.unsafe_offset(i * n_out)
-            comptime if swiglu:
+            comptime if gated:
                 var g = acc[2 * i]
-                var y = g / (1.0 + exp(-g)) * acc[2 * i + 1]
+                var y: SIMD[DType.float32, W]
+                comptime if activation == "swiglu":
+                    y = g / (1.0 + exp(-g)) * acc[2 * i + 1]
+                else:
+                    y = clamped_swiglu_f32[alpha, limit](g, acc[2 * i + 1])
                 if col + W <= col_end:
                     c_row.unsafe_store(col, y.cast[dtype]())
                 else:
@@ -150,7 +187,8 @@ def _micro_tile[dtype: DType, pdtype: DType, activation: StaticString, mr: Int, 
 
 @always_inline
 def _row_tile[
-    dtype: DType, pdtype: DType, activation: StaticString, gather: Bool, mr: Int, pipelined: Bool = False, prefetch_b: Bool = False
+    dtype: DType, pdtype: DType, activation: StaticString, gather: Bool, mr: Int, pipelined: Bool, prefetch_b: Bool,
+    has_bias: Bool, alpha: Float32, limit: Float32,
 ](
     a_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
     ids_ptr: Pointer[Int32, MutAnyOrigin],
@@ -170,6 +208,7 @@ def _row_tile[
     nb_dst: F32Ptr,
     nb_u0: Int,
     nb_units: Int,
+    bias: Pointer[Scalar[dtype], MutAnyOrigin],
 ):
     """_micro_tile on rows [r0, min(r0 + mr, row_end)) of the expert's
     block: rows past the block repeat its last row; their results are
@@ -181,14 +220,18 @@ def _row_tile[
             a_off[i] = Int(ids_ptr.unsafe_load(r)) * k_dim + k0
         else:
             a_off[i] = r * k_dim + k0
-    _micro_tile[dtype, pdtype, activation, mr, pipelined, prefetch_b](
+    _micro_tile[dtype, pdtype, activation, mr, pipelined, prefetch_b, has_bias, alpha, limit](
         a_ptr, a_off, pb, kc, k0 == 0, k0 + kc >= k_dim, scratch, scratch_stride,
         c_ptr.unsafe_offset(r0 * n_out), n_out, min(mr, row_end - r0), col, col_end, nb, nb_dst, nb_u0, nb_units,
+        bias,
     )
 
 
 @always_inline
-def _panel_rows[dtype: DType, pdtype: DType, activation: StaticString, gather: Bool, prefetch_b: Bool](
+def _panel_rows[
+    dtype: DType, pdtype: DType, activation: StaticString, gather: Bool, prefetch_b: Bool,
+    has_bias: Bool, alpha: Float32, limit: Float32,
+](
     a_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
     ids_ptr: Pointer[Int32, MutAnyOrigin],
     k_dim: Int,
@@ -204,6 +247,7 @@ def _panel_rows[dtype: DType, pdtype: DType, activation: StaticString, gather: B
     n_out: Int,
     col: Int,
     col_end: Int,
+    bias: Pointer[Scalar[dtype], MutAnyOrigin],
 ):
     """Rows [r_from, row_end) of a block starting at row0, on one panel and K
     slice: full MR-row tiles, then the rest in one 4- or 2-row tile, so a
@@ -215,26 +259,34 @@ def _panel_rows[dtype: DType, pdtype: DType, activation: StaticString, gather: B
         var left = row_end - r0
         var s_r = scratch.unsafe_offset((r0 - row0) * scratch_stride)
         if left > 4:
-            _row_tile[dtype, pdtype, activation, gather, MR, False, prefetch_b](
+            _row_tile[dtype, pdtype, activation, gather, MR, False, prefetch_b, has_bias, alpha, limit](
                 a_ptr, ids_ptr, k_dim, k0, r0, row_end, pb, kc, s_r, scratch_stride, c_ptr, n_out, col, col_end,
-                none, scratch, 0, 0,
+                none, scratch, 0, 0, bias,
             )
             r0 += MR
         elif left > 2:
-            _row_tile[dtype, pdtype, activation, gather, 4, False, prefetch_b](
+            _row_tile[dtype, pdtype, activation, gather, 4, False, prefetch_b, has_bias, alpha, limit](
                 a_ptr, ids_ptr, k_dim, k0, r0, row_end, pb, kc, s_r, scratch_stride, c_ptr, n_out, col, col_end,
-                none, scratch, 0, 0,
+                none, scratch, 0, 0, bias,
             )
             r0 += 4
         else:
-            _row_tile[dtype, pdtype, activation, gather, 2, False, prefetch_b](
+            _row_tile[dtype, pdtype, activation, gather, 2, False, prefetch_b, has_bias, alpha, limit](
                 a_ptr, ids_ptr, k_dim, k0, r0, row_end, pb, kc, s_r, scratch_stride, c_ptr, n_out, col, col_end,
-                none, scratch, 0, 0,
+                none, scratch, 0, 0, bias,
             )
             r0 += 2
 
 
-def expert_matmul_cpu[dtype: DType, activation: StaticString, gather: Bool, prepacked: Bool = False](
+def expert_matmul_cpu[
+    dtype: DType,
+    activation: StaticString,
+    gather: Bool,
+    prepacked: Bool = False,
+    has_bias: Bool = False,
+    alpha: Float32 = DEFAULT_SWIGLU_ALPHA,
+    limit: Float32 = DEFAULT_SWIGLU_LIMIT,
+](
     c_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
     n_out: Int,
     a_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
@@ -244,12 +296,36 @@ def expert_matmul_cpu[dtype: DType, activation: StaticString, gather: Bool, prep
     experts: Int,
     b_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
     n_w: Int,
+    bias_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
 ):
     """The whole grouped GEMM on the CPU worker threads (see the file header).
-    With `prepacked`, b_ptr holds the weights as pack_expert_weights_cpu
-    wrote them (n_w is still the unpacked column count)."""
-    comptime swiglu = activation == "swiglu"
-    comptime cols_per_panel = W if swiglu else NR
+
+    Parameters:
+        dtype: The element type of A, B, C and the bias.
+        activation: One of "none", "relu", "silu", "swiglu", "clamped_swiglu";
+            the gated ones read B = [W_gate | W_up] and write n_w / 2 columns.
+        gather: A's rows are a_ptr[ids_ptr[r]] (else a_ptr[r]).
+        prepacked: b_ptr holds the weights as pack_expert_weights_cpu wrote
+            them (n_w is still the unpacked column count).
+        has_bias: Add bias_ptr[e, :] (row stride n_w) to each row of expert e
+            before the activation; without it bias_ptr is not read.
+        alpha: clamped_swiglu's sigmoid slope.
+        limit: clamped_swiglu's clamp.
+
+    Args:
+        c_ptr: C [rows, n_out], row stride n_out.
+        n_out: The output columns (n_w / 2 for the gated activations).
+        a_ptr: A, row stride k_dim.
+        k_dim: K.
+        ids_ptr: The row ids (read when gathering).
+        off_ptr: The expert offsets [experts + 1].
+        experts: E.
+        b_ptr: B [E, k_dim, n_w].
+        n_w: B's columns.
+        bias_ptr: The bias [E, n_w] (with has_bias).
+    """
+    comptime gated = is_gated[activation]()
+    comptime cols_per_panel = W if gated else NR
     # Packed weights are float32 when this kernel packs them, and keep their
     # dtype when pre-packed (bf16 then moves half the bytes).
     comptime pdtype = dtype if prepacked else DType.float32
@@ -291,7 +367,7 @@ def expert_matmul_cpu[dtype: DType, activation: StaticString, gather: Bool, prep
     var rem = n_out - full_panels * cols_per_panel
 
     def jobs_of_worker(wk: Int) {
-        var c_ptr, var a_ptr, var ids_ptr, var off_ptr, var b_ptr, var job_start_ptr,
+        var c_ptr, var a_ptr, var ids_ptr, var off_ptr, var b_ptr, var bias_ptr, var job_start_ptr,
         var n_out, var k_dim, var n_w, var col_jobs, var total_jobs, var workers,
         var decode, var job_panels, var nc, var kc_step, var full_panels, var rem,
     }:
@@ -330,6 +406,7 @@ def expert_matmul_cpu[dtype: DType, activation: StaticString, gather: Bool, prep
             var col_end = min(col0 + nc, n_out)
             var panels = ceildiv(col_end - col0, cols_per_panel)
             var b_e = b_ptr.unsafe_offset(e * k_dim * n_w)
+            var bias_e = bias_ptr.unsafe_offset(e * n_w if has_bias else 0)
             comptime if prepacked:
                 # Nothing to pack. Decode walks each panel's K slices in
                 # order, so the weights are read as one stream per job; prefill
@@ -346,22 +423,22 @@ def expert_matmul_cpu[dtype: DType, activation: StaticString, gather: Bool, prep
                         pq = rebind[PanelPtr](b_e.unsafe_offset((gq * k_dim + k0) * NR))
                     else:
                         var tail = rebind[Pointer[Scalar[dtype], MutUntrackedOrigin]](pb)
-                        tail_panel[dtype, swiglu](tail, b_e.unsafe_offset(full_panels * k_dim * NR), k0, kc, rem)
+                        tail_panel[dtype, gated](tail, b_e.unsafe_offset(full_panels * k_dim * NR), k0, kc, rem)
                         pq = rebind[PanelPtr](tail)
-                    _panel_rows[dtype, pdtype, activation, gather, True](
+                    _panel_rows[dtype, pdtype, activation, gather, True, has_bias, alpha, limit](
                         a_ptr, ids_ptr, k_dim, k0, row0, row0, row_end, pq, kc, srow(0, q), scratch_stride, c_ptr, n_out,
-                        col, min(col + cols_per_panel, col_end),
+                        col, min(col + cols_per_panel, col_end), bias_e,
                     )
                 continue
             for k0 in range(0, k_dim, kc_step):
                 var kc = min(kc_step, k_dim - k0)
                 if not packed_ahead:
-                    pack_b[dtype, swiglu](pb, b_e, k0, kc, n_w, col0, col_end, n_out)
+                    pack_b[dtype, gated](pb, b_e, k0, kc, n_w, col0, col_end, n_out)
                 packed_ahead = False
                 # Decode: pack the next block (this job's next slice, or the
                 # next job's first one) while computing this one.
                 var nb = NextBlock[dtype](b_e, 0, 0, n_w, col0, 0)
-                comptime if not swiglu:
+                comptime if not gated:
                     if decode:
                         if k0 + kc < k_dim:
                             if (col_end - col0) % NR == 0:
@@ -385,15 +462,15 @@ def expert_matmul_cpu[dtype: DType, activation: StaticString, gather: Bool, prep
                     if units > 0:
                         # The tile that packs ahead has 4 rows: the packing
                         # needs registers beside the accumulators.
-                        _row_tile[dtype, DType.float32, activation, gather, 4, True](
+                        _row_tile[dtype, DType.float32, activation, gather, 4, True, False, has_bias, alpha, limit](
                             a_ptr, ids_ptr, k_dim, k0, r0, row_end, pq, kc, srow(0, q), scratch_stride, c_ptr, n_out, col,
-                            tile_end, nb, pb_next, done, units,
+                            tile_end, nb, pb_next, done, units, bias_e,
                         )
                         r0 += 4
                         done += units
-                    _panel_rows[dtype, DType.float32, activation, gather, False](
+                    _panel_rows[dtype, DType.float32, activation, gather, False, has_bias, alpha, limit](
                         a_ptr, ids_ptr, k_dim, k0, r0, row0, row_end, pq, kc, srow(0, q), scratch_stride, c_ptr, n_out,
-                        col, tile_end,
+                        col, tile_end, bias_e,
                     )
                 if nb.units() > 0:
                     pack_units[dtype](nb, pb_next, done, nb.units() - done)

@@ -25,6 +25,10 @@
 #   (tensor cores in bf16) writing the raw products; a memory-bound pass then
 #   applies the activation (SwiGLU folds its two halves). Unlike the CPU path
 #   the activation is not fused into the GEMM: cuBLAS has no SiLU epilogue.
+#   Expert biases (GPT-OSS) are added in that same pass, before the
+#   activation (ExpertBias says how a row finds its expert); with a bias the
+#   pass also runs for activation "none". Without one (a compile-time flag)
+#   the pass is the code it was.
 #   zero_dropped_rows_gpu zeroes the op's rows past the last expert.
 
 from _cublas.cublas import (
@@ -44,6 +48,8 @@ from max.gpu.host import DeviceBuffer, DeviceContext
 from std.math import ceildiv, exp
 from std.memory import Pointer
 from std.sys import size_of
+
+from .activation import DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT, clamped_swiglu_f32, is_gated
 
 comptime GPU_BLOCK = 256
 
@@ -225,7 +231,42 @@ def _gather[dtype: DType, vw: Int](
     ctx.enqueue_function(kernel, grid_dim=ceildiv(Int(n_total), GPU_BLOCK), block_dim=GPU_BLOCK)
 
 
-def activation_gpu[dtype: DType, activation: StaticString](
+struct ExpertBias[dtype: DType](ImplicitlyCopyable):
+    """Where activation_gpu finds each row's expert bias: bias[e, :] (row
+    stride ld; gated: the gate biases, then the up biases from n_out on) for
+    the row's expert e. Rows are grouped by expert, so e is found from the
+    expert offsets on the device (the routed layout: offsets[e] <= r <
+    offsets[e + 1]) or, when rows_per_expert > 0, is r // rows_per_expert (the
+    every-expert layout of moe_ffn). Read only when the kernel has a bias."""
+
+    var ptr: Pointer[Scalar[Self.dtype], MutUntrackedOrigin]
+    var ld: Int
+    var offsets: Pointer[Int32, MutUntrackedOrigin]  # [experts + 1], on the device
+    var experts: Int
+    var rows_per_expert: Int
+
+    def __init__(
+        out self,
+        ptr: Pointer[Scalar[Self.dtype], MutAnyOrigin],
+        ld: Int,
+        offsets: Pointer[Int32, MutAnyOrigin],
+        experts: Int,
+        rows_per_expert: Int,
+    ):
+        self.ptr = rebind[Pointer[Scalar[Self.dtype], MutUntrackedOrigin]](ptr)
+        self.ld = ld
+        self.offsets = rebind[Pointer[Int32, MutUntrackedOrigin]](offsets)
+        self.experts = experts
+        self.rows_per_expert = rows_per_expert
+
+
+def activation_gpu[
+    dtype: DType,
+    activation: StaticString,
+    has_bias: Bool = False,
+    alpha: Float32 = DEFAULT_SWIGLU_ALPHA,
+    limit: Float32 = DEFAULT_SWIGLU_LIMIT,
+](
     ctx: DeviceContext,
     dst: Pointer[Scalar[dtype], MutAnyOrigin],
     ldd: Int,
@@ -233,20 +274,34 @@ def activation_gpu[dtype: DType, activation: StaticString](
     lds: Int,
     rows: Int,
     n_out: Int,
+    bias: ExpertBias[dtype],
 ) raises:
-    """dst[r, c] = act(src[r, c]) for r < rows, c < n_out; for "swiglu",
-    dst[r, c] = silu(src[r, c]) * src[r, n_out + c]. dst may be src (each
-    element is read and written by the same thread), computed in float32."""
+    """dst[r, c] = act(src[r, c] (+ bias)) for r < rows, c < n_out; for the
+    gated activations, h = src[r, :] (+ bias) and dst[r, c] = silu(h[c]) *
+    h[n_out + c] ("swiglu") or clamped_swiglu(h[c], h[n_out + c]). dst may be
+    src (each element is read and written by the same thread), computed in
+    float32.
+
+    Parameters:
+        dtype: The element type.
+        activation: "none", "relu", "silu", "swiglu" or "clamped_swiglu".
+        has_bias: Add the row's expert bias (see ExpertBias) first.
+        alpha: clamped_swiglu's sigmoid slope.
+        limit: clamped_swiglu's clamp.
+    """
     comptime VW = _vector_width[dtype]()
     if rows == 0 or n_out == 0:
         return
-    if n_out % VW == 0 and ldd % VW == 0 and lds % VW == 0 and aligned16[dtype](dst, src):
-        _activation[dtype, activation, VW](ctx, dst, ldd, src, lds, rows, n_out)
+    var vectors = n_out % VW == 0 and ldd % VW == 0 and lds % VW == 0 and aligned16[dtype](dst, src)
+    comptime if has_bias:
+        vectors = vectors and bias.ld % VW == 0 and aligned16[dtype](rebind[Pointer[Scalar[dtype], MutAnyOrigin]](bias.ptr))
+    if vectors:
+        _activation[dtype, activation, VW, has_bias, alpha, limit](ctx, dst, ldd, src, lds, rows, n_out, bias)
     else:
-        _activation[dtype, activation, 1](ctx, dst, ldd, src, lds, rows, n_out)
+        _activation[dtype, activation, 1, has_bias, alpha, limit](ctx, dst, ldd, src, lds, rows, n_out, bias)
 
 
-def _activation[dtype: DType, activation: StaticString, vw: Int](
+def _activation[dtype: DType, activation: StaticString, vw: Int, has_bias: Bool, alpha: Float32, limit: Float32](
     ctx: DeviceContext,
     dst: Pointer[Scalar[dtype], MutAnyOrigin],
     ldd: Int,
@@ -254,35 +309,77 @@ def _activation[dtype: DType, activation: StaticString, vw: Int](
     lds: Int,
     rows: Int,
     n_out: Int,
+    bias: ExpertBias[dtype],
 ) raises:
     comptime ALIGN = vw * size_of[Scalar[dtype]]()
+    comptime gated = is_gated[activation]()
     var vecs = n_out // vw
     var n_total = Int64(rows * vecs)
     var n_vecs = Int64(vecs)
     var n_ldd = Int64(ldd)
     var n_lds = Int64(lds)
     var n_half = Int64(n_out)
+    var bias_ptr = bias.ptr
+    var offsets = bias.offsets
+    var n_ldb = Int64(bias.ld)
+    var n_experts = Int64(bias.experts)
+    var n_rpe = Int64(bias.rows_per_expert)
 
-    def kernel() {var dst, var src, var n_total, var n_vecs, var n_ldd, var n_lds, var n_half}:
+    def kernel() {
+        var dst, var src, var n_total, var n_vecs, var n_ldd, var n_lds, var n_half,
+        var bias_ptr, var offsets, var n_ldb, var n_experts, var n_rpe,
+    }:
         var i = Int(block_idx.x) * GPU_BLOCK + Int(thread_idx.x)
         if i >= Int(n_total):
             return
         var r = i // Int(n_vecs)
         var c = (i % Int(n_vecs)) * vw
         var v = src.unsafe_load[width=vw, alignment=ALIGN](r * Int(n_lds) + c).cast[DType.float32]()
+        var up = SIMD[DType.float32, vw](0)
+        comptime if gated:
+            up = src.unsafe_load[width=vw, alignment=ALIGN](r * Int(n_lds) + Int(n_half) + c).cast[DType.float32]()
+        comptime if has_bias:
+            # The row's expert: the last e with offsets[e] <= r (empty experts
+            # share an offset with the next one), by bisection over E + 1
+            # offsets that stay in cache; or r // rows_per_expert.
+            var e: Int
+            if Int(n_rpe) > 0:
+                e = r // Int(n_rpe)
+            else:
+                var lo = 0
+                var hi = Int(n_experts)
+                while hi - lo > 1:
+                    var mid = (lo + hi) // 2
+                    if Int(offsets.unsafe_load(mid)) <= r:
+                        lo = mid
+                    else:
+                        hi = mid
+                e = lo
+            var b_row = e * Int(n_ldb)
+            v += bias_ptr.unsafe_load[width=vw, alignment=ALIGN](b_row + c).cast[DType.float32]()
+            comptime if gated:
+                up += bias_ptr.unsafe_load[width=vw, alignment=ALIGN](b_row + Int(n_half) + c).cast[DType.float32]()
         comptime if activation == "relu":
             v = max(v, SIMD[DType.float32, vw](0))
         elif activation == "silu":
             v = v / (1.0 + exp(-v))
         elif activation == "swiglu":
-            var up = src.unsafe_load[width=vw, alignment=ALIGN](r * Int(n_lds) + Int(n_half) + c).cast[DType.float32]()
             v = v / (1.0 + exp(-v)) * up
+        elif activation == "clamped_swiglu":
+            v = clamped_swiglu_f32[alpha, limit](v, up)
         dst.unsafe_store[alignment=ALIGN](r * Int(n_ldd) + c, v.cast[dtype]())
 
     ctx.enqueue_function(kernel, grid_dim=ceildiv(Int(n_total), GPU_BLOCK), block_dim=GPU_BLOCK)
 
 
-def expert_matmul_gpu[dtype: DType, activation: StaticString, gather: Bool](
+def expert_matmul_gpu[
+    dtype: DType,
+    activation: StaticString,
+    gather: Bool,
+    has_bias: Bool = False,
+    alpha: Float32 = DEFAULT_SWIGLU_ALPHA,
+    limit: Float32 = DEFAULT_SWIGLU_LIMIT,
+](
     ctx: DeviceContext,
     c_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
     ldc: Int,
@@ -296,12 +393,14 @@ def expert_matmul_gpu[dtype: DType, activation: StaticString, gather: Bool](
     gathered_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
     wide_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
     ldw: Int,
+    bias: ExpertBias[dtype],
 ) raises:
     """The grouped GEMM on the GPU (see the file header). `offsets` are the
     expert offsets on the host. A has row stride lda (k_dim columns used);
     with `gather`, its rows are first gathered into gathered_ptr [rows, k_dim].
     The raw products (n_w columns) go to wide_ptr (row stride ldw); the
-    activation then writes C (row stride ldc). wide_ptr may be c_ptr."""
+    activation (after `bias` when has_bias) then writes C (row stride ldc).
+    wide_ptr may be c_ptr; with activation "none" and no bias it must be."""
     var experts = len(offsets) - 1
     var rows = offsets[experts]
     if rows == 0 or n_w == 0:
@@ -318,9 +417,9 @@ def expert_matmul_gpu[dtype: DType, activation: StaticString, gather: Bool](
             ctx, wide_ptr.unsafe_offset(r0 * ldw), ldw, a.unsafe_offset(r0 * a_stride), a_stride,
             b_ptr.unsafe_offset(e * k_dim * n_w), n_w, offsets[e + 1] - r0, n_w, k_dim,
         )
-    comptime if activation != "none":
-        var n_out = n_w // 2 if activation == "swiglu" else n_w
-        activation_gpu[dtype, activation](ctx, c_ptr, ldc, wide_ptr, ldw, rows, n_out)
+    comptime if activation != "none" or has_bias:
+        var n_out = n_w // 2 if is_gated[activation]() else n_w
+        activation_gpu[dtype, activation, has_bias, alpha, limit](ctx, c_ptr, ldc, wide_ptr, ldw, rows, n_out, bias)
 
 
 def zero_dropped_rows_gpu[dtype: DType](

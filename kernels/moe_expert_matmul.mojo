@@ -2,13 +2,18 @@
 #
 #   for each expert e, for each row r in [expert_offsets[e], expert_offsets[e+1]):
 #       a_r        = x[row_ids[r]] if gather else x[r]
-#       output[r]  = act(a_r @ w[e])
+#       output[r]  = act(a_r @ w[e] + bias[e])     (+ bias[e] only with has_bias)
 #
 # Shapes: x [R, K], row_ids [M] int32, expert_offsets [E+1] int32,
-# w [E, K, N] (row-major, so x @ w[e] reads w[e] along N), output [M, N_out].
-# Activations (compile-time): "none", "relu", "silu" with N_out = N, and
-# "swiglu", where w[e] = [W_gate | W_up] along N and
-# output[r] = silu(a_r @ W_gate) * (a_r @ W_up), N_out = N / 2.
+# w [E, K, N] (row-major, so x @ w[e] reads w[e] along N), bias [E, N] (or a
+# placeholder, e.g. [1, 1], that is not read when has_bias is False),
+# output [M, N_out].
+# Activations (compile-time): "none", "relu", "silu" with N_out = N, and the
+# gated ones, where w[e] = [W_gate | W_up] along N, h = a_r @ w[e] (+ bias[e]) =
+# [gate | up] and N_out = N / 2: "swiglu", output[r] = silu(gate) * up, and
+# GPT-OSS's "clamped_swiglu", output[r] = (u + 1) * g * sigmoid(alpha * g) with
+# g = min(gate, limit), u = clamp(up, -limit, limit) (swiglu_alpha and
+# swiglu_limit are compile-time parameters).
 # Rows from expert_offsets[E] to M (slots dropped by the capacity) are zeroed.
 #
 # The body, expert_matmul_cpu, is also called by moe_ffn.mojo, which writes
@@ -30,15 +35,16 @@ from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
 from std.memory import Pointer
 
+from .activation import is_gated
 from .cpu_gemm import expert_matmul_cpu
 from .cpu_pack import pack_expert_weights_cpu
-from .gpu_gemm import expert_matmul_gpu, expert_offsets_to_host, zero_dropped_rows_gpu
+from .gpu_gemm import ExpertBias, expert_matmul_gpu, expert_offsets_to_host, zero_dropped_rows_gpu
 
 
 def check_activation[activation: StaticString]():
     comptime assert (
-        activation == "none" or activation == "relu" or activation == "silu" or activation == "swiglu"
-    ), "activation must be none, relu, silu or swiglu"
+        activation == "none" or activation == "relu" or activation == "silu" or is_gated[activation]()
+    ), "activation must be none, relu, silu, swiglu or clamped_swiglu"
 
 
 @extensibility.register("pymoe_moe_expert_matmul")
@@ -48,6 +54,9 @@ struct MoEExpertMatmul:
         activation: StaticString,
         gather: Bool,
         packed: Bool,
+        has_bias: Bool,
+        swiglu_alpha: Float32,
+        swiglu_limit: Float32,
         target: StaticString,
     ](
         output: OutputTensor[rank=2, ...],
@@ -55,10 +64,15 @@ struct MoEExpertMatmul:
         row_ids: InputTensor[dtype=DType.int32, rank=1, ...],
         expert_offsets: InputTensor[dtype=DType.int32, rank=1, ...],
         w: InputTensor[dtype=output.dtype, rank=3, ...],
+        bias: InputTensor[dtype=output.dtype, rank=2, ...],
         ctx: DeviceContext,
     ) raises:
         check_activation[activation]()
         comptime dtype = output.dtype
+        comptime gated = is_gated[activation]()
+        comptime if has_bias:
+            if bias.dim_size(0) != w.dim_size(0) or bias.dim_size(1) != w.dim_size(2):
+                raise Error("pymoe_moe_expert_matmul: bias must be [E, N] as w is [E, K, N]")
         var m_rows = output.dim_size(0)
         var n_out = output.dim_size(1)
         var c_ptr = output.unsafe_ptr()
@@ -74,13 +88,14 @@ struct MoEExpertMatmul:
             # workspaces instead): gathered rows, and SwiGLU's two halves.
             var rows = max(offsets[experts], 1)
             var gathered = ctx.enqueue_create_buffer[dtype](rows * k_dim if gather else 1)
-            var wide = ctx.enqueue_create_buffer[dtype](rows * n_w if activation == "swiglu" else 1)
+            var wide = ctx.enqueue_create_buffer[dtype](rows * n_w if gated else 1)
             var g_ptr = rebind[Pointer[Scalar[dtype], MutAnyOrigin]](gathered.unsafe_ptr())
             var w_ptr = rebind[Pointer[Scalar[dtype], MutAnyOrigin]](wide.unsafe_ptr())
-            expert_matmul_gpu[dtype, activation, gather](
+            var row_bias = ExpertBias[dtype](bias.unsafe_ptr(), n_w, expert_offsets.unsafe_ptr(), experts, 0)
+            expert_matmul_gpu[dtype, activation, gather, has_bias, swiglu_alpha, swiglu_limit](
                 ctx, c_ptr, n_out, x.unsafe_ptr(), k_dim, k_dim, row_ids.unsafe_ptr(), offsets,
-                w.unsafe_ptr(), n_w, g_ptr, w_ptr if activation == "swiglu" else c_ptr,
-                n_w if activation == "swiglu" else n_out,
+                w.unsafe_ptr(), n_w, g_ptr, w_ptr if gated else c_ptr,
+                n_w if gated else n_out, row_bias,
             )
             # The scratch must outlive the kernels that use it.
             ctx.synchronize()
@@ -93,9 +108,9 @@ struct MoEExpertMatmul:
                 c_ptr.unsafe_store(r * n_out + c, Scalar[dtype](0))
         if n_out == 0:
             return
-        expert_matmul_cpu[dtype, activation, gather, packed](
+        expert_matmul_cpu[dtype, activation, gather, packed, has_bias, swiglu_alpha, swiglu_limit](
             c_ptr, n_out, x.unsafe_ptr(), x.dim_size(1), row_ids.unsafe_ptr(),
-            expert_offsets.unsafe_ptr(), w.dim_size(0), w.unsafe_ptr(), w.dim_size(2),
+            expert_offsets.unsafe_ptr(), w.dim_size(0), w.unsafe_ptr(), w.dim_size(2), bias.unsafe_ptr(),
         )
 
 

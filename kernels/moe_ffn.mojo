@@ -1,8 +1,12 @@
 # The experts' FFN and the combine in one op, with caller-owned workspaces:
 #
-#   h   = act(x[row_ids] @ w1[e])         (grouped GEMM, gathered, fused act)
-#   y   = h @ w2[e]                       (grouped GEMM)
+#   h   = act(x[row_ids] @ w1[e] + b1[e])  (grouped GEMM, gathered, fused act)
+#   y   = h @ w2[e] + b2[e]                (grouped GEMM)
 #   out = moe_combine(y, topk_weights, slot_to_row)
+#
+# The expert biases (GPT-OSS) are there only with has_b1 / has_b2 (compile
+# time); without them b1 / b2 are placeholders that are not read. alpha and
+# limit of "clamped_swiglu" are compile-time parameters too.
 #
 # It is moe_expert_matmul twice and moe_combine, but h and y live in the two
 # mutable workspace buffers that the caller owns (pymoe's buffer pool) rather
@@ -20,7 +24,7 @@
 # runs on every token, as two strided-batched GEMMs (E at once, no gather, no
 # host sync):
 #
-#   h[e*T + t] = act(x[t] @ w1[e]),   y[e*T + t] = h[e*T + t] @ w2[e]
+#   h[e*T + t] = act(x[t] @ w1[e] + b1[e]),   y[e*T + t] = h[e*T + t] @ w2[e] + b2[e]
 #
 # and the combine picks y[topk_ids[t, j]*T + t] for the kept slots. That is
 # E/k times the routed FLOPs, which Python only allows while they stay under
@@ -32,7 +36,7 @@ from extensibility import _MutableInputTensor as MutableInputTensor
 from max.gpu.host import DeviceContext
 
 from .cpu_gemm import expert_matmul_cpu
-from .gpu_gemm import activation_gpu, expert_matmul_gpu, expert_offsets_to_host, gemm_batched_gpu
+from .gpu_gemm import ExpertBias, activation_gpu, expert_matmul_gpu, expert_offsets_to_host, gemm_batched_gpu
 from .moe_combine import combine_cpu, combine_gpu
 from .moe_expert_matmul import PACKED_ON_GPU, check_activation
 
@@ -45,6 +49,10 @@ struct MoEFFN:
         packed: Bool,
         every_expert_min_tokens: Int,
         every_expert_max_tokens: Int,
+        has_b1: Bool,
+        has_b2: Bool,
+        swiglu_alpha: Float32,
+        swiglu_limit: Float32,
         target: StaticString,
     ](
         output: OutputTensor[rank=2, ...],
@@ -58,6 +66,8 @@ struct MoEFFN:
         slot_to_row: InputTensor[dtype=DType.int32, rank=1, ...],
         w1: InputTensor[dtype=output.dtype, rank=3, ...],
         w2: InputTensor[dtype=output.dtype, rank=3, ...],
+        b1: InputTensor[dtype=output.dtype, rank=2, ...],
+        b2: InputTensor[dtype=output.dtype, rank=2, ...],
         ctx: DeviceContext,
     ) raises:
         check_activation[activation]()
@@ -70,16 +80,23 @@ struct MoEFFN:
         var tokens = x.dim_size(0)
         if h_workspace.dim_size(1) != n_w1 or y_workspace.dim_size(1) != d_model:
             raise Error("pymoe_moe_ffn: workspaces must be [rows, w1 columns] and [rows, d_model]")
+        comptime if has_b1:
+            if b1.dim_size(0) != experts or b1.dim_size(1) != n_w1:
+                raise Error("pymoe_moe_ffn: b1 must be [E, w1 columns]")
+        comptime if has_b2:
+            if b2.dim_size(0) != experts or b2.dim_size(1) != d_model:
+                raise Error("pymoe_moe_ffn: b2 must be [E, d_model]")
         comptime if target == "gpu":
             comptime if packed:
                 raise Error(PACKED_ON_GPU)
             if every_expert_min_tokens <= tokens and tokens <= every_expert_max_tokens:
                 if h_workspace.dim_size(0) < experts * tokens or y_workspace.dim_size(0) < experts * tokens:
                     raise Error("pymoe_moe_ffn: the every-expert path needs workspaces of num_experts * tokens rows")
-                every_expert_ffn_gpu[dtype, activation](
+                every_expert_ffn_gpu[dtype, activation, has_b1, has_b2, swiglu_alpha, swiglu_limit](
                     ctx, output.unsafe_ptr(), h_workspace.unsafe_ptr(), y_workspace.unsafe_ptr(), x.unsafe_ptr(),
                     topk_weights.unsafe_ptr(), topk_ids.unsafe_ptr(), slot_to_row.unsafe_ptr(),
                     topk_weights.dim_size(1), w1.unsafe_ptr(), w2.unsafe_ptr(), tokens, experts, d_model, n_w1, d_ff,
+                    b1.unsafe_ptr(), b2.unsafe_ptr(),
                 )
                 return
         if h_workspace.dim_size(0) < slots or y_workspace.dim_size(0) < slots:
@@ -92,13 +109,14 @@ struct MoEFFN:
             # overwrites it only after the first one has read it (one stream).
             # The first GEMM writes all n_w1 columns of h; for SwiGLU the
             # activation folds them into the first d_ff columns in place.
-            expert_matmul_gpu[dtype, activation, True](
+            var off_dev = expert_offsets.unsafe_ptr()
+            expert_matmul_gpu[dtype, activation, True, has_b1, swiglu_alpha, swiglu_limit](
                 ctx, h, n_w1, x.unsafe_ptr(), d_model, d_model, row_ids.unsafe_ptr(), offsets,
-                w1.unsafe_ptr(), n_w1, y, h, n_w1,
+                w1.unsafe_ptr(), n_w1, y, h, n_w1, ExpertBias[dtype](b1.unsafe_ptr(), n_w1, off_dev, experts, 0),
             )
-            expert_matmul_gpu[dtype, "none", False](
+            expert_matmul_gpu[dtype, "none", False, has_b2](
                 ctx, y, d_model, h, n_w1, d_ff, row_ids.unsafe_ptr(), offsets,
-                w2.unsafe_ptr(), d_model, y, y, d_model,
+                w2.unsafe_ptr(), d_model, y, y, d_model, ExpertBias[dtype](b2.unsafe_ptr(), d_model, off_dev, experts, 0),
             )
             combine_gpu[dtype](
                 ctx, output.unsafe_ptr(), output.dim_size(0), d_model, y,
@@ -108,13 +126,13 @@ struct MoEFFN:
             return
         # The CPU kernel fuses the activation and writes h compactly
         # ([slots, d_ff], row stride d_ff) into the front of the workspace.
-        expert_matmul_cpu[dtype, activation, True, packed](
+        expert_matmul_cpu[dtype, activation, True, packed, has_b1, swiglu_alpha, swiglu_limit](
             h_workspace.unsafe_ptr(), d_ff, x.unsafe_ptr(), x.dim_size(1), row_ids.unsafe_ptr(),
-            expert_offsets.unsafe_ptr(), experts, w1.unsafe_ptr(), w1.dim_size(2),
+            expert_offsets.unsafe_ptr(), experts, w1.unsafe_ptr(), w1.dim_size(2), b1.unsafe_ptr(),
         )
-        expert_matmul_cpu[dtype, "none", False, packed](
+        expert_matmul_cpu[dtype, "none", False, packed, has_b2](
             y_workspace.unsafe_ptr(), d_model, h_workspace.unsafe_ptr(), d_ff, row_ids.unsafe_ptr(),
-            expert_offsets.unsafe_ptr(), experts, w2.unsafe_ptr(), d_model,
+            expert_offsets.unsafe_ptr(), experts, w2.unsafe_ptr(), d_model, b2.unsafe_ptr(),
         )
         combine_cpu[dtype](
             output.unsafe_ptr(), output.dim_size(0), d_model, y_workspace.unsafe_ptr(),
@@ -122,7 +140,9 @@ struct MoEFFN:
         )
 
 
-def every_expert_ffn_gpu[dtype: DType, activation: StaticString](
+def every_expert_ffn_gpu[
+    dtype: DType, activation: StaticString, has_b1: Bool, has_b2: Bool, alpha: Float32, limit: Float32
+](
     ctx: DeviceContext,
     dst: Pointer[Scalar[dtype], MutAnyOrigin],
     h: Pointer[Scalar[dtype], MutAnyOrigin],
@@ -139,16 +159,28 @@ def every_expert_ffn_gpu[dtype: DType, activation: StaticString](
     d_model: Int,
     n_w1: Int,
     d_ff: Int,
+    b1: Pointer[Scalar[dtype], MutAnyOrigin],
+    b2: Pointer[Scalar[dtype], MutAnyOrigin],
 ) raises:
     """The every-expert path (see the file header): dst [T, d_model] = the
-    layer's output; h [E*T, n_w1] and y [E*T, d_model] are the workspaces."""
+    layer's output; h [E*T, n_w1] and y [E*T, d_model] are the workspaces;
+    b1 [E, n_w1] and b2 [E, d_model] the biases (read with has_b1 / has_b2)."""
+    # Row e*T + t of h and y belongs to expert e: T rows per expert.
+    var no_offsets = topk_ids  # not read: the experts' rows are found by division
     # x is the A of every batch entry (stride 0).
     gemm_batched_gpu[dtype](
         ctx, h, n_w1, tokens * n_w1, x, d_model, 0, w1, n_w1, d_model * n_w1, tokens, n_w1, d_model, experts,
     )
-    activation_gpu[dtype, activation](ctx, h, n_w1, h, n_w1, experts * tokens, d_ff)
+    activation_gpu[dtype, activation, has_b1, alpha, limit](
+        ctx, h, n_w1, h, n_w1, experts * tokens, d_ff, ExpertBias[dtype](b1, n_w1, no_offsets, experts, tokens),
+    )
     gemm_batched_gpu[dtype](
         ctx, y, d_model, tokens * d_model, h, n_w1, tokens * n_w1, w2, d_model, d_ff * d_model,
         tokens, d_model, d_ff, experts,
     )
+    comptime if has_b2:
+        activation_gpu[dtype, "none", True](
+            ctx, y, d_model, y, d_model, experts * tokens, d_model,
+            ExpertBias[dtype](b2, d_model, no_offsets, experts, tokens),
+        )
     combine_gpu[dtype, True](ctx, dst, tokens, d_model, y, topk_weights, slot_to_row, k, topk_ids)

@@ -1,16 +1,23 @@
 """PyTorch baselines for the benchmark, on the same weights as the MoE layer.
 
-- `torch_moe_loop`: the Hugging Face transformers style (Mixtral/Qwen2-MoE
-  sparse block): routing (pymoe.routing.route_torch: router softmax, top-k),
-  then one loop iteration per expert that has tokens, gathering them, running
-  the expert FFN and `index_add_`-ing the weighted result back.
-- `torch_moe_grouped`: tokens sorted by expert and the two expert matmuls done
-  as `torch._grouped_mm` over the ragged groups (the GPU path of recent
-  PyTorch MoE code; on CPU it is only defined for some dtypes and may raise).
-- `torch_dense_ffn`: the dense baseline, one FFN of the experts' total size.
+- `TorchMoE(style="loop")`: the Hugging Face transformers style (the sparse blocks of
+  Mixtral, Qwen3-MoE, GPT-OSS, DeepSeek-V3): routing, then one loop iteration per
+  expert that has tokens, gathering them, running the expert FFN and `index_add_`-ing
+  the weighted result back; the shared expert on every token.
+- `TorchMoE(style="grouped")`: tokens sorted by expert and the two expert matmuls done
+  as `torch._grouped_mm` over the ragged groups (the GPU path of recent PyTorch MoE
+  code; on CPU PyTorch runs it in float32 only, for widths that are multiples of 4).
+- `TorchDenseFFN`: the dense baseline, one FFN of the experts' total size.
+
+Both MoE styles route by the one routing definition, pymoe.routing.route_torch with the
+layer's MoEConfig.routing_rule (scores, selection bias, group-limited top-k,
+renormalization, scaling), on logits that include the router bias, and implement every
+variant of MoEConfig: expert biases, clamped SwiGLU, weight_on_input and the (gated)
+shared expert, as pymoe.reference.moe_layer defines them.
 
 Weights are in pymoe's layouts (pymoe/weights.py): router [d, E], w1 [E, d, N1],
-w2 [E, F, d]; tensors share memory with the NumPy weights where possible.
+w2 [E, F, d], ...; NumPy arrays or torch tensors. A tensor already on the device in the
+dtype is used as it is (no copy), so several baselines can share one set of weights.
 """
 
 from __future__ import annotations
@@ -24,43 +31,75 @@ from .routing import route_torch
 from .weights import DenseWeights, MoEWeights
 
 
-def _tensor(a, dtype: torch.dtype, device: str) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype)
+def _tensor(a, dtype: torch.dtype, device: str) -> torch.Tensor | None:
+    if a is None:
+        return None
+    if not isinstance(a, torch.Tensor):
+        a = torch.from_numpy(np.ascontiguousarray(a))
+    return a.to(device=device, dtype=dtype)
 
 
-def expert_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
-    """relu, or swiglu on [gate | up] halves of the last dimension (pymoe's w1 layout)."""
+def expert_activation(h: torch.Tensor, activation: str, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
+    """relu, or a gated activation on the [gate | up] halves of the last dimension (pymoe's
+    w1 layout): swiglu = silu(gate) * up; clamped_swiglu (GPT-OSS) = gate clamped above
+    at `limit`, up to [-limit, limit], (up + 1) * gate * sigmoid(alpha * gate)."""
     if activation == "relu":
         return F.relu(h)
     f = h.shape[-1] // 2
-    return F.silu(h[..., :f]) * h[..., f:]
+    gate, up = h[..., :f], h[..., f:]
+    if activation == "swiglu":
+        return F.silu(gate) * up
+    if activation == "clamped_swiglu":
+        gate = gate.clamp(max=limit)
+        up = up.clamp(-limit, limit)
+        return (up + 1) * gate * torch.sigmoid(alpha * gate)
+    raise ValueError(f"unknown activation {activation!r}")
 
 
 def expert_ffn(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, activation: str) -> torch.Tensor:
-    """One expert: activation(x @ w_in) @ w_out."""
+    """One FFN without biases: activation(x @ w_in) @ w_out."""
     return expert_activation(x @ w_in, activation) @ w_out
 
 
 class TorchMoE:
-    """The MoE layer in PyTorch: `loop` (HF transformers style) or `grouped` (torch._grouped_mm)."""
+    """The MoE layer in PyTorch: `loop` (HF transformers style) or `grouped` (torch._grouped_mm).
+
+    The router runs in float32 whatever `dtype` is (as DeepSeek-V3's transformers code does):
+    it is small, and float32 logits keep near-ties between experts as rare as in pymoe's gate."""
 
     def __init__(self, config: MoEConfig, weights: MoEWeights, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, style: str = "loop"):
         if style not in ("loop", "grouped"):
             raise ValueError(f"style must be 'loop' or 'grouped', got {style!r}")
-        weights.validate(config)
+        if not any(isinstance(a, torch.Tensor) for a in (weights.router, weights.w1, weights.w2)):
+            weights.validate(config)  # tensors were checked where they were made
         self.config, self.style, self.device, self.dtype = config, style, device, dtype
-        self.router = _tensor(weights.router, dtype, device)
-        self.w1 = _tensor(weights.w1, dtype, device)
-        self.w2 = _tensor(weights.w2, dtype, device)
+        self.router = _tensor(weights.router, torch.float32, device)
+        self.router_bias = _tensor(weights.router_bias, torch.float32, device)
+        self.selection_bias = _tensor(weights.selection_bias, torch.float32, device)
+        self.shared_gate = _tensor(weights.shared_gate, torch.float32, device)
+        for name in ("w1", "w2", "b1", "b2", "shared_w1", "shared_w2"):
+            setattr(self, name, _tensor(getattr(weights, name), dtype, device))
+
+    def route(self, x: torch.Tensor):
+        """(ids [T, k], weights [T, k] in x's dtype) by the layer's routing rule."""
+        logits = x.float() @ self.router
+        if self.router_bias is not None:
+            logits = logits + self.router_bias
+        _, ids, weights = route_torch(logits, **self.config.routing_rule, selection_bias=self.selection_bias)
+        return ids, weights.to(x.dtype)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        _, ids, weights = route_torch(x @ self.router, self.config.top_k, self.config.renormalize)
-        weights = weights.to(x.dtype)
-        if self.style == "loop":
-            return self._loop(x, weights, ids)
-        return self._grouped(x, weights, ids)
+        ids, weights = self.route(x)
+        out = self._loop(x, weights, ids) if self.style == "loop" else self._grouped(x, weights, ids)
+        if self.shared_w1 is not None:
+            out = out + self._shared(x)
+        return out
+
+    def _act(self, h: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        return expert_activation(h, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
 
     def _loop(self, x, weights, ids):
         out = torch.zeros_like(x)
@@ -69,22 +108,39 @@ class TorchMoE:
         hit = torch.nonzero(expert_mask.sum(dim=(-1, -2)) > 0).flatten().tolist()
         for e in hit:
             slot, token = torch.where(expert_mask[e])
-            h = expert_activation(x[token] @ self.w1[e], self.config.activation)
-            y = (h @ self.w2[e]) * weights[token, slot, None]
-            out.index_add_(0, token, y)
+            w = weights[token, slot, None]
+            inp = x[token] * w if self.config.weight_on_input else x[token]
+            h = inp @ self.w1[e]
+            if self.b1 is not None:
+                h = h + self.b1[e]
+            y = self._act(h) @ self.w2[e]
+            if self.b2 is not None:
+                y = y + self.b2[e]
+            out.index_add_(0, token, y if self.config.weight_on_input else y * w)
         return out
 
     def _grouped(self, x, weights, ids):
         k = self.config.top_k
         flat = ids.flatten()
         order = torch.argsort(flat, stable=True)
-        token = order // k
+        token, expert = order // k, flat[order]
+        w = weights.flatten()[order, None]
         counts = torch.bincount(flat, minlength=self.config.num_experts)
         offs = torch.cumsum(counts, 0).to(torch.int32)
-        h = expert_activation(torch._grouped_mm(x[token], self.w1, offs=offs), self.config.activation)
-        y = torch._grouped_mm(h, self.w2, offs=offs)
-        y = y * weights.flatten()[order, None]
-        return torch.zeros_like(x).index_add_(0, token, y)
+        inp = x[token] * w if self.config.weight_on_input else x[token]
+        h = torch._grouped_mm(inp, self.w1, offs=offs)
+        if self.b1 is not None:
+            h = h + self.b1[expert]
+        y = torch._grouped_mm(self._act(h), self.w2, offs=offs)
+        if self.b2 is not None:
+            y = y + self.b2[expert]
+        return torch.zeros_like(x).index_add_(0, token, y if self.config.weight_on_input else y * w)
+
+    def _shared(self, x):
+        y = expert_ffn(x, self.shared_w1, self.shared_w2, "swiglu")
+        if self.shared_gate is not None:
+            y = y * torch.sigmoid(x.float() @ self.shared_gate).to(x.dtype)
+        return y
 
 
 class TorchDenseFFN:
@@ -92,7 +148,8 @@ class TorchDenseFFN:
 
     def __init__(self, config: MoEConfig, weights: DenseWeights, device: str = "cpu",
                  dtype: torch.dtype = torch.float32):
-        weights.validate(config)
+        if not isinstance(weights.w1, torch.Tensor):
+            weights.validate(config)
         self.activation = config.activation
         self.w1 = _tensor(weights.w1, dtype, device)
         self.w2 = _tensor(weights.w2, dtype, device)

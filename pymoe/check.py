@@ -19,7 +19,7 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
 def check_preset(name: str, tokens: int | None = None, dtype: str = "float32", seed: int = 0) -> bool:
     """Run both expert activations on the preset's shape; print a table; True if all pass."""
     preset = get_preset(name)
-    tokens = preset.tokens if tokens is None else tokens
+    tokens = preset.tokens[0] if tokens is None else tokens
     if tokens < 1:
         raise ValueError(f"--tokens must be >= 1, got {tokens}")
     console = Console()

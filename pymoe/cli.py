@@ -33,10 +33,27 @@ def check(preset: str, tokens: int | None, dtype: str, seed: int) -> None:
         raise SystemExit(1)
 
 
+def _token_counts(text: str | None) -> tuple[int, ...] | None:
+    """--tokens "1,16,128" as (1, 16, 128); a UsageError for anything but integers >= 1."""
+    if text is None:
+        return None
+    try:
+        counts = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise click.UsageError(f"--tokens takes comma-separated integers, got {text!r}") from None
+    if min(counts) < 1:
+        raise click.UsageError(f"--tokens must be >= 1, got {text}")
+    return counts
+
+
 @main.command()
 @click.option("--preset", "presets", multiple=True, metavar="NAME",
-              help="Preset to run (repeatable). Default: small-decode and small.")
-@click.option("--tokens", type=int, default=None, help="Override the presets' token counts.")
+              help="Preset to run (repeatable): small, medium, large (+ -decode), or a real model's layer: "
+                   "mixtral-8x7b, qwen3-30b-a3b, qwen3-235b-a22b, gpt-oss-20b, gpt-oss-120b, deepseek-v3 "
+                   "(at 1,16,128,4096,16384 tokens). Default: small-decode and small.")
+@click.option("--tokens", default=None, metavar="N[,N...]",
+              help="Token counts to run each preset at, comma-separated (e.g. 1,16,128,4096,16384). "
+                   "Default: the preset's own.")
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(LAYER_DTYPES), default="float32", show_default=True)
 @click.option("--impl", "impls", multiple=True, metavar="NAME",
@@ -62,12 +79,14 @@ def bench(presets, tokens, device, dtype, impls, min_seconds, out_dir, no_save, 
     from .bench.runner import DEFAULT_PRESETS, run_ablation, run_bench
     from .bench.suite import IMPL_NAMES
 
-    if tokens is not None and tokens < 1:
-        raise click.UsageError(f"--tokens must be >= 1, got {tokens}")
+    tokens = _token_counts(tokens)
     if ablation:
         if device != "cpu" or dtype != "float32" or impls or len(presets) > 1:
             raise click.UsageError("--ablation runs on cpu in float32 for one --preset; "
                                    "--device, --dtype and --impl do not apply")
+        if tokens is not None and len(tokens) > 1:
+            raise click.UsageError("--ablation takes one --tokens count")
+        tokens = tokens[0] if tokens else None
         try:
             run_ablation(presets[0] if presets else "small", tokens=tokens, matmul_tokens=matmul_tokens,
                          min_seconds=min_seconds, out_dir=None if no_save else out_dir)

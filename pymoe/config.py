@@ -247,12 +247,44 @@ class MoEConfig:
 
 @dataclass(frozen=True)
 class Preset:
-    """A benchmark configuration: a layer shape plus a token count."""
+    """A benchmark layer: its shape and rules (`config`), the token counts `pymoe bench`
+    runs it at unless told otherwise (`tokens`, one or more), and what it is."""
 
     name: str
     config: MoEConfig
-    tokens: int
+    tokens: tuple[int, ...]
     description: str
+
+    def __post_init__(self) -> None:
+        if not self.tokens or not all(isinstance(t, int) and t >= 1 for t in self.tokens):
+            raise ValueError(f"Preset {self.name}: tokens must be one or more ints >= 1, got {self.tokens!r}")
+
+
+# Decode batches (one new token per sequence) and prefill chunks that the presets of real
+# layers run at; docs/DESIGN.md ("Presets").
+MODEL_TOKENS = (1, 16, 128, 4096, 16384)
+
+# The MoE layer of each model, routed experts plus the shared expert where it has one
+# (values from the models' transformers configs).
+_SWIGLU = {"activation": "swiglu", "scoring": "softmax", "renormalize": True}
+_GPT_OSS = {"activation": "clamped_swiglu", "scoring": "softmax", "renormalize": True, "router_bias": True,
+            "expert_bias": True, "swiglu_alpha": 1.702, "swiglu_limit": 7.0}
+MODEL_LAYERS = {
+    "mixtral-8x7b": (MoEConfig(4096, 14336, 8, 2, **_SWIGLU), "Mixtral-8x7B: 8 experts, top-2, softmax, renormalized"),
+    "qwen3-30b-a3b": (MoEConfig(2048, 768, 128, 8, **_SWIGLU),
+                      "Qwen3-30B-A3B: 128 small experts, top-8, softmax, renormalized"),
+    "qwen3-235b-a22b": (MoEConfig(4096, 1536, 128, 8, **_SWIGLU),
+                        "Qwen3-235B-A22B: 128 experts, top-8, softmax, renormalized"),
+    "gpt-oss-20b": (MoEConfig(2880, 2880, 32, 4, **_GPT_OSS),
+                    "GPT-OSS-20B: 32 experts, top-4, router bias, expert biases, clamped SwiGLU"),
+    "gpt-oss-120b": (MoEConfig(2880, 2880, 128, 4, **_GPT_OSS),
+                     "GPT-OSS-120B: 128 experts, top-4, router bias, expert biases, clamped SwiGLU"),
+    "deepseek-v3": (MoEConfig(7168, 2048, 256, 8, activation="swiglu", scoring="sigmoid", selection_bias=True,
+                              n_group=8, topk_group=4, routed_scaling_factor=2.5, renormalize=True,
+                              shared_d_ff=2048),
+                    "DeepSeek-V3: 256 experts, top-8 of 4 of 8 groups, sigmoid, selection bias, scaling 2.5, "
+                    "1 shared expert"),
+}
 
 
 def _presets() -> dict[str, Preset]:
@@ -265,11 +297,13 @@ def _presets() -> dict[str, Preset]:
     for name, (batch, seq, d_model) in shapes.items():
         config = MoEConfig(d_model=d_model, d_ff=4 * d_model, num_experts=8, top_k=2)
         presets[name] = Preset(
-            name, config, batch * seq, f"prefill: {batch}x{seq} tokens, d_model {d_model}"
+            name, config, (batch * seq,), f"prefill: {batch}x{seq} tokens, d_model {d_model}"
         )
         presets[f"{name}-decode"] = Preset(
-            f"{name}-decode", config, batch, f"decode: {batch} sequences x 1 token, d_model {d_model}"
+            f"{name}-decode", config, (batch,), f"decode: {batch} sequences x 1 token, d_model {d_model}"
         )
+    for name, (config, description) in MODEL_LAYERS.items():
+        presets[name] = Preset(name, config, MODEL_TOKENS, description)
     return presets
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from max.dtype import DType
 from max.graph import BufferValue, Dim, Graph, StaticDim, TensorType, TensorValue, ops
 
-from .config import ACTIVATIONS, MoEConfig
+from .config import ACTIVATIONS, GATED_ACTIVATIONS, MoEConfig
 from .dtypes import dtype_name
 
 
@@ -260,7 +260,38 @@ def moe_dispatch(
 
 # What moe_expert_matmul may fuse after its GEMM: a model's ACTIVATIONS (pymoe/config.py)
 # plus "none" (the w2 GEMM) and "silu" (a building block, tested on its own).
-EXPERT_ACTIVATIONS = ("none", "relu", "silu", "swiglu")
+EXPERT_ACTIVATIONS = ("none", "relu", "silu", "swiglu", "clamped_swiglu")
+# clamped_swiglu's constants when the caller gives none (GPT-OSS's; MoEConfig's defaults).
+DEFAULT_SWIGLU_ALPHA = MoEConfig.swiglu_alpha
+DEFAULT_SWIGLU_LIMIT = MoEConfig.swiglu_limit
+
+
+def _epilogue_parameters(activation: str, swiglu_alpha: float, swiglu_limit: float) -> dict:
+    """The clamped_swiglu constants as kernel parameters, after MoEConfig's checks (finite,
+    > 0). Other activations do not read them: they get the defaults, so that a caller's
+    values do not compile another copy of the same kernel."""
+    MoEConfig(d_model=1, d_ff=1, swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
+    if activation != "clamped_swiglu":
+        swiglu_alpha, swiglu_limit = DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT
+    return {"swiglu_alpha": float(swiglu_alpha), "swiglu_limit": float(swiglu_limit)}
+
+
+def _expert_bias(name: str, bias: TensorValue | None, x: TensorValue, experts: Dim, cols: Dim) -> TensorValue:
+    """`bias` checked to be [experts, cols] of x's dtype on x's device, or, for None, the
+    placeholder the kernels take in its place: a [1, 1] zero they never read (their
+    has_bias parameter is False then, so the default path does no extra work)."""
+    if bias is None:
+        return ops.constant([[0.0]], x.dtype, x.device)
+    if not isinstance(bias, TensorValue):
+        raise TypeError(f"{name} must be None or a TensorValue, got {type(bias).__name__}")
+    if bias.dtype != x.dtype:
+        raise TypeError(f"{name} dtype {bias.dtype} must match x dtype {x.dtype}")
+    if bias.rank != 2 or bias.shape[0] != experts or bias.shape[1] != cols:
+        raise ValueError(f"{name} must have shape [{experts}, {cols}] (experts, weight columns), "
+                         f"got {list(bias.shape)}")
+    if bias.device != x.device:
+        raise ValueError(f"{name} is on {bias.device}, x on {x.device}: they must be on the same device")
+    return bias
 
 
 def pack_expert_weights(w: TensorValue, *, swiglu: bool = False) -> TensorValue:
@@ -299,16 +330,25 @@ def moe_expert_matmul(
     activation: str = "none",
     gather: bool = False,
     packed: bool = False,
+    bias: TensorValue | None = None,
+    swiglu_alpha: float = DEFAULT_SWIGLU_ALPHA,
+    swiglu_limit: float = DEFAULT_SWIGLU_LIMIT,
 ) -> TensorValue:
-    """Grouped GEMM over ragged expert groups: out[r] = act(a_r @ w[e(r)]).
+    """Grouped GEMM over ragged expert groups: out[r] = act(a_r @ w[e(r)] + bias[e(r)]).
 
     a_r = x[row_ids[r]] when `gather` (x in token order), else x[r] (x already
     in the expert-grouped layout). The output has one row per entry of row_ids.
-    `packed`: w came from pack_expert_weights (CPU only; with the same
-    `swiglu` as this activation).
+    `activation`: one of EXPERT_ACTIVATIONS; the gated ones ("swiglu",
+    "clamped_swiglu") read w = [W_gate | W_up] and return half its columns;
+    "clamped_swiglu" is GPT-OSS's (u + 1) * g * sigmoid(swiglu_alpha * g) with
+    g = min(gate, swiglu_limit), u = clamp(up, -swiglu_limit, swiglu_limit).
+    `bias`: None or [E, N] of x's dtype (N = w's columns), added before the
+    activation. `packed`: w came from pack_expert_weights (CPU only; with
+    swiglu=True for the gated activations).
     """
     if activation not in EXPERT_ACTIVATIONS:
         raise ValueError(f"activation must be one of {EXPERT_ACTIVATIONS}, got {activation!r}")
+    parameters = _epilogue_parameters(activation, swiglu_alpha, swiglu_limit)
     if packed:
         _cpu_only("moe_expert_matmul", x)
     _float("x", x, rank=2)
@@ -321,15 +361,17 @@ def moe_expert_matmul(
     _same_dim("expert weights K must equal x columns", w.shape[1], x.shape[1])
     _same_dim("expert_offsets must have num_experts + 1 entries", expert_offsets.shape[0], w.shape[0] + 1)
     n = w.shape[2]
-    if activation == "swiglu":
+    bias_value = _expert_bias("bias", bias, x, w.shape[0], n)
+    if activation in GATED_ACTIVATIONS:
         if int(n) % 2:
-            raise ValueError(f"swiglu expert weights need an even number of columns, got {n}")
+            raise ValueError(f"{activation} expert weights need an even number of columns, got {n}")
         n = Dim(int(n) // 2)
     return custom_op(
         "pymoe_moe_expert_matmul",
-        [x, row_ids, expert_offsets, w],
+        [x, row_ids, expert_offsets, w, bias_value],
         [TensorType(x.dtype, [row_ids.shape[0], n], x.device)],
-        parameters={"activation": activation, "gather": bool(gather), "packed": bool(packed)},
+        parameters={"activation": activation, "gather": bool(gather), "packed": bool(packed),
+                    "has_bias": bias is not None, **parameters},
     )[0]
 
 
@@ -456,6 +498,10 @@ def moe_ffn(
     activation: str,
     every_expert_tokens: tuple[int, int] = (1, 0),
     packed: bool = False,
+    b1: TensorValue | None = None,
+    b2: TensorValue | None = None,
+    swiglu_alpha: float = DEFAULT_SWIGLU_ALPHA,
+    swiglu_limit: float = DEFAULT_SWIGLU_LIMIT,
 ) -> TensorValue:
     """The experts' FFN and the combine in one op, with caller-owned workspaces.
 
@@ -465,13 +511,18 @@ def moe_ffn(
     d_model]) instead of new tensors. rows >= moe_ffn_workspace_rows(T, ...)
     (the kernel raises at run time otherwise). h is as wide as w1 (2*d_ff for
     SwiGLU) because the GPU path writes both SwiGLU halves before folding them.
-    `activation` is "relu" or "swiglu" (w1 = [Wg | Wu]). `every_expert_tokens`
+    `activation` is one of pymoe.config.ACTIVATIONS: "relu", or "swiglu" /
+    "clamped_swiglu" (w1 = [Wg | Wu]; swiglu_alpha and swiglu_limit as in
+    moe_expert_matmul). `b1` [E, w1 columns] and `b2` [E, d_model] (x's dtype)
+    or None: the expert biases, b1 added before the activation, b2 to each
+    expert's output before the routing weight scales it. `every_expert_tokens`
     = (lo, hi): on the GPU, batches of lo..hi tokens run every expert on every
     token (see every_expert_token_range; the default (1, 0) never does).
     `packed`: w1 and w2 came from pack_expert_weights (CPU only).
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    parameters = _epilogue_parameters(activation, swiglu_alpha, swiglu_limit)
     if packed:
         _cpu_only("moe_ffn", x)
     lo, hi = every_expert_tokens
@@ -484,18 +535,21 @@ def moe_ffn(
             raise TypeError(f"{name} must be a BufferValue (a mutable graph buffer), got {type(ws).__name__}")
         if ws.dtype != x.dtype or ws.rank != 2 or ws.shape[1] != width:
             raise ValueError(f"{name} must be {x.dtype}[rows, {width}], got {ws.dtype}{list(ws.shape)}")
+    b1_value = _expert_bias("b1", b1, x, w1.shape[0], w1_cols)
+    b2_value = _expert_bias("b2", b2, x, w2.shape[0], d_model)
     _ensure_kernels_loaded()
     out = ops.inplace_custom(
         "pymoe_moe_ffn",
         device=x.device,
         values=[
             h_ws, y_ws, x, dispatch.sorted_token_ids, dispatch.expert_offsets,
-            gate.topk_weights, gate.topk_ids, dispatch.slot_to_row, w1, w2,
+            gate.topk_weights, gate.topk_ids, dispatch.slot_to_row, w1, w2, b1_value, b2_value,
         ],
         out_types=[TensorType(x.dtype, [x.shape[0], d_model], x.device)],
         parameters={
             "activation": activation, "packed": bool(packed),
             "every_expert_min_tokens": lo, "every_expert_max_tokens": hi,
+            "has_b1": b1 is not None, "has_b2": b2 is not None, **parameters,
         },
     )
     return out[0].tensor

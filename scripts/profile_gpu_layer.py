@@ -23,7 +23,7 @@ def main(presets: list[str]) -> None:
     for name in presets:
         preset = get_preset(name)
         layer = MoELayer(preset.config, MoEWeights.random(preset.config, seed=1), device="gpu", dtype="bfloat16")
-        x = torch.randn(preset.tokens, preset.config.d_model, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(preset.tokens[0], preset.config.d_model, device="cuda", dtype=torch.bfloat16)
         for _ in range(3):
             layer.forward_unchecked(x)
         torch.cuda.synchronize()

@@ -10,6 +10,7 @@ if they do, is checked and timed like every other row.
 from __future__ import annotations
 
 import time
+from dataclasses import fields
 
 import numpy as np
 
@@ -17,6 +18,25 @@ from ..config import MoEConfig
 from ..dtypes import max_dtype
 from ..runtime import driver_device, to_device_buffer, wrap_output
 from ..weights import MoEWeights
+
+
+def unsupported(config: MoEConfig) -> str | None:
+    """What of `config` this layer does not implement (it has the softmax top-k router and
+    relu/swiglu experts without biases), or None."""
+    plain = MoEConfig(config.d_model, config.d_ff, config.num_experts, config.top_k,
+                      config.activation if config.activation != "clamped_swiglu" else "swiglu",
+                      config.renormalize)
+    extras = [f.name for f in fields(MoEConfig) if getattr(config, f.name) != getattr(plain, f.name)]
+    if extras:
+        return f"built only for the softmax top-k router and relu/swiglu experts; this layer has {', '.join(extras)}"
+    return None
+
+
+def _linear_layout(w):
+    """Expert weights [E, in, out] as [E, out, in] (NumPy or torch)."""
+    if isinstance(w, np.ndarray):
+        return np.ascontiguousarray(w.transpose(0, 2, 1))
+    return w.transpose(1, 2).contiguous()
 
 
 class MaxBuiltinMoE:
@@ -28,6 +48,8 @@ class MaxBuiltinMoE:
         from max.graph import DeviceRef, Graph, TensorType, ops
         from max.nn.kernels import grouped_matmul_ragged, moe_create_indices, moe_finalize
 
+        if unsupported(config):
+            raise ValueError(f"MAX built-in MoE: {unsupported(config)}")
         self.config, self.dtype = config, dtype
         self._device = driver_device(device)
         ref = DeviceRef.from_device(self._device)
@@ -64,8 +86,8 @@ class MaxBuiltinMoE:
         self.compile_seconds = time.perf_counter() - start
         self._weights = [
             to_device_buffer(weights.router, dtype, self._device),
-            to_device_buffer(np.ascontiguousarray(weights.w1.transpose(0, 2, 1)), dtype, self._device),
-            to_device_buffer(np.ascontiguousarray(weights.w2.transpose(0, 2, 1)), dtype, self._device),
+            to_device_buffer(_linear_layout(weights.w1), dtype, self._device),
+            to_device_buffer(_linear_layout(weights.w2), dtype, self._device),
         ]
 
     def __call__(self, x):

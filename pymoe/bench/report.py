@@ -29,11 +29,33 @@ def ceilings_table(ceilings: dict) -> Table:
     return t
 
 
+def _router_extras(config: dict) -> str:
+    """What a run's layer has beyond a softmax top-k router and plain experts (result files
+    before issue 21 record none of it)."""
+    extras = []
+    if config.get("scoring", "softmax") != "softmax":
+        extras.append(config["scoring"])
+    if config.get("n_group", 1) > 1:
+        extras.append(f"{config['topk_group']} of {config['n_group']} groups")
+    for key, label in (("router_bias", "router bias"), ("selection_bias", "selection bias"),
+                       ("expert_bias", "expert biases"), ("weight_on_input", "weight on input")):
+        if config.get(key):
+            extras.append(label)
+    if config.get("routed_scaling_factor", 1.0) != 1.0:
+        extras.append(f"scaling {config['routed_scaling_factor']:g}")
+    if config.get("activation") == "clamped_swiglu":
+        extras.append("clamped swiglu")
+    if config.get("shared_d_ff"):
+        extras.append(f"shared expert {config['shared_d_ff']}{' gated' if config.get('shared_gate') else ''}")
+    return f" ({', '.join(extras)})" if extras else ""
+
+
 def run_table(run: dict, device: str, dtype: str) -> Table:
     w = run["work"]
     title = (
         f"{run['preset']} ({run['regime']}): {run['tokens']} tokens, d_model {run['config']['d_model']}, "
-        f"E={run['config']['num_experts']} top-{run['config']['top_k']}, {device} {dtype}; "
+        f"E={run['config']['num_experts']} top-{run['config']['top_k']}{_router_extras(run['config'])}, "
+        f"{device} {dtype}; "
         f"{w['experts_used']} experts used"
     )
     t = Table(title=title)
@@ -44,7 +66,8 @@ def run_table(run: dict, device: str, dtype: str) -> Table:
     failures = []
     for r in run["rows"]:
         if r["status"] != "ok":
-            t.add_row(r["name"], f"[red]{r['status']}[/red] (see below)", *[""] * (len(cols) - 2))
+            color = "yellow" if r["status"] == "skipped" else "red"
+            t.add_row(r["name"], f"[{color}]{r['status']}[/{color}] (see below)", *[""] * (len(cols) - 2))
             failures.append(f"{r['name']}: {r['error']}")
             continue
         t.add_row(

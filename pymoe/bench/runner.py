@@ -1,4 +1,5 @@
-"""`pymoe bench`: ceilings, then every preset side by side, with progress; writes one result file."""
+"""`pymoe bench`: ceilings, then every preset at each of its token counts side by side, with progress;
+writes one result file."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from ..results import command_line, file_stamp, result_header, write_result
 from ..runtime import check_device_dtype
 from .ceilings import measure_ceilings
 from .report import print_result
-from .suite import IMPL_NAMES, run_preset, write_bench_result
+from .suite import IMPL_NAMES, bench_file_name, run_preset, write_bench_result
+from .workload import check_memory
 
 DEFAULT_PRESETS = ("small-decode", "small")
 
@@ -22,7 +24,7 @@ DEFAULT_PRESETS = ("small-decode", "small")
 def run_bench(
     presets: tuple[str, ...] = DEFAULT_PRESETS,
     *,
-    tokens: int | None = None,
+    tokens: int | tuple[int, ...] | None = None,
     device: str = "cpu",
     dtype: str = "float32",
     impls: tuple[str, ...] = IMPL_NAMES,
@@ -31,7 +33,12 @@ def run_bench(
     command: str | None = None,
     console: Console | None = None,
 ) -> tuple[dict, Path | None]:
-    """Measure the ceilings, run each preset, print the tables, write the result file."""
+    """Measure the ceilings, run each preset at each token count (None: the preset's own),
+    print the tables, write the result file (again after every cell, so that a run cut short
+    keeps what it measured; `complete` says whether it ended)."""
+    tokens = (tokens,) if isinstance(tokens, int) else tokens
+    if tokens is not None and (not tokens or min(tokens) < 1):
+        raise ValueError(f"token counts must be >= 1, got {tokens}")
     for name in presets:
         get_preset(name)  # unknown names fail before anything runs
     unknown = set(impls) - set(IMPL_NAMES)
@@ -39,29 +46,43 @@ def run_bench(
         raise ValueError(f"unknown implementation(s) {sorted(unknown)}; choose from {IMPL_NAMES}")
     check_device_dtype(device, dtype)
     console = console or Console()
+    for name in presets:  # weights that do not fit fail here, before anything is allocated
+        plan = check_memory(get_preset(name), device, dtype)
+        dense = "" if plan.dense_fits else "; the dense baseline's weights would not fit beside them: no dense rows"
+        console.print(f"{name}: {plan.describe()}{dense}")
     result = {
         **result_header("pymoe.bench/1", command or command_line()),
         "device": device,
         "dtype": dtype,
+        "complete": False,
         "runs": [],
     }
+    file_name = bench_file_name(dtype, presets, tokens)
+    path = None
     start = time.perf_counter()
+
+    def save(run: dict) -> None:
+        nonlocal path
+        result["runs"].append(run)
+        result["wall_s"] = time.perf_counter() - start
+        if out_dir is not None:
+            path = write_bench_result(result, out_dir, file_name)
+
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("measuring the machine's ceilings", total=None)
         result["ceilings"] = measure_ceilings(device, torch_dtype(dtype), min_seconds=min_seconds)
         for name in presets:
 
-            def show(impl: str, name=name) -> None:
-                bar.update(task, description=f"{name}: {impl} (build, check, time)")
+            def show(what: str, name=name) -> None:
+                bar.update(task, description=f"{name}: {what}")
 
-            result["runs"].append(
-                run_preset(name, tokens=tokens, device=device, dtype=dtype, ceilings=result["ceilings"],
-                           impls=impls, min_seconds=min_seconds, progress=show)
-            )
+            run_preset(name, tokens=tokens, device=device, dtype=dtype, ceilings=result["ceilings"],
+                       impls=impls, min_seconds=min_seconds, progress=show, on_run=save)
     result["wall_s"] = time.perf_counter() - start  # the whole run: compiles, references, timings
+    result["complete"] = True
     print_result(result, console)
-    path = write_bench_result(result, out_dir) if out_dir is not None else None
-    if path:
+    if out_dir is not None:
+        path = write_bench_result(result, out_dir, file_name)
         console.print(f"wrote {path}")
     return result, path
 
@@ -81,7 +102,7 @@ def run_ablation(
     from .report import print_ablation
 
     p = get_preset(preset)
-    tokens = p.tokens if tokens is None else tokens
+    tokens = p.tokens[0] if tokens is None else tokens
     matmul_tokens = min(DEFAULT_MATMUL_TOKENS, tokens) if matmul_tokens is None else matmul_tokens
     if tokens < 1 or matmul_tokens < 1:
         raise ValueError(f"token counts must be >= 1, got tokens={tokens}, matmul tokens={matmul_tokens}")

@@ -1,15 +1,18 @@
 """The side-by-side benchmark: every implementation on the same inputs and weights.
 
-For one preset (layer shape + token count) on one device, each implementation
-is built (compile time kept apart), checked against the float64 reference on
-the first tokens of the batch, then timed (warm-up, repetitions, median and
-spread), with the roofline floor from the machine's measured ceilings beside
-it. Data flows one way: this module measures and returns plain dicts; the CLI
-prints them (report.py) and writes them to results/ (write_bench_result).
+For one preset (a layer) on one device, the weights are made once (pymoe/bench/workload.py:
+where they fit, on the device) and each token count is a cell: each implementation is built
+(compile time kept apart), checked against the float64 reference on the first tokens of the
+batch, then timed (warm-up, repetitions, median and spread), with the roofline floor from
+the machine's measured ceilings beside it. Rows that cannot run (weights that do not fit, a
+dense FFN whose floor alone is too long, MAX's built-in kernels on a router they lack) are
+recorded as skipped, with the reason. Data flows one way: this module measures and returns
+plain dicts; the CLI prints them (report.py) and writes them to results/ (write_bench_result).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,16 +21,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import reference as R
 from .. import results
 from ..baselines import TorchDenseFFN, TorchMoE
-from ..config import MoEConfig, Preset, get_preset
+from ..config import PRESETS, get_preset
 from ..dtypes import itemsize, torch_dtype
 from ..layer import DenseFFN, MoELayer
-from ..routing import route
-from ..weights import DenseWeights, MoEWeights
 from .report import error_summary
 from .timing import device_sync, measure, peak_rss_during, summarize
+from .workload import (
+    Workload,
+    check_memory,
+    make_workload,
+    moe_params,
+    random_weights,
+    reference_dense,
+    reference_moe,
+    routing,
+)
 
 # Tokens of the batch checked against the float64 reference before timing.
 CHECK_TOKENS = 32
@@ -35,21 +45,15 @@ CHECK_TOKENS = 32
 # per-token relative error (bf16, where a few tokens may legitimately route
 # differently after rounding).
 CHECK_TOL = {"float32": 1e-4, "bfloat16": 2e-2}
+# A dense row is skipped when one call's roofline floor alone is longer than this: the dense
+# FFN of a many-expert layer at prefill sizes (DeepSeek-V3: 524288 wide) takes minutes a call.
+DENSE_MAX_FLOOR_S = 2.0
+# Batches up to this many tokens are decode steps (one new token per sequence), larger ones
+# prefill chunks.
+DECODE_MAX_TOKENS = 128
 
-
-@dataclass
-class Workload:
-    preset: Preset
-    tokens: int
-    device: str
-    dtype: str
-    x: np.ndarray  # [tokens, d_model] float32 (bf16-representable when dtype is bf16)
-    moe_weights: MoEWeights
-    dense_weights: DenseWeights
-
-    @property
-    def config(self) -> MoEConfig:
-        return self.preset.config
+__all__ = ["CHECK_TOKENS", "CHECK_TOL", "IMPLEMENTATIONS", "IMPL_NAMES", "Impl", "Workload", "make_workload",
+           "run_cell", "run_impl", "run_preset", "work_model", "write_bench_result"]
 
 
 @dataclass(frozen=True)
@@ -58,14 +62,18 @@ class Impl:
     label: str
     kind: str  # "moe" or "dense": which FLOPs/bytes and which reference apply
     build: Callable[[Workload], tuple[Callable, float]]  # -> (fn(x) -> out, compile seconds)
+    # Why it cannot run this cell (None: it can); asked before building.
+    unsupported: Callable[[Workload], str | None] = lambda w: None
+
+
+def _torch_device(device: str) -> str:
+    return "cuda" if device == "gpu" else "cpu"
 
 
 def _torch_in(fn, device: str, dtype: str):
-    tdev = "cuda" if device == "gpu" else "cpu"
-
     def call(x):
         if not isinstance(x, torch.Tensor):
-            x = torch.from_numpy(x).to(device=tdev, dtype=torch_dtype(dtype))
+            x = torch.from_numpy(x).to(device=_torch_device(device), dtype=torch_dtype(dtype))
         return fn(x)
 
     return call
@@ -85,14 +93,14 @@ def _build_max_dense(w: Workload):
 
 def _build_torch(style: str):
     def build(w: Workload):
-        moe = TorchMoE(w.config, w.moe_weights, "cuda" if w.device == "gpu" else "cpu", torch_dtype(w.dtype), style)
+        moe = TorchMoE(w.config, w.moe_weights, _torch_device(w.device), torch_dtype(w.dtype), style)
         return _torch_in(moe, w.device, w.dtype), 0.0
 
     return build
 
 
 def _build_torch_dense(w: Workload):
-    dense = TorchDenseFFN(w.config, w.dense_weights, "cuda" if w.device == "gpu" else "cpu", torch_dtype(w.dtype))
+    dense = TorchDenseFFN(w.config, w.dense_weights, _torch_device(w.device), torch_dtype(w.dtype))
     return _torch_in(dense, w.device, w.dtype), 0.0
 
 
@@ -103,13 +111,24 @@ def _build_max_builtin(w: Workload):
     return moe, moe.compile_seconds
 
 
+def _max_builtin_unsupported(w: Workload) -> str | None:
+    from .max_builtin import unsupported
+
+    return unsupported(w.config)
+
+
+def _dense_unsupported(w: Workload) -> str | None:
+    return w.dense_skipped
+
+
 IMPLEMENTATIONS = (
     Impl("pymoe", "pymoe MoE (Mojo kernels in a MAX graph)", "moe", _build_pymoe),
-    Impl("max_dense", "dense FFN in MAX (ops.matmul)", "dense", _build_max_dense),
+    Impl("max_dense", "dense FFN in MAX (ops.matmul)", "dense", _build_max_dense, _dense_unsupported),
     Impl("torch_loop", "PyTorch MoE, HF-style expert loop", "moe", _build_torch("loop")),
     Impl("torch_grouped", "PyTorch MoE, torch._grouped_mm", "moe", _build_torch("grouped")),
-    Impl("torch_dense", "dense FFN in PyTorch", "dense", _build_torch_dense),
-    Impl("max_builtin", "MAX built-in MoE kernels (max.nn.kernels)", "moe", _build_max_builtin),
+    Impl("torch_dense", "dense FFN in PyTorch", "dense", _build_torch_dense, _dense_unsupported),
+    Impl("max_builtin", "MAX built-in MoE kernels (max.nn.kernels)", "moe", _build_max_builtin,
+         _max_builtin_unsupported),
 )
 IMPL_NAMES = tuple(i.name for i in IMPLEMENTATIONS)
 
@@ -120,35 +139,19 @@ def _to_numpy(out) -> np.ndarray:
     return np.asarray(out, dtype=np.float32)
 
 
-def _round_bf16(a: np.ndarray) -> np.ndarray:
-    return torch.from_numpy(np.ascontiguousarray(a)).to(torch.bfloat16).to(torch.float32).numpy()
-
-
-def make_workload(preset_name: str, tokens: int | None, device: str, dtype: str, seed: int = 0) -> Workload:
-    preset = get_preset(preset_name)
-    tokens = preset.tokens if tokens is None else tokens
-    if tokens < 1:
-        raise ValueError(f"tokens must be >= 1, got {tokens}")
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((tokens, preset.config.d_model), dtype=np.float32)
-    moe_w = MoEWeights.random(preset.config, seed=seed + 1)
-    dense_w = DenseWeights.random(preset.config, seed=seed + 2)
-    if dtype == "bfloat16":  # the reference then sees exactly what the kernels see
-        x = _round_bf16(x)
-        moe_w = MoEWeights(*(_round_bf16(a) for a in (moe_w.router, moe_w.w1, moe_w.w2)))
-        dense_w = DenseWeights(*(_round_bf16(a) for a in (dense_w.w1, dense_w.w2)))
-    return Workload(preset, tokens, device, dtype, x, moe_w, dense_w)
-
-
-def _reference(w: Workload, kind: str, x: np.ndarray) -> np.ndarray:
-    if kind == "moe":
-        return R.moe_layer(x, w.moe_weights, w.config).out
-    return R.dense_ffn(x, w.dense_weights, w.config.activation)
+def _reference(w: Workload, kind: str, n: int) -> np.ndarray:
+    """The float64 reference on the first n tokens, computed once per cell and kind."""
+    key = (kind, n)
+    if key not in w.references:
+        x = w.x[:n]
+        w.references[key] = (reference_moe(x, w.moe_weights, w.config) if kind == "moe"
+                             else reference_dense(x, w.dense_weights, w.config.activation))
+    return w.references[key]
 
 
 def _check(out: np.ndarray, ref: np.ndarray, dtype: str) -> tuple[float, bool]:
     if dtype == "float32":
-        err = R.relative_error(out, ref)
+        err = float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
     else:
         per_token = np.linalg.norm(out - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-30)
         err = float(np.median(per_token))
@@ -156,17 +159,19 @@ def _check(out: np.ndarray, ref: np.ndarray, dtype: str) -> tuple[float, bool]:
 
 
 def work_model(w: Workload) -> dict:
-    """FLOPs and weight bytes each kind of implementation must at least spend."""
+    """FLOPs and weight bytes each kind of implementation must at least spend: for the MoE,
+    the router's, the experts the batch uses (with their biases) and the shared expert's."""
     cfg, size = w.config, itemsize(w.dtype)
-    ids = route(w.x.astype(np.float64) @ w.moe_weights.router, cfg.top_k, cfg.renormalize).ids
-    used = int(np.unique(ids).size)
-    router_bytes = cfg.d_model * cfg.num_experts * size
+    used = int(np.unique(routing(w.x, w.moe_weights, cfg).ids).size)
+    router_bytes = (cfg.d_model + cfg.router_bias + cfg.selection_bias) * cfg.num_experts * size
+    expert_bytes = cfg.expert_bytes(size) + cfg.expert_bias * (cfg.expert_n + cfg.d_model) * size
+    shared_bytes = cfg.shared_expert.nbytes(size) + cfg.shared_gate * cfg.d_model * size if cfg.shared_d_ff else 0
     router_flops = 2 * w.tokens * cfg.d_model * cfg.num_experts
     return {
         "experts_used": used,
         "moe": {
             "flops": cfg.active_flops(w.tokens) + router_flops,
-            "weight_bytes": used * cfg.expert_bytes(size) + router_bytes,
+            "weight_bytes": used * expert_bytes + router_bytes + shared_bytes,
         },
         "dense": {
             "flops": 2 * w.tokens * cfg.dense_shape.params,
@@ -175,12 +180,19 @@ def work_model(w: Workload) -> dict:
     }
 
 
+def floor_seconds(work: dict, ceilings: dict) -> tuple[float, str]:
+    """The roofline floor max(FLOPs / matmul peak, weight bytes / read bandwidth), and which bound it is."""
+    compute = work["flops"] / (ceilings["matmul"]["gflops"] * 1e9)
+    memory = work["weight_bytes"] / (ceilings["read"]["gbps"] * 1e9)
+    return max(compute, memory), "compute" if compute >= memory else "memory"
+
+
 def _roofline(row: dict, work: dict, ceilings: dict) -> None:
     """Add achieved rates, the floor time and the fraction of it reached."""
     flops, nbytes, t = work["flops"], work["weight_bytes"], row["median_s"]
     peak = ceilings["matmul"]["gflops"] * 1e9
     bw = ceilings["read"]["gbps"] * 1e9
-    floor = max(flops / peak, nbytes / bw)
+    floor, bound = floor_seconds(work, ceilings)
     row.update(
         flops=flops,
         weight_bytes=nbytes,
@@ -189,13 +201,28 @@ def _roofline(row: dict, work: dict, ceilings: dict) -> None:
         gbps=nbytes / t / 1e9,
         pct_bw=100 * nbytes / t / bw,
         floor_s=floor,
-        floor_bound="compute" if flops / peak >= nbytes / bw else "memory",
+        floor_bound=bound,
         pct_of_floor=100 * floor / t,
     )
 
 
+def skip_reason(impl: Impl, w: Workload, work: dict, ceilings: dict) -> str | None:
+    """Why `impl` does not run on this cell, or None."""
+    reason = impl.unsupported(w)
+    if reason is None and impl.kind == "dense":
+        floor, _ = floor_seconds(work["dense"], ceilings)
+        if floor > DENSE_MAX_FLOOR_S:
+            reason = (f"the dense FFN of the experts' size ({w.config.d_ff_dense} wide) has a floor of {floor:.1f} s "
+                      f"a call at {w.tokens} tokens (more than {DENSE_MAX_FLOOR_S:g} s)")
+    return reason
+
+
 def run_impl(impl: Impl, w: Workload, work: dict, ceilings: dict, min_seconds: float, sync=None) -> dict:
     row = {"name": impl.name, "label": impl.label, "kind": impl.kind, "status": "ok", "error": None}
+    reason = skip_reason(impl, w, work, ceilings)
+    if reason:
+        row.update(status="skipped", error=reason)
+        return row
     try:
         fn, compile_s = impl.build(w)
     except Exception as exc:  # recorded, not raised: a failing baseline is a result
@@ -205,7 +232,7 @@ def run_impl(impl: Impl, w: Workload, work: dict, ceilings: dict, min_seconds: f
     try:
         n = min(CHECK_TOKENS, w.tokens)
         out = _to_numpy(fn(w.x[:n]))
-        err, ok = _check(out, _reference(w, impl.kind, w.x[:n]), w.dtype)
+        err, ok = _check(out, _reference(w, impl.kind, n), w.dtype)
         row.update(check_tokens=n, check_rel_err=err, check_tol=CHECK_TOL[w.dtype])
         if not ok:
             row.update(status="wrong", error=f"relative error {err:.3g} against the float64 reference")
@@ -223,26 +250,20 @@ def run_impl(impl: Impl, w: Workload, work: dict, ceilings: dict, min_seconds: f
     return row
 
 
-def run_preset(
-    preset_name: str,
-    *,
-    tokens: int | None,
-    device: str,
-    dtype: str,
-    ceilings: dict,
-    impls: tuple[str, ...] = IMPL_NAMES,
-    min_seconds: float = 1.0,
-    progress: Callable[[str], None] | None = None,
-) -> dict:
-    """Benchmark every implementation in `impls` on one preset; returns the run dict."""
+def _check_impls(impls: tuple[str, ...]) -> None:
     unknown = set(impls) - set(IMPL_NAMES)
     if unknown:
         raise ValueError(f"unknown implementation(s) {sorted(unknown)}; choose from {IMPL_NAMES}")
-    w = make_workload(preset_name, tokens, device, dtype)
+
+
+def run_cell(w: Workload, *, ceilings: dict, impls: tuple[str, ...] = IMPL_NAMES, min_seconds: float = 1.0,
+             progress: Callable[[str], None] | None = None) -> dict:
+    """Benchmark every implementation in `impls` on one cell; returns its run dict."""
+    _check_impls(impls)
     work = work_model(w)
-    sync = device_sync(device)
+    sync = device_sync(w.device)
     chosen = [impl for impl in IMPLEMENTATIONS if impl.name in impls]
-    if device == "gpu":
+    if w.device == "gpu":
         # MAX keeps the device memory its graphs used for later graphs, so
         # PyTorch (which can hand its cache back) runs first: at the large
         # preset, MAX's pools would otherwise leave PyTorch too little.
@@ -252,33 +273,92 @@ def run_preset(
         if progress:
             progress(impl.name)
         by_name[impl.name] = run_impl(impl, w, work, ceilings, min_seconds, sync)
-        if device == "gpu":
-            gc.collect()
+        gc.collect()  # this implementation's copy of the weights goes before the next one's comes
+        if w.device == "gpu":
             torch.cuda.empty_cache()
     rows = [by_name[impl.name] for impl in IMPLEMENTATIONS if impl.name in by_name]
     pymoe = next((r for r in rows if r["name"] == "pymoe" and r["status"] == "ok"), None)
     for r in rows:
         if pymoe and r["status"] == "ok":
             r["pymoe_speedup"] = r["median_s"] / pymoe["median_s"]
-    cfg = w.config
+    cfg, size = w.config, itemsize(w.dtype)
     return {
-        "preset": preset_name,
+        "preset": w.preset.name,
+        "description": w.preset.description,
         "tokens": w.tokens,
-        "regime": "decode" if preset_name.endswith("-decode") else "prefill",
-        "config": {
-            "d_model": cfg.d_model, "d_ff": cfg.d_ff, "num_experts": cfg.num_experts,
-            "top_k": cfg.top_k, "activation": cfg.activation, "renormalize": cfg.renormalize,
-            "capacity_factor": cfg.capacity_factor,
-        },
+        "regime": "decode" if w.tokens <= DECODE_MAX_TOKENS else "prefill",
+        # Every field of the MoEConfig: shape, router, experts, shared expert.
+        "config": dataclasses.asdict(cfg),
+        "weights": {"bytes": moe_params(cfg) * size,
+                    "made_on": "host (numpy float32)" if w.device == "cpu" else "gpu (torch, run dtype)"},
         "work": work,
         "rows": rows,
     }
 
 
-def write_bench_result(result: dict, out_dir: Path) -> Path:
-    """Write one result file: results/bench/<device>/<stamp>-<dtype>-<presets>.json, stamped
-    with the run's start."""
-    presets = "_".join(r["preset"] + (f"@{r['tokens']}" if r["tokens"] != get_preset(r["preset"]).tokens else "")
-                       for r in result["runs"])
-    return results.write_result(Path(out_dir) / "bench" / result["device"], f"{result['dtype']}-{presets}", result,
+def run_preset(
+    preset_name: str,
+    *,
+    tokens: int | tuple[int, ...] | None,
+    device: str,
+    dtype: str,
+    ceilings: dict,
+    impls: tuple[str, ...] = IMPL_NAMES,
+    min_seconds: float = 1.0,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+    on_run: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Benchmark every implementation in `impls` on one preset at each token count (None: the
+    preset's own), the weights made once; returns one run dict per token count. A preset whose
+    weights do not fit raises a ValueError before anything is allocated. `on_run` gets each
+    run as it ends."""
+    _check_impls(impls)
+    preset = get_preset(preset_name)
+    counts = preset.tokens if tokens is None else ((tokens,) if isinstance(tokens, int) else tuple(tokens))
+    if not counts or min(counts) < 1:
+        raise ValueError(f"token counts must be >= 1, got {counts}")
+    plan = check_memory(preset, device, dtype)
+    want_dense = plan.dense_fits and any(i in impls for i in ("max_dense", "torch_dense"))
+    if progress:
+        progress(f"making the weights ({plan.describe()})")
+    weights = random_weights(preset.config, device, dtype, seed + 1, dense=want_dense)
+    runs = []
+    for count in counts:
+        w = make_workload(preset_name, count, device, dtype, seed, weights=weights)
+
+        def show(impl: str, count=count) -> None:
+            if progress:
+                progress(f"{count} tokens: {impl} (build, check, time)")
+
+        run = run_cell(w, ceilings=ceilings, impls=impls, min_seconds=min_seconds, progress=show)
+        run["memory"] = {"need_bytes": plan.need_bytes, "have_bytes": plan.have_bytes, "note": plan.describe()}
+        runs.append(run)
+        if on_run:
+            on_run(run)
+        del w
+    return runs
+
+
+def _name_part(preset: str, tokens: tuple[int, ...] | None) -> str:
+    own = PRESETS[preset].tokens if preset in PRESETS else None
+    return preset if tokens is None or tuple(tokens) == own else f"{preset}@{','.join(map(str, tokens))}"
+
+
+def bench_file_name(dtype: str, presets: tuple[str, ...], tokens: tuple[int, ...] | None) -> str:
+    """<dtype>-<presets>: the presets' names joined by "_", each with @<token counts> where the
+    run overrides its own (float32-qwen3-30b-a3b@1,16)."""
+    return f"{dtype}-{'_'.join(_name_part(p, tokens) for p in presets)}"
+
+
+def write_bench_result(result: dict, out_dir: Path, name: str | None = None) -> Path:
+    """Write one result file: results/bench/<device>/<stamp>-<name>.json, stamped with the
+    run's start, `name` by default from the presets and token counts of its runs. Writing it
+    again as the run goes on replaces the same file."""
+    if name is None:
+        counts: dict[str, list[int]] = {}
+        for run in result["runs"]:
+            counts.setdefault(run["preset"], []).append(run["tokens"])
+        name = f"{result['dtype']}-{'_'.join(_name_part(p, tuple(t)) for p, t in counts.items())}"
+    return results.write_result(Path(out_dir) / "bench" / result["device"], name, result,
                                 stamp=results.file_stamp(result["date"]))

@@ -24,15 +24,16 @@ NEEDS_BENCH = "a pymoe bench result file (results/bench/*/*.json)"
 
 
 def bench_runs(files: list[tuple[Path, dict]]) -> dict[str, list[tuple[dict, Path, dict]]]:
-    """device -> [(run, path, file)], one run per preset at the preset's own token count
-    (runs with --tokens are left out; of two, the later listed file's), in preset order."""
+    """device -> [(run, path, file)], one run per preset of one token count at that count
+    (runs with --tokens are left out; of two, the later listed file's), in preset order.
+    Presets of several token counts (the real models') are drawn by the scaling figure."""
     from ..config import PRESETS
 
     newest: dict[tuple[str, str], tuple[dict, Path, dict]] = {}
     for path, data in of_schema(files, BENCH):
         for run in data["runs"]:
             preset = PRESETS.get(run["preset"])
-            if preset is not None and run["tokens"] == preset.tokens:
+            if preset is not None and preset.tokens == (run["tokens"],):
                 newest[(data["device"], run["preset"])] = (run, path, data)
     out: dict[str, list] = {}
     for (device, _preset), item in newest.items():

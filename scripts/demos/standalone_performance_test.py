@@ -29,7 +29,7 @@ def fits(name: str, bytes_available: float, dtype_bytes: int) -> bool:
     preset = PRESETS[name]
     c = preset.config
     weights = 2 * c.num_experts * 2 * c.d_model * c.d_ff * dtype_bytes
-    activations = preset.tokens * c.top_k * c.d_ff * dtype_bytes * 3
+    activations = max(preset.tokens) * c.top_k * c.d_ff * dtype_bytes * 3
     return weights + activations < 0.5 * bytes_available
 
 
