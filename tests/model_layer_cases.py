@@ -34,7 +34,8 @@ def check_layer(layer, config, weights, x, tol):
     out = res.out.float().numpy() if hasattr(res.out, "float") else np.asarray(res.out, dtype=np.float64)
     ties = routing_near_ties(x, weights, config)
     assert ties.mean() < 0.2, "too many near-ties for a meaningful check"
-    assert rel_err(out[~ties], ref.out[~ties]) < tol
+    err = rel_err(out[~ties], ref.out[~ties])
+    assert err < tol, f"relative error {err:.2e} >= {tol:.0e}"
     if not ties.any():
         np.testing.assert_array_equal(res.expert_counts, ref.gate.expert_counts)
         assert abs(res.aux_loss - ref.gate.aux_loss) <= 1e-3 * ref.gate.aux_loss

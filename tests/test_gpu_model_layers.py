@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import BF16_TOL, FP32_TOL
+from conftest import BF16_TOL, gpu_fp32_tol
 from max.driver import accelerator_count
 from model_layer_cases import MODEL_CONFIGS, check_layer
 
@@ -35,4 +35,4 @@ def test_gpu_model_layer_matches_reference(rng, name, dtype, every_expert):
     layer = MoELayer(config, weights, device="gpu", dtype=dtype, **kwargs)
     for tokens in (1, 9, 200):
         x = _bf16(rng.standard_normal((tokens, config.d_model), dtype=np.float32))
-        check_layer(layer, config, weights, x, FP32_TOL if dtype == "float32" else BF16_TOL)
+        check_layer(layer, config, weights, x, gpu_fp32_tol(config) if dtype == "float32" else BF16_TOL)
