@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -9,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import reference
-from .config import ACTIVATIONS, MoEConfig, get_preset
+from .config import ACTIVATIONS, get_preset
 from .layer import MoELayer
 from .weights import MoEWeights
 
@@ -17,7 +18,8 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
 
 
 def check_preset(name: str, tokens: int | None = None, dtype: str = "float32", seed: int = 0) -> bool:
-    """Run both expert activations on the preset's shape; print a table; True if all pass."""
+    """Run the preset's layer (shape, router, biases, shared expert) with each expert
+    activation; print a table; True if all pass."""
     preset = get_preset(name)
     tokens = preset.tokens[0] if tokens is None else tokens
     if tokens < 1:
@@ -31,10 +33,7 @@ def check_preset(name: str, tokens: int | None = None, dtype: str = "float32", s
     x = rng.standard_normal((tokens, base.d_model), dtype=np.float32)
     all_ok = True
     for activation in ACTIVATIONS:
-        config = MoEConfig(
-            d_model=base.d_model, d_ff=base.d_ff, num_experts=base.num_experts, top_k=base.top_k,
-            activation=activation,
-        )
+        config = dataclasses.replace(base, activation=activation)
         weights = MoEWeights.random(config, seed=seed)
         with console.status(f"compiling the {activation} layer graph (first time: ~15-60 s)"):
             layer = MoELayer(config, weights, dtype=dtype)
