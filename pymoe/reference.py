@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .config import MoEConfig, expert_capacity
+from .config import GATED_ACTIVATIONS, MoEConfig, expert_capacity
 from .routing import route, sigmoid
 from .routing import softmax as softmax  # the softmax op's reference is the routing softmax
 from .weights import DenseWeights, MoEWeights
@@ -147,7 +147,7 @@ def moe_expert_matmul(
     then the activation (alpha and limit: clamped_swiglu's constants)."""
     x = _f64(x)
     n = w.shape[2]
-    n_out = n // 2 if activation in ("swiglu", "clamped_swiglu") else n
+    n_out = n // 2 if activation in GATED_ACTIVATIONS else n
     out = np.zeros((len(row_ids), n_out))
     for e in range(w.shape[0]):
         lo, hi = int(expert_offsets[e]), int(expert_offsets[e + 1])

@@ -75,3 +75,14 @@ def calibration_for(model, gbps=1.0, compute_ms=0.5, per_token_ms=0.0, start_lat
         "compute": {model.shape_key(): {"tokens": [1, 1000],
                                         "median_ms": [compute_ms, compute_ms + 999 * per_token_ms]}},
     })
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    """(MAX accelerator, its DeviceRef, an InferenceSession on it) for the GPU test files."""
+    from max.driver import Accelerator
+    from max.engine import InferenceSession
+    from max.graph import DeviceRef
+
+    dev = Accelerator()
+    return dev, DeviceRef.from_device(dev), InferenceSession(devices=[dev])

@@ -17,6 +17,7 @@ from max.graph import BufferType, Graph, TensorType, ops
 
 import pymoe.ops as mops
 from pymoe import reference as R
+from pymoe.config import GATED_ACTIVATIONS
 
 F32, BF16, I32 = DType.float32, DType.bfloat16, DType.int32
 E, K, F = 5, 37, 45  # F: output columns of the gated activations; w has N = 2F = 90 (ragged panels)
@@ -34,13 +35,12 @@ MM_VARIANTS = [
     ("clamped_swiglu", True, False, True, SMALL["alpha"], SMALL["limit"]),
     ("clamped_swiglu", False, True, True, SMALL["alpha"], SMALL["limit"]),
 ]
-GATED = ("swiglu", "clamped_swiglu")
 
 
 def _matmul(x, rows, offsets, w, bias, variant):
     act, gather, packed, has_bias, alpha, limit = variant
     if packed:
-        w = mops.pack_expert_weights(w, swiglu=act in GATED)
+        w = mops.pack_expert_weights(w, swiglu=act in GATED_ACTIVATIONS)
     return mops.moe_expert_matmul(
         x, rows, offsets, w, activation=act, gather=gather, packed=packed,
         bias=bias if has_bias else None, swiglu_alpha=alpha, swiglu_limit=limit,
@@ -53,15 +53,20 @@ def _reference(x, rows, offsets, w, bias, variant):
                                alpha=alpha, limit=limit)
 
 
-@pytest.fixture(scope="module")
-def matmul_model():
-    types = [
+def _matmul_input_types():
+    """x [rows, K], row ids, offsets [E+1], w [E, K, N], bias [E, N] (float32; cast inside for bf16)."""
+    return [
         TensorType(F32, ["r", K], REF),
         TensorType(I32, ["m"], REF),
         TensorType(I32, [E + 1], REF),
         TensorType(F32, [E, K, N], REF),
         TensorType(F32, [E, N], REF),
     ]
+
+
+@pytest.fixture(scope="module")
+def matmul_model():
+    types = _matmul_input_types()
 
     def forward(x, rows, offsets, w, bias):
         return [_matmul(x, rows, offsets, w, bias, v) for v in MM_VARIANTS]
@@ -174,13 +179,7 @@ BF16_VARIANTS = [
 
 @pytest.fixture(scope="module")
 def bf16_model():
-    types = [
-        TensorType(F32, ["r", K], REF),
-        TensorType(I32, ["m"], REF),
-        TensorType(I32, [E + 1], REF),
-        TensorType(F32, [E, K, N], REF),
-        TensorType(F32, [E, N], REF),
-    ]
+    types = _matmul_input_types()
 
     def forward(x, rows, offsets, w, bias):
         x, w, bias = (ops.cast(v, BF16) for v in (x, w, bias))

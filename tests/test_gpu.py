@@ -11,7 +11,7 @@ import pytest
 from conftest import BF16_TOL, FP32_TOL, near_tie_tokens, rel_err
 from max.driver import Buffer, accelerator_count
 from max.dtype import DType
-from max.graph import DeviceRef, Graph, TensorType, ops
+from max.graph import Graph, TensorType, ops
 
 import pymoe.ops as mops
 from pymoe import reference as R
@@ -27,15 +27,6 @@ GATE_VARIANTS = [(1, False), (2, True), (E, True)]
 CAPACITIES = [None, 0.5]
 MATMUL_ACTS = ["none", "relu", "silu", "swiglu"]
 N = 130  # expert weight columns: off the 64-wide tiles, even for swiglu
-
-
-@pytest.fixture(scope="module")
-def gpu():
-    from max.driver import Accelerator
-    from max.engine import InferenceSession
-
-    dev = Accelerator()
-    return dev, DeviceRef.from_device(dev), InferenceSession(devices=[dev])
 
 
 def _compile(gpu, name, input_types, forward):

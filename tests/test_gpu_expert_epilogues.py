@@ -12,7 +12,7 @@ import torch
 from conftest import BF16_TOL, FP32_TOL, rel_err
 from max.driver import Buffer, accelerator_count
 from max.dtype import DType
-from max.graph import BufferType, DeviceRef, Graph, TensorType, ops
+from max.graph import BufferType, Graph, TensorType, ops
 
 import pymoe.ops as mops
 from pymoe import reference as R
@@ -20,17 +20,7 @@ from pymoe import reference as R
 pytestmark = pytest.mark.skipif(accelerator_count() == 0, reason="MAX sees no GPU on this machine")
 
 F32, BF16, I32 = DType.float32, DType.bfloat16, DType.int32
-GATED = ("swiglu", "clamped_swiglu")
 SMALL = dict(alpha=1.0, limit=0.5)  # a small limit: most entries are clamped
-
-
-@pytest.fixture(scope="module")
-def gpu():
-    from max.driver import Accelerator
-    from max.engine import InferenceSession
-
-    dev = Accelerator()
-    return dev, DeviceRef.from_device(dev), InferenceSession(devices=[dev])
 
 
 def _compile(gpu, name, input_types, forward):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import FP32_TOL, rel_err, routing_near_ties
 from max.driver import Buffer, accelerator_count
-from max.graph import DeviceRef, Graph
+from max.graph import Graph
 from router_cases import (
     GPT_OSS,
     LLAMA4,
@@ -30,15 +30,6 @@ from router_cases import (
 import pymoe.ops as mops
 
 pytestmark = pytest.mark.skipif(accelerator_count() == 0, reason="MAX sees no GPU on this machine")
-
-
-@pytest.fixture(scope="module")
-def gpu():
-    from max.driver import Accelerator
-    from max.engine import InferenceSession
-
-    dev = Accelerator()
-    return dev, DeviceRef.from_device(dev), InferenceSession(devices=[dev])
 
 
 @pytest.fixture(scope="module")
