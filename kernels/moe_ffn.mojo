@@ -37,6 +37,7 @@ from max.gpu.host import DeviceContext
 
 from .cpu_gemm import expert_matmul_cpu
 from .gpu_gemm import ExpertBias, activation_gpu, expert_matmul_gpu, expert_offsets_to_host, gemm_batched_gpu
+from .gpu_grouped_gemm import grouped_gemm_gpu, grouped_gemm_supported
 from .moe_combine import combine_cpu, combine_gpu
 from .moe_expert_matmul import PACKED_ON_GPU, check_activation
 
@@ -102,14 +103,38 @@ struct MoEFFN:
         if h_workspace.dim_size(0) < slots or y_workspace.dim_size(0) < slots:
             raise Error("pymoe_moe_ffn: workspace has fewer rows than token slots")
         comptime if target == "gpu":
-            var offsets = expert_offsets_to_host(ctx, expert_offsets.unsafe_ptr(), experts)
             var h = h_workspace.unsafe_ptr()
             var y = y_workspace.unsafe_ptr()
+            var off_dev = expert_offsets.unsafe_ptr()
+            var x_ptr = x.unsafe_ptr()
+            var w1_ptr = w1.unsafe_ptr()
+            var w2_ptr = w2.unsafe_ptr()
+            if grouped_gemm_supported[dtype](d_model, d_ff, d_model, d_ff, experts, x_ptr, h, y, w1_ptr, w2_ptr) and (
+                grouped_gemm_supported[dtype](d_ff, d_model, d_ff, d_model, experts)
+            ):
+                # The sync-free path: h = act(x[row_ids] @ w1 + b1) written
+                # compactly ([slots, d_ff], row stride d_ff), y = h @ w2 + b2.
+                grouped_gemm_gpu[dtype, activation, True, has_b1, swiglu_alpha, swiglu_limit](
+                    ctx, h, d_ff, x_ptr, d_model, d_model, row_ids.unsafe_ptr(), off_dev, experts, slots,
+                    w1_ptr, n_w1, b1.unsafe_ptr(),
+                )
+                grouped_gemm_gpu[dtype, "none", False, has_b2](
+                    ctx, y, d_model, h, d_ff, d_ff, row_ids.unsafe_ptr(), off_dev, experts, slots,
+                    w2_ptr, d_model, b2.unsafe_ptr(),
+                )
+                combine_gpu[dtype](
+                    ctx, output.unsafe_ptr(), output.dim_size(0), d_model, y,
+                    topk_weights.unsafe_ptr(), slot_to_row.unsafe_ptr(), topk_weights.dim_size(1),
+                    topk_ids.unsafe_ptr(),
+                )
+                return
+            # float32 and shapes the tensor-core kernel does not take: cuBLAS
+            # per expert, which needs the offsets on the host (a stream sync).
+            var offsets = expert_offsets_to_host(ctx, off_dev, experts)
             # y doubles as the buffer of gathered x rows: the second GEMM
             # overwrites it only after the first one has read it (one stream).
             # The first GEMM writes all n_w1 columns of h; for SwiGLU the
             # activation folds them into the first d_ff columns in place.
-            var off_dev = expert_offsets.unsafe_ptr()
             expert_matmul_gpu[dtype, activation, True, has_b1, swiglu_alpha, swiglu_limit](
                 ctx, h, n_w1, x.unsafe_ptr(), d_model, d_model, row_ids.unsafe_ptr(), offsets,
                 w1.unsafe_ptr(), n_w1, y, h, n_w1, ExpertBias[dtype](b1.unsafe_ptr(), n_w1, off_dev, experts, 0),

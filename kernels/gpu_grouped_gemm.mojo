@@ -1,0 +1,430 @@
+# The sync-free grouped expert GEMM on NVIDIA tensor cores (bfloat16/float16).
+#
+#   for each expert e, for each row r in [offsets[e], offsets[e+1]):
+#       c[r, :] = act(a_r @ w[e] + bias[e]),   a_r = a[row_ids[r]] (gather) or a[r]
+#
+# One launch covers every expert, and the host never reads the offsets: the
+# grid is sized by a bound the host knows (rows <= slots, so at most
+# (slots + E*(BM-1)) / BM row tiles), and each thread block builds the tile
+# schedule itself from the E+1 offsets on the device (a block-wide prefix sum
+# of ceil(rows_e / BM); a few hundred integers, far cheaper than the block's
+# K loop). Blocks whose row tile is past the real total return at once.
+# Experts with no rows own no tiles, so their weights are never read: the
+# decode path reads only the experts in use, each once per column tile.
+#
+# Inside a block: a BM x BN output tile, warps in a (BM/WM) x (BN/WN) grid,
+# each warp a WM x WN tile of mma.sync m16n8k16 (float32 accumulators).
+# Operand tiles stream through STAGES shared-memory buffers with cp.async
+# (16 bytes per copy, L2 only) so loads of later K steps overlap the MMAs.
+# Shared rows are XOR-swizzled in 16-byte chunks so that ldmatrix reads
+# (8 rows of one chunk column) hit 8 different bank groups. A rows are
+# gathered through row_ids inside the load (no separate gather pass); rows
+# past the tile's end repeat its last row and are not stored.
+#
+# Gated activations (SwiGLU): w[e] = [W_gate | W_up] along N. A block's
+# BN columns are BN/2 gate columns and the same BN/2 up columns, and each warp
+# holds matching gate and up fragments (same registers layout), so the
+# epilogue computes silu(gate) * up (or the clamped GPT-OSS form) in
+# registers and writes only d_ff columns: the wide [rows, 2*d_ff] product
+# never reaches memory.
+#
+# Requirements, checked by grouped_gemm_supported (else the caller uses the
+# cuBLAS path): 16-bit dtype, K, the output width and the row strides
+# multiples of 8 elements, 16-byte aligned pointers.
+#
+# Block order: a linear block id is mapped to (row tile, column tile) in
+# groups of GROUP_M row tiles, so the blocks running together share a few
+# experts' weight columns and a few row tiles (L2 reuse both ways).
+
+from max.gpu import barrier, block_idx, lane_id, thread_idx, warp_id
+from max.gpu.compute.mma import ld_matrix, mma
+from max.gpu.host import DeviceContext, FuncAttribute
+from max.gpu.memory import AddressSpace, async_copy, async_copy_commit_group, async_copy_wait_group, external_memory
+from max.gpu.primitives.block import prefix_sum as block_prefix_sum
+from std.math import ceildiv, exp
+from std.memory import Pointer, stack_allocation
+from std.sys import size_of
+
+from .activation import DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT, clamped_swiglu_f32, is_gated
+
+comptime GROUP_M = 8
+comptime MAX_EXPERTS = 512  # the schedule lives in shared memory (pymoe's gate allows 512)
+
+
+@fieldwise_init
+struct TileConfig(ImplicitlyCopyable):
+    """A block tile: BM x BN outputs (BN counts gate and up columns for the
+    gated activations), K steps of BK, warps of WM x WN, STAGES buffers."""
+
+    var bm: Int
+    var bn: Int
+    var bk: Int
+    var wm: Int
+    var wn: Int
+    var stages: Int
+
+    def threads(self) -> Int:
+        return (self.bm // self.wm) * (self.bn // self.wn) * 32
+
+    def smem_bytes(self, elem_bytes: Int) -> Int:
+        return self.stages * (self.bm * self.bk + self.bk * self.bn) * elem_bytes
+
+
+# Decode (a few rows per expert): weight-bandwidth bound, so small row tiles
+# and many blocks in flight. Prefill: 128 x 128 tiles, 8 warps of 64 x 32.
+comptime DECODE_TILE = TileConfig(16, 64, 64, 16, 32, 4)
+comptime PREFILL_TILE = TileConfig(128, 128, 32, 64, 32, 4)
+# Average rows per expert in use up to which the decode tile is used.
+comptime DECODE_MAX_ROWS_PER_EXPERT = 24
+
+
+def grouped_gemm_supported[dtype: DType](
+    k_dim: Int, n_out: Int, lda: Int, ldc: Int, experts: Int, *ptrs: Pointer[Scalar[dtype], MutAnyOrigin]
+) -> Bool:
+    """Whether grouped_gemm_gpu can run this product (see the file header)."""
+    comptime if dtype != DType.bfloat16 and dtype != DType.float16:
+        return False
+    if k_dim % 8 != 0 or n_out % 8 != 0 or lda % 8 != 0 or ldc % 8 != 0 or experts > MAX_EXPERTS:
+        return False
+    for p in ptrs:
+        if Int(p) % 16 != 0:
+            return False
+    return True
+
+
+def grouped_gemm_gpu[
+    dtype: DType,
+    activation: StaticString,
+    gather: Bool,
+    has_bias: Bool = False,
+    alpha: Float32 = DEFAULT_SWIGLU_ALPHA,
+    limit: Float32 = DEFAULT_SWIGLU_LIMIT,
+](
+    ctx: DeviceContext,
+    c: Pointer[Scalar[dtype], MutAnyOrigin],
+    ldc: Int,
+    a: Pointer[Scalar[dtype], MutAnyOrigin],
+    lda: Int,
+    k_dim: Int,
+    row_ids: Pointer[Int32, MutAnyOrigin],
+    offsets: Pointer[Int32, MutAnyOrigin],
+    experts: Int,
+    slots: Int,
+    w: Pointer[Scalar[dtype], MutAnyOrigin],
+    n_w: Int,
+    bias: Pointer[Scalar[dtype], MutAnyOrigin],
+) raises:
+    """C = act(A @ W[e] + bias[e]) over the expert groups (see the file header).
+
+    Args:
+        ctx: The device context (the op's stream).
+        c: Output rows [offsets[E], n_out], row stride ldc; n_out = n_w / 2
+            for the gated activations, n_w otherwise.
+        ldc: Row stride of c.
+        a: Input rows, row stride lda (k_dim columns used).
+        lda: Row stride of a.
+        k_dim: The reduction length.
+        row_ids: [slots] source row of each grouped row (read with gather).
+        offsets: [E + 1] expert offsets on the device.
+        experts: E.
+        slots: An upper bound of offsets[E] that the host knows.
+        w: [E, k_dim, n_w] row-major.
+        n_w: Columns of each w[e].
+        bias: [E, n_w] (read with has_bias).
+    """
+    if slots == 0:
+        return
+    var n_out = n_w // 2 if is_gated[activation]() else n_w
+    # Few rows per expert in use: the decode tile.
+    if slots <= DECODE_MAX_ROWS_PER_EXPERT * min(experts, slots):
+        _grouped_gemm[dtype, DECODE_TILE, activation, gather, has_bias, alpha, limit](
+            ctx, c, ldc, a, lda, k_dim, row_ids, offsets, experts, slots, w, n_w, n_out, bias
+        )
+    else:
+        _grouped_gemm[dtype, PREFILL_TILE, activation, gather, has_bias, alpha, limit](
+            ctx, c, ldc, a, lda, k_dim, row_ids, offsets, experts, slots, w, n_w, n_out, bias
+        )
+
+
+@always_inline
+def _swizzle_a[chunks_per_row: Int](row: Int, chunk: Int) -> Int:
+    """The 16-byte chunk where (row, chunk) of an A tile lives, so that the
+    8 rows of an ldmatrix read fall in 8 different 16-byte bank groups."""
+    comptime if chunks_per_row >= 8:
+        return row * chunks_per_row + (chunk ^ (row & 7))
+    else:
+        comptime assert chunks_per_row == 4, "BK must be 32 or a multiple of 64"
+        return row * chunks_per_row + (chunk ^ ((row >> 1) & 3))
+
+
+@always_inline
+def _swizzle_b[chunks_per_row: Int](k: Int, chunk: Int) -> Int:
+    """As _swizzle_a for the B tile [BK][BN] read by ldmatrix.trans."""
+    return k * chunks_per_row + (chunk ^ (k & 7))
+
+
+@always_inline
+def _b_chunk[NI: Int, WN: Int, B_CPR: Int, GATED: Bool](wn: Int, f: Int) -> Int:
+    """The B-tile chunk column of warp wn's n fragment f: gated warps hold
+    their first NI/2 fragments in the gate half, the rest at the same
+    columns of the up half."""
+    comptime if GATED:
+        comptime HALF = NI // 2
+        if f < HALF:
+            return (wn * (WN // 2) + f * 8) // 8
+        return B_CPR // 2 + (wn * (WN // 2) + (f - HALF) * 8) // 8
+    else:
+        return (wn * WN + f * 8) // 8
+
+
+def _grouped_gemm[
+    dtype: DType,
+    tile: TileConfig,
+    activation: StaticString,
+    gather: Bool,
+    has_bias: Bool,
+    alpha: Float32,
+    limit: Float32,
+](
+    ctx: DeviceContext,
+    c: Pointer[Scalar[dtype], MutAnyOrigin],
+    ldc: Int,
+    a: Pointer[Scalar[dtype], MutAnyOrigin],
+    lda: Int,
+    k_dim: Int,
+    row_ids: Pointer[Int32, MutAnyOrigin],
+    offsets: Pointer[Int32, MutAnyOrigin],
+    experts: Int,
+    slots: Int,
+    w: Pointer[Scalar[dtype], MutAnyOrigin],
+    n_w: Int,
+    n_out: Int,
+    bias: Pointer[Scalar[dtype], MutAnyOrigin],
+) raises:
+    comptime BM = tile.bm
+    comptime BN = tile.bn
+    comptime BK = tile.bk
+    comptime WM = tile.wm
+    comptime WN = tile.wn
+    comptime STAGES = tile.stages
+    comptime THREADS = tile.threads()
+    comptime WARPS_N = BN // WN
+    comptime MI = WM // 16  # m16 fragments per warp
+    comptime NI = WN // 8  # n8 fragments per warp
+    comptime GATED = is_gated[activation]()
+    # Output columns per block: the gated blocks hold gate and up halves.
+    comptime BN_OUT = BN // 2 if GATED else BN
+    comptime A_CPR = BK // 8  # 16-byte chunks per row of the A tile
+    comptime B_CPR = BN // 8
+    comptime A_CHUNKS = BM * A_CPR // THREADS  # per thread
+    comptime B_CHUNKS = BK * B_CPR // THREADS
+    comptime A_STAGE = BM * BK
+    comptime B_STAGE = BK * BN
+    comptime assert BM % WM == 0 and BN % WN == 0 and WM % 16 == 0 and BK % 16 == 0, "tile shape"
+    comptime assert BM * A_CPR % THREADS == 0 and BK * B_CPR % THREADS == 0, "loads split evenly"
+    comptime assert B_CPR >= 8, "BN >= 64 (the B swizzle spans 8 chunks)"
+    comptime assert NI % 4 == 0 if GATED else NI % 2 == 0, "n fragments come in ldmatrix.x4 pairs"
+    comptime ELEM = size_of[Scalar[dtype]]()
+    comptime assert ELEM == 2, "tensor-core path: 16-bit inputs"
+
+    var m_bound = min(slots, (slots + experts * (BM - 1)) // BM)
+    var n_tiles = ceildiv(n_out, BN_OUT)
+    var grid = m_bound * n_tiles
+    if grid == 0:
+        return
+    var smem_bytes = tile.smem_bytes(ELEM)
+    var n_k = Int64(k_dim)
+    var n_lda = Int64(lda)
+    var n_ldc = Int64(ldc)
+    var n_nw = Int64(n_w)
+    var n_nout = Int64(n_out)
+    var n_e = Int64(experts)
+    var n_mb = Int64(m_bound)
+    var n_nt = Int64(n_tiles)
+
+    def kernel() {
+        var c, var a, var row_ids, var offsets, var w, var bias,
+        var n_k, var n_lda, var n_ldc, var n_nw, var n_nout, var n_e, var n_mb, var n_nt,
+    }:
+        var tid = Int(thread_idx.x)
+        var lane = Int(lane_id())
+        var warp = Int(warp_id())
+        var wm = warp // WARPS_N
+        var wn = warp % WARPS_N
+        var E = Int(n_e)
+        var K = Int(n_k)
+
+        # The tile schedule: sched[e] = row tiles of the experts before e.
+        var sched = stack_allocation[MAX_EXPERTS + 1, Int32, address_space=AddressSpace.SHARED]()
+        comptime PER_THREAD = ceildiv(MAX_EXPERTS, THREADS)
+        var mine = Int32(0)
+        comptime for i in range(PER_THREAD):
+            var e = tid * PER_THREAD + i
+            if e < E:
+                mine += Int32(ceildiv(Int(offsets.unsafe_load(e + 1)) - Int(offsets.unsafe_load(e)), BM))
+        var before = block_prefix_sum[block_size=THREADS, exclusive=True](mine)
+        comptime for i in range(PER_THREAD):
+            var e = tid * PER_THREAD + i
+            if e < E:
+                before += Int32(ceildiv(Int(offsets.unsafe_load(e + 1)) - Int(offsets.unsafe_load(e)), BM))
+                sched[e + 1] = before
+        if tid == 0:
+            sched[0] = 0
+        barrier()
+
+        # This block's (row tile, column tile), GROUP_M row tiles at a time.
+        var bid = Int(block_idx.x)
+        var group_blocks = GROUP_M * Int(n_nt)
+        var first_m = (bid // group_blocks) * GROUP_M
+        var group_m = min(GROUP_M, Int(n_mb) - first_m)
+        var m_tile = first_m + (bid % group_blocks) % group_m
+        var n_tile = (bid % group_blocks) // group_m
+        if m_tile >= Int(sched[E]):
+            return
+        # Its expert: the last e with sched[e] <= m_tile (empty experts share
+        # their start with the next one).
+        var lo = 0
+        var hi = E
+        while hi - lo > 1:
+            var mid = (lo + hi) // 2
+            if Int(sched[mid]) <= m_tile:
+                lo = mid
+            else:
+                hi = mid
+        var e = lo
+        var row0 = Int(offsets.unsafe_load(e)) + (m_tile - Int(sched[e])) * BM
+        var rows_here = min(BM, Int(offsets.unsafe_load(e + 1)) - row0)
+        var col0 = n_tile * BN_OUT  # first output column
+        var N = Int(n_nw)
+        var NOUT = Int(n_nout)
+        var w_e = w.unsafe_offset(e * K * N)
+
+        var smem = external_memory[
+            Scalar[dtype], address_space=AddressSpace.SHARED, alignment=128, name="pymoe_grouped_gemm_smem"
+        ]()
+        var a_smem = smem
+        var b_smem = smem.unsafe_offset(STAGES * A_STAGE)
+
+        # Each thread's source rows (A) and columns (B), fixed over the K loop.
+        var a_src = Array[Int, A_CHUNKS](fill=0)
+        var a_dst = Array[Int, A_CHUNKS](fill=0)
+        var a_col = Array[Int, A_CHUNKS](fill=0)
+        comptime for i in range(A_CHUNKS):
+            var q = tid + i * THREADS
+            var r = q // A_CPR
+            var ch = q % A_CPR
+            var grouped_row = row0 + min(r, rows_here - 1)
+            var src_row = grouped_row
+            comptime if gather:
+                src_row = Int(row_ids.unsafe_load(grouped_row))
+            a_src[i] = src_row * Int(n_lda) + ch * 8
+            a_col[i] = ch * 8
+            a_dst[i] = _swizzle_a[A_CPR](r, ch) * 8
+        var b_src = Array[Int, B_CHUNKS](fill=0)
+        var b_dst = Array[Int, B_CHUNKS](fill=0)
+        var b_k = Array[Int, B_CHUNKS](fill=0)
+        var b_ok = Array[Bool, B_CHUNKS](fill=False)
+        comptime for i in range(B_CHUNKS):
+            var q = tid + i * THREADS
+            var kr = q // B_CPR
+            var ch = q % B_CPR
+            var col: Int
+            comptime if GATED:
+                # Chunks [0, BN/16) are gate columns, the rest the same up columns.
+                var half = ch // (B_CPR // 2)
+                var out_col = col0 + (ch % (B_CPR // 2)) * 8
+                b_ok[i] = out_col < NOUT
+                col = half * NOUT + out_col
+            else:
+                col = col0 + ch * 8
+                b_ok[i] = col < NOUT
+            b_src[i] = kr * N + col
+            b_k[i] = kr
+            b_dst[i] = _swizzle_b[B_CPR](kr, ch) * 8
+
+        var k_tiles = ceildiv(K, BK)
+        var acc = Array[SIMD[DType.float32, 4], MI * NI](fill=SIMD[DType.float32, 4](0))
+        # Step s loads K tile s and computes K tile s - (STAGES - 1): the
+        # first STAGES - 1 steps only load.
+        for step in range(k_tiles + STAGES - 1):
+            var kt = step - (STAGES - 1)
+            if kt >= 0:
+                # Tile kt has landed, and every warp is done with tile kt - 1,
+                # whose buffer this step refills.
+                async_copy_wait_group(Int32(STAGES - 2))
+                barrier()
+            if step < k_tiles:
+                var k0 = step * BK
+                var a_stage = a_smem.unsafe_offset((step % STAGES) * A_STAGE)
+                var b_stage = b_smem.unsafe_offset((step % STAGES) * B_STAGE)
+                comptime for i in range(A_CHUNKS):
+                    var dst = a_stage.unsafe_offset(a_dst[i])
+                    if k0 + a_col[i] < K:
+                        async_copy[16](
+                            a.unsafe_offset(a_src[i] + k0).unsafe_address_space_cast[AddressSpace.GLOBAL](), dst
+                        )
+                    else:
+                        dst.unsafe_store[alignment=16](SIMD[dtype, 8](0))
+                comptime for i in range(B_CHUNKS):
+                    var dst = b_stage.unsafe_offset(b_dst[i])
+                    if b_ok[i] and k0 + b_k[i] < K:
+                        async_copy[16](
+                            w_e.unsafe_offset(b_src[i] + k0 * N).unsafe_address_space_cast[AddressSpace.GLOBAL](),
+                            dst,
+                        )
+                    else:
+                        dst.unsafe_store[alignment=16](SIMD[dtype, 8](0))
+            async_copy_commit_group()
+            if kt < 0:
+                continue
+            var a_stage = a_smem.unsafe_offset((kt % STAGES) * A_STAGE)
+            var b_stage = b_smem.unsafe_offset((kt % STAGES) * B_STAGE)
+            comptime for kk in range(BK // 16):
+                var a_frag = Array[SIMD[dtype, 8], MI](fill=SIMD[dtype, 8](0))
+                comptime for mi in range(MI):
+                    var r = wm * WM + mi * 16 + (lane % 16)
+                    var ch = kk * 2 + lane // 16
+                    a_frag[mi] = ld_matrix[8](a_stage.unsafe_offset(_swizzle_a[A_CPR](r, ch) * 8))
+                comptime for fp in range(NI // 2):
+                    var kr = kk * 16 + (lane % 8) + ((lane // 8) % 2) * 8
+                    var ch = _b_chunk[NI, WN, B_CPR, GATED](wn, fp * 2) + lane // 16
+                    var b = ld_matrix[8, transpose=True](b_stage.unsafe_offset(_swizzle_b[B_CPR](kr, ch) * 8))
+                    comptime for mi in range(MI):
+                        mma(acc[mi * NI + fp * 2], a_frag[mi], b.slice[4, offset=0](), acc[mi * NI + fp * 2])
+                        mma(acc[mi * NI + fp * 2 + 1], a_frag[mi], b.slice[4, offset=4](), acc[mi * NI + fp * 2 + 1])
+        async_copy_wait_group(Int32(0))
+
+        # Epilogue: bias, activation, 2 columns per store.
+        comptime OUT_FRAGS = NI // 2 if GATED else NI
+        comptime for mi in range(MI):
+            comptime for f in range(OUT_FRAGS):
+                var col = col0 + (wn * (WN // 2) if GATED else wn * WN) + f * 8 + (lane % 4) * 2
+                if col < NOUT:
+                    comptime for half in range(2):
+                        var r = wm * WM + mi * 16 + lane // 4 + half * 8
+                        if r < rows_here:
+                            var v = acc[mi * NI + f].slice[2, offset=half * 2]()
+                            var up = SIMD[DType.float32, 2](0)
+                            comptime if GATED:
+                                up = acc[mi * NI + f + NI // 2].slice[2, offset=half * 2]()
+                            comptime if has_bias:
+                                v += bias.unsafe_load[width=2](e * N + col).cast[DType.float32]()
+                                comptime if GATED:
+                                    up += bias.unsafe_load[width=2](e * N + NOUT + col).cast[DType.float32]()
+                            comptime if activation == "relu":
+                                v = max(v, SIMD[DType.float32, 2](0))
+                            elif activation == "silu":
+                                v = v / (1.0 + exp(-v))
+                            elif activation == "swiglu":
+                                v = v / (1.0 + exp(-v)) * up
+                            elif activation == "clamped_swiglu":
+                                v = clamped_swiglu_f32[alpha, limit, 2](v, up)
+                            c.unsafe_store[alignment=4]((row0 + r) * Int(n_ldc) + col, v.cast[dtype]())
+
+    ctx.enqueue_function(
+        kernel,
+        grid_dim=grid,
+        block_dim=THREADS,
+        shared_mem_bytes=smem_bytes,
+        func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem_bytes)),
+    )
