@@ -70,12 +70,17 @@ struct TileConfig(ImplicitlyCopyable):
         return self.stages * (self.bm * self.bk + self.bk * self.bn) * elem_bytes
 
 
-# Decode (a few rows per expert): weight-bandwidth bound, so small row tiles
-# and many blocks in flight. Prefill: 128 x 128 tiles, 8 warps of 64 x 32.
-comptime DECODE_TILE = TileConfig(16, 64, 64, 16, 32, 4)
-comptime PREFILL_TILE = TileConfig(128, 128, 32, 64, 32, 4)
-# Average rows per expert in use up to which the decode tile is used.
+# Decode (a few rows per expert): weight-bandwidth bound, so 16-row tiles
+# and many blocks in flight. Prefill: 4 warps of 64 x 64, in 64 x 128 tiles
+# while experts have a few hundred rows (less padding in each expert's last
+# tile) and 128 x 128 beyond. Chosen by timing the candidates on an H200 at
+# the model presets' shapes (see docs/DESIGN.md, "The grouped GEMM").
+comptime DECODE_TILE = TileConfig(16, 128, 64, 16, 32, 4)
+comptime MID_TILE = TileConfig(64, 128, 32, 32, 64, 4)
+comptime PREFILL_TILE = TileConfig(128, 128, 32, 64, 64, 4)
+# Average rows per expert in use up to which the decode / mid tile is used.
 comptime DECODE_MAX_ROWS_PER_EXPERT = 24
+comptime MID_MAX_ROWS_PER_EXPERT = 512
 
 
 def grouped_gemm_supported[dtype: DType](
@@ -135,15 +140,56 @@ def grouped_gemm_gpu[
     if slots == 0:
         return
     var n_out = n_w // 2 if is_gated[activation]() else n_w
-    # Few rows per expert in use: the decode tile.
-    if slots <= DECODE_MAX_ROWS_PER_EXPERT * min(experts, slots):
+    # Rows per expert in use, on average: at most slots / min(E, slots).
+    var rows_per_expert = slots // min(experts, slots)
+    if rows_per_expert <= DECODE_MAX_ROWS_PER_EXPERT:
         _grouped_gemm[dtype, DECODE_TILE, activation, gather, has_bias, alpha, limit](
+            ctx, c, ldc, a, lda, k_dim, row_ids, offsets, experts, slots, w, n_w, n_out, bias
+        )
+    elif rows_per_expert <= MID_MAX_ROWS_PER_EXPERT:
+        _grouped_gemm[dtype, MID_TILE, activation, gather, has_bias, alpha, limit](
             ctx, c, ldc, a, lda, k_dim, row_ids, offsets, experts, slots, w, n_w, n_out, bias
         )
     else:
         _grouped_gemm[dtype, PREFILL_TILE, activation, gather, has_bias, alpha, limit](
             ctx, c, ldc, a, lda, k_dim, row_ids, offsets, experts, slots, w, n_w, n_out, bias
         )
+
+
+def dense_gemm_gpu[dtype: DType, out_dtype: DType](
+    ctx: DeviceContext,
+    c: Pointer[Scalar[out_dtype], MutAnyOrigin],
+    a: Pointer[Scalar[dtype], MutAnyOrigin],
+    w: Pointer[Scalar[dtype], MutAnyOrigin],
+    rows: Int,
+    k_dim: Int,
+    n: Int,
+) raises:
+    """C [rows, n] (out_dtype, float32 accumulation) = A [rows, k_dim] @ W
+    [k_dim, n], all contiguous: the grouped GEMM with one group (the router's
+    logits). Needs grouped_gemm_supported(k_dim, n, k_dim, n, 1, a, w)."""
+    if rows == 0:
+        return
+    var no_ids = Pointer[Int32, MutAnyOrigin](unsafe_from_address=Int(a))  # not read: one dense group
+    var no_bias = w
+    if rows <= DECODE_MAX_ROWS_PER_EXPERT:
+        _grouped_gemm[dtype, DECODE_TILE, "none", False, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT, out_dtype, True](
+            ctx, c, n, a, k_dim, k_dim, no_ids, no_ids, 1, rows, w, n, n, no_bias
+        )
+    else:
+        _grouped_gemm[dtype, MID_TILE, "none", False, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT, out_dtype, True](
+            ctx, c, n, a, k_dim, k_dim, no_ids, no_ids, 1, rows, w, n, n, no_bias
+        )
+
+
+@always_inline
+def _group_start[dense: Bool](offsets: Pointer[Int32, MutAnyOrigin], e: Int, rows: Int) -> Int:
+    """Row where group e starts: offsets[e], or for one dense group of `rows`
+    rows (offsets not read) 0 and rows."""
+    comptime if dense:
+        return 0 if e == 0 else rows
+    else:
+        return Int(offsets.unsafe_load(e))
 
 
 @always_inline
@@ -185,9 +231,11 @@ def _grouped_gemm[
     has_bias: Bool,
     alpha: Float32,
     limit: Float32,
+    out_dtype: DType = dtype,
+    dense: Bool = False,
 ](
     ctx: DeviceContext,
-    c: Pointer[Scalar[dtype], MutAnyOrigin],
+    c: Pointer[Scalar[out_dtype], MutAnyOrigin],
     ldc: Int,
     a: Pointer[Scalar[dtype], MutAnyOrigin],
     lda: Int,
@@ -241,10 +289,11 @@ def _grouped_gemm[
     var n_e = Int64(experts)
     var n_mb = Int64(m_bound)
     var n_nt = Int64(n_tiles)
+    var n_slots = Int64(slots)
 
     def kernel() {
         var c, var a, var row_ids, var offsets, var w, var bias,
-        var n_k, var n_lda, var n_ldc, var n_nw, var n_nout, var n_e, var n_mb, var n_nt,
+        var n_k, var n_lda, var n_ldc, var n_nw, var n_nout, var n_e, var n_mb, var n_nt, var n_slots,
     }:
         var tid = Int(thread_idx.x)
         var lane = Int(lane_id())
@@ -253,6 +302,7 @@ def _grouped_gemm[
         var wn = warp % WARPS_N
         var E = Int(n_e)
         var K = Int(n_k)
+        var S = Int(n_slots)
 
         # The tile schedule: sched[e] = row tiles of the experts before e.
         var sched = stack_allocation[MAX_EXPERTS + 1, Int32, address_space=AddressSpace.SHARED]()
@@ -261,12 +311,12 @@ def _grouped_gemm[
         comptime for i in range(PER_THREAD):
             var e = tid * PER_THREAD + i
             if e < E:
-                mine += Int32(ceildiv(Int(offsets.unsafe_load(e + 1)) - Int(offsets.unsafe_load(e)), BM))
+                mine += Int32(ceildiv(_group_start[dense](offsets, e + 1, S) - _group_start[dense](offsets, e, S), BM))
         var before = block_prefix_sum[block_size=THREADS, exclusive=True](mine)
         comptime for i in range(PER_THREAD):
             var e = tid * PER_THREAD + i
             if e < E:
-                before += Int32(ceildiv(Int(offsets.unsafe_load(e + 1)) - Int(offsets.unsafe_load(e)), BM))
+                before += Int32(ceildiv(_group_start[dense](offsets, e + 1, S) - _group_start[dense](offsets, e, S), BM))
                 sched[e + 1] = before
         if tid == 0:
             sched[0] = 0
@@ -292,8 +342,8 @@ def _grouped_gemm[
             else:
                 hi = mid
         var e = lo
-        var row0 = Int(offsets.unsafe_load(e)) + (m_tile - Int(sched[e])) * BM
-        var rows_here = min(BM, Int(offsets.unsafe_load(e + 1)) - row0)
+        var row0 = _group_start[dense](offsets, e, S) + (m_tile - Int(sched[e])) * BM
+        var rows_here = min(BM, _group_start[dense](offsets, e + 1, S) - row0)
         var col0 = n_tile * BN_OUT  # first output column
         var N = Int(n_nw)
         var NOUT = Int(n_nout)
@@ -419,7 +469,7 @@ def _grouped_gemm[
                                 v = v / (1.0 + exp(-v)) * up
                             elif activation == "clamped_swiglu":
                                 v = clamped_swiglu_f32[alpha, limit, 2](v, up)
-                            c.unsafe_store[alignment=4]((row0 + r) * Int(n_ldc) + col, v.cast[dtype]())
+                            c.unsafe_store[alignment = 2 * size_of[Scalar[out_dtype]]()]((row0 + r) * Int(n_ldc) + col, v.cast[out_dtype]())
 
     ctx.enqueue_function(
         kernel,

@@ -74,11 +74,25 @@ def dispatch_gpu(
             offsets.unsafe_store(e + 1, partial.unsafe_load(0))
 
     def prefix_kernel() {var offsets, var n_e, var cap}:
+        # One block scans the capped counts, GPU_BLOCK experts at a time.
+        var tid = Int(thread_idx.x)
+        var chunk_total = stack_allocation[1, Int32, address_space=AddressSpace.SHARED]()
         var running = Int32(0)
-        offsets.unsafe_store(0, running)
-        for e in range(Int(n_e)):
-            running += min(offsets.unsafe_load(e + 1), Int32(Int(cap)))
-            offsets.unsafe_store(e + 1, running)
+        for base in range(0, Int(n_e), GPU_BLOCK):
+            var e = base + tid
+            var c = Int32(0)
+            if e < Int(n_e):
+                c = min(offsets.unsafe_load(e + 1), Int32(Int(cap)))
+            var before = block_prefix_sum[block_size=GPU_BLOCK, exclusive=True](c)
+            if tid == GPU_BLOCK - 1:
+                chunk_total[0] = before + c
+            if e < Int(n_e):
+                offsets.unsafe_store(e + 1, running + before + c)
+            barrier()
+            running += chunk_total[0]
+            barrier()
+        if tid == 0:
+            offsets.unsafe_store(0, Int32(0))
 
     def place_kernel() {var sorted_ptr, var offsets, var rows, var ids, var n_slots, var n_k, var n_e, var cap}:
         # Block e walks the slots in chunks of GPU_BLOCK * SLOTS_PER_THREAD;
@@ -126,7 +140,7 @@ def dispatch_gpu(
     if experts == 0:
         return
     ctx.enqueue_function(count_kernel, grid_dim=experts, block_dim=GPU_BLOCK)
-    ctx.enqueue_function(prefix_kernel, grid_dim=1, block_dim=1)
+    ctx.enqueue_function(prefix_kernel, grid_dim=1, block_dim=GPU_BLOCK)
     ctx.enqueue_function(place_kernel, grid_dim=experts, block_dim=GPU_BLOCK)
 
 

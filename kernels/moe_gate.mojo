@@ -46,6 +46,7 @@ from extensibility import InputTensor, OutputTensor
 from max.algorithm import sync_parallelize
 from max.gpu import WARP_SIZE, barrier, block_idx, grid_dim, thread_idx
 from max.gpu.memory import AddressSpace
+from max.gpu.primitives.block import sum as block_sum
 from max.gpu.primitives.warp import max as warp_max
 from max.gpu.primitives.warp import shuffle_xor
 from max.gpu.primitives.warp import sum as warp_sum
@@ -58,6 +59,7 @@ from std.memory import Pointer, stack_allocation
 from std.sys import simd_width_of, size_of
 
 from .gpu_gemm import aligned16
+from .gpu_grouped_gemm import dense_gemm_gpu, grouped_gemm_supported
 
 comptime TOKENS_PER_WORKER_MIN = 64
 comptime GPU_BLOCK = 256
@@ -151,6 +153,7 @@ def gate_gpu[
     n_group: Int,
     topk_group: Int,
     scaling: Float32,
+    logits_given: Bool,
 ](
     ctx: DeviceContext,
     w_out: Pointer[Float32, MutAnyOrigin],
@@ -162,12 +165,19 @@ def gate_gpu[
     rw: Pointer[Scalar[dtype], MutAnyOrigin],
     rb: Pointer[Float32, MutAnyOrigin],
     sb: Pointer[Float32, MutAnyOrigin],
+    lg: Pointer[Float32, MutAnyOrigin],
     tokens: Int,
     d_model: Int,
     experts: Int,
 ) raises:
     """The gate on the GPU: a zeroing kernel, the token kernel (one warp per
-    token), and a one-thread kernel that turns the sums into means and losses.
+    token), and a one-block kernel that turns the sums into means and losses.
+
+    With logits_given, lg holds the logits [T, E] in float32 (computed by
+    pymoe_router_logits, a tensor-core GEMM), and every router runs
+    _enqueue_routed_tokens reading them; the warps then only select. That is
+    the fast path for 16-bit inputs: a warp computing a token's E dot
+    products itself reads the whole router per token.
 
     Softmax routers without selection bias or groups (Mixtral, Qwen, GPT-OSS)
     run the online-softmax token kernel below; every other router runs
@@ -184,6 +194,7 @@ def gate_gpu[
         n_group: Expert groups of the group-limited top-k (1: plain top-k).
         topk_group: Groups kept.
         scaling: The factor of the weights (routed_scaling_factor).
+        logits_given: lg holds the logits (see above).
 
     Args:
         ctx: The device context.
@@ -196,6 +207,7 @@ def gate_gpu[
         rw: Router weights [d_model, E].
         rb: Router bias [E] (read only with has_router_bias).
         sb: Selection bias [E] (read only with has_selection_bias).
+        lg: Logits [T, E] (read only with logits_given).
         tokens: T.
         d_model: d_model.
         experts: E.
@@ -319,25 +331,31 @@ def gate_gpu[
                 _ = Atomic.fetch_add(losses.unsafe_offset(1), z_sum)
 
     def finish() {var counts, var pmean, var losses, var n_tok, var n_e}:
-        var t = Float64(max(Int(n_tok), 1))
-        var aux: Float64 = 0
-        for e in range(Int(n_e)):
-            var mean_p = Float64(pmean.unsafe_load(e)) / t
-            pmean.unsafe_store(e, Float32(mean_p))
-            aux += (Float64(counts.unsafe_load(e)) / t) * mean_p
-        losses.unsafe_store(0, Float32(Float64(Int(n_e)) * aux))
-        losses.unsafe_store(1, Float32(Float64(losses.unsafe_load(1)) / t))
+        # One block: each thread turns its experts' sums into means and adds
+        # its share of the aux loss; a block sum makes the loss.
+        var t = Float32(max(Int(n_tok), 1))
+        var tid = Int(thread_idx.x)
+        var aux: Float32 = 0
+        for e in range(tid, Int(n_e), GPU_BLOCK):
+            var mean_p = pmean.unsafe_load(e) / t
+            pmean.unsafe_store(e, mean_p)
+            aux += (Float32(counts.unsafe_load(e)) / t) * mean_p
+        var total = block_sum[block_size=GPU_BLOCK](aux)
+        if tid == 0:
+            losses.unsafe_store(0, Float32(Int(n_e)) * total)
+            losses.unsafe_store(1, losses.unsafe_load(1) / t)
 
     ctx.enqueue_function(zero_stats, grid_dim=1, block_dim=GPU_BLOCK)
     if tokens > 0:
         var blocks = min(ceildiv(tokens, WARPS_PER_BLOCK), MAX_GATE_BLOCKS)
-        comptime if sigmoid or has_selection_bias or n_group > 1:
+        comptime if logits_given or sigmoid or has_selection_bias or n_group > 1:
             _enqueue_routed_tokens[
-                dtype, top_k, renormalize, sigmoid, has_router_bias, has_selection_bias, n_group, topk_group, scaling
-            ](ctx, blocks, w_out, id_out, counts, pmean, losses, x, rw, rb, sb, tokens, d_model, experts, vector)
+                dtype, top_k, renormalize, sigmoid, has_router_bias, has_selection_bias, n_group, topk_group,
+                scaling, logits_given,
+            ](ctx, blocks, w_out, id_out, counts, pmean, losses, x, rw, rb, sb, lg, tokens, d_model, experts, vector)
         else:
             ctx.enqueue_function(token_kernel, grid_dim=blocks, block_dim=GPU_BLOCK)
-    ctx.enqueue_function(finish, grid_dim=1, block_dim=1)
+    ctx.enqueue_function(finish, grid_dim=1, block_dim=GPU_BLOCK)
 
 
 def _enqueue_routed_tokens[
@@ -350,6 +368,7 @@ def _enqueue_routed_tokens[
     n_group: Int,
     topk_group: Int,
     scaling: Float32,
+    logits_given: Bool,
 ](
     ctx: DeviceContext,
     blocks: Int,
@@ -362,6 +381,7 @@ def _enqueue_routed_tokens[
     rw: Pointer[Scalar[dtype], MutAnyOrigin],
     rb: Pointer[Float32, MutAnyOrigin],
     sb: Pointer[Float32, MutAnyOrigin],
+    lg: Pointer[Float32, MutAnyOrigin],
     tokens: Int,
     d_model: Int,
     experts: Int,
@@ -370,8 +390,9 @@ def _enqueue_routed_tokens[
     """The token kernel of every router but the default softmax one (sigmoid
     scores, a selection bias, group-limited top-k): one warp per token.
 
-    The warp computes the E logits in groups of EG as the softmax kernel does
-    (_group_logits) but keeps them: lane l holds expert i * WARP_SIZE + l in
+    The warp reads the token's E logits from lg (logits_given: one coalesced
+    row per token, as the default softmax router uses them too) or computes
+    them in groups of EG as the softmax kernel does (_group_logits), and keeps them: lane l holds expert i * WARP_SIZE + l in
     slot i of its registers. Max, softmax sum, group scores (the two best of
     each group, merged pairwise across the lanes) and each of the k choices
     (the lane's best candidate, then a warp-wide arg-max whose ties go to the
@@ -387,7 +408,7 @@ def _enqueue_routed_tokens[
     var n_e = Int64(experts)
     comptime LANE_GROUPS = WARP_SIZE // EG  # EG-groups per slot
 
-    def routed_kernel() {var w_out, var id_out, var counts, var pmean, var losses, var x, var rw, var rb, var sb, var n_tok, var n_d, var n_e, var vector}:
+    def routed_kernel() {var w_out, var id_out, var counts, var pmean, var losses, var x, var rw, var rb, var sb, var lg, var n_tok, var n_d, var n_e, var vector}:
         var tid = Int(thread_idx.x)
         var lane = tid % WARP_SIZE
         var warp = tid // WARP_SIZE
@@ -403,12 +424,17 @@ def _enqueue_routed_tokens[
             var xt = x.unsafe_offset(t * d)
             # Logits; slots past the last expert stay -inf (score 0).
             var logit = SIMD[DType.float32, ROUTED_SLOTS](neg_inf)
-            for g in range(groups):
-                var l = _group_logits[dtype](xt, rw, d, e_count, g * EG, lane, vector)
-                if lane // EG == g % LANE_GROUPS:
-                    comptime for i in range(ROUTED_SLOTS):
-                        if g // LANE_GROUPS == i:
-                            logit[i] = l[lane % EG]
+            comptime if logits_given:
+                comptime for i in range(ROUTED_SLOTS):
+                    if i * WARP_SIZE + lane < e_count:
+                        logit[i] = lg.unsafe_load(t * e_count + i * WARP_SIZE + lane)
+            else:
+                for g in range(groups):
+                    var l = _group_logits[dtype](xt, rw, d, e_count, g * EG, lane, vector)
+                    if lane // EG == g % LANE_GROUPS:
+                        comptime for i in range(ROUTED_SLOTS):
+                            if g // LANE_GROUPS == i:
+                                logit[i] = l[lane % EG]
             var local_max = neg_inf
             comptime for i in range(ROUTED_SLOTS):
                 var e = i * WARP_SIZE + lane
@@ -569,6 +595,7 @@ struct MoEGate:
         n_group: Int,
         topk_group: Int,
         scaling: Float32,
+        logits_given: Bool,
         target: StaticString,
     ](
         topk_weights: OutputTensor[dtype=DType.float32, rank=2, ...],
@@ -580,6 +607,7 @@ struct MoEGate:
         router_w: InputTensor[dtype=x.dtype, rank=2, ...],
         router_bias: InputTensor[dtype=DType.float32, rank=1, ...],
         selection_bias: InputTensor[dtype=DType.float32, rank=1, ...],
+        logits: InputTensor[dtype=DType.float32, rank=2, ...],
         ctx: DeviceContext,
     ) raises:
         """Route T tokens to top_k of E experts (see the top of this file).
@@ -595,6 +623,8 @@ struct MoEGate:
             n_group: Expert groups of the group-limited top-k (1: plain top-k).
             topk_group: Groups kept (1 when n_group is 1).
             scaling: The factor of the weights (routed_scaling_factor).
+            logits_given: (GPU) `logits` holds x @ router_w in float32, from
+                pymoe_router_logits; else a placeholder, never read.
             target: "cpu" or "gpu".
 
         Args:
@@ -607,6 +637,7 @@ struct MoEGate:
             router_w: Router weights [d_model, E].
             router_bias: Router bias [E] or a placeholder.
             selection_bias: Selection bias [E] or a placeholder.
+            logits: Logits [T, E] or a placeholder.
             ctx: The device context.
         """
         comptime assert scoring == "softmax" or scoring == "sigmoid", "scoring must be softmax or sigmoid"
@@ -637,11 +668,17 @@ struct MoEGate:
         var w_out = topk_weights.unsafe_ptr()
         var id_out = topk_ids.unsafe_ptr()
         comptime if target == "gpu":
+            comptime if logits_given:
+                if logits.dim_size(0) != tokens or logits.dim_size(1) != experts:
+                    raise Error("pymoe_moe_gate: logits must be [T, num_experts]")
+                if experts > GPU_ROUTED_MAX_EXPERTS:
+                    raise Error("pymoe_moe_gate: given logits take at most 512 experts on the GPU")
             gate_gpu[
-                x.dtype, top_k, renormalize, SIGMOID, has_router_bias, has_selection_bias, n_group, topk_group, scaling
+                x.dtype, top_k, renormalize, SIGMOID, has_router_bias, has_selection_bias, n_group, topk_group,
+                scaling, logits_given,
             ](
                 ctx, w_out, id_out, expert_counts.unsafe_ptr(), router_prob_mean.unsafe_ptr(),
-                losses.unsafe_ptr(), src, rw, rb, sb, tokens, d_model, experts,
+                losses.unsafe_ptr(), src, rw, rb, sb, logits.unsafe_ptr(), tokens, d_model, experts,
             )
             return
         var workers = max(1, min(parallelism_level(None), ceildiv(tokens, TOKENS_PER_WORKER_MIN)))
@@ -831,3 +868,31 @@ struct MoEGate:
         loss_ptr.unsafe_store(0, Float32(Float64(experts) * aux))
         loss_ptr.unsafe_store(1, Float32(z / Float64(max(tokens, 1))))
         _ = partial^
+
+
+@extensibility.register("pymoe_router_logits")
+struct RouterLogits:
+    """x @ router_w in float32 on the GPU's tensor cores (16-bit inputs; a
+    grouped GEMM with one group), for pymoe_moe_gate's logits input. The CPU
+    gate computes its logits itself, so this op is GPU-only."""
+
+    @staticmethod
+    def execute[
+        target: StaticString,
+    ](
+        logits: OutputTensor[dtype=DType.float32, rank=2, ...],
+        x: InputTensor[rank=2, ...],
+        router_w: InputTensor[dtype=x.dtype, rank=2, ...],
+        ctx: DeviceContext,
+    ) raises:
+        comptime if target == "gpu":
+            var tokens = x.dim_size(0)
+            var d_model = x.dim_size(1)
+            var experts = router_w.dim_size(1)
+            var xp = x.unsafe_ptr()
+            var rw = router_w.unsafe_ptr()
+            if not grouped_gemm_supported[x.dtype](d_model, experts, d_model, experts, 1, xp, rw):
+                raise Error("pymoe_router_logits: 16-bit x, d_model and num_experts multiples of 8")
+            dense_gemm_gpu[x.dtype, DType.float32](ctx, logits.unsafe_ptr(), xp, rw, tokens, d_model, experts)
+        else:
+            raise Error("pymoe_router_logits runs on the GPU only")

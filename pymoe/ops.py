@@ -204,9 +204,18 @@ def moe_gate(
     biases = [_gate_bias("router_bias", router_bias, experts, x),
               _gate_bias("selection_bias", selection_bias, experts, x)]
     t, dev = x.shape[0], x.device
+    # On the GPU with 16-bit inputs the logits are a tensor-core GEMM of their own
+    # (pymoe_router_logits) and the gate kernel only selects; elsewhere the gate
+    # computes them itself and gets a placeholder.
+    logits_given = (not dev.is_cpu() and x.dtype in (DType.bfloat16, DType.float16)
+                    and int(x.shape[1]) % 8 == 0 and experts % 8 == 0 and experts <= GATE_GPU_ROUTED_MAX_EXPERTS)
+    if logits_given:
+        logits = custom_op("pymoe_router_logits", [x, router_w], [TensorType(DType.float32, [t, experts], dev)])[0]
+    else:
+        logits = ops.constant(np.zeros((1, 1), dtype=np.float32), DType.float32, device=dev)
     outs = custom_op(
         "pymoe_moe_gate",
-        [x, router_w, *biases],
+        [x, router_w, *biases, logits],
         [
             TensorType(DType.float32, [t, top_k], dev),
             TensorType(DType.int32, [t, top_k], dev),
@@ -218,6 +227,7 @@ def moe_gate(
             "top_k": top_k, "renormalize": bool(renormalize), "scoring": scoring,
             "has_router_bias": router_bias is not None, "has_selection_bias": selection_bias is not None,
             "n_group": n_group, "topk_group": topk_group, "scaling": float(routed_scaling_factor),
+            "logits_given": logits_given,
         },
     )
     return GateOutput(*outs)
@@ -467,12 +477,24 @@ EVERY_EXPERT_MAX_TOKENS = {"bfloat16": 128, "float32": 64}
 # at least this fraction of the experts receives a token, so reading every
 # expert's weights costs at most ~1/0.9 of the routed path's bytes.
 EVERY_EXPERT_MIN_USED = 0.9
+# The GPU's tensor-core grouped GEMM (kernels/gpu_grouped_gemm.mojo) takes 16-bit
+# layers whose widths are multiples of 8; it reads only the experts in use, once,
+# and never waits for the host, which leaves the every-expert path nothing to save.
+GROUPED_GEMM_DTYPES = ("bfloat16", "float16")
+GROUPED_GEMM_MAX_EXPERTS = 512
+
+
+def grouped_gemm_takes(config: MoEConfig, dtype: str) -> bool:
+    """Whether the GPU layer's expert GEMMs run in the sync-free tensor-core kernel
+    (else cuBLAS per expert after reading the expert offsets back: float32, odd widths)."""
+    return (dtype in GROUPED_GEMM_DTYPES and config.d_model % 8 == 0 and config.d_ff % 8 == 0
+            and config.num_experts <= GROUPED_GEMM_MAX_EXPERTS)
 
 
 def every_expert_token_range(config: MoEConfig, device: str, dtype: str) -> tuple[int, int]:
     """(lo, hi): moe_ffn takes the every-expert path for lo <= tokens <= hi
     (the GPU only; (1, 0), i.e. never, on the CPU)."""
-    if device != "gpu":
+    if device != "gpu" or grouped_gemm_takes(config, dtype):
         return (1, 0)
     e, k = config.num_experts, config.top_k
     lo = 1 if k == e else math.ceil(math.log(1 - EVERY_EXPERT_MIN_USED) / math.log(1 - k / e))

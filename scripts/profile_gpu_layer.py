@@ -1,9 +1,10 @@
 """Per-kernel GPU time of one MoELayer call, from the PyTorch profiler (CUPTI).
 
-    python scripts/profile_gpu_layer.py small-decode small large-decode
+    python scripts/profile_gpu_layer.py qwen3-30b-a3b:16 qwen3-30b-a3b:16384 small
 
-For each preset: bf16 layer on the GPU, 3 warm-up calls, 10 host-timed calls,
-then 5 profiled calls; prints the host-timed ms per call and the profiler's
+For each preset (with `:tokens`, that batch size; else the preset's first):
+bf16 layer on the GPU, 3 warm-up calls, 10 host-timed calls, then 5 profiled calls;
+prints the host-timed ms per call and the profiler's
 table of CUDA kernels (MAX's kernels appear as mojo_pkg_<hash>, cuBLAS's as
 nvjet_*). The CUDA times in the table are totals over the 5 calls.
 """
@@ -14,16 +15,18 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from pymoe.bench.workload import random_weights
 from pymoe.config import get_preset
 from pymoe.layer import MoELayer
-from pymoe.weights import MoEWeights
 
 
 def main(presets: list[str]) -> None:
-    for name in presets:
+    for spec in presets:
+        name, _, tokens = spec.partition(":")
         preset = get_preset(name)
-        layer = MoELayer(preset.config, MoEWeights.random(preset.config, seed=1), device="gpu", dtype="bfloat16")
-        x = torch.randn(preset.tokens[0], preset.config.d_model, device="cuda", dtype=torch.bfloat16)
+        weights, _ = random_weights(preset.config, "gpu", "bfloat16", seed=1)
+        layer = MoELayer(preset.config, weights, device="gpu", dtype="bfloat16")
+        x = torch.randn(int(tokens or preset.tokens[0]), preset.config.d_model, device="cuda", dtype=torch.bfloat16)
         for _ in range(3):
             layer.forward_unchecked(x)
         torch.cuda.synchronize()
@@ -31,12 +34,12 @@ def main(presets: list[str]) -> None:
         for _ in range(10):
             layer.forward_unchecked(x)
         torch.cuda.synchronize()
-        print(name, "host-timed ms/call", (time.perf_counter() - start) / 10 * 1e3)
+        print(spec, "host-timed ms/call", (time.perf_counter() - start) / 10 * 1e3)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
                 layer.forward_unchecked(x)
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
 
 
 if __name__ == "__main__":
