@@ -6,7 +6,8 @@ where they fit, on the device) and each token count is a cell: each implementati
 batch, then timed (warm-up, repetitions, median and spread), with the roofline floor from
 the machine's measured ceilings beside it. Rows that cannot run (weights that do not fit, a
 dense FFN whose floor alone is too long, MAX's built-in kernels on a router they lack) are
-recorded as skipped, with the reason.
+recorded as skipped, with the reason. Data flows one way: this module measures and returns
+plain dicts; the CLI prints them (report.py) and writes them to results/ (write_bench_result).
 
 With `stack` = L, each row is also timed as L layers in sequence in one call, each after an
 RMS norm (for pymoe one MAX graph, runtime.compile_moe_graph's `stack`; for PyTorch one Python
@@ -18,8 +19,7 @@ cache advantage: each layer's input is the previous layer's output, so the layer
 different experts, and one layer's experts at the presets' own token counts (75 MB for
 qwen3-30b-a3b at 1 token, the least) outgrow a GPU's L2 (50 MB on the H100). The stack is
 checked against L single calls with the norm between them, made by the row's single-call
-function that the float64 reference check passed. Data flows one way: this module measures and returns
-plain dicts; the CLI prints them (report.py) and writes them to results/ (write_bench_result).
+function that the float64 reference check passed.
 """
 
 from __future__ import annotations
