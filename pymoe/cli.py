@@ -9,6 +9,9 @@ import click
 from .dtypes import LAYER_DTYPES
 from .offload.strategies import EVICTIONS
 
+# Layers in one call of `pymoe bench --stack` without a count: the 8-layer stack of issue 22's goals.
+DEFAULT_STACK = 8
+
 
 @click.group()
 @click.version_option(package_name="pymoe")
@@ -61,6 +64,13 @@ def _token_counts(text: str | None) -> tuple[int, ...] | None:
                    "torch_dense, max_builtin.")
 @click.option("--min-seconds", type=float, default=1.0, show_default=True,
               help="Keep repeating each timing (3 at least) until this much time is spent.")
+@click.option("--stack", type=click.IntRange(min=1), is_flag=False, flag_value=DEFAULT_STACK, default=None,
+              metavar="[L]",
+              help=f"Also time each implementation as L layers in sequence in one call (--stack alone: "
+                   f"{DEFAULT_STACK}), each layer after an RMS norm, as in a model: pymoe as one MAX graph, PyTorch "
+                   "as one Python call, all layers on one set of weights. Prints and records the time per layer "
+                   "(the call's / L) beside the single call's: a model pays MAX's per-call cost once per graph, "
+                   "not once per layer. MAX's dense and built-in rows have no stacked form.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
               show_default=True, help="Folder for the result file (results/bench/<device>/...).")
 @click.option("--no-save", is_flag=True, help="Print only; write no result file.")
@@ -74,16 +84,17 @@ def _token_counts(text: str | None) -> tuple[int, ...] | None:
 @click.option("--matmul-tokens", type=int, default=None,
               help="With --ablation: tokens for the expert matmul and layer rungs (default 256; the scalar "
                    "rung is slow).")
-def bench(presets, tokens, device, dtype, impls, min_seconds, out_dir, no_save, ablation, matmul_tokens) -> None:
+def bench(presets, tokens, device, dtype, impls, min_seconds, stack, out_dir, no_save, ablation,
+          matmul_tokens) -> None:
     """Time pymoe's MoE layer against the dense FFN, PyTorch and MAX, side by side."""
     from .bench.runner import DEFAULT_PRESETS, run_ablation, run_bench
     from .bench.suite import IMPL_NAMES
 
     tokens = _token_counts(tokens)
     if ablation:
-        if device != "cpu" or dtype != "float32" or impls or len(presets) > 1:
+        if device != "cpu" or dtype != "float32" or impls or len(presets) > 1 or stack is not None:
             raise click.UsageError("--ablation runs on cpu in float32 for one --preset; "
-                                   "--device, --dtype and --impl do not apply")
+                                   "--device, --dtype, --impl and --stack do not apply")
         if tokens is not None and len(tokens) > 1:
             raise click.UsageError("--ablation takes one --tokens count")
         tokens = tokens[0] if tokens else None
@@ -98,7 +109,7 @@ def bench(presets, tokens, device, dtype, impls, min_seconds, out_dir, no_save, 
     try:
         run_bench(
             tuple(presets) or DEFAULT_PRESETS, tokens=tokens, device=device, dtype=dtype,
-            impls=tuple(impls) or IMPL_NAMES, min_seconds=min_seconds,
+            impls=tuple(impls) or IMPL_NAMES, min_seconds=min_seconds, stack=stack,
             out_dir=None if no_save else out_dir,
         )
     except ValueError as e:

@@ -91,15 +91,18 @@ class MoELayer:
         # pooled=False lets the graph allocate the intermediates on every call
         # (kept for the ablation that measures what the pool saves).
         self.pool = BufferPool((config.expert_n, config.d_model), dtype, self._device) if pooled else None
-        key = ("moe", config, device, dtype, pooled, self.every_expert_tokens)
-        self._model, self.compile_seconds = runtime.compiled(key, lambda: runtime.compile_moe_graph(
-            config, device, dtype, pooled, self.every_expert_tokens))
+        self._model, self.compile_seconds = self._compiled(None)
         self._weights = layer_weight_buffers(config, weights, device, dtype, packed=device == "cpu")
 
-    def _execute(self, x):
+    def _compiled(self, stack: int | None):
+        key = ("moe", self.config, self.device, self.dtype, self.pooled, self.every_expert_tokens, stack)
+        return runtime.compiled(key, lambda: runtime.compile_moe_graph(
+            self.config, self.device, self.dtype, self.pooled, self.every_expert_tokens, stack=stack))
+
+    def _execute(self, x, model=None, layers: int = 1):
         xb = to_device_buffer(x, self.dtype, self._device)
         workspaces = self.pool.buffers(self._workspace_rows(x.shape[0])) if self.pool else []
-        return self._model.execute(xb, *self._weights, *workspaces)
+        return (model or self._model).execute(xb, *self._weights * layers, *workspaces)
 
     def run(self, x) -> MoEOutput:
         """The layer's output and its routing statistics."""
@@ -119,6 +122,18 @@ class MoELayer:
         for callers that validated their inputs, and for timing the kernels.
         On the GPU, a CUDA torch tensor in gives a CUDA tensor out, both shared."""
         return wrap_output(self._execute(x)[0], x)
+
+    def stack(self, layers: int):
+        """(fn, compile seconds): fn(x) runs `layers` copies of this layer in sequence in ONE
+        compiled graph, each after an RMS norm, x <- layer(rms_norm(x)), as a model's MoE
+        blocks run (see runtime.compile_moe_graph's `stack`); called like forward_unchecked.
+        Every copy is bound to this layer's weights (one set in memory: L copies of a large
+        layer would not fit) and its buffer pool. The benchmark times it (pymoe bench --stack)
+        because a model pays the MAX call's fixed cost once per graph, not once per layer."""
+        if not isinstance(layers, int) or layers < 1:
+            raise ValueError(f"layers must be an int >= 1, got {layers!r}")
+        model, seconds = self._compiled(layers)
+        return (lambda x: wrap_output(self._execute(x, model, layers)[0], x)), seconds
 
 
 class DenseFFN:

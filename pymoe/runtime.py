@@ -214,16 +214,30 @@ def compiled(key: tuple, build: Callable[[], Any]) -> tuple[Any, float]:
     return _COMPILED[key], time.perf_counter() - start
 
 
+# epsilon of the RMS norm before each layer of a stack (compile_moe_graph's `stack`): that of
+# Mixtral's, Qwen3's and DeepSeek-V3's norms.
+STACK_RMS_EPS = 1e-6
+
+
 def compile_moe_graph(config: MoEConfig, device: str, dtype: str, pooled: bool,
-                      every_expert_tokens: tuple[int, int] = (1, 0), packed: bool | None = None):
+                      every_expert_tokens: tuple[int, int] = (1, 0), packed: bool | None = None,
+                      stack: int | None = None):
     """The MoE layer's compiled graph (uncached; MoELayer goes through `compiled`).
 
     Inputs: x [tokens, d_model], router, w1, w2 (the layouts of pymoe/weights.py) and,
     when `pooled`, the two BufferPool buffers; outputs: out, expert counts, losses, expert
     offsets (pymoe.ops.moe_layer). `packed` (default: on the CPU) takes the experts
-    pre-packed (layer_weight_buffers)."""
+    pre-packed (layer_weight_buffers).
+
+    `stack` = L: instead, L layers in sequence in the one graph, as a model's MoE blocks
+    run (the benchmark's `--stack`): x <- moe_layer(rms_norm(x)) L times, each layer with
+    its own weight inputs (x, then L sets of weights, then the pool buffers, which the layers
+    share: they run one after the other); output: the last layer's out. The norm (unit
+    weight, STACK_RMS_EPS) is the one each of these models has before its MoE block; without
+    it a SwiGLU layer's output shrinks to zero within a few layers of random weights and the
+    routing degenerates into ties."""
     from max.dtype import DType
-    from max.graph import BufferType, Graph, TensorType
+    from max.graph import BufferType, Graph, TensorType, ops
 
     from . import ops as mops
     from .weights import optional_weight_shapes
@@ -232,26 +246,34 @@ def compile_moe_graph(config: MoEConfig, device: str, dtype: str, pooled: bool,
     dt = max_dtype(dtype)
     d, e, f = config.d_model, config.num_experts, config.d_ff
     optional = optional_weight_shapes(config)
-    input_types = [
-        TensorType(dt, ["tokens", d], ref),
+    weight_types = [
         TensorType(dt, [d, e], ref),
         TensorType(dt, [e, d, config.expert_n], ref),
         TensorType(dt, [e, f, d], ref),
         *(TensorType(DType.float32 if name in mops.FLOAT32_WEIGHTS else dt, list(shape), ref)
           for name, shape in optional.items()),
     ]
+    layers = 1 if stack is None else stack
+    input_types = [TensorType(dt, ["tokens", d], ref), *weight_types * layers]
     if pooled:
         input_types += [BufferType(dt, ["pool_rows", config.expert_n], ref), BufferType(dt, ["pool_rows", d], ref)]
-    with Graph("pymoe_moe_layer", input_types=input_types, custom_extensions=[mops.KERNELS_DIR]) as g:
-        n_weights = 3 + len(optional)
-        x, router, w1, w2, *extra = (v.tensor for v in g.inputs[: 1 + n_weights])
-        workspaces = (g.inputs[1 + n_weights].buffer, g.inputs[2 + n_weights].buffer) if pooled else None
-        graph_weights = mops.MoEGraphWeights(
-            router, w1, w2, packed=device == "cpu" if packed is None else packed,
-            **dict(zip(optional, extra, strict=True)),
-        )
-        res = mops.moe_layer(x, graph_weights, config, workspaces, every_expert_tokens)
-        g.output(res.out, res.expert_counts, res.losses, res.expert_offsets)
+    name = "pymoe_moe_layer" if stack is None else f"pymoe_moe_stack_{stack}"
+    with Graph(name, input_types=input_types, custom_extensions=[mops.KERNELS_DIR]) as g:
+        n_weights = len(weight_types)
+        x = g.inputs[0].tensor
+        weights = [v.tensor for v in g.inputs[1: 1 + layers * n_weights]]
+        workspaces = tuple(v.buffer for v in g.inputs[1 + layers * n_weights:]) if pooled else None
+        for i in range(layers):
+            router, w1, w2, *extra = weights[i * n_weights: (i + 1) * n_weights]
+            graph_weights = mops.MoEGraphWeights(
+                router, w1, w2, packed=device == "cpu" if packed is None else packed,
+                **dict(zip(optional, extra, strict=True)),
+            )
+            if stack is not None:
+                x = ops.rms_norm(x, ops.broadcast_to(ops.constant(1.0, dt, ref), [d]), STACK_RMS_EPS)
+            res = mops.moe_layer(x, graph_weights, config, workspaces, every_expert_tokens)
+            x = res.out
+        g.output(*(res if stack is None else (res.out,)))
     return session.load(g)
 
 

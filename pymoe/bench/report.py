@@ -50,7 +50,21 @@ def _router_extras(config: dict) -> str:
     return f" ({', '.join(extras)})" if extras else ""
 
 
-def run_table(run: dict, device: str, dtype: str) -> Table:
+def _stack_cells(st: dict | None) -> list[str]:
+    """A row's stack columns: ms per layer (IQR), % of the one-layer floor, pymoe speedup."""
+    if st is None:
+        return ["", "", ""]
+    if st["status"] != "ok":
+        color = "yellow" if st["status"] == "skipped" else "red"
+        return [f"[{color}]{st['status']}[/{color}] (see below)", "", ""]
+    layers = st["layers"]
+    return [f"{_ms(st['per_layer_s'])} ({_ms(st['q25_s'] / layers)}-{_ms(st['q75_s'] / layers)})",
+            f"{st['pct_of_floor']:.0f}%",
+            f"{st['pymoe_speedup']:.2f}x" if "pymoe_speedup" in st else ""]
+
+
+def run_table(run: dict, device: str, dtype: str, stack: int | None = None) -> Table:
+    """One cell's rows; with `stack` (the run's layers in one call), the stacked columns too."""
     w = run["work"]
     title = (
         f"{run['preset']} ({run['regime']}): {run['tokens']} tokens, d_model {run['config']['d_model']}, "
@@ -59,8 +73,10 @@ def run_table(run: dict, device: str, dtype: str) -> Table:
         f"{w['experts_used']} experts used"
     )
     t = Table(title=title)
-    cols = ("implementation", "median ms (IQR)", "GFLOP/s (% peak)", "weights GB/s (% read bw)",
-            "% of floor", "pymoe speedup", "compile s", "check err")
+    cols = ["implementation", "median ms (IQR)", "GFLOP/s (% peak)", "weights GB/s (% read bw)",
+            "% of floor", "pymoe speedup", "compile s", "check err"]
+    if stack:
+        cols[2:2] = [f"ms/layer in {stack}-layer stack (IQR)", "stack % of floor", "stack pymoe speedup"]
     for c in cols:
         t.add_column(c, justify="left" if c == "implementation" else "right")
     failures = []
@@ -70,9 +86,13 @@ def run_table(run: dict, device: str, dtype: str) -> Table:
             t.add_row(r["name"], f"[{color}]{r['status']}[/{color}] (see below)", *[""] * (len(cols) - 2))
             failures.append(f"{r['name']}: {r['error']}")
             continue
+        st = r.get("stack")
+        if st is not None and st["status"] != "ok":
+            failures.append(f"{r['name']} in the stack: {st['error']}")
         t.add_row(
             r["name"],
             f"{_ms(r['median_s'])} ({_ms(r['q25_s'])}-{_ms(r['q75_s'])})",
+            *(_stack_cells(st) if stack else []),
             f"{r['gflops']:,.1f} ({r['pct_peak']:.0f}%)",
             f"{r['gbps']:,.1f} ({r['pct_bw']:.0f}%)",
             f"{r['pct_of_floor']:.0f}% of {_ms(r['floor_s'])} ms",
@@ -88,13 +108,20 @@ def run_table(run: dict, device: str, dtype: str) -> Table:
 def print_result(result: dict, console: Console | None = None) -> None:
     console = console or Console()
     console.print(ceilings_table(result["ceilings"]))
+    stack = result.get("stack")  # result files before issue 22 have no stacked timings
     for run in result["runs"]:
-        console.print(run_table(run, result["device"], result["dtype"]))
+        console.print(run_table(run, result["device"], result["dtype"], stack))
     console.print(
         "GFLOP/s count the FLOPs each row must do (MoE rows: the routed experts + router; dense rows: "
         "the whole FFN). Weights GB/s count the weights each row must read once (MoE: the experts used). "
         "floor = max(FLOPs / matmul peak, weight bytes / read bandwidth); pymoe speedup = row time / pymoe time."
     )
+    if stack:
+        console.print(
+            f"ms/layer in {stack}-layer stack = the time of one call running {stack} layers in sequence (each "
+            f"after an RMS norm, all on one set of weights; pymoe: one MAX graph) / {stack}; its % of floor is "
+            "against one layer's floor."
+        )
 
 
 def _rate(r: dict) -> str:

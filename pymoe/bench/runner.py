@@ -15,7 +15,7 @@ from ..results import command_line, file_stamp, result_header, write_result
 from ..runtime import check_device_dtype
 from .ceilings import measure_ceilings
 from .report import print_result
-from .suite import IMPL_NAMES, bench_file_name, run_preset, write_bench_result
+from .suite import IMPL_NAMES, bench_file_name, check_stack, run_preset, write_bench_result
 from .workload import check_memory
 
 DEFAULT_PRESETS = ("small-decode", "small")
@@ -29,13 +29,15 @@ def run_bench(
     dtype: str = "float32",
     impls: tuple[str, ...] = IMPL_NAMES,
     min_seconds: float = 1.0,
+    stack: int | None = None,
     out_dir: Path | None = Path("results"),
     command: str | None = None,
     console: Console | None = None,
 ) -> tuple[dict, Path | None]:
     """Measure the ceilings, run each preset at each token count (None: the preset's own),
-    print the tables, write the result file (again after every cell, so that a run cut short
-    keeps what it measured; `complete` says whether it ended)."""
+    with `stack` = L each row also as L layers in one call (pymoe/bench/suite.py), print the
+    tables, write the result file (again after every cell, so that a run cut short keeps what
+    it measured; `complete` says whether it ended)."""
     tokens = (tokens,) if isinstance(tokens, int) else tokens
     if tokens is not None and (not tokens or min(tokens) < 1):
         raise ValueError(f"token counts must be >= 1, got {tokens}")
@@ -44,6 +46,7 @@ def run_bench(
     unknown = set(impls) - set(IMPL_NAMES)
     if unknown:
         raise ValueError(f"unknown implementation(s) {sorted(unknown)}; choose from {IMPL_NAMES}")
+    check_stack(stack)
     check_device_dtype(device, dtype)
     console = console or Console()
     for name in presets:  # weights that do not fit fail here, before anything is allocated
@@ -54,10 +57,11 @@ def run_bench(
         **result_header("pymoe.bench/1", command or command_line()),
         "device": device,
         "dtype": dtype,
+        "stack": stack,  # layers in one call of each row's `stack` (None: single calls only)
         "complete": False,
         "runs": [],
     }
-    file_name = bench_file_name(dtype, presets, tokens)
+    file_name = bench_file_name(dtype, presets, tokens, stack)
     path = None
     start = time.perf_counter()
 
@@ -77,7 +81,7 @@ def run_bench(
                 bar.update(task, description=f"{name}: {what}")
 
             run_preset(name, tokens=tokens, device=device, dtype=dtype, ceilings=result["ceilings"],
-                       impls=impls, min_seconds=min_seconds, progress=show, on_run=save)
+                       impls=impls, min_seconds=min_seconds, stack=stack, progress=show, on_run=save)
     result["wall_s"] = time.perf_counter() - start  # the whole run: compiles, references, timings
     result["complete"] = True
     print_result(result, console)

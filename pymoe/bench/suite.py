@@ -8,6 +8,18 @@ the machine's measured ceilings beside it. Rows that cannot run (weights that do
 dense FFN whose floor alone is too long, MAX's built-in kernels on a router they lack) are
 recorded as skipped, with the reason. Data flows one way: this module measures and returns
 plain dicts; the CLI prints them (report.py) and writes them to results/ (write_bench_result).
+
+With `stack` = L, each row is also timed as L layers in sequence in one call, each after an
+RMS norm (for pymoe one MAX graph, runtime.compile_moe_graph's `stack`; for PyTorch one Python
+call), all bound to the one set of weights, and the row's `stack` records the whole call's
+timings and the time per layer (median / L): a model pays the MAX call's fixed cost once per
+graph, not once per layer. One set of weights serves every layer because L copies of the
+large presets would not fit (deepseek-v3: 22.5 GB each in bf16), and it gives the stack no
+cache advantage: each layer's input is the previous layer's output, so the layers route to
+different experts, and one layer's experts at the presets' own token counts (75 MB for
+qwen3-30b-a3b at 1 token, the least) outgrow a GPU's L2 (50 MB on the H100). The stack is
+checked against L single calls with the norm between them, made by the row's single-call
+function that the float64 reference check passed.
 """
 
 from __future__ import annotations
@@ -20,12 +32,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .. import results
 from ..baselines import TorchDenseFFN, TorchMoE
 from ..config import PRESETS, get_preset
 from ..dtypes import itemsize, torch_dtype
 from ..layer import DenseFFN, MoELayer
+from ..runtime import STACK_RMS_EPS
 from .report import error_summary
 from .timing import device_sync, measure, peak_rss_during, summarize
 from .workload import (
@@ -52,8 +66,8 @@ DENSE_MAX_FLOOR_S = 2.0
 # prefill chunks.
 DECODE_MAX_TOKENS = 128
 
-__all__ = ["CHECK_TOKENS", "CHECK_TOL", "IMPLEMENTATIONS", "IMPL_NAMES", "Impl", "Workload", "make_workload",
-           "run_cell", "run_impl", "run_preset", "work_model", "write_bench_result"]
+__all__ = ["CHECK_TOKENS", "CHECK_TOL", "IMPLEMENTATIONS", "IMPL_NAMES", "Impl", "Workload",
+           "check_stack", "make_workload", "run_cell", "run_impl", "run_preset", "work_model", "write_bench_result"]
 
 
 @dataclass(frozen=True)
@@ -64,19 +78,23 @@ class Impl:
     build: Callable[[Workload], tuple[Callable, float]]  # -> (fn(x) -> out, compile seconds)
     # Why it cannot run this cell (None: it can); asked before building.
     unsupported: Callable[[Workload], str | None] = lambda w: None
+    # (w, L) -> (fn(x) -> out of L layers in sequence in one call, compile seconds); None:
+    # no stacked form (MAX's dense and built-in rows: one graph per call only).
+    build_stack: Callable[[Workload, int], tuple[Callable, float]] | None = None
 
 
 def _torch_device(device: str) -> str:
     return "cuda" if device == "gpu" else "cpu"
 
 
-def _torch_in(fn, device: str, dtype: str):
-    def call(x):
-        if not isinstance(x, torch.Tensor):
-            x = torch.from_numpy(x).to(device=_torch_device(device), dtype=torch_dtype(dtype))
-        return fn(x)
+def _torch_tensor(x, device: str, dtype: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    return torch.from_numpy(x).to(device=_torch_device(device), dtype=torch_dtype(dtype))
 
-    return call
+
+def _torch_in(fn, device: str, dtype: str):
+    return lambda x: fn(_torch_tensor(x, device, dtype))
 
 
 # Timed calls skip pymoe's input validation (a NaN scan), as the PyTorch
@@ -84,6 +102,10 @@ def _torch_in(fn, device: str, dtype: str):
 def _build_pymoe(w: Workload):
     layer = MoELayer(w.config, w.moe_weights, device=w.device, dtype=w.dtype)
     return layer.forward_unchecked, layer.compile_seconds
+
+
+def _build_pymoe_stack(w: Workload, layers: int):
+    return MoELayer(w.config, w.moe_weights, device=w.device, dtype=w.dtype).stack(layers)
 
 
 def _build_max_dense(w: Workload):
@@ -104,6 +126,25 @@ def _build_torch_dense(w: Workload):
     return _torch_in(dense, w.device, w.dtype), 0.0
 
 
+def _stack_torch(build):
+    """A PyTorch row's stacked form: its layer L times in one Python call, each after the RMS
+    norm that pymoe's stacked graph has (F.rms_norm: one fused kernel on a GPU, as MAX's)."""
+
+    def build_stack(w: Workload, layers: int):
+        fn, seconds = build(w)
+
+        @torch.inference_mode()
+        def stack(x):
+            x = _torch_tensor(x, w.device, w.dtype)
+            for _ in range(layers):
+                x = fn(F.rms_norm(x, (w.config.d_model,), eps=STACK_RMS_EPS))
+            return x
+
+        return stack, seconds
+
+    return build_stack
+
+
 def _build_max_builtin(w: Workload):
     from .max_builtin import MaxBuiltinMoE
 
@@ -122,11 +163,14 @@ def _dense_unsupported(w: Workload) -> str | None:
 
 
 IMPLEMENTATIONS = (
-    Impl("pymoe", "pymoe MoE (Mojo kernels in a MAX graph)", "moe", _build_pymoe),
+    Impl("pymoe", "pymoe MoE (Mojo kernels in a MAX graph)", "moe", _build_pymoe, build_stack=_build_pymoe_stack),
     Impl("max_dense", "dense FFN in MAX (ops.matmul)", "dense", _build_max_dense, _dense_unsupported),
-    Impl("torch_loop", "PyTorch MoE, HF-style expert loop", "moe", _build_torch("loop")),
-    Impl("torch_grouped", "PyTorch MoE, torch._grouped_mm", "moe", _build_torch("grouped")),
-    Impl("torch_dense", "dense FFN in PyTorch", "dense", _build_torch_dense, _dense_unsupported),
+    Impl("torch_loop", "PyTorch MoE, HF-style expert loop", "moe", _build_torch("loop"),
+         build_stack=_stack_torch(_build_torch("loop"))),
+    Impl("torch_grouped", "PyTorch MoE, torch._grouped_mm", "moe", _build_torch("grouped"),
+         build_stack=_stack_torch(_build_torch("grouped"))),
+    Impl("torch_dense", "dense FFN in PyTorch", "dense", _build_torch_dense, _dense_unsupported,
+         build_stack=_stack_torch(_build_torch_dense)),
     Impl("max_builtin", "MAX built-in MoE kernels (max.nn.kernels)", "moe", _build_max_builtin,
          _max_builtin_unsupported),
 )
@@ -217,36 +261,71 @@ def skip_reason(impl: Impl, w: Workload, work: dict, ceilings: dict) -> str | No
     return reason
 
 
-def run_impl(impl: Impl, w: Workload, work: dict, ceilings: dict, min_seconds: float, sync=None) -> dict:
+def _build_check_time(rec: dict, build: Callable[[], tuple[Callable, float]], check_x: np.ndarray,
+                      expected: np.ndarray, against: str, x, dtype: str, min_seconds: float, sync) -> Callable | None:
+    """Build, check on check_x against `expected`, then time on x, recording each step in
+    `rec` (a failure is recorded, not raised: a failing baseline is a result); returns the
+    function when every step passed, else None."""
+    try:
+        fn, compile_s = build()
+    except Exception as exc:
+        rec.update(status="failed", error=error_summary(exc), phase="build")
+        return None
+    rec["compile_s"] = compile_s
+    try:
+        err, ok = _check(_to_numpy(fn(check_x)), expected, dtype)
+        rec.update(check_tokens=len(check_x), check_rel_err=err, check_tol=CHECK_TOL[dtype])
+        if not ok:
+            rec.update(status="wrong", error=f"relative error {err:.3g} against {against}")
+            return None
+        rec.update(summarize(measure(lambda: fn(x), min_seconds=min_seconds, sync=sync)))
+    except Exception as exc:
+        rec.update(status="failed", error=error_summary(exc), phase="run")
+        return None
+    return fn
+
+
+def _single_calls(fn: Callable, x: np.ndarray, layers: int, d_model: int) -> np.ndarray:
+    """What a stack of `layers` must give on x: the single-call `fn` `layers` times, each
+    after the stack's RMS norm (computed here in float32)."""
+    y = torch.from_numpy(x)
+    for _ in range(layers):
+        y = torch.from_numpy(_to_numpy(fn(F.rms_norm(y, (d_model,), eps=STACK_RMS_EPS).numpy())))
+    return y.numpy()
+
+
+def run_impl(impl: Impl, w: Workload, work: dict, ceilings: dict, min_seconds: float, sync=None,
+             stack: int | None = None) -> dict:
+    """One row: built, checked against the float64 reference on the first CHECK_TOKENS tokens,
+    timed, with its roofline; with `stack` = L, its `stack` too (see the module's doc)."""
     row = {"name": impl.name, "label": impl.label, "kind": impl.kind, "status": "ok", "error": None}
     reason = skip_reason(impl, w, work, ceilings)
     if reason:
         row.update(status="skipped", error=reason)
         return row
-    try:
-        fn, compile_s = impl.build(w)
-    except Exception as exc:  # recorded, not raised: a failing baseline is a result
-        row.update(status="failed", error=error_summary(exc), phase="build")
+    n = min(CHECK_TOKENS, w.tokens)
+    # On the GPU every implementation gets the batch already on the device.
+    x = w.x if w.device == "cpu" else torch.from_numpy(w.x).to("cuda", torch_dtype(w.dtype))
+    fn = _build_check_time(row, lambda: impl.build(w), w.x[:n], _reference(w, impl.kind, n),
+                           "the float64 reference", x, w.dtype, min_seconds, sync)
+    if fn is None:
         return row
-    row["compile_s"] = compile_s
-    try:
-        n = min(CHECK_TOKENS, w.tokens)
-        out = _to_numpy(fn(w.x[:n]))
-        err, ok = _check(out, _reference(w, impl.kind, n), w.dtype)
-        row.update(check_tokens=n, check_rel_err=err, check_tol=CHECK_TOL[w.dtype])
-        if not ok:
-            row.update(status="wrong", error=f"relative error {err:.3g} against the float64 reference")
-            return row
-        # On the GPU every implementation gets the batch already on the device.
-        x = w.x if w.device == "cpu" else torch.from_numpy(w.x).to("cuda", torch_dtype(w.dtype))
-        times = measure(lambda: fn(x), min_seconds=min_seconds, sync=sync)
-        row.update(summarize(times))
-        if w.device == "cpu":
-            row["peak_rss_delta_mib"] = peak_rss_during(lambda: fn(x))
-    except Exception as exc:
-        row.update(status="failed", error=error_summary(exc), phase="run")
-        return row
+    if w.device == "cpu":
+        row["peak_rss_delta_mib"] = peak_rss_during(lambda: fn(x))
     _roofline(row, work[impl.kind], ceilings)
+    if stack is None:
+        return row
+    st = row["stack"] = {"layers": stack, "status": "ok", "error": None}
+    if impl.build_stack is None:
+        st.update(status="skipped", error="no stacked form: MAX's dense and built-in rows are one graph per call")
+        return row
+    expected = _single_calls(fn, w.x[:n], stack, w.config.d_model)
+    fn = None  # the single call's copy of the weights goes before the stack's comes
+    gc.collect()
+    if _build_check_time(st, lambda: impl.build_stack(w, stack), w.x[:n], expected, f"{stack} single calls",
+                         x, w.dtype, min_seconds, sync):
+        st["per_layer_s"] = st["median_s"] / stack
+        st["pct_of_floor"] = 100 * row["floor_s"] / st["per_layer_s"]
     return row
 
 
@@ -256,9 +335,16 @@ def _check_impls(impls: tuple[str, ...]) -> None:
         raise ValueError(f"unknown implementation(s) {sorted(unknown)}; choose from {IMPL_NAMES}")
 
 
+def check_stack(stack: int | None) -> None:
+    """A ValueError unless `stack` is None (single calls only) or a layer count >= 1."""
+    if stack is not None and (not isinstance(stack, int) or stack < 1):
+        raise ValueError(f"stack must be a number of layers >= 1, got {stack!r}")
+
+
 def run_cell(w: Workload, *, ceilings: dict, impls: tuple[str, ...] = IMPL_NAMES, min_seconds: float = 1.0,
-             progress: Callable[[str], None] | None = None) -> dict:
-    """Benchmark every implementation in `impls` on one cell; returns its run dict."""
+             stack: int | None = None, progress: Callable[[str], None] | None = None) -> dict:
+    """Benchmark every implementation in `impls` on one cell (with `stack` = L, each also as
+    L layers in one call); returns its run dict."""
     _check_impls(impls)
     work = work_model(w)
     sync = device_sync(w.device)
@@ -272,7 +358,7 @@ def run_cell(w: Workload, *, ceilings: dict, impls: tuple[str, ...] = IMPL_NAMES
     for impl in chosen:
         if progress:
             progress(impl.name)
-        by_name[impl.name] = run_impl(impl, w, work, ceilings, min_seconds, sync)
+        by_name[impl.name] = run_impl(impl, w, work, ceilings, min_seconds, sync, stack)
         gc.collect()  # this implementation's copy of the weights goes before the next one's comes
         if w.device == "gpu":
             torch.cuda.empty_cache()
@@ -281,6 +367,10 @@ def run_cell(w: Workload, *, ceilings: dict, impls: tuple[str, ...] = IMPL_NAMES
     for r in rows:
         if pymoe and r["status"] == "ok":
             r["pymoe_speedup"] = r["median_s"] / pymoe["median_s"]
+    pymoe_stack = pymoe.get("stack") if pymoe else None
+    for r in rows:
+        if pymoe_stack and pymoe_stack["status"] == "ok" and r.get("stack", {}).get("status") == "ok":
+            r["stack"]["pymoe_speedup"] = r["stack"]["per_layer_s"] / pymoe_stack["per_layer_s"]
     cfg, size = w.config, itemsize(w.dtype)
     return {
         "preset": w.preset.name,
@@ -305,15 +395,18 @@ def run_preset(
     ceilings: dict,
     impls: tuple[str, ...] = IMPL_NAMES,
     min_seconds: float = 1.0,
+    stack: int | None = None,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
     on_run: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Benchmark every implementation in `impls` on one preset at each token count (None: the
-    preset's own), the weights made once; returns one run dict per token count. A preset whose
-    weights do not fit raises a ValueError before anything is allocated. `on_run` gets each
-    run as it ends."""
+    preset's own), the weights made once; with `stack` = L, each also as L layers in one call
+    (see the module's doc). Returns one run dict per token count. A preset whose weights do
+    not fit raises a ValueError before anything is allocated. `on_run` gets each run as it
+    ends."""
     _check_impls(impls)
+    check_stack(stack)
     preset = get_preset(preset_name)
     counts = preset.tokens if tokens is None else ((tokens,) if isinstance(tokens, int) else tuple(tokens))
     if not counts or min(counts) < 1:
@@ -331,7 +424,7 @@ def run_preset(
             if progress:
                 progress(f"{count} tokens: {impl} (build, check, time)")
 
-        run = run_cell(w, ceilings=ceilings, impls=impls, min_seconds=min_seconds, progress=show)
+        run = run_cell(w, ceilings=ceilings, impls=impls, min_seconds=min_seconds, stack=stack, progress=show)
         run["memory"] = {"need_bytes": plan.need_bytes, "have_bytes": plan.have_bytes, "note": plan.describe()}
         runs.append(run)
         if on_run:
@@ -345,10 +438,16 @@ def _name_part(preset: str, tokens: tuple[int, ...] | None) -> str:
     return preset if tokens is None or tuple(tokens) == own else f"{preset}@{','.join(map(str, tokens))}"
 
 
-def bench_file_name(dtype: str, presets: tuple[str, ...], tokens: tuple[int, ...] | None) -> str:
-    """<dtype>-<presets>: the presets' names joined by "_", each with @<token counts> where the
-    run overrides its own (float32-qwen3-30b-a3b@1,16)."""
-    return f"{dtype}-{'_'.join(_name_part(p, tokens) for p in presets)}"
+def _stack_part(stack: int | None) -> str:
+    return "" if stack is None else f"-stack{stack}"
+
+
+def bench_file_name(dtype: str, presets: tuple[str, ...], tokens: tuple[int, ...] | None,
+                    stack: int | None = None) -> str:
+    """<dtype>-<presets>[-stack<L>]: the presets' names joined by "_", each with @<token counts>
+    where the run overrides its own (float32-qwen3-30b-a3b@1,16), then the stack depth of a
+    --stack run (bfloat16-qwen3-30b-a3b-stack8)."""
+    return f"{dtype}-{'_'.join(_name_part(p, tokens) for p in presets)}{_stack_part(stack)}"
 
 
 def write_bench_result(result: dict, out_dir: Path, name: str | None = None) -> Path:
@@ -359,6 +458,7 @@ def write_bench_result(result: dict, out_dir: Path, name: str | None = None) -> 
         counts: dict[str, list[int]] = {}
         for run in result["runs"]:
             counts.setdefault(run["preset"], []).append(run["tokens"])
-        name = f"{result['dtype']}-{'_'.join(_name_part(p, tuple(t)) for p, t in counts.items())}"
+        name = (f"{result['dtype']}-{'_'.join(_name_part(p, tuple(t)) for p, t in counts.items())}"
+                f"{_stack_part(result.get('stack'))}")
     return results.write_result(Path(out_dir) / "bench" / result["device"], name, result,
                                 stamp=results.file_stamp(result["date"]))
