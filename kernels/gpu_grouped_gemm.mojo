@@ -83,6 +83,26 @@ comptime DECODE_MAX_ROWS_PER_EXPERT = 24
 comptime MID_MAX_ROWS_PER_EXPERT = 512
 
 
+# Where cuBLAS per expert (gpu_gemm.mojo, after reading the offsets back: one
+# stream sync) is faster than this kernel: few experts, each a large GEMM.
+# Measured on an H200 at the model presets (bf16): Mixtral (E=8, 4096 x 14336)
+# at 1024 and 4096 rows per expert, cuBLAS 4.9 and 18.6 ms, this kernel 9.3 and
+# 33.5 ms; GPT-OSS-20B (E=32, 2880 x 2880) at 512 and 2048 rows per expert,
+# 2.4 / 8.1 ms against 3.4 / 10.9 ms. Below 32 rows per expert this kernel won
+# on both (Mixtral at 128 tokens: 1.01 against 1.02 ms), and at E=128 it won
+# everywhere (Qwen3-30B-A3B: 1.6 / 5.1 ms against 5.8 / 10.2 ms at 4096 /
+# 16384 tokens). No shape between 32 and 512 rows per expert was measured, so
+# the threshold there is a guess. The files: docs/RESULTS.md, "The grouped GEMM".
+comptime CUBLAS_MAX_EXPERTS = 32
+comptime CUBLAS_MIN_ROWS_PER_EXPERT = 512
+
+
+def cublas_is_faster(experts: Int, slots: Int) -> Bool:
+    """Whether cuBLAS per expert beats grouped_gemm_gpu for E experts and this
+    many routed rows (see CUBLAS_MAX_EXPERTS)."""
+    return experts <= CUBLAS_MAX_EXPERTS and slots >= CUBLAS_MIN_ROWS_PER_EXPERT * experts
+
+
 def grouped_gemm_supported[dtype: DType](
     k_dim: Int, n_out: Int, lda: Int, ldc: Int, experts: Int, *ptrs: Pointer[Scalar[dtype], MutAnyOrigin]
 ) -> Bool:

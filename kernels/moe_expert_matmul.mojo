@@ -39,7 +39,7 @@ from .activation import is_gated
 from .cpu_gemm import expert_matmul_cpu
 from .cpu_pack import pack_expert_weights_cpu
 from .gpu_gemm import ExpertBias, expert_matmul_gpu, expert_offsets_to_host, zero_dropped_rows_gpu
-from .gpu_grouped_gemm import grouped_gemm_gpu, grouped_gemm_supported
+from .gpu_grouped_gemm import cublas_is_faster, grouped_gemm_gpu, grouped_gemm_supported
 
 
 def check_activation[activation: StaticString]():
@@ -86,7 +86,9 @@ struct MoEExpertMatmul:
             zero_dropped_rows_gpu[dtype](ctx, c_ptr, m_rows, n_out, expert_offsets.unsafe_ptr().unsafe_offset(experts))
             var x_ptr = x.unsafe_ptr()
             var w_ptr0 = w.unsafe_ptr()
-            if grouped_gemm_supported[dtype](k_dim, n_out, k_dim, n_out, experts, c_ptr, x_ptr, w_ptr0):
+            if not cublas_is_faster(experts, m_rows) and grouped_gemm_supported[dtype](
+                k_dim, n_out, k_dim, n_out, experts, c_ptr, x_ptr, w_ptr0
+            ):
                 grouped_gemm_gpu[dtype, activation, gather, has_bias, swiglu_alpha, swiglu_limit](
                     ctx, c_ptr, n_out, x_ptr, k_dim, k_dim, row_ids.unsafe_ptr(), expert_offsets.unsafe_ptr(),
                     experts, m_rows, w_ptr0, n_w, bias.unsafe_ptr(),

@@ -37,7 +37,7 @@ from max.gpu.host import DeviceContext
 
 from .cpu_gemm import expert_matmul_cpu
 from .gpu_gemm import ExpertBias, activation_gpu, expert_matmul_gpu, expert_offsets_to_host, gemm_batched_gpu
-from .gpu_grouped_gemm import grouped_gemm_gpu, grouped_gemm_supported
+from .gpu_grouped_gemm import cublas_is_faster, grouped_gemm_gpu, grouped_gemm_supported
 from .moe_combine import combine_cpu, combine_gpu
 from .moe_expert_matmul import PACKED_ON_GPU, check_activation
 
@@ -109,8 +109,10 @@ struct MoEFFN:
             var x_ptr = x.unsafe_ptr()
             var w1_ptr = w1.unsafe_ptr()
             var w2_ptr = w2.unsafe_ptr()
-            if grouped_gemm_supported[dtype](d_model, d_ff, d_model, d_ff, experts, x_ptr, h, y, w1_ptr, w2_ptr) and (
-                grouped_gemm_supported[dtype](d_ff, d_model, d_ff, d_model, experts)
+            if (
+                not cublas_is_faster(experts, slots)
+                and grouped_gemm_supported[dtype](d_model, d_ff, d_model, d_ff, experts, x_ptr, h, y, w1_ptr, w2_ptr)
+                and grouped_gemm_supported[dtype](d_ff, d_model, d_ff, d_model, experts)
             ):
                 # The sync-free path: h = act(x[row_ids] @ w1 + b1) written
                 # compactly ([slots, d_ff], row stride d_ff), y = h @ w2 + b2.
@@ -128,8 +130,9 @@ struct MoEFFN:
                     topk_ids.unsafe_ptr(),
                 )
                 return
-            # float32 and shapes the tensor-core kernel does not take: cuBLAS
-            # per expert, which needs the offsets on the host (a stream sync).
+            # float32, shapes the tensor-core kernel does not take, and few
+            # large experts with many rows each (cublas_is_faster): cuBLAS per
+            # expert, which needs the offsets on the host (a stream sync).
             var offsets = expert_offsets_to_host(ctx, off_dev, experts)
             # y doubles as the buffer of gathered x rows: the second GEMM
             # overwrites it only after the first one has read it (one stream).
