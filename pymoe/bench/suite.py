@@ -137,7 +137,9 @@ def _stack_torch(build):
         def stack(x):
             x = _torch_tensor(x, w.device, w.dtype)
             for _ in range(layers):
-                x = fn(F.rms_norm(x, (w.config.d_model,), eps=STACK_RMS_EPS))
+                # The norm in float32, as _single_calls and MAX's rms_norm compute it: a bf16
+                # norm rounds differently, flips near-tie routings, and 8 layers amplify that.
+                x = fn(F.rms_norm(x.float(), (w.config.d_model,), eps=STACK_RMS_EPS).to(x.dtype))
             return x
 
         return stack, seconds
