@@ -154,11 +154,14 @@ def test_bad_router_arguments_fail_before_compiling(recorded_ops):
         mops.moe_gate(x, w, top_k=4, scoring="sigmoid", router_bias=bias, selection_bias=bias,
                       n_group=4, topk_group=2, routed_scaling_factor=2)
     (name, values, old), (_, new_values, new) = recorded_ops
-    assert name == "pymoe_moe_gate" and len(values) == len(new_values) == 4
+    # x, router, the two biases, the logits (a placeholder on the CPU: the gate computes them)
+    assert name == "pymoe_moe_gate" and len(values) == len(new_values) == 5
     assert old == {"top_k": 2, "renormalize": False, "scoring": "softmax", "has_router_bias": False,
-                   "has_selection_bias": False, "n_group": 1, "topk_group": 1, "scaling": 1.0}
+                   "has_selection_bias": False, "n_group": 1, "topk_group": 1, "scaling": 1.0,
+                   "logits_given": False}
     assert new == {"top_k": 4, "renormalize": True, "scoring": "sigmoid", "has_router_bias": True,
-                   "has_selection_bias": True, "n_group": 4, "topk_group": 2, "scaling": 2.0}
+                   "has_selection_bias": True, "n_group": 4, "topk_group": 2, "scaling": 2.0,
+                   "logits_given": False}
     assert isinstance(new["scaling"], float)
     assert list(values[2].shape) == [1] and new_values[2] is bias  # the placeholder, the bias
 
@@ -175,3 +178,21 @@ def test_gpu_routers_have_an_expert_limit(recorded_ops):
             mops.moe_gate(x, w, top_k=2, selection_bias=bias)
         mops.moe_gate(x, w, top_k=2, router_bias=bias)  # the softmax kernel has no limit
     assert len(recorded_ops) == 1
+
+
+def test_gpu_gate_takes_its_logits_from_a_tensor_core_gemm(recorded_ops):
+    """On the GPU with 16-bit inputs and widths that are multiples of 8 the router's logits
+    are their own op (pymoe_router_logits) and the gate only selects; float32, or widths the
+    tensor-core kernel does not take, keep the gate computing them (building a GPU graph
+    needs no GPU)."""
+    gpu = DeviceRef.GPU()
+    for dtype, d_model, experts, given in [(DType.bfloat16, 8, 16, True), (DType.float32, 8, 16, False),
+                                           (DType.bfloat16, 12, 16, False), (DType.bfloat16, 8, 20, False)]:
+        recorded_ops.clear()
+        types = [TensorType(dtype, ["t", d_model], gpu), TensorType(dtype, [d_model, experts], gpu)]
+        with Graph("gate_logits", input_types=types) as g:
+            x, w = (v.tensor for v in g.inputs)
+            mops.moe_gate(x, w, top_k=2)
+        names = [name for name, _, _ in recorded_ops]
+        assert names == (["pymoe_router_logits", "pymoe_moe_gate"] if given else ["pymoe_moe_gate"])
+        assert recorded_ops[-1][2]["logits_given"] is given
