@@ -115,15 +115,17 @@ def test_hybrid_decides_per_expert_by_rows_and_the_copy_queue():
     trace = Trace(experts=experts, weights=np.ones_like(experts, dtype=np.float32),
                   request_offsets=np.arange(5), meta={"num_experts": 4, "num_layers": 1, "top_k": 1})
     model = OffloadModel("one-layer", 4, 1, 1, d_model=125, d_ff=1000)
-    # Host: 0.1 ms for 1 row, 100 ms for 3. GPU: 0.5 ms per expert, 1 ms per transfer.
-    cal = with_host(calibration_for(model), model, rows=(1, 3), ms=(0.1, 100.0))
+    # Host: 1.6 ms for 1 row, 100 ms for 3. GPU: 0.5 ms per expert, 1 ms per transfer.
+    cal = with_host(calibration_for(model), model, rows=(1, 3), ms=(1.6, 100.0))
     timeline = []
     r = run("hybrid", cal, model=model, trace=trace, capacity=4, batch_size=4, requests=4, timeline=timeline)
     # Expert 0 (3 rows): GPU by 1.5 ms < host 100 ms. Expert 1 (1 row), behind expert 0's
-    # copy: GPU by 2.5 ms > host by 0.1 ms + rows both ways.
+    # copy: GPU by 2.5 ms > host by 1.6 ms + 0.0005 ms of rows each way (on an idle copy
+    # stream the GPU would have had it by 1.5 ms).
     assert (r.host_served, r.demand_bytes) == (1, model.expert_bytes)
     assert [(res, key) for res, _, _, key in timeline if res in ("copy", "host")] == [("copy", 0), ("host", 1)]
-    assert r.total_ms == pytest.approx(1.5)  # the GPU's expert 0 finishes last
+    assert r.total_ms == pytest.approx(1.601)  # the host's expert 1 is back last
+    assert r.host_wait_ms == pytest.approx(0.101)
 
 
 def test_timelines_never_overlap_on_one_resource():
