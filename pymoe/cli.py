@@ -308,7 +308,14 @@ def transfer(models, reps, out_dir, calibration_out) -> None:
 @click.option("--calibration", "calibration_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Cost model from `pymoe calibrate`.")
 @click.option("--strategy", "strategies", multiple=True,
-              help="Repeat to choose; default: all (pre-gated only if the trace has the pre-gate signal).")
+              help="Repeat to choose; default: all (pre-gated only if the trace has the pre-gate signal), "
+                   "transfer-only. A label may name its eviction, name[eviction], and a miss policy before "
+                   "a '+': cpu-on-miss (compute every missed expert on the host CPU), hybrid (per missed "
+                   "expert, the host or a transfer, whichever the calibration says is done sooner), "
+                   "cpu-on-miss-admit / hybrid-admit (also copy a host-served expert to the GPU cache "
+                   "in the background); alone they prefetch nothing: hybrid, hybrid[predicted], "
+                   "hybrid+intelligent[predicted], cpu-on-miss-admit+oracle. Host policies need the host "
+                   "compute timings of `pymoe calibrate`; like every time here, theirs are SIMULATED.")
 @click.option("--batch-sizes", default="1,2,4,8,16,32,64", show_default=True)
 @click.option("--runs", type=int, default=5, show_default=True, help="Seeded request orders per configuration.")
 @click.option("--requests", type=int, default=8, show_default=True,
@@ -326,7 +333,8 @@ def transfer(models, reps, out_dir, calibration_out) -> None:
               show_default=True)
 def simulate(trace_path, model_name, calibration_path, strategies, batch_sizes, runs, requests, cache_fraction,
              dedup, memory, evictions, out_dir) -> None:
-    """SIMULATE offloaded decoding: replay a trace through every strategy and batch size."""
+    """SIMULATE offloaded decoding: replay a trace through every strategy and batch size
+    (optionally computing missed experts on the host: see --strategy)."""
     from .offload.calibration import CalibrationError
     from .offload.sweep import run_sweep
     from .offload.trace import TraceError
