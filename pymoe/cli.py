@@ -243,23 +243,35 @@ def trace_info(path) -> None:
 @click.option("--reps", type=int, default=20, show_default=True)
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Default: results/offload/calibration-<device>.json")
-def calibrate(models, reps, out_path) -> None:
+@click.option("--host-compute/--no-host-compute", default=True, show_default=True,
+              help="Also time one expert on this host's CPU with pymoe's CPU layer for 1-64 rows (the "
+                   "hybrid policies' cost model; compiles one MAX graph per expert shape).")
+def calibrate(models, reps, out_path, host_compute) -> None:
     """Measure host->GPU transfer time and expert compute time for the simulator's cost model
-    (on a machine without a GPU: host memory copies and CPU compute, labelled so)."""
+    (on a machine without a GPU: host memory copies and CPU compute, labelled so), and the
+    host CPU's time per expert with pymoe's CPU layer."""
+    from .offload.calibration import HOST_ROWS
     from .offload.calibration import calibrate as run_calibration
     from .offload.models import get_model
 
+    if reps < 1:
+        raise click.UsageError("--reps must be >= 1")
     try:
         shapes = [get_model(m) for m in models]
     except ValueError as e:
         raise click.UsageError(str(e)) from e
-    data, out_path = run_calibration(shapes, reps=reps, out_path=out_path,
-                                     command=" ".join(["pymoe calibrate", *[f"--model {m}" for m in models]]),
+    command = " ".join(["pymoe calibrate", *[f"--model {m}" for m in models], f"--reps {reps}",
+                        *([] if host_compute else ["--no-host-compute"])])
+    data, out_path = run_calibration(shapes, reps=reps, host_rows=HOST_ROWS if host_compute else None,
+                                     out_path=out_path, command=command,
                                      progress=lambda msg: click.echo(msg, err=True))
     for memory in ("pinned", "pageable"):
         t = data["transfer"][memory]
         click.echo(f"{memory}: {t['gbps']:.1f} GB/s, {t['latency_ms'] * 1e3:.1f} us per queued copy, "
                    f"{t['start_latency_ms'] * 1e3:.1f} us more on an idle copy stream ({t['what']})")
+    for key, curve in data.get("host_compute", {}).items():
+        click.echo(f"host compute {key} ({curve['dtype']}): " + ", ".join(
+            f"{n} rows {ms:.3f} ms" for n, ms in zip(curve["rows"], curve["median_ms"])))
     click.echo(f"wrote {out_path}")
 
 
@@ -296,7 +308,14 @@ def transfer(models, reps, out_dir, calibration_out) -> None:
 @click.option("--calibration", "calibration_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Cost model from `pymoe calibrate`.")
 @click.option("--strategy", "strategies", multiple=True,
-              help="Repeat to choose; default: all (pre-gated only if the trace has the pre-gate signal).")
+              help="Repeat to choose; default: all (pre-gated only if the trace has the pre-gate signal), "
+                   "transfer-only. A label may name its eviction, name[eviction], and a miss policy before "
+                   "a '+': cpu-on-miss (compute every missed expert on the host CPU), hybrid (per missed "
+                   "expert, the host or a transfer, whichever the calibration says is done sooner), "
+                   "cpu-on-miss-admit / hybrid-admit (also copy a host-served expert to the GPU cache "
+                   "in the background); alone they prefetch nothing: hybrid, hybrid[predicted], "
+                   "hybrid+intelligent[predicted], cpu-on-miss-admit+oracle. Host policies need the host "
+                   "compute timings of `pymoe calibrate`; like every time here, theirs are SIMULATED.")
 @click.option("--batch-sizes", default="1,2,4,8,16,32,64", show_default=True)
 @click.option("--runs", type=int, default=5, show_default=True, help="Seeded request orders per configuration.")
 @click.option("--requests", type=int, default=8, show_default=True,
@@ -314,7 +333,8 @@ def transfer(models, reps, out_dir, calibration_out) -> None:
               show_default=True)
 def simulate(trace_path, model_name, calibration_path, strategies, batch_sizes, runs, requests, cache_fraction,
              dedup, memory, evictions, out_dir) -> None:
-    """SIMULATE offloaded decoding: replay a trace through every strategy and batch size."""
+    """SIMULATE offloaded decoding: replay a trace through every strategy and batch size
+    (optionally computing missed experts on the host: see --strategy)."""
     from .offload.calibration import CalibrationError
     from .offload.sweep import run_sweep
     from .offload.trace import TraceError

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,10 @@ COMPUTE_CALLS = 20
 # L2 cache, would time the cache instead of memory.
 ROTATE_BYTES = 512 * 2**20
 DEFAULT_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# Rows one expert gets in a decode step, batch 1 to 64 (the simulator extrapolates beyond).
+HOST_ROWS = (1, 2, 4, 8, 16, 32, 64)
+# pymoe's CPU layer computes in these; other expert dtypes are timed in float32.
+HOST_DTYPES = ("float32", "bfloat16")
 MEMORY_KINDS = ("pinned", "pageable")
 
 
@@ -69,26 +74,50 @@ class Calibration:
         return self._fit(memory)["start_latency_ms"]
 
     def compute_curve(self, model: OffloadModel):
-        """tokens -> ms for one expert of this model's shape: linear interpolation between
-        the measured token counts, linear extrapolation beyond the last two."""
+        """tokens -> ms for one expert of this model's shape on the GPU (see `_curve`)."""
         curves = self.data.get("compute", {})
         key = model.shape_key()
         if key not in curves:
             raise CalibrationError(
                 f"calibration {self.path} has no compute timings for expert shape {key} (model {model.name}); "
                 f"it has {sorted(curves)}. Run `pymoe calibrate --model {model.name}` to add them.")
-        tokens = np.asarray(curves[key]["tokens"], dtype=float)
-        ms = np.asarray(curves[key]["median_ms"], dtype=float)
-        slope = (ms[-1] - ms[-2]) / (tokens[-1] - tokens[-2]) if len(tokens) > 1 else 0.0
-        cache: dict[int, float] = {}
+        return _curve(curves[key]["tokens"], curves[key]["median_ms"])
 
-        def curve(n: int) -> float:
-            if n not in cache:
-                inside = n <= tokens[-1]
-                cache[n] = float(np.interp(n, tokens, ms)) if inside else float(ms[-1] + slope * (n - tokens[-1]))
-            return cache[n]
+    def host_compute_curve(self, model: OffloadModel):
+        """rows -> ms for one expert of this model's shape on the host CPU with pymoe's CPU
+        layer (see `_curve`); only the hybrid policies need it."""
+        curves = self.data.get("host_compute", {})
+        key = model.shape_key()
+        if key not in curves:
+            raise CalibrationError(
+                f"calibration {self.path} has no host compute timings for expert shape {key} (model "
+                f"{model.name}), which the policies that compute experts on the host need; it has "
+                f"{sorted(curves) or 'none'}. Run `pymoe calibrate --model {model.name}` on the machine whose "
+                f"host runs them to add them.")
+        return _curve(curves[key]["rows"], curves[key]["median_ms"])
 
-        return curve
+    def rows_transfer_ms(self, nbytes: int, memory: str = "pinned") -> float:
+        """Hidden-state rows moved between host and GPU on a stream of their own (not behind
+        the expert copies): the transfer model of a copy that finds its stream idle. The
+        calibration times host->GPU only; GPU->host is taken to cost the same."""
+        return self.transfer_ms(nbytes, memory) + self.start_latency_ms(memory)
+
+
+def _curve(tokens, ms):
+    """n -> ms: linear interpolation between the measured counts, linear extrapolation
+    beyond the last two."""
+    tokens = np.asarray(tokens, dtype=float)
+    ms = np.asarray(ms, dtype=float)
+    slope = (ms[-1] - ms[-2]) / (tokens[-1] - tokens[-2]) if len(tokens) > 1 else 0.0
+    cache: dict[int, float] = {}
+
+    def curve(n: int) -> float:
+        if n not in cache:
+            inside = n <= tokens[-1]
+            cache[n] = float(np.interp(n, tokens, ms)) if inside else float(ms[-1] + slope * (n - tokens[-1]))
+        return cache[n]
+
+    return curve
 
 
 def load_calibration(path: str | Path) -> Calibration:
@@ -105,10 +134,11 @@ def load_calibration(path: str | Path) -> Calibration:
         if not (fit.get("gbps", 0) > 0 and fit.get("latency_ms", -1) >= 0 and fit.get("start_latency_ms", -1) >= 0):
             raise CalibrationError(f"calibration {path}: transfer.{memory} needs gbps > 0, latency_ms >= 0 "
                                    f"and start_latency_ms >= 0")
-    for key, curve in data.get("compute", {}).items():
-        t, ms = curve.get("tokens", []), curve.get("median_ms", [])
-        if len(t) < 1 or len(t) != len(ms) or list(t) != sorted(t) or not all(np.isfinite(ms)) or min(ms) <= 0:
-            raise CalibrationError(f"calibration {path}: compute curve {key} is malformed")
+    for section, counts in (("compute", "tokens"), ("host_compute", "rows")):
+        for key, curve in data.get(section, {}).items():
+            t, ms = curve.get(counts, []), curve.get("median_ms", [])
+            if len(t) < 1 or len(t) != len(ms) or list(t) != sorted(t) or not all(np.isfinite(ms)) or min(ms) <= 0:
+                raise CalibrationError(f"calibration {path}: {section} curve {key} is malformed")
     return Calibration(data, str(path))
 
 
@@ -202,9 +232,41 @@ def rotating_expert_weights(torch, model: OffloadModel, device: str, dtype, at_l
              torch.randn(model.d_ff, model.d_model, device=device, dtype=dtype) * 0.02) for _ in range(count)]
 
 
+def measure_host_compute(model: OffloadModel, *, rows=HOST_ROWS, reps: int = 20,
+                         rotate_bytes: int = ROTATE_BYTES, progress=None) -> dict:
+    """One expert of `model`'s shape on the host CPU with pymoe's CPU layer, per call, for
+    each count of rows (see the module's docstring): the `host_compute` curve of one shape."""
+    from ..config import MoEConfig
+    from ..layer import MoELayer
+    from ..weights import MoEWeights
+
+    say = progress or (lambda msg: None)
+    dtype = model.dtype if model.dtype in HOST_DTYPES else "float32"
+    config = MoEConfig(d_model=model.d_model, d_ff=model.d_ff, num_experts=1, top_k=1,
+                       activation=model.activation)
+    # Layers share one compiled graph (weights are graph inputs), so rotating costs memory only.
+    count = max(1, -(-rotate_bytes // model.expert_bytes))
+    say(f"host compute {model.name}: compiling pymoe's CPU layer, {count} experts' weights")
+    layers = [MoELayer(config, MoEWeights.random(config, seed=i), device="cpu", dtype=dtype) for i in range(count)]
+    calls = itertools.cycle(layers)
+    curve = {"rows": list(rows), "median_ms": [], "raw_ms": [], "dtype": dtype, "threads": os.cpu_count(),
+             "compile_s": layers[0].compile_seconds,
+             "what": f"pymoe.MoELayer on cpu (one expert, top-1), per call, cycling through {count} experts' "
+                     f"weights (host clock)"}
+    rng = np.random.default_rng(0)
+    for n in rows:
+        say(f"host compute {model.name} expert, {n} rows")
+        x = rng.standard_normal((n, model.d_model), dtype=np.float32)
+        raw = time_calls(lambda x=x: next(calls).forward_unchecked(x), reps, lambda: None)
+        curve["median_ms"].append(float(np.median(raw)))
+        curve["raw_ms"].append(raw)
+    return curve
+
+
 def measure_calibration(models: list[OffloadModel], *, tokens=DEFAULT_TOKENS, reps: int = 20,
-                        progress=None) -> dict:
-    """Measure transfers and expert compute on this machine (GPU if torch sees one)."""
+                        host_rows=None, progress=None) -> dict:
+    """Measure transfers and expert compute on this machine (GPU if torch sees one), and
+    host compute with pymoe's CPU layer for the `host_rows` counts (None: not measured)."""
     import torch
 
     gpu = torch.cuda.is_available()
@@ -257,6 +319,10 @@ def measure_calibration(models: list[OffloadModel], *, tokens=DEFAULT_TOKENS, re
             curve["median_ms"].append(float(np.median(raw)))
             curve["raw_ms"].append(raw)
         data["compute"][model.shape_key()] = curve
+    if host_rows is not None:
+        data["host_compute"] = {model.shape_key(): measure_host_compute(model, rows=host_rows, reps=reps,
+                                                                        progress=progress)
+                                for model in models}
     return data
 
 
@@ -266,21 +332,23 @@ def default_calibration_path(out_dir: str | Path, device: str) -> Path:
 
 
 def write_calibration(data: dict, path: str | Path, *, merge: bool = True) -> Path:
-    """Write the file; with merge, compute curves already in an existing file for the same
-    device are kept unless re-measured."""
+    """Write the file; with merge, compute and host compute curves already in an existing
+    file for the same device are kept unless re-measured."""
     path = Path(path)
     if merge and path.is_file():
         old = json.loads(path.read_text())
         if old.get("device") == data.get("device"):
-            data = {**data, "compute": {**old.get("compute", {}), **data["compute"]}}
+            data = {**data, **{section: {**old.get(section, {}), **data.get(section, {})}
+                               for section in ("compute", "host_compute") if section in old or section in data}}
     return write_json(path, data)
 
 
-def calibrate(models: list[OffloadModel], *, reps: int = 20, out_path: str | Path | None = None,
+def calibrate(models: list[OffloadModel], *, reps: int = 20, host_rows=HOST_ROWS, out_path: str | Path | None = None,
               out_dir: str | Path = "results", command: str = "", progress=None) -> tuple[dict, Path]:
-    """`pymoe calibrate`: measure (see measure_calibration), add the provenance and write the
-    calibration to out_path (default `<out_dir>/offload/calibration-<device>.json`, merged
-    with the compute curves already there). Returns (data, path)."""
-    data = measure_calibration(models, reps=reps, progress=progress)
+    """`pymoe calibrate`: measure (see measure_calibration; host compute unless host_rows is
+    None), add the provenance and write the calibration to out_path (default
+    `<out_dir>/offload/calibration-<device>.json`, merged with the curves already there).
+    Returns (data, path)."""
+    data = measure_calibration(models, reps=reps, host_rows=host_rows, progress=progress)
     data.update(provenance(command))
     return data, write_calibration(data, out_path or default_calibration_path(out_dir, data["device"]))

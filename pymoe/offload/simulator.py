@@ -18,6 +18,17 @@ distinct expert of a layer is loaded and computed once for the whole batch; with
 request loads and computes its experts on its own, as a per-request engine would (copies of
 the same expert for several requests are transient and do not take cache slots). Time spent
 outside the expert FFNs (attention, norms) is not modelled.
+
+Host compute (the miss policies of strategies.py other than `transfer`): the host CPU is a
+third resource beside the copy and compute streams. A missed expert served there does not
+take the copy stream: when the layer's first host expert is decided, the hidden states of
+the layer's tokens go host-ward (tokens x d_model), the host computes its experts one after
+another (the calibrated time of pymoe's CPU layer for that many rows), and their combined
+output comes back (tokens x d_model) once the last is done; the layer's combine waits for
+both the GPU's experts and that. Rows move on streams of their own (not behind the expert
+copies), each way at the calibrated cost of a copy that finds its stream idle. `hybrid`
+decides per missed expert, in order, with what is booked so far: host if its output would be
+back sooner than a transfer (behind the copies already queued) plus its GPU compute.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..dtypes import ITEMSIZE
 from .cache import ExpertCache, Future, TieredCache
 from .calibration import Calibration
 from .models import OffloadModel
@@ -62,6 +74,11 @@ class RunResult:
     dedup_expert_requests: int  # experts requested by all tokens of all layers (with repeats)
     dedup_unique_experts: int  # distinct experts per layer, summed
     stall_ms: float
+    host_served: int = 0  # misses computed on the host (counted in misses too)
+    host_admissions: int = 0  # host-served experts also copied to the GPU cache (in bytes_moved)
+    host_ms: float = 0.0  # host compute time, summed
+    host_wait_ms: float = 0.0  # time layers' combines waited for the host after their GPU work
+    rows_bytes: int = 0  # hidden-state rows moved to and from the host
 
     @property
     def hit_rate(self) -> float:
@@ -107,6 +124,8 @@ class RunResult:
             "peak_cache_bytes": self.peak_cache_bytes, "peak_working_set_bytes": self.peak_working_set_bytes,
             "expert_requests": self.dedup_expert_requests, "unique_experts": self.dedup_unique_experts,
             "stall_ms": self.stall_ms,
+            "host_served": self.host_served, "host_admissions": self.host_admissions, "host_ms": self.host_ms,
+            "host_wait_ms": self.host_wait_ms, "rows_bytes": self.rows_bytes,
         }
 
 
@@ -164,6 +183,16 @@ class CopyStream:
 
 
 @dataclass
+class HostWorker:
+    """The host CPU computing missed experts, one after another, and the rows it needs."""
+
+    compute_ms: Callable[[int], float]  # one expert's host time for a number of rows
+    rows_ms: Callable[[int], float]  # bytes of hidden states -> ms, one way
+    row_bytes: int  # one token's hidden state
+    free: float = 0.0  # when the host experts booked so far are computed
+
+
+@dataclass
 class LayerTick:
     """One layer of one decode step (one tick) while it is being simulated."""
 
@@ -177,8 +206,11 @@ class LayerTick:
     protected: set[int]  # the same keys: the cache must not evict them this tick
     loads: dict[int, int]  # key -> copies a miss loads: 1 with dedup, else one per request that chose it
     ready: float  # when every expert the layer needs has arrived
-    work: float = 0.0  # compute time of its experts
+    work: float = 0.0  # compute time of its GPU experts
     working_set: int = 0  # expert copies the layer computes with
+    host_keys: list[int] = field(default_factory=list)  # misses computed on the host
+    rows_ms: float = 0.0  # the layer's hidden states moved one way between host and GPU
+    end: float = 0.0  # when its combine has the GPU's and the host's outputs
 
     @property
     def begin(self) -> float:
@@ -188,9 +220,10 @@ class LayerTick:
 
 @dataclass
 class RunState:
-    """Everything one simulated run changes as it goes: the two streams, the cache, the
-    counters and the per-tick and per-step times. `simulate` drives it one layer at a time:
-    route, load_experts, schedule_compute, prefetch, finish_layer."""
+    """Everything one simulated run changes as it goes: the two streams, the host worker
+    (hybrid policies only), the cache, the counters and the per-tick and per-step times.
+    `simulate` drives it one layer at a time: route, load_experts, schedule_compute,
+    prefetch, admit_host_served, finish_layer."""
 
     cache: ExpertCache | TieredCache
     copies: CopyStream
@@ -200,7 +233,10 @@ class RunState:
     executor: object | None  # told every transfer (see engine.py), or None
     layer_ms: np.ndarray  # per tick
     step_ms: np.ndarray  # per decode step
-    compute_free: float = 0.0  # when the compute stream has finished the layers scheduled so far
+    host: HostWorker | None = None  # None: misses are always transferred
+    on_miss: str = "transfer"  # the strategy's miss policy (strategies.MISS_POLICIES)
+    timeline: list | None = None  # if a list, every booking is appended: (resource, start, end, key)
+    compute_free: float = 0.0  # when the layers scheduled so far have combined (GPU and host done)
     tick: int = 0
     outstanding: set[int] = field(default_factory=set)  # prefetched keys not used yet
     accesses: int = 0
@@ -217,6 +253,15 @@ class RunState:
     peak_working_set: int = 0
     compute_only_ms: float = 0.0
     stall_ms: float = 0.0
+    host_served: int = 0
+    host_admissions: int = 0
+    host_ms: float = 0.0
+    host_wait_ms: float = 0.0
+    rows_bytes: int = 0
+
+    def book(self, resource: str, start: float, end: float, key: int | None = None) -> None:
+        if self.timeline is not None:
+            self.timeline.append((resource, start, end, key))
 
     def route(self, layer: int, chosen: np.ndarray) -> LayerTick:
         """Start the layer once its gate chose `chosen` ([batch, k]): the distinct experts
@@ -232,17 +277,59 @@ class RunState:
             loads = dict(zip(keys, counts.tolist()))
             self.accesses += chosen.size
         t0 = self.compute_free
-        return LayerTick(self.tick, layer, t0, chosen, experts, counts, keys, set(keys), loads, ready=t0)
+        lt = LayerTick(self.tick, layer, t0, chosen, experts, counts, keys, set(keys), loads, ready=t0)
+        if self.host is not None:
+            lt.rows_ms = self.host.rows_ms(chosen.shape[0] * self.host.row_bytes)
+        return lt
 
     def load_experts(self, lt: LayerTick) -> None:
         """Look every needed expert up; a resident one is a hit (late if still on its way),
-        a missing one is loaded on demand."""
-        for key in lt.keys:
+        a missing one is computed on the host if the miss policy says so, else loaded on
+        demand."""
+        for key, count in zip(lt.keys, lt.counts.tolist()):
             ready = self.cache.lookup(key)
-            if ready is None:
-                self.load_on_demand(lt, key)
-            else:
+            if ready is not None:
                 self.use_resident(lt, key, ready)
+            elif self.on_host(lt, key, count):
+                self.compute_on_host(lt, key, count)
+            else:
+                self.load_on_demand(lt, key)
+
+    def expert_work(self, curve: Callable[[int], float], count: int, copies: int) -> float:
+        """One distinct expert's compute on a resource: once for its `count` tokens with
+        dedup, else once per request's copy, one token each."""
+        return curve(count) if self.dedup else copies * curve(1)
+
+    def on_host(self, lt: LayerTick, key: int, count: int) -> bool:
+        """Whether a missed expert is computed on the host: always for cpu-on-miss; for
+        hybrid when its output would be back from the host before a transfer queued now
+        (behind the copies already booked) and its GPU compute would have it."""
+        if self.host is None:
+            return False
+        if self.on_miss.startswith("cpu-on-miss"):
+            return True
+        n, copies = lt.loads[key], self.copies
+        by_gpu = copies.start(lt.t0) + n * copies.transfer_ms + self.expert_work(self.compute_ms, count, n)
+        return self.host_begin(lt) + self.expert_work(self.host.compute_ms, count, n) + lt.rows_ms < by_gpu
+
+    def host_begin(self, lt: LayerTick) -> float:
+        """When the host can start the layer's next host expert: after those booked, and
+        for the first one after the hidden states have arrived."""
+        return self.host.free if lt.host_keys else max(self.host.free, lt.t0 + lt.rows_ms)
+
+    def compute_on_host(self, lt: LayerTick, key: int, count: int) -> None:
+        n, host = lt.loads[key], self.host
+        self.misses += n
+        self.host_served += n
+        if not lt.host_keys:
+            self.rows_bytes += 2 * lt.chosen.shape[0] * host.row_bytes  # host-ward and back
+            self.book("to-host", lt.t0, lt.t0 + lt.rows_ms)
+        begin = self.host_begin(lt)
+        work = self.expert_work(host.compute_ms, count, n)
+        host.free = begin + work
+        self.host_ms += work
+        lt.host_keys.append(key)
+        self.book("host", begin, host.free, key)
 
     def use_resident(self, lt: LayerTick, key: int, ready: float) -> None:
         n = lt.loads[key]
@@ -273,21 +360,24 @@ class RunState:
             self.outstanding.discard(admission.evicted)
         if self.executor is not None:
             self.executor.transfer(key, admission.evicted, prefetch=False)
+        self.book("copy", start, copies.free, key)
         lt.ready = max(lt.ready, copies.free)
 
     def schedule_compute(self, lt: LayerTick) -> None:
-        """The layer's compute time and working set (it starts at `lt.begin`)."""
-        if self.dedup:
-            lt.work = float(sum(self.compute_ms(c) for c in lt.counts))
-            lt.working_set = len(lt.keys)
-        else:
-            lt.work = float(lt.chosen.size * self.compute_ms(1))
-            lt.working_set = lt.chosen.size  # each request holds its own copy of its experts
+        """The layer's GPU compute time and working set (it starts at `lt.begin`), and when
+        its combine has every output (`lt.end`)."""
+        on_gpu = [(key, c) for key, c in zip(lt.keys, lt.counts.tolist()) if key not in lt.host_keys]
+        lt.work = float(sum(self.expert_work(self.compute_ms, c, lt.loads[key]) for key, c in on_gpu))
+        # Without dedup each request holds its own copy of its experts.
+        lt.working_set = sum(1 if self.dedup else lt.loads[key] for key, _ in on_gpu)
+        lt.end = lt.begin + lt.work
+        if lt.host_keys:
+            lt.end = max(lt.end, self.host.free + lt.rows_ms)
 
     def prefetch(self, lt: LayerTick, keys, strategy: Strategy) -> None:
         """Issue the strategy's prefetches, most urgent first, while the copy stream can
         start them before this layer's compute ends."""
-        copies, end = self.copies, lt.begin + lt.work
+        copies, end = self.copies, lt.end
         for key in keys:
             start = copies.start(lt.t0)
             if start >= end:
@@ -305,14 +395,44 @@ class RunState:
             if self.executor is not None:
                 self.executor.transfer(key, admission.evicted, prefetch=True)
             copies.free = start + copies.transfer_ms
+            self.book("copy", start, copies.free, key)
             self.outstanding.add(key)
             self.prefetches += 1
 
+    def admit_host_served(self, lt: LayerTick, strategy: Strategy) -> None:
+        """With an `-admit` miss policy, copy the layer's host-served experts into the GPU
+        cache for their next use, after the prefetches (the next layer's needs come sooner)
+        and, like them, only while the copy stream can start them before the layer ends."""
+        if not strategy.admit_host:
+            return
+        copies = self.copies
+        for key in lt.host_keys:
+            start = copies.start(lt.t0)
+            if start >= lt.end:
+                break
+            admission = self.cache.admit(key, lt.tick, lt.t0, start + copies.transfer_ms, lt.protected,
+                                         allow=lambda victim, key=key: strategy.allow_eviction(victim, key, lt.tick),
+                                         prefetch=True)
+            if not admission.admitted:
+                continue
+            if admission.evicted is not None:
+                self.outstanding.discard(admission.evicted)
+            copies.free = start + copies.transfer_ms
+            self.book("copy", start, copies.free, key)
+            self.host_admissions += 1
+
     def finish_layer(self, lt: LayerTick) -> None:
-        """Book the layer's compute on the compute stream and record its time."""
+        """Book the layer's compute on the compute stream and record its time, up to its
+        combine (which also waits for the host's experts)."""
         begin = lt.begin
         self.stall_ms += begin - lt.t0
-        self.compute_free = begin + lt.work
+        gpu_end = begin + lt.work
+        if lt.work > 0:
+            self.book("gpu", begin, gpu_end)
+        if lt.host_keys:
+            self.book("from-host", self.host.free, self.host.free + lt.rows_ms)
+            self.host_wait_ms += max(0.0, lt.end - gpu_end)
+        self.compute_free = lt.end
         self.compute_only_ms += lt.work
         self.layer_ms[lt.tick] = self.compute_free - lt.t0
         self.peak_cache = max(self.peak_cache, len(self.cache))
@@ -327,25 +447,32 @@ class RunState:
             layer_ms=self.layer_ms, step_ms=self.step_ms, accesses=self.accesses, hits=self.hits,
             late_hits=self.late_hits, misses=self.misses, prefetches=self.prefetches,
             prefetches_used=self.prefetches_used, prefetches_dropped=self.prefetches_dropped,
-            bytes_moved=(self.demand_transfers + self.prefetches) * expert_bytes,
+            bytes_moved=(self.demand_transfers + self.prefetches + self.host_admissions) * expert_bytes,
             demand_bytes=self.demand_transfers * expert_bytes,
             peak_cache_bytes=self.peak_cache * expert_bytes,
             peak_working_set_bytes=self.peak_working_set * expert_bytes,
             dedup_expert_requests=self.expert_requests, dedup_unique_experts=self.unique_experts,
-            stall_ms=self.stall_ms,
+            stall_ms=self.stall_ms, host_served=self.host_served, host_admissions=self.host_admissions,
+            host_ms=self.host_ms, host_wait_ms=self.host_wait_ms, rows_bytes=self.rows_bytes,
         )
 
 
 def simulate(trace: Trace, model: OffloadModel, strategy: Strategy, calibration: Calibration, *,
              capacity: int, batch_size: int, requests: int, seed: int = 0, dedup: bool = True,
-             memory: str = "pinned", max_steps: int | None = None, executor=None) -> RunResult:
+             memory: str = "pinned", max_steps: int | None = None, executor=None,
+             timeline: list | None = None) -> RunResult:
     """Replay the trace through the strategy; returns the SIMULATED run (of the first
     `max_steps` decode steps only, if given).
 
     With an `executor` (see engine.py) every decision is also carried out for real: it is
     told each transfer (`transfer(key, evicted, prefetch)`) and each layer's compute (`layer(tick,
     tokens, layer, experts, counts)`) as the cost model schedules them, so that the measured
-    run makes exactly the simulated run's choices."""
+    run makes exactly the simulated run's choices. The engine does not run host experts
+    yet, so strategies with a host miss policy refuse an executor.
+
+    With a `timeline` list, every booking of a resource is appended to it as (resource,
+    start ms, end ms, expert key or None); resources: "copy" (expert copies), "gpu" (a
+    layer's GPU experts), "host", "to-host" and "from-host" (hidden-state rows)."""
     trace.check_shape(model.num_experts, model.num_layers, model.top_k, f"model {model.name}")
     if strategy.needs_pregate and trace.pregate is None:
         raise TraceError(f"strategy {strategy.name} needs the pre-gate signal; trace {trace.path} has none")
@@ -357,6 +484,14 @@ def simulate(trace: Trace, model: OffloadModel, strategy: Strategy, calibration:
             f"{batch_size} ({layer_need}); give it at least {layer_need}")
     copies = CopyStream(calibration.transfer_ms(model.expert_bytes, memory), calibration.start_latency_ms(memory))
     compute_ms = calibration.compute_curve(model)
+    host = None
+    if strategy.host_compute:
+        if executor is not None:
+            raise ValueError(f"strategy {strategy.label} computes experts on the host, which the offloading "
+                             f"engine does not do yet; simulate it without an executor (pymoe simulate)")
+        host = HostWorker(calibration.host_compute_curve(model),
+                          lambda nbytes: calibration.rows_transfer_ms(nbytes, memory),
+                          row_bytes=model.d_model * ITEMSIZE[model.dtype])
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     steps = batch_schedule(trace, batch_size, requests, seed)[:max_steps]
@@ -365,7 +500,8 @@ def simulate(trace: Trace, model: OffloadModel, strategy: Strategy, calibration:
     future = Future(ticks) if strategy.uses_future or strategy.eviction == "belady" else None
     strategy.reset(RunContext(e, layers, k, capacity, batch_size, future))
     run = RunState(strategy.make_cache(), copies, compute_ms, e, dedup, executor,
-                   layer_ms=np.empty(len(ticks)), step_ms=np.empty(len(steps)))
+                   layer_ms=np.empty(len(ticks)), step_ms=np.empty(len(steps)), host=host,
+                   on_miss=strategy.on_miss, timeline=timeline)
 
     for s, tokens in enumerate(steps):
         step_start = run.compute_free
@@ -382,6 +518,7 @@ def simulate(trace: Trace, model: OffloadModel, strategy: Strategy, calibration:
                              None if trace.pregate is None or layer + 1 >= layers else trace.pregate[tokens, layer + 1])
             strategy.observe(view)
             run.prefetch(lt, strategy.prefetch(view), strategy)
+            run.admit_host_served(lt, strategy)
             run.finish_layer(lt)
         run.step_ms[s] = run.compute_free - step_start
     return run.result(strategy.label, model.expert_bytes, batch_size=batch_size, seed=seed, requests=requests)

@@ -12,6 +12,15 @@
 To add a strategy, subclass `Strategy` in a new file, decorate it with `@register`, and import
 that file before building the simulator (see HOW_TO_RUN.md).
 
+Every strategy also has a miss policy (`on_miss`, one of MISS_POLICIES): what the simulator
+does with a needed expert that is not on the GPU. `transfer` (the default) copies it in and
+the layer waits; `cpu-on-miss` computes it on the host CPU instead (only its tokens' hidden
+states cross the bus); `hybrid` picks, per expert, whichever path the calibration says
+finishes it sooner. With `-admit` an expert served on the host is also copied to the GPU
+cache in the background, for its next use. Labels put a miss policy before a `+`:
+`hybrid+intelligent[predicted]`; alone it means On-Demand's (no) prefetching: `hybrid`,
+`cpu-on-miss[lfu]`.
+
 The predicting strategies prefetch an expert only when they give it at least a 50% chance of
 being needed (`threshold`). On the H100 a 27 MiB transfer takes about 25 times an expert's
 decode compute, so a wrong prefetch delays the next layer's demand loads by almost a whole
@@ -33,6 +42,7 @@ from .trace import Trace
 
 STRATEGIES: dict[str, type[Strategy]] = {}
 EVICTIONS = ("lru", "lfu", "belady", "predicted", "tiered")
+MISS_POLICIES = ("transfer", "cpu-on-miss", "cpu-on-miss-admit", "hybrid", "hybrid-admit")
 
 
 def register(cls):
@@ -73,6 +83,7 @@ class Strategy:
     default_eviction = "lru"
     needs_pregate = False
     uses_future = False
+    on_miss = "transfer"  # see MISS_POLICIES; make_strategy sets it from the label
 
     def __init__(self, eviction: str | None = None) -> None:
         self.eviction = eviction or self.default_eviction
@@ -84,7 +95,20 @@ class Strategy:
 
     @property
     def label(self) -> str:
-        return self.name if self.eviction == self.default_eviction else f"{self.name}[{self.eviction}]"
+        name = self.name
+        if self.on_miss != "transfer":
+            name = self.on_miss if name == OnDemand.name else f"{self.on_miss}+{name}"
+        return name if self.eviction == self.default_eviction else f"{name}[{self.eviction}]"
+
+    @property
+    def host_compute(self) -> bool:
+        """Whether it may compute missed experts on the host (and needs the host calibration)."""
+        return self.on_miss != "transfer"
+
+    @property
+    def admit_host(self) -> bool:
+        """Whether an expert computed on the host is also copied into the GPU cache."""
+        return self.on_miss.endswith("-admit")
 
     def fit(self, profile: Trace) -> None:
         """Subclasses that learn from the profile call this too."""
@@ -420,11 +444,23 @@ class ExpertFlow(PredictingStrategy):
 
 
 def make_strategy(name: str, eviction: str | None = None) -> Strategy:
-    """`name` may carry its eviction policy as a label does: `on-demand[predicted]`."""
+    """`name` may carry its eviction policy and its miss policy as a label does:
+    `on-demand[predicted]`, `hybrid+intelligent[lfu]`, `cpu-on-miss` (= `cpu-on-miss+on-demand`)."""
+    given = name
     if name.endswith("]") and "[" in name:
         if eviction is not None:
-            raise ValueError(f"strategy {name!r} names its eviction policy; do not also give eviction={eviction!r}")
+            raise ValueError(f"strategy {given!r} names its eviction policy; do not also give eviction={eviction!r}")
         name, eviction = name[:-1].split("[", 1)
+    on_miss = "transfer"
+    if "+" in name:
+        on_miss, name = name.split("+", 1)
+    elif name in MISS_POLICIES:
+        on_miss, name = name, OnDemand.name
+    if on_miss not in MISS_POLICIES:
+        raise ValueError(f"strategy {given!r}: unknown miss policy {on_miss!r}; choose from {MISS_POLICIES}")
     if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; choose from {sorted(STRATEGIES)}")
-    return STRATEGIES[name](eviction=eviction)
+        raise ValueError(f"unknown strategy {name!r}; choose from {sorted(STRATEGIES)}, each optionally after a "
+                         f"miss policy and '+' ({', '.join(MISS_POLICIES)}), e.g. hybrid+oracle")
+    strategy = STRATEGIES[name](eviction=eviction)
+    strategy.on_miss = on_miss
+    return strategy

@@ -1,6 +1,7 @@
 """`pymoe simulate`: every strategy x batch size x seeded run on one trace, aggregated with
 confidence intervals and written to `results/offload/`. Every time in the output is
-SIMULATED (cost model from a measured calibration file), and the files say so."""
+SIMULATED (cost model from a measured calibration file), and the files say so. A strategy
+may be a label with a miss policy (`hybrid+intelligent[predicted]`, see strategies.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ..dtypes import ITEMSIZE
 from ..results import command_line, provenance, write_result
 from ..stats import compare_paired, summarize
 from .calibration import load_calibration
@@ -102,9 +104,6 @@ def run_sweep(trace_path: Path, model_name: str, calibration_path: Path, *,
         left_out = sorted(set(STRATEGIES) - set(strategies))
         if left_out:
             console.print(f"{trace_path} has no pre-gate signal: leaving out {', '.join(left_out)}")
-    unknown = [s for s in strategies if s not in STRATEGIES]
-    if unknown:
-        raise ValueError(f"unknown strategies {unknown}; choose from {sorted(STRATEGIES)}")
     if dedup not in ("on", "off", "both"):
         raise ValueError(f"dedup must be on, off or both, got {dedup!r}")
     if runs < 1:
@@ -125,11 +124,14 @@ def run_sweep(trace_path: Path, model_name: str, calibration_path: Path, *,
     fitted = {}
     for name in strategies:
         for eviction in evictions or (None,):
-            strategy = make_strategy(name, eviction)
+            strategy = make_strategy(name, eviction)  # an unknown name fails here, before any fit
             if strategy.needs_pregate and trace.pregate is None:
                 raise ValueError(f"strategy {name} needs the pre-gate signal; {trace_path} has none")
             strategy.fit(profile)
             fitted[strategy.label] = strategy
+    host = any(s.host_compute for s in fitted.values())
+    if host:
+        calibration.host_compute_curve(model)  # an old file without host timings fails here
     result = {
         "schema": "pymoe.offload-sim/1",
         "simulated": SIMULATED,
@@ -142,7 +144,13 @@ def run_sweep(trace_path: Path, model_name: str, calibration_path: Path, *,
                                          for k in ("gbps", "latency_ms", "start_latency_ms")}
                                      for m in ("pinned", "pageable")},
                         "expert_transfer_ms": calibration.transfer_ms(model.expert_bytes, memory),
-                        "expert_compute_ms_1_token": calibration.compute_curve(model)(1)},
+                        "expert_compute_ms_1_token": calibration.compute_curve(model)(1),
+                        **({"host_compute": {k: calibration.data["host_compute"][model.shape_key()][k]
+                                             for k in ("rows", "median_ms", "dtype", "what")
+                                             if k in calibration.data["host_compute"][model.shape_key()]},
+                            "expert_host_compute_ms_1_row": calibration.host_compute_curve(model)(1),
+                            "rows_transfer_ms_1_token": calibration.rows_transfer_ms(
+                                model.d_model * ITEMSIZE[model.dtype], memory)} if host else {})},
         "memory": memory, "cache_fraction": cache_fraction, "cache_experts": capacity,
         "cache_bytes": capacity * model.expert_bytes, "requests_per_run": requests, "runs_per_config": runs,
         "batch_sizes": list(batch_sizes), "strategies": list(fitted), "runs": [],
@@ -205,7 +213,9 @@ def print_sweep(result: dict, console: Console) -> None:
                          f"({result['cache_fraction']:.0%}, {result['cache_bytes'] / 2**30:.1f} GiB), "
                          f"expert {model['expert_bytes'] / 2**20:.1f} MiB: "
                          f"transfer {cal['expert_transfer_ms']:.3f} ms, "
-                         f"compute {cal['expert_compute_ms_1_token']:.3f} ms/1 token ({cal['device']})"))
+                         f"compute {cal['expert_compute_ms_1_token']:.3f} ms/1 token" +
+                         (f", host compute {cal['expert_host_compute_ms_1_row']:.3f} ms/1 row"
+                          if "expert_host_compute_ms_1_row" in cal else "") + f" ({cal['device']})"))
     for col in ("strategy", "batch", "ms/step", "±95%", "p99", "hit", "covered", "speedup", "of oracle"):
         table.add_column(col, justify="left" if col == "strategy" else "right", no_wrap=True)
     for row in result["aggregates"]:
