@@ -1,4 +1,8 @@
-# GPU building blocks for the grouped expert GEMM (not registered ops):
+# The GPU's cuBLAS path of the grouped expert GEMM (not registered ops): for
+# float32, widths the tensor-core kernel does not take, and few large experts
+# with many rows each, where cuBLAS's Hopper GEMMs beat it (gpu_grouped_gemm.mojo,
+# cublas_is_faster). Everything else runs gpu_grouped_gemm.mojo, which never
+# synchronises with the host.
 #
 # - gemm_gpu: one row-major C = A @ B through cuBLAS on the op's stream, with
 #   explicit row strides so that a GEMM can read or write a column block of a
@@ -18,8 +22,8 @@
 #   copied back and the stream is synchronised once per layer call.
 # - gather_rows_gpu / activation_gpu: the memory-bound steps around the GEMMs,
 #   vectorised 16 bytes per thread when the row lengths allow it.
-# - expert_matmul_gpu: the grouped GEMM of pymoe_moe_expert_matmul and
-#   moe_ffn on the GPU, built from the pieces above. The expert offsets are
+# - expert_matmul_gpu: the cuBLAS grouped GEMM of pymoe_moe_expert_matmul and
+#   moe_ffn, built from the pieces above. The expert offsets are
 #   read back to the host (one stream sync), the gathered rows are copied
 #   into a contiguous block, and each expert's rows are one cuBLAS GEMM
 #   (tensor cores in bf16) writing the raw products; a memory-bound pass then

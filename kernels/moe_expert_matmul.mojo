@@ -28,7 +28,9 @@
 #   cpu_decode.mojo    the decode pipeline (packing the next block while
 #                      computing this one);
 #   cpu_blocking.mojo  the register tile and cache-block sizes;
-#   gpu_gemm.mojo      the GPU path (expert_matmul_gpu over cuBLAS).
+#   gpu_grouped_gemm.mojo  the GPU tensor-core grouped GEMM (no host sync);
+#   gpu_gemm.mojo      the GPU cuBLAS path (expert_matmul_gpu; float32, odd
+#                      widths, few large experts: cublas_is_faster).
 
 import extensibility
 from extensibility import InputTensor, OutputTensor

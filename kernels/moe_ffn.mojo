@@ -16,11 +16,17 @@
 # column count (2*d_ff for SwiGLU) because on the GPU the first GEMM writes
 # both SwiGLU halves before the activation folds them.
 #
+# GPU routed path: the tensor-core grouped GEMM (gpu_grouped_gemm.mojo, no
+# host sync) for 16-bit inputs with widths that are multiples of 8, unless
+# cublas_is_faster; else cuBLAS per expert (gpu_gemm.mojo), which reads the
+# offsets back to the host first.
+#
 # Every-expert path (GPU, every_expert_min_tokens <= T <= every_expert_max_tokens,
-# chosen by Python: pymoe.ops.every_expert_token_range): for a small batch, every
-# expert's weights are read anyway (decode), the GEMMs are weight-bandwidth
-# bound, and the routed path's costs are fixed ones: reading the offsets back
-# to the host (a stream sync) and one GEMM launch per expert. So every expert
+# chosen by Python: pymoe.ops.every_expert_token_range, which never picks it
+# where the grouped GEMM runs): for a small batch, every expert's weights are
+# read anyway (decode), the GEMMs are weight-bandwidth bound, and the cuBLAS
+# routed path's costs are fixed ones: reading the offsets back to the host (a
+# stream sync) and one GEMM launch per expert. So every expert
 # runs on every token, as two strided-batched GEMMs (E at once, no gather, no
 # host sync):
 #
