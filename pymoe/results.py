@@ -88,13 +88,30 @@ def versions() -> dict:
     return out
 
 
+SOURCE_COMMIT_ENV = "PYMOE_SOURCE_COMMIT"
+_SOURCE_COMMIT = re.compile(r"([0-9a-f]{7,40})(-dirty)?")
+
+
 def git_commit() -> dict:
-    """The commit of the pymoe checkout the code ran from: the source tree itself,
-    or, for an installed package (pip install .), the checkout in the current
-    directory. None outside a pymoe git checkout. A copy of a clean commit whose .git is
-    stale or missing (as on a lent GPU machine) names it in PYMOE_SOURCE_COMMIT."""
-    if os.environ.get("PYMOE_SOURCE_COMMIT"):
-        return {"commit": os.environ["PYMOE_SOURCE_COMMIT"], "dirty": False, "commit_source": "PYMOE_SOURCE_COMMIT"}
+    """The commit of the code that ran, whether the tree differed from it (`dirty`), and
+    where that came from (`commit_source`).
+
+    A copy of a tree whose .git is stale (the lent GPU machines get the working tree with
+    the .git of an older commit, so git would name that commit, dirty) is named by its
+    caller in PYMOE_SOURCE_COMMIT: a commit hash, with "-dirty" appended when the tree had
+    uncommitted changes (`$(git rev-parse HEAD)$(git diff --quiet HEAD || echo -dirty)` in
+    the caller's checkout). Otherwise git
+    is asked, in the source tree itself or, for an installed package (pip install .), in
+    the checkout in the current directory; None outside a pymoe git checkout. A HEAD whose
+    commit is not in the repository's objects (a partial .git copy) is recorded as such,
+    with `dirty` None, rather than skipped."""
+    claimed = os.environ.get(SOURCE_COMMIT_ENV)
+    if claimed:
+        match = _SOURCE_COMMIT.fullmatch(claimed.strip())
+        if not match:  # recorded, not raised: some commands write their header after the run
+            return {"commit": None, "dirty": None,
+                    "commit_source": f"{SOURCE_COMMIT_ENV}={claimed!r}, which is not a commit hash"}
+        return {"commit": match[1], "dirty": bool(match[2]), "commit_source": SOURCE_COMMIT_ENV}
     for root in (REPO_ROOT, Path.cwd()):
         if not (root / "kernels" / "moe_gate.mojo").is_file():
             continue
@@ -105,11 +122,18 @@ def git_commit() -> dict:
             ).stdout.strip()
 
         try:
-            dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-            return {"commit": git("rev-parse", "HEAD"), "dirty": dirty}
+            head = git("rev-parse", "HEAD")
         except (OSError, subprocess.SubprocessError):
-            continue
-    return {"commit": None, "dirty": None}
+            continue  # not a git checkout (a source archive): try the next root
+        try:
+            git("cat-file", "-e", f"{head}^{{commit}}")
+            dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        except (OSError, subprocess.SubprocessError):
+            return {"commit": head, "dirty": None,
+                    "commit_source": f"git, inconsistent: HEAD names {head[:9]}, which is not in the repository's "
+                                     f"objects (a stale or partial .git copy?); set {SOURCE_COMMIT_ENV}"}
+        return {"commit": head, "dirty": dirty, "commit_source": "git"}
+    return {"commit": None, "dirty": None, "commit_source": None}
 
 
 def provenance(command: str) -> dict:

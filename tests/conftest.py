@@ -1,6 +1,8 @@
 """Shared helpers. Graphs are compiled once per session (fixtures in the test
 modules are session- or module-scoped) and reused with fresh random inputs."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -53,6 +55,46 @@ GPU_SHARED_EXPERT_FP32_TOL = 1e-3
 def gpu_fp32_tol(config) -> float:
     """The float32 tolerance of a GPU layer: FP32_TOL, or GPU_SHARED_EXPERT_FP32_TOL with a shared expert."""
     return GPU_SHARED_EXPERT_FP32_TOL if config.shared_d_ff else FP32_TOL
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mojo_packages_built_once():
+    """Build each Mojo kernel package once per test session, not once per graph.
+
+    MAX builds a Graph's Mojo source package (custom_extensions=[pymoe.ops.KERNELS_DIR]) with
+    `mojo precompile` for every Graph: about 7 s on a 2-core CPU, for each of the suite's
+    ~40 graphs. The sources do not change during a session, so the first build of each
+    folder is handed to every later Graph. It stays where MAX put it (a path fixed by the
+    source folder): MAX's on-disk cache of compiled graphs keys on that path."""
+    try:
+        import max.graph.graph as max_graph
+    except ImportError:  # the offloading tests run without MAX
+        yield
+        return
+    build = max_graph._build_mojo_source_package
+    built: dict[Path, Path] = {}
+
+    def build_once(path):
+        path = Path(path).resolve()
+        if path not in built:
+            built[path] = build(path)
+        return built[path]
+
+    max_graph._build_mojo_source_package = build_once
+    yield
+    max_graph._build_mojo_source_package = build
+
+
+@pytest.fixture
+def basic_preset(monkeypatch):
+    """The name of tests/model_layer_cases.py's TEST_PRESET, a preset for this test only:
+    `pymoe check` and `pymoe bench` on the layers the other tests compile anyway."""
+    from model_layer_cases import TEST_PRESET
+
+    from pymoe.config import PRESETS
+
+    monkeypatch.setitem(PRESETS, TEST_PRESET.name, TEST_PRESET)
+    return TEST_PRESET.name
 
 
 @pytest.fixture

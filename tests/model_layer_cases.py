@@ -1,11 +1,36 @@
-"""Layer configs shaped like today's models at small odd sizes, shared by the CPU and GPU
-layer tests (tests/test_model_layers.py, tests/test_gpu_model_layers.py)."""
+"""Layer configs at small odd sizes shared by the test files, so that each compiles one graph
+per session (the compile cache is per process, keyed by the whole config): the basic
+routers and experts (tests/test_layer.py, the CLI and bench tests' preset) and layers shaped
+like today's models (tests/test_model_layers.py, tests/test_gpu_model_layers.py). Each is also
+the layer that pymoe.hf makes of a block of tests/hf_cases.py where one matches
+(test_hf_models.py checks that they stay equal)."""
 
 import numpy as np
 from conftest import rel_err, routing_near_ties
 
-from pymoe import MoEConfig
+from pymoe import MoEConfig, Preset
 from pymoe import reference as R
+
+# hf_cases' Mixtral block: d_model 27, d_ff 19, 5 experts, top-2 softmax renormalized.
+_MIXTRAL = dict(d_model=27, d_ff=19, num_experts=5, top_k=2)
+BASIC_CONFIGS = {
+    "relu-renorm": MoEConfig(**_MIXTRAL, activation="relu"),
+    "swiglu-renorm": MoEConfig(**_MIXTRAL, activation="swiglu"),  # the Mixtral block's layer
+    # hf_cases' Switch block over 32 tokens with expert_capacity 5: capacity factor 5 * 4 / 32.
+    "relu-switch-k1-capacity": MoEConfig(
+        d_model=16, d_ff=28, num_experts=4, top_k=1, renormalize=False, capacity_factor=0.625
+    ),
+    "swiglu-k=E-capacity": MoEConfig(
+        d_model=24, d_ff=17, num_experts=4, top_k=4, activation="swiglu", renormalize=False,
+        capacity_factor=0.75,
+    ),
+}
+
+# `pymoe check` and `pymoe bench` on the basic layers (the conftest fixture `test_preset`
+# registers it): the real presets' layers are 1024 wide and cost minutes of weights,
+# packing and compiles, for the same code paths.
+TEST_PRESET = Preset("test-relu-renorm", BASIC_CONFIGS["relu-renorm"], (5,),
+                     "decode: 5 tokens of tests/model_layer_cases.py's relu-renorm layer")
 
 MODEL_CONFIGS = {
     # Qwen2-MoE: softmax top-k without renormalization, a sigmoid-gated shared expert.
@@ -13,7 +38,7 @@ MODEL_CONFIGS = {
                            renormalize=False, shared_d_ff=31, shared_gate=True),
     # DeepSeek-V3 / GLM-4.5: sigmoid scores, selection bias, 4 groups / top-2 groups,
     # scaling 2.5, an ungated shared expert.
-    "deepseek-v3": MoEConfig(d_model=37, d_ff=19, num_experts=16, top_k=4, activation="swiglu",
+    "deepseek-v3": MoEConfig(d_model=37, d_ff=19, num_experts=8, top_k=3, activation="swiglu",
                              scoring="sigmoid", selection_bias=True, n_group=4, topk_group=2,
                              routed_scaling_factor=2.5, shared_d_ff=38),
     # GPT-OSS: router bias, expert biases, clamped SwiGLU (a small limit so the clamps bite).

@@ -19,13 +19,13 @@ CEILINGS = {
 }
 
 
-def test_bench_writes_a_result_file(tmp_path):
-    args = ["bench", "--preset", "small-decode", "--tokens", "4,2", "--impl", "pymoe", "--impl", "torch_loop",
+def test_bench_writes_a_result_file(tmp_path, basic_preset):
+    args = ["bench", "--preset", basic_preset, "--tokens", "4,2", "--impl", "pymoe", "--impl", "torch_loop",
             "--min-seconds", "0", "--out", str(tmp_path)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     (path,) = (tmp_path / "bench" / "cpu").glob("*.json")
-    assert path.name.endswith("-float32-small-decode@4,2.json")
+    assert path.name.endswith(f"-float32-{basic_preset}@4,2.json")
     data = json.loads(path.read_text())
     assert data["complete"] and [run["tokens"] for run in data["runs"]] == [4, 2]
     assert data["command"].startswith("pymoe") and data["machine"]["cpu_model"]
@@ -34,7 +34,8 @@ def test_bench_writes_a_result_file(tmp_path):
     assert 0 < data["ceilings"]["max_call"]["median_s"] < 1
     assert data["wall_s"] > 0
     run = data["runs"][0]
-    assert run["regime"] == "decode" and run["config"]["scoring"] == "softmax" and run["config"]["d_model"] == 1024
+    assert run["regime"] == "decode" and run["config"]["scoring"] == "softmax"
+    assert run["config"]["d_model"] == get_preset(basic_preset).config.d_model
     assert [r["name"] for r in run["rows"]] == ["pymoe", "torch_loop"]
     for row in run["rows"]:
         assert row["status"] == "ok", row

@@ -6,8 +6,8 @@ from pymoe.cli import main
 from pymoe.config import ACTIVATIONS
 
 
-def test_check_passes_on_a_preset():
-    result = CliRunner().invoke(main, ["check", "--preset", "small-decode", "--tokens", "5"])
+def test_check_passes_on_a_preset(basic_preset):
+    result = CliRunner().invoke(main, ["check", "--preset", basic_preset, "--tokens", "5"])
     assert result.exit_code == 0, result.output
     assert result.output.count("pass") == len(ACTIVATIONS)
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import BF16_TOL, FP32_TOL, rel_err, routing_near_ties
 from hf_cases import CASES, hf_block, hf_lm, switch_block
+from model_layer_cases import BASIC_CONFIGS, MODEL_CONFIGS
 
 from pymoe import MoELayer
 from pymoe import reference as R
@@ -122,6 +123,17 @@ def test_block_bfloat16(rng, name):
 
 
 # ------------------------------------------------------------------ MoELayer (compiles)
+
+def test_cases_share_their_layers_with_the_layer_tests():
+    """Where a case's layer is one that tests/model_layer_cases.py gives the layer tests,
+    from_hf makes exactly that config, so the session compiles the graph once for both."""
+    assert from_hf(hf_block("mixtral"))[0] == BASIC_CONFIGS["swiglu-renorm"]
+    block = switch_block(5)
+    assert from_hf(block, capacity_factor=switch_capacity_factor(block, 32))[0] == BASIC_CONFIGS[
+        "relu-switch-k1-capacity"]
+    for name, config in MODEL_CONFIGS.items():
+        assert from_hf(hf_block(name))[0] == config, name
+
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_layer_matches_block(rng, name):

@@ -4,21 +4,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import BF16_TOL, FP32_TOL, rel_err
+from model_layer_cases import BASIC_CONFIGS as CONFIGS
 
 from pymoe import DenseFFN, DenseWeights, MoEConfig, MoELayer, MoEWeights
 from pymoe import reference as R
-
-CONFIGS = {
-    "relu-renorm": MoEConfig(d_model=37, d_ff=45, num_experts=4, top_k=2, activation="relu"),
-    "swiglu-renorm": MoEConfig(d_model=29, d_ff=23, num_experts=5, top_k=2, activation="swiglu"),
-    "relu-switch-k1-capacity": MoEConfig(
-        d_model=16, d_ff=40, num_experts=6, top_k=1, renormalize=False, capacity_factor=1.0
-    ),
-    "swiglu-k=E-capacity": MoEConfig(
-        d_model=24, d_ff=17, num_experts=4, top_k=4, activation="swiglu", renormalize=False,
-        capacity_factor=0.75,
-    ),
-}
 
 
 def _routing_is_unambiguous(x, weights, config, gap=1e-5):
@@ -112,17 +101,6 @@ def test_dense_ffn_matches_reference(rng):
     for tokens in (1, 70):
         x = rng.standard_normal((tokens, 33), dtype=np.float32)
         assert rel_err(dense(x), R.dense_ffn(x, weights)) < FP32_TOL
-
-
-def test_unpooled_layer_matches_reference(rng):
-    """pooled=False (the graph allocates the intermediates) computes the same layer."""
-    config = CONFIGS["swiglu-renorm"]
-    weights = MoEWeights.random(config, seed=5)
-    layer = MoELayer(config, weights, pooled=False)
-    assert layer.pool is None
-    for tokens in (7, 1000):
-        x = rng.standard_normal((tokens, config.d_model), dtype=np.float32)
-        _check_against_reference(layer, config, weights, x, FP32_TOL)
 
 
 def test_buffer_pool_grows_geometrically_and_is_reused(layers, rng):

@@ -43,10 +43,15 @@ def test_each_extra_changes_the_output(rng):
 
 
 def test_unpooled_graph_matches_reference(rng):
+    """pooled=False (the graph allocates the intermediates) computes the same layer; on the
+    config with every expert epilogue (biases, clamped SwiGLU), one graph for all of it."""
     config = MODEL_CONFIGS["gpt-oss"]
     weights = MoEWeights.random(config, seed=int(rng.integers(2**31)))
-    x = rng.standard_normal((17, config.d_model), dtype=np.float32)
-    check_layer(MoELayer(config, weights, pooled=False), config, weights, x, FP32_TOL)
+    layer = MoELayer(config, weights, pooled=False)
+    assert layer.pool is None
+    for tokens in (7, 17, 1000):
+        x = rng.standard_normal((tokens, config.d_model), dtype=np.float32)
+        check_layer(layer, config, weights, x, FP32_TOL)
 
 
 def test_missing_or_extra_optional_weights_are_refused():
