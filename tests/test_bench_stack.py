@@ -4,15 +4,16 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from model_layer_cases import BASIC_CONFIGS
 
 from pymoe.bench import runner, suite, workload
 from pymoe.cli import main
-from pymoe.config import PRESETS, MoEConfig, Preset
+from pymoe.config import PRESETS, Preset
 
 # test_layer.py's "swiglu-renorm" layer, whose single-call graph the session may have compiled
 # already: the stacked graph is then the one compile these tests add. SwiGLU is the activation
 # whose output would shrink to nothing over a stack without the norm between layers.
-CONFIG = MoEConfig(d_model=29, d_ff=23, num_experts=5, top_k=2, activation="swiglu")
+CONFIG = BASIC_CONFIGS["swiglu-renorm"]
 CEILINGS = {"matmul": {"gflops": 100.0}, "read": {"gbps": 10.0}}
 
 
