@@ -125,7 +125,10 @@ def test_every_expert_token_range_and_workspace_rows():
 
     cfg = MoEConfig(d_model=8, d_ff=8, num_experts=8, top_k=2)
     assert every_expert_token_range(cfg, "cpu", "float32") == (1, 0)
-    lo, hi = every_expert_token_range(cfg, "gpu", "bfloat16")
+    # Never where the sync-free grouped GEMM runs (16-bit, widths multiples of 8).
+    assert every_expert_token_range(cfg, "gpu", "bfloat16") == (1, 0)
+    odd = MoEConfig(d_model=12, d_ff=12, num_experts=8, top_k=2)
+    lo, hi = every_expert_token_range(odd, "gpu", "bfloat16")
     assert hi == EVERY_EXPERT_MAX_TOKENS["bfloat16"]
     assert 1 - 0.75**lo >= 0.9 > 1 - 0.75 ** (lo - 1)
     assert every_expert_token_range(MoEConfig(d_model=8, d_ff=8, num_experts=4, top_k=4), "gpu", "float32")[0] == 1
