@@ -207,8 +207,8 @@ def moe_gate(
     # On the GPU with 16-bit inputs the logits are a tensor-core GEMM of their own
     # (pymoe_router_logits) and the gate kernel only selects; elsewhere the gate
     # computes them itself and gets a placeholder.
-    logits_given = (not dev.is_cpu() and x.dtype in (DType.bfloat16, DType.float16)
-                    and int(x.shape[1]) % 8 == 0 and experts % 8 == 0 and experts <= GATE_GPU_ROUTED_MAX_EXPERTS)
+    logits_given = (not dev.is_cpu() and experts <= GATE_GPU_ROUTED_MAX_EXPERTS
+                    and tensor_core_gemm_takes(dtype_name(x.dtype), int(x.shape[1]), experts))
     if logits_given:
         logits = custom_op("pymoe_router_logits", [x, router_w], [TensorType(DType.float32, [t, experts], dev)])[0]
     else:
@@ -484,11 +484,17 @@ GROUPED_GEMM_DTYPES = ("bfloat16", "float16")
 GROUPED_GEMM_MAX_EXPERTS = 512
 
 
+def tensor_core_gemm_takes(dtype: str, *widths: int) -> bool:
+    """Whether kernels/gpu_grouped_gemm.mojo takes these inputs: 16-bit, every width
+    a multiple of 8 (its 16-byte copies; grouped_gemm_supported there)."""
+    return dtype in GROUPED_GEMM_DTYPES and all(w % 8 == 0 for w in widths)
+
+
 def grouped_gemm_takes(config: MoEConfig, dtype: str) -> bool:
     """Whether the GPU layer's expert GEMMs run in the sync-free tensor-core kernel
     (else cuBLAS per expert after reading the expert offsets back: float32, odd widths)."""
-    return (dtype in GROUPED_GEMM_DTYPES and config.d_model % 8 == 0 and config.d_ff % 8 == 0
-            and config.num_experts <= GROUPED_GEMM_MAX_EXPERTS)
+    return (config.num_experts <= GROUPED_GEMM_MAX_EXPERTS
+            and tensor_core_gemm_takes(dtype, config.d_model, config.d_ff))
 
 
 def every_expert_token_range(config: MoEConfig, device: str, dtype: str) -> tuple[int, int]:
