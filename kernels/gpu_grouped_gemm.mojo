@@ -37,13 +37,22 @@
 # experts' weight columns and a few row tiles (L2 reuse both ways).
 
 from max.gpu import barrier, block_idx, lane_id, thread_idx, warp_id
-from max.gpu.compute.mma import ld_matrix, mma
+from max.gpu.compute.mma import (
+    WGMMADescriptor,
+    ld_matrix,
+    mma,
+    wgmma_async,
+    wgmma_commit_group_sync,
+    wgmma_fence_aligned,
+    wgmma_wait_group_sync,
+)
 from max.gpu.host import DeviceContext, FuncAttribute
 from max.gpu.memory import AddressSpace, async_copy, async_copy_commit_group, async_copy_wait_group, external_memory
 from max.gpu.primitives.block import prefix_sum as block_prefix_sum
 from std.math import ceildiv, exp
 from std.memory import Pointer, stack_allocation
-from std.sys import size_of
+from std.sys import inlined_assembly, size_of
+from std.sys.info import _is_sm_9x
 
 from .activation import DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT, clamped_swiglu_f32, is_gated
 
@@ -171,9 +180,14 @@ def grouped_gemm_gpu[
             ctx, c, ldc, a, lda, k_dim, row_ids, offsets, experts, slots, w, n_w, n_out, bias
         )
     else:
-        _grouped_gemm[dtype, PREFILL_TILE, activation, gather, has_bias, alpha, limit](
-            ctx, c, ldc, a, lda, k_dim, row_ids, offsets, experts, slots, w, n_w, n_out, bias
-        )
+        comptime if _is_sm_9x():
+            _grouped_gemm_wgmma[dtype, 128, WG_PREFILL_BN, WG_PREFILL_STAGES, activation, gather, has_bias, alpha, limit](
+                ctx, c, ldc, a, lda, k_dim, row_ids, offsets, experts, slots, w, n_w, n_out, bias
+            )
+        else:
+            _grouped_gemm[dtype, PREFILL_TILE, activation, gather, has_bias, alpha, limit](
+                ctx, c, ldc, a, lda, k_dim, row_ids, offsets, experts, slots, w, n_w, n_out, bias
+            )
 
 
 def dense_gemm_gpu[dtype: DType, out_dtype: DType](
@@ -497,4 +511,267 @@ def _grouped_gemm[
         block_dim=THREADS,
         shared_mem_bytes=smem_bytes,
         func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem_bytes)),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Hopper (sm_90a): the same schedule with a wgmma mainloop.
+#
+# Two warpgroups (256 threads) own a 128 x BN output tile, 64 rows each, and
+# issue wgmma.m64nBNk16 with both operands in shared memory. The operand tiles
+# are stored in the 128-byte-swizzled layouts that wgmma's descriptors name:
+#   A [128 rows][64 k] K-major: row r at r * 128 bytes, its 16-byte chunk c at
+#     chunk c ^ (r % 8) (an "atom" is 8 rows, 1024 bytes: SBO = 1024);
+#   B [BK k][BN n] as it lies in memory (N contiguous, "MN-major"): BN/64
+#     blocks of 64 columns, each [64 k][128 bytes], chunk c of k row kr at
+#     c ^ (kr % 8) (SBO = 1024 between 8-row groups, LBO = one block).
+# cp.async fills them (the A rows are gathered, as above), so any row count
+# and K tail work without TMA descriptors. Every thread loads and every
+# warpgroup multiplies; one wgmma group stays in flight while the next
+# tiles load: at step kt the buffers of tiles kt+1 .. kt+STAGES-2 are
+# loading and tile kt-1 may still be in the tensor cores.
+
+
+comptime WG_BK = 64
+comptime WG_PREFILL_BN = 256
+comptime WG_PREFILL_STAGES = 4
+
+
+@always_inline
+def _wgmma_desc[dtype: DType](smem_address: Int, lbo: Int, sbo: Int) -> WGMMADescriptor[dtype]:
+    """A 128-byte-swizzle wgmma operand descriptor (the PTX ISA's matrix
+    descriptor: shared address, LBO and SBO in 16-byte units, layout type 1)."""
+    var d = ((Int64(smem_address) & 0x3FFFF) >> 4) | ((Int64(lbo) >> 4) << 16) | ((Int64(sbo) >> 4) << 32) | (Int64(1) << 62)
+    return WGMMADescriptor[dtype](d)
+
+
+def _grouped_gemm_wgmma[
+    dtype: DType,
+    BM: Int,
+    BN: Int,
+    STAGES: Int,
+    activation: StaticString,
+    gather: Bool,
+    has_bias: Bool,
+    alpha: Float32,
+    limit: Float32,
+](
+    ctx: DeviceContext,
+    c: Pointer[Scalar[dtype], MutAnyOrigin],
+    ldc: Int,
+    a: Pointer[Scalar[dtype], MutAnyOrigin],
+    lda: Int,
+    k_dim: Int,
+    row_ids: Pointer[Int32, MutAnyOrigin],
+    offsets: Pointer[Int32, MutAnyOrigin],
+    experts: Int,
+    slots: Int,
+    w: Pointer[Scalar[dtype], MutAnyOrigin],
+    n_w: Int,
+    n_out: Int,
+    bias: Pointer[Scalar[dtype], MutAnyOrigin],
+) raises:
+    comptime BK = WG_BK
+    comptime THREADS = BM * 2  # a warpgroup (128 threads) per 64 rows
+    comptime GATED = is_gated[activation]()
+    comptime BN_OUT = BN // 2 if GATED else BN
+    comptime NB = BN // 64  # 64-column blocks of the B tile
+    comptime A_STAGE = BM * BK
+    comptime B_STAGE = BK * BN
+    comptime A_CHUNKS = BM * (BK // 8) // THREADS
+    comptime B_CPR = BN // 8
+    comptime B_CHUNKS = BK * B_CPR // THREADS
+    comptime ACC = BN // 2  # float32 accumulators per thread (m64 x BN / 128)
+    comptime NF = BN // 8  # n8 fragments
+    comptime assert BN % 128 == 0 and BN <= 256, "BN: 128 or 256 (gate and up halves of 64-column blocks)"
+    comptime assert BM == 64 or BM == 128, "BM: one or two warpgroups of 64 rows"
+    comptime assert size_of[Scalar[dtype]]() == 2, "tensor-core path: 16-bit inputs"
+    comptime SMEM = STAGES * (A_STAGE + B_STAGE) * 2 + 1024  # + alignment slack
+
+    var m_bound = min(slots, (slots + experts * (BM - 1)) // BM)
+    var n_tiles = ceildiv(n_out, BN_OUT)
+    var grid = m_bound * n_tiles
+    if grid == 0:
+        return
+    var n_k = Int64(k_dim)
+    var n_lda = Int64(lda)
+    var n_ldc = Int64(ldc)
+    var n_nw = Int64(n_w)
+    var n_nout = Int64(n_out)
+    var n_e = Int64(experts)
+    var n_mb = Int64(m_bound)
+    var n_nt = Int64(n_tiles)
+    var n_slots = Int64(slots)
+
+    def kernel() {
+        var c, var a, var row_ids, var offsets, var w, var bias,
+        var n_k, var n_lda, var n_ldc, var n_nw, var n_nout, var n_e, var n_mb, var n_nt, var n_slots,
+    }:
+        var tid = Int(thread_idx.x)
+        var lane = Int(lane_id())
+        var warp = Int(warp_id())
+        var wg = warp // 4
+        var E = Int(n_e)
+        var K = Int(n_k)
+        var S = Int(n_slots)
+
+        var sched = stack_allocation[MAX_EXPERTS + 1, Int32, address_space=AddressSpace.SHARED]()
+        comptime PER_THREAD = ceildiv(MAX_EXPERTS, THREADS)
+        var mine = Int32(0)
+        comptime for i in range(PER_THREAD):
+            var e = tid * PER_THREAD + i
+            if e < E:
+                mine += Int32(ceildiv(Int(offsets.unsafe_load(e + 1)) - Int(offsets.unsafe_load(e)), BM))
+        var before = block_prefix_sum[block_size=THREADS, exclusive=True](mine)
+        comptime for i in range(PER_THREAD):
+            var e = tid * PER_THREAD + i
+            if e < E:
+                before += Int32(ceildiv(Int(offsets.unsafe_load(e + 1)) - Int(offsets.unsafe_load(e)), BM))
+                sched[e + 1] = before
+        if tid == 0:
+            sched[0] = 0
+        barrier()
+
+        var bid = Int(block_idx.x)
+        var group_blocks = GROUP_M * Int(n_nt)
+        var first_m = (bid // group_blocks) * GROUP_M
+        var group_m = min(GROUP_M, Int(n_mb) - first_m)
+        var m_tile = first_m + (bid % group_blocks) % group_m
+        var n_tile = (bid % group_blocks) // group_m
+        if m_tile >= Int(sched[E]):
+            return
+        var lo = 0
+        var hi = E
+        while hi - lo > 1:
+            var mid = (lo + hi) // 2
+            if Int(sched[mid]) <= m_tile:
+                lo = mid
+            else:
+                hi = mid
+        var e = lo
+        var row0 = Int(offsets.unsafe_load(e)) + (m_tile - Int(sched[e])) * BM
+        var rows_here = min(BM, Int(offsets.unsafe_load(e + 1)) - row0)
+        var col0 = n_tile * BN_OUT
+        var N = Int(n_nw)
+        var NOUT = Int(n_nout)
+        var w_e = w.unsafe_offset(e * K * N)
+
+        var raw = external_memory[
+            Scalar[dtype], address_space=AddressSpace.SHARED, alignment=1024, name="pymoe_grouped_gemm_smem"
+        ]()
+        # wgmma's swizzle works on address bits: tiles start on 1024 bytes.
+        var smem = raw.unsafe_offset(((1024 - Int(raw) % 1024) % 1024) // 2)
+        var a_smem = smem
+        var b_smem = smem.unsafe_offset(STAGES * A_STAGE)
+
+        var a_src = Array[Int, A_CHUNKS](fill=0)
+        comptime for i in range(A_CHUNKS):
+            var q = tid + i * THREADS
+            var grouped_row = row0 + min(q // 8, rows_here - 1)
+            var src_row = grouped_row
+            comptime if gather:
+                src_row = Int(row_ids.unsafe_load(grouped_row))
+            a_src[i] = src_row * Int(n_lda) + (q % 8) * 8
+
+        var k_tiles = ceildiv(K, BK)
+        comptime LOOKAHEAD = STAGES - 2
+        var acc = SIMD[DType.float32, ACC](0)
+        # Step s loads K tile s and multiplies K tile kt = s - LOOKAHEAD.
+        for step in range(k_tiles + LOOKAHEAD):
+            var kt = step - LOOKAHEAD
+            if kt >= 0:
+                # Tile kt has landed for every thread, and (each thread having
+                # waited for all but its last wgmma group) the buffer of tile
+                # kt - 2, which this step refills, is free. cp.async writes
+                # through the generic proxy and wgmma reads through the async
+                # one: the proxy fence orders them.
+                async_copy_wait_group(Int32(LOOKAHEAD - 1))
+                inlined_assembly["fence.proxy.async.shared::cta;", NoneType, constraints="~{memory}", has_side_effect=True]()
+                barrier()
+            if step < k_tiles:
+                var k0 = step * BK
+                var a_stage = a_smem.unsafe_offset((step % STAGES) * A_STAGE)
+                var b_stage = b_smem.unsafe_offset((step % STAGES) * B_STAGE)
+                comptime for i in range(A_CHUNKS):
+                    var q = tid + i * THREADS
+                    var r = q // 8
+                    var ch = q % 8
+                    var dst = a_stage.unsafe_offset((r * 8 + (ch ^ (r & 7))) * 8)
+                    if k0 + ch * 8 < K:
+                        async_copy[16](a.unsafe_offset(a_src[i] + k0).unsafe_address_space_cast[AddressSpace.GLOBAL](), dst)
+                    else:
+                        dst.unsafe_store[alignment=16](SIMD[dtype, 8](0))
+                comptime for i in range(B_CHUNKS):
+                    var q = tid + i * THREADS
+                    var kr = q // B_CPR
+                    var ch = q % B_CPR
+                    var blk = ch // 8
+                    var c8 = ch % 8
+                    var col: Int
+                    var ok: Bool
+                    comptime if GATED:
+                        # Blocks [0, NB/2) hold gate columns, the rest the same up columns.
+                        var out_col = col0 + (blk % (NB // 2)) * 64 + c8 * 8
+                        ok = out_col < NOUT
+                        col = (blk // (NB // 2)) * NOUT + out_col
+                    else:
+                        col = col0 + ch * 8
+                        ok = col < NOUT
+                    var dst = b_stage.unsafe_offset(blk * (BK * 64) + (kr * 8 + (c8 ^ (kr & 7))) * 8)
+                    if ok and k0 + kr < K:
+                        async_copy[16](
+                            w_e.unsafe_offset((k0 + kr) * N + col).unsafe_address_space_cast[AddressSpace.GLOBAL](), dst
+                        )
+                    else:
+                        dst.unsafe_store[alignment=16](SIMD[dtype, 8](0))
+            async_copy_commit_group()
+            if kt < 0:
+                continue
+            var a_addr = Int(a_smem.unsafe_offset((kt % STAGES) * A_STAGE + wg * 64 * BK))
+            var b_addr = Int(b_smem.unsafe_offset((kt % STAGES) * B_STAGE))
+            wgmma_fence_aligned()
+            comptime for kk in range(BK // 16):
+                # K step kk: 32 bytes into each A row; 16 k rows of 128 bytes into B.
+                var da = _wgmma_desc[dtype](a_addr + kk * 32, 16, 1024)
+                var db = _wgmma_desc[dtype](b_addr + kk * 16 * 128, BK * 128, 1024)
+                acc = wgmma_async[64, BN, 16, DType.float32, ACC, a_type=dtype, b_type=dtype, layout_b="row"](da, db, acc)
+            wgmma_commit_group_sync()
+            wgmma_wait_group_sync[1]()
+        wgmma_wait_group_sync[0]()
+        async_copy_wait_group(Int32(0))
+
+        # Epilogue. Fragment f (n8 block) of this thread: registers 4f..4f+3,
+        # rows lane/4 and lane/4 + 8 of the warp's 16, columns f*8 + (lane%4)*2 + {0,1}.
+        comptime OUT_FRAGS = NF // 2 if GATED else NF
+        var warp_row = wg * 64 + (warp % 4) * 16 + lane // 4
+        comptime for f in range(OUT_FRAGS):
+            var col = col0 + f * 8 + (lane % 4) * 2
+            if col < NOUT:
+                comptime for half in range(2):
+                    var r = warp_row + half * 8
+                    if r < rows_here:
+                        var v = acc.slice[2, offset = f * 4 + half * 2]()
+                        var up = SIMD[DType.float32, 2](0)
+                        comptime if GATED:
+                            up = acc.slice[2, offset = (f + NF // 2) * 4 + half * 2]()
+                        comptime if has_bias:
+                            v += bias.unsafe_load[width=2](e * N + col).cast[DType.float32]()
+                            comptime if GATED:
+                                up += bias.unsafe_load[width=2](e * N + NOUT + col).cast[DType.float32]()
+                        comptime if activation == "relu":
+                            v = max(v, SIMD[DType.float32, 2](0))
+                        elif activation == "silu":
+                            v = v / (1.0 + exp(-v))
+                        elif activation == "swiglu":
+                            v = v / (1.0 + exp(-v)) * up
+                        elif activation == "clamped_swiglu":
+                            v = clamped_swiglu_f32[alpha, limit, 2](v, up)
+                        c.unsafe_store[alignment = 2 * size_of[Scalar[dtype]]()]((row0 + r) * Int(n_ldc) + col, v.cast[dtype]())
+
+    ctx.enqueue_function(
+        kernel,
+        grid_dim=grid,
+        block_dim=THREADS,
+        shared_mem_bytes=SMEM,
+        func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(SMEM)),
     )

@@ -1,7 +1,7 @@
 """The sync-free tensor-core grouped GEMM (kernels/gpu_grouped_gemm.mojo) against the
 float64 reference, in bfloat16: moe_expert_matmul with every activation, bias and gather,
-at E = 128 and 256 on ragged groups that take both tile shapes (decode: few rows per
-expert; prefill: many), with K and N off the tile sizes; MoELayer at E = 128 and 256,
+at E = 128 and 256 on ragged groups that take every tile shape (decode: few rows per
+expert; prefill: tens; many-rows: hundreds, the wgmma tile on Hopper), with K and N off the tile sizes; MoELayer at E = 128 and 256,
 k = 8, leaving near-ties out; and that a layer call never waits for the GPU. Skipped where
 MAX sees no GPU (CI has none). On a GPU machine: `pytest tests/test_gpu_grouped_gemm.py`.
 """
@@ -74,6 +74,8 @@ def _sizes(rng, experts, kind):
         sizes = np.bincount(rng.choice(experts, size=72), minlength=experts)
     elif kind == "prefill":  # ~40 rows per expert, a fifth of the experts empty
         sizes = rng.integers(1, 80, size=experts) * (rng.random(experts) > 0.2)
+    elif kind == "many-rows":  # > 512 rows per expert on average: the Hopper (wgmma) tile on sm_90
+        sizes = rng.integers(560, 720, size=experts) * (rng.random(experts) > 0.05)
     elif kind == "one-expert":  # every row on the last expert: a long group, a row tail
         sizes = np.zeros(experts, np.int64)
         sizes[-1] = 333
@@ -82,7 +84,7 @@ def _sizes(rng, experts, kind):
     return sizes
 
 
-@pytest.mark.parametrize("kind", ["decode", "prefill", "one-expert"])
+@pytest.mark.parametrize("kind", ["decode", "prefill", "many-rows", "one-expert"])
 def test_grouped_gemm_matches_reference(gpu, expert_matmul, rng, kind):
     from max.driver import CPU
 
