@@ -103,20 +103,26 @@ class HostExperts:
         if not 1 <= distinct <= model.total_experts:
             raise EngineError(f"distinct experts must be in [1, {model.total_experts}], got {distinct}")
         self.model, self.pinned = model, pinned
-        dtype = torch_dtype(model.dtype)
-        self.packed = [_pack(*_expert_weights(model, i, dtype)) for i in range(distinct)]
-        if pinned:
-            self.packed = [p.pin_memory() for p in self.packed]
+        self.packed = []
+        for i in range(distinct):
+            packed = _pack(*_expert_weights(model, i, torch_dtype(model.dtype)))
+            self.packed.append(packed.pin_memory() if pinned else packed)
         self.layers: list = []
         self.warm_rows = 0  # rows every CPU layer has run once with (their buffer pools are that big)
         if cpu_layers:
             self.add_cpu_layers()
 
+    def weights(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w_in, w_out) of distinct expert i: views of its packed bytes."""
+        m, dtype = self.model, torch_dtype(self.model.dtype)
+        flat = self.packed[i].view(dtype)
+        cols = m.expert.w1_cols
+        return flat[: m.d_model * cols].view(m.d_model, cols), flat[m.d_model * cols:].view(m.d_ff, m.d_model)
+
     def add_cpu_layers(self) -> None:
+        """pymoe's CPU layer for every distinct expert, on its weights (the layer packs its own copy)."""
         if not self.layers:
-            dtype = torch_dtype(self.model.dtype)
-            self.layers = [host_expert_layer(self.model, *_expert_weights(self.model, i, dtype))
-                           for i in range(len(self.packed))]
+            self.layers = [host_expert_layer(self.model, *self.weights(i)) for i in range(len(self.packed))]
 
     def warm_up(self, rows: torch.Tensor) -> None:
         """Run every CPU layer once on `rows` (the most any call will get): first calls and
