@@ -377,3 +377,50 @@ def test_serve_offloaded_checks_host_policies_before_needing_a_gpu(tmp_path):
     if not torch.cuda.is_available():
         r = CliRunner().invoke(main, [*args, "--calibration", str(new), "--strategy", "hybrid"])
         assert r.exit_code != 0 and "needs a CUDA GPU" in r.output and "Traceback" not in r.output
+
+
+def test_the_worker_computes_host_experts_while_the_device_computes_the_resident_ones():
+    """Overlap: each host expert takes 20 ms on the worker, and the resident experts' FFNs,
+    issued by the main thread after the host work was handed over, run inside those 20 ms
+    (a host path run inline, before or after the device's experts, never overlaps them)."""
+    import threading
+    import time
+
+    from pymoe.offload.engine import Executor, HostExperts
+
+    model, trace, cal, _ = host_engine_setup()
+    experts = HostExperts(model, model.total_experts, pinned=False, cpu_layers=True)
+    host_spans, gpu_times, main = [], [], threading.get_ident()
+    for layer in experts.layers:
+        def slow(x, forward=layer.forward_unchecked):
+            assert threading.get_ident() != main  # on the worker thread
+            begin = time.perf_counter()
+            time.sleep(0.02)
+            y = forward(x)
+            host_spans.append((begin, time.perf_counter()))
+            return y
+        layer.forward_unchecked = slow
+
+    class Timed(Executor):
+        def _ffn(self, x, key):
+            gpu_times.append(time.perf_counter())
+            return super()._ffn(x, key)
+
+    executor = Timed(model, 5, device="cpu", check=True, max_tokens=2, host_experts=True, experts=experts)
+    r = simulate(trace, model, make_strategy("hybrid"), cal, capacity=5, batch_size=2, requests=4, seed=1,
+                 executor=executor)
+    executor.close()
+    assert r.host_served == len(host_spans) > 0 and gpu_times
+    inside = [t for t in gpu_times if any(begin < t < end for begin, end in host_spans)]
+    assert len(inside) >= 3, (len(inside), len(gpu_times))
+
+
+def test_the_qwen3_offload_model_is_pymoes_qwen3_layer():
+    from pymoe.config import MODEL_LAYERS
+    from pymoe.offload.models import get_model
+
+    model, (layer, _) = get_model("qwen3-30b-a3b"), MODEL_LAYERS["qwen3-30b-a3b"]
+    assert (model.d_model, model.d_ff, model.num_experts, model.top_k, model.activation) == (
+        layer.d_model, layer.d_ff, layer.num_experts, layer.top_k, layer.activation)
+    assert model.num_layers == 48 and model.dtype == "bfloat16"
+    assert model.expert_bytes == 3 * 2048 * 768 * 2
