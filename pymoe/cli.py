@@ -361,8 +361,10 @@ def simulate(trace_path, model_name, calibration_path, strategies, batch_sizes, 
 @click.option("--model", "model_name", required=True, help="Preset or E:layers:k:d_model:d_ff[:act[:dtype]].")
 @click.option("--calibration", "calibration_path", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.option("--strategy", "strategies", multiple=True,
-              help="Repeat; default: all the trace supports. name[eviction] picks the eviction policy, "
-                   "e.g. on-demand[predicted].")
+              help="Repeat; default: all the trace supports (transfer-only). name[eviction] picks the eviction "
+                   "policy, e.g. on-demand[predicted]; a miss policy before a '+' computes missed experts on "
+                   "the host CPU with pymoe's CPU layer, e.g. hybrid[predicted], hybrid-admit+expertflow, "
+                   "cpu-on-miss (these need the host compute timings of `pymoe calibrate`).")
 @click.option("--batch-sizes", default="1,4,16,64", show_default=True)
 @click.option("--requests", type=int, default=8, show_default=True)
 @click.option("--cache-fraction", type=float, default=0.25, show_default=True)
@@ -370,12 +372,18 @@ def simulate(trace_path, model_name, calibration_path, strategies, batch_sizes, 
               help="Run only the first N decode steps of each run (default: all of the requests' tokens).")
 @click.option("--inject-prefetch-failures", "failure_rate", type=click.FloatRange(0, 1), default=0.0,
               show_default=True, help="Fraction of prefetch copies made to fail (tests the on-demand fallback).")
+@click.option("--inject-host-failures", "host_failure_rate", type=click.FloatRange(0, 1), default=0.0,
+              show_default=True, help="Fraction of host-computed experts made to fail (tests the fallback to a "
+                                      "transfer and GPU compute; host miss policies only).")
+@click.option("--time-limit", "time_limit", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Start no run after this many seconds; the file lists the runs left out.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
               show_default=True)
 def serve_offloaded(trace_path, model_name, calibration_path, strategies, batch_sizes, requests, cache_fraction,
-                    max_steps, failure_rate, out_dir) -> None:
+                    max_steps, failure_rate, host_failure_rate, time_limit, out_dir) -> None:
     """Run the real offloading engine on the GPU (experts in pinned host memory, GPU slot pool,
-    prefetches on a copy stream) and compare its measured latency with the simulator's."""
+    prefetches on a copy stream, missed experts on a host worker for the host miss policies)
+    and compare its measured latency with the simulator's."""
     from .offload.engine import EngineError, validate
     from .offload.strategies import STRATEGIES
     from .offload.trace import TraceError
@@ -389,7 +397,8 @@ def serve_offloaded(trace_path, model_name, calibration_path, strategies, batch_
     try:
         validate(trace_path, model_name, calibration_path, strategies=chosen, batch_sizes=sizes, requests=requests,
                  cache_fraction=cache_fraction, max_steps=max_steps, out_dir=out_dir,
-                 command=command_line(), prefetch_failure_rate=failure_rate)
+                 command=command_line(), prefetch_failure_rate=failure_rate, host_failure_rate=host_failure_rate,
+                 time_limit_s=time_limit)
     except (EngineError, TraceError, ValueError) as e:
         raise click.ClickException(str(e)) from e
 

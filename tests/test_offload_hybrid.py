@@ -1,14 +1,17 @@
 """Offloading with missed experts computed on the host (issue 23): the miss policies
-cpu-on-miss and hybrid in the simulator, their labels, and the host compute calibration.
-Everything but the last test runs without MAX."""
+cpu-on-miss and hybrid in the simulator, their labels, the host compute calibration, and
+the engine's host worker (on the CPU, and on the GPU where there is one). The tests that
+run pymoe's CPU layer (MAX) share one expert shape, HOST_SHAPE: its graph is compiled once
+per session (tens of seconds on a 2-core VM); the others run without MAX."""
 
 import json
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import calibration_for
-from test_offload import TINY, hand_trace, random_setup
+from test_offload import ENGINE_DEVICES, TINY, hand_trace, random_setup
 
 from pymoe.cli import main
 from pymoe.offload.calibration import Calibration, CalibrationError, load_calibration
@@ -19,6 +22,9 @@ from pymoe.offload.synthetic import SyntheticParams, generate
 from pymoe.offload.trace import Trace, save_trace
 
 RESOURCES = ("copy", "gpu", "host", "to-host", "from-host")
+# The one expert shape whose CPU layer (MAX) the tests here compile; float32, SwiGLU (the
+# [gate | up] layout of w1 must be the same in the engine's GPU and host experts).
+HOST_SHAPE = OffloadModel("tiny-host", 6, 3, 2, d_model=64, d_ff=128, activation="swiglu")
 
 
 def with_host(cal: Calibration, model: OffloadModel, rows=(1, 1000), ms=(0.2, 0.2)) -> Calibration:
@@ -171,13 +177,6 @@ def test_calibrations_without_host_data_are_refused_for_host_policies_only(tmp_p
         load_calibration(path)
 
 
-def test_the_engine_refuses_host_policies():
-    from pymoe.offload.engine import Plan
-
-    with pytest.raises(ValueError, match="engine does not do yet"):
-        run("hybrid", with_host(calibration_for(TINY), TINY), executor=Plan())
-
-
 def test_cli_simulates_hybrid_policies_and_explains_a_missing_host_calibration(tmp_path):
     shape = "4:2:1:125:1000"
     model = OffloadModel(shape, 4, 2, 1, d_model=125, d_ff=1000)
@@ -207,7 +206,7 @@ def test_calibrate_measures_host_compute_with_pymoes_cpu_layer(tmp_path):
     """Compiles pymoe's CPU layer once for a tiny expert shape (MAX)."""
     from pymoe.offload.calibration import calibrate, write_calibration
 
-    model = OffloadModel("tiny-host", 4, 2, 1, d_model=64, d_ff=128)
+    model = HOST_SHAPE
     path = tmp_path / "cal.json"
     data, written = calibrate([model], reps=2, host_rows=(1, 4), out_path=path, command="test")
     assert written == path
@@ -221,3 +220,207 @@ def test_calibrate_measures_host_compute_with_pymoes_cpu_layer(tmp_path):
     again = {k: v for k, v in data.items() if k != "host_compute"}
     write_calibration(again, path)
     assert load_calibration(path).data["host_compute"] == json.loads(json.dumps(data["host_compute"]))
+
+
+# -- the engine's host worker -------------------------------------------------
+
+def host_engine_setup(batch=2, requests=4):
+    """A trace, its decode steps and a calibration on which hybrid mixes both paths: GPU
+    compute costs a tenth of a transfer, the host 0.7 transfers for one row (sooner than a
+    transfer, unless another host expert is ahead of it) and 2.5 for two (later)."""
+    from pymoe.offload.simulator import batch_schedule
+
+    model = HOST_SHAPE
+    trace = generate(model, SyntheticParams(0.8, 0.3, 0.3), requests=6, tokens=5, seed=4)
+    transfer = calibration_for(model).transfer_ms(model.expert_bytes)
+    cal = with_host(calibration_for(model, compute_ms=0.1 * transfer), model, rows=(1, 2),
+                    ms=(0.7 * transfer, 2.5 * transfer))
+    return model, trace, cal, batch_schedule(trace, batch, requests, 1)
+
+
+def run_host_engine(strategy, device, *, capacity=5, batch=2, requests=4, **executor_kw):
+    """(simulated run, executor, reference outputs): the plan made first, then carried out."""
+    from pymoe.offload.engine import Executor, Plan, reference_outputs
+
+    model, trace, cal, steps = host_engine_setup(batch, requests)
+    strategy = make_strategy(strategy)
+    strategy.fit(trace)
+    executor = Executor(model, capacity, device=device, check=True, max_tokens=batch,
+                        host_experts=strategy.host_compute, **executor_kw)
+    plan = Plan()
+    r = simulate(trace, model, strategy, cal, capacity=capacity, batch_size=batch, requests=requests, seed=1,
+                 executor=plan)
+    try:
+        executor.run(plan)
+    finally:
+        executor.close()
+    return r, executor, reference_outputs(trace, model, steps, max_tokens=batch)
+
+
+@pytest.mark.parametrize("device", ENGINE_DEVICES)
+@pytest.mark.parametrize("name", ["hybrid", "cpu-on-miss", "hybrid-admit", "hybrid+oracle",
+                                  "cpu-on-miss-admit+intelligent"])
+def test_engine_host_experts_equal_the_all_resident_model(name, device):
+    """The executor runs the plan's host experts with pymoe's CPU layer on its worker thread
+    and the rest on the device: every layer output equals the all-resident model's, and it
+    made exactly the simulator's transfers (admissions included) and host computations."""
+    from pymoe.offload.engine import OUTPUT_TOLERANCE, check_outputs
+
+    r, executor, expected = run_host_engine(name, device)
+    assert r.host_served > 0 and executor.host_served == r.host_served
+    assert executor.transfers == r.bytes_moved // HOST_SHAPE.expert_bytes
+    if name.startswith("hybrid"):  # this calibration mixes the two paths
+        assert 0 < r.host_served < r.misses
+    if "admit" in name:
+        assert r.host_admissions > 0
+    assert executor.faults == {"failed_prefetches": 0, "fallback_loads": 0, "host_fallbacks": 0}
+    assert check_outputs(executor.outputs, expected, "float32") <= OUTPUT_TOLERANCE["float32"]
+
+
+def test_the_output_check_catches_a_host_expert_with_the_wrong_weights():
+    """The host path's output is what the layer combines: a host layer holding another
+    expert's weights makes the check fail (the check can fail)."""
+    from pymoe.offload.engine import EngineError, Executor, HostExperts, Plan, check_outputs, reference_outputs
+
+    model, trace, cal, steps = host_engine_setup()
+    experts = HostExperts(model, model.total_experts, pinned=False, cpu_layers=True)
+    experts.layers = experts.layers[1:] + experts.layers[:1]  # every key computes its neighbour
+    executor = Executor(model, 5, device="cpu", check=True, max_tokens=2, host_experts=True, experts=experts)
+    plan = Plan()
+    r = simulate(trace, model, make_strategy("cpu-on-miss"), cal, capacity=5, batch_size=2, requests=4, seed=1,
+                 executor=plan)
+    executor.run(plan)
+    executor.close()
+    assert r.host_served > 0
+    with pytest.raises(EngineError, match="differs from the all-resident model's"):
+        check_outputs(executor.outputs, reference_outputs(trace, model, steps, max_tokens=2), "float32")
+
+
+@pytest.mark.parametrize("device", ENGINE_DEVICES)
+def test_host_worker_failures_fall_back_to_a_transfer(device):
+    """Injected failures (half the host experts) and a host layer that raises: each failed
+    expert is copied to the spare slot and computed on the device, counted, and every output
+    still equals the all-resident model's."""
+    from pymoe.offload.engine import HostExperts, check_outputs
+
+    r, executor, expected = run_host_engine("cpu-on-miss", device, host_failure_rate=0.5)
+    fallbacks = executor.faults["host_fallbacks"]
+    assert 0 < fallbacks < r.host_served
+    assert len(executor.host_errors) == min(fallbacks, 10)
+    assert all("injected host worker failure" in e for e in executor.host_errors)
+    check_outputs(executor.outputs, expected, "float32")
+
+    # A real exception in the worker: every expert that maps to the broken layer falls back.
+    experts = HostExperts(HOST_SHAPE, HOST_SHAPE.total_experts, pinned=device == "cuda", cpu_layers=True)
+
+    def broken(x):
+        raise MemoryError("no host memory left")
+
+    broken_keys = {0, 4, 9, 13}
+    for key in broken_keys:
+        experts.layers[key].forward_unchecked = broken
+    r, executor, expected = run_host_engine("cpu-on-miss", device, experts=experts)
+    assert executor.faults["host_fallbacks"] > 0
+    assert all(e == "MemoryError: no host memory left" for e in executor.host_errors)
+    check_outputs(executor.outputs, expected, "float32")
+
+
+def test_engine_host_path_bad_input():
+    from pymoe.offload.engine import EngineError, Executor, HostExperts, Plan, check_outputs
+
+    model, trace, cal, _ = host_engine_setup()
+    with pytest.raises(EngineError, match="host_failure_rate must be in"):
+        Executor(model, 5, device="cpu", host_experts=True, host_failure_rate=-0.1)
+    with pytest.raises(EngineError, match="host_failure_rate needs host_experts=True"):
+        Executor(model, 5, device="cpu", host_failure_rate=0.5)
+    with pytest.raises(EngineError, match="shared host experts are for model"):
+        Executor(model, 5, device="cpu", check=True, experts=HostExperts(model, 3, pinned=False))
+    # A plan that computes experts on the host, given to an Executor without a host worker.
+    executor, plan = Executor(model, 5, device="cpu", max_tokens=2), Plan()
+    simulate(trace, model, make_strategy("cpu-on-miss"), cal, capacity=5, batch_size=2, requests=4, executor=plan)
+    with pytest.raises(EngineError, match="no host worker"):
+        executor.run(plan)
+    with pytest.raises(EngineError, match="more than max_tokens=2"):
+        executor.layer(0, np.arange(3), 0, np.array([0]), np.array([3]))
+    ref = {0: torch.ones(2, 4)}
+    with pytest.raises(EngineError, match="missing ticks \\[0\\]"):
+        check_outputs({}, ref, "float32")
+    with pytest.raises(EngineError, match="no output tolerance for dtype 'int8'"):
+        check_outputs(ref, ref, "int8")
+    with pytest.raises(EngineError, match="differs"):
+        check_outputs({0: torch.full((2, 4), float("nan"))}, ref, "bfloat16")
+    # 1% relative error: within bfloat16's tolerance, not float32's.
+    assert check_outputs({0: ref[0] * 1.01}, ref, "bfloat16") == pytest.approx(0.01, rel=1e-3)
+    with pytest.raises(EngineError, match="float32 tolerance"):
+        check_outputs({0: ref[0] * 1.01}, ref, "float32")
+
+
+def test_serve_offloaded_checks_host_policies_before_needing_a_gpu(tmp_path):
+    """Bad labels and calibrations without host compute timings are reported (no traceback)
+    before the engine looks for a GPU; with everything right, a machine without one says so."""
+    shape = "4:2:1:125:1000"
+    model = OffloadModel(shape, 4, 2, 1, d_model=125, d_ff=1000)
+    trace = tmp_path / "t.npz"
+    save_trace(generate(model, SyntheticParams(), requests=8, tokens=6, seed=0), trace)
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    old.write_text(json.dumps(calibration_for(model).data))
+    new.write_text(json.dumps(with_host(calibration_for(model), model).data))
+    args = ["serve-offloaded", "--trace", str(trace), "--model", shape, "--batch-sizes", "1",
+            "--out", str(tmp_path / "out")]
+    r = CliRunner().invoke(main, [*args, "--calibration", str(new), "--strategy", "gpu+oracle"])
+    assert r.exit_code != 0 and "miss policy 'gpu'" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, [*args, "--calibration", str(old), "--strategy", "hybrid[predicted]"])
+    assert r.exit_code != 0 and "no host compute timings" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, [*args, "--calibration", str(new), "--strategy", "oracle",
+                                  "--inject-host-failures", "0.1"])
+    assert r.exit_code != 0 and "needs a strategy with a host miss policy" in r.output
+    if not torch.cuda.is_available():
+        r = CliRunner().invoke(main, [*args, "--calibration", str(new), "--strategy", "hybrid"])
+        assert r.exit_code != 0 and "needs a CUDA GPU" in r.output and "Traceback" not in r.output
+
+
+def test_the_worker_computes_host_experts_while_the_device_computes_the_resident_ones():
+    """Overlap: each host expert takes 20 ms on the worker, and the resident experts' FFNs,
+    issued by the main thread after the host work was handed over, run inside those 20 ms
+    (a host path run inline, before or after the device's experts, never overlaps them)."""
+    import threading
+    import time
+
+    from pymoe.offload.engine import Executor, HostExperts
+
+    model, trace, cal, _ = host_engine_setup()
+    experts = HostExperts(model, model.total_experts, pinned=False, cpu_layers=True)
+    host_spans, gpu_times, main = [], [], threading.get_ident()
+    for layer in experts.layers:
+        def slow(x, forward=layer.forward_unchecked):
+            assert threading.get_ident() != main  # on the worker thread
+            begin = time.perf_counter()
+            time.sleep(0.02)
+            y = forward(x)
+            host_spans.append((begin, time.perf_counter()))
+            return y
+        layer.forward_unchecked = slow
+
+    class Timed(Executor):
+        def _ffn(self, x, key):
+            gpu_times.append(time.perf_counter())
+            return super()._ffn(x, key)
+
+    executor = Timed(model, 5, device="cpu", check=True, max_tokens=2, host_experts=True, experts=experts)
+    r = simulate(trace, model, make_strategy("hybrid"), cal, capacity=5, batch_size=2, requests=4, seed=1,
+                 executor=executor)
+    executor.close()
+    assert r.host_served == len(host_spans) > 0 and gpu_times
+    inside = [t for t in gpu_times if any(begin < t < end for begin, end in host_spans)]
+    assert len(inside) >= 3, (len(inside), len(gpu_times))
+
+
+def test_the_qwen3_offload_model_is_pymoes_qwen3_layer():
+    from pymoe.config import MODEL_LAYERS
+    from pymoe.offload.models import get_model
+
+    model, (layer, _) = get_model("qwen3-30b-a3b"), MODEL_LAYERS["qwen3-30b-a3b"]
+    assert (model.d_model, model.d_ff, model.num_experts, model.top_k, model.activation) == (
+        layer.d_model, layer.d_ff, layer.num_experts, layer.top_k, layer.activation)
+    assert model.num_layers == 48 and model.dtype == "bfloat16"
+    assert model.expert_bytes == 3 * 2048 * 768 * 2

@@ -232,22 +232,41 @@ def rotating_expert_weights(torch, model: OffloadModel, device: str, dtype, at_l
              torch.randn(model.d_ff, model.d_model, device=device, dtype=dtype) * 0.02) for _ in range(count)]
 
 
-def measure_host_compute(model: OffloadModel, *, rows=HOST_ROWS, reps: int = 20,
-                         rotate_bytes: int = ROTATE_BYTES, progress=None) -> dict:
-    """One expert of `model`'s shape on the host CPU with pymoe's CPU layer, per call, for
-    each count of rows (see the module's docstring): the `host_compute` curve of one shape."""
+def host_dtype(model: OffloadModel) -> str:
+    """The dtype pymoe's CPU layer computes `model`'s experts in on the host."""
+    return model.dtype if model.dtype in HOST_DTYPES else "float32"
+
+
+def host_expert_layer(model: OffloadModel, w_in=None, w_out=None, *, seed: int = 0):
+    """pymoe's CPU layer (`pymoe.MoELayer` on cpu) computing one expert of `model`'s shape:
+    a layer of one expert, top-1, so that its gate weight is exactly 1 and its output is the
+    expert's FFN, activation(x @ w_in) @ w_out. `w_in` [d_model, w1 columns] and `w_out`
+    [d_ff, d_model] (NumPy or torch; the layer packs its own copy); random if not given.
+    What `measure_host_compute` times and the offloading engine's host worker runs. The
+    first layer of a shape compiles its MAX graph (tens of seconds); later ones reuse it."""
     from ..config import MoEConfig
     from ..layer import MoELayer
     from ..weights import MoEWeights
 
-    say = progress or (lambda msg: None)
-    dtype = model.dtype if model.dtype in HOST_DTYPES else "float32"
     config = MoEConfig(d_model=model.d_model, d_ff=model.d_ff, num_experts=1, top_k=1,
                        activation=model.activation)
+    if w_in is None or w_out is None:
+        weights = MoEWeights.random(config, seed=seed)
+    else:
+        weights = MoEWeights(np.zeros((model.d_model, 1), np.float32), w_in[None], w_out[None])
+    return MoELayer(config, weights, device="cpu", dtype=host_dtype(model))
+
+
+def measure_host_compute(model: OffloadModel, *, rows=HOST_ROWS, reps: int = 20,
+                         rotate_bytes: int = ROTATE_BYTES, progress=None) -> dict:
+    """One expert of `model`'s shape on the host CPU with pymoe's CPU layer, per call, for
+    each count of rows (see the module's docstring): the `host_compute` curve of one shape."""
+    say = progress or (lambda msg: None)
+    dtype = host_dtype(model)
     # Layers share one compiled graph (weights are graph inputs), so rotating costs memory only.
     count = max(1, -(-rotate_bytes // model.expert_bytes))
     say(f"host compute {model.name}: compiling pymoe's CPU layer, {count} experts' weights")
-    layers = [MoELayer(config, MoEWeights.random(config, seed=i), device="cpu", dtype=dtype) for i in range(count)]
+    layers = [host_expert_layer(model, seed=i) for i in range(count)]
     calls = itertools.cycle(layers)
     curve = {"rows": list(rows), "median_ms": [], "raw_ms": [], "dtype": dtype, "threads": os.cpu_count(),
              "compile_s": layers[0].compile_seconds,

@@ -24,25 +24,45 @@ arithmetic are the same; the weights' values do not matter for timing). With
 `check=True` every expert has its own weights and each layer's output is kept, so that it can
 be compared with the all-on-GPU model (`reference_outputs`).
 
+Host experts (the miss policies of strategies.py other than `transfer`): when the plan
+says a missed expert is computed on the host, the layer's hidden states go GPU->host on a
+rows stream of their own (pinned buffer, non_blocking, once the previous layer's combine
+event has passed: that is when they exist in a running model), and a host worker thread
+runs the layer's host experts one after another with pymoe's CPU layer (the one
+`pymoe calibrate` times, `calibration.host_expert_layer`) on the first rows of them, sums
+their outputs and copies the sum back host->GPU on the rows stream. Meanwhile the compute
+stream runs the layer's resident experts: the worker waits for the rows' copy event, not
+the issuing thread, and MAX releases the GIL while it computes. The layer's combine (the
+compute stream's end event, from which its measured time is taken) waits for both. The
+combine is issued only when something needs the layer's end (the next layer, or a demand
+load of the next layer), so that the prefetches and admissions the plan issues at this
+layer are queued on the copy stream first, as the simulator books them. An `-admit` policy's
+copy of a host-served expert into the cache is a transfer like a prefetch.
+
 Faults: a prefetch whose copy fails (a RuntimeError from the copy, or one injected with
 `prefetch_failure_rate` to test this path) leaves its slot poisoned (NaN bytes) and the
 expert marked; when a layer needs it, it is loaded again on demand, like a miss, and counted
 (`faults["fallback_loads"]`). A slow prefetch needs no fallback: the layer that needs it
 waits for its copy event on the GPU, and a fresh demand load would queue behind it on the
-same copy stream anyway.
+same copy stream anyway. A host expert that fails (any exception in the worker, or one
+injected with `host_failure_rate`) is copied into a spare GPU slot (outside the cache, so
+the simulator's cache contents stay as decided) and computed on the GPU before the layer's
+combine, and counted (`faults["host_fallbacks"]`); if the worker fails as a whole, every
+host expert of that layer falls back.
 """
 
 from __future__ import annotations
 
 import copy
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from ..baselines import expert_ffn
 from ..dtypes import torch_dtype
-from .calibration import Calibration
+from .calibration import Calibration, host_expert_layer
 from .models import OffloadModel
 from .simulator import RunResult, simulate
 from .strategies import Strategy
@@ -51,6 +71,14 @@ from .trace import Trace
 
 class EngineError(ValueError):
     pass
+
+
+# Norm-wise relative error allowed between an engine's layer output and the all-resident
+# model's (`check_outputs`). The GPU experts run the reference's own torch FFN; the host
+# experts run pymoe's CPU kernels, which sum in another order (float32: rounding only) and,
+# in 16-bit dtypes, round each expert's output before the combine (about 2**-8 relative in
+# bfloat16). The float32 and bfloat16 values are tests/conftest.py's FP32_TOL and BF16_TOL.
+OUTPUT_TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 5e-3}
 
 
 def _expert_weights(model: OffloadModel, key: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,6 +92,68 @@ def _pack(w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
     return torch.cat([w_in.reshape(-1), w_out.reshape(-1)]).view(torch.uint8)
 
 
+class HostExperts:
+    """Expert weights in host memory: `packed[i]`, one flat buffer per distinct expert (pinned
+    for a GPU), which GPU slots are copied from, and, with `cpu_layers`, `layers[i]`: pymoe's
+    CPU layer on the same weights, which the host worker runs. Expert key `key` uses copy
+    `key % len(packed)`. Made once and shared by every Executor of a validation run: pinning
+    gigabytes and packing the CPU layers' weights take seconds."""
+
+    def __init__(self, model: OffloadModel, distinct: int, *, pinned: bool, cpu_layers: bool = False):
+        if not 1 <= distinct <= model.total_experts:
+            raise EngineError(f"distinct experts must be in [1, {model.total_experts}], got {distinct}")
+        self.model, self.pinned = model, pinned
+        self.packed = []
+        for i in range(distinct):
+            packed = _pack(*_expert_weights(model, i, torch_dtype(model.dtype)))
+            self.packed.append(packed.pin_memory() if pinned else packed)
+        self.layers: list = []
+        self.warm_rows = 0  # rows every CPU layer has run once with (their buffer pools are that big)
+        if cpu_layers:
+            self.add_cpu_layers()
+
+    def weights(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w_in, w_out) of distinct expert i: views of its packed bytes."""
+        m, dtype = self.model, torch_dtype(self.model.dtype)
+        flat = self.packed[i].view(dtype)
+        cols = m.expert.w1_cols
+        return flat[: m.d_model * cols].view(m.d_model, cols), flat[m.d_model * cols:].view(m.d_ff, m.d_model)
+
+    def add_cpu_layers(self) -> None:
+        """pymoe's CPU layer for every distinct expert, on its weights (the layer packs its own copy)."""
+        if not self.layers:
+            self.layers = [host_expert_layer(self.model, *self.weights(i)) for i in range(len(self.packed))]
+
+    def warm_up(self, rows: torch.Tensor) -> None:
+        """Run every CPU layer once on `rows` (the most any call will get): first calls and
+        buffer pool growth happen here, not in a timed layer."""
+        if len(rows) > self.warm_rows:
+            for layer in self.layers:
+                layer.forward_unchecked(rows)
+            self.warm_rows = len(rows)
+
+
+def check_outputs(outputs: dict[int, torch.Tensor], expected: dict[int, torch.Tensor], dtype: str) -> float:
+    """The largest norm-wise relative error of the engine's layer outputs (`Executor.outputs`
+    with check=True) against the all-resident model's (`reference_outputs`); raises
+    EngineError if a layer is missing or beyond OUTPUT_TOLERANCE[dtype]."""
+    if dtype not in OUTPUT_TOLERANCE:
+        raise EngineError(f"no output tolerance for dtype {dtype!r}; known: {sorted(OUTPUT_TOLERANCE)}")
+    if set(outputs) != set(expected):
+        missing, extra = sorted(set(expected) - set(outputs)), sorted(set(outputs) - set(expected))
+        raise EngineError(f"the engine's outputs are for other layers than the reference's (missing ticks "
+                          f"{missing[:5]}, extra {extra[:5]})")
+    worst = 0.0
+    for tick, ref in expected.items():
+        ref = ref.float()
+        error = float((outputs[tick].float() - ref).norm() / ref.norm().clamp_min(1e-30))
+        if not error <= OUTPUT_TOLERANCE[dtype]:  # NaN fails too
+            raise EngineError(f"layer output {tick} differs from the all-resident model's by {error:.3g} "
+                              f"(relative, {dtype} tolerance {OUTPUT_TOLERANCE[dtype]:g})")
+        worst = max(worst, error)
+    return worst
+
+
 class Plan:
     """The simulator's decisions for one run, in order: what `Executor.run` carries out."""
 
@@ -73,38 +163,55 @@ class Plan:
     def transfer(self, key: int, evicted: int | None, prefetch: bool = False) -> None:
         self.ops.append((Executor.transfer, key, evicted, prefetch))
 
-    def layer(self, tick: int, tokens: np.ndarray, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
-        self.ops.append((Executor.layer, tick, tokens, layer, experts, counts))
+    def layer(self, tick: int, tokens: np.ndarray, layer: int, experts: np.ndarray, counts: np.ndarray,
+              host_keys=()) -> None:
+        self.ops.append((Executor.layer, tick, tokens, layer, experts, counts, tuple(host_keys)))
 
 
 class Executor:
-    """Carries out the simulator's transfers and layer computes on a device (called back by
-    the simulator one decision at a time, or all of a Plan's at once with `run`)."""
+    """Carries out the simulator's transfers, layer computes and host experts on a device
+    (called back by the simulator one decision at a time, or all of a Plan's at once with
+    `run`). `host_experts=True` gives it the host worker the host miss policies need;
+    `experts` shares the host weights of an earlier Executor (see HostExperts)."""
 
     def __init__(self, model: OffloadModel, capacity: int, *, device: str = "cuda", host_copies: int = 64,
-                 check: bool = False, max_tokens: int = 64, seed: int = 0, prefetch_failure_rate: float = 0.0):
-        if not 0.0 <= prefetch_failure_rate <= 1.0:
-            raise EngineError(f"prefetch_failure_rate must be in [0, 1], got {prefetch_failure_rate!r}")
+                 check: bool = False, max_tokens: int = 64, seed: int = 0, prefetch_failure_rate: float = 0.0,
+                 host_experts: bool = False, host_failure_rate: float = 0.0, experts: HostExperts | None = None):
+        for name, rate in (("prefetch_failure_rate", prefetch_failure_rate), ("host_failure_rate", host_failure_rate)):
+            if not 0.0 <= rate <= 1.0:
+                raise EngineError(f"{name} must be in [0, 1], got {rate!r}")
+        if host_failure_rate and not host_experts:
+            raise EngineError("host_failure_rate needs host_experts=True (a host miss policy)")
+        if max_tokens < 1:
+            raise EngineError(f"max_tokens must be >= 1, got {max_tokens}")
         self.model, self.device, self.check = model, torch.device(device), check
         self.cuda = self.device.type == "cuda"
         self.dtype = torch_dtype(model.dtype)
+        self.max_tokens = max_tokens
         nbytes = model.expert_bytes
+        d = model.d_model
         if self.cuda:
             free, _ = torch.cuda.mem_get_info(self.device)
-            need = capacity * nbytes + max_tokens * model.top_k * (model.d_model + 2 * model.d_ff) * 8
+            need = ((capacity + host_experts) * nbytes + max_tokens * model.top_k * (d + 2 * model.d_ff) * 8
+                    + host_experts * max_tokens * d * 2)
             if need > free:
                 raise EngineError(f"a cache of {capacity} experts needs {need / 2**30:.1f} GiB on the GPU; "
                                   f"only {free / 2**30:.1f} GiB are free")
         distinct = model.total_experts if check else min(host_copies, model.total_experts)
-        self.host = [_pack(*_expert_weights(model, i, self.dtype)).pin_memory() if self.cuda
-                     else _pack(*_expert_weights(model, i, self.dtype)) for i in range(distinct)]
+        if experts is None:
+            experts = HostExperts(model, distinct, pinned=self.cuda, cpu_layers=host_experts)
+        elif experts.model != model or len(experts.packed) < distinct or experts.pinned != self.cuda:
+            raise EngineError(f"the shared host experts are for model {experts.model.name}, {len(experts.packed)} "
+                              f"distinct, {'pinned' if experts.pinned else 'not pinned'}; this run needs "
+                              f"{model.name}, {distinct}, {'pinned' if self.cuda else 'not pinned'}")
+        elif host_experts:
+            experts.add_cpu_layers()
+        self.experts = experts
+        self.host = experts.packed
         self.slots = torch.empty(capacity, nbytes, dtype=torch.uint8, device=self.device)
         # Views made once: on the hot path every tensor op is host time the GPU may wait for.
         self.slot_bytes = list(self.slots.unbind(0))
-        d, f, cols = model.d_model, model.d_ff, model.expert.w1_cols
-        self.slot_weights = [(row.view(self.dtype)[: d * cols].view(d, cols),
-                              row.view(self.dtype)[d * cols:].view(f, d))
-                             for row in self.slot_bytes]
+        self.slot_weights = [self._weights_of(row) for row in self.slot_bytes]
         self.slot_of: dict[int, int] = {}
         self.free_slots = list(range(capacity - 1, -1, -1))
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
@@ -118,19 +225,46 @@ class Executor:
         self.host_zero = 0.0
         self.issued_at: list[float] = []  # host clock (s) when each layer's compute was issued
         self.layer_ends: list[torch.cuda.Event] = []
-        self.previous_end = self.current_end = None  # compute-end events of layers l-1 and l
+        self.previous_end = self.current_end = None  # combine-end events of layers l-1 and l
+        self.pending = None  # the last layer issued, while its combine waits for its host experts
         self.outputs: dict[int, torch.Tensor] = {}
         self.transfers = 0  # the simulator's decisions carried out (fallback loads not included)
         self.failure_rate = prefetch_failure_rate
         self._fault_rng = np.random.default_rng(seed + 7919)
         self.failed: set[int] = set()  # experts whose prefetch failed and that were not reloaded yet
-        self.faults = {"failed_prefetches": 0, "fallback_loads": 0}
+        self.faults = {"failed_prefetches": 0, "fallback_loads": 0, "host_fallbacks": 0}
+        self.host_enabled = host_experts
+        self.host_failure_rate = host_failure_rate
+        self._host_fault_rng = np.random.default_rng(seed + 104729)  # apart: prefetch faults stay as they were
+        self.host_served = 0  # experts handed to the host worker
+        self.host_errors: list[str] = []  # the first few host failures' messages
+        self.host_compute_s = 0.0  # the worker's time computing host experts (host clock)
+        self.host_waits: list[tuple] = []  # (GPU experts done, combine) events of layers with host experts
+        if host_experts:
+            # Pinned rows both ways and a GPU buffer for what comes back; one layer's host
+            # work is out at a time (the next layer's rows wait for this layer's combine).
+            self.rows_host = torch.empty(max_tokens, d, dtype=self.dtype, pin_memory=self.cuda)
+            self.host_sum = torch.empty(max_tokens, d, dtype=torch.float32)
+            self.host_out = torch.empty(max_tokens, d, dtype=self.dtype, pin_memory=self.cuda)
+            self.from_host = (torch.empty(max_tokens, d, dtype=self.dtype, device=self.device) if self.cuda
+                              else self.host_out)
+            self.rows_stream = torch.cuda.Stream(self.device) if self.cuda else None
+            self.spare = torch.empty(nbytes, dtype=torch.uint8, device=self.device)  # host fallbacks' slot
+            self.spare_weights = self._weights_of(self.spare)
+            self.spare_free = None
+            self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pymoe-host-experts")
         if self.cuda:
             self._warm_up()
 
+    def _weights_of(self, row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w_in, w_out) views of one expert's flat bytes."""
+        d, f, cols = self.model.d_model, self.model.d_ff, self.model.expert.w1_cols
+        return row.view(self.dtype)[: d * cols].view(d, cols), row.view(self.dtype)[d * cols:].view(f, d)
+
     def _warm_up(self) -> None:
-        """CUDA context, cuBLAS handles and kernels for every token count are set up before
-        the first timed layer, so that the first run is not charged for them."""
+        """CUDA context, cuBLAS handles and kernels for every token count (and the host
+        worker, its CPU layers and the rows' copies) are set up before the first timed
+        layer, so that the first run is not charged for them."""
         with torch.cuda.stream(self.copy_stream):
             for _ in range(3):
                 self.slot_bytes[0].copy_(self.host[0], non_blocking=True)
@@ -139,14 +273,30 @@ class Executor:
         for n in range(1, len(self.x) + 1):
             self._ffn(self.x_rows[n], -1)
         del self.slot_of[-1]
+        if self.host_enabled:
+            self.spare.copy_(self.host[0])
+            expert_ffn(self.x_rows[1], *self.spare_weights, self.model.activation)
+            with torch.cuda.stream(self.rows_stream):
+                self.rows_host.copy_(self.x[: self.max_tokens], non_blocking=True)
+                self.from_host.copy_(self.host_out, non_blocking=True)
+            self.rows_stream.synchronize()
+            self.worker.submit(self.experts.warm_up, self.rows_host).result()
         torch.cuda.synchronize(self.device)
+
+    def close(self) -> None:
+        """Finish what is queued and stop the host worker."""
+        self._combine()
+        if self.host_enabled:
+            self.worker.shutdown(wait=True)
 
     def transfer(self, key: int, evicted: int | None, prefetch: bool = False) -> None:
         """Bring expert `key` into a slot (the evicted key's, or a free one). The copy starts
         no earlier than the decision could be made in a real model: a demand load of layer l
-        once layer l-1's compute (which its gate needs) has finished; a prefetch issued at
-        layer l likewise once layer l-1 has finished, since the trace's routing is not known
-        earlier in a running model."""
+        once layer l-1's combine (which its gate needs) has finished; a prefetch (or an
+        admission of a host-served expert) issued at layer l likewise once layer l-1 has
+        finished, since the trace's routing is not known earlier in a running model."""
+        if not prefetch:
+            self._combine()  # the previous layer's end, which a demand load waits for
         if evicted is not None and evicted in self.slot_of:
             slot = self.slot_of.pop(evicted)
             self.ready_event.pop(evicted, None)
@@ -207,35 +357,155 @@ class Executor:
     def _ffn(self, x: torch.Tensor, key: int) -> torch.Tensor:
         return expert_ffn(x, *self.slot_weights[self.slot_of[key]], self.model.activation)
 
-    def layer(self, tick: int, tokens: np.ndarray, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
+    def layer(self, tick: int, tokens: np.ndarray, layer: int, experts: np.ndarray, counts: np.ndarray,
+              host_keys=()) -> None:
+        """Issue one layer: its host experts (`host_keys`, misses the plan serves on the host)
+        to the worker, its resident experts to the compute stream. Its combine is issued
+        later (`_combine`), when something needs the layer's end."""
+        self._combine()
+        if host_keys and not self.host_enabled:
+            raise EngineError("the plan computes experts on the host but this Executor has no host worker "
+                              "(make it with host_experts=True)")
+        if len(tokens) > self.max_tokens:
+            raise EngineError(f"a layer of {len(tokens)} tokens is more than max_tokens={self.max_tokens}")
         keys = (experts + layer * self.model.num_experts).tolist()
+        host = set(host_keys)
         for key in keys:
             if key in self.failed:  # its prefetch failed: load it now, as a miss would be
                 self._copy(key, self.slot_of[key], after=self.current_end)
                 self.failed.discard(key)
                 self.faults["fallback_loads"] += 1
+        pairs = list(zip(keys, counts.tolist()))
+        on_host = [(key, n) for key, n in pairs if key in host]
+        on_gpu = [(key, n) for key, n in pairs if key not in host] if host else pairs
         if self.cuda:
             self._start_clocks_once()
-            for key in keys:
+        # From here on the layer is in flight: prefetches the plan issues at this layer wait
+        # for layer l-1's end (previous_end), the next layer's demand loads for this one's.
+        after, self.previous_end, self.current_end = self.current_end, self.current_end, None
+        future = self._submit_host(len(tokens), on_host, after) if on_host else None
+        if self.cuda:
+            for key, _ in on_gpu:
                 # Once waited for, a copy is behind every later layer on this stream too.
                 ready = self.ready_event.pop(key, None)
                 if ready is not None:
                     self.compute_stream.wait_event(ready)
             self.issued_at.append(time.perf_counter() - self.host_zero)
         out = torch.zeros(len(tokens), self.model.d_model, device=self.device, dtype=self.dtype) if self.check else None
-        for key, n in zip(keys, counts.tolist()):
+        for key, n in on_gpu:
             y = self._ffn(self.x_rows[n], key)
             if out is not None:
                 out[:n] += y  # the first n rows stand for the tokens routed to this expert
+        gpu_end = None
         if self.cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record(self.compute_stream)
-            for key in keys:
-                self.slot_free_event[self.slot_of[key]] = end
+            gpu_end = torch.cuda.Event(enable_timing=True)
+            gpu_end.record(self.compute_stream)
+            for key, _ in on_gpu:
+                self.slot_free_event[self.slot_of[key]] = gpu_end
+        self.pending = (tick, len(tokens), out, on_host, future, gpu_end)
+        if future is None:
+            self._combine()
+
+    def _submit_host(self, rows: int, on_host: list[tuple[int, int]], after):
+        """Send the layer's hidden states host-ward (once `after`, the previous layer's
+        combine, has passed) and hand its host experts to the worker."""
+        fail = set()
+        if self.host_failure_rate:
+            fail = {key for key, _ in on_host if self._host_fault_rng.random() < self.host_failure_rate}
+        self.host_served += len(on_host)
+        to_host = None
+        if self.cuda:
+            with torch.cuda.stream(self.rows_stream):
+                if after is not None:
+                    self.rows_stream.wait_event(after)
+                self.rows_host[:rows].copy_(self.x[:rows], non_blocking=True)
+                to_host = torch.cuda.Event()
+                to_host.record(self.rows_stream)
+        else:
+            self.rows_host[:rows].copy_(self.x[:rows])
+        return self.worker.submit(self._host_work, rows, on_host, fail, to_host)
+
+    def _host_work(self, rows: int, on_host: list[tuple[int, int]], fail: set[int], to_host):
+        """On the worker thread: wait for the rows, compute the host experts with pymoe's CPU
+        layer, send their summed output back. Returns (the copy-back event, or True on the
+        CPU, or None if no expert succeeded; [(key, rows, error)] of the experts that failed)."""
+        if to_host is not None:
+            to_host.synchronize()  # this thread waits, the issuing thread goes on
+        started = time.perf_counter()
+        total = self.host_sum[:rows]
+        total.zero_()
+        failed = []
+        layers = self.experts.layers
+        for key, n in on_host:
+            try:
+                if key in fail:
+                    raise RuntimeError(f"injected host worker failure (expert {key})")
+                total[:n] += layers[key % len(layers)].forward_unchecked(self.rows_host[:n])
+            except Exception as err:  # noqa: BLE001 - whatever broke, the GPU computes this expert instead
+                failed.append((key, n, f"{type(err).__name__}: {err}"))
+        self.host_compute_s += time.perf_counter() - started
+        if len(failed) == len(on_host):
+            return None, failed
+        self.host_out[:rows].copy_(total)
+        if not self.cuda:
+            return True, failed
+        with torch.cuda.device(self.device), torch.cuda.stream(self.rows_stream):
+            self.from_host[:rows].copy_(self.host_out[:rows], non_blocking=True)
+            back = torch.cuda.Event()
+            back.record(self.rows_stream)
+        return back, failed
+
+    def _combine(self) -> None:
+        """Issue the pending layer's combine: wait for its host experts' output (falling back
+        to the GPU for those that failed), add it, and record the layer's end."""
+        if self.pending is None:
+            return
+        tick, rows, out, on_host, future, end = self.pending
+        self.pending = None
+        if future is not None:
+            try:
+                back, failed = future.result()
+            except Exception as err:  # noqa: BLE001 - the worker itself failed: the GPU computes them all
+                back, failed = None, [(key, n, f"{type(err).__name__}: {err}") for key, n in on_host]
+            if back is not None:
+                if self.cuda:
+                    self.compute_stream.wait_event(back)
+                if out is not None:
+                    out[:rows] += self.from_host[:rows]
+            for key, n, error in failed:
+                self._fall_back(key, n, out, error)
+            if self.cuda:
+                gpu_end, end = end, torch.cuda.Event(enable_timing=True)
+                end.record(self.compute_stream)
+                self.host_waits.append((gpu_end, end))
+        if self.cuda:
             self.layer_ends.append(end)
-            self.previous_end, self.current_end = self.current_end, end
+            self.current_end = end
         if out is not None:
             self.outputs[tick] = out.float().cpu()
+
+    def _fall_back(self, key: int, rows: int, out: torch.Tensor | None, error: str) -> None:
+        """A host expert that failed: copy it into the spare slot now and compute it on the GPU."""
+        self.faults["host_fallbacks"] += 1
+        if len(self.host_errors) < 10:
+            self.host_errors.append(error)
+        src = self.host[key % len(self.host)]
+        if self.cuda:
+            with torch.cuda.stream(self.copy_stream):
+                if self.spare_free is not None:  # the spare's last reader is done
+                    self.copy_stream.wait_event(self.spare_free)
+                self.spare.copy_(src, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record(self.copy_stream)
+            self.compute_stream.wait_event(ready)
+        else:
+            self.spare.copy_(src)
+        y = expert_ffn(self.x_rows[rows], *self.spare_weights, self.model.activation)
+        if out is not None:
+            out[:rows] += y
+        if self.cuda:
+            self.spare_free = torch.cuda.Event()
+            self.spare_free.record(self.compute_stream)
 
     def run(self, plan: Plan) -> float:
         """Carry out the plan; returns the host's time to issue it, in ms (the GPU may still
@@ -243,14 +513,22 @@ class Executor:
         started = time.perf_counter()
         for method, *args in plan.ops:
             method(self, *args)
+        self._combine()
         return (time.perf_counter() - started) * 1e3
 
     def measured_layer_ms(self) -> np.ndarray:
-        """Per layer: from the end of the previous layer's compute (or the first layer's
-        start) to the end of its own, on the compute stream, i.e. waiting for transfers
-        included."""
+        """Per layer: from the end of the previous layer's combine (or the first layer's
+        start) to the end of its own, on the compute stream, i.e. waiting for transfers and
+        for the host's experts included."""
+        self._combine()
         torch.cuda.synchronize(self.device)
         return np.diff([0.0, *self._gpu_ends_ms()])
+
+    def host_wait_ms(self) -> float:
+        """How long the combines of layers with host experts waited after the layer's GPU
+        experts were done (GPU clock), summed: the simulator's `host_wait_ms`, measured."""
+        torch.cuda.synchronize(self.device)
+        return float(sum(gpu_end.elapsed_time(end) for gpu_end, end in self.host_waits))
 
     def _gpu_ends_ms(self) -> list[float]:
         return [self.first_start.elapsed_time(end) for end in self.layer_ends]
@@ -268,42 +546,62 @@ class Executor:
 def run_engine(trace: Trace, model: OffloadModel, strategy: Strategy, calibration: Calibration, *,
                capacity: int, batch_size: int, requests: int, seed: int = 0, memory: str = "pinned",
                device: str = "cuda", host_copies: int = 64, max_steps: int | None = None,
-               prefetch_failure_rate: float = 0.0) -> tuple[RunResult, RunResult, dict]:
+               prefetch_failure_rate: float = 0.0, host_failure_rate: float = 0.0,
+               experts: HostExperts | None = None) -> tuple[RunResult, RunResult, dict]:
     """(simulated, measured, info) for the same trace, strategy, batch and seed. The
-    measured run has the simulated run's hits, misses and bytes (same decisions) and measured
-    times; info has the faults (failed prefetches and their fallback loads, see Executor) and,
-    per layer, the host's time to decide (the simulator and strategy, not timed) and to issue
-    the GPU work (which includes waiting when the GPU's launch queue is full), and per step
-    how long the GPU waited for the host (`Executor.host_late_ms`)."""
+    measured run has the simulated run's hits, misses, host-served experts and bytes (same
+    decisions) and measured times (for a host miss policy also `host_ms`, the worker's compute
+    time on the host clock, and `host_wait_ms`, the combines' wait for the host on the GPU
+    clock); info has the faults (failed prefetches and their fallback loads, host experts that
+    fell back to the GPU, see Executor) and, per layer, the host's time to decide (the
+    simulator and strategy, not timed) and to issue the GPU work (which includes waiting when
+    the GPU's launch queue is full, and for the host experts of the layer before), and per
+    step how long the GPU waited for the host (`Executor.host_late_ms`). `experts` shares the
+    host weights between runs (see HostExperts)."""
     if memory != "pinned":
         raise EngineError("the engine keeps experts in pinned host memory")
     if not torch.cuda.is_available():
         raise EngineError("the offloading engine needs a CUDA GPU; on this machine use `pymoe simulate`")
     if strategy.eviction == "tiered":
         raise EngineError("the engine runs single-pool caches; the tiered cache is simulator-only")
-    executor = Executor(model, capacity, device=device, host_copies=host_copies,
-                        max_tokens=batch_size, seed=seed, prefetch_failure_rate=prefetch_failure_rate)
-    plan = Plan()
-    started = time.perf_counter()
-    measured = simulate(trace, model, strategy, calibration, capacity=capacity, batch_size=batch_size,
-                        requests=requests, seed=seed, max_steps=max_steps, executor=plan)
-    decision_ms = (time.perf_counter() - started) * 1e3
-    issue_ms = executor.run(plan)
+    if strategy.host_compute:
+        calibration.host_compute_curve(model)  # a calibration without it fails here, before any GPU work
+    elif host_failure_rate:
+        raise EngineError(f"host_failure_rate applies to host miss policies only; {strategy.label} has none")
+    executor = Executor(model, capacity, device=device, host_copies=host_copies, max_tokens=batch_size, seed=seed,
+                        prefetch_failure_rate=prefetch_failure_rate, host_experts=strategy.host_compute,
+                        host_failure_rate=host_failure_rate, experts=experts)
+    try:
+        plan = Plan()
+        started = time.perf_counter()
+        measured = simulate(trace, model, strategy, calibration, capacity=capacity, batch_size=batch_size,
+                            requests=requests, seed=seed, max_steps=max_steps, executor=plan)
+        decision_ms = (time.perf_counter() - started) * 1e3
+        issue_ms = executor.run(plan)
+        layer_ms = executor.measured_layer_ms()
+    finally:
+        executor.close()
     simulated = copy.copy(measured)  # the cost model's times; the measured ones replace them below
-    layer_ms = executor.measured_layer_ms()
     layers = model.num_layers
     step_ms = layer_ms.reshape(-1, layers).sum(axis=1)
     measured.layer_ms, measured.step_ms = layer_ms, step_ms
     measured.total_ms = float(layer_ms.sum())
     measured.stall_ms = float("nan")  # not separable from compute on the GPU timeline
     measured.peak_cache_bytes = int(executor.slots.numel())
-    if executor.transfers != simulated.misses + simulated.prefetches:
-        raise EngineError(f"engine made {executor.transfers} transfers, the simulator "
-                          f"{simulated.misses + simulated.prefetches}")
+    measured.host_ms = executor.host_compute_s * 1e3
+    measured.host_wait_ms = executor.host_wait_ms()
+    decided = simulated.bytes_moved // model.expert_bytes  # demand loads, prefetches and admissions
+    if executor.transfers != decided:
+        raise EngineError(f"engine made {executor.transfers} transfers, the simulator {decided}")
+    if executor.host_served != simulated.host_served:
+        raise EngineError(f"engine computed {executor.host_served} experts on the host, the simulator "
+                          f"{simulated.host_served}")
     late = executor.host_late_ms()
     info = {"faults": dict(executor.faults), "decision_ms_per_layer": decision_ms / len(layer_ms),
             "issue_ms_per_layer": issue_ms / len(layer_ms), "host_late_ms_per_step": float(late.sum() / len(step_ms)),
             "host_late_layers": float(np.mean(late > 0.005))}
+    if executor.host_errors:
+        info["host_errors"] = executor.host_errors
     return simulated, measured, info
 
 
@@ -329,10 +627,12 @@ def reference_outputs(trace: Trace, model: OffloadModel, steps: list[np.ndarray]
 
 def validate(trace_path, model_name: str, calibration_path, *, strategies, batch_sizes=(1, 4, 16, 64),
              requests: int = 8, cache_fraction: float = 0.25, seed: int = 0, max_steps: int | None = None,
-             out_dir="results", command: str = "", console=None, prefetch_failure_rate: float = 0.0):
-    """Engine vs simulator for every strategy and batch size (each run cut to its first
-    `max_steps` decode steps if given); writes
-    `<out_dir>/offload/<stamp>-engine-<model>-<device>.json`."""
+             out_dir="results", command: str = "", console=None, prefetch_failure_rate: float = 0.0,
+             host_failure_rate: float = 0.0, time_limit_s: float | None = None, host_copies: int = 64):
+    """Engine vs simulator for every strategy (transfer-only or with a host miss policy) and
+    batch size (each run cut to its first `max_steps` decode steps if given); writes
+    `<out_dir>/offload/<stamp>-engine-<model>-<device>.json`. With `time_limit_s`, no run
+    starts after that many seconds: the file lists the runs left out (`skipped`)."""
     from pathlib import Path
 
     from rich.console import Console
@@ -346,33 +646,49 @@ def validate(trace_path, model_name: str, calibration_path, *, strategies, batch
     from .trace import load_trace
 
     console = console or Console()
-    for name in strategies:  # an unknown name fails here, before any GPU work
-        make_strategy(name)
-    if not torch.cuda.is_available():
-        raise EngineError("the offloading engine needs a CUDA GPU; on this machine use `pymoe simulate`")
+    chosen = [make_strategy(name) for name in strategies]  # an unknown name fails here, before any GPU work
+    host = any(s.host_compute for s in chosen)
+    if host_failure_rate and not host:
+        raise EngineError("--inject-host-failures needs a strategy with a host miss policy (hybrid, cpu-on-miss, ...)")
+    if time_limit_s is not None and time_limit_s <= 0:
+        raise EngineError(f"time_limit_s must be > 0, got {time_limit_s}")
     model = get_model(model_name)
     trace = load_trace(trace_path)
     trace.check_shape(model.num_experts, model.num_layers, model.top_k, f"model {model.name}")
     calibration = load_calibration(calibration_path)
+    calibration.compute_curve(model)
+    if host:
+        calibration.host_compute_curve(model)  # missing: a clear error now, not after the first runs
+    if not torch.cuda.is_available():
+        raise EngineError("the offloading engine needs a CUDA GPU; on this machine use `pymoe simulate`")
     profile, evaluation = trace.split(0.25)
     capacity = cache_capacity(model, fraction=cache_fraction)
     result = {**result_header("pymoe.offload-engine/2", command), "model": model.to_dict(),
               "trace": str(trace_path), "calibration": str(calibration_path), "cache_experts": capacity,
               "cache_fraction": cache_fraction, "requests_per_run": requests, "seed": seed,
-              "max_steps": max_steps, "prefetch_failure_rate": prefetch_failure_rate, "runs": []}
+              "max_steps": max_steps, "prefetch_failure_rate": prefetch_failure_rate,
+              "host_failure_rate": host_failure_rate, "time_limit_s": time_limit_s, "runs": [], "skipped": []}
     start = time.perf_counter()
+    # One set of pinned host experts (and CPU layers, for the host policies) for every run.
+    experts = HostExperts(model, min(host_copies, model.total_experts), pinned=True, cpu_layers=host)
+    result["host_experts_setup_s"] = round(time.perf_counter() - start, 1)
     table = Table(title=f"{model.name} on {torch.cuda.get_device_name(0)}: engine (measured) vs simulator")
     for col in ("strategy", "batch", "simulated ms/step", "measured ms/step", "error", "hit rate", "GiB moved",
-                "GPU waited for host, ms/step", "failed prefetches / fallback loads"):
+                "host-served", "GPU waited for host, ms/step", "failed prefetches / fallback loads / host fallbacks"):
         table.add_column(col, justify="right")
     for batch in batch_sizes:
         for name in strategies:
+            if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
+                result["skipped"].append({"strategy": name, "batch_size": batch})
+                continue
             strategy = make_strategy(name)
             strategy.fit(profile)
             with console.status(f"{name}, batch {batch}"):
                 sim, real, info = run_engine(evaluation, model, strategy, calibration, capacity=capacity,
                                              batch_size=batch, requests=max(batch, requests), seed=seed,
-                                             max_steps=max_steps, prefetch_failure_rate=prefetch_failure_rate)
+                                             max_steps=max_steps, prefetch_failure_rate=prefetch_failure_rate,
+                                             host_failure_rate=host_failure_rate if strategy.host_compute else 0.0,
+                                             experts=experts)
             faults = info["faults"]
             s, m = sim.summary(), real.summary()
             error = m["ms_per_step"] / s["ms_per_step"] - 1
@@ -380,15 +696,18 @@ def validate(trace_path, model_name: str, calibration_path, *, strategies, batch
                                    "measured_step_ms": real.step_ms.tolist(), "relative_error": error,
                                    **info})
             table.add_row(name, str(batch), f"{s['ms_per_step']:.2f}", f"{m['ms_per_step']:.2f}", f"{error:+.1%}",
-                          f"{s['hit_rate']:.3f}", f"{s['bytes_moved'] / 2**30:.1f}",
+                          f"{s['hit_rate']:.3f}", f"{s['bytes_moved'] / 2**30:.1f}", str(s["host_served"]),
                           f"{info['host_late_ms_per_step']:.3f}",
-                          f"{faults['failed_prefetches']} / {faults['fallback_loads']}")
+                          f"{faults['failed_prefetches']} / {faults['fallback_loads']} / {faults['host_fallbacks']}")
     result["wall_s"] = round(time.perf_counter() - start, 1)
-    result["max_abs_relative_error"] = max(abs(r["relative_error"]) for r in result["runs"])
+    result["max_abs_relative_error"] = max((abs(r["relative_error"]) for r in result["runs"]), default=None)
     console.print(table)
+    if result["skipped"]:
+        console.print(f"time limit {time_limit_s:g} s: left out {len(result['skipped'])} runs (listed in the file)")
     # Runs with injected failures test the fallback; the simulator does not model them, so
     # their name keeps them apart from the validation runs (the figures draw only those).
-    faults = f"-prefetch-failures{prefetch_failure_rate:g}" if prefetch_failure_rate else ""
+    faults = (f"-prefetch-failures{prefetch_failure_rate:g}" if prefetch_failure_rate else "") + (
+        f"-host-failures{host_failure_rate:g}" if host_failure_rate else "")
     path = write_result(Path(out_dir) / "offload", f"engine-{model.name}-{slug(torch.cuda.get_device_name(0))}{faults}",
                         result)
     console.print(f"wrote {path}")

@@ -3,7 +3,12 @@
 The presets copy the expert sizes of two real models: `switch` (Switch Transformer: 128 experts,
 12 layers, top-1, 27 MiB per expert) and `qwen` (Qwen1.5-MoE: 64 experts, 28 layers,
 top-8, 28.5 MB per expert). d_model / d_ff / dtype are chosen so that one expert's weights
-are exactly that size; they set the compute cost the calibration measures."""
+are exactly that size; they set the compute cost the calibration measures. A third,
+`qwen3-30b-a3b`, has the real model's own routing and expert shape (pymoe's preset of the
+same name: 128 experts of 2048 x 768, SwiGLU, top-8, 48 layers, 9.4 MB per expert in
+bfloat16): small experts, so a transfer and a host computation of one are both cheap, in a
+different ratio to the GPU compute than the other two. No trace of the real model is
+committed; `pymoe trace synthetic --model qwen3-30b-a3b` makes one."""
 
 from __future__ import annotations
 
@@ -81,6 +86,10 @@ MODELS = {
     "switch": OffloadModel("switch", 128, 12, 1, d_model=768, d_ff=4608, activation="relu", dtype="float32"),
     # 3 * 2048 * 2320 * 2 B = 28.5 MB.
     "qwen": OffloadModel("qwen", 64, 28, 8, d_model=2048, d_ff=2320, activation="swiglu", dtype="bfloat16"),
+    # Qwen3-30B-A3B (config.json: hidden_size 2048, moe_intermediate_size 768, 128 experts,
+    # 8 per token, 48 layers): 3 * 2048 * 768 * 2 B = 9.4 MB.
+    "qwen3-30b-a3b": OffloadModel("qwen3-30b-a3b", 128, 48, 8, d_model=2048, d_ff=768, activation="swiglu",
+                                  dtype="bfloat16"),
 }
 
 

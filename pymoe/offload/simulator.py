@@ -417,6 +417,8 @@ class RunState:
                 continue
             if admission.evicted is not None:
                 self.outstanding.discard(admission.evicted)
+            if self.executor is not None:  # a background copy decided at this layer, like a prefetch
+                self.executor.transfer(key, admission.evicted, prefetch=True)
             copies.free = start + copies.transfer_ms
             self.book("copy", start, copies.free, key)
             self.host_admissions += 1
@@ -465,10 +467,10 @@ def simulate(trace: Trace, model: OffloadModel, strategy: Strategy, calibration:
     `max_steps` decode steps only, if given).
 
     With an `executor` (see engine.py) every decision is also carried out for real: it is
-    told each transfer (`transfer(key, evicted, prefetch)`) and each layer's compute (`layer(tick,
-    tokens, layer, experts, counts)`) as the cost model schedules them, so that the measured
-    run makes exactly the simulated run's choices. The engine does not run host experts
-    yet, so strategies with a host miss policy refuse an executor.
+    told each transfer (`transfer(key, evicted, prefetch)`; admissions of host-served
+    experts come as prefetches) and each layer's compute (`layer(tick, tokens, layer,
+    experts, counts, host_keys)`, host_keys: the misses computed on the host) as the cost
+    model schedules them, so that the measured run makes exactly the simulated run's choices.
 
     With a `timeline` list, every booking of a resource is appended to it as (resource,
     start ms, end ms, expert key or None); resources: "copy" (expert copies), "gpu" (a
@@ -486,9 +488,6 @@ def simulate(trace: Trace, model: OffloadModel, strategy: Strategy, calibration:
     compute_ms = calibration.compute_curve(model)
     host = None
     if strategy.host_compute:
-        if executor is not None:
-            raise ValueError(f"strategy {strategy.label} computes experts on the host, which the offloading "
-                             f"engine does not do yet; simulate it without an executor (pymoe simulate)")
         host = HostWorker(calibration.host_compute_curve(model),
                           lambda nbytes: calibration.rows_transfer_ms(nbytes, memory),
                           row_bytes=model.d_model * ITEMSIZE[model.dtype])
@@ -513,7 +512,7 @@ def simulate(trace: Trace, model: OffloadModel, strategy: Strategy, calibration:
             run.load_experts(lt)
             run.schedule_compute(lt)
             if executor is not None:
-                executor.layer(lt.tick, tokens, layer, lt.experts, lt.counts)
+                executor.layer(lt.tick, tokens, layer, lt.experts, lt.counts, lt.host_keys)
             view = LayerView(lt.tick, s, layer, routing, requests_now, trace.weights[tokens, layer],
                              None if trace.pregate is None or layer + 1 >= layers else trace.pregate[tokens, layer + 1])
             strategy.observe(view)
