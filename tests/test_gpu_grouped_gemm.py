@@ -1,9 +1,10 @@
 """The sync-free tensor-core grouped GEMM (kernels/gpu_grouped_gemm.mojo) against the
 float64 reference, in bfloat16: moe_expert_matmul with every activation, bias and gather,
 at E = 128 and 256 on ragged groups that take every tile shape (decode: few rows per
-expert; prefill: tens; many-rows: hundreds, the wgmma tile on Hopper), with K and N off the tile sizes; MoELayer at E = 128 and 256,
-k = 8, leaving near-ties out; and that a layer call never waits for the GPU. Skipped where
-MAX sees no GPU (CI has none). On a GPU machine: `pytest tests/test_gpu_grouped_gemm.py`.
+expert; prefill: tens; many-rows: hundreds, the wgmma tile on Hopper), with K and N off
+the tile sizes; MoELayer at E = 128 and 256, k = 8, leaving near-ties out; and that a
+layer call never waits for the GPU. Skipped where MAX sees no GPU (CI has none). On a GPU
+machine: `pytest tests/test_gpu_grouped_gemm.py`.
 """
 
 import time
