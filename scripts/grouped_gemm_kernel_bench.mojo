@@ -1,0 +1,229 @@
+# Kernel-only check and timing of the grouped GEMM tiles (kernels/gpu_grouped_gemm.mojo),
+# without MAX's graph compiler or Python: the Hopper wgmma tile against the mma.sync tile
+# on the same random inputs (relative difference, NaN count), and grouped_gemm_gpu (the
+# ops' entry) against the mma.sync tile. Prints one line per case: median ms of 20 calls
+# each (host clock around a synchronised call), TFLOP/s, and old/new.
+#
+# Build here (no GPU needed), run on the GPU machine with Mojo's runtime libraries
+# (libKGENCompilerRTShared, libAsyncRTMojoBindings, libAsyncRTRuntimeGlobals,
+# libMSupportGlobals, libMGPRT from the modular package's lib/) on LD_LIBRARY_PATH:
+#   mojo build -I . --target-accelerator=sm_90a -o grouped_gemm_kernel_bench \
+#       scripts/grouped_gemm_kernel_bench.mojo
+from kernels.gpu_grouped_gemm import grouped_gemm_gpu, _grouped_gemm, _grouped_gemm_wgmma, MID_TILE, PREFILL_TILE, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT
+from max.gpu.host import DeviceContext
+from std.memory import Pointer
+from std.time import perf_counter_ns
+from std.math import sqrt
+
+comptime BF = DType.bfloat16
+
+struct Rng:
+    var s: UInt64
+    def __init__(out self, seed: UInt64):
+        self.s = seed
+    def next(mut self) -> Float32:
+        self.s = self.s * 6364136223846793005 + 1442695040888963407
+        return Float32(Int((self.s >> 33) % 2000001) - 1000000) / 1000000.0
+    def int(mut self, n: Int) -> Int:
+        self.s = self.s * 6364136223846793005 + 1442695040888963407
+        return Int((self.s >> 33) % UInt64(n))
+
+def bench_case[act: StaticString, BM: Int, BN: Int, ST: Int](ctx: DeviceContext, name: String, E: Int, K: Int, NW: Int, tokens: Int, topk: Int, old_prefill: Bool) raises:
+    var gated = act == "swiglu"
+    var nout = NW // 2 if gated else NW
+    var slots = tokens * topk
+    var rng = Rng(1234 + UInt64(E * K + tokens))
+    # routing: each token picks topk distinct experts (approximately: random with retries)
+    var counts = List[Int](length=E, fill=0)
+    var choice = List[Int](length=slots, fill=0)
+    for t in range(tokens):
+        for j in range(topk):
+            var e = rng.int(E)
+            var tries = 0
+            while tries < 50:
+                var dup = False
+                for i in range(j):
+                    if choice[t * topk + i] == e:
+                        dup = True
+                if not dup:
+                    break
+                e = rng.int(E)
+                tries += 1
+            choice[t * topk + j] = e
+            counts[e] += 1
+    var h_off = ctx.enqueue_create_host_buffer[DType.int32](E + 1)
+    var h_ids = ctx.enqueue_create_host_buffer[DType.int32](slots)
+    ctx.synchronize()
+    var fill = List[Int](length=E, fill=0)
+    h_off[0] = 0
+    for e in range(E):
+        h_off[e + 1] = h_off[e] + Int32(counts[e])
+    for s in range(slots):
+        var e = choice[s]
+        h_ids[Int(h_off[e]) + fill[e]] = Int32(s // topk)
+        fill[e] += 1
+    var h_a = ctx.enqueue_create_host_buffer[BF](tokens * K)
+    var h_w = ctx.enqueue_create_host_buffer[BF](E * K * NW)
+    ctx.synchronize()
+    for i in range(tokens * K):
+        h_a[i] = rng.next().cast[BF]()
+    var sc = Float32(1.0) / sqrt(Float32(K))
+    for i in range(E * K * NW):
+        h_w[i] = (rng.next() * sc * 1.7).cast[BF]()
+    var d_a = ctx.enqueue_create_buffer[BF](tokens * K)
+    var d_w = ctx.enqueue_create_buffer[BF](E * K * NW)
+    var d_off = ctx.enqueue_create_buffer[DType.int32](E + 1)
+    var d_ids = ctx.enqueue_create_buffer[DType.int32](slots)
+    var d_c0 = ctx.enqueue_create_buffer[BF](slots * nout)
+    var d_c1 = ctx.enqueue_create_buffer[BF](slots * nout)
+    ctx.enqueue_copy(d_a, h_a)
+    ctx.enqueue_copy(d_w, h_w)
+    ctx.enqueue_copy(d_off, h_off)
+    ctx.enqueue_copy(d_ids, h_ids)
+    ctx.synchronize()
+    var pa = Pointer[Scalar[BF], MutAnyOrigin](unsafe_from_address=Int(d_a.unsafe_ptr()))
+    var pw = Pointer[Scalar[BF], MutAnyOrigin](unsafe_from_address=Int(d_w.unsafe_ptr()))
+    var pc0 = Pointer[Scalar[BF], MutAnyOrigin](unsafe_from_address=Int(d_c0.unsafe_ptr()))
+    var pc1 = Pointer[Scalar[BF], MutAnyOrigin](unsafe_from_address=Int(d_c1.unsafe_ptr()))
+    var poff = Pointer[Int32, MutAnyOrigin](unsafe_from_address=Int(d_off.unsafe_ptr()))
+    var pids = Pointer[Int32, MutAnyOrigin](unsafe_from_address=Int(d_ids.unsafe_ptr()))
+    var flops = 2.0 * Float64(slots) * Float64(K) * Float64(NW)
+    var reps = 20
+
+    def run_old() raises {var ctx, var pc0, var nout, var pa, var K, var pids, var poff, var E, var slots, var pw, var NW, var old_prefill}:
+        if old_prefill:
+            _grouped_gemm[BF, PREFILL_TILE, act, True, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT](ctx, pc0, nout, pa, K, K, pids, poff, E, slots, pw, NW, nout, pw)
+        else:
+            _grouped_gemm[BF, MID_TILE, act, True, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT](ctx, pc0, nout, pa, K, K, pids, poff, E, slots, pw, NW, nout, pw)
+    def run_new() raises {var ctx, var pc1, var nout, var pa, var K, var pids, var poff, var E, var slots, var pw, var NW}:
+        _grouped_gemm_wgmma[BF, BM, BN, ST, act, True, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT](ctx, pc1, nout, pa, K, K, pids, poff, E, slots, pw, NW, nout, pw)
+
+    run_old()
+    run_new()
+    ctx.synchronize()
+    var h_c0 = ctx.enqueue_create_host_buffer[BF](slots * nout)
+    var h_c1 = ctx.enqueue_create_host_buffer[BF](slots * nout)
+    ctx.enqueue_copy(h_c0, d_c0)
+    ctx.enqueue_copy(h_c1, d_c1)
+    ctx.synchronize()
+    var num = Float64(0)
+    var den = Float64(0)
+    var bad = 0
+    for i in range(slots * nout):
+        var x = Float64(h_c0[i].cast[DType.float32]())
+        var y = Float64(h_c1[i].cast[DType.float32]())
+        if y != y:
+            bad += 1
+        num += (x - y) * (x - y)
+        den += x * x
+    var rel = sqrt(num / max(den, 1e-30))
+    var t_old = List[Float64]()
+    var t_new = List[Float64]()
+    for _ in range(3):
+        run_old()
+        run_new()
+    ctx.synchronize()
+    for _ in range(reps):
+        var t0 = perf_counter_ns()
+        run_old()
+        ctx.synchronize()
+        var t1 = perf_counter_ns()
+        run_new()
+        ctx.synchronize()
+        var t2 = perf_counter_ns()
+        t_old.append(Float64(t1 - t0) / 1e6)
+        t_new.append(Float64(t2 - t1) / 1e6)
+    sort(t_old)
+    sort(t_new)
+    var mo = t_old[reps // 2]
+    var mn = t_new[reps // 2]
+    print(name, "BM", BM, "BN", BN, "ST", ST, "tokens", tokens, "rel", rel, "nan", bad,
+          "old_ms", mo, "new_ms", mn, "old_TF", flops / mo / 1e9, "new_TF", flops / mn / 1e9, "x", mo / mn)
+
+def dispatch_check(ctx: DeviceContext, tokens: Int) raises:
+    """grouped_gemm_gpu (the op's entry) against the mma.sync tile, qwen3 gate/up."""
+    var E = 128
+    var K = 2048
+    var NW = 1536
+    var topk = 8
+    var nout = NW // 2
+    var slots = tokens * topk
+    var rng = Rng(99)
+    var h_off = ctx.enqueue_create_host_buffer[DType.int32](E + 1)
+    var h_ids = ctx.enqueue_create_host_buffer[DType.int32](slots)
+    var h_a = ctx.enqueue_create_host_buffer[BF](tokens * K)
+    var h_w = ctx.enqueue_create_host_buffer[BF](E * K * NW)
+    ctx.synchronize()
+    for e in range(E + 1):
+        h_off[e] = Int32(e * slots // E)
+    for s in range(slots):
+        h_ids[s] = Int32(rng.int(tokens))
+    for i in range(tokens * K):
+        h_a[i] = rng.next().cast[BF]()
+    for i in range(E * K * NW):
+        h_w[i] = (rng.next() * 0.03).cast[BF]()
+    var d_a = ctx.enqueue_create_buffer[BF](tokens * K)
+    var d_w = ctx.enqueue_create_buffer[BF](E * K * NW)
+    var d_off = ctx.enqueue_create_buffer[DType.int32](E + 1)
+    var d_ids = ctx.enqueue_create_buffer[DType.int32](slots)
+    var d_c0 = ctx.enqueue_create_buffer[BF](slots * nout)
+    var d_c1 = ctx.enqueue_create_buffer[BF](slots * nout)
+    ctx.enqueue_copy(d_a, h_a)
+    ctx.enqueue_copy(d_w, h_w)
+    ctx.enqueue_copy(d_off, h_off)
+    ctx.enqueue_copy(d_ids, h_ids)
+    var pa = Pointer[Scalar[BF], MutAnyOrigin](unsafe_from_address=Int(d_a.unsafe_ptr()))
+    var pw = Pointer[Scalar[BF], MutAnyOrigin](unsafe_from_address=Int(d_w.unsafe_ptr()))
+    var pc0 = Pointer[Scalar[BF], MutAnyOrigin](unsafe_from_address=Int(d_c0.unsafe_ptr()))
+    var pc1 = Pointer[Scalar[BF], MutAnyOrigin](unsafe_from_address=Int(d_c1.unsafe_ptr()))
+    var poff = Pointer[Int32, MutAnyOrigin](unsafe_from_address=Int(d_off.unsafe_ptr()))
+    var pids = Pointer[Int32, MutAnyOrigin](unsafe_from_address=Int(d_ids.unsafe_ptr()))
+    _grouped_gemm[BF, MID_TILE, "swiglu", True, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT](ctx, pc0, nout, pa, K, K, pids, poff, E, slots, pw, NW, nout, pw)
+    grouped_gemm_gpu[BF, "swiglu", True](ctx, pc1, nout, pa, K, K, pids, poff, E, slots, pw, NW, pw)
+    var h_c0 = ctx.enqueue_create_host_buffer[BF](slots * nout)
+    var h_c1 = ctx.enqueue_create_host_buffer[BF](slots * nout)
+    ctx.enqueue_copy(h_c0, d_c0)
+    ctx.enqueue_copy(h_c1, d_c1)
+    ctx.synchronize()
+    var num = Float64(0)
+    var den = Float64(0)
+    for i in range(slots * nout):
+        var x = Float64(h_c0[i].cast[DType.float32]())
+        var y = Float64(h_c1[i].cast[DType.float32]())
+        num += (x - y) * (x - y)
+        den += x * x
+    print("dispatch tokens", tokens, "rel", sqrt(num / max(den, 1e-30)))
+
+
+def main() raises:
+    var ctx = DeviceContext()
+    dispatch_check(ctx, 4096)
+    dispatch_check(ctx, 64)
+    # old_prefill: the reference kernel is the 128x128 mma.sync tile (else the 64x128 one)
+    bench_case["swiglu", 128, 256, 4](ctx, "qwen3-up", 128, 2048, 1536, 16384, 8, True)
+    bench_case["swiglu", 128, 128, 3](ctx, "qwen3-up", 128, 2048, 1536, 16384, 8, True)
+    bench_case["swiglu", 128, 128, 4](ctx, "qwen3-up", 128, 2048, 1536, 16384, 8, True)
+    bench_case["swiglu", 128, 256, 3](ctx, "qwen3-up", 128, 2048, 1536, 16384, 8, True)
+    bench_case["none", 128, 256, 4](ctx, "qwen3-down", 128, 768, 2048, 16384, 8, True)
+    bench_case["none", 128, 128, 3](ctx, "qwen3-down", 128, 768, 2048, 16384, 8, True)
+    bench_case["none", 128, 256, 3](ctx, "qwen3-down", 128, 768, 2048, 16384, 8, True)
+    bench_case["swiglu", 128, 256, 4](ctx, "mixtral-up", 8, 4096, 28672, 16384, 2, True)
+    bench_case["swiglu", 128, 128, 3](ctx, "mixtral-up", 8, 4096, 28672, 16384, 2, True)
+    bench_case["none", 128, 256, 4](ctx, "mixtral-down", 8, 14336, 4096, 16384, 2, True)
+    bench_case["none", 128, 128, 3](ctx, "mixtral-down", 8, 14336, 4096, 16384, 2, True)
+    # mid sizes: 64 / 128 / 256 rows per expert (the 64x128 mma.sync tile today)
+    bench_case["swiglu", 64, 256, 4](ctx, "qwen3-up", 128, 2048, 1536, 1024, 8, False)
+    bench_case["swiglu", 128, 256, 4](ctx, "qwen3-up", 128, 2048, 1536, 1024, 8, False)
+    bench_case["swiglu", 64, 128, 4](ctx, "qwen3-up", 128, 2048, 1536, 1024, 8, False)
+    bench_case["swiglu", 64, 256, 4](ctx, "qwen3-up", 128, 2048, 1536, 2048, 8, False)
+    bench_case["swiglu", 128, 256, 4](ctx, "qwen3-up", 128, 2048, 1536, 2048, 8, False)
+    bench_case["swiglu", 64, 256, 4](ctx, "qwen3-up", 128, 2048, 1536, 4096, 8, False)
+    bench_case["swiglu", 128, 256, 4](ctx, "qwen3-up", 128, 2048, 1536, 4096, 8, False)
+    bench_case["none", 64, 256, 4](ctx, "qwen3-down", 128, 768, 2048, 4096, 8, False)
+    bench_case["none", 128, 256, 4](ctx, "qwen3-down", 128, 768, 2048, 4096, 8, False)
+    bench_case["swiglu", 64, 256, 4](ctx, "mixtral-up", 8, 4096, 28672, 128, 2, False)
+    bench_case["swiglu", 64, 256, 4](ctx, "mixtral-up", 8, 4096, 28672, 512, 2, False)
+    bench_case["swiglu", 64, 256, 4](ctx, "gptoss20-up", 32, 2880, 5760, 512, 4, False)
+    bench_case["swiglu", 128, 256, 4](ctx, "gptoss20-up", 32, 2880, 5760, 4096, 4, True)
+    bench_case["swiglu", 64, 256, 4](ctx, "qwen3-up-odd", 128, 2040, 1520, 999, 8, False)
+    bench_case["swiglu", 128, 256, 4](ctx, "qwen3-up-odd", 128, 2040, 1520, 9999, 8, True)
