@@ -145,7 +145,7 @@ class MoELayer:
     def stack(self, layers: int):
         """(fn, compile seconds): fn(x) runs `layers` copies of this layer in sequence in ONE
         compiled graph, each after an RMS norm, x <- layer(rms_norm(x)), as a model's MoE
-        blocks run (see runtime.compile_moe_graph's `stack`); called like forward_unchecked.
+        blocks run (see runtime.moe_graph_spec's `stack`); called like forward_unchecked.
         Every copy is bound to this layer's weights (one set in memory: L copies of a large
         layer would not fit) and its buffer pool. The benchmark times it (pymoe bench --stack)
         because a model pays the MAX call's fixed cost once per graph, not once per layer."""

@@ -258,7 +258,7 @@ def compile_together(specs) -> float:
     return time.perf_counter() - start
 
 
-# epsilon of the RMS norm before each layer of a stack (compile_moe_graph's `stack`): that of
+# epsilon of the RMS norm before each layer of a stack (moe_graph_spec's `stack`): that of
 # Mixtral's, Qwen3's and DeepSeek-V3's norms.
 STACK_RMS_EPS = 1e-6
 
