@@ -100,9 +100,9 @@ def graphs_compiled_together(request, mojo_packages_built_once):
     from pymoe import runtime
 
     others = graphs_of_other_files()
-    modules = dict.fromkeys(getattr(item, "module", None) for item in request.session.items)
-    specs = [spec for module in modules if module is not None
-             for spec in getattr(module, "GRAPHS", others.get(module.__name__, ()))]
+    items = [item for item in request.session.items if getattr(item, "module", None) is not None]
+    specs = [spec for module in dict.fromkeys(item.module for item in items) for spec in getattr(module, "GRAPHS", ())]
+    specs += [spec for item in items for spec in others.get(f"{item.module.__name__}::{item.originalname}", ())]
     try:
         runtime.compile_together(specs)
     except Exception as error:

@@ -70,13 +70,14 @@ def check_layer(layer, config, weights, x, tol):
 
 
 def graphs_of_other_files() -> dict[str, list]:
-    """GRAPHS (tests/graphs.py) of test files that build pymoe layers without listing them
-    themselves, by module name: conftest compiles these with the suite's other graphs.
-    A layer missing here still works; it only costs a compilation of its own."""
+    """The graphs (tests/graphs.py) of tests in files that build pymoe layers without listing
+    them in a GRAPHS of their own, by "module::test": conftest compiles these with the suite's
+    other graphs when the test is collected. A layer missing here still works; it only costs
+    a compilation of its own."""
     from graphs import layer_graphs
 
     # pymoe.offload.calibration.measure_host_compute: one expert of test_offload_hybrid's
     # "tiny-host" shape (d_model 64, d_ff 128, relu) as a top-1 layer of one expert.
     host = MoEConfig(d_model=64, d_ff=128, num_experts=1, top_k=1, activation="relu")
-    return {"test_offload_hybrid": layer_graphs([host])}
+    return {"test_offload_hybrid::test_calibrate_measures_host_compute_with_pymoes_cpu_layer": layer_graphs([host])}
 
