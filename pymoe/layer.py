@@ -19,7 +19,7 @@ from functools import partial
 import numpy as np
 
 from . import runtime
-from .config import MoEConfig
+from .config import GATED_ACTIVATIONS, MoEConfig
 from .runtime import BufferPool, check_device_dtype, driver_device, layer_weight_buffers, to_device_buffer, wrap_output
 from .weights import DenseWeights, MoEWeights
 
@@ -91,12 +91,31 @@ class MoELayer:
         # pooled=False lets the graph allocate the intermediates on every call
         # (kept for the ablation that measures what the pool saves).
         self.pool = BufferPool((config.expert_n, config.d_model), dtype, self._device) if pooled else None
-        self._model, self.compile_seconds = self._compiled(None)
+        # Its graphs (the layer's and the weight packing's) in one compilation; compile_seconds:
+        # the time that took, 0.0 when this process had compiled them all already.
+        specs = self.graph_specs(config, device, dtype, pooled, self.every_expert_tokens)
+        self.compile_seconds = runtime.compile_together(specs)
+        self._model, _ = runtime.compiled(specs[0])
         self._weights = layer_weight_buffers(config, weights, device, dtype, packed=device == "cpu")
 
+    @staticmethod
+    def graph_specs(config: MoEConfig, device: str = "cpu", dtype: str = "float32", pooled: bool = True,
+                    every_expert_tokens: tuple[int, int] | None = None) -> list[runtime.GraphSpec]:
+        """The graphs a layer of these arguments compiles (its layer graph and, on the CPU, the
+        graphs that pack its expert weights), for runtime.compile_together: a process that
+        will build several layers compiles all their graphs at once, which costs far less
+        than one compilation each."""
+        from .ops import every_expert_token_range
+
+        tokens = every_expert_tokens or every_expert_token_range(config, device, dtype)
+        specs = [runtime.moe_graph_spec(config, device, dtype, pooled, tokens)]
+        if device == "cpu":
+            gated = config.activation in GATED_ACTIVATIONS
+            specs += [runtime.pack_graph_spec(dtype, gated), runtime.pack_graph_spec(dtype, False)]
+        return specs
+
     def _compiled(self, stack: int | None):
-        key = ("moe", self.config, self.device, self.dtype, self.pooled, self.every_expert_tokens, stack)
-        return runtime.compiled(key, lambda: runtime.compile_moe_graph(
+        return runtime.compiled(runtime.moe_graph_spec(
             self.config, self.device, self.dtype, self.pooled, self.every_expert_tokens, stack=stack))
 
     def _execute(self, x, model=None, layers: int = 1):
@@ -126,7 +145,7 @@ class MoELayer:
     def stack(self, layers: int):
         """(fn, compile seconds): fn(x) runs `layers` copies of this layer in sequence in ONE
         compiled graph, each after an RMS norm, x <- layer(rms_norm(x)), as a model's MoE
-        blocks run (see runtime.compile_moe_graph's `stack`); called like forward_unchecked.
+        blocks run (see runtime.moe_graph_spec's `stack`); called like forward_unchecked.
         Every copy is bound to this layer's weights (one set in memory: L copies of a large
         layer would not fit) and its buffer pool. The benchmark times it (pymoe bench --stack)
         because a model pays the MAX call's fixed cost once per graph, not once per layer."""
@@ -144,11 +163,13 @@ class DenseFFN:
         weights.validate(config)
         self.config, self.device, self.dtype = config, device, dtype
         self._device = driver_device(device)
-        key = ("dense", config.d_model, config.d_ff_dense, config.activation, config.swiglu_alpha,
-               config.swiglu_limit, device, dtype)
-        self._model, self.compile_seconds = runtime.compiled(
-            key, lambda: runtime.compile_dense_graph(config, device, dtype))
+        self._model, self.compile_seconds = runtime.compiled(self.graph_spec(config, device, dtype))
         self._weights = [to_device_buffer(w, dtype, self._device) for w in (weights.w1, weights.w2)]
+
+    @staticmethod
+    def graph_spec(config: MoEConfig, device: str = "cpu", dtype: str = "float32") -> runtime.GraphSpec:
+        """The graph this layer compiles (see MoELayer.graph_specs)."""
+        return runtime.dense_graph_spec(config, device, dtype)
 
     def __call__(self, x):
         check_input(x, self.config.d_model)

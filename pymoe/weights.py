@@ -112,7 +112,7 @@ class MoEWeights:
 
     def graph_inputs(self, config: MoEConfig) -> list[np.ndarray]:
         """router, w1, w2, then the optional weights in optional_weight_shapes order:
-        the weight inputs of the layer graph (pymoe.runtime.compile_moe_graph)."""
+        the weight inputs of the layer graph (pymoe.runtime.moe_graph_spec)."""
         return [self.router, self.w1, self.w2, *(getattr(self, n) for n in optional_weight_shapes(config))]
 
     @classmethod

@@ -1,6 +1,7 @@
 """Shared helpers. Graphs are compiled once per session (fixtures in the test
 modules are session- or module-scoped) and reused with fresh random inputs."""
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,30 @@ def mojo_packages_built_once():
     max_graph._build_mojo_source_package = build
 
 
+@pytest.fixture(scope="session", autouse=True)
+def graphs_compiled_together(request, mojo_packages_built_once):
+    """Compile the graphs that the collected test files list in their GRAPHS (tests/graphs.py)
+    all at once, in ONE MAX compilation: each compilation has a fixed cost of many seconds
+    on a CPU, which one compilation pays once for the ~40 graphs of the suite. Tests get
+    them from pymoe.runtime's cache. If that compilation fails, each test compiles its own
+    graphs as it would without this, so that the failure is reported by the tests it concerns."""
+    try:
+        from model_layer_cases import graphs_of_other_files
+    except ImportError:  # the offloading tests run without MAX
+        return
+    from pymoe import runtime
+
+    others = graphs_of_other_files()
+    items = [item for item in request.session.items if getattr(item, "module", None) is not None]
+    specs = [spec for module in dict.fromkeys(item.module for item in items) for spec in getattr(module, "GRAPHS", ())]
+    specs += [spec for item in items for spec in others.get(f"{item.module.__name__}::{item.originalname}", ())]
+    try:
+        runtime.compile_together(specs)
+    except Exception as error:
+        warnings.warn(f"compiling the suite's graphs together failed, each test compiles its own: {error}",
+                      stacklevel=1)
+
+
 @pytest.fixture
 def basic_preset(monkeypatch):
     """The name of tests/model_layer_cases.py's TEST_PRESET, a preset for this test only:
@@ -95,6 +120,17 @@ def basic_preset(monkeypatch):
 
     monkeypatch.setitem(PRESETS, TEST_PRESET.name, TEST_PRESET)
     return TEST_PRESET.name
+
+
+@pytest.fixture
+def small_ceilings(monkeypatch):
+    """The benchmark's machine ceilings (pymoe/bench/ceilings.py) measured on small operands:
+    the full-size matmul alone takes ~7 s of a 2-core CPU per benchmark run, and the tests
+    check the bookkeeping around the numbers, not the numbers."""
+    from pymoe.bench import ceilings
+
+    monkeypatch.setitem(ceilings.MATMUL_N, "cpu", 256)
+    monkeypatch.setitem(ceilings.STREAM_BYTES, "cpu", 8 * 2**20)
 
 
 @pytest.fixture

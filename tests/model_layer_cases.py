@@ -67,3 +67,17 @@ def check_layer(layer, config, weights, x, tol):
     assert abs(res.z_loss - ref.gate.z_loss) <= 1e-3 * abs(ref.gate.z_loss) + 1e-6
     assert res.dropped_slots == 0
     return res, ref
+
+
+def graphs_of_other_files() -> dict[str, list]:
+    """The graphs (tests/graphs.py) of tests in files that build pymoe layers without listing
+    them in a GRAPHS of their own, by "module::test": conftest compiles these with the suite's
+    other graphs when the test is collected. A layer missing here still works; it only costs
+    a compilation of its own."""
+    from graphs import layer_graphs
+
+    # pymoe.offload.calibration.measure_host_compute: one expert of test_offload_hybrid's
+    # "tiny-host" shape (d_model 64, d_ff 128, relu) as a top-1 layer of one expert.
+    host = MoEConfig(d_model=64, d_ff=128, num_experts=1, top_k=1, activation="relu")
+    return {"test_offload_hybrid::test_calibrate_measures_host_compute_with_pymoes_cpu_layer": layer_graphs([host])}
+

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import FP32_TOL, rel_err
-from graphs import REF, compile_graph, run
+from graphs import REF, compiled, op_graph, run
 from max.dtype import DType
 from max.graph import TensorType, ops
 
@@ -28,9 +28,32 @@ def _p(*values):
     return ops.constant(np.array(values, np.int32), I32, REF)
 
 
-@pytest.fixture(scope="module")
-def ablation_model():
-    types = [
+def _ablation_forward(a, b, x, router, ids, offs, w, xg):
+    same = [TensorType(F32, a.shape, REF)]
+    outs = [
+        mops.custom_op("pymoe_ablation_softmax_scalar", [a], same)[0],
+        mops.custom_op("pymoe_ablation_softmax_fixed", [b], [TensorType(F32, b.shape, REF)],
+                       {"cols": FIXED_COLS})[0],
+    ]
+    for simd in (False, True):
+        for code in (A.ACT_CODES["relu"], A.ACT_CODES["silu"]):
+            outs += mops.custom_op("pymoe_ablation_activation", [a, _p(code)], same, {"simd": simd})
+        for renorm in (0, 1):
+            t = x.shape[0]
+            gate_types = [TensorType(F32, [t, K], REF), TensorType(I32, [t, K], REF), TensorType(I32, [E], REF),
+                          TensorType(F32, [E], REF), TensorType(F32, [2], REF)]
+            outs += mops.custom_op("pymoe_ablation_moe_gate", [x, router, _p(renorm)], gate_types, {"simd": simd})
+        for act, gather in MATMUL_CASES:
+            outs += mops.custom_op("pymoe_ablation_moe_expert_matmul",
+                                   [x if gather else xg, ids, offs, w, _p(A.ACT_CODES[act], int(gather))],
+                                   [TensorType(F32, [ids.shape[0], N // 2 if act == "swiglu" else N], REF)],
+                                   {"simd": simd})
+    return outs
+
+
+ABLATION = op_graph(
+    "ablation_ops",
+    [
         TensorType(F32, ["r", "c"], REF),  # a: softmax / activation input
         TensorType(F32, ["r2", FIXED_COLS], REF),  # b: fixed-width softmax input
         TensorType(F32, ["t", "d"], REF),  # x
@@ -39,31 +62,16 @@ def ablation_model():
         TensorType(I32, [E + 1], REF),  # expert offsets
         TensorType(F32, [E, "d", N], REF),  # expert weights
         TensorType(F32, ["m", "d"], REF),  # rows already in expert order (no gather)
-    ]
+    ],
+    _ablation_forward,
+    [mops.find_kernels_dir(A.ABLATION_KERNELS)],
+)
+GRAPHS = [ABLATION]  # compiled with the suite's other graphs (tests/graphs.py)
 
-    def forward(a, b, x, router, ids, offs, w, xg):
-        same = [TensorType(F32, a.shape, REF)]
-        outs = [
-            mops.custom_op("pymoe_ablation_softmax_scalar", [a], same)[0],
-            mops.custom_op("pymoe_ablation_softmax_fixed", [b], [TensorType(F32, b.shape, REF)],
-                           {"cols": FIXED_COLS})[0],
-        ]
-        for simd in (False, True):
-            for code in (A.ACT_CODES["relu"], A.ACT_CODES["silu"]):
-                outs += mops.custom_op("pymoe_ablation_activation", [a, _p(code)], same, {"simd": simd})
-            for renorm in (0, 1):
-                t = x.shape[0]
-                gate_types = [TensorType(F32, [t, K], REF), TensorType(I32, [t, K], REF), TensorType(I32, [E], REF),
-                              TensorType(F32, [E], REF), TensorType(F32, [2], REF)]
-                outs += mops.custom_op("pymoe_ablation_moe_gate", [x, router, _p(renorm)], gate_types, {"simd": simd})
-            for act, gather in MATMUL_CASES:
-                outs += mops.custom_op("pymoe_ablation_moe_expert_matmul",
-                                       [x if gather else xg, ids, offs, w, _p(A.ACT_CODES[act], int(gather))],
-                                       [TensorType(F32, [ids.shape[0], N // 2 if act == "swiglu" else N], REF)],
-                                       {"simd": simd})
-        return outs
 
-    return compile_graph("ablation_ops", types, forward, [mops.find_kernels_dir(A.ABLATION_KERNELS)])
+@pytest.fixture(scope="module")
+def ablation_model():
+    return compiled(ABLATION)
 
 
 def test_production_kernels_do_not_register_ablation_ops():

@@ -22,8 +22,9 @@ def no_compile(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a graph was compiled for bad input")
 
-    # Every compile goes through the cache, even of a graph compiled earlier in the process.
+    # Every compile goes through these, even of a graph compiled earlier in the process.
     monkeypatch.setattr(runtime, "compiled", refuse)
+    monkeypatch.setattr(runtime, "compile_together", refuse)
 
 
 @pytest.mark.parametrize(

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from graphs import layer_graphs
+from model_layer_cases import TEST_PRESET
 
 from pymoe import reference as R
-from pymoe.bench import suite, workload
+from pymoe.bench import ceilings, suite, workload
 from pymoe.cli import main
 from pymoe.config import MoEConfig, Preset, get_preset
 from pymoe.weights import DenseWeights, MoEWeights
@@ -17,9 +19,12 @@ CEILINGS = {
     "matmul": {"gflops": 100.0},
     "read": {"gbps": 10.0},
 }
+# What `pymoe bench --impl pymoe` compiles on the test preset, compiled with the suite's other
+# graphs (tests/graphs.py).
+GRAPHS = [*layer_graphs([TEST_PRESET.config]), ceilings.max_call_graph_spec("cpu")]
 
 
-def test_bench_writes_a_result_file(tmp_path, basic_preset):
+def test_bench_writes_a_result_file(tmp_path, basic_preset, small_ceilings):
     args = ["bench", "--preset", basic_preset, "--tokens", "4,2", "--impl", "pymoe", "--impl", "torch_loop",
             "--min-seconds", "0", "--out", str(tmp_path)]
     result = CliRunner().invoke(main, args)
@@ -45,15 +50,17 @@ def test_bench_writes_a_result_file(tmp_path, basic_preset):
     assert run["rows"][0]["pymoe_speedup"] == 1.0
 
 
-def test_wrong_implementation_is_flagged_and_not_timed():
-    w = suite.make_workload("small-decode", 3, "cpu", "float32")
+# The harness tests below run on the test preset's small layer: a real preset's weights
+# (small-decode: 134M random floats) take seconds to draw, for the same bookkeeping.
+def test_wrong_implementation_is_flagged_and_not_timed(basic_preset):
+    w = suite.make_workload(basic_preset, 3, "cpu", "float32")
     bad = suite.Impl("zeros", "returns zeros", "moe", lambda w: ((lambda x: np.zeros_like(x)), 0.0))
     row = suite.run_impl(bad, w, suite.work_model(w), CEILINGS, min_seconds=0)
     assert row["status"] == "wrong" and "times_s" not in row
 
 
-def test_failing_implementation_is_recorded():
-    w = suite.make_workload("small-decode", 3, "cpu", "float32")
+def test_failing_implementation_is_recorded(basic_preset):
+    w = suite.make_workload(basic_preset, 3, "cpu", "float32")
 
     def build(w):
         raise RuntimeError("no kernel for this device")
@@ -62,8 +69,8 @@ def test_failing_implementation_is_recorded():
     assert row["status"] == "failed" and "no kernel" in row["error"]
 
 
-def test_work_model_counts_only_the_experts_used():
-    w = suite.make_workload("small-decode", 1, "cpu", "float32")
+def test_work_model_counts_only_the_experts_used(basic_preset):
+    w = suite.make_workload(basic_preset, 1, "cpu", "float32")
     work = suite.work_model(w)
     cfg = w.config
     assert work["experts_used"] == cfg.top_k

@@ -4,9 +4,11 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from graphs import layer_graphs
 from model_layer_cases import BASIC_CONFIGS
 
-from pymoe.bench import runner, suite, workload
+from pymoe import runtime
+from pymoe.bench import ceilings, runner, suite, workload
 from pymoe.cli import main
 from pymoe.config import PRESETS, Preset
 
@@ -15,6 +17,10 @@ from pymoe.config import PRESETS, Preset
 # whose output would shrink to nothing over a stack without the norm between layers.
 CONFIG = BASIC_CONFIGS["swiglu-renorm"]
 CEILINGS = {"matmul": {"gflops": 100.0}, "read": {"gbps": 10.0}}
+# The single-call layer, its 2-layer stack and the MAX-call floor's graph, compiled with the
+# suite's other graphs (tests/graphs.py).
+GRAPHS = [*layer_graphs([CONFIG]), runtime.moe_graph_spec(CONFIG, "cpu", "float32", pooled=True, stack=2),
+          ceilings.max_call_graph_spec("cpu")]
 
 
 @pytest.fixture
@@ -23,7 +29,7 @@ def tiny_preset(monkeypatch):
     return "tiny"
 
 
-def test_stack_records_the_time_per_layer_beside_the_single_call(tmp_path, tiny_preset):
+def test_stack_records_the_time_per_layer_beside_the_single_call(tmp_path, tiny_preset, small_ceilings):
     # torch_grouped is left out: PyTorch's CPU _grouped_mm takes widths that are multiples of 4 only.
     args = ["bench", "--preset", tiny_preset, "--impl", "pymoe", "--impl", "torch_loop", "--stack", "2",
             "--min-seconds", "0", "--out", str(tmp_path)]

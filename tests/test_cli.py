@@ -1,9 +1,17 @@
 """The `pymoe` command line."""
 
+import dataclasses
+
 from click.testing import CliRunner
+from graphs import layer_graphs
+from model_layer_cases import TEST_PRESET
 
 from pymoe.cli import main
 from pymoe.config import ACTIVATIONS
+
+# The layers `pymoe check` builds on the test preset (one per activation), compiled with the
+# suite's other graphs (tests/graphs.py).
+GRAPHS = layer_graphs(dataclasses.replace(TEST_PRESET.config, activation=a) for a in ACTIVATIONS)
 
 
 def test_check_passes_on_a_preset(basic_preset):

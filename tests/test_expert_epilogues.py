@@ -1,18 +1,19 @@
 """Expert biases and GPT-OSS's clamped SwiGLU in the CPU expert kernels
 (moe_expert_matmul and moe_ffn) against the float64 reference, and their bad inputs.
 
-Each graph compiles once per module; a graph holds many op variants so that the
-compiles (15-60 s each on a small CPU) stay few.
+Each graph holds many op variants, and the suite compiles them all once, together
+(tests/graphs.py).
 """
+
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 from conftest import BF16_TOL, FP32_TOL, rel_err
-from graphs import DEVICE, REF, compile_graph, run
+from graphs import REF, compiled, graph_builder, op_graph, run
 from max.driver import Buffer
 from max.dtype import DType
-from max.engine import InferenceSession
 from max.graph import BufferType, Graph, TensorType, ops
 
 import pymoe.ops as mops
@@ -64,14 +65,13 @@ def _matmul_input_types():
     ]
 
 
+MATMUL = op_graph("expert_epilogues", _matmul_input_types(),
+                  lambda x, rows, offsets, w, bias: [_matmul(x, rows, offsets, w, bias, v) for v in MM_VARIANTS])
+
+
 @pytest.fixture(scope="module")
 def matmul_model():
-    types = _matmul_input_types()
-
-    def forward(x, rows, offsets, w, bias):
-        return [_matmul(x, rows, offsets, w, bias, v) for v in MM_VARIANTS]
-
-    return compile_graph("expert_epilogues", types, forward)
+    return compiled(MATMUL)
 
 
 def _groups(rng, sizes, total_rows):
@@ -141,20 +141,22 @@ DEC_VARIANTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def decode_model():
-    types = [
+DECODE = op_graph(
+    "expert_epilogues_decode",
+    [
         TensorType(F32, ["r", DEC_K], REF),
         TensorType(I32, ["m"], REF),
         TensorType(I32, [DEC_E + 1], REF),
         TensorType(F32, [DEC_E, DEC_K, 2 * DEC_F], REF),
         TensorType(F32, [DEC_E, 2 * DEC_F], REF),
-    ]
+    ],
+    lambda x, rows, offsets, w, bias: [_matmul(x, rows, offsets, w, bias, v) for v in DEC_VARIANTS],
+)
 
-    def forward(x, rows, offsets, w, bias):
-        return [_matmul(x, rows, offsets, w, bias, v) for v in DEC_VARIANTS]
 
-    return compile_graph("expert_epilogues_decode", types, forward)
+@pytest.fixture(scope="module")
+def decode_model():
+    return compiled(DECODE)
 
 
 @pytest.mark.parametrize("sizes", [[5, 12, 1], [1, 0, 0], [2, 0, 7]])
@@ -177,15 +179,17 @@ BF16_VARIANTS = [
 ]
 
 
+def _bf16_forward(x, rows, offsets, w, bias):
+    x, w, bias = (ops.cast(v, BF16) for v in (x, w, bias))
+    return [ops.cast(_matmul(x, rows, offsets, w, bias, v), F32) for v in BF16_VARIANTS]
+
+
+BF16_MATMUL = op_graph("expert_epilogues_bf16", _matmul_input_types(), _bf16_forward)
+
+
 @pytest.fixture(scope="module")
 def bf16_model():
-    types = _matmul_input_types()
-
-    def forward(x, rows, offsets, w, bias):
-        x, w, bias = (ops.cast(v, BF16) for v in (x, w, bias))
-        return [ops.cast(_matmul(x, rows, offsets, w, bias, v), F32) for v in BF16_VARIANTS]
-
-    return compile_graph("expert_epilogues_bf16", types, forward)
+    return compiled(BF16_MATMUL)
 
 
 def _bf16(a):
@@ -215,7 +219,7 @@ FFN_VARIANTS = [
 ]
 
 
-def _ffn_graph(name, dtype, variants, top_k):
+def _ffn_graph(dtype, variants, top_k, name, module):
     """gate -> dispatch -> moe_ffn for each variant; outputs the gate's weights and ids
     (the reference routes with them: near ties are the gate's tests' business) and each
     variant's output."""
@@ -229,7 +233,7 @@ def _ffn_graph(name, dtype, variants, top_k):
         BufferType(dtype, ["rows", N], REF),
         BufferType(dtype, ["rows", K], REF),
     ]
-    with Graph(name, input_types=types, custom_extensions=[mops.KERNELS_DIR]) as g:
+    with Graph(name, input_types=types, custom_extensions=[mops.KERNELS_DIR], module=module) as g:
         x, router, w1, w2, b1, b2 = (ops.cast(v.tensor, dtype) for v in g.inputs[:6])
         workspaces = (g.inputs[6].buffer, g.inputs[7].buffer)
         gate = mops.moe_gate(x, router, top_k=top_k)
@@ -244,12 +248,17 @@ def _ffn_graph(name, dtype, variants, top_k):
             )
             outs.append(ops.cast(out, F32))
         g.output(*outs)
-    return InferenceSession(devices=[DEVICE]).load(g)
+    return g
+
+
+FFN = graph_builder("ffn_epilogues", partial(_ffn_graph, F32, FFN_VARIANTS, FFN_TOP_K))
+# Compiled with the suite's other graphs (tests/graphs.py).
+GRAPHS = [MATMUL, DECODE, BF16_MATMUL, FFN]
 
 
 @pytest.fixture(scope="module")
 def ffn_model():
-    return _ffn_graph("ffn_epilogues", F32, FFN_VARIANTS, FFN_TOP_K)
+    return compiled(FFN)
 
 
 def _ffn_inputs(rng, tokens):

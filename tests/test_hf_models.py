@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import BF16_TOL, FP32_TOL, rel_err, routing_near_ties
+from graphs import layer_graphs
 from hf_cases import CASES, hf_block, hf_lm, switch_block
 from model_layer_cases import BASIC_CONFIGS, MODEL_CONFIGS
 
@@ -17,6 +18,21 @@ from pymoe.hf import SUPPORTED_BLOCKS, PymoeBlock, from_hf, patch, switch_capaci
 from pymoe.weights import optional_weight_shapes
 
 transformers = pytest.importorskip("transformers")
+
+
+def _layer_configs():
+    """The layers the MoELayer tests below build: each case's, Switch's with and without a capacity."""
+    configs = [from_hf(hf_block(name))[0] for name in CASES]
+    for expert_capacity in (64, 5):
+        block = switch_block(expert_capacity)
+        configs.append(from_hf(block, capacity_factor=switch_capacity_factor(block, 32) if expert_capacity < 32
+                               else None)[0])
+    return configs
+
+
+# Compiled with the suite's other graphs (tests/graphs.py); the configs that equal another
+# file's layers (test_cases_share_their_layers_with_the_layer_tests) are compiled once.
+GRAPHS = layer_graphs(_layer_configs())
 
 # What from_hf must read from each case's block (besides d_model, d_ff, E, k).
 EXPECTED = {

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import BF16_TOL, FP32_TOL, rel_err
+from graphs import layer_graphs
 from model_layer_cases import BASIC_CONFIGS as CONFIGS
 
 from pymoe import DenseFFN, DenseWeights, MoEConfig, MoELayer, MoEWeights
@@ -30,6 +31,13 @@ def _check_against_reference(layer, config, weights, x, tol):
         assert close.mean() > 0.99
     assert abs(res.aux_loss - ref.gate.aux_loss) <= 1e-3 * ref.gate.aux_loss
     return res, ref
+
+
+BF16_CONFIGS = ["relu-renorm", "swiglu-renorm"]
+DENSE_CONFIG = MoEConfig(d_model=33, d_ff=10, num_experts=3, top_k=1)
+# Compiled with the suite's other graphs (tests/graphs.py).
+GRAPHS = [*layer_graphs(CONFIGS.values()), *layer_graphs([CONFIGS[n] for n in BF16_CONFIGS], dtype="bfloat16"),
+          DenseFFN.graph_spec(DENSE_CONFIG)]
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +83,7 @@ def test_layer_accepts_torch_and_returns_torch(layers, rng):
     assert rel_err(out.numpy(), R.moe_layer(x, weights, config).out) < FP32_TOL
 
 
-@pytest.mark.parametrize("name", ["relu-renorm", "swiglu-renorm"])
+@pytest.mark.parametrize("name", BF16_CONFIGS)
 def test_layer_bfloat16(rng, name):
     config = CONFIGS[name]
     weights = MoEWeights.random(config, seed=3)
@@ -95,7 +103,7 @@ def test_layer_bfloat16(rng, name):
 
 
 def test_dense_ffn_matches_reference(rng):
-    config = MoEConfig(d_model=33, d_ff=10, num_experts=3, top_k=1)
+    config = DENSE_CONFIG
     weights = DenseWeights.random(config, seed=4)
     dense = DenseFFN(config, weights)
     for tokens in (1, 70):

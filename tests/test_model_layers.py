@@ -4,10 +4,14 @@ models (tests/model_layer_cases.py) against the float64 reference, on the CPU.""
 import numpy as np
 import pytest
 from conftest import FP32_TOL
+from graphs import layer_graphs
 from model_layer_cases import MODEL_CONFIGS, check_layer
 
 from pymoe import MoELayer, MoEWeights
 from pymoe import reference as R
+
+# Compiled with the suite's other graphs (tests/graphs.py); the unpooled graph on gpt-oss.
+GRAPHS = [*layer_graphs(MODEL_CONFIGS.values()), *layer_graphs([MODEL_CONFIGS["gpt-oss"]], pooled=False)]
 
 
 @pytest.fixture(scope="module")

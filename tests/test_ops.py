@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 from conftest import FP32_TOL, near_tie_tokens, rel_err
-from graphs import REF, compile_graph, run
+from graphs import REF, compiled, op_graph, run
 from max.dtype import DType
 from max.graph import TensorType, ops
 
@@ -15,14 +15,16 @@ F32, I32 = DType.float32, DType.int32
 # -------------------------------------------------------------- activations
 
 
+ELEMENTWISE = op_graph(
+    "elementwise",
+    [TensorType(F32, ["r", "c"], REF), TensorType(F32, ["r", "c"], REF)],
+    lambda a, b: [mops.softmax(a), mops.relu(a), mops.silu(a), mops.swiglu(a, b)],
+)
+
+
 @pytest.fixture(scope="module")
 def elementwise_model():
-    types = [TensorType(F32, ["r", "c"], REF), TensorType(F32, ["r", "c"], REF)]
-    return compile_graph(
-        "elementwise",
-        types,
-        lambda a, b: [mops.softmax(a), mops.relu(a), mops.silu(a), mops.swiglu(a, b)],
-    )
+    return compiled(ELEMENTWISE)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (7, 37), (33, 13), (1000, 8), (3, 1025)])
@@ -51,18 +53,19 @@ GATE_EXPERTS = 6
 GATE_VARIANTS = [(1, False), (2, True), (2, False), (GATE_EXPERTS, True)]
 
 
+def _gate_forward(x, router):
+    outs = []
+    for k, renorm in GATE_VARIANTS:
+        outs.extend(mops.moe_gate(x, router, top_k=k, renormalize=renorm))
+    return outs
+
+
+GATE = op_graph("gate", [TensorType(F32, ["t", "d"], REF), TensorType(F32, ["d", GATE_EXPERTS], REF)], _gate_forward)
+
+
 @pytest.fixture(scope="module")
 def gate_model():
-    types = [TensorType(F32, ["t", "d"], REF), TensorType(F32, ["d", GATE_EXPERTS], REF)]
-
-    def forward(x, router):
-        outs = []
-        for k, renorm in GATE_VARIANTS:
-            outs.extend(mops.moe_gate(x, router, top_k=k, renormalize=renorm))
-        return outs
-
-    return compile_graph("gate", types, forward)
-
+    return compiled(GATE)
 
 
 @pytest.mark.parametrize("tokens,d", [(1, 5), (7, 37), (33, 16), (1000, 9)])
@@ -109,18 +112,22 @@ DISPATCH_EXPERTS = 5
 CAPACITIES = [None, 1.0, 0.5, 1.25]
 
 
+def _dispatch_forward(ids):
+    t, k = ids.shape
+    outs = []
+    for cf in CAPACITIES:
+        d = mops.moe_dispatch(ids, num_experts=DISPATCH_EXPERTS, capacity_factor=cf)
+        # Graph outputs cannot have computed shapes (t*k): reshape to [t, k].
+        outs += [ops.reshape(d.sorted_token_ids, [t, k]), d.expert_offsets, ops.reshape(d.slot_to_row, [t, k])]
+    return outs
+
+
+DISPATCH = op_graph("dispatch", [TensorType(I32, ["t", "k"], REF)], _dispatch_forward)
+
+
 @pytest.fixture(scope="module")
 def dispatch_model():
-    def forward(ids):
-        t, k = ids.shape
-        outs = []
-        for cf in CAPACITIES:
-            d = mops.moe_dispatch(ids, num_experts=DISPATCH_EXPERTS, capacity_factor=cf)
-            # Graph outputs cannot have computed shapes (t*k): reshape to [t, k].
-            outs += [ops.reshape(d.sorted_token_ids, [t, k]), d.expert_offsets, ops.reshape(d.slot_to_row, [t, k])]
-        return outs
-
-    return compile_graph("dispatch", [TensorType(I32, ["t", "k"], REF)], forward)
+    return compiled(DISPATCH)
 
 
 @pytest.mark.parametrize("tokens,k", [(1, 1), (7, 2), (33, 3), (1000, 2), (40, DISPATCH_EXPERTS)])
@@ -170,20 +177,24 @@ def _matmul(x, rows, offsets, w, act, gather, packed):
     return mops.moe_expert_matmul(x, rows, offsets, w, activation=act, gather=gather, packed=packed)
 
 
-@pytest.fixture(scope="module")
-def matmul_model():
-    types = [
+MATMUL = op_graph(
+    "expert_matmul",
+    [
         TensorType(F32, ["r", MM_K], REF),
         TensorType(I32, ["m"], REF),
         TensorType(I32, [MM_E + 1], REF),
         TensorType(F32, [MM_E, MM_K, MM_N], REF),
         TensorType(F32, [MM_E, MM_K, 2 * MM_F], REF),
-    ]
+    ],
+    lambda x, rows, offsets, w, w_glu: [
+        _matmul(x, rows, offsets, w_glu if act == "swiglu" else w, act, g, p) for act, g, p in MM_VARIANTS
+    ],
+)
 
-    def forward(x, rows, offsets, w, w_glu):
-        return [_matmul(x, rows, offsets, w_glu if act == "swiglu" else w, act, g, p) for act, g, p in MM_VARIANTS]
 
-    return compile_graph("expert_matmul", types, forward)
+@pytest.fixture(scope="module")
+def matmul_model():
+    return compiled(MATMUL)
 
 
 def _groups(rng, sizes, total_rows):
@@ -230,24 +241,26 @@ def test_expert_matmul_matches_reference(matmul_model, rng, sizes):
 DEC_E, DEC_K, DEC_F = 3, 600, 520
 
 
-@pytest.fixture(scope="module")
-def decode_matmul_model():
-    types = [
+DECODE_MATMUL = op_graph(
+    "expert_matmul_decode",
+    [
         TensorType(F32, ["r", DEC_K], REF),
         TensorType(I32, ["m"], REF),
         TensorType(I32, [DEC_E + 1], REF),
         TensorType(F32, [DEC_E, DEC_K, 2 * DEC_F], REF),
         TensorType(F32, [DEC_E, DEC_K, 1030], REF),
-    ]
+    ],
+    lambda x, rows, offsets, w, w_odd: [
+        _matmul(x, rows, offsets, weights, act, True, packed)
+        for packed in (False, True)
+        for weights, act in ((w, "relu"), (w_odd, "none"), (w, "swiglu"))
+    ],
+)
 
-    def forward(x, rows, offsets, w, w_odd):
-        return [
-            _matmul(x, rows, offsets, weights, act, True, packed)
-            for packed in (False, True)
-            for weights, act in ((w, "relu"), (w_odd, "none"), (w, "swiglu"))
-        ]
 
-    return compile_graph("expert_matmul_decode", types, forward)
+@pytest.fixture(scope="module")
+def decode_matmul_model():
+    return compiled(DECODE_MATMUL)
 
 
 @pytest.mark.parametrize("sizes", [[5, 12, 1], [20, 13, 7], [25, 3, 0], [1, 0, 0]])
@@ -265,10 +278,18 @@ def test_expert_matmul_decode_shapes_match_reference(decode_matmul_model, rng, s
 # ------------------------------------------------------------------ combine
 
 
+COMBINE = op_graph(
+    "combine",
+    [TensorType(F32, ["m", "d"], REF), TensorType(F32, ["t", "k"], REF), TensorType(I32, ["s"], REF)],
+    lambda y, w, s: [mops.moe_combine(y, w, s)],
+)
+# Compiled together with the rest of the suite's graphs (tests/graphs.py).
+GRAPHS = [ELEMENTWISE, GATE, DISPATCH, MATMUL, DECODE_MATMUL, COMBINE]
+
+
 @pytest.fixture(scope="module")
 def combine_model():
-    types = [TensorType(F32, ["m", "d"], REF), TensorType(F32, ["t", "k"], REF), TensorType(I32, ["s"], REF)]
-    return compile_graph("combine", types, lambda y, w, s: [mops.moe_combine(y, w, s)])
+    return compiled(COMBINE)
 
 
 @pytest.mark.parametrize("tokens,k,d", [(1, 1, 1), (7, 2, 37), (33, 3, 16), (1000, 2, 9)])

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from conftest import FP32_TOL, rel_err, routing_near_ties
-from graphs import REF, compile_graph, run
+from graphs import REF, compiled, op_graph, run
 from max.dtype import DType
 from max.graph import DeviceRef, Graph, TensorType
 from router_cases import (
@@ -29,10 +29,13 @@ from router_cases import (
 import pymoe.ops as mops
 from pymoe.routing import route
 
+ROUTERS = op_graph("routers", input_types(REF), forward)
+GRAPHS = [ROUTERS]  # compiled with the suite's other graphs (tests/graphs.py)
+
 
 @pytest.fixture(scope="module")
 def routers_model():
-    return compile_graph("routers", input_types(REF), forward)
+    return compiled(ROUTERS)
 
 
 @pytest.mark.parametrize("tokens,d", [(1, 37), (7, 37), (33, 16), (300, 9)])

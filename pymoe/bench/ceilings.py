@@ -39,18 +39,29 @@ def _stream_times(elems: int, tdev: str, min_seconds: float, sync) -> tuple[dict
 MAX_CALL_SHAPE = (32, 1024)
 
 
+def max_call_graph_spec(device: str):
+    """The graph whose call time is the MAX-call floor: x + x on [tokens, 1024] float32."""
+    from ..runtime import GraphSpec
+
+    def build(name, module):
+        from max.graph import Graph, TensorType
+
+        from ..dtypes import max_dtype
+        from ..runtime import device_ref
+
+        input_types = [TensorType(max_dtype("float32"), ["tokens", MAX_CALL_SHAPE[1]], device_ref(device))]
+        with Graph(name, input_types=input_types, module=module) as g:
+            x = g.inputs[0].tensor
+            g.output(x + x)
+        return g
+
+    return GraphSpec(("max_call_floor", device), device, build)
+
+
 def _max_call_times(device: str, tdev: str, min_seconds: float, sync) -> dict:
-    from max.graph import Graph, TensorType
+    from ..runtime import compiled, driver_device, to_device_buffer, wrap_output
 
-    from ..dtypes import max_dtype
-    from ..runtime import driver_device, session_and_device_ref, to_device_buffer, wrap_output
-
-    session, ref = session_and_device_ref(device)
-    input_types = [TensorType(max_dtype("float32"), ["tokens", MAX_CALL_SHAPE[1]], ref)]
-    with Graph("max_call_floor", input_types=input_types) as g:
-        x = g.inputs[0].tensor
-        g.output(x + x)
-    model = session.load(g)
+    model, _ = compiled(max_call_graph_spec(device))
     dev = driver_device(device)
     x = torch.randn(*MAX_CALL_SHAPE, device=tdev)
 

@@ -10,7 +10,7 @@ recorded as skipped, with the reason. Data flows one way: this module measures a
 plain dicts; the CLI prints them (report.py) and writes them to results/ (write_bench_result).
 
 With `stack` = L, each row is also timed as L layers in sequence in one call, each after an
-RMS norm (for pymoe one MAX graph, runtime.compile_moe_graph's `stack`; for PyTorch one Python
+RMS norm (for pymoe one MAX graph, runtime.moe_graph_spec's `stack`; for PyTorch one Python
 call), all bound to the one set of weights, and the row's `stack` records the whole call's
 timings and the time per layer (median / L): a model pays the MAX call's fixed cost once per
 graph, not once per layer. One set of weights serves every layer because L copies of the
