@@ -161,6 +161,144 @@ def _group_timeout(group, backend: str) -> datetime.timedelta:
         return dist.distributed_c10d.default_pg_timeout
 
 
+# ------------------------------------------------------------------ graphs
+
+
+def _max_device(device: str, device_id: int):
+    from max.driver import CPU, Accelerator
+
+    return Accelerator(id=device_id) if device == "gpu" else CPU()
+
+
+def _shard_config(config: MoEConfig, local_experts: int) -> MoEConfig:
+    """The expert part of `config` for a rank's `local_experts` experts (no router rules)."""
+    return MoEConfig(config.d_model, config.d_ff, local_experts, 1, config.activation,
+                     expert_bias=config.expert_bias, swiglu_alpha=config.swiglu_alpha,
+                     swiglu_limit=config.swiglu_limit)
+
+
+def compile_graphs(config: MoEConfig, world_size: int, device: str = "cpu", dtype: str = "float32",
+                   device_id: int = 0) -> float:
+    """Compile the graphs of an expert-parallel layer of `config` over `world_size` ranks into
+    this process's cache (and MAX's on disk), without a process group; returns the seconds
+    spent. The layer then finds them compiled. Ranks that share a host compile the same
+    graphs: one rank can compile them first while the others wait, so that the others read
+    MAX's disk cache instead of compiling the same graphs at the same time."""
+    runtime.check_device_dtype(device, dtype)
+    experts = expert_range(config.num_experts, world_size, 0)
+    return _graphs(config, len(experts), device, dtype, device_id)[1]
+
+
+def _graphs(config: MoEConfig, local_experts: int, device: str, dtype: str, device_id: int):
+    """((routing, shared or None, experts) compiled models, seconds spent compiling), each
+    from the process's compile cache when it holds it (runtime.compiled)."""
+    c = config
+    key = (c.d_model, dtype, device, device_id)
+    biases = tuple(n for n in ("router_bias", "selection_bias") if getattr(c, n))
+    routing, seconds = runtime.compiled(
+        ("ep-routing", c.num_experts, tuple(sorted(c.routing_rule.items())), biases, *key),
+        lambda: _routing_graph(c, biases, device, dtype, device_id))
+    shared = None
+    if c.shared_d_ff:
+        shared, more = runtime.compiled(("ep-shared", c.shared_d_ff, c.shared_gate, *key),
+                                        lambda: _shared_graph(c, device, dtype, device_id))
+        seconds += more
+    experts, more = runtime.compiled(
+        ("ep-experts", c.d_ff, local_experts, c.activation, c.swiglu_alpha, c.swiglu_limit, c.expert_bias,
+         c.weight_on_input, *key), lambda: _experts_graph(c, local_experts, device, dtype, device_id))
+    return (routing, shared, experts), seconds + more
+
+
+def _session(device: str, device_id: int):
+    from max.engine import InferenceSession
+    from max.graph import DeviceRef
+
+    mdev = _max_device(device, device_id)
+    return InferenceSession(devices=[mdev]), DeviceRef.from_device(mdev)
+
+
+def _routing_graph(c: MoEConfig, biases: tuple[str, ...], device: str, dtype: str, device_id: int):
+    """The gate on this rank's tokens: x, router (, router_bias, selection_bias) -> top-k
+    weights and ids, expert counts, losses (pymoe.ops.moe_gate)."""
+    from max.dtype import DType
+    from max.graph import Graph, TensorType
+
+    from . import ops as mops
+
+    session, ref = _session(device, device_id)
+    dt = max_dtype(dtype)
+    types = [TensorType(dt, ["tokens", c.d_model], ref), TensorType(dt, [c.d_model, c.num_experts], ref),
+             *(TensorType(DType.float32, [c.num_experts], ref) for _ in biases)]
+    with Graph("pymoe_ep_routing", input_types=types, custom_extensions=[mops.KERNELS_DIR]) as g:
+        x, router, *values = (v.tensor for v in g.inputs)
+        given = dict(zip(biases, values, strict=True))
+        gate = mops.moe_gate(
+            x, router, top_k=c.top_k, renormalize=c.renormalize, scoring=c.scoring,
+            router_bias=given.get("router_bias"), selection_bias=given.get("selection_bias"),
+            n_group=c.n_group, topk_group=c.topk_group, routed_scaling_factor=float(c.routed_scaling_factor),
+        )
+        g.output(gate.topk_weights, gate.topk_ids, gate.expert_counts, gate.losses)
+    return session.load(g)
+
+
+def _shared_graph(c: MoEConfig, device: str, dtype: str, device_id: int):
+    """The shared expert on this rank's tokens (pymoe.ops.shared_expert)."""
+    from max.graph import Graph, TensorType
+
+    from . import ops as mops
+
+    session, ref = _session(device, device_id)
+    dt = max_dtype(dtype)
+    types = [TensorType(dt, ["tokens", c.d_model], ref), TensorType(dt, [c.d_model, 2 * c.shared_d_ff], ref),
+             TensorType(dt, [c.shared_d_ff, c.d_model], ref)]
+    if c.shared_gate:
+        types.append(TensorType(dt, [c.d_model, 1], ref))
+    with Graph("pymoe_ep_shared", input_types=types) as g:
+        g.output(mops.shared_expert(*(v.tensor for v in g.inputs)))
+    return session.load(g)
+
+
+def _experts_graph(c: MoEConfig, n: int, device: str, dtype: str, device_id: int):
+    """This rank's `n` experts on the received rows: sum_j w_j * FFN_{e_j}(x) per row, for
+    routing and a dispatch given as inputs (pymoe.ops.moe_ffn)."""
+    from max.dtype import DType
+    from max.graph import BufferType, Graph, TensorType, ops
+
+    from . import ops as mops
+
+    session, ref = _session(device, device_id)
+    dt = max_dtype(dtype)
+    # weight_on_input has top_k = 1: one pair per row, whose weight scales the row.
+    pairs = 1 if c.weight_on_input else "pairs"
+    types = [
+        TensorType(dt, ["rows", c.d_model], ref),  # the received rows
+        TensorType(DType.int32, ["slots"], ref),  # row of each kept slot, grouped by expert
+        TensorType(DType.int32, [n + 1], ref),  # expert offsets into those slots
+        TensorType(DType.float32, ["rows", pairs], ref),  # pair weights
+        TensorType(DType.int32, ["rows", pairs], ref),  # pair expert ids (-1: none)
+        TensorType(DType.int32, ["pair_slots"], ref),  # slot of each pair, -1 if none or dropped
+        TensorType(dt, [n, c.d_model, c.expert_n], ref),
+        TensorType(dt, [n, c.d_ff, c.d_model], ref),
+    ]
+    if c.expert_bias:
+        types += [TensorType(dt, [n, c.expert_n], ref), TensorType(dt, [n, c.d_model], ref)]
+    types += [BufferType(dt, ["pool_rows", c.expert_n], ref), BufferType(dt, ["pool_rows", c.d_model], ref)]
+    with Graph("pymoe_ep_experts", input_types=types, custom_extensions=[mops.KERNELS_DIR]) as g:
+        x, rows, offsets, weights, ids, slot_of_pair, w1, w2 = (v.tensor for v in g.inputs[:8])
+        b1, b2 = (v.tensor for v in g.inputs[8:10]) if c.expert_bias else (None, None)
+        workspaces = tuple(v.buffer for v in g.inputs[-2:])
+        if c.weight_on_input:  # as pymoe.ops.moe_layer: scale the input, combine with weight 1
+            x = x * ops.cast(weights, dt)
+            weights = ops.broadcast_to(ops.constant(1.0, DType.float32, ref), weights.shape)
+        # moe_ffn reads the gate's weights and ids only; the statistics are the routing graph's.
+        gate = mops.GateOutput(weights, ids, None, None, None)
+        out = mops.moe_ffn(x, gate, mops.DispatchOutput(rows, offsets, slot_of_pair), w1, w2, workspaces,
+                           activation=c.activation, packed=device == "cpu", b1=b1, b2=b2,
+                           swiglu_alpha=float(c.swiglu_alpha), swiglu_limit=float(c.swiglu_limit))
+        g.output(out)
+    return session.load(g)
+
+
 class ExpertParallelMoE:
     """An expert-parallel MoE layer: this process's part of one layer split over the ranks of
     a torch.distributed process group (see the module docstring).
@@ -218,15 +356,11 @@ class ExpertParallelMoE:
 
         local = self._local_weights(weights)  # raises on bad shapes or values, before any compile
         if device == "gpu":
-            from max.driver import Accelerator
-
             self.device_id = torch.cuda.current_device() if device_id is None else int(device_id)
-            self._mdev, self._tdev = Accelerator(id=self.device_id), torch.device("cuda", self.device_id)
+            self._tdev = torch.device("cuda", self.device_id)
         else:
-            from max.driver import CPU
-
-            self.device_id = 0
-            self._mdev, self._tdev = CPU(), torch.device("cpu")
+            self.device_id, self._tdev = 0, torch.device("cpu")
+        self._mdev = _max_device(device, self.device_id)
         # gloo moves CPU tensors, NCCL CUDA tensors.
         self._cdev = torch.device("cuda", self.device_id) if self.backend == "nccl" else torch.device("cpu")
         self._tdtype = torch_dtype(dtype)
@@ -313,121 +447,24 @@ class ExpertParallelMoE:
         from .runtime import BufferPool, layer_weight_buffers, to_device_buffer
 
         c, dtype = self.config, self.dtype
-        key = (c.d_model, dtype, self.device, self.device_id)
-        rule = tuple(sorted(c.routing_rule.items()))
-        biases = tuple(n for n in ("router_bias", "selection_bias") if n in local)
-        self._routing, self.compile_seconds = runtime.compiled(
-            ("ep-routing", c.num_experts, rule, biases, *key), lambda: self._compile_routing(biases))
+        graphs, self.compile_seconds = _graphs(c, self.local_experts, self.device, dtype, self.device_id)
+        self._routing, self._shared, self._experts_model = graphs
+        biases = [n for n in ("router_bias", "selection_bias") if n in local]
         self._routing_weights = [to_device_buffer(local["router"], dtype, self._mdev),
                                  *(to_device_buffer(local[n], "float32", self._mdev) for n in biases)]
-        self._shared = None
-        if c.shared_d_ff:
-            self._shared, seconds = runtime.compiled(("ep-shared", c.shared_d_ff, c.shared_gate, *key),
-                                                     self._compile_shared)
-            self.compile_seconds += seconds
-            self._shared_weights = [to_device_buffer(local[n], dtype, self._mdev)
-                                    for n in ("shared_w1", "shared_w2", "shared_gate") if n in local]
-        self._experts_model, seconds = runtime.compiled(
-            ("ep-experts", c.d_ff, self.local_experts, c.activation, c.swiglu_alpha, c.swiglu_limit,
-             c.expert_bias, c.weight_on_input, *key), self._compile_experts)
-        self.compile_seconds += seconds
+        self._shared_weights = [to_device_buffer(local[n], dtype, self._mdev)
+                                for n in ("shared_w1", "shared_w2", "shared_gate") if n in local]
         names = ["w1", "w2", *(("b1", "b2") if c.expert_bias else ())]
         if self.device == "cpu":
             # The CPU kernels read the experts pre-packed (pymoe.ops.pack_expert_weights):
             # layer_weight_buffers packs them, given a config of this rank's experts only.
-            shard = MoEConfig(c.d_model, c.d_ff, self.local_experts, 1, c.activation, expert_bias=c.expert_bias,
-                              swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit)
             placeholder = np.zeros((c.d_model, self.local_experts), dtype=np.float32)  # no router here
             self._expert_weights = layer_weight_buffers(
-                shard, MoEWeights(placeholder, **{n: local[n] for n in names}), "cpu", dtype, packed=True)[1:]
+                _shard_config(c, self.local_experts), MoEWeights(placeholder, **{n: local[n] for n in names}),
+                "cpu", dtype, packed=True)[1:]
         else:
             self._expert_weights = [to_device_buffer(local[n], dtype, self._mdev) for n in names]
         self.pool = BufferPool((c.expert_n, c.d_model), dtype, self._mdev)
-
-    def _session(self):
-        from max.engine import InferenceSession
-        from max.graph import DeviceRef
-
-        return InferenceSession(devices=[self._mdev]), DeviceRef.from_device(self._mdev)
-
-    def _compile_routing(self, biases: tuple[str, ...]):
-        from max.dtype import DType
-        from max.graph import Graph, TensorType
-
-        from . import ops as mops
-
-        c = self.config
-        session, ref = self._session()
-        dt = max_dtype(self.dtype)
-        types = [TensorType(dt, ["tokens", c.d_model], ref), TensorType(dt, [c.d_model, c.num_experts], ref),
-                 *(TensorType(DType.float32, [c.num_experts], ref) for _ in biases)]
-        with Graph("pymoe_ep_routing", input_types=types, custom_extensions=[mops.KERNELS_DIR]) as g:
-            x, router, *values = (v.tensor for v in g.inputs)
-            given = dict(zip(biases, values, strict=True))
-            gate = mops.moe_gate(
-                x, router, top_k=c.top_k, renormalize=c.renormalize, scoring=c.scoring,
-                router_bias=given.get("router_bias"), selection_bias=given.get("selection_bias"),
-                n_group=c.n_group, topk_group=c.topk_group, routed_scaling_factor=float(c.routed_scaling_factor),
-            )
-            g.output(gate.topk_weights, gate.topk_ids, gate.expert_counts, gate.losses)
-        return session.load(g)
-
-    def _compile_shared(self):
-        from max.graph import Graph, TensorType
-
-        from . import ops as mops
-
-        c = self.config
-        session, ref = self._session()
-        dt = max_dtype(self.dtype)
-        types = [TensorType(dt, ["tokens", c.d_model], ref), TensorType(dt, [c.d_model, 2 * c.shared_d_ff], ref),
-                 TensorType(dt, [c.shared_d_ff, c.d_model], ref)]
-        if c.shared_gate:
-            types.append(TensorType(dt, [c.d_model, 1], ref))
-        with Graph("pymoe_ep_shared", input_types=types) as g:
-            g.output(mops.shared_expert(*(v.tensor for v in g.inputs)))
-        return session.load(g)
-
-    def _compile_experts(self):
-        """The experts' graph: sum_j w_j * FFN_{e_j}(x) per received row for routing and a
-        dispatch given as inputs (pymoe.ops.moe_ffn on this rank's experts)."""
-        from max.dtype import DType
-        from max.graph import BufferType, Graph, TensorType, ops
-
-        from . import ops as mops
-
-        c, n = self.config, self.local_experts
-        session, ref = self._session()
-        dt = max_dtype(self.dtype)
-        # weight_on_input has top_k = 1: one pair per row, whose weight scales the row.
-        pairs = 1 if c.weight_on_input else "pairs"
-        types = [
-            TensorType(dt, ["rows", c.d_model], ref),  # the received rows
-            TensorType(DType.int32, ["slots"], ref),  # row of each kept slot, grouped by expert
-            TensorType(DType.int32, [n + 1], ref),  # expert offsets into those slots
-            TensorType(DType.float32, ["rows", pairs], ref),  # pair weights
-            TensorType(DType.int32, ["rows", pairs], ref),  # pair expert ids (-1: none)
-            TensorType(DType.int32, ["pair_slots"], ref),  # slot of each pair, -1 if none or dropped
-            TensorType(dt, [n, c.d_model, c.expert_n], ref),
-            TensorType(dt, [n, c.d_ff, c.d_model], ref),
-        ]
-        if c.expert_bias:
-            types += [TensorType(dt, [n, c.expert_n], ref), TensorType(dt, [n, c.d_model], ref)]
-        types += [BufferType(dt, ["pool_rows", c.expert_n], ref), BufferType(dt, ["pool_rows", c.d_model], ref)]
-        with Graph("pymoe_ep_experts", input_types=types, custom_extensions=[mops.KERNELS_DIR]) as g:
-            x, rows, offsets, weights, ids, slot_of_pair, w1, w2 = (v.tensor for v in g.inputs[:8])
-            b1, b2 = (v.tensor for v in g.inputs[8:10]) if c.expert_bias else (None, None)
-            workspaces = tuple(v.buffer for v in g.inputs[-2:])
-            if c.weight_on_input:  # as pymoe.ops.moe_layer: scale the input, combine with weight 1
-                x = x * ops.cast(weights, dt)
-                weights = ops.broadcast_to(ops.constant(1.0, DType.float32, ref), weights.shape)
-            # moe_ffn reads the gate's weights and ids only; the statistics are the routing graph's.
-            gate = mops.GateOutput(weights, ids, None, None, None)
-            out = mops.moe_ffn(x, gate, mops.DispatchOutput(rows, offsets, slot_of_pair), w1, w2, workspaces,
-                               activation=c.activation, packed=self.device == "cpu", b1=b1, b2=b2,
-                               swiglu_alpha=float(c.swiglu_alpha), swiglu_limit=float(c.swiglu_limit))
-            g.output(out)
-        return session.load(g)
 
     # ------------------------------------------------------------ failures
 

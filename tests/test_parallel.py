@@ -114,10 +114,14 @@ def _worker(rank: int, port: int, out_dir: Path) -> None:
     import pymoe
     from pymoe import MoEConfig, MoELayer, MoEWeights, runtime
     from pymoe import reference as R
-    from pymoe.parallel import ExpertParallelMoE, expert_shard
+    from pymoe.parallel import ExpertParallelMoE, compile_graphs, expert_shard
 
     _build_mojo_package_once()
     seen: dict = {"pymoe_file": pymoe.__file__}
+    began = time.monotonic()
+
+    def log(what):  # progress in the worker's log, which the fixture prints
+        print(f"rank {rank} {time.monotonic() - began:6.1f} s: {what}", flush=True)
     out = out_dir / f"rank{rank}.pkl"
 
     def save():
@@ -142,6 +146,21 @@ def _worker(rank: int, port: int, out_dir: Path) -> None:
     other_router = base_w if rank == 0 else MoEWeights(base_w.router + 1e-3, base_w.w1, base_w.w2)
     seen["router_mismatch"] = _expect_error(lambda: layer(base, other_router))
     seen["compiled_by_bad_setups"] = len(runtime._COMPILED) - compiled_before
+    log("bad set-ups checked")
+
+    # Rank 0 compiles each config's graphs first and rank 1 then reads them from MAX's disk
+    # cache, one config behind, rather than both compiling the same graphs on the same cores
+    # at the same time.
+    store = dist.distributed_c10d._get_default_store()
+    steps = [*(lambda c=c: compile_graphs(c, WORLD) for c in configs.values()),
+             lambda: MoELayer(base, base_w)]  # the single-device layer (and the CPU's weight-packing graphs)
+    for i, step in enumerate(steps):
+        if rank == 1:
+            store.wait([f"test_parallel/compiled/{i}"], datetime.timedelta(minutes=10))
+        single = step()
+        if rank == 0:
+            store.set(f"test_parallel/compiled/{i}", "1")
+    log("graphs compiled")
 
     # The layers. For one config each rank is given only its shard of the experts; the
     # others are built from all experts and keep their share.
@@ -150,8 +169,8 @@ def _worker(rank: int, port: int, out_dir: Path) -> None:
         w = _weights(config)
         given = expert_shard(w, config, rank, WORLD) if name == "sigmoid-grouped-shared" else w
         layers[name] = (layer(config, given), w)
+    log("layers built")
     seen["cases"] = {}
-    single = MoELayer(base, base_w)
     for case, (name, counts, seed) in CASES.items():
         ep, w = layers[name]
         config = ep.config
@@ -174,6 +193,8 @@ def _worker(rank: int, port: int, out_dir: Path) -> None:
         seen["cases"][case] = rec
         save()
 
+    log("cases run")
+
     # A rank that hangs: a group whose timeout is short; rank 1 builds the layer but never calls it.
     hang_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=HANG_TIMEOUT_S))
     hang = layer(base, base_w, group=hang_group, timeout=120)
@@ -182,9 +203,9 @@ def _worker(rank: int, port: int, out_dir: Path) -> None:
         start = time.monotonic()
         seen["hang"] = _expect_error(lambda: hang(_tokens(4, 9)))
         seen["hang_seconds"] = time.monotonic() - start
-    else:
-        time.sleep(HANG_TIMEOUT_S + 2 * PROBE_SECONDS + 5)
-    dist.barrier()
+    dist.barrier()  # rank 1 waits here, outside the hung group, until rank 0 is done
+
+    log("hang checked")
 
     # A rank that is killed: rank 1 kills itself between two calls; rank 0's next call must
     # stop with an error naming it, within the probe time (gloo sees the closed connection).
@@ -200,6 +221,7 @@ def _worker(rank: int, port: int, out_dir: Path) -> None:
     start = time.monotonic()
     seen["killed"] = _expect_error(lambda: ep(_tokens(3, 10)))
     seen["killed_seconds"] = time.monotonic() - start
+    log("kill checked")
     save()
 
 
