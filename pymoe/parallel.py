@@ -531,9 +531,11 @@ class ExpertParallelMoE:
             torch.cuda.synchronize(self._tdev)
 
     def _to_max(self, t):
+        """A torch tensor as a MAX buffer on the layer's device, shared rather than copied
+        (every tensor handed to a graph is already on that device)."""
         from max.driver import Buffer
 
-        return Buffer.from_dlpack(t.contiguous()).to(self._mdev)
+        return Buffer.from_dlpack(t.to(self._tdev).contiguous())
 
     @staticmethod
     def _from_max(buffer):
