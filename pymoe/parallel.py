@@ -52,6 +52,7 @@ import itertools
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -189,21 +190,35 @@ def compile_graphs(config: MoEConfig, world_size: int, device: str = "cpu", dtyp
     return _graphs(config, len(experts), device, dtype, device_id)[1]
 
 
+_COMPILED: dict[tuple, Any] = {}
+
+
+def _compiled(key: tuple, build) -> tuple[Any, float]:
+    """(the model `build()` compiles, seconds spent now), once per process per key. Not
+    runtime.compiled: its GraphSpecs name "cpu" or the first GPU, and a rank's graphs
+    live on the GPU of its device_id."""
+    if key in _COMPILED:
+        return _COMPILED[key], 0.0
+    start = time.perf_counter()
+    _COMPILED[key] = build()
+    return _COMPILED[key], time.perf_counter() - start
+
+
 def _graphs(config: MoEConfig, local_experts: int, device: str, dtype: str, device_id: int):
     """((routing, shared or None, experts) compiled models, seconds spent compiling), each
-    from the process's compile cache when it holds it (runtime.compiled)."""
+    from the process's compile cache when it holds it (_compiled)."""
     c = config
     key = (c.d_model, dtype, device, device_id)
     biases = tuple(n for n in ("router_bias", "selection_bias") if getattr(c, n))
-    routing, seconds = runtime.compiled(
+    routing, seconds = _compiled(
         ("ep-routing", c.num_experts, tuple(sorted(c.routing_rule.items())), biases, *key),
         lambda: _routing_graph(c, biases, device, dtype, device_id))
     shared = None
     if c.shared_d_ff:
-        shared, more = runtime.compiled(("ep-shared", c.shared_d_ff, c.shared_gate, *key),
+        shared, more = _compiled(("ep-shared", c.shared_d_ff, c.shared_gate, *key),
                                         lambda: _shared_graph(c, device, dtype, device_id))
         seconds += more
-    experts, more = runtime.compiled(
+    experts, more = _compiled(
         ("ep-experts", c.d_ff, local_experts, c.activation, c.swiglu_alpha, c.swiglu_limit, c.expert_bias,
          c.weight_on_input, *key), lambda: _experts_graph(c, local_experts, device, dtype, device_id))
     return (routing, shared, experts), seconds + more
