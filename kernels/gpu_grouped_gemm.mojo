@@ -570,6 +570,7 @@ def _grouped_gemm_wgmma[
     has_bias: Bool,
     alpha: Float32,
     limit: Float32,
+    WGMMA_IN_FLIGHT: Int = 1,
 ](
     ctx: DeviceContext,
     c: Pointer[Scalar[dtype], MutAnyOrigin],
@@ -689,15 +690,20 @@ def _grouped_gemm_wgmma[
             a_src[i] = src_row * Int(n_lda) + (q % 8) * 8
 
         var k_tiles = ceildiv(K, BK)
-        comptime LOOKAHEAD = STAGES - 2
+        # WGMMA_IN_FLIGHT (0 or 1) wgmma groups stay in flight past a step, so
+        # the buffer a step refills is that of tile kt - 1 - WGMMA_IN_FLIGHT:
+        # one more tile loads ahead with 0, the tensor cores idle between
+        # steps; 1 overlaps them (the default; 0 is a tuning candidate).
+        comptime assert WGMMA_IN_FLIGHT == 0 or WGMMA_IN_FLIGHT == 1, "0 or 1 wgmma groups in flight"
+        comptime LOOKAHEAD = STAGES - 1 - WGMMA_IN_FLIGHT
         var acc = SIMD[DType.float32, ACC](0)
         # Step s loads K tile s and multiplies K tile kt = s - LOOKAHEAD.
         for step in range(k_tiles + LOOKAHEAD):
             var kt = step - LOOKAHEAD
             if kt >= 0:
                 # Tile kt has landed for every thread, and (each thread having
-                # waited for all but its last wgmma group) the buffer of tile
-                # kt - 2, which this step refills, is free. cp.async writes
+                # waited for all but WGMMA_IN_FLIGHT wgmma groups) the buffer
+                # this step refills is free. cp.async writes
                 # through the generic proxy and wgmma reads through the async
                 # one: the proxy fence orders them.
                 async_copy_wait_group(Int32(LOOKAHEAD - 1))
@@ -751,7 +757,7 @@ def _grouped_gemm_wgmma[
                 var db = _wgmma_desc[dtype](b_addr + kk * 16 * 128, BK * 128, 1024)
                 acc = wgmma_async[64, BN, 16, DType.float32, ACC, a_type=dtype, b_type=dtype, layout_b="row"](da, db, acc)
             wgmma_commit_group_sync()
-            wgmma_wait_group_sync[1]()
+            wgmma_wait_group_sync[WGMMA_IN_FLIGHT]()
         wgmma_wait_group_sync[0]()
         async_copy_wait_group(Int32(0))
 

@@ -28,7 +28,7 @@ struct Rng:
         self.s = self.s * 6364136223846793005 + 1442695040888963407
         return Int((self.s >> 33) % UInt64(n))
 
-def bench_case[act: StaticString, BM: Int, BN: Int, ST: Int](ctx: DeviceContext, name: String, E: Int, K: Int, NW: Int, tokens: Int, topk: Int, old_prefill: Bool) raises:
+def bench_case[act: StaticString, BM: Int, BN: Int, ST: Int, IF: Int = 1](ctx: DeviceContext, name: String, E: Int, K: Int, NW: Int, tokens: Int, topk: Int, old_prefill: Bool) raises:
     var gated = act == "swiglu"
     var nout = NW // 2 if gated else NW
     var slots = tokens * topk
@@ -96,7 +96,7 @@ def bench_case[act: StaticString, BM: Int, BN: Int, ST: Int](ctx: DeviceContext,
         else:
             _grouped_gemm[BF, MID_TILE, act, True, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT](ctx, pc0, nout, pa, K, K, pids, poff, E, slots, pw, NW, nout, pw)
     def run_new() raises {var ctx, var pc1, var nout, var pa, var K, var pids, var poff, var E, var slots, var pw, var NW}:
-        _grouped_gemm_wgmma[BF, BM, BN, ST, act, True, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT](ctx, pc1, nout, pa, K, K, pids, poff, E, slots, pw, NW, nout, pw)
+        _grouped_gemm_wgmma[BF, BM, BN, ST, act, True, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT, IF](ctx, pc1, nout, pa, K, K, pids, poff, E, slots, pw, NW, nout, pw)
 
     run_old()
     run_new()
@@ -137,7 +137,7 @@ def bench_case[act: StaticString, BM: Int, BN: Int, ST: Int](ctx: DeviceContext,
     sort(t_new)
     var mo = t_old[reps // 2]
     var mn = t_new[reps // 2]
-    print(name, "BM", BM, "BN", BN, "ST", ST, "tokens", tokens, "rel", rel, "nan", bad,
+    print(name, "BM", BM, "BN", BN, "ST", ST, "in_flight", IF, "tokens", tokens, "rel", rel, "nan", bad,
           "old_ms", mo, "new_ms", mn, "old_TF", flops / mo / 1e9, "new_TF", flops / mn / 1e9, "x", mo / mn)
 
 def dispatch_check(ctx: DeviceContext, tokens: Int) raises:
@@ -180,6 +180,23 @@ def dispatch_check(ctx: DeviceContext, tokens: Int) raises:
     var pids = Pointer[Int32, MutAnyOrigin](unsafe_from_address=Int(d_ids.unsafe_ptr()))
     _grouped_gemm[BF, MID_TILE, "swiglu", True, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT](ctx, pc0, nout, pa, K, K, pids, poff, E, slots, pw, NW, nout, pw)
     grouped_gemm_gpu[BF, "swiglu", True](ctx, pc1, nout, pa, K, K, pids, poff, E, slots, pw, NW, pw)
+    # Which tile the entry took shows in its time against the mma.sync tile's.
+    ctx.synchronize()
+    var t_mid = List[Float64]()
+    var t_entry = List[Float64]()
+    for _ in range(10):
+        var t0 = perf_counter_ns()
+        _grouped_gemm[BF, MID_TILE, "swiglu", True, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT](ctx, pc0, nout, pa, K, K, pids, poff, E, slots, pw, NW, nout, pw)
+        ctx.synchronize()
+        var t1 = perf_counter_ns()
+        grouped_gemm_gpu[BF, "swiglu", True](ctx, pc1, nout, pa, K, K, pids, poff, E, slots, pw, NW, pw)
+        ctx.synchronize()
+        var t2 = perf_counter_ns()
+        t_mid.append(Float64(t1 - t0) / 1e6)
+        t_entry.append(Float64(t2 - t1) / 1e6)
+    sort(t_mid)
+    sort(t_entry)
+    print("dispatch tokens", tokens, "mma.sync 64x128 ms", t_mid[5], "grouped_gemm_gpu ms", t_entry[5])
     var h_c0 = ctx.enqueue_create_host_buffer[BF](slots * nout)
     var h_c1 = ctx.enqueue_create_host_buffer[BF](slots * nout)
     ctx.enqueue_copy(h_c0, d_c0)
@@ -201,29 +218,13 @@ def main() raises:
     dispatch_check(ctx, 64)
     # old_prefill: the reference kernel is the 128x128 mma.sync tile (else the 64x128 one)
     bench_case["swiglu", 128, 256, 4](ctx, "qwen3-up", 128, 2048, 1536, 16384, 8, True)
-    bench_case["swiglu", 128, 128, 3](ctx, "qwen3-up", 128, 2048, 1536, 16384, 8, True)
-    bench_case["swiglu", 128, 128, 4](ctx, "qwen3-up", 128, 2048, 1536, 16384, 8, True)
-    bench_case["swiglu", 128, 256, 3](ctx, "qwen3-up", 128, 2048, 1536, 16384, 8, True)
+    bench_case["swiglu", 128, 256, 4, 0](ctx, "qwen3-up", 128, 2048, 1536, 16384, 8, True)
     bench_case["none", 128, 256, 4](ctx, "qwen3-down", 128, 768, 2048, 16384, 8, True)
-    bench_case["none", 128, 128, 3](ctx, "qwen3-down", 128, 768, 2048, 16384, 8, True)
-    bench_case["none", 128, 256, 3](ctx, "qwen3-down", 128, 768, 2048, 16384, 8, True)
+    bench_case["none", 128, 256, 4, 0](ctx, "qwen3-down", 128, 768, 2048, 16384, 8, True)
     bench_case["swiglu", 128, 256, 4](ctx, "mixtral-up", 8, 4096, 28672, 16384, 2, True)
-    bench_case["swiglu", 128, 128, 3](ctx, "mixtral-up", 8, 4096, 28672, 16384, 2, True)
+    bench_case["swiglu", 128, 256, 4, 0](ctx, "mixtral-up", 8, 4096, 28672, 16384, 2, True)
     bench_case["none", 128, 256, 4](ctx, "mixtral-down", 8, 14336, 4096, 16384, 2, True)
-    bench_case["none", 128, 128, 3](ctx, "mixtral-down", 8, 14336, 4096, 16384, 2, True)
-    # mid sizes: 64 / 128 / 256 rows per expert (the 64x128 mma.sync tile today)
-    bench_case["swiglu", 64, 256, 4](ctx, "qwen3-up", 128, 2048, 1536, 1024, 8, False)
-    bench_case["swiglu", 128, 256, 4](ctx, "qwen3-up", 128, 2048, 1536, 1024, 8, False)
-    bench_case["swiglu", 64, 128, 4](ctx, "qwen3-up", 128, 2048, 1536, 1024, 8, False)
-    bench_case["swiglu", 64, 256, 4](ctx, "qwen3-up", 128, 2048, 1536, 2048, 8, False)
-    bench_case["swiglu", 128, 256, 4](ctx, "qwen3-up", 128, 2048, 1536, 2048, 8, False)
-    bench_case["swiglu", 64, 256, 4](ctx, "qwen3-up", 128, 2048, 1536, 4096, 8, False)
+    bench_case["none", 128, 256, 4, 0](ctx, "mixtral-down", 8, 14336, 4096, 16384, 2, True)
     bench_case["swiglu", 128, 256, 4](ctx, "qwen3-up", 128, 2048, 1536, 4096, 8, False)
-    bench_case["none", 64, 256, 4](ctx, "qwen3-down", 128, 768, 2048, 4096, 8, False)
-    bench_case["none", 128, 256, 4](ctx, "qwen3-down", 128, 768, 2048, 4096, 8, False)
-    bench_case["swiglu", 64, 256, 4](ctx, "mixtral-up", 8, 4096, 28672, 128, 2, False)
-    bench_case["swiglu", 64, 256, 4](ctx, "mixtral-up", 8, 4096, 28672, 512, 2, False)
-    bench_case["swiglu", 64, 256, 4](ctx, "gptoss20-up", 32, 2880, 5760, 512, 4, False)
-    bench_case["swiglu", 128, 256, 4](ctx, "gptoss20-up", 32, 2880, 5760, 4096, 4, True)
-    bench_case["swiglu", 64, 256, 4](ctx, "qwen3-up-odd", 128, 2040, 1520, 999, 8, False)
-    bench_case["swiglu", 128, 256, 4](ctx, "qwen3-up-odd", 128, 2040, 1520, 9999, 8, True)
+    bench_case["swiglu", 128, 256, 4, 0](ctx, "qwen3-up", 128, 2048, 1536, 4096, 8, False)
+    bench_case["swiglu", 128, 256, 4, 0](ctx, "qwen3-up-odd", 128, 2040, 1520, 9999, 8, True)

@@ -1,0 +1,34 @@
+# The grouped GEMM on a GPU machine, in one call, everything under $OUT: the kernel-only
+# harness (if its binary and Mojo's runtime libraries are carried), the GPU tests through
+# MAX, a per-kernel profile of a Qwen3-30B-A3B layer at 16384 tokens (shows which tile ran),
+# and `pymoe bench --stack` for the presets given.
+#
+# usage (repo root, MAX importable: PYTHONPATH/PATH exported):
+#   bash scripts/gpu_check_grouped_gemm.sh [preset ...]
+# Optional: HARNESS=<built scripts/grouped_gemm_kernel_bench.mojo> and MOJO_RT=<tar.xz of
+# libKGENCompilerRTShared, libAsyncRTMojoBindings, libAsyncRTRuntimeGlobals,
+# libMSupportGlobals, libMGPRT from the modular package's lib/>; PYMOE_SOURCE_COMMIT for the
+# result files' provenance; TOTAL_S (default 560) bounds the run.
+set -u -o pipefail
+: "${OUT:?set OUT to the folder the results go to}"
+TOTAL_S=${TOTAL_S:-560}
+T0=$SECONDS
+left() { echo $((TOTAL_S - (SECONDS - T0))); }
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+if [ -n "${HARNESS:-}" ] && [ -n "${MOJO_RT:-}" ]; then
+  mkdir -p /tmp/mojo-rt && tar xJf "$MOJO_RT" -C /tmp/mojo-rt
+  LD_LIBRARY_PATH=/tmp/mojo-rt timeout 120 "$HARNESS" 2>&1 | tee "$OUT/grouped-gemm-kernel.log" | tail -20
+fi
+timeout $(( $(left) / 2 )) python3 -m pytest tests/test_gpu_grouped_gemm.py -q -p no:cacheprovider 2>&1 \
+  | tee "$OUT/grouped-gemm-tests.log" | tail -5
+timeout 120 python3 scripts/profile_gpu_layer.py qwen3-30b-a3b:16384 2>&1 | tee "$OUT/profile.log" | grep -m 8 mojo_pkg
+mkdir -p "$OUT/results"
+for p in "$@"; do
+  [ "$(left)" -lt 60 ] && { echo "no time left for $p"; continue; }
+  timeout $(( $(left) - 10 )) python3 -m pymoe.cli bench --device gpu --dtype bfloat16 --preset "$p" \
+    --impl pymoe --impl torch_grouped --min-seconds 0.1 --stack --out "$OUT/results" 2>&1 | tee -a "$OUT/bench-$p.log" | tail -3
+done
+# The device tool returns only shallow files with plain names: copy the result files up.
+for f in "$OUT"/results/bench/gpu/*.json; do
+  [ -e "$f" ] && cp "$f" "$OUT/$(basename "$f" | tr '@,' '__')"
+done
