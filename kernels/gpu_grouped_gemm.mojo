@@ -261,6 +261,100 @@ def _b_chunk[NI: Int, WN: Int, B_CPR: Int, GATED: Bool](wn: Int, f: Int) -> Int:
         return (wn * WN + f * 8) // 8
 
 
+@fieldwise_init
+struct _BlockTile(ImplicitlyCopyable):
+    """A block's output tile: its expert, first grouped row, rows used (<= BM)
+    and column tile; valid is False for blocks past the real tile count."""
+
+    var valid: Bool
+    var expert: Int
+    var row0: Int
+    var rows: Int
+    var n_tile: Int
+
+
+@always_inline
+def _block_tile[BM: Int, THREADS: Int, dense: Bool](
+    offsets: Pointer[Int32, MutAnyOrigin], experts: Int, slots: Int, m_bound: Int, n_tiles: Int
+) -> _BlockTile:
+    """The tile schedule, built by every block from the E+1 offsets (see the
+    file header): a block prefix sum of row tiles per expert in shared memory,
+    this block's (row tile, column tile) GROUP_M row tiles at a time, and its
+    expert by bisection. Every thread of the block must call it (barrier)."""
+    var tid = Int(thread_idx.x)
+    # sched[e] = row tiles of the experts before e.
+    var sched = stack_allocation[MAX_EXPERTS + 1, Int32, address_space=AddressSpace.SHARED]()
+    comptime PER_THREAD = ceildiv(MAX_EXPERTS, THREADS)
+    var mine = Int32(0)
+    comptime for i in range(PER_THREAD):
+        var e = tid * PER_THREAD + i
+        if e < experts:
+            mine += Int32(ceildiv(_group_start[dense](offsets, e + 1, slots) - _group_start[dense](offsets, e, slots), BM))
+    var before = block_prefix_sum[block_size=THREADS, exclusive=True](mine)
+    comptime for i in range(PER_THREAD):
+        var e = tid * PER_THREAD + i
+        if e < experts:
+            before += Int32(ceildiv(_group_start[dense](offsets, e + 1, slots) - _group_start[dense](offsets, e, slots), BM))
+            sched[e + 1] = before
+    if tid == 0:
+        sched[0] = 0
+    barrier()
+
+    var bid = Int(block_idx.x)
+    var group_blocks = GROUP_M * n_tiles
+    var first_m = (bid // group_blocks) * GROUP_M
+    var group_m = min(GROUP_M, m_bound - first_m)
+    var m_tile = first_m + (bid % group_blocks) % group_m
+    var n_tile = (bid % group_blocks) // group_m
+    if m_tile >= Int(sched[experts]):
+        return _BlockTile(False, 0, 0, 0, n_tile)
+    # Its expert: the last e with sched[e] <= m_tile (empty experts share
+    # their start with the next one).
+    var lo = 0
+    var hi = experts
+    while hi - lo > 1:
+        var mid = (lo + hi) // 2
+        if Int(sched[mid]) <= m_tile:
+            lo = mid
+        else:
+            hi = mid
+    var row0 = _group_start[dense](offsets, lo, slots) + (m_tile - Int(sched[lo])) * BM
+    var rows = min(BM, _group_start[dense](offsets, lo + 1, slots) - row0)
+    return _BlockTile(True, lo, row0, rows, n_tile)
+
+
+@always_inline
+def _store_pair[
+    activation: StaticString, has_bias: Bool, alpha: Float32, limit: Float32, dtype: DType, out_dtype: DType
+](
+    c: Pointer[Scalar[out_dtype], MutAnyOrigin],
+    at: Int,
+    v: SIMD[DType.float32, 2],
+    up: SIMD[DType.float32, 2],
+    bias: Pointer[Scalar[dtype], MutAnyOrigin],
+    bias_at: Int,
+    up_bias_at: Int,
+):
+    """The fused epilogue of two adjacent outputs: bias (at bias_at, and at
+    up_bias_at for the gated activations' up half), the activation in float32,
+    one 2-wide store at c[at]."""
+    var x = v
+    var u = up
+    comptime if has_bias:
+        x += bias.unsafe_load[width=2](bias_at).cast[DType.float32]()
+        comptime if is_gated[activation]():
+            u += bias.unsafe_load[width=2](up_bias_at).cast[DType.float32]()
+    comptime if activation == "relu":
+        x = max(x, SIMD[DType.float32, 2](0))
+    elif activation == "silu":
+        x = x / (1.0 + exp(-x))
+    elif activation == "swiglu":
+        x = x / (1.0 + exp(-x)) * u
+    elif activation == "clamped_swiglu":
+        x = clamped_swiglu_f32[alpha, limit, 2](x, u)
+    c.unsafe_store[alignment = 2 * size_of[Scalar[out_dtype]]()](at, x.cast[out_dtype]())
+
+
 def _grouped_gemm[
     dtype: DType,
     tile: TileConfig,
@@ -342,47 +436,13 @@ def _grouped_gemm[
         var K = Int(n_k)
         var S = Int(n_slots)
 
-        # The tile schedule: sched[e] = row tiles of the experts before e.
-        var sched = stack_allocation[MAX_EXPERTS + 1, Int32, address_space=AddressSpace.SHARED]()
-        comptime PER_THREAD = ceildiv(MAX_EXPERTS, THREADS)
-        var mine = Int32(0)
-        comptime for i in range(PER_THREAD):
-            var e = tid * PER_THREAD + i
-            if e < E:
-                mine += Int32(ceildiv(_group_start[dense](offsets, e + 1, S) - _group_start[dense](offsets, e, S), BM))
-        var before = block_prefix_sum[block_size=THREADS, exclusive=True](mine)
-        comptime for i in range(PER_THREAD):
-            var e = tid * PER_THREAD + i
-            if e < E:
-                before += Int32(ceildiv(_group_start[dense](offsets, e + 1, S) - _group_start[dense](offsets, e, S), BM))
-                sched[e + 1] = before
-        if tid == 0:
-            sched[0] = 0
-        barrier()
-
-        # This block's (row tile, column tile), GROUP_M row tiles at a time.
-        var bid = Int(block_idx.x)
-        var group_blocks = GROUP_M * Int(n_nt)
-        var first_m = (bid // group_blocks) * GROUP_M
-        var group_m = min(GROUP_M, Int(n_mb) - first_m)
-        var m_tile = first_m + (bid % group_blocks) % group_m
-        var n_tile = (bid % group_blocks) // group_m
-        if m_tile >= Int(sched[E]):
+        var tile = _block_tile[BM, THREADS, dense](offsets, E, S, Int(n_mb), Int(n_nt))
+        if not tile.valid:
             return
-        # Its expert: the last e with sched[e] <= m_tile (empty experts share
-        # their start with the next one).
-        var lo = 0
-        var hi = E
-        while hi - lo > 1:
-            var mid = (lo + hi) // 2
-            if Int(sched[mid]) <= m_tile:
-                lo = mid
-            else:
-                hi = mid
-        var e = lo
-        var row0 = _group_start[dense](offsets, e, S) + (m_tile - Int(sched[e])) * BM
-        var rows_here = min(BM, _group_start[dense](offsets, e + 1, S) - row0)
-        var col0 = n_tile * BN_OUT  # first output column
+        var e = tile.expert
+        var row0 = tile.row0
+        var rows_here = tile.rows
+        var col0 = tile.n_tile * BN_OUT  # first output column
         var N = Int(n_nw)
         var NOUT = Int(n_nout)
         var w_e = w.unsafe_offset(e * K * N)
@@ -491,23 +551,13 @@ def _grouped_gemm[
                     comptime for half in range(2):
                         var r = wm * WM + mi * 16 + lane // 4 + half * 8
                         if r < rows_here:
-                            var v = acc[mi * NI + f].slice[2, offset=half * 2]()
                             var up = SIMD[DType.float32, 2](0)
                             comptime if GATED:
                                 up = acc[mi * NI + f + NI // 2].slice[2, offset=half * 2]()
-                            comptime if has_bias:
-                                v += bias.unsafe_load[width=2](e * N + col).cast[DType.float32]()
-                                comptime if GATED:
-                                    up += bias.unsafe_load[width=2](e * N + NOUT + col).cast[DType.float32]()
-                            comptime if activation == "relu":
-                                v = max(v, SIMD[DType.float32, 2](0))
-                            elif activation == "silu":
-                                v = v / (1.0 + exp(-v))
-                            elif activation == "swiglu":
-                                v = v / (1.0 + exp(-v)) * up
-                            elif activation == "clamped_swiglu":
-                                v = clamped_swiglu_f32[alpha, limit, 2](v, up)
-                            c.unsafe_store[alignment = 2 * size_of[Scalar[out_dtype]]()]((row0 + r) * Int(n_ldc) + col, v.cast[out_dtype]())
+                            _store_pair[activation, has_bias, alpha, limit](
+                                c, (row0 + r) * Int(n_ldc) + col, acc[mi * NI + f].slice[2, offset=half * 2](), up,
+                                bias, e * N + col, e * N + NOUT + col,
+                            )
 
     ctx.enqueue_function(
         kernel,
@@ -631,43 +681,13 @@ def _grouped_gemm_wgmma[
         var K = Int(n_k)
         var S = Int(n_slots)
 
-        var sched = stack_allocation[MAX_EXPERTS + 1, Int32, address_space=AddressSpace.SHARED]()
-        comptime PER_THREAD = ceildiv(MAX_EXPERTS, THREADS)
-        var mine = Int32(0)
-        comptime for i in range(PER_THREAD):
-            var e = tid * PER_THREAD + i
-            if e < E:
-                mine += Int32(ceildiv(Int(offsets.unsafe_load(e + 1)) - Int(offsets.unsafe_load(e)), BM))
-        var before = block_prefix_sum[block_size=THREADS, exclusive=True](mine)
-        comptime for i in range(PER_THREAD):
-            var e = tid * PER_THREAD + i
-            if e < E:
-                before += Int32(ceildiv(Int(offsets.unsafe_load(e + 1)) - Int(offsets.unsafe_load(e)), BM))
-                sched[e + 1] = before
-        if tid == 0:
-            sched[0] = 0
-        barrier()
-
-        var bid = Int(block_idx.x)
-        var group_blocks = GROUP_M * Int(n_nt)
-        var first_m = (bid // group_blocks) * GROUP_M
-        var group_m = min(GROUP_M, Int(n_mb) - first_m)
-        var m_tile = first_m + (bid % group_blocks) % group_m
-        var n_tile = (bid % group_blocks) // group_m
-        if m_tile >= Int(sched[E]):
+        var tile = _block_tile[BM, THREADS, False](offsets, E, S, Int(n_mb), Int(n_nt))
+        if not tile.valid:
             return
-        var lo = 0
-        var hi = E
-        while hi - lo > 1:
-            var mid = (lo + hi) // 2
-            if Int(sched[mid]) <= m_tile:
-                lo = mid
-            else:
-                hi = mid
-        var e = lo
-        var row0 = Int(offsets.unsafe_load(e)) + (m_tile - Int(sched[e])) * BM
-        var rows_here = min(BM, Int(offsets.unsafe_load(e + 1)) - row0)
-        var col0 = n_tile * BN_OUT
+        var e = tile.expert
+        var row0 = tile.row0
+        var rows_here = tile.rows
+        var col0 = tile.n_tile * BN_OUT
         var N = Int(n_nw)
         var NOUT = Int(n_nout)
         var w_e = w.unsafe_offset(e * K * N)
@@ -771,23 +791,13 @@ def _grouped_gemm_wgmma[
                 comptime for half in range(2):
                     var r = warp_row + half * 8
                     if r < rows_here:
-                        var v = acc.slice[2, offset = f * 4 + half * 2]()
                         var up = SIMD[DType.float32, 2](0)
                         comptime if GATED:
                             up = acc.slice[2, offset = (f + NF // 2) * 4 + half * 2]()
-                        comptime if has_bias:
-                            v += bias.unsafe_load[width=2](e * N + col).cast[DType.float32]()
-                            comptime if GATED:
-                                up += bias.unsafe_load[width=2](e * N + NOUT + col).cast[DType.float32]()
-                        comptime if activation == "relu":
-                            v = max(v, SIMD[DType.float32, 2](0))
-                        elif activation == "silu":
-                            v = v / (1.0 + exp(-v))
-                        elif activation == "swiglu":
-                            v = v / (1.0 + exp(-v)) * up
-                        elif activation == "clamped_swiglu":
-                            v = clamped_swiglu_f32[alpha, limit, 2](v, up)
-                        c.unsafe_store[alignment = 2 * size_of[Scalar[dtype]]()]((row0 + r) * Int(n_ldc) + col, v.cast[dtype]())
+                        _store_pair[activation, has_bias, alpha, limit](
+                            c, (row0 + r) * Int(n_ldc) + col, acc.slice[2, offset = f * 4 + half * 2](), up,
+                            bias, e * N + col, e * N + NOUT + col,
+                        )
 
     ctx.enqueue_function(
         kernel,

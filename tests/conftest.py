@@ -58,20 +58,18 @@ def gpu_fp32_tol(config) -> float:
     return GPU_SHARED_EXPERT_FP32_TOL if config.shared_d_ff else FP32_TOL
 
 
-@pytest.fixture(scope="session", autouse=True)
-def mojo_packages_built_once():
-    """Build each Mojo kernel package once per test session, not once per graph.
+def build_mojo_packages_once():
+    """Make MAX build each Mojo kernel package once per process, not once per graph; returns
+    the builder it replaced.
 
     MAX builds a Graph's Mojo source package (custom_extensions=[pymoe.ops.KERNELS_DIR]) with
     `mojo precompile` for every Graph: about 7 s on a 2-core CPU, for each of the suite's
     ~40 graphs. The sources do not change during a session, so the first build of each
     folder is handed to every later Graph. It stays where MAX put it (a path fixed by the
-    source folder): MAX's on-disk cache of compiled graphs keys on that path."""
-    try:
-        import max.graph.graph as max_graph
-    except ImportError:  # the offloading tests run without MAX
-        yield
-        return
+    source folder): MAX's on-disk cache of compiled graphs keys on that path. Also used by
+    the worker processes of tests/test_parallel.py."""
+    import max.graph.graph as max_graph
+
     build = max_graph._build_mojo_source_package
     built: dict[Path, Path] = {}
 
@@ -82,6 +80,18 @@ def mojo_packages_built_once():
         return built[path]
 
     max_graph._build_mojo_source_package = build_once
+    return build
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mojo_packages_built_once():
+    """build_mojo_packages_once for the test session, undone after it."""
+    try:
+        import max.graph.graph as max_graph
+    except ImportError:  # the offloading tests run without MAX
+        yield
+        return
+    build = build_mojo_packages_once()
     yield
     max_graph._build_mojo_source_package = build
 

@@ -177,7 +177,9 @@ def test_calibrations_without_host_data_are_refused_for_host_policies_only(tmp_p
         load_calibration(path)
 
 
-def test_cli_simulates_hybrid_policies_and_explains_a_missing_host_calibration(tmp_path):
+def _cli_inputs(tmp_path):
+    """(model shape, trace file, calibration file without host timings, one with them) for
+    the CLI tests: a tiny model's synthetic trace."""
     shape = "4:2:1:125:1000"
     model = OffloadModel(shape, 4, 2, 1, d_model=125, d_ff=1000)
     trace = tmp_path / "t.npz"
@@ -185,6 +187,11 @@ def test_cli_simulates_hybrid_policies_and_explains_a_missing_host_calibration(t
     old, new = tmp_path / "old.json", tmp_path / "new.json"
     old.write_text(json.dumps(calibration_for(model).data))
     new.write_text(json.dumps(with_host(calibration_for(model), model).data))
+    return shape, trace, old, new
+
+
+def test_cli_simulates_hybrid_policies_and_explains_a_missing_host_calibration(tmp_path):
+    shape, trace, old, new = _cli_inputs(tmp_path)
     args = ["simulate", "--trace", str(trace), "--model", shape, "--batch-sizes", "1,2", "--runs", "2",
             "--dedup", "on", "--strategy", "on-demand", "--strategy", "hybrid+oracle",
             "--strategy", "cpu-on-miss-admit", "--out", str(tmp_path / "out")]
@@ -358,13 +365,7 @@ def test_engine_host_path_bad_input():
 def test_serve_offloaded_checks_host_policies_before_needing_a_gpu(tmp_path):
     """Bad labels and calibrations without host compute timings are reported (no traceback)
     before the engine looks for a GPU; with everything right, a machine without one says so."""
-    shape = "4:2:1:125:1000"
-    model = OffloadModel(shape, 4, 2, 1, d_model=125, d_ff=1000)
-    trace = tmp_path / "t.npz"
-    save_trace(generate(model, SyntheticParams(), requests=8, tokens=6, seed=0), trace)
-    old, new = tmp_path / "old.json", tmp_path / "new.json"
-    old.write_text(json.dumps(calibration_for(model).data))
-    new.write_text(json.dumps(with_host(calibration_for(model), model).data))
+    shape, trace, old, new = _cli_inputs(tmp_path)
     args = ["serve-offloaded", "--trace", str(trace), "--model", shape, "--batch-sizes", "1",
             "--out", str(tmp_path / "out")]
     r = CliRunner().invoke(main, [*args, "--calibration", str(new), "--strategy", "gpu+oracle"])

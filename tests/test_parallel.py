@@ -81,22 +81,6 @@ def _tokens(n, seed):
 # ----------------------------------------------------------------- the workers
 
 
-def _build_mojo_package_once():
-    """As tests/conftest.py's fixture: build pymoe's Mojo package once per process, not once
-    per Graph (each build costs seconds; this process builds several graphs)."""
-    import max.graph.graph as max_graph
-
-    build, built = max_graph._build_mojo_source_package, {}
-
-    def build_once(path):
-        path = Path(path).resolve()
-        if path not in built:
-            built[path] = build(path)
-        return built[path]
-
-    max_graph._build_mojo_source_package = build_once
-
-
 def _expect_error(fn):
     """(error type name, message, its `ranks` or None) of what fn() raised; Nones if nothing."""
     try:
@@ -110,13 +94,14 @@ def _worker(rank: int, port: int, out_dir: Path) -> None:
     import datetime
 
     import torch.distributed as dist
+    from conftest import build_mojo_packages_once
 
     import pymoe
     from pymoe import MoEConfig, MoELayer, MoEWeights, runtime
     from pymoe import reference as R
     from pymoe.parallel import ExpertParallelMoE, compile_graphs, expert_shard
 
-    _build_mojo_package_once()
+    build_mojo_packages_once()
     seen: dict = {"pymoe_file": pymoe.__file__}
     began = time.monotonic()
 
