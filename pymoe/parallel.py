@@ -165,12 +165,6 @@ def _group_timeout(group, backend: str) -> datetime.timedelta:
 # ------------------------------------------------------------------ graphs
 
 
-def _max_device(device: str, device_id: int):
-    from max.driver import CPU, Accelerator
-
-    return Accelerator(id=device_id) if device == "gpu" else CPU()
-
-
 def _shard_config(config: MoEConfig, local_experts: int) -> MoEConfig:
     """The expert part of `config` for a rank's `local_experts` experts (no router rules)."""
     return MoEConfig(config.d_model, config.d_ff, local_experts, 1, config.activation,
@@ -224,14 +218,6 @@ def _graphs(config: MoEConfig, local_experts: int, device: str, dtype: str, devi
     return (routing, shared, experts), seconds + more
 
 
-def _session(device: str, device_id: int):
-    from max.engine import InferenceSession
-    from max.graph import DeviceRef
-
-    mdev = _max_device(device, device_id)
-    return InferenceSession(devices=[mdev]), DeviceRef.from_device(mdev)
-
-
 def _routing_graph(c: MoEConfig, biases: tuple[str, ...], device: str, dtype: str, device_id: int):
     """The gate on this rank's tokens: x, router (, router_bias, selection_bias) -> top-k
     weights and ids, expert counts, losses (pymoe.ops.moe_gate)."""
@@ -240,7 +226,7 @@ def _routing_graph(c: MoEConfig, biases: tuple[str, ...], device: str, dtype: st
 
     from . import ops as mops
 
-    session, ref = _session(device, device_id)
+    session, ref = runtime.session_and_device_ref(device, device_id)
     dt = max_dtype(dtype)
     types = [TensorType(dt, ["tokens", c.d_model], ref), TensorType(dt, [c.d_model, c.num_experts], ref),
              *(TensorType(DType.float32, [c.num_experts], ref) for _ in biases)]
@@ -262,7 +248,7 @@ def _shared_graph(c: MoEConfig, device: str, dtype: str, device_id: int):
 
     from . import ops as mops
 
-    session, ref = _session(device, device_id)
+    session, ref = runtime.session_and_device_ref(device, device_id)
     dt = max_dtype(dtype)
     types = [TensorType(dt, ["tokens", c.d_model], ref), TensorType(dt, [c.d_model, 2 * c.shared_d_ff], ref),
              TensorType(dt, [c.shared_d_ff, c.d_model], ref)]
@@ -281,7 +267,7 @@ def _experts_graph(c: MoEConfig, n: int, device: str, dtype: str, device_id: int
 
     from . import ops as mops
 
-    session, ref = _session(device, device_id)
+    session, ref = runtime.session_and_device_ref(device, device_id)
     dt = max_dtype(dtype)
     # weight_on_input has top_k = 1: one pair per row, whose weight scales the row.
     pairs = 1 if c.weight_on_input else "pairs"
@@ -375,7 +361,7 @@ class ExpertParallelMoE:
             self._tdev = torch.device("cuda", self.device_id)
         else:
             self.device_id, self._tdev = 0, torch.device("cpu")
-        self._mdev = _max_device(device, self.device_id)
+        self._mdev = runtime.driver_device(device, self.device_id)
         # gloo moves CPU tensors, NCCL CUDA tensors.
         self._cdev = torch.device("cuda", self.device_id) if self.backend == "nccl" else torch.device("cpu")
         self._tdtype = torch_dtype(dtype)

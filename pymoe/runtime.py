@@ -84,19 +84,24 @@ def load_cublas() -> str:
 # ------------------------------------------------------------------ devices
 
 
-def driver_device(device: str):
-    """The max.driver device for "cpu" or "gpu" (the first accelerator)."""
+def driver_device(device: str, device_id: int | None = None):
+    """The max.driver device for "cpu" or "gpu" (the first accelerator, or accelerator
+    `device_id`: one process per GPU, as in pymoe.parallel)."""
     from max.driver import CPU, Accelerator
 
-    return Accelerator() if device == "gpu" else CPU()
+    if device != "gpu":
+        return CPU()
+    return Accelerator() if device_id is None else Accelerator(id=device_id)
 
 
-def session_and_device_ref(device: str):
+def session_and_device_ref(device: str, device_id: int | None = None):
     """(InferenceSession on `device`, DeviceRef for the graph's tensor types): what
-    building and loading a graph for "cpu" or "gpu" needs."""
+    building and loading a graph for "cpu" or "gpu" (see driver_device) needs."""
     from max.engine import InferenceSession
+    from max.graph import DeviceRef
 
-    return InferenceSession(devices=[driver_device(device)]), device_ref(device)
+    dev = driver_device(device, device_id)
+    return InferenceSession(devices=[dev]), DeviceRef.from_device(dev)
 
 
 def device_ref(device: str):
