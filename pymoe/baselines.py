@@ -6,7 +6,10 @@
   the weighted result back; the shared expert on every token.
 - `TorchMoE(style="grouped")`: tokens sorted by expert and the two expert matmuls done
   as `torch._grouped_mm` over the ragged groups (the GPU path of recent PyTorch MoE
-  code; on CPU PyTorch runs it in float32 only, for widths that are multiples of 4).
+  code; on CPU PyTorch runs it in float32 only, for widths that are multiples of 4); the
+  weighted rows go back to their (token, slot) places and are summed over the k slots, a
+  deterministic combine (as vLLM's moe_sum), where `index_add_` adds with atomics in an
+  order that varies on CUDA.
 - `TorchDenseFFN`: the dense baseline, one FFN of the experts' total size.
 
 Both MoE styles route by the one routing definition, pymoe.routing.route_torch with the
@@ -134,7 +137,13 @@ class TorchMoE:
         y = torch._grouped_mm(self._act(h), self.w2, offs=offs)
         if self.b2 is not None:
             y = y + self.b2[expert]
-        return torch.zeros_like(x).index_add_(0, token, y if self.config.weight_on_input else y * w)
+        y = y if self.config.weight_on_input else y * w
+        # Deterministic combine: rows back to their [token, slot] places, then a sum over the
+        # k slots (an index_add_ on CUDA adds in a varying order, so a stack of layers that
+        # routes on the result drifts from run to run).
+        slots = torch.empty_like(y)
+        slots[order] = y
+        return slots.view(x.shape[0], k, x.shape[1]).sum(1)
 
     def _shared(self, x):
         y = expert_ffn(x, self.shared_w1, self.shared_w2, "swiglu")

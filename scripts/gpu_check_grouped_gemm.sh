@@ -8,21 +8,25 @@
 # Optional: HARNESS=<built scripts/grouped_gemm_kernel_bench.mojo> and MOJO_RT=<tar.xz of
 # libKGENCompilerRTShared, libAsyncRTMojoBindings, libAsyncRTRuntimeGlobals,
 # libMSupportGlobals, libMGPRT from the modular package's lib/>; PYMOE_SOURCE_COMMIT for the
-# result files' provenance; TOTAL_S (default 560) bounds the run.
+# result files' provenance; TOTAL_S (default 560) bounds the run; STEPS (default
+# "kernel tests profile bench") picks the steps, so that one call can skip what another ran.
 set -u -o pipefail
 : "${OUT:?set OUT to the folder the results go to}"
 TOTAL_S=${TOTAL_S:-560}
+STEPS=${STEPS:-kernel tests profile bench}
+want() { [[ " $STEPS " == *" $1 "* ]]; }
 T0=$SECONDS
 left() { echo $((TOTAL_S - (SECONDS - T0))); }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
-if [ -n "${HARNESS:-}" ] && [ -n "${MOJO_RT:-}" ]; then
+if want kernel && [ -n "${HARNESS:-}" ] && [ -n "${MOJO_RT:-}" ]; then
   mkdir -p /tmp/mojo-rt && tar xJf "$MOJO_RT" -C /tmp/mojo-rt
   LD_LIBRARY_PATH=/tmp/mojo-rt timeout 120 "$HARNESS" 2>&1 | tee "$OUT/grouped-gemm-kernel.log" | tail -20
 fi
-timeout $(( $(left) / 2 )) python3 -m pytest tests/test_gpu_grouped_gemm.py -q -p no:cacheprovider 2>&1 \
+want tests && timeout $(( $(left) / 2 )) python3 -m pytest tests/test_gpu_grouped_gemm.py -q -p no:cacheprovider 2>&1 \
   | tee "$OUT/grouped-gemm-tests.log" | tail -5
-timeout 120 python3 scripts/profile_gpu_layer.py qwen3-30b-a3b:16384 2>&1 | tee "$OUT/profile.log" | grep -m 8 mojo_pkg
+want profile && timeout 120 python3 scripts/profile_gpu_layer.py qwen3-30b-a3b:16384 2>&1 | tee "$OUT/profile.log" | grep -m 8 mojo_pkg
 mkdir -p "$OUT/results"
+want bench || set --
 for p in "$@"; do
   [ "$(left)" -lt 60 ] && { echo "no time left for $p"; continue; }
   timeout $(( $(left) - 10 )) python3 -m pymoe.cli bench --device gpu --dtype bfloat16 --preset "$p" \
