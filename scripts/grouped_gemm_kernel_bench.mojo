@@ -228,3 +228,7 @@ def main() raises:
     bench_case["swiglu", 128, 256, 4](ctx, "qwen3-up", 128, 2048, 1536, 4096, 8, False)
     bench_case["swiglu", 128, 256, 4, 0](ctx, "qwen3-up", 128, 2048, 1536, 4096, 8, False)
     bench_case["swiglu", 128, 256, 4, 0](ctx, "qwen3-up-odd", 128, 2040, 1520, 9999, 8, True)
+    # 128 x 128 tiles in 3 stages (96 KB): two blocks fit on an SM, so one's epilogue can
+    # overlap the other's main loop (where registers allow it)
+    bench_case["swiglu", 128, 128, 3](ctx, "qwen3-up", 128, 2048, 1536, 16384, 8, True)
+    bench_case["swiglu", 128, 128, 3](ctx, "mixtral-up", 8, 4096, 28672, 16384, 2, True)
