@@ -32,7 +32,5 @@ for p in "$@"; do
   timeout $(( $(left) - 10 )) python3 -m pymoe.cli bench --device gpu --dtype bfloat16 --preset "$p" \
     --impl pymoe --impl torch_grouped --min-seconds 0.1 --stack --out "$OUT/results" 2>&1 | tee -a "$OUT/bench-$p.log" | tail -3
 done
-# The device tool returns only shallow files with plain names: copy the result files up.
-for f in "$OUT"/results/bench/gpu/*.json; do
-  [ -e "$f" ] && cp "$f" "$OUT/$(basename "$f" | tr '@,' '__')"
-done
+# The device tool returns at most 8 files, with plain names: the result files travel as one archive.
+tar czf "$OUT/i22-results.tgz" -C "$OUT" results && rm -rf "$OUT/results"

@@ -152,3 +152,5 @@ say("done")
 EOF
 step "done; files:"
 find "$OUT" -type f | sort
+# The device tool returns at most 8 files: the result files travel as one archive.
+tar czf "$OUT/i23-results.tgz" -C "$OUT" results && rm -rf "$OUT/results"
