@@ -223,10 +223,7 @@ def main() raises:
     bench_case["none", 128, 256, 4, 0](ctx, "qwen3-down", 128, 768, 2048, 16384, 8, True)
     bench_case["swiglu", 128, 256, 4](ctx, "mixtral-up", 8, 4096, 28672, 16384, 2, True)
     bench_case["swiglu", 128, 256, 4, 0](ctx, "mixtral-up", 8, 4096, 28672, 16384, 2, True)
-    bench_case["none", 128, 256, 4](ctx, "mixtral-down", 8, 14336, 4096, 16384, 2, True)
-    bench_case["none", 128, 256, 4, 0](ctx, "mixtral-down", 8, 14336, 4096, 16384, 2, True)
     bench_case["swiglu", 128, 256, 4](ctx, "qwen3-up", 128, 2048, 1536, 4096, 8, False)
-    bench_case["swiglu", 128, 256, 4, 0](ctx, "qwen3-up", 128, 2048, 1536, 4096, 8, False)
     bench_case["swiglu", 128, 256, 4, 0](ctx, "qwen3-up-odd", 128, 2040, 1520, 9999, 8, True)
     # 128 x 128 tiles in 3 stages (96 KB): two blocks fit on an SM, so one's epilogue can
     # overlap the other's main loop (where registers allow it)
