@@ -165,6 +165,33 @@ def calibration_for(model, gbps=1.0, compute_ms=0.5, per_token_ms=0.0, start_lat
     })
 
 
+# ms per decode step of a made-up engine run, (measured, simulated), by batch size and strategy;
+# batch 64 has no host run (as where validate's time limit cut them). TEST DATA, never a result.
+ENGINE_TEST_MS = {
+    1: {"on-demand[predicted]": (10.0, 11.0), "expertflow[predicted]": (8.0, 9.0), "oracle": (6.0, 6.5),
+        "hybrid[predicted]": (4.0, 2.0), "hybrid-admit[predicted]": (3.0, 3.3), "hybrid+oracle": (1.0, 1.0)},
+    16: {"on-demand[predicted]": (20.0, 21.0), "expertflow[predicted]": (24.0, 19.0), "oracle": (12.0, 13.0),
+         "hybrid[predicted]": (16.0, 17.0), "cpu-on-miss[predicted]": (40.0, 38.0)},
+    64: {"on-demand[predicted]": (50.0, 52.0), "oracle": (45.0, 44.0)},
+}
+
+
+def engine_result_for(model="test-model", ms=None, **header):
+    """An engine result file's contents (pymoe.offload-engine/2, the keys `validate` writes that
+    the summaries and figures read) with made-up times: `ms` as ENGINE_TEST_MS (its default).
+    Test data: write it under tmp_path only."""
+    ms = ENGINE_TEST_MS if ms is None else ms
+    runs = [{"strategy": s, "batch_size": b, "simulated": {"ms_per_step": sim}, "measured": {"ms_per_step": real},
+             "relative_error": real / sim - 1} for b, by in ms.items() for s, (real, sim) in by.items()]
+    return {"schema": "pymoe.offload-engine/2", "command": "made up by tests/conftest.py", "commit": None,
+            "dirty": None, "date": "2000-01-01T00:00:00+00:00",
+            "machine": {"gpu": "TEST GPU", "cpu_model": "TEST CPU", "logical_cpus": 2},
+            "model": {"name": model, "num_experts": 8, "num_layers": 3, "top_k": 2},
+            "trace": "tests/made-up.npz", "cache_experts": 6, "cache_fraction": 0.25, "max_steps": 4,
+            "prefetch_failure_rate": 0.0, "host_failure_rate": 0.0, "runs": runs,
+            "skipped": [{"strategy": "hybrid[predicted]", "batch_size": 64}], **header}
+
+
 @pytest.fixture(scope="module")
 def gpu():
     """(MAX accelerator, its DeviceRef, an InferenceSession on it) for the GPU test files."""

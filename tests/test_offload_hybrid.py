@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import calibration_for
+from conftest import calibration_for, engine_result_for
 from test_offload import ENGINE_DEVICES, TINY, hand_trace, random_setup
 
 from pymoe.cli import main
 from pymoe.offload.calibration import Calibration, CalibrationError, load_calibration
+from pymoe.offload.engine import hybrid_summary
 from pymoe.offload.models import OffloadModel
 from pymoe.offload.simulator import simulate
 from pymoe.offload.strategies import MISS_POLICIES, make_strategy
@@ -425,3 +426,35 @@ def test_the_qwen3_offload_model_is_pymoes_qwen3_layer():
         layer.d_model, layer.d_ff, layer.num_experts, layer.top_k, layer.activation)
     assert model.num_layers == 48 and model.dtype == "bfloat16"
     assert model.expert_bytes == 3 * 2048 * 768 * 2
+
+
+def test_hybrid_summary_picks_the_best_of_each_kind_per_batch_size():
+    rows = hybrid_summary(engine_result_for())  # conftest.ENGINE_TEST_MS
+    assert [r["batch_size"] for r in rows] == [1, 16, 64] and {r["model"] for r in rows} == {"test-model"}
+    one, sixteen, sixty_four = rows
+    # hybrid+oracle (1 ms) sees the future: not the best practical hybrid strategy.
+    assert (one["best_transfer"], one["best_transfer_ms"], one["oracle"], one["oracle_ms"]) == (
+        "expertflow[predicted]", 8.0, "oracle", 6.0)
+    assert (one["best_hybrid"], one["best_hybrid_ms"]) == ("hybrid-admit[predicted]", 3.0)
+    assert one["speedup_vs_transfer"] == pytest.approx(8 / 3) and one["speedup_vs_oracle"] == pytest.approx(2.0)
+    assert (sixteen["best_transfer"], sixteen["best_hybrid"]) == ("on-demand[predicted]", "hybrid[predicted]")
+    assert sixteen["speedup_vs_transfer"] == pytest.approx(1.25) and sixteen["speedup_vs_oracle"] == pytest.approx(0.75)
+    # No host run at 64 (cut by the time limit): no hybrid, no speedups, the rest still there.
+    assert (sixty_four["best_transfer_ms"], sixty_four["oracle_ms"]) == (50.0, 45.0)
+    assert sixty_four["best_hybrid"] is sixty_four["best_hybrid_ms"] is sixty_four["speedup_vs_transfer"] is None
+    assert sixty_four["speedup_vs_oracle"] is None
+
+
+def test_hybrid_summary_of_the_simulated_times_and_of_files_it_refuses():
+    one, sixteen, _ = hybrid_summary(engine_result_for(), source="simulated")
+    assert (one["best_hybrid"], one["best_hybrid_ms"], one["oracle_ms"]) == ("hybrid[predicted]", 2.0, 6.5)
+    assert one["speedup_vs_transfer"] == pytest.approx(9 / 2)
+    assert (sixteen["best_transfer"], sixteen["best_transfer_ms"]) == ("expertflow[predicted]", 19.0)
+    assert hybrid_summary(engine_result_for(ms={4: {"oracle": (2.0, 2.0)}})) == [
+        {"model": "test-model", "batch_size": 4, "best_transfer": None, "best_transfer_ms": None, "oracle": "oracle",
+         "oracle_ms": 2.0, "best_hybrid": None, "best_hybrid_ms": None, "speedup_vs_transfer": None,
+         "speedup_vs_oracle": None}]
+    with pytest.raises(ValueError, match="injected failures"):
+        hybrid_summary(engine_result_for(host_failure_rate=0.2))
+    with pytest.raises(ValueError, match="source must be"):
+        hybrid_summary(engine_result_for(), source="both")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from conftest import calibration_for
+from conftest import ENGINE_TEST_MS, calibration_for, engine_result_for
 
 from pymoe.cli import main
 from pymoe.offload.models import get_model
@@ -96,6 +96,57 @@ def test_a_malformed_figure_list_is_refused(tmp_path):
     assert r.exit_code != 0 and "not valid TOML" in r.output
 
 
+HYBRID = "offload_hybrid_vs_batch.png"
+
+
+def engine_files(results, **datas):
+    """Made-up engine result files (conftest.engine_result_for) under results/offload, by name;
+    their paths relative to results."""
+    (results / "offload").mkdir(parents=True, exist_ok=True)
+    for name, data in datas.items():
+        (results / "offload" / f"{name}.json").write_text(json.dumps(data))
+    return [f"offload/{name}.json" for name in datas]
+
+
+def test_the_hybrid_figure_draws_the_engine_files_with_host_runs(tmp_path):
+    from pymoe.plots.offload import engines_with_host
+
+    results = tmp_path / "results"
+    transfer_only = {b: {s: t for s, t in by.items() if "hybrid" not in s and "cpu" not in s}
+                     for b, by in ENGINE_TEST_MS.items()}
+    listed = engine_files(results, a=engine_result_for("model-a"), b=engine_result_for("model-b"),
+                          a_later=engine_result_for("model-a", date="2000-01-02T00:00:00+00:00"),
+                          a_transfer=engine_result_for("model-a", ms=transfer_only))
+    list_figures(results, listed, figures=[HYBRID])
+    report = render_all(results)
+    assert report.errors == [] and [p.name for p in report.written] == [HYBRID]
+    assert (results / "graphs" / HYBRID).stat().st_size > 10_000
+    # Of model-a's files, the later listed with a host run; the transfer-only one listed after it is not drawn.
+    chosen = engines_with_host([(results / name, read_result(results / name)) for name in listed])
+    assert {model: path.name for model, (path, _) in chosen.items()} == {"model-a": "a_later.json",
+                                                                       "model-b": "b.json"}
+
+
+def test_the_hybrid_figure_is_skipped_without_host_runs_and_refuses_injected_failures(tmp_path):
+    results = tmp_path / "results"
+    report = render_all(results)
+    assert (HYBRID, "results/figures.toml (no such file) lists no result file for it; it needs real-engine runs "
+            "with a host miss policy (hybrid[predicted], ...) beside transfer-only ones: "
+            "scripts/gpu_check_offload_engine.sh, or pymoe serve-offloaded --strategy ... on a GPU") in \
+        [(n, why.replace(results.as_posix() + "/", "results/")) for n, why in report.missing]
+
+    only_transfer = engine_result_for(ms={1: {"on-demand[predicted]": (1.0, 1.0), "oracle": (0.5, 0.5)}})
+    list_figures(results, engine_files(results, t=only_transfer), figures=[HYBRID])
+    report = render_all(results)
+    assert report.written == [] and report.errors == []
+    assert "has a run with a host miss policy; it needs real-engine runs" in dict(report.missing)[HYBRID]
+
+    list_figures(results, engine_files(results, f=engine_result_for(host_failure_rate=0.2)), figures=[HYBRID])
+    report = render_all(results)
+    assert report.written == [] and "a run with injected failures" in dict(report.errors)[HYBRID]
+    assert not (results / "graphs").exists()
+
+
 def test_the_committed_figure_list_names_existing_result_files():
     from pathlib import Path
 
@@ -103,7 +154,7 @@ def test_the_committed_figure_list_names_existing_result_files():
 
     results = Path(__file__).resolve().parents[1] / "results"
     figures = FigureList.read(results)
-    assert figures.exists and len(figures.files) == 17
+    assert figures.exists and len(figures.files) == 18
     for names in figures.files.values():
         for name in names:
             assert read_result(results / name)["schema"].startswith("pymoe.")

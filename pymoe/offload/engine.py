@@ -712,3 +712,61 @@ def validate(trace_path, model_name: str, calibration_path, *, strategies, batch
                         result)
     console.print(f"wrote {path}")
     return result, path
+
+
+# The summary of validate's file lives here, beside the function that writes it (as sweep.py's
+# `aggregate` sits beside `run_sweep`): one module owns the engine file's schema and what it
+# means. The figure (plots/offload.py) and whoever writes the README's table read it through
+# this function, so both call the same runs "best".
+def hybrid_summary(result: dict, source: str = "measured") -> list[dict]:
+    """Transfer-only vs hybrid in one engine result file (`validate`'s dict, schema
+    pymoe.offload-engine/2): one row per batch size, in increasing order, with
+
+    - `model`, `batch_size`;
+    - `best_transfer`, `best_transfer_ms`: the fastest practical transfer-only strategy (no
+      host miss policy and not seeing the future: Oracle left out) and its ms per decode step;
+    - `oracle`, `oracle_ms`: the fastest transfer-only strategy that sees the future (Oracle's
+      prefetching and Belady eviction: the bound on what prefetching and eviction can do);
+    - `best_hybrid`, `best_hybrid_ms`: the fastest practical strategy with a host miss policy
+      (hybrid, hybrid-admit, cpu-on-miss...; `host_compute` in strategies.py), `hybrid+oracle`
+      left out as Oracle is;
+    - `speedup_vs_transfer` = best_transfer_ms / best_hybrid_ms and `speedup_vs_oracle` =
+      oracle_ms / best_hybrid_ms (above 1: the best hybrid strategy is faster).
+
+    The kinds come from the strategy labels (make_strategy). Times are `source`'s ms_per_step:
+    "measured" (the real engine) or "simulated" (the simulator on the same decisions). A
+    strategy and its ms are None where the file has no such run at that batch size (none
+    asked for, or the time limit left it out: `result["skipped"]`), and so is a speedup that
+    needs it. ValueError for a file with injected prefetch or host failures: those runs test
+    the fallbacks, and their times are not the strategies'."""
+    from .strategies import make_strategy
+
+    if source not in ("measured", "simulated"):
+        raise ValueError(f"source must be 'measured' or 'simulated', got {source!r}")
+    if result.get("prefetch_failure_rate") or result.get("host_failure_rate"):
+        raise ValueError("a run with injected failures (prefetch_failure_rate "
+                         f"{result.get('prefetch_failure_rate')}, host_failure_rate {result.get('host_failure_rate')}) "
+                         "times the fallbacks, not the strategies")
+    best: dict[int, dict[str, tuple[str, float]]] = {}  # batch -> kind -> (label, ms) of the fastest run
+    for run in result["runs"]:
+        strategy = make_strategy(run["strategy"])
+        if strategy.host_compute:
+            kind = None if strategy.uses_future else "hybrid"
+        else:
+            kind = "oracle" if strategy.uses_future else "transfer"
+        ms = run[source]["ms_per_step"]
+        kinds = best.setdefault(run["batch_size"], {})
+        if kind and (kind not in kinds or ms < kinds[kind][1]):
+            kinds[kind] = (run["strategy"], ms)
+    rows = []
+    for batch, kinds in sorted(best.items()):
+        row = {"model": result["model"]["name"], "batch_size": batch}
+        for kind in ("transfer", "oracle", "hybrid"):
+            label, ms = kinds.get(kind, (None, None))
+            key = kind if kind == "oracle" else f"best_{kind}"
+            row[key], row[f"{key}_ms"] = label, ms
+        hybrid = row["best_hybrid_ms"]
+        row["speedup_vs_transfer"] = row["best_transfer_ms"] / hybrid if hybrid and row["best_transfer_ms"] else None
+        row["speedup_vs_oracle"] = row["oracle_ms"] / hybrid if hybrid and row["oracle_ms"] else None
+        rows.append(row)
+    return rows

@@ -1,5 +1,6 @@
-"""Offloading figures, from `pymoe simulate` result files (all SIMULATED, labelled so) and the
-trained model's training logs (measured)."""
+"""Offloading figures, from `pymoe simulate` result files (all SIMULATED, labelled so), the
+trained model's training logs (measured) and the real engine's result files (measured, with
+the simulator's times for the same runs beside them, labelled so)."""
 
 from __future__ import annotations
 
@@ -128,6 +129,7 @@ def render_offload(figures: FigureList, out_dir: Path, report: Report) -> None:
     _pareto(figures, out_dir, report)
     _load_balancing(figures, out_dir, report)
     _simulated_vs_measured(figures, out_dir, report)
+    _hybrid_vs_batch(figures, out_dir, report)
 
 
 def _tail_latency(figures, out_dir, report):
@@ -318,4 +320,113 @@ def _simulated_vs_measured(figures, out_dir, report):
         ax.grid(True, which="both", alpha=0.3)
     fig.suptitle("Simulator vs the real offloading engine (same trace, strategy, batch and decisions)", fontsize=11)
     footer(fig, *[f"measured on {d['machine'].get('gpu')} | " + provenance_line(p, d) for p, d in newest.values()])
+    save(fig, out_dir, name, report)
+
+
+# Transfer-only strategies in greys (dashed), Oracle in black (dotted): the baselines; the
+# strategies with a host miss policy in colours (solid): what the figure is about.
+_TRANSFER_GREYS = ("#4d4d4d", "#8a8a8a", "#b5b5b5")
+_HOST_COLOURS = ("#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#17becf", "#8c564b", "#e377c2")
+_MARKERS = ("o", "s", "D", "^", "v", "P", "X")
+
+
+def _hybrid_styles(labels: list[str]) -> dict[str, dict]:
+    """label -> plot style, the same in every panel; transfer-only first, then Oracle, then hybrid."""
+    from ..offload.strategies import make_strategy
+
+    kinds = {label: make_strategy(label) for label in labels}
+    transfer = [s for s in labels if not kinds[s].host_compute and not kinds[s].uses_future]
+    oracle = [s for s in labels if not kinds[s].host_compute and kinds[s].uses_future]
+    host = [s for s in labels if kinds[s].host_compute]
+    styles = {s: dict(color=_TRANSFER_GREYS[i % len(_TRANSFER_GREYS)], marker=_MARKERS[i % len(_MARKERS)],
+                      linestyle="--", label=f"{s} (transfer-only)") for i, s in enumerate(transfer)}
+    styles |= {s: dict(color="black", marker="*", markersize=9, linestyle=":",
+                       label=f"{s} (transfer-only; knows the future: the bound on prefetching and eviction)")
+               for s in oracle}
+    styles |= {s: dict(color=_HOST_COLOURS[i % len(_HOST_COLOURS)], marker=_MARKERS[i % len(_MARKERS)],
+                       linestyle="-", linewidth=2,
+                       label=f"{s} (host computes misses{'; knows the future' if kinds[s].uses_future else ''})")
+               for i, s in enumerate(host)}
+    return styles
+
+
+def _speedups(rows: list[dict]) -> str:
+    """'1: 2.10x, 16: 1.30x' (best hybrid over best practical transfer-only, per batch size)."""
+    return ", ".join(f"{r['batch_size']}: " + (f"{r['speedup_vs_transfer']:.2f}x" if r["speedup_vs_transfer"] else "-")
+                     for r in rows)
+
+
+def engines_with_host(files: list[tuple[Path, dict]]) -> dict[str, tuple[Path, dict]]:
+    """model name -> (path, data) of its engine file with a run of a host miss policy (of two,
+    the later listed): a file of transfer-only runs does not answer transfer-only vs hybrid."""
+    from ..offload.strategies import make_strategy
+
+    return {data["model"]["name"]: (path, data) for path, data in files
+            if any(make_strategy(r["strategy"]).host_compute for r in data["runs"])}
+
+
+def _hybrid_vs_batch(figures, out_dir, report):
+    name = "offload_hybrid_vs_batch.png"
+    needs = ("real-engine runs with a host miss policy (hybrid[predicted], ...) beside transfer-only ones: "
+             "scripts/gpu_check_offload_engine.sh, or pymoe serve-offloaded --strategy ... on a GPU")
+    files = listed_files(figures, name, report, (ENGINE,), needs)
+    if files is None:
+        return
+    failures = [path.as_posix() for path, data in files
+                if data.get("prefetch_failure_rate") or data.get("host_failure_rate")]
+    if failures:
+        report.fail(name, f"lists {', '.join(failures)}, a run with injected failures, whose times are the "
+                    "fallbacks', not the strategies'")
+        return
+    from ..offload.engine import hybrid_summary  # the engine module imports torch: only this figure needs it
+
+    newest = engines_with_host(files)
+    if not newest:
+        report.skip(name, f"no engine file that {figures.path.as_posix()} lists for it has a run with a host "
+                    f"miss policy; it needs {needs}")
+        return
+    labels = list(dict.fromkeys(r["strategy"] for _, d in newest.values() for r in d["runs"]))
+    styles = _hybrid_styles(labels)
+    order = list(styles)  # legend order: transfer-only, Oracle, hybrid
+    fig, axes = plt.subplots(1, len(newest), figsize=(max(11.0, 6.4 * len(newest)), 7.4), squeeze=False)
+    for ax, (_model, (_path, data)) in zip(axes[0], sorted(newest.items())):
+        batches = sorted({r["batch_size"] for r in data["runs"]})
+        for strategy in sorted({r["strategy"] for r in data["runs"]}, key=order.index):
+            runs = sorted((r for r in data["runs"] if r["strategy"] == strategy), key=lambda r: r["batch_size"])
+            b = np.array([r["batch_size"] for r in runs], dtype=float)
+            style = dict(styles[strategy])
+            ax.plot(b, [r["measured"]["ms_per_step"] for r in runs], markersize=style.pop("markersize", 6), **style)
+            # The simulator's time for the same run: a faint hollow marker just right of the measured one.
+            ax.plot(b * 1.08, [r["simulated"]["ms_per_step"] for r in runs], linestyle="none",
+                    marker=style["marker"], markerfacecolor="none", markeredgecolor=style["color"], alpha=0.45,
+                    markersize=6)
+        ax.plot([], [], linestyle="none", marker="o", markerfacecolor="none", markeredgecolor="grey",
+                label="SIMULATED, same run (hollow, faint)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(x) for x in batches])
+        ax.xaxis.set_minor_locator(plt.NullLocator())
+        log_y(ax)
+        ax.set_xlabel("batch size (requests decoding together)")
+        ax.set_ylabel("MEASURED ms per decode step (real engine; lower is better)")
+        m = data["model"]
+        cut = len(data.get("skipped", []))
+        left_out = f"; time limit left out {cut} run{'s' if cut > 1 else ''}" if cut else ""
+        ax.set_title(f"{m['name']}: {m['num_experts']} experts x {m['num_layers']} layers, top-{m['top_k']}; cache "
+                     f"{data['cache_fraction']:.0%} ({data['cache_experts']} experts), "
+                     f"{data.get('max_steps') or 'all'} steps/run{left_out}\n"
+                     f"best hybrid over best transfer-only (Oracle aside), by batch: "
+                     f"{_speedups(hybrid_summary(data))}", fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        # Below the axes, as in the sweeps' figures: inside, the lines fill every corner.
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.14))
+    gpus = ", ".join(sorted({str(d["machine"].get("gpu")) for _, d in newest.values()}))
+    fig.suptitle(f"MEASURED on the real offloading engine ({gpus}): ms per decode step, transfer-only strategies "
+                 "(grey, dashed; Oracle dotted) vs hybrid (host CPU computes missed experts; colour, solid)",
+                 fontsize=10)
+    footer(fig, "Lines and filled markers: MEASURED (CUDA events; expert FFNs only, attention not run). Hollow faint "
+                "markers just right of them: SIMULATED (cost model, same trace, strategy, batch and decisions).",
+           "traces: " + ", ".join(sorted({Path(d["trace"]).name for _, d in newest.values()})),
+           *[f"measured on {d['machine'].get('gpu')}, host experts on {d['machine'].get('cpu_model')} "
+             f"({d['machine'].get('logical_cpus', '?')} CPUs) | " + provenance_line(p, d)
+             for p, d in newest.values()])
     save(fig, out_dir, name, report)
