@@ -5,9 +5,9 @@
 #
 # usage (repo root, MAX importable: PYTHONPATH/PATH exported):
 #   bash scripts/gpu_check_grouped_gemm.sh [preset ...]
-# Optional: HARNESS=<built scripts/grouped_gemm_kernel_bench.mojo> and MOJO_RT=<tar.xz of
-# libKGENCompilerRTShared, libAsyncRTMojoBindings, libAsyncRTRuntimeGlobals,
-# libMSupportGlobals, libMGPRT from the modular package's lib/>; PYMOE_SOURCE_COMMIT for the
+# Optional: HARNESS=<built scripts/grouped_gemm_kernel_bench.mojo> and MOJO_RT=<the installed
+# modular package's lib/ folder, or a tar.xz of its libKGENCompilerRTShared,
+# libAsyncRTMojoBindings, libAsyncRTRuntimeGlobals, libMSupportGlobals, libMGPRT>; PYMOE_SOURCE_COMMIT for the
 # result files' provenance; TOTAL_S (default 560) bounds the run; STEPS (default
 # "kernel tests profile bench") picks the steps, so that one call can skip what another ran.
 set -u -o pipefail
@@ -19,8 +19,9 @@ T0=$SECONDS
 left() { echo $((TOTAL_S - (SECONDS - T0))); }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 if want kernel && [ -n "${HARNESS:-}" ] && [ -n "${MOJO_RT:-}" ]; then
-  mkdir -p /tmp/mojo-rt && tar xJf "$MOJO_RT" -C /tmp/mojo-rt
-  LD_LIBRARY_PATH=/tmp/mojo-rt timeout 120 "$HARNESS" 2>&1 | tee "$OUT/grouped-gemm-kernel.log" | tail -20
+  rt=$MOJO_RT  # a folder (MAX installed: its modular/lib) or the tar.xz
+  [ -d "$rt" ] || { mkdir -p /tmp/mojo-rt && tar xJf "$MOJO_RT" -C /tmp/mojo-rt && rt=/tmp/mojo-rt; }
+  LD_LIBRARY_PATH=$rt timeout 150 "$HARNESS" 2>&1 | tee "$OUT/grouped-gemm-kernel.log" | tail -20
 fi
 want tests && timeout $(( $(left) / 2 )) python3 -m pytest tests/test_gpu_grouped_gemm.py -q -p no:cacheprovider 2>&1 \
   | tee "$OUT/grouped-gemm-tests.log" | tail -5
