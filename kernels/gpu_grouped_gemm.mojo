@@ -324,20 +324,18 @@ def _block_tile[BM: Int, THREADS: Int, dense: Bool](
 
 
 @always_inline
-def _store_pair[
+def _epilogue_pair[
     activation: StaticString, has_bias: Bool, alpha: Float32, limit: Float32, dtype: DType, out_dtype: DType
 ](
-    c: Pointer[Scalar[out_dtype], MutAnyOrigin],
-    at: Int,
     v: SIMD[DType.float32, 2],
     up: SIMD[DType.float32, 2],
     bias: Pointer[Scalar[dtype], MutAnyOrigin],
     bias_at: Int,
     up_bias_at: Int,
-):
+) -> SIMD[out_dtype, 2]:
     """The fused epilogue of two adjacent outputs: bias (at bias_at, and at
     up_bias_at for the gated activations' up half), the activation in float32,
-    one 2-wide store at c[at]."""
+    the result in the output dtype."""
     var x = v
     var u = up
     comptime if has_bias:
@@ -352,7 +350,24 @@ def _store_pair[
         x = x / (1.0 + exp(-x)) * u
     elif activation == "clamped_swiglu":
         x = clamped_swiglu_f32[alpha, limit, 2](x, u)
-    c.unsafe_store[alignment = 2 * size_of[Scalar[out_dtype]]()](at, x.cast[out_dtype]())
+    return x.cast[out_dtype]()
+
+
+@always_inline
+def _store_pair[
+    activation: StaticString, has_bias: Bool, alpha: Float32, limit: Float32, dtype: DType, out_dtype: DType
+](
+    c: Pointer[Scalar[out_dtype], MutAnyOrigin],
+    at: Int,
+    v: SIMD[DType.float32, 2],
+    up: SIMD[DType.float32, 2],
+    bias: Pointer[Scalar[dtype], MutAnyOrigin],
+    bias_at: Int,
+    up_bias_at: Int,
+):
+    """_epilogue_pair, then one 2-wide store at c[at]."""
+    var x = _epilogue_pair[activation, has_bias, alpha, limit, dtype, out_dtype](v, up, bias, bias_at, up_bias_at)
+    c.unsafe_store[alignment = 2 * size_of[Scalar[out_dtype]]()](at, x)
 
 
 def _grouped_gemm[
@@ -621,6 +636,7 @@ def _grouped_gemm_wgmma[
     alpha: Float32,
     limit: Float32,
     WGMMA_IN_FLIGHT: Int = 1,
+    STAGED_STORE: Bool = False,
 ](
     ctx: DeviceContext,
     c: Pointer[Scalar[dtype], MutAnyOrigin],
@@ -785,6 +801,40 @@ def _grouped_gemm_wgmma[
         # rows lane/4 and lane/4 + 8 of the warp's 16, columns f*8 + (lane%4)*2 + {0,1}.
         comptime OUT_FRAGS = NF // 2 if GATED else NF
         var warp_row = wg * 64 + (warp % 4) * 16 + lane // 4
+        comptime if STAGED_STORE:
+            # Through shared memory (the drained stage buffers), so that global
+            # stores are whole 16-byte chunks of a row instead of 4-byte pairs
+            # scattered over 8 rows. Rows are padded by 8 elements: the 8 rows
+            # of a fragment store then fall in different banks.
+            comptime ROW = BN_OUT + 8
+            comptime assert BM * ROW * 2 <= STAGES * (A_STAGE + B_STAGE) * 2, "the output tile fits the stage buffers"
+            barrier()  # every warpgroup is past its last wgmma read of the buffers
+            comptime for f in range(OUT_FRAGS):
+                var lc = f * 8 + (lane % 4) * 2
+                if col0 + lc < NOUT:
+                    comptime for half in range(2):
+                        var r = warp_row + half * 8
+                        if r < rows_here:
+                            var up = SIMD[DType.float32, 2](0)
+                            comptime if GATED:
+                                up = acc.slice[2, offset = (f + NF // 2) * 4 + half * 2]()
+                            smem.unsafe_store[alignment=4](
+                                r * ROW + lc,
+                                _epilogue_pair[activation, has_bias, alpha, limit, dtype, dtype](
+                                    acc.slice[2, offset = f * 4 + half * 2](), up, bias, e * N + col0 + lc,
+                                    e * N + NOUT + col0 + lc,
+                                ),
+                            )
+            barrier()
+            comptime CPR = BN_OUT // 8
+            for q in range(tid, BM * CPR, THREADS):
+                var r = q // CPR
+                var lc = (q % CPR) * 8
+                if r < rows_here and col0 + lc < NOUT:
+                    c.unsafe_store[alignment=16](
+                        (row0 + r) * Int(n_ldc) + col0 + lc, smem.unsafe_load[width=8, alignment=16](r * ROW + lc)
+                    )
+            return
         comptime for f in range(OUT_FRAGS):
             var col = col0 + f * 8 + (lane % 4) * 2
             if col < NOUT:
