@@ -130,6 +130,8 @@ def to_device_buffer(array, dtype: str, device):
     else:
         tensor = torch.from_numpy(np.ascontiguousarray(array))
     tensor = tensor.to(device="cpu", dtype=dtype_t).contiguous()
+    if tensor.is_pinned():  # DLPack names pinned memory a CUDA-host device, which MAX refuses
+        tensor = torch.empty(tensor.shape, dtype=tensor.dtype).copy_(tensor)
     return Buffer.from_dlpack(tensor).to(device)
 
 
