@@ -124,13 +124,20 @@ class HostExperts:
         if not self.layers:
             self.layers = [host_expert_layer(self.model, *self.weights(i)) for i in range(len(self.packed))]
 
-    def warm_up(self, rows: torch.Tensor) -> None:
+    def warm_up(self, rows: torch.Tensor) -> list[str]:
         """Run every CPU layer once on `rows` (the most any call will get): first calls and
-        buffer pool growth happen here, not in a timed layer."""
+        buffer pool growth happen here, not in a timed layer. A layer that fails is left to
+        fail again when it is called, where the engine falls back to a transfer (counted);
+        returns the failures' messages."""
+        errors = []
         if len(rows) > self.warm_rows:
             for layer in self.layers:
-                layer.forward_unchecked(rows)
+                try:
+                    layer.forward_unchecked(rows)
+                except Exception as e:  # noqa: BLE001 - any host failure has the transfer fallback
+                    errors.append(f"{type(e).__name__}: {e}")
             self.warm_rows = len(rows)
+        return errors
 
 
 def check_outputs(outputs: dict[int, torch.Tensor], expected: dict[int, torch.Tensor], dtype: str) -> float:
@@ -280,7 +287,9 @@ class Executor:
                 self.rows_host.copy_(self.x[: self.max_tokens], non_blocking=True)
                 self.from_host.copy_(self.host_out, non_blocking=True)
             self.rows_stream.synchronize()
-            self.worker.submit(self.experts.warm_up, self.rows_host).result()
+            for error in self.worker.submit(self.experts.warm_up, self.rows_host).result():
+                if len(self.host_errors) < 10:
+                    self.host_errors.append(error)
         torch.cuda.synchronize(self.device)
 
     def close(self) -> None:
