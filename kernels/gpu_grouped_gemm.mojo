@@ -102,6 +102,11 @@ comptime MID_MAX_ROWS_PER_EXPERT = 512
 # everywhere (Qwen3-30B-A3B: 1.6 / 5.1 ms against 5.8 / 10.2 ms at 4096 /
 # 16384 tokens). No shape between 32 and 512 rows per expert was measured, so
 # the threshold there is a guess. The files: docs/RESULTS.md, "The grouped GEMM".
+# With the Hopper (wgmma) tile, on an H100: Mixtral gate/up at 4096 rows per
+# expert runs at 569 TFLOP/s kernel-only, while the layer on this cuBLAS path
+# reaches 91% of the measured 706 TFLOP/s peak at 16384 tokens, so cuBLAS
+# stays there. GPT-OSS-20B (E=32) from 512 rows per expert also takes this
+# path; the wgmma tile against cuBLAS there is not yet measured.
 comptime CUBLAS_MAX_EXPERTS = 32
 comptime CUBLAS_MIN_ROWS_PER_EXPERT = 512
 
@@ -606,8 +611,9 @@ comptime WG_BK = 64
 # against the mma.sync tiles (.gpucheck harness, same inputs, bit-identical
 # outputs): Qwen3-30B-A3B gate/up at 256 / 1024 rows per expert 0.77 -> 0.54 /
 # 2.72 -> 1.69 ms, down 0.44 -> 0.34 / 1.52 -> 1.10 ms; Mixtral gate/up at
-# 1024 rows per expert 5.75 -> 3.51 ms (549 TFLOP/s). 128 x 128 tiles with 5
-# buffers were slower (2.33 ms at Qwen3 1024 rows).
+# 1024 rows per expert 5.75 -> 3.51 ms (549 TFLOP/s). 128 x 128 tiles were
+# slower, with 5 buffers (2.33 ms at Qwen3 1024 rows) and with 3 (96 KB, two
+# blocks per SM: 2.19 against 1.63 ms, harness run 2).
 comptime WG_BN = 256
 comptime WG_STAGES = 4
 # From this many rows per expert (on average) on, the wgmma tile is used on
@@ -636,7 +642,6 @@ def _grouped_gemm_wgmma[
     alpha: Float32,
     limit: Float32,
     WGMMA_IN_FLIGHT: Int = 1,
-    STAGED_STORE: Bool = False,
 ](
     ctx: DeviceContext,
     c: Pointer[Scalar[dtype], MutAnyOrigin],
@@ -729,7 +734,8 @@ def _grouped_gemm_wgmma[
         # WGMMA_IN_FLIGHT (0 or 1) wgmma groups stay in flight past a step, so
         # the buffer a step refills is that of tile kt - 1 - WGMMA_IN_FLIGHT:
         # one more tile loads ahead with 0, the tensor cores idle between
-        # steps; 1 overlaps them (the default; 0 is a tuning candidate).
+        # steps; 1 overlaps them. Measured on an H100 (harness run 2), 0 is
+        # 1.2-1.3x slower (Qwen3 gate/up at 1024 rows 2.03 against 1.63 ms).
         comptime assert WGMMA_IN_FLIGHT == 0 or WGMMA_IN_FLIGHT == 1, "0 or 1 wgmma groups in flight"
         comptime LOOKAHEAD = STAGES - 1 - WGMMA_IN_FLIGHT
         var acc = SIMD[DType.float32, ACC](0)
@@ -801,53 +807,40 @@ def _grouped_gemm_wgmma[
         # rows lane/4 and lane/4 + 8 of the warp's 16, columns f*8 + (lane%4)*2 + {0,1}.
         comptime OUT_FRAGS = NF // 2 if GATED else NF
         var warp_row = wg * 64 + (warp % 4) * 16 + lane // 4
-        comptime if STAGED_STORE:
-            # Through shared memory (the drained stage buffers), so that global
-            # stores are whole 16-byte chunks of a row instead of 4-byte pairs
-            # scattered over 8 rows. Rows are padded by 8 elements: the 8 rows
-            # of a fragment store then fall in different banks.
-            comptime ROW = BN_OUT + 8
-            comptime assert BM * ROW * 2 <= STAGES * (A_STAGE + B_STAGE) * 2, "the output tile fits the stage buffers"
-            barrier()  # every warpgroup is past its last wgmma read of the buffers
-            comptime for f in range(OUT_FRAGS):
-                var lc = f * 8 + (lane % 4) * 2
-                if col0 + lc < NOUT:
-                    comptime for half in range(2):
-                        var r = warp_row + half * 8
-                        if r < rows_here:
-                            var up = SIMD[DType.float32, 2](0)
-                            comptime if GATED:
-                                up = acc.slice[2, offset = (f + NF // 2) * 4 + half * 2]()
-                            smem.unsafe_store[alignment=4](
-                                r * ROW + lc,
-                                _epilogue_pair[activation, has_bias, alpha, limit, dtype, dtype](
-                                    acc.slice[2, offset = f * 4 + half * 2](), up, bias, e * N + col0 + lc,
-                                    e * N + NOUT + col0 + lc,
-                                ),
-                            )
-            barrier()
-            comptime CPR = BN_OUT // 8
-            for q in range(tid, BM * CPR, THREADS):
-                var r = q // CPR
-                var lc = (q % CPR) * 8
-                if r < rows_here and col0 + lc < NOUT:
-                    c.unsafe_store[alignment=16](
-                        (row0 + r) * Int(n_ldc) + col0 + lc, smem.unsafe_load[width=8, alignment=16](r * ROW + lc)
-                    )
-            return
+        # The output tile goes through shared memory (the drained stage buffers),
+        # so that global stores are whole 16-byte chunks of a row instead of
+        # 4-byte pairs scattered over 8 rows: measured on an H100 (harness run
+        # 2), Qwen3-30B-A3B down 1.12 -> 0.97 ms, gate/up and Mixtral gate/up
+        # within 1.5%. Rows are padded by 8 elements, so the 8 rows of a
+        # fragment store fall in different banks.
+        comptime ROW = BN_OUT + 8
+        comptime assert BM * ROW * 2 <= STAGES * (A_STAGE + B_STAGE) * 2, "the output tile fits the stage buffers"
+        barrier()  # every warpgroup is past its last wgmma read of the buffers
         comptime for f in range(OUT_FRAGS):
-            var col = col0 + f * 8 + (lane % 4) * 2
-            if col < NOUT:
+            var lc = f * 8 + (lane % 4) * 2
+            if col0 + lc < NOUT:
                 comptime for half in range(2):
                     var r = warp_row + half * 8
                     if r < rows_here:
                         var up = SIMD[DType.float32, 2](0)
                         comptime if GATED:
                             up = acc.slice[2, offset = (f + NF // 2) * 4 + half * 2]()
-                        _store_pair[activation, has_bias, alpha, limit](
-                            c, (row0 + r) * Int(n_ldc) + col, acc.slice[2, offset = f * 4 + half * 2](), up,
-                            bias, e * N + col, e * N + NOUT + col,
+                        smem.unsafe_store[alignment=4](
+                            r * ROW + lc,
+                            _epilogue_pair[activation, has_bias, alpha, limit, dtype, dtype](
+                                acc.slice[2, offset = f * 4 + half * 2](), up, bias, e * N + col0 + lc,
+                                e * N + NOUT + col0 + lc,
+                            ),
                         )
+        barrier()
+        comptime CPR = BN_OUT // 8
+        for q in range(tid, BM * CPR, THREADS):
+            var r = q // CPR
+            var lc = (q % CPR) * 8
+            if r < rows_here and col0 + lc < NOUT:
+                c.unsafe_store[alignment=16](
+                    (row0 + r) * Int(n_ldc) + col0 + lc, smem.unsafe_load[width=8, alignment=16](r * ROW + lc)
+                )
 
     ctx.enqueue_function(
         kernel,

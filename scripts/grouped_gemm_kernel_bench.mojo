@@ -28,7 +28,7 @@ struct Rng:
         self.s = self.s * 6364136223846793005 + 1442695040888963407
         return Int((self.s >> 33) % UInt64(n))
 
-def bench_case[act: StaticString, BM: Int, BN: Int, ST: Int, IF: Int = 1, SS: Bool = False](ctx: DeviceContext, name: String, E: Int, K: Int, NW: Int, tokens: Int, topk: Int, old_prefill: Bool) raises:
+def bench_case[act: StaticString, BM: Int, BN: Int, ST: Int, IF: Int = 1](ctx: DeviceContext, name: String, E: Int, K: Int, NW: Int, tokens: Int, topk: Int, old_prefill: Bool) raises:
     var gated = act == "swiglu"
     var nout = NW // 2 if gated else NW
     var slots = tokens * topk
@@ -96,7 +96,7 @@ def bench_case[act: StaticString, BM: Int, BN: Int, ST: Int, IF: Int = 1, SS: Bo
         else:
             _grouped_gemm[BF, MID_TILE, act, True, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT](ctx, pc0, nout, pa, K, K, pids, poff, E, slots, pw, NW, nout, pw)
     def run_new() raises {var ctx, var pc1, var nout, var pa, var K, var pids, var poff, var E, var slots, var pw, var NW}:
-        _grouped_gemm_wgmma[BF, BM, BN, ST, act, True, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT, IF, SS](ctx, pc1, nout, pa, K, K, pids, poff, E, slots, pw, NW, nout, pw)
+        _grouped_gemm_wgmma[BF, BM, BN, ST, act, True, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT, IF](ctx, pc1, nout, pa, K, K, pids, poff, E, slots, pw, NW, nout, pw)
 
     run_old()
     run_new()
@@ -137,7 +137,7 @@ def bench_case[act: StaticString, BM: Int, BN: Int, ST: Int, IF: Int = 1, SS: Bo
     sort(t_new)
     var mo = t_old[reps // 2]
     var mn = t_new[reps // 2]
-    print(name, "BM", BM, "BN", BN, "ST", ST, "in_flight", IF, "staged_store", SS, "tokens", tokens, "rel", rel, "nan", bad,
+    print(name, "BM", BM, "BN", BN, "ST", ST, "in_flight", IF, "tokens", tokens, "rel", rel, "nan", bad,
           "old_ms", mo, "new_ms", mn, "old_TF", flops / mo / 1e9, "new_TF", flops / mn / 1e9, "x", mo / mn)
 
 def dispatch_check(ctx: DeviceContext, tokens: Int) raises:
@@ -229,8 +229,3 @@ def main() raises:
     # overlap the other's main loop (where registers allow it)
     bench_case["swiglu", 128, 128, 3](ctx, "qwen3-up", 128, 2048, 1536, 16384, 8, True)
     bench_case["swiglu", 128, 128, 3](ctx, "mixtral-up", 8, 4096, 28672, 16384, 2, True)
-    # the output tile through shared memory, stored in 16-byte row chunks
-    bench_case["swiglu", 128, 256, 4, 1, True](ctx, "qwen3-up", 128, 2048, 1536, 16384, 8, True)
-    bench_case["none", 128, 256, 4, 1, True](ctx, "qwen3-down", 128, 768, 2048, 16384, 8, True)
-    bench_case["swiglu", 128, 256, 4, 1, True](ctx, "mixtral-up", 8, 4096, 28672, 16384, 2, True)
-    bench_case["swiglu", 128, 256, 4, 1, True](ctx, "qwen3-up-odd", 128, 2040, 1520, 9999, 8, True)
