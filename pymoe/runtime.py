@@ -114,33 +114,42 @@ def device_ref(device: str):
 # ------------------------------------------------------------------ buffers
 
 
-# torch runs an element-wise copy or conversion of more than TORCH_GRAIN_SIZE elements
-# (at::internal::GRAIN_SIZE) on its OpenMP thread pool, whose threads then spin for
-# milliseconds after the copy (libgomp's default wait policy) on the cores that MAX's worker
+# torch runs an element-wise op (a copy, a conversion, an add) of more than TORCH_GRAIN_SIZE
+# elements (at::internal::GRAIN_SIZE) on its OpenMP thread pool, whose threads then spin for
+# milliseconds after the op (libgomp's default wait policy) on the cores that MAX's worker
 # threads need for the layer's kernels. A CPU layer's bf16 call converts its input and output
 # (more than 32768 elements from 17 rows of d_model 2048): that made one expert's call 3-20x
 # slower past that row count (issue 23: 1.1 ms at 16 rows, 20 ms at 32 on a 16-core host).
-# host_copy converts such tensors on the calling thread instead, in chunks of at most
-# TORCH_GRAIN_SIZE elements, which torch runs serially.
+# `serially` runs such ops on the calling thread instead, in chunks of at most
+# TORCH_GRAIN_SIZE elements, which torch does not hand to its pool.
 TORCH_GRAIN_SIZE = 32768
-# Above this many elements host_copy lets torch use its pool: the copy itself is then long
-# enough (and the layer's call far longer) that the pool's spin costs little.
+# Above this many elements `serially` lets torch use its pool: the op itself is then long
+# enough (and a layer call on such a batch far longer) that the pool's spin costs little.
 HOST_SERIAL_MAX_ELEMENTS = 2**20
+
+
+def serially(op, *tensors):
+    """op(*tensors), an element-wise in-place torch op on CPU tensors of one shape
+    (torch.Tensor.copy_, .add_, .zero_), run on the calling thread (see TORCH_GRAIN_SIZE);
+    tensors that are not all contiguous, or larger than HOST_SERIAL_MAX_ELEMENTS, get
+    op(*tensors) as it is. Returns tensors[0]."""
+    first = tensors[0]
+    if first.numel() <= HOST_SERIAL_MAX_ELEMENTS and all(
+            t.is_contiguous() and t.shape == first.shape for t in tensors):
+        flat = [t.view(-1) for t in tensors]
+        for i in range(0, first.numel(), TORCH_GRAIN_SIZE):
+            op(*(t[i: i + TORCH_GRAIN_SIZE] for t in flat))
+    else:
+        op(*tensors)
+    return first
 
 
 def host_copy(src, dtype):
     """A new contiguous, pageable CPU tensor of torch dtype `dtype` holding `src` (a CPU
-    tensor), converted as torch converts, without waking torch's thread pool for tensors of
-    at most HOST_SERIAL_MAX_ELEMENTS (see TORCH_GRAIN_SIZE)."""
+    tensor), converted as torch converts, on the calling thread (`serially`)."""
     import torch
 
-    out = torch.empty(src.shape, dtype=dtype)
-    if not src.is_contiguous() or src.numel() > HOST_SERIAL_MAX_ELEMENTS:
-        return out.copy_(src)
-    flat_out, flat_src = out.view(-1), src.view(-1)
-    for i in range(0, flat_src.numel(), TORCH_GRAIN_SIZE):
-        flat_out[i: i + TORCH_GRAIN_SIZE].copy_(flat_src[i: i + TORCH_GRAIN_SIZE])
-    return out
+    return serially(torch.Tensor.copy_, torch.empty(src.shape, dtype=dtype), src)
 
 
 def to_device_buffer(array, dtype: str, device):
