@@ -239,8 +239,8 @@ def test_expert_matmul_matches_reference(matmul_model, rng, sizes):
 # without the pipeline). The same products with pre-packed weights: several
 # K slices per panel, read panel by panel. The narrow weights (DEC_NARROW
 # columns, 7 panels with a ragged one) with one expert of more than
-# DECODE_ROWS rows take the prefill schedule with fewer jobs than workers,
-# whose column blocks narrow to give every worker one (already with 2 threads).
+# DECODE_ROWS rows take the prefill schedule with few jobs, whose column
+# blocks narrow to spread them over the workers (already with 2 threads).
 DEC_E, DEC_K, DEC_F, DEC_NARROW = 3, 600, 520, 200
 
 
