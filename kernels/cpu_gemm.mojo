@@ -5,7 +5,9 @@
 # through the caches once per block instead of once per output tile):
 # - jobs are (expert, block of MC rows, block of NC columns), spread over the
 #   worker threads, so prefill (many rows per expert) and decode (a few rows,
-#   wide columns) both keep every core busy;
+#   wide columns) both keep every core busy; when there are few (expert, row
+#   block) pairs (one expert with a few dozen rows), the column blocks narrow
+#   so that the jobs spread evenly over the workers;
 # - inside a job, K is cut into KC-deep slices. For each slice the job packs
 #   the weight block (KC x NC) into NR-wide float32 column panels in the
 #   order the micro-kernel reads them. Packing turns the weight reads into
@@ -353,6 +355,24 @@ def expert_matmul_cpu[
         job_panels = max(1, min(job_panels, ceildiv(ceildiv(n_out, cols_per_panel), jobs_per_expert)))
         comptime if not prepacked:
             kc_step = DECODE_BLOCK // job_panels
+    else:
+        # Few jobs, e.g. one expert with a few dozen rows (the offloading engine's host
+        # expert, issue 23): NC_PANELS-wide jobs would leave workers idle (one expert of 32
+        # rows ran on 3 of 16 threads for w1 and 4 for w2) or give some workers two while
+        # others have one (3 jobs on 2 threads). So take the job width with the shortest
+        # critical path, width * rounds of jobs over the workers (the widest among equals).
+        var row_blocks = 0
+        for e in range(experts):
+            row_blocks += ceildiv(Int(off_ptr.unsafe_load(e + 1)) - Int(off_ptr.unsafe_load(e)), MC)
+        var threads = parallelism_level(None)
+        var all_panels = ceildiv(n_out, cols_per_panel)
+        if row_blocks * ceildiv(all_panels, NC_PANELS) < 2 * threads:
+            var best = Int.MAX
+            for width in range(NC_PANELS, 0, -1):
+                var span = min(width, all_panels) * ceildiv(row_blocks * ceildiv(all_panels, width), threads)
+                if span < best:
+                    best = span
+                    job_panels = width
     var nc = job_panels * cols_per_panel  # output columns per job
     var col_jobs = ceildiv(n_out, nc)
     var job_start = List[Int](length=experts + 1, fill=0)

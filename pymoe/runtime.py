@@ -114,11 +114,49 @@ def device_ref(device: str):
 # ------------------------------------------------------------------ buffers
 
 
+# torch runs an element-wise op (a copy, a conversion, an add) of more than TORCH_GRAIN_SIZE
+# elements (at::internal::GRAIN_SIZE) on its OpenMP thread pool, whose threads then spin for
+# milliseconds after the op (libgomp's default wait policy) on the cores that MAX's worker
+# threads need for the layer's kernels. A CPU layer's bf16 call converts its input and output
+# (more than 32768 elements from 17 rows of d_model 2048): that made one expert's call 3-20x
+# slower past that row count (issue 23: 1.1 ms at 16 rows, 20 ms at 32 on a 16-core host).
+# `serially` runs such ops on the calling thread instead, in chunks of at most
+# TORCH_GRAIN_SIZE elements, which torch does not hand to its pool.
+TORCH_GRAIN_SIZE = 32768
+# Above this many elements `serially` lets torch use its pool: the op itself is then long
+# enough (and a layer call on such a batch far longer) that the pool's spin costs little.
+HOST_SERIAL_MAX_ELEMENTS = 2**20
+
+
+def serially(op, *tensors):
+    """op(*tensors), an element-wise in-place torch op on CPU tensors of one shape
+    (torch.Tensor.copy_, .add_, .zero_), run on the calling thread (see TORCH_GRAIN_SIZE);
+    tensors that are not all contiguous, or larger than HOST_SERIAL_MAX_ELEMENTS, get
+    op(*tensors) as it is. Returns tensors[0]."""
+    first = tensors[0]
+    if first.numel() <= HOST_SERIAL_MAX_ELEMENTS and all(
+            t.is_contiguous() and t.shape == first.shape for t in tensors):
+        flat = [t.view(-1) for t in tensors]
+        for i in range(0, first.numel(), TORCH_GRAIN_SIZE):
+            op(*(t[i: i + TORCH_GRAIN_SIZE] for t in flat))
+    else:
+        op(*tensors)
+    return first
+
+
+def host_copy(src, dtype):
+    """A new contiguous, pageable CPU tensor of torch dtype `dtype` holding `src` (a CPU
+    tensor), converted as torch converts, on the calling thread (`serially`)."""
+    import torch
+
+    return serially(torch.Tensor.copy_, torch.empty(src.shape, dtype=dtype), src)
+
+
 def to_device_buffer(array, dtype: str, device):
     """A NumPy array or torch tensor as a MAX Buffer of `dtype` on `device` (a driver device).
 
     A contiguous CUDA tensor of the right dtype is shared, not copied, when
-    `device` is the GPU."""
+    `device` is the GPU. Host conversions go through host_copy."""
     import torch
     from max.driver import Buffer
 
@@ -127,31 +165,35 @@ def to_device_buffer(array, dtype: str, device):
         tensor = array.detach()
         if tensor.is_cuda and not device.is_host and tensor.dtype == dtype_t and tensor.is_contiguous():
             return Buffer.from_dlpack(tensor)
+        tensor = tensor.to(device="cpu")
     else:
         tensor = torch.from_numpy(np.ascontiguousarray(array))
-    tensor = tensor.to(device="cpu", dtype=dtype_t).contiguous()
-    if tensor.is_pinned():  # DLPack names pinned memory a CUDA-host device, which MAX refuses
-        tensor = torch.empty(tensor.shape, dtype=tensor.dtype).copy_(tensor)
+    # A pinned tensor is copied too: DLPack names pinned memory a CUDA-host device, which MAX refuses.
+    if tensor.dtype != dtype_t or not tensor.is_contiguous() or tensor.is_pinned():
+        tensor = host_copy(tensor, dtype_t)
     return Buffer.from_dlpack(tensor).to(device)
 
 
 def to_numpy_f32(buffer) -> np.ndarray:
-    """A MAX Buffer (any float dtype) as a float32 NumPy array."""
+    """A MAX Buffer (any float dtype) as a float32 NumPy array (converted with host_copy)."""
     import torch
 
     tensor = torch.from_dlpack(buffer.to(driver_device("cpu")))
-    return tensor.to(torch.float32).numpy()
+    return (tensor if tensor.dtype == torch.float32 else host_copy(tensor, torch.float32)).numpy()
 
 
 def wrap_output(out, like):
     """The output Buffer `out` in the kind of the input `like`: a torch tensor on the
-    input's device and dtype (shared, not copied, when both are on the GPU), or a float32
-    NumPy array for a NumPy input."""
+    input's device and dtype (shared, not copied, when both are on the GPU, or both on the
+    host with the same dtype), or a float32 NumPy array for a NumPy input."""
     import torch
 
     if isinstance(like, torch.Tensor):
         if like.is_cuda and not out.device.is_host:
             return torch.from_dlpack(out).to(like.dtype)
+        if not like.is_cuda:
+            tensor = torch.from_dlpack(out.to(driver_device("cpu")))
+            return tensor if tensor.dtype == like.dtype else host_copy(tensor, like.dtype)
         return torch.from_numpy(to_numpy_f32(out)).to(device=like.device, dtype=like.dtype)
     return to_numpy_f32(out)
 

@@ -83,6 +83,32 @@ def test_layer_accepts_torch_and_returns_torch(layers, rng):
     assert rel_err(out.numpy(), R.moe_layer(x, weights, config).out) < FP32_TOL
 
 
+def test_host_conversions_run_serially_in_chunks():
+    """The layer's host copies and conversions (runtime.serially, host_copy) give torch's
+    results, in chunks small enough that torch does not wake its thread pool."""
+    from pymoe.runtime import TORCH_GRAIN_SIZE, host_copy, serially
+
+    for n in (1, TORCH_GRAIN_SIZE, TORCH_GRAIN_SIZE + 1, 3 * TORCH_GRAIN_SIZE + 5):
+        x = torch.randn(n) * 100
+        x[::97] = float("nan")
+        x[1::97] = float("inf")
+        y = host_copy(x.view(1, n), torch.bfloat16)
+        assert y.shape == (1, n) and y.is_contiguous()
+        assert torch.equal(y.view(torch.int16), x.to(torch.bfloat16).view(1, n).view(torch.int16))
+        chunks = []
+
+        def add(a, b, chunks=chunks):
+            chunks.append(a.numel())
+            a.add_(b)
+
+        total = serially(torch.Tensor.zero_, torch.ones(n))
+        serially(add, total, y.view(n))
+        assert max(chunks) <= TORCH_GRAIN_SIZE and sum(chunks) == n
+        torch.testing.assert_close(total, y.view(n).float(), rtol=0, atol=0, equal_nan=True)
+    strided = torch.randn(64, 1024).T  # not contiguous: one op, as torch does it
+    assert torch.equal(host_copy(strided, torch.bfloat16), strided.to(torch.bfloat16))
+
+
 @pytest.mark.parametrize("name", BF16_CONFIGS)
 def test_layer_bfloat16(rng, name):
     config = CONFIGS[name]

@@ -237,8 +237,11 @@ def test_expert_matmul_matches_reference(matmul_model, rng, sizes):
 # next block while computing the current one (kernels/cpu_decode.mojo);
 # N = 1030 leaves a job whose width is not a whole number of panels (packed
 # without the pipeline). The same products with pre-packed weights: several
-# K slices per panel, read panel by panel.
-DEC_E, DEC_K, DEC_F = 3, 600, 520
+# K slices per panel, read panel by panel. The narrow weights (DEC_NARROW
+# columns, 7 panels with a ragged one) with one expert of more than
+# DECODE_ROWS rows take the prefill schedule with few jobs, whose column
+# blocks narrow to spread them over the workers (already with 2 threads).
+DEC_E, DEC_K, DEC_F, DEC_NARROW = 3, 600, 520, 200
 
 
 DECODE_MATMUL = op_graph(
@@ -249,11 +252,12 @@ DECODE_MATMUL = op_graph(
         TensorType(I32, [DEC_E + 1], REF),
         TensorType(F32, [DEC_E, DEC_K, 2 * DEC_F], REF),
         TensorType(F32, [DEC_E, DEC_K, 1030], REF),
+        TensorType(F32, [DEC_E, DEC_K, DEC_NARROW], REF),
     ],
-    lambda x, rows, offsets, w, w_odd: [
+    lambda x, rows, offsets, w, w_odd, w_narrow: [
         _matmul(x, rows, offsets, weights, act, True, packed)
         for packed in (False, True)
-        for weights, act in ((w, "relu"), (w_odd, "none"), (w, "swiglu"))
+        for weights, act in ((w, "relu"), (w_odd, "none"), (w, "swiglu"), (w_narrow, "relu"), (w_narrow, "swiglu"))
     ],
 )
 
@@ -263,14 +267,16 @@ def decode_matmul_model():
     return compiled(DECODE_MATMUL)
 
 
-@pytest.mark.parametrize("sizes", [[5, 12, 1], [20, 13, 7], [25, 3, 0], [1, 0, 0]])
+@pytest.mark.parametrize("sizes", [[5, 12, 1], [20, 13, 7], [25, 3, 0], [1, 0, 0], [0, 30, 0]])
 def test_expert_matmul_decode_shapes_match_reference(decode_matmul_model, rng, sizes):
     rows, offsets = _groups(rng, sizes, total_rows=40)
     x = rng.standard_normal((40, DEC_K), dtype=np.float32)
     w = rng.standard_normal((DEC_E, DEC_K, 2 * DEC_F), dtype=np.float32)
     w_odd = rng.standard_normal((DEC_E, DEC_K, 1030), dtype=np.float32)
-    outs = run(decode_matmul_model, x, rows, offsets, w, w_odd)
-    for out, weights, act in zip(outs, 2 * (w, w_odd, w), 2 * ("relu", "none", "swiglu")):
+    w_narrow = rng.standard_normal((DEC_E, DEC_K, DEC_NARROW), dtype=np.float32)
+    outs = run(decode_matmul_model, x, rows, offsets, w, w_odd, w_narrow)
+    cases = 2 * ((w, "relu"), (w_odd, "none"), (w, "swiglu"), (w_narrow, "relu"), (w_narrow, "swiglu"))
+    for out, (weights, act) in zip(outs, cases, strict=True):
         ref = R.moe_expert_matmul(x, rows, offsets, weights, act, True)
         assert rel_err(out, ref) < FP32_TOL, (act, sizes)
 

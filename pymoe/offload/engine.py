@@ -62,6 +62,7 @@ import torch
 
 from ..baselines import expert_ffn
 from ..dtypes import torch_dtype
+from ..runtime import serially
 from .calibration import Calibration, host_expert_layer
 from .models import OffloadModel
 from .simulator import RunResult, simulate
@@ -431,7 +432,7 @@ class Executor:
                 to_host = torch.cuda.Event()
                 to_host.record(self.rows_stream)
         else:
-            self.rows_host[:rows].copy_(self.x[:rows])
+            serially(torch.Tensor.copy_, self.rows_host[:rows], self.x[:rows])
         return self.worker.submit(self._host_work, rows, on_host, fail, to_host)
 
     def _host_work(self, rows: int, on_host: list[tuple[int, int]], fail: set[int], to_host):
@@ -441,21 +442,22 @@ class Executor:
         if to_host is not None:
             to_host.synchronize()  # this thread waits, the issuing thread goes on
         started = time.perf_counter()
-        total = self.host_sum[:rows]
-        total.zero_()
+        # The sum and copies run serially: torch's thread pool would spin on the cores that
+        # the next expert's MAX call needs (see pymoe.runtime.TORCH_GRAIN_SIZE).
+        total = serially(torch.Tensor.zero_, self.host_sum[:rows])
         failed = []
         layers = self.experts.layers
         for key, n in on_host:
             try:
                 if key in fail:
                     raise RuntimeError(f"injected host worker failure (expert {key})")
-                total[:n] += layers[key % len(layers)].forward_unchecked(self.rows_host[:n])
+                serially(torch.Tensor.add_, total[:n], layers[key % len(layers)].forward_unchecked(self.rows_host[:n]))
             except Exception as err:  # noqa: BLE001 - whatever broke, the GPU computes this expert instead
                 failed.append((key, n, f"{type(err).__name__}: {err}"))
         self.host_compute_s += time.perf_counter() - started
         if len(failed) == len(on_host):
             return None, failed
-        self.host_out[:rows].copy_(total)
+        serially(torch.Tensor.copy_, self.host_out[:rows], total)
         if not self.cuda:
             return True, failed
         with torch.cuda.device(self.device), torch.cuda.stream(self.rows_stream):
