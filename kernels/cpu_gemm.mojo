@@ -337,10 +337,13 @@ def expert_matmul_cpu[
     # (longer runs of each weight row) but still at least two per worker.
     var max_rows = 0
     var busy_experts = 0
+    var row_blocks = 0  # (expert, MC rows) pairs
     for e in range(experts):
         var rows_e = Int(off_ptr.unsafe_load(e + 1)) - Int(off_ptr.unsafe_load(e))
         max_rows = max(max_rows, rows_e)
         busy_experts += 1 if rows_e > 0 else 0
+        row_blocks += ceildiv(rows_e, MC)
+    var threads = parallelism_level(None)
     if max_rows == 0:
         return
     var decode = max_rows <= DECODE_ROWS
@@ -351,7 +354,7 @@ def expert_matmul_cpu[
         var wide = not prepacked and max_rows <= DECODE_WIDE_ROWS
         job_panels = DECODE_PANELS_WIDE if wide else NC_PANELS
         # At least two jobs per worker.
-        var jobs_per_expert = ceildiv(2 * parallelism_level(None), busy_experts)
+        var jobs_per_expert = ceildiv(2 * threads, busy_experts)
         job_panels = max(1, min(job_panels, ceildiv(ceildiv(n_out, cols_per_panel), jobs_per_expert)))
         comptime if not prepacked:
             kc_step = DECODE_BLOCK // job_panels
@@ -361,10 +364,6 @@ def expert_matmul_cpu[
         # rows ran on 3 of 16 threads for w1 and 4 for w2) or give some workers two while
         # others have one (3 jobs on 2 threads). So take the job width with the shortest
         # critical path, width * rounds of jobs over the workers (the widest among equals).
-        var row_blocks = 0
-        for e in range(experts):
-            row_blocks += ceildiv(Int(off_ptr.unsafe_load(e + 1)) - Int(off_ptr.unsafe_load(e)), MC)
-        var threads = parallelism_level(None)
         var all_panels = ceildiv(n_out, cols_per_panel)
         if row_blocks * ceildiv(all_panels, NC_PANELS) < 2 * threads:
             var best = Int.MAX
@@ -381,7 +380,7 @@ def expert_matmul_cpu[
         job_start[e + 1] = job_start[e] + ceildiv(rows_e, MC) * col_jobs
     var total_jobs = job_start[experts]
     var job_start_ptr = job_start.unsafe_ptr()
-    var workers = max(1, min(parallelism_level(None), total_jobs))
+    var workers = max(1, min(threads, total_jobs))
     # Pre-packed: full panels, then the ragged one (rem output columns).
     var full_panels = n_out // cols_per_panel
     var rem = n_out - full_panels * cols_per_panel
