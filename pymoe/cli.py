@@ -244,13 +244,14 @@ def trace_info(path) -> None:
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Default: results/offload/calibration-<device>.json")
 @click.option("--host-compute/--no-host-compute", default=True, show_default=True,
-              help="Also time one expert on this host's CPU with pymoe's CPU layer for 1-64 rows (the "
-                   "hybrid policies' cost model; compiles one MAX graph per expert shape).")
+              help="Also time this host's CPU computing 1-8 experts of 1-64 rows each in one call of pymoe's "
+                   "CPU kernels (the hybrid policies' cost model; compiles one MAX graph per expert shape).")
 def calibrate(models, reps, out_path, host_compute) -> None:
     """Measure host->GPU transfer time and expert compute time for the simulator's cost model
     (on a machine without a GPU: host memory copies and CPU compute, labelled so), and the
-    host CPU's time per expert with pymoe's CPU layer."""
-    from .offload.calibration import HOST_ROWS
+    host CPU's time for a layer's experts with pymoe's CPU kernels (a call's fixed cost and each
+    expert's)."""
+    from .offload.calibration import HOST_ROWS, describe_host_compute
     from .offload.calibration import calibrate as run_calibration
     from .offload.models import get_model
 
@@ -270,8 +271,7 @@ def calibrate(models, reps, out_path, host_compute) -> None:
         click.echo(f"{memory}: {t['gbps']:.1f} GB/s, {t['latency_ms'] * 1e3:.1f} us per queued copy, "
                    f"{t['start_latency_ms'] * 1e3:.1f} us more on an idle copy stream ({t['what']})")
     for key, curve in data.get("host_compute", {}).items():
-        click.echo(f"host compute {key} ({curve['dtype']}): " + ", ".join(
-            f"{n} rows {ms:.3f} ms" for n, ms in zip(curve["rows"], curve["median_ms"])))
+        click.echo(f"host compute {key} ({curve['dtype']}): {describe_host_compute(curve)}")
     click.echo(f"wrote {out_path}")
 
 

@@ -382,6 +382,53 @@ def compile_moe_graph(config: MoEConfig, device: str, dtype: str, pooled: bool,
     return session_and_device_ref(device)[0].load(spec.build("pymoe_moe_layer", None))
 
 
+def expert_group_graph_spec(config: MoEConfig, dtype: str) -> GraphSpec:
+    """The CPU graph of pymoe.offload.host.HostExpertGroup: experts of `config`'s shape
+    (packed, as the CPU layer's) computed on rows the caller routed, in one call:
+    pymoe.ops.moe_ffn without the gate and the dispatch, whose outputs are graph inputs.
+
+    Inputs: x [tokens, d_model], row_ids [slots] (x's rows grouped by expert), expert_offsets
+    [E+1], combine weights [tokens, k] float32, expert ids [tokens, k] int32, slot_to_row
+    [tokens*k] (-1: no slot), packed w1 [E, d_model, w1 columns] and w2 [E, d_ff, d_model],
+    the two pool buffers. Output: the combined [tokens, d_model]. The expert count E and `k`
+    are symbolic: one graph serves groups of any size, and a call may route a row to any
+    number of experts (config.num_experts and top_k are not used)."""
+    key = ("expert-group", config.d_model, config.d_ff, config.activation, config.swiglu_alpha,
+           config.swiglu_limit, dtype)
+    return GraphSpec(key, "cpu", partial(_build_expert_group_graph, config, dtype))
+
+
+def _build_expert_group_graph(config, dtype, name, module):
+    from max.dtype import DType
+    from max.graph import BufferType, Graph, TensorType
+
+    from . import ops as mops
+
+    ref = device_ref("cpu")
+    dt = max_dtype(dtype)
+    d, e, f, n = config.d_model, "experts", config.d_ff, config.expert_n
+    input_types = [
+        TensorType(dt, ["tokens", d], ref),
+        TensorType(DType.int32, ["slots"], ref),
+        TensorType(DType.int32, ["experts_and_one"], ref),
+        TensorType(DType.float32, ["tokens", "k"], ref),
+        TensorType(DType.int32, ["tokens", "k"], ref),
+        TensorType(DType.int32, ["token_slots"], ref),
+        TensorType(dt, [e, d, n], ref),
+        TensorType(dt, [e, f, d], ref),
+        BufferType(dt, ["pool_rows", n], ref),
+        BufferType(dt, ["pool_rows", d], ref),
+    ]
+    with Graph(name, input_types=input_types, custom_extensions=[mops.KERNELS_DIR], module=module) as g:
+        x, row_ids, offsets, weights, ids, slot_to_row, w1, w2 = (v.tensor for v in g.inputs[:8])
+        gate = mops.GateOutput(weights, ids, None, None, None)
+        dispatch = mops.DispatchOutput(row_ids, offsets, slot_to_row)
+        g.output(mops.moe_ffn(x, gate, dispatch, w1, w2, tuple(v.buffer for v in g.inputs[8:]),
+                              activation=config.activation, packed=True,
+                              swiglu_alpha=float(config.swiglu_alpha), swiglu_limit=float(config.swiglu_limit)))
+    return g
+
+
 def pack_graph_spec(dtype: str, swiglu: bool) -> GraphSpec:
     """The CPU graph of pymoe.ops.pack_expert_weights: expert weights [E, K, N] in, packed out."""
     return GraphSpec(("pack", dtype, swiglu), "cpu", partial(_build_pack_graph, dtype, swiglu))

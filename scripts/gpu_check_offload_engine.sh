@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from pymoe.offload.calibration import calibrate
+from pymoe.offload.calibration import calibrate, describe_host_compute
 from pymoe.offload.models import get_model
 
 start = time.perf_counter()
@@ -82,7 +82,7 @@ data, cal_path = calibrate([get_model(m) for m in names], reps=reps, out_dir=out
                                    f"(in-process, scripts/gpu_check_offload_engine.sh)", progress=say)
 say(f"wrote {cal_path}")
 for key, curve in data["host_compute"].items():
-    say(f"host compute {key}: " + ", ".join(f"{n} rows {ms:.3f} ms" for n, ms in zip(curve["rows"], curve["median_ms"])))
+    say(f"host compute {key}: {describe_host_compute(curve)}")
 for key, curve in data["compute"].items():
     say(f"GPU compute {key}: " + ", ".join(f"{n} tok {ms:.4f} ms" for n, ms in zip(curve["tokens"], curve["median_ms"])))
 t = data["transfer"]["pinned"]

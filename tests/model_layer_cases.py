@@ -74,10 +74,12 @@ def graphs_of_other_files() -> dict[str, list]:
     them in a GRAPHS of their own, by "module::test": conftest compiles these with the suite's
     other graphs when the test is collected. A layer missing here still works; it only costs
     a compilation of its own."""
-    from graphs import layer_graphs
+    # pymoe.offload.host.HostExpertGroup (the engine's host worker, and what
+    # calibration.measure_host_compute times) on test_offload_hybrid's "tiny-host" shape.
+    from test_offload_hybrid import HOST_SHAPE, HOST_TESTS
 
-    # pymoe.offload.calibration.measure_host_compute: one expert of test_offload_hybrid's
-    # "tiny-host" shape (d_model 64, d_ff 128, relu) as a top-1 layer of one expert.
-    host = MoEConfig(d_model=64, d_ff=128, num_experts=1, top_k=1, activation="relu")
-    return {"test_offload_hybrid::test_calibrate_measures_host_compute_with_pymoes_cpu_layer": layer_graphs([host])}
+    from pymoe.offload.host import group_graph_specs
+
+    host = group_graph_specs(HOST_SHAPE)
+    return {f"test_offload_hybrid::{name}": host for name in HOST_TESTS}
 

@@ -26,6 +26,14 @@ RESOURCES = ("copy", "gpu", "host", "to-host", "from-host")
 # The one expert shape whose CPU layer (MAX) the tests here compile; float32, SwiGLU (the
 # [gate | up] layout of w1 must be the same in the engine's GPU and host experts).
 HOST_SHAPE = OffloadModel("tiny-host", 6, 3, 2, d_model=64, d_ff=128, activation="swiglu")
+# The tests that compute HOST_SHAPE's experts with pymoe's CPU kernels (host.HostExpertGroup):
+# conftest compiles its graph with the suite's when one of them is collected.
+HOST_TESTS = ("test_calibrate_measures_host_compute_with_pymoes_cpu_kernels",
+              "test_host_expert_group_equals_the_reference", "test_host_expert_group_bad_input",
+              "test_engine_host_experts_equal_the_all_resident_model",
+              "test_the_output_check_catches_a_host_expert_with_the_wrong_weights",
+              "test_host_worker_failures_fall_back_to_a_transfer",
+              "test_the_worker_computes_host_experts_while_the_device_computes_the_resident_ones")
 
 
 def with_host(cal: Calibration, model: OffloadModel, rows=(1, 1000), ms=(0.2, 0.2)) -> Calibration:
@@ -210,24 +218,101 @@ def test_cli_simulates_hybrid_policies_and_explains_a_missing_host_calibration(t
     assert r.exit_code != 0 and "miss policy" in r.output
 
 
-def test_calibrate_measures_host_compute_with_pymoes_cpu_layer(tmp_path):
-    """Compiles pymoe's CPU layer once for a tiny expert shape (MAX)."""
+def test_calibrate_measures_host_compute_with_pymoes_cpu_kernels(tmp_path):
+    """Times HostExpertGroup calls of 1-8 experts (MAX) and fits a call's fixed cost and
+    each expert's."""
     from pymoe.offload.calibration import calibrate, write_calibration
 
     model = HOST_SHAPE
     path = tmp_path / "cal.json"
-    data, written = calibrate([model], reps=2, host_rows=(1, 4), out_path=path, command="test")
+    data, written = calibrate([model], reps=2, host_rows=(1, 4), host_gap_ms=0.5, out_path=path, command="test")
     assert written == path
     curve = data["host_compute"][model.shape_key()]
-    assert curve["rows"] == [1, 4] and len(curve["raw_ms"]) == 2 and all(len(r) == 2 for r in curve["raw_ms"])
-    assert curve["dtype"] == "float32" and "pymoe.MoELayer on cpu" in curve["what"]
+    assert curve["rows"] == [1, 4] and curve["experts"] == [1, 2, 4, 8] and curve["gap_ms"] == 0.5
+    assert [len(r) for r in curve["median_ms"]] == [2] * 4
+    assert all(len(r) == 2 for row in curve["raw_ms"] for r in row)
+    assert curve["dtype"] == "float32" and "HostExpertGroup" in curve["what"]
+    assert curve["call_ms"] >= 0 and len(curve["expert_ms"]) == 2 and min(curve["expert_ms"]) >= 0
     cal = load_calibration(path)
-    assert cal.host_compute_curve(model)(4) == pytest.approx(curve["median_ms"][1])
+    assert cal.host_compute_curve(model)(4) == pytest.approx(curve["expert_ms"][1])
+    assert cal.host_call_ms(model) == pytest.approx(curve["call_ms"])
     assert cal.data["command"] == "test" and "machine" in cal.data
     # Re-measuring without host compute keeps the host curve already in the file.
     again = {k: v for k, v in data.items() if k != "host_compute"}
     write_calibration(again, path)
     assert load_calibration(path).data["host_compute"] == json.loads(json.dumps(data["host_compute"]))
+
+
+def test_the_host_call_fit_and_old_calibration_files():
+    """fit_host_calls recovers call + m * per-expert; a file from before grouped host calls
+    (one expert per call, no "experts") still loads, with a call cost of 0."""
+    from pymoe.offload.calibration import fit_host_calls
+
+    rows, experts = [1, 4], [1, 2, 4, 8]
+    fit = fit_host_calls(experts, rows, [[0.3 + m * 0.1, 0.3 + m * 0.25] for m in experts])
+    assert fit["call_ms"] == pytest.approx(0.3) and fit["expert_ms"] == pytest.approx([0.1, 0.25])
+    # Noise can make a slope negative: no expert costs less than nothing.
+    assert fit_host_calls([1, 2], [1], [[0.5], [0.4]])["expert_ms"] == [0.0]
+    old = with_host(calibration_for(TINY), TINY, rows=(1, 8), ms=(0.4, 0.9))
+    assert old.host_call_ms(TINY) == 0.0 and old.host_compute_curve(TINY)(8) == pytest.approx(0.9)
+
+
+def test_the_simulator_charges_a_host_call_once_per_layer():
+    """With a host call's fixed cost, cpu-on-miss's host time is (calls x call_ms) + the
+    experts' own: one call per layer that has host experts, not one per expert."""
+    model, trace, _, _ = host_engine_setup(batch=2, requests=4)
+    cal = calibration_for(model)
+    data = {**cal.data, "host_compute": {model.shape_key(): {
+        "rows": [1, 100], "experts": [1, 2], "median_ms": [[1.1, 2.0], [1.2, 3.0]], "call_ms": 1.0,
+        "expert_ms": [0.1, 0.1], "gap_ms": 1.0}}}
+    timeline = []
+    r = run("cpu-on-miss", Calibration(data), model=model, trace=trace, capacity=4, batch_size=2, requests=4,
+            timeline=timeline)
+    host_layers = sum(1 for event in timeline if event[0] == "to-host")
+    assert r.host_served > host_layers > 0
+    assert r.host_ms == pytest.approx(host_layers * 1.0 + r.host_served * 0.1)
+
+
+def test_host_expert_group_equals_the_reference():
+    """Any subset of a group's experts, on any rows (an expert listed twice is computed
+    twice), equals the float64 sum of the reference expert FFNs, in one call."""
+    from pymoe.offload.host import HostExpertGroup
+    from pymoe.reference import expert_activation
+
+    g = torch.Generator().manual_seed(11)
+    weights = [(torch.randn(64, 256, generator=g) / 8, torch.randn(128, 64, generator=g) / 11) for _ in range(5)]
+    group = HostExpertGroup(HOST_SHAPE, weights)
+    x = torch.randn(7, 64, generator=g)
+    for experts in ([(3, 2), (1, 7), (3, 5), (0, 1)], [(4, 1)], [(i, 7) for i in range(5)], [(2, 3), (2, 3)]):
+        y = group(x, experts)
+        ref = np.zeros((max(n for _, n in experts), 64))
+        for i, n in experts:
+            w_in, w_out = (w.double().numpy() for w in weights[i])
+            ref[:n] += expert_activation(x[:n].double().numpy() @ w_in, "swiglu") @ w_out
+        assert y.shape == ref.shape and y.dtype == torch.float32
+        assert np.linalg.norm(y.numpy() - ref) <= 1e-5 * np.linalg.norm(ref)
+
+
+def test_host_expert_group_bad_input():
+    from pymoe.offload.host import HostExpertError, HostExpertGroup
+
+    with pytest.raises(HostExpertError, match="at least one expert"):
+        HostExpertGroup(HOST_SHAPE, [])
+    g = torch.Generator().manual_seed(0)
+    group = HostExpertGroup(HOST_SHAPE, [(torch.randn(64, 256, generator=g), torch.randn(128, 64, generator=g))])
+    x = torch.randn(3, 64)
+    with pytest.raises(HostExpertError, match="expert index 1 is not in"):
+        group(x, [(1, 2)])
+    with pytest.raises(HostExpertError, match="given 4 rows; x has 3"):
+        group(x, [(0, 4)])
+    with pytest.raises(HostExpertError, match="given 0 rows"):
+        group(x, [(0, 0)])
+    with pytest.raises(HostExpertError, match="no experts"):
+        group(x, [])
+    with pytest.raises(HostExpertError, match="CPU torch tensor"):
+        group(torch.randn(3, 65), [(0, 1)])
+    with pytest.raises(ValueError, match="w1"):
+        HostExpertGroup(HOST_SHAPE, [(torch.randn(64, 128), torch.randn(128, 64))])
 
 
 # -- the engine's host worker -------------------------------------------------
@@ -286,13 +371,15 @@ def test_engine_host_experts_equal_the_all_resident_model(name, device):
 
 
 def test_the_output_check_catches_a_host_expert_with_the_wrong_weights():
-    """The host path's output is what the layer combines: a host layer holding another
-    expert's weights makes the check fail (the check can fail)."""
+    """The host path's output is what the layer combines: a host group holding the experts'
+    weights in another order makes the check fail (the check can fail)."""
     from pymoe.offload.engine import EngineError, Executor, HostExperts, Plan, check_outputs, reference_outputs
+    from pymoe.offload.host import HostExpertGroup
 
     model, trace, cal, steps = host_engine_setup()
-    experts = HostExperts(model, model.total_experts, pinned=False, cpu_layers=True)
-    experts.layers = experts.layers[1:] + experts.layers[:1]  # every key computes its neighbour
+    experts = HostExperts(model, model.total_experts, pinned=False)
+    count = len(experts.packed)
+    experts.group = HostExpertGroup(model, [experts.weights((i + 1) % count) for i in range(count)])  # neighbours
     executor = Executor(model, 5, device="cpu", check=True, max_tokens=2, host_experts=True, experts=experts)
     plan = Plan()
     r = simulate(trace, model, make_strategy("cpu-on-miss"), cal, capacity=5, batch_size=2, requests=4, seed=1,
@@ -318,17 +405,19 @@ def test_host_worker_failures_fall_back_to_a_transfer(device):
     assert all("injected host worker failure" in e for e in executor.host_errors)
     check_outputs(executor.outputs, expected, "float32")
 
-    # A real exception in the worker: every expert that maps to the broken layer falls back.
-    experts = HostExperts(HOST_SHAPE, HOST_SHAPE.total_experts, pinned=device == "cuda", cpu_layers=True)
+    # A real exception in the worker: every host expert of a layer whose call raises falls back.
+    experts = HostExperts(HOST_SHAPE, HOST_SHAPE.total_experts, pinned=device == "cuda", cpu_group=True)
+    forward, broken_keys, raised = experts.group.forward_unchecked, {0, 4, 9, 13}, []
 
-    def broken(x):
-        raise MemoryError("no host memory left")
+    def broken(x, on_host):
+        if broken_keys & {i for i, _ in on_host}:
+            raised.append(len(on_host))
+            raise MemoryError("no host memory left")
+        return forward(x, on_host)
 
-    broken_keys = {0, 4, 9, 13}
-    for key in broken_keys:
-        experts.layers[key].forward_unchecked = broken
+    experts.group.forward_unchecked = broken
     r, executor, expected = run_host_engine("cpu-on-miss", device, experts=experts)
-    assert executor.faults["host_fallbacks"] > 0
+    assert raised and executor.faults["host_fallbacks"] == sum(raised) < r.host_served
     assert all(e == "MemoryError: no host memory left" for e in executor.host_errors)
     check_outputs(executor.outputs, expected, "float32")
 
@@ -382,26 +471,28 @@ def test_serve_offloaded_checks_host_policies_before_needing_a_gpu(tmp_path):
 
 
 def test_the_worker_computes_host_experts_while_the_device_computes_the_resident_ones():
-    """Overlap: each host expert takes 20 ms on the worker, and the resident experts' FFNs,
-    issued by the main thread after the host work was handed over, run inside those 20 ms
-    (a host path run inline, before or after the device's experts, never overlaps them)."""
+    """Overlap: each layer's host call takes 20 ms on the worker, and the resident experts'
+    FFNs, issued by the main thread after the host work was handed over, run inside those
+    20 ms (a host path run inline, before or after the device's experts, never overlaps them)."""
     import threading
     import time
 
     from pymoe.offload.engine import Executor, HostExperts
 
     model, trace, cal, _ = host_engine_setup()
-    experts = HostExperts(model, model.total_experts, pinned=False, cpu_layers=True)
-    host_spans, gpu_times, main = [], [], threading.get_ident()
-    for layer in experts.layers:
-        def slow(x, forward=layer.forward_unchecked):
-            assert threading.get_ident() != main  # on the worker thread
-            begin = time.perf_counter()
-            time.sleep(0.02)
-            y = forward(x)
-            host_spans.append((begin, time.perf_counter()))
-            return y
-        layer.forward_unchecked = slow
+    experts = HostExperts(model, model.total_experts, pinned=False, cpu_group=True)
+    host_spans, host_experts, gpu_times, main = [], [], [], threading.get_ident()
+
+    def slow(x, on_host, forward=experts.group.forward_unchecked):
+        assert threading.get_ident() != main  # on the worker thread
+        begin = time.perf_counter()
+        time.sleep(0.02)
+        y = forward(x, on_host)
+        host_spans.append((begin, time.perf_counter()))
+        host_experts.append(len(on_host))
+        return y
+
+    experts.group.forward_unchecked = slow
 
     class Timed(Executor):
         def _ffn(self, x, key):
@@ -412,7 +503,7 @@ def test_the_worker_computes_host_experts_while_the_device_computes_the_resident
     r = simulate(trace, model, make_strategy("hybrid"), cal, capacity=5, batch_size=2, requests=4, seed=1,
                  executor=executor)
     executor.close()
-    assert r.host_served == len(host_spans) > 0 and gpu_times
+    assert r.host_served == sum(host_experts) and len(host_spans) > 0 and gpu_times
     inside = [t for t in gpu_times if any(begin < t < end for begin, end in host_spans)]
     assert len(inside) >= 3, (len(inside), len(gpu_times))
 

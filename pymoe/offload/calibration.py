@@ -29,6 +29,7 @@ import numpy as np
 from ..baselines import expert_ffn
 from ..dtypes import torch_dtype
 from ..results import ResultError, provenance, read_result, slug, write_json
+from .host import HostExpertGroup
 from .models import OffloadModel
 
 SCHEMA = "pymoe.calibration/2"
@@ -41,8 +42,11 @@ ROTATE_BYTES = 512 * 2**20
 DEFAULT_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # Rows one expert gets in a decode step, batch 1 to 64 (the simulator extrapolates beyond).
 HOST_ROWS = (1, 2, 4, 8, 16, 32, 64)
-# pymoe's CPU layer computes in these; other expert dtypes are timed in float32.
-HOST_DTYPES = ("float32", "bfloat16")
+# Experts computed in one host call (one layer's host experts), to fit the call's fixed cost.
+HOST_EXPERTS = (1, 2, 4, 8)
+# Idle time before each timed host call: the engine's worker waits for the next layer's rows
+# (about a decode layer's GPU time), and MAX's CPU worker pool pays to wake up after a gap.
+HOST_GAP_MS = 1.0
 MEMORY_KINDS = ("pinned", "pageable")
 
 
@@ -83,9 +87,7 @@ class Calibration:
                 f"it has {sorted(curves)}. Run `pymoe calibrate --model {model.name}` to add them.")
         return _curve(curves[key]["tokens"], curves[key]["median_ms"])
 
-    def host_compute_curve(self, model: OffloadModel):
-        """rows -> ms for one expert of this model's shape on the host CPU with pymoe's CPU
-        layer (see `_curve`); only the hybrid policies need it."""
+    def _host_entry(self, model: OffloadModel) -> dict:
         curves = self.data.get("host_compute", {})
         key = model.shape_key()
         if key not in curves:
@@ -94,7 +96,19 @@ class Calibration:
                 f"{model.name}), which the policies that compute experts on the host need; it has "
                 f"{sorted(curves) or 'none'}. Run `pymoe calibrate --model {model.name}` on the machine whose "
                 f"host runs them to add them.")
-        return _curve(curves[key]["rows"], curves[key]["median_ms"])
+        return curves[key]
+
+    def host_compute_curve(self, model: OffloadModel):
+        """rows -> ms that one more expert of this model's shape adds to a host call (pymoe's
+        CPU kernels; see `_curve`); only the hybrid policies need it. Files written before
+        host calls grouped a layer's experts (no "experts" timings) give one expert's whole
+        call, and `host_call_ms` 0."""
+        entry = self._host_entry(model)
+        return _curve(entry["rows"], entry["expert_ms"] if "experts" in entry else entry["median_ms"])
+
+    def host_call_ms(self, model: OffloadModel) -> float:
+        """The fixed cost of one host call (one layer's host experts), whatever it computes."""
+        return float(self._host_entry(model).get("call_ms", 0.0))
 
     def rows_transfer_ms(self, nbytes: int, memory: str = "pinned") -> float:
         """Hidden-state rows moved between host and GPU on a stream of their own (not behind
@@ -136,8 +150,12 @@ def load_calibration(path: str | Path) -> Calibration:
                                    f"and start_latency_ms >= 0")
     for section, counts in (("compute", "tokens"), ("host_compute", "rows")):
         for key, curve in data.get(section, {}).items():
-            t, ms = curve.get(counts, []), curve.get("median_ms", [])
-            if len(t) < 1 or len(t) != len(ms) or list(t) != sorted(t) or not all(np.isfinite(ms)) or min(ms) <= 0:
+            t = curve.get(counts, [])
+            # A grouped host entry's curve is its fit; its medians are [experts][rows].
+            ms = curve.get("expert_ms", []) if "experts" in curve else curve.get("median_ms", [])
+            positive = min(ms, default=0) >= 0 if "experts" in curve else min(ms, default=0) > 0
+            if (len(t) < 1 or len(t) != len(ms) or list(t) != sorted(t) or not all(np.isfinite(ms)) or not positive
+                    or not np.isfinite(curve.get("call_ms", 0.0)) or curve.get("call_ms", 0.0) < 0):
                 raise CalibrationError(f"calibration {path}: {section} curve {key} is malformed")
     return Calibration(data, str(path))
 
@@ -232,58 +250,84 @@ def rotating_expert_weights(torch, model: OffloadModel, device: str, dtype, at_l
              torch.randn(model.d_ff, model.d_model, device=device, dtype=dtype) * 0.02) for _ in range(count)]
 
 
-def host_dtype(model: OffloadModel) -> str:
-    """The dtype pymoe's CPU layer computes `model`'s experts in on the host."""
-    return model.dtype if model.dtype in HOST_DTYPES else "float32"
+def time_calls_after_gap(fn, reps: int, gap_ms: float) -> list[float]:
+    """reps samples of the time of one call on the host clock, each after `gap_ms` idle
+    (as the engine's host worker calls: after waiting for the next layer's rows)."""
+    for _ in range(2):
+        fn()
+    out = []
+    for _ in range(reps):
+        time.sleep(gap_ms / 1e3)
+        t = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t) * 1e3)
+    return out
 
 
-def host_expert_layer(model: OffloadModel, w_in=None, w_out=None, *, seed: int = 0):
-    """pymoe's CPU layer (`pymoe.MoELayer` on cpu) computing one expert of `model`'s shape:
-    a layer of one expert, top-1, so that its gate weight is exactly 1 and its output is the
-    expert's FFN, activation(x @ w_in) @ w_out. `w_in` [d_model, w1 columns] and `w_out`
-    [d_ff, d_model] (NumPy or torch; the layer packs its own copy); random if not given.
-    What `measure_host_compute` times and the offloading engine's host worker runs. The
-    first layer of a shape compiles its MAX graph (tens of seconds); later ones reuse it."""
-    from ..config import MoEConfig
-    from ..layer import MoELayer
-    from ..weights import MoEWeights
-
-    config = MoEConfig(d_model=model.d_model, d_ff=model.d_ff, num_experts=1, top_k=1,
-                       activation=model.activation)
-    if w_in is None or w_out is None:
-        weights = MoEWeights.random(config, seed=seed)
-    else:
-        weights = MoEWeights(np.zeros((model.d_model, 1), np.float32), w_in[None], w_out[None])
-    return MoELayer(config, weights, device="cpu", dtype=host_dtype(model))
+def fit_host_calls(experts, rows, median_ms) -> dict:
+    """The host model `call_ms + sum over experts of expert_ms(rows)`, fitted to the medians
+    [experts][rows] of calls of m experts of n rows each: per n, a least-squares line in m
+    (intercept a_n, slope b_n); call_ms = the median intercept, expert_ms[n] = b_n, both at
+    least 0 (a negative one is noise). Returns {"call_ms", "expert_ms", "intercepts_ms"}."""
+    m = np.asarray(experts, dtype=float)
+    t = np.asarray(median_ms, dtype=float)  # [len(experts), len(rows)]
+    if len(m) < 2:
+        return {"call_ms": 0.0, "expert_ms": t[0].tolist(), "intercepts_ms": [0.0] * len(rows)}
+    slopes, intercepts = np.polyfit(m, t, 1)
+    return {"call_ms": max(0.0, float(np.median(intercepts))), "expert_ms": np.maximum(slopes, 0.0).tolist(),
+            "intercepts_ms": intercepts.tolist()}
 
 
-def measure_host_compute(model: OffloadModel, *, rows=HOST_ROWS, reps: int = 20,
-                         rotate_bytes: int = ROTATE_BYTES, progress=None) -> dict:
-    """One expert of `model`'s shape on the host CPU with pymoe's CPU layer, per call, for
-    each count of rows (see the module's docstring): the `host_compute` curve of one shape."""
+def measure_host_compute(model: OffloadModel, *, rows=HOST_ROWS, experts=HOST_EXPERTS, reps: int = 20,
+                         gap_ms: float = HOST_GAP_MS, rotate_bytes: int = ROTATE_BYTES, progress=None) -> dict:
+    """Calls of `host.HostExpertGroup` (pymoe's CPU kernels, the engine's host worker's call)
+    computing m experts of `model`'s shape on n rows each, for every m in `experts` and n in
+    `rows`, each call after `gap_ms` idle, cycling through enough experts' weights to fill
+    `rotate_bytes` (a host computes a different expert each time; one expert re-read from the
+    CPU's caches would time the caches): the `host_compute` entry of one shape, with the fit
+    of `fit_host_calls`."""
+    import torch
+
     say = progress or (lambda msg: None)
-    dtype = host_dtype(model)
-    # Layers share one compiled graph (weights are graph inputs), so rotating costs memory only.
-    count = max(1, -(-rotate_bytes // model.expert_bytes))
-    say(f"host compute {model.name}: compiling pymoe's CPU layer, {count} experts' weights")
-    layers = [host_expert_layer(model, seed=i) for i in range(count)]
-    calls = itertools.cycle(layers)
-    curve = {"rows": list(rows), "median_ms": [], "raw_ms": [], "dtype": dtype, "threads": os.cpu_count(),
-             "compile_s": layers[0].compile_seconds,
-             "what": f"pymoe.MoELayer on cpu (one expert, top-1), per call, cycling through {count} experts' "
-                     f"weights (host clock)"}
-    rng = np.random.default_rng(0)
-    for n in rows:
-        say(f"host compute {model.name} expert, {n} rows")
-        x = rng.standard_normal((n, model.d_model), dtype=np.float32)
-        raw = time_calls(lambda x=x: next(calls).forward_unchecked(x), reps, lambda: None)
-        curve["median_ms"].append(float(np.median(raw)))
-        curve["raw_ms"].append(raw)
-    return curve
+    count = max(max(experts), -(-rotate_bytes // model.expert_bytes))
+    say(f"host compute {model.name}: compiling pymoe's CPU kernels, {count} experts' weights")
+    gen = torch.Generator().manual_seed(0)
+    weights = [(torch.randn(model.d_model, model.expert.w1_cols, generator=gen) * 0.02,
+                torch.randn(model.d_ff, model.d_model, generator=gen) * 0.02) for _ in range(count)]
+    group = HostExpertGroup(model, weights)
+    del weights
+    nxt = itertools.cycle(range(count))
+    entry = {"rows": list(rows), "experts": list(experts), "median_ms": [], "raw_ms": [],
+             "dtype": group.dtype, "threads": os.cpu_count(), "gap_ms": gap_ms,
+             "compile_s": group.compile_seconds,
+             "what": f"pymoe.offload.host.HostExpertGroup on cpu: one call computing m experts on n rows each, "
+                     f"after {gap_ms} ms idle, cycling through {count} experts' weights (host clock)"}
+    x = torch.randn(max(rows), model.d_model, generator=gen).to(torch_dtype(group.dtype))
+    for m in experts:
+        medians, raws = [], []
+        for n in rows:
+            say(f"host compute {model.name}: {m} experts x {n} rows")
+            raw = time_calls_after_gap(lambda m=m, n=n: group.forward_unchecked(x, [(next(nxt), n) for _ in range(m)]),
+                                       reps, gap_ms)
+            medians.append(float(np.median(raw)))
+            raws.append(raw)
+        entry["median_ms"].append(medians)
+        entry["raw_ms"].append(raws)
+    entry.update(fit_host_calls(experts, rows, entry["median_ms"]))
+    return entry
+
+
+def describe_host_compute(entry: dict) -> str:
+    """One line of a `host_compute` entry: the fixed cost of a call and each expert's cost by rows."""
+    if "experts" not in entry:  # an old file: one expert per call
+        return ", ".join(f"{n} rows {ms:.3f} ms" for n, ms in zip(entry["rows"], entry["median_ms"]))
+    return (f"{entry['call_ms']:.3f} ms per call + per expert " +
+            ", ".join(f"{n} rows {ms:.3f} ms" for n, ms in zip(entry["rows"], entry["expert_ms"])) +
+            f" (calls after {entry['gap_ms']} ms idle)")
 
 
 def measure_calibration(models: list[OffloadModel], *, tokens=DEFAULT_TOKENS, reps: int = 20,
-                        host_rows=None, progress=None) -> dict:
+                        host_rows=None, host_gap_ms: float = HOST_GAP_MS, progress=None) -> dict:
     """Measure transfers and expert compute on this machine (GPU if torch sees one), and
     host compute with pymoe's CPU layer for the `host_rows` counts (None: not measured)."""
     import torch
@@ -340,7 +384,7 @@ def measure_calibration(models: list[OffloadModel], *, tokens=DEFAULT_TOKENS, re
         data["compute"][model.shape_key()] = curve
     if host_rows is not None:
         data["host_compute"] = {model.shape_key(): measure_host_compute(model, rows=host_rows, reps=reps,
-                                                                        progress=progress)
+                                                                        gap_ms=host_gap_ms, progress=progress)
                                 for model in models}
     return data
 
@@ -362,12 +406,13 @@ def write_calibration(data: dict, path: str | Path, *, merge: bool = True) -> Pa
     return write_json(path, data)
 
 
-def calibrate(models: list[OffloadModel], *, reps: int = 20, host_rows=HOST_ROWS, out_path: str | Path | None = None,
-              out_dir: str | Path = "results", command: str = "", progress=None) -> tuple[dict, Path]:
+def calibrate(models: list[OffloadModel], *, reps: int = 20, host_rows=HOST_ROWS, host_gap_ms: float = HOST_GAP_MS,
+              out_path: str | Path | None = None, out_dir: str | Path = "results", command: str = "",
+              progress=None) -> tuple[dict, Path]:
     """`pymoe calibrate`: measure (see measure_calibration; host compute unless host_rows is
     None), add the provenance and write the calibration to out_path (default
     `<out_dir>/offload/calibration-<device>.json`, merged with the curves already there).
     Returns (data, path)."""
-    data = measure_calibration(models, reps=reps, host_rows=host_rows, progress=progress)
+    data = measure_calibration(models, reps=reps, host_rows=host_rows, host_gap_ms=host_gap_ms, progress=progress)
     data.update(provenance(command))
     return data, write_calibration(data, out_path or default_calibration_path(out_dir, data["device"]))

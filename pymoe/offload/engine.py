@@ -28,9 +28,9 @@ Host experts (the miss policies of strategies.py other than `transfer`): when th
 says a missed expert is computed on the host, the layer's hidden states go GPU->host on a
 rows stream of their own (pinned buffer, non_blocking, once the previous layer's combine
 event has passed: that is when they exist in a running model), and a host worker thread
-runs the layer's host experts one after another with pymoe's CPU layer (the one
-`pymoe calibrate` times, `calibration.host_expert_layer`) on the first rows of them, sums
-their outputs and copies the sum back host->GPU on the rows stream. Meanwhile the compute
+computes all of the layer's host experts in ONE call of pymoe's CPU kernels (a
+`host.HostExpertGroup` holding every distinct expert, the call `pymoe calibrate` times),
+each on its first rows, summed, and copies the sum back host->GPU on the rows stream. Meanwhile the compute
 stream runs the layer's resident experts: the worker waits for the rows' copy event, not
 the issuing thread, and MAX releases the GIL while it computes. The layer's combine (the
 compute stream's end event, from which its measured time is taken) waits for both. The
@@ -44,11 +44,11 @@ Faults: a prefetch whose copy fails (a RuntimeError from the copy, or one inject
 expert marked; when a layer needs it, it is loaded again on demand, like a miss, and counted
 (`faults["fallback_loads"]`). A slow prefetch needs no fallback: the layer that needs it
 waits for its copy event on the GPU, and a fresh demand load would queue behind it on the
-same copy stream anyway. A host expert that fails (any exception in the worker, or one
-injected with `host_failure_rate`) is copied into a spare GPU slot (outside the cache, so
-the simulator's cache contents stay as decided) and computed on the GPU before the layer's
-combine, and counted (`faults["host_fallbacks"]`); if the worker fails as a whole, every
-host expert of that layer falls back.
+same copy stream anyway. A host expert that fails (one injected with `host_failure_rate`,
+which leaves it out of the layer's host call, or every host expert of a layer whose host
+call raises) is copied into a spare GPU slot (outside the cache, so the simulator's cache
+contents stay as decided) and computed on the GPU before the layer's combine, and counted
+(`faults["host_fallbacks"]`).
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ import torch
 from ..baselines import expert_ffn
 from ..dtypes import torch_dtype
 from ..runtime import serially
-from .calibration import Calibration, host_expert_layer
+from .calibration import Calibration
+from .host import HostExpertGroup
 from .models import OffloadModel
 from .simulator import RunResult, simulate
 from .strategies import Strategy
@@ -95,12 +96,12 @@ def _pack(w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
 
 class HostExperts:
     """Expert weights in host memory: `packed[i]`, one flat buffer per distinct expert (pinned
-    for a GPU), which GPU slots are copied from, and, with `cpu_layers`, `layers[i]`: pymoe's
-    CPU layer on the same weights, which the host worker runs. Expert key `key` uses copy
-    `key % len(packed)`. Made once and shared by every Executor of a validation run: pinning
-    gigabytes and packing the CPU layers' weights take seconds."""
+    for a GPU), which GPU slots are copied from, and, with `cpu_group`, `group`: the same
+    experts as one HostExpertGroup (pymoe's CPU kernels, one call per layer), which the host
+    worker runs. Expert key `key` uses copy `key % len(packed)`. Made once and shared by every
+    Executor of a validation run: pinning gigabytes and packing the group's weights take seconds."""
 
-    def __init__(self, model: OffloadModel, distinct: int, *, pinned: bool, cpu_layers: bool = False):
+    def __init__(self, model: OffloadModel, distinct: int, *, pinned: bool, cpu_group: bool = False):
         if not 1 <= distinct <= model.total_experts:
             raise EngineError(f"distinct experts must be in [1, {model.total_experts}], got {distinct}")
         self.model, self.pinned = model, pinned
@@ -108,10 +109,10 @@ class HostExperts:
         for i in range(distinct):
             packed = _pack(*_expert_weights(model, i, torch_dtype(model.dtype)))
             self.packed.append(packed.pin_memory() if pinned else packed)
-        self.layers: list = []
-        self.warm_rows = 0  # rows every CPU layer has run once with (their buffer pools are that big)
-        if cpu_layers:
-            self.add_cpu_layers()
+        self.group: HostExpertGroup | None = None
+        self.warm_rows = 0  # rows the group has run once with (its buffer pool is that big)
+        if cpu_group:
+            self.add_cpu_group()
 
     def weights(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(w_in, w_out) of distinct expert i: views of its packed bytes."""
@@ -120,23 +121,27 @@ class HostExperts:
         cols = m.expert.w1_cols
         return flat[: m.d_model * cols].view(m.d_model, cols), flat[m.d_model * cols:].view(m.d_ff, m.d_model)
 
-    def add_cpu_layers(self) -> None:
-        """pymoe's CPU layer for every distinct expert, on its weights (the layer packs its own copy)."""
-        if not self.layers:
-            self.layers = [host_expert_layer(self.model, *self.weights(i)) for i in range(len(self.packed))]
+    def add_cpu_group(self) -> None:
+        """pymoe's CPU kernels on every distinct expert's weights (the group packs its own copy)."""
+        if self.group is None:
+            self.group = HostExpertGroup(self.model, [self.weights(i) for i in range(len(self.packed))])
+
+    def compute(self, x: torch.Tensor, on_host: list[tuple[int, int]]) -> torch.Tensor:
+        """Experts `on_host` [(key, rows)] on the first rows of host tensor x, summed: one call."""
+        distinct = len(self.packed)
+        return self.group.forward_unchecked(x, [(key % distinct, n) for key, n in on_host])
 
     def warm_up(self, rows: torch.Tensor) -> list[str]:
-        """Run every CPU layer once on `rows` (the most any call will get): first calls and
-        buffer pool growth happen here, not in a timed layer. A layer that fails is left to
-        fail again when it is called, where the engine falls back to a transfer (counted);
-        returns the failures' messages."""
+        """Run the group once on all of `rows` with top_k experts (the most slots a layer
+        call will get): the first call and the buffer pool's growth happen here, not in a
+        timed layer. A group that fails is left to fail again when it is called, where the
+        engine falls back to transfers (counted); returns the failure's message."""
         errors = []
         if len(rows) > self.warm_rows:
-            for layer in self.layers:
-                try:
-                    layer.forward_unchecked(rows)
-                except Exception as e:  # noqa: BLE001 - any host failure has the transfer fallback
-                    errors.append(f"{type(e).__name__}: {e}")
+            try:
+                self.compute(rows, [(key, len(rows)) for key in range(self.model.top_k)])
+            except Exception as e:  # noqa: BLE001 - any host failure has the transfer fallback
+                errors.append(f"{type(e).__name__}: {e}")
             self.warm_rows = len(rows)
         return errors
 
@@ -207,13 +212,13 @@ class Executor:
                                   f"only {free / 2**30:.1f} GiB are free")
         distinct = model.total_experts if check else min(host_copies, model.total_experts)
         if experts is None:
-            experts = HostExperts(model, distinct, pinned=self.cuda, cpu_layers=host_experts)
+            experts = HostExperts(model, distinct, pinned=self.cuda, cpu_group=host_experts)
         elif experts.model != model or len(experts.packed) < distinct or experts.pinned != self.cuda:
             raise EngineError(f"the shared host experts are for model {experts.model.name}, {len(experts.packed)} "
                               f"distinct, {'pinned' if experts.pinned else 'not pinned'}; this run needs "
                               f"{model.name}, {distinct}, {'pinned' if self.cuda else 'not pinned'}")
         elif host_experts:
-            experts.add_cpu_layers()
+            experts.add_cpu_group()
         self.experts = experts
         self.host = experts.packed
         self.slots = torch.empty(capacity, nbytes, dtype=torch.uint8, device=self.device)
@@ -252,7 +257,6 @@ class Executor:
             # Pinned rows both ways and a GPU buffer for what comes back; one layer's host
             # work is out at a time (the next layer's rows wait for this layer's combine).
             self.rows_host = torch.empty(max_tokens, d, dtype=self.dtype, pin_memory=self.cuda)
-            self.host_sum = torch.empty(max_tokens, d, dtype=torch.float32)
             self.host_out = torch.empty(max_tokens, d, dtype=self.dtype, pin_memory=self.cuda)
             self.from_host = (torch.empty(max_tokens, d, dtype=self.dtype, device=self.device) if self.cuda
                               else self.host_out)
@@ -271,7 +275,7 @@ class Executor:
 
     def _warm_up(self) -> None:
         """CUDA context, cuBLAS handles and kernels for every token count (and the host
-        worker, its CPU layers and the rows' copies) are set up before the first timed
+        worker, its CPU kernels and the rows' copies) are set up before the first timed
         layer, so that the first run is not charged for them."""
         with torch.cuda.stream(self.copy_stream):
             for _ in range(3):
@@ -436,28 +440,29 @@ class Executor:
         return self.worker.submit(self._host_work, rows, on_host, fail, to_host)
 
     def _host_work(self, rows: int, on_host: list[tuple[int, int]], fail: set[int], to_host):
-        """On the worker thread: wait for the rows, compute the host experts with pymoe's CPU
-        layer, send their summed output back. Returns (the copy-back event, or True on the
-        CPU, or None if no expert succeeded; [(key, rows, error)] of the experts that failed)."""
+        """On the worker thread: wait for the rows, compute the host experts in one call of
+        pymoe's CPU kernels, send their summed output back. Returns (the copy-back event, or
+        True on the CPU, or None if no expert succeeded; [(key, rows, error)] of the experts
+        that failed: the injected ones, or all of them if the call raised)."""
         if to_host is not None:
             to_host.synchronize()  # this thread waits, the issuing thread goes on
         started = time.perf_counter()
-        # The sum and copies run serially: torch's thread pool would spin on the cores that
-        # the next expert's MAX call needs (see pymoe.runtime.TORCH_GRAIN_SIZE).
-        total = serially(torch.Tensor.zero_, self.host_sum[:rows])
-        failed = []
-        layers = self.experts.layers
-        for key, n in on_host:
-            try:
-                if key in fail:
-                    raise RuntimeError(f"injected host worker failure (expert {key})")
-                serially(torch.Tensor.add_, total[:n], layers[key % len(layers)].forward_unchecked(self.rows_host[:n]))
-            except Exception as err:  # noqa: BLE001 - whatever broke, the GPU computes this expert instead
-                failed.append((key, n, f"{type(err).__name__}: {err}"))
+        failed = [(key, n, f"RuntimeError: injected host worker failure (expert {key})")
+                  for key, n in on_host if key in fail]
+        computed = [(key, n) for key, n in on_host if key not in fail]
+        try:
+            y = self.experts.compute(self.rows_host, computed) if computed else None
+        except Exception as err:  # noqa: BLE001 - whatever broke, the GPU computes these experts instead
+            failed += [(key, n, f"{type(err).__name__}: {err}") for key, n in computed]
+            y = None
         self.host_compute_s += time.perf_counter() - started
-        if len(failed) == len(on_host):
+        if y is None:
             return None, failed
-        serially(torch.Tensor.copy_, self.host_out[:rows], total)
+        # The copies run serially: torch's thread pool would spin on the cores that the next
+        # layer's MAX call needs (see pymoe.runtime.TORCH_GRAIN_SIZE).
+        serially(torch.Tensor.copy_, self.host_out[: len(y)], y)
+        if len(y) < rows:
+            serially(torch.Tensor.zero_, self.host_out[len(y): rows])
         if not self.cuda:
             return True, failed
         with torch.cuda.device(self.device), torch.cuda.stream(self.rows_stream):
@@ -681,7 +686,7 @@ def validate(trace_path, model_name: str, calibration_path, *, strategies, batch
               "host_failure_rate": host_failure_rate, "time_limit_s": time_limit_s, "runs": [], "skipped": []}
     start = time.perf_counter()
     # One set of pinned host experts (and CPU layers, for the host policies) for every run.
-    experts = HostExperts(model, min(host_copies, model.total_experts), pinned=True, cpu_layers=host)
+    experts = HostExperts(model, min(host_copies, model.total_experts), pinned=True, cpu_group=host)
     result["host_experts_setup_s"] = round(time.perf_counter() - start, 1)
     table = Table(title=f"{model.name} on {torch.cuda.get_device_name(0)}: engine (measured) vs simulator")
     for col in ("strategy", "batch", "simulated ms/step", "measured ms/step", "error", "hit rate", "GiB moved",

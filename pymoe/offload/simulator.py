@@ -22,13 +22,14 @@ outside the expert FFNs (attention, norms) is not modelled.
 Host compute (the miss policies of strategies.py other than `transfer`): the host CPU is a
 third resource beside the copy and compute streams. A missed expert served there does not
 take the copy stream: when the layer's first host expert is decided, the hidden states of
-the layer's tokens go host-ward (tokens x d_model), the host computes its experts one after
-another (the calibrated time of pymoe's CPU layer for that many rows), and their combined
-output comes back (tokens x d_model) once the last is done; the layer's combine waits for
-both the GPU's experts and that. Rows move on streams of their own (not behind the expert
-copies), each way at the calibrated cost of a copy that finds its stream idle. `hybrid`
-decides per missed expert, in order, with what is booked so far: host if its output would be
-back sooner than a transfer (behind the copies already queued) plus its GPU compute.
+the layer's tokens go host-ward (tokens x d_model), the host computes its experts in one
+call of pymoe's CPU kernels (the calibrated fixed cost of a call, plus each expert's
+calibrated cost for its rows), and their combined output comes back (tokens x d_model) once
+the last is done; the layer's combine waits for both the GPU's experts and that. Rows move
+on streams of their own (not behind the expert copies), each way at the calibrated cost of a
+copy that finds its stream idle. `hybrid` decides per missed expert, in order, with what is
+booked so far: host if its output would be back sooner than a transfer (behind the copies
+already queued) plus its GPU compute.
 """
 
 from __future__ import annotations
@@ -184,11 +185,12 @@ class CopyStream:
 
 @dataclass
 class HostWorker:
-    """The host CPU computing missed experts, one after another, and the rows it needs."""
+    """The host CPU computing a layer's missed experts in one call, and the rows it needs."""
 
-    compute_ms: Callable[[int], float]  # one expert's host time for a number of rows
+    compute_ms: Callable[[int], float]  # what one expert adds to a host call, for a number of rows
     rows_ms: Callable[[int], float]  # bytes of hidden states -> ms, one way
     row_bytes: int  # one token's hidden state
+    call_ms: float = 0.0  # the fixed cost of a layer's one host call
     free: float = 0.0  # when the host experts booked so far are computed
 
 
@@ -310,7 +312,12 @@ class RunState:
             return True
         n, copies = lt.loads[key], self.copies
         by_gpu = copies.start(lt.t0) + n * copies.transfer_ms + self.expert_work(self.compute_ms, count, n)
-        return self.host_begin(lt) + self.expert_work(self.host.compute_ms, count, n) + lt.rows_ms < by_gpu
+        return self.host_begin(lt) + self.host_work(lt, count, n) + lt.rows_ms < by_gpu
+
+    def host_work(self, lt: LayerTick, count: int, copies: int) -> float:
+        """What one more host expert adds to the layer's host call: its rows' compute, plus
+        the call's fixed cost if it is the layer's first host expert."""
+        return self.expert_work(self.host.compute_ms, count, copies) + (0.0 if lt.host_keys else self.host.call_ms)
 
     def host_begin(self, lt: LayerTick) -> float:
         """When the host can start the layer's next host expert: after those booked, and
@@ -325,7 +332,7 @@ class RunState:
             self.rows_bytes += 2 * lt.chosen.shape[0] * host.row_bytes  # host-ward and back
             self.book("to-host", lt.t0, lt.t0 + lt.rows_ms)
         begin = self.host_begin(lt)
-        work = self.expert_work(host.compute_ms, count, n)
+        work = self.host_work(lt, count, n)
         host.free = begin + work
         self.host_ms += work
         lt.host_keys.append(key)
@@ -490,7 +497,7 @@ def simulate(trace: Trace, model: OffloadModel, strategy: Strategy, calibration:
     if strategy.host_compute:
         host = HostWorker(calibration.host_compute_curve(model),
                           lambda nbytes: calibration.rows_transfer_ms(nbytes, memory),
-                          row_bytes=model.d_model * ITEMSIZE[model.dtype])
+                          row_bytes=model.d_model * ITEMSIZE[model.dtype], call_ms=calibration.host_call_ms(model))
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     steps = batch_schedule(trace, batch_size, requests, seed)[:max_steps]

@@ -146,9 +146,11 @@ def run_sweep(trace_path: Path, model_name: str, calibration_path: Path, *,
                         "expert_transfer_ms": calibration.transfer_ms(model.expert_bytes, memory),
                         "expert_compute_ms_1_token": calibration.compute_curve(model)(1),
                         **({"host_compute": {k: calibration.data["host_compute"][model.shape_key()][k]
-                                             for k in ("rows", "median_ms", "dtype", "what")
+                                             for k in ("rows", "experts", "median_ms", "call_ms", "expert_ms",
+                                                       "gap_ms", "dtype", "what")
                                              if k in calibration.data["host_compute"][model.shape_key()]},
                             "expert_host_compute_ms_1_row": calibration.host_compute_curve(model)(1),
+                            "host_call_ms": calibration.host_call_ms(model),
                             "rows_transfer_ms_1_token": calibration.rows_transfer_ms(
                                 model.d_model * ITEMSIZE[model.dtype], memory)} if host else {})},
         "memory": memory, "cache_fraction": cache_fraction, "cache_experts": capacity,
@@ -214,7 +216,8 @@ def print_sweep(result: dict, console: Console) -> None:
                          f"expert {model['expert_bytes'] / 2**20:.1f} MiB: "
                          f"transfer {cal['expert_transfer_ms']:.3f} ms, "
                          f"compute {cal['expert_compute_ms_1_token']:.3f} ms/1 token" +
-                         (f", host compute {cal['expert_host_compute_ms_1_row']:.3f} ms/1 row"
+                         (f", host call {cal.get('host_call_ms', 0.0):.3f} ms + "
+                          f"{cal['expert_host_compute_ms_1_row']:.3f} ms per expert of 1 row"
                           if "expert_host_compute_ms_1_row" in cal else "") + f" ({cal['device']})"))
     for col in ("strategy", "batch", "ms/step", "±95%", "p99", "hit", "covered", "speedup", "of oracle"):
         table.add_column(col, justify="left" if col == "strategy" else "right", no_wrap=True)

@@ -1,0 +1,145 @@
+"""The host CPU's share of an offloaded MoE layer: missed experts computed where their
+weights already are, with pymoe's Mojo CPU kernels, in ONE MAX call per layer.
+
+`HostExpertGroup` holds experts of one shape, packed once as pymoe's CPU layer packs them,
+and computes any subset of them in one call (`__call__`): expert i on the first n_i rows
+of x (the engine's convention: the first n rows stand for the tokens routed to an expert),
+the outputs summed per row in float32 and rounded once. The call is the CPU layer's own
+expert FFN and combine (pymoe.ops.moe_ffn: the blocked GEMMs with the activation fused,
+then the weighted gather-sum) with the gate and the dispatch left out: the caller already
+knows the routing, so the dispatch arrays are built here, in NumPy, and passed in
+(runtime.expert_group_graph_spec).
+
+Why one call per layer: a MAX call has a fixed cost (argument marshalling, the kernels'
+launch on MAX's CPU worker pool, the pool waking up after an idle gap) that a decode step's
+few rows per expert do not amortise; calling a one-expert layer per missed expert paid it
+once per expert. `pymoe calibrate` times this class (`calibration.measure_host_compute`)
+as the engine's host worker calls it, and the simulator's host resource is that fit: a
+fixed cost per layer call plus each expert's rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import runtime
+from ..config import GATED_ACTIVATIONS, MoEConfig
+from ..dtypes import torch_dtype
+from ..weights import MoEWeights
+from .models import OffloadModel
+
+# pymoe's CPU layer computes in these; other expert dtypes run in float32.
+HOST_DTYPES = ("float32", "bfloat16")
+
+
+class HostExpertError(ValueError):
+    pass
+
+
+def host_dtype(model: OffloadModel) -> str:
+    """The dtype the host computes `model`'s experts in: the model's, if pymoe's CPU kernels
+    take it, else float32."""
+    return model.dtype if model.dtype in HOST_DTYPES else "float32"
+
+
+def group_config(model: OffloadModel, experts: int) -> MoEConfig:
+    """The layer config whose expert FFN and graph a group of `experts` experts of `model`'s
+    shape uses (top_k and the router do not enter the group's graph)."""
+    return MoEConfig(d_model=model.d_model, d_ff=model.d_ff, num_experts=experts, top_k=1,
+                     activation=model.activation)
+
+
+def group_graph_specs(model: OffloadModel) -> list[runtime.GraphSpec]:
+    """The graphs a HostExpertGroup of `model`'s expert shape compiles, whatever its size
+    (its call's, then its weight packing's), for runtime.compile_together."""
+    config, dtype = group_config(model, 1), host_dtype(model)
+    gated = config.activation in GATED_ACTIVATIONS
+    return [runtime.expert_group_graph_spec(config, dtype),
+            runtime.pack_graph_spec(dtype, gated), runtime.pack_graph_spec(dtype, False)]
+
+
+def routing_arrays(experts: list[tuple[int, int]], num_experts: int) -> tuple[np.ndarray, ...]:
+    """The dispatch and combine arrays of one call: expert `i` of each (i, n) in `experts`
+    takes rows 0..n-1; a row is summed over every expert that takes it, with weight 1.
+
+    Returns (row_ids [slots]: the rows grouped by expert, in expert order; expert_offsets
+    [num_experts + 1]; weights [rows, k] float32; ids [rows, k] int32; slot_to_row
+    [rows * k]: where slot (row, j) is in row_ids, -1 where expert j does not take the row),
+    k = len(experts), rows = the largest n. An expert listed twice is computed twice."""
+    index = np.array([i for i, _ in experts], dtype=np.int64)
+    rows = np.array([n for _, n in experts], dtype=np.int64)
+    order = np.argsort(index, kind="stable")
+    row_ids = np.concatenate([np.arange(rows[j]) for j in order]).astype(np.int32)
+    offsets = np.zeros(num_experts + 1, np.int32)
+    offsets[1:] = np.cumsum(np.bincount(index, weights=rows, minlength=num_experts))
+    start = np.empty(len(experts), np.int64)
+    start[order] = np.concatenate([[0], np.cumsum(rows[order])[:-1]])
+    r = np.arange(rows.max())[:, None]
+    taken = r < rows[None, :]
+    slot_to_row = np.where(taken, start[None, :] + r, -1).astype(np.int32).reshape(-1)
+    ids = np.where(taken, index[None, :], 0).astype(np.int32)
+    return row_ids, offsets, taken.astype(np.float32), ids, slot_to_row
+
+
+class HostExpertGroup:
+    """Experts of one shape on the host CPU, any subset of them computed in one MAX call.
+
+    group = HostExpertGroup(model, [(w_in, w_out), ...])   # w_in [d_model, w1 columns], w_out [d_ff, d_model]
+    y = group(x, [(3, 2), (7, 1)])   # expert 3 on x[:2] plus expert 7 on x[:1]: [2, d_model]
+
+    The weights are packed into the CPU layer's layout once, here (a copy: the caller's
+    tensors may be freed or pinned). The first group of an expert shape compiles its graph
+    (seconds to tens of seconds); later ones, of any size, reuse it."""
+
+    def __init__(self, model: OffloadModel, weights: list[tuple]):
+        import torch
+
+        if not weights:
+            raise HostExpertError("a host expert group needs at least one expert's weights")
+        self.model, self.dtype = model, host_dtype(model)
+        self.num_experts = len(weights)
+        config = group_config(model, self.num_experts)
+        dt = torch_dtype(self.dtype)
+        w1 = torch.stack([torch.as_tensor(w_in).to(dt) for w_in, _ in weights])
+        w2 = torch.stack([torch.as_tensor(w_out).to(dt) for _, w_out in weights])
+        layer_weights = MoEWeights(np.zeros((model.d_model, self.num_experts), np.float32), w1, w2)
+        layer_weights.validate(config)
+        specs = group_graph_specs(model)
+        self.compile_seconds = runtime.compile_together(specs)
+        self._model, _ = runtime.compiled(specs[0])
+        _, self._w1, self._w2 = runtime.layer_weight_buffers(config, layer_weights, "cpu", self.dtype, packed=True)
+        self._device = runtime.driver_device("cpu")
+        self.pool = runtime.BufferPool((config.expert_n, model.d_model), self.dtype, self._device)
+
+    def check(self, x, experts: list[tuple[int, int]]) -> None:
+        """A clear error for a call the graph cannot take."""
+        import torch
+
+        if not isinstance(x, torch.Tensor) or x.is_cuda or x.dim() != 2 or x.shape[1] != self.model.d_model:
+            raise HostExpertError(f"x must be a CPU torch tensor [rows, d_model={self.model.d_model}], got "
+                                  f"{type(x).__name__}{list(getattr(x, 'shape', []))}")
+        if not experts:
+            raise HostExpertError("no experts to compute")
+        for i, n in experts:
+            if not 0 <= i < self.num_experts:
+                raise HostExpertError(f"expert index {i} is not in [0, {self.num_experts})")
+            if not 1 <= n <= x.shape[0]:
+                raise HostExpertError(f"expert {i} is given {n} rows; x has {x.shape[0]} (need 1..{x.shape[0]})")
+
+    def __call__(self, x, experts: list[tuple[int, int]]):
+        """sum over (i, n) in `experts` of expert i on x[:n] (zero-padded to the longest n):
+        a CPU tensor [max n, d_model] of x's dtype (checked: see `check`)."""
+        self.check(x, experts)
+        return self.forward_unchecked(x, experts)
+
+    def forward_unchecked(self, x, experts: list[tuple[int, int]]):
+        """As __call__, without the checks (the engine's hot path)."""
+        from max.driver import Buffer
+
+        row_ids, offsets, weights, ids, slot_to_row = routing_arrays(experts, self.num_experts)
+        rows = weights.shape[0]
+        xb = runtime.to_device_buffer(x[:rows], self.dtype, self._device)
+        routing = [Buffer.from_numpy(a) for a in (row_ids, offsets, weights, ids, slot_to_row)]
+        out = self._model.execute(xb, *routing, self._w1, self._w2, *self.pool.buffers(len(row_ids)))[0]
+        return runtime.wrap_output(out, x)
+
