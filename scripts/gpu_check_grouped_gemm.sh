@@ -9,7 +9,9 @@
 # modular package's lib/ folder, or a tar.xz of its libKGENCompilerRTShared,
 # libAsyncRTMojoBindings, libAsyncRTRuntimeGlobals, libMSupportGlobals, libMGPRT>; PYMOE_SOURCE_COMMIT for the
 # result files' provenance; TOTAL_S (default 560) bounds the run; STEPS (default
-# "kernel tests profile bench") picks the steps, so that one call can skip what another ran.
+# "kernel tests profile bench") picks the steps, so that one call can skip what another ran;
+# STACK=0 benches single calls (the E=8 presets' earlier results are single calls) instead of
+# the 8-layer stack.
 set -u -o pipefail
 : "${OUT:?set OUT to the folder the results go to}"
 TOTAL_S=${TOTAL_S:-560}
@@ -31,7 +33,8 @@ want bench || set --
 for p in "$@"; do
   [ "$(left)" -lt 60 ] && { echo "no time left for $p"; continue; }
   timeout $(( $(left) - 10 )) python3 -m pymoe.cli bench --device gpu --dtype bfloat16 --preset "$p" \
-    --impl pymoe --impl torch_grouped --min-seconds 0.1 --stack --out "$OUT/results" 2>&1 | tee -a "$OUT/bench-$p.log" | tail -3
+    --impl pymoe --impl torch_grouped --min-seconds 0.1 $([ "${STACK:-1}" = 0 ] || echo --stack) \
+    --out "$OUT/results" 2>&1 | tee -a "$OUT/bench-$p.log" | tail -3
 done
 # The device tool returns at most 8 files, with plain names: the result files travel as one archive.
 tar czf "$OUT/i22-results.tgz" -C "$OUT" results && rm -rf "$OUT/results"
