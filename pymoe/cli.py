@@ -246,24 +246,31 @@ def trace_info(path) -> None:
 @click.option("--host-compute/--no-host-compute", default=True, show_default=True,
               help="Also time this host's CPU computing 1-8 experts of 1-64 rows each in one call of pymoe's "
                    "CPU kernels (the hybrid policies' cost model; compiles one MAX graph per expert shape).")
-def calibrate(models, reps, out_path, host_compute) -> None:
+@click.option("--host-gap-ms", type=float, default=None,
+              help="Idle time before each timed host call (default 1 ms: the engine's worker waits for the "
+                   "next layer's rows between calls).")
+def calibrate(models, reps, out_path, host_compute, host_gap_ms) -> None:
     """Measure host->GPU transfer time and expert compute time for the simulator's cost model
     (on a machine without a GPU: host memory copies and CPU compute, labelled so), and the
     host CPU's time for a layer's experts with pymoe's CPU kernels (a call's fixed cost and each
     expert's)."""
-    from .offload.calibration import HOST_ROWS, describe_host_compute
+    from .offload.calibration import HOST_GAP_MS, HOST_ROWS, describe_host_compute
     from .offload.calibration import calibrate as run_calibration
     from .offload.models import get_model
 
     if reps < 1:
         raise click.UsageError("--reps must be >= 1")
+    if host_gap_ms is not None and not 0 <= host_gap_ms <= 1000:
+        raise click.UsageError(f"--host-gap-ms must be in [0, 1000], got {host_gap_ms}")
     try:
         shapes = [get_model(m) for m in models]
     except ValueError as e:
         raise click.UsageError(str(e)) from e
     command = " ".join(["pymoe calibrate", *[f"--model {m}" for m in models], f"--reps {reps}",
-                        *([] if host_compute else ["--no-host-compute"])])
+                        *([] if host_compute else ["--no-host-compute"]),
+                        *([] if host_gap_ms is None else [f"--host-gap-ms {host_gap_ms}"])])
     data, out_path = run_calibration(shapes, reps=reps, host_rows=HOST_ROWS if host_compute else None,
+                                     host_gap_ms=HOST_GAP_MS if host_gap_ms is None else host_gap_ms,
                                      out_path=out_path, command=command,
                                      progress=lambda msg: click.echo(msg, err=True))
     for memory in ("pinned", "pageable"):
