@@ -45,7 +45,8 @@ HOST_ROWS = (1, 2, 4, 8, 16, 32, 64)
 # Experts computed in one host call (one layer's host experts), to fit the call's fixed cost.
 HOST_EXPERTS = (1, 2, 4, 8)
 # Idle time before each timed host call: the engine's worker waits for the next layer's rows
-# (about a decode layer's GPU time), and MAX's CPU worker pool pays to wake up after a gap.
+# (about a decode layer's GPU time), and a thread pool may pay to wake up after a gap (on the
+# 2-core VM, 0 and 1 ms gave the same times within its noise: results/checks/*-i23-host-group-gap*).
 HOST_GAP_MS = 1.0
 MEMORY_KINDS = ("pinned", "pageable")
 
