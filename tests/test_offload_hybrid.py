@@ -273,6 +273,24 @@ def test_the_simulator_charges_a_host_call_once_per_layer():
     assert r.host_ms == pytest.approx(host_layers * 1.0 + r.host_served * 0.1)
 
 
+def test_routing_arrays_group_rows_by_expert_and_sum_every_expert_of_a_row():
+    """The dispatch and combine arrays of one host call, against a hand-made case: expert 2
+    on 2 rows, expert 0 on 3 rows, expert 2 again on 1 row (listed twice: computed twice)."""
+    from pymoe.offload.host import routing_arrays
+
+    row_ids, offsets, weights, ids, slot_to_row = routing_arrays([(2, 2), (0, 3), (2, 1)], num_experts=4)
+    # Grouped by expert (0 first), in listing order within an expert.
+    np.testing.assert_array_equal(row_ids, [0, 1, 2, 0, 1, 0])
+    np.testing.assert_array_equal(offsets, [0, 3, 3, 6, 6])
+    np.testing.assert_array_equal(weights, [[1, 1, 1], [1, 1, 0], [0, 1, 0]])
+    np.testing.assert_array_equal(ids, [[2, 0, 2], [2, 0, 0], [0, 0, 0]])
+    # Slot (row r, listed expert j) -> its place in row_ids; -1 where expert j skips row r.
+    np.testing.assert_array_equal(slot_to_row.reshape(3, 3), [[3, 0, 5], [4, 1, -1], [-1, 2, -1]])
+    for arr in (row_ids, offsets, ids, slot_to_row):
+        assert arr.dtype == np.int32
+    assert weights.dtype == np.float32
+
+
 def test_host_expert_group_equals_the_reference():
     """Any subset of a group's experts, on any rows (an expert listed twice is computed
     twice), equals the float64 sum of the reference expert FFNs, in one call."""

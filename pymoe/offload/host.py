@@ -13,9 +13,10 @@ knows the routing, so the dispatch arrays are built here, in NumPy, and passed i
 Why one call per layer: a MAX call has a fixed cost (argument marshalling, the kernels'
 launch on MAX's CPU worker pool, the threads' synchronisation) that a decode step's few rows
 per expert do not amortise; calling a one-expert layer per missed expert paid it once per
-expert (and the gate, dispatch and combine of a whole layer with it). `pymoe calibrate` times this class (`calibration.measure_host_compute`)
-as the engine's host worker calls it, and the simulator's host resource is that fit: a
-fixed cost per layer call plus each expert's rows.
+expert (and the gate, dispatch and combine of a whole layer with it). `pymoe calibrate`
+times this class (`calibration.measure_host_compute`) as the engine's host worker calls it,
+and the simulator's host resource is that fit: a fixed cost per layer call plus each
+expert's rows.
 """
 
 from __future__ import annotations
