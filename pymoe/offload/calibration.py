@@ -177,7 +177,7 @@ def fit_transfer(sizes: list[int], counts: list[int], ms: list[float]) -> dict:
 
     guess = np.polyfit(counts * sizes / 1e6, ms, 1)
     fit = least_squares(lambda p: model(p) / ms - 1, x0=[0.0, max(guess[0], 1e-6), 0.0], bounds=([0, 1e-9, 0], np.inf),
-                        loss="soft_l1", f_scale=0.02)
+                        loss="soft_l1", f_scale=0.02, xtol=1e-12, ftol=1e-12, gtol=1e-12)
     latency, ms_per_mb, start = fit.x
     return {"gbps": float(1.0 / ms_per_mb), "latency_ms": float(latency),
             "start_latency_ms": float(start) if several else 0.0}
