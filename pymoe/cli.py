@@ -370,7 +370,7 @@ def simulate(trace_path, model_name, calibration_path, strategies, batch_sizes, 
 @click.option("--strategy", "strategies", multiple=True,
               help="Repeat; default: all the trace supports (transfer-only). name[eviction] picks the eviction "
                    "policy, e.g. on-demand[predicted]; a miss policy before a '+' computes missed experts on "
-                   "the host CPU with pymoe's CPU layer, e.g. hybrid[predicted], hybrid-admit+expertflow, "
+                   "the host CPU with pymoe's CPU kernels, e.g. hybrid[predicted], hybrid-admit+expertflow, "
                    "cpu-on-miss (these need the host compute timings of `pymoe calibrate`).")
 @click.option("--batch-sizes", default="1,4,16,64", show_default=True)
 @click.option("--requests", type=int, default=8, show_default=True)

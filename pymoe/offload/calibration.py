@@ -11,8 +11,10 @@ so a copy that finds the copy stream idle pays `start_latency_ms` once more than
 behind another. Compute: 20 expert FFNs queued back to back, per call, each on a different
 expert's weights. Without a GPU it measures the CPU's own host
 memory copies (recorded as both "pinned" and "pageable", and labelled so) and the expert
-FFN on the CPU in float32, with the host clock. The file it writes (`pymoe.calibration/2`)
-records the raw timings; the simulator reads the fitted values.
+FFN on the CPU in float32, with the host clock. Host compute (the hybrid policies'): calls
+of host.HostExpertGroup, as the engine's host worker makes them (`measure_host_compute`),
+fitted as a fixed cost per call plus each expert's cost by its rows. The file it writes
+(`pymoe.calibration/2`) records the raw timings; the simulator reads the fitted values.
 """
 
 from __future__ import annotations
@@ -330,7 +332,7 @@ def describe_host_compute(entry: dict) -> str:
 def measure_calibration(models: list[OffloadModel], *, tokens=DEFAULT_TOKENS, reps: int = 20,
                         host_rows=None, host_gap_ms: float = HOST_GAP_MS, progress=None) -> dict:
     """Measure transfers and expert compute on this machine (GPU if torch sees one), and
-    host compute with pymoe's CPU layer for the `host_rows` counts (None: not measured)."""
+    host compute with pymoe's CPU kernels (host.HostExpertGroup) for the `host_rows` counts (None: not measured)."""
     import torch
 
     gpu = torch.cuda.is_available()

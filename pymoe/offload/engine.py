@@ -685,7 +685,7 @@ def validate(trace_path, model_name: str, calibration_path, *, strategies, batch
               "max_steps": max_steps, "prefetch_failure_rate": prefetch_failure_rate,
               "host_failure_rate": host_failure_rate, "time_limit_s": time_limit_s, "runs": [], "skipped": []}
     start = time.perf_counter()
-    # One set of pinned host experts (and CPU layers, for the host policies) for every run.
+    # One set of pinned host experts (and their CPU group, for the host policies) for every run.
     experts = HostExperts(model, min(host_copies, model.total_experts), pinned=True, cpu_group=host)
     result["host_experts_setup_s"] = round(time.perf_counter() - start, 1)
     table = Table(title=f"{model.name} on {torch.cuda.get_device_name(0)}: engine (measured) vs simulator")
