@@ -243,6 +243,12 @@ def test_calibrate_measures_host_compute_with_pymoes_cpu_kernels(tmp_path):
     assert load_calibration(path).data["host_compute"] == json.loads(json.dumps(data["host_compute"]))
 
 
+def test_calibrate_cli_refuses_bad_host_options_before_measuring():
+    for args, message in ((["--host-gap-ms", "-1"], "--host-gap-ms must be in"), (["--reps", "0"], "--reps must be")):
+        r = CliRunner().invoke(main, ["calibrate", *args])
+        assert r.exit_code != 0 and message in r.output and "Traceback" not in r.output
+
+
 def test_the_host_call_fit_and_old_calibration_files():
     """fit_host_calls recovers call + m * per-expert; a file from before grouped host calls
     (one expert per call, no "experts") still loads, with a call cost of 0."""
