@@ -19,7 +19,7 @@ from functools import partial
 import numpy as np
 
 from . import runtime
-from .config import GATED_ACTIVATIONS, MoEConfig
+from .config import MoEConfig
 from .runtime import BufferPool, check_device_dtype, driver_device, layer_weight_buffers, to_device_buffer, wrap_output
 from .weights import DenseWeights, MoEWeights
 
@@ -110,8 +110,7 @@ class MoELayer:
         tokens = every_expert_tokens or every_expert_token_range(config, device, dtype)
         specs = [runtime.moe_graph_spec(config, device, dtype, pooled, tokens)]
         if device == "cpu":
-            gated = config.activation in GATED_ACTIVATIONS
-            specs += [runtime.pack_graph_spec(dtype, gated), runtime.pack_graph_spec(dtype, False)]
+            specs += runtime.pack_graph_specs(config, dtype)
         return specs
 
     def _compiled(self, stack: int | None):

@@ -429,6 +429,12 @@ def _build_expert_group_graph(config, dtype, name, module):
     return g
 
 
+def pack_graph_specs(config: MoEConfig, dtype: str) -> list[GraphSpec]:
+    """The CPU graphs that pack a layer's expert weights (layer_weight_buffers, packed): w1's
+    (SwiGLU-interleaved for the gated activations) and w2's."""
+    return [pack_graph_spec(dtype, config.activation in GATED_ACTIVATIONS), pack_graph_spec(dtype, False)]
+
+
 def pack_graph_spec(dtype: str, swiglu: bool) -> GraphSpec:
     """The CPU graph of pymoe.ops.pack_expert_weights: expert weights [E, K, N] in, packed out."""
     return GraphSpec(("pack", dtype, swiglu), "cpu", partial(_build_pack_graph, dtype, swiglu))

@@ -282,21 +282,20 @@ def fit_host_calls(experts, rows, median_ms) -> dict:
 
 
 def measure_host_compute(model: OffloadModel, *, rows=HOST_ROWS, experts=HOST_EXPERTS, reps: int = 20,
-                         gap_ms: float = HOST_GAP_MS, rotate_bytes: int = ROTATE_BYTES, progress=None) -> dict:
+                         gap_ms: float = HOST_GAP_MS, progress=None) -> dict:
     """Calls of `host.HostExpertGroup` (pymoe's CPU kernels, the engine's host worker's call)
     computing m experts of `model`'s shape on n rows each, for every m in `experts` and n in
-    `rows`, each call after `gap_ms` idle, cycling through enough experts' weights to fill
-    `rotate_bytes` (a host computes a different expert each time; one expert re-read from the
-    CPU's caches would time the caches): the `host_compute` entry of one shape, with the fit
-    of `fit_host_calls`."""
+    `rows`, each call after `gap_ms` idle, cycling through ROTATE_BYTES of experts' weights
+    (`rotating_expert_weights`: a host computes a different expert each time; one expert
+    re-read from the CPU's caches would time the caches): the `host_compute` entry of one
+    shape, with the fit of `fit_host_calls`."""
     import torch
 
     say = progress or (lambda msg: None)
-    count = max(max(experts), -(-rotate_bytes // model.expert_bytes))
+    torch.manual_seed(0)
+    weights = rotating_expert_weights(torch, model, "cpu", torch.float32, at_least=max(experts))
+    count = len(weights)
     say(f"host compute {model.name}: compiling pymoe's CPU kernels, {count} experts' weights")
-    gen = torch.Generator().manual_seed(0)
-    weights = [(torch.randn(model.d_model, model.expert.w1_cols, generator=gen) * 0.02,
-                torch.randn(model.d_ff, model.d_model, generator=gen) * 0.02) for _ in range(count)]
     group = HostExpertGroup(model, weights)
     del weights
     nxt = itertools.cycle(range(count))
@@ -305,7 +304,7 @@ def measure_host_compute(model: OffloadModel, *, rows=HOST_ROWS, experts=HOST_EX
              "compile_s": group.compile_seconds,
              "what": f"pymoe.offload.host.HostExpertGroup on cpu: one call computing m experts on n rows each, "
                      f"after {gap_ms} ms idle, cycling through {count} experts' weights (host clock)"}
-    x = torch.randn(max(rows), model.d_model, generator=gen).to(torch_dtype(group.dtype))
+    x = torch.randn(max(rows), model.d_model).to(torch_dtype(group.dtype))
     for m in experts:
         medians, raws = [], []
         for n in rows:

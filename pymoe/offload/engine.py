@@ -30,9 +30,9 @@ rows stream of their own (pinned buffer, non_blocking, once the previous layer's
 event has passed: that is when they exist in a running model), and a host worker thread
 computes all of the layer's host experts in ONE call of pymoe's CPU kernels (a
 `host.HostExpertGroup` holding every distinct expert, the call `pymoe calibrate` times),
-each on its first rows, summed, and copies the sum back host->GPU on the rows stream. Meanwhile the compute
-stream runs the layer's resident experts: the worker waits for the rows' copy event, not
-the issuing thread, and MAX releases the GIL while it computes. The layer's combine (the
+each on its first rows, summed, and copies the sum back host->GPU on the rows stream.
+Meanwhile the compute stream runs the layer's resident experts: the worker waits for the
+rows' copy event, not the issuing thread, and MAX releases the GIL while it computes. The layer's combine (the
 compute stream's end event, from which its measured time is taken) waits for both. The
 combine is issued only when something needs the layer's end (the next layer, or a demand
 load of the next layer), so that the prefetches and admissions the plan issues at this

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import runtime
-from ..config import GATED_ACTIVATIONS, MoEConfig
+from ..config import MoEConfig
 from ..dtypes import torch_dtype
 from ..weights import MoEWeights
 from .models import OffloadModel
@@ -54,9 +54,7 @@ def group_graph_specs(model: OffloadModel) -> list[runtime.GraphSpec]:
     """The graphs a HostExpertGroup of `model`'s expert shape compiles, whatever its size
     (its call's, then its weight packing's), for runtime.compile_together."""
     config, dtype = group_config(model, 1), host_dtype(model)
-    gated = config.activation in GATED_ACTIVATIONS
-    return [runtime.expert_group_graph_spec(config, dtype),
-            runtime.pack_graph_spec(dtype, gated), runtime.pack_graph_spec(dtype, False)]
+    return [runtime.expert_group_graph_spec(config, dtype), *runtime.pack_graph_specs(config, dtype)]
 
 
 def routing_arrays(experts: list[tuple[int, int]], num_experts: int) -> tuple[np.ndarray, ...]:
