@@ -20,8 +20,13 @@
 # a kernel with one thread block per expert; the place pass numbers an
 # expert's slots in token order with a block-wide prefix sum per chunk of
 # slots (each thread counts a few consecutive slots first). The counts live
-# in expert_offsets between the passes, so no scratch memory is needed. Out-of-range ids cannot raise on the GPU: those slots are
-# dropped (slot_to_row = -1); the graph API rejects such ids where it can.
+# in expert_offsets between the passes, so no scratch memory is needed.
+# Decode batches (at most SMALL_DISPATCH_SLOTS slots) run the three passes in
+# ONE kernel of one block instead: there the passes are a few microseconds of
+# launches around almost no work, and one block can hand its results from
+# pass to pass through a barrier. Out-of-range ids cannot raise on the GPU:
+# those slots are dropped (slot_to_row = -1); the graph API rejects such ids
+# where it can.
 
 import extensibility
 from extensibility import InputTensor, OutputTensor
@@ -34,6 +39,42 @@ from std.memory import Pointer, stack_allocation
 
 comptime GPU_BLOCK = 256
 comptime SLOTS_PER_THREAD = 4
+# Up to this many slots (decode: 32 tokens at top-8) one block runs all three
+# passes; each thread then scans all slots once per expert it counts and once
+# per slot it places, which stays below a kernel launch only while the slots
+# are few.
+comptime SMALL_DISPATCH_SLOTS = 256
+
+
+def _scan_capped_counts(
+    offsets: Pointer[Int32, MutAnyOrigin], experts: Int, capacity: Int, tid: Int
+):
+    """One block turns the counts in offsets[1..E] into the exclusive prefix sum
+    of min(count, capacity) in offsets[0..E], GPU_BLOCK experts at a time.
+
+    Args:
+        offsets: Expert offsets [E + 1]; the counts are in [1..E] on entry.
+        experts: E.
+        capacity: The most slots an expert keeps.
+        tid: This thread's index in the block.
+    """
+    var chunk_total = stack_allocation[1, Int32, address_space=AddressSpace.SHARED]()
+    var running = Int32(0)
+    for base in range(0, experts, GPU_BLOCK):
+        var e = base + tid
+        var c = Int32(0)
+        if e < experts:
+            c = min(offsets.unsafe_load(e + 1), Int32(capacity))
+        var before = block_prefix_sum[block_size=GPU_BLOCK, exclusive=True](c)
+        if tid == GPU_BLOCK - 1:
+            chunk_total[0] = before + c
+        if e < experts:
+            offsets.unsafe_store(e + 1, running + before + c)
+        barrier()
+        running += chunk_total[0]
+        barrier()
+    if tid == 0:
+        offsets.unsafe_store(0, Int32(0))
 
 
 def dispatch_gpu(
@@ -47,7 +88,8 @@ def dispatch_gpu(
     experts: Int,
     capacity: Int,
 ) raises:
-    """The counting sort as three GPU kernels (count, prefix sum, place)."""
+    """The counting sort as three GPU kernels (count, prefix sum, place), or one
+    kernel of one block for at most SMALL_DISPATCH_SLOTS slots."""
     var n_slots = Int64(slots)
     var n_k = Int64(k)
     var n_e = Int64(experts)
@@ -74,25 +116,41 @@ def dispatch_gpu(
             offsets.unsafe_store(e + 1, partial.unsafe_load(0))
 
     def prefix_kernel() {var offsets, var n_e, var cap}:
-        # One block scans the capped counts, GPU_BLOCK experts at a time.
+        _scan_capped_counts(offsets, Int(n_e), Int(cap), Int(thread_idx.x))
+
+    def small_kernel() {var sorted_ptr, var offsets, var rows, var ids, var n_slots, var n_k, var n_e, var cap}:
+        # The three passes in one block (slots <= SMALL_DISPATCH_SLOTS). A
+        # barrier makes the block's global writes visible to the whole block,
+        # so the counts and offsets go from pass to pass in expert_offsets.
         var tid = Int(thread_idx.x)
-        var chunk_total = stack_allocation[1, Int32, address_space=AddressSpace.SHARED]()
-        var running = Int32(0)
-        for base in range(0, Int(n_e), GPU_BLOCK):
-            var e = base + tid
+        var slots = Int(n_slots)
+        var e_count = Int(n_e)
+        for e in range(tid, e_count, GPU_BLOCK):
             var c = Int32(0)
-            if e < Int(n_e):
-                c = min(offsets.unsafe_load(e + 1), Int32(Int(cap)))
-            var before = block_prefix_sum[block_size=GPU_BLOCK, exclusive=True](c)
-            if tid == GPU_BLOCK - 1:
-                chunk_total[0] = before + c
-            if e < Int(n_e):
-                offsets.unsafe_store(e + 1, running + before + c)
-            barrier()
-            running += chunk_total[0]
-            barrier()
-        if tid == 0:
-            offsets.unsafe_store(0, Int32(0))
+            for s in range(slots):
+                if Int(ids.unsafe_load(s)) == e:
+                    c += 1
+            offsets.unsafe_store(e + 1, c)
+        barrier()
+        _scan_capped_counts(offsets, e_count, Int(cap), tid)
+        barrier()
+        # A slot's row: its expert's first row plus the slots of that expert
+        # before it (token order, as the CPU's and the place kernel's).
+        for s in range(tid, slots, GPU_BLOCK):
+            var id = Int(ids.unsafe_load(s))
+            var row = Int32(-1)
+            if id >= 0 and id < e_count:
+                var rank = 0
+                for q in range(s):
+                    if Int(ids.unsafe_load(q)) == id:
+                        rank += 1
+                var start = Int(offsets.unsafe_load(id))
+                if rank < Int(offsets.unsafe_load(id + 1)) - start:
+                    row = Int32(start + rank)
+                    sorted_ptr.unsafe_store(start + rank, Int32(s // Int(n_k)))
+            rows.unsafe_store(s, row)
+        for tail in range(Int(offsets.unsafe_load(e_count)) + tid, slots, GPU_BLOCK):
+            sorted_ptr.unsafe_store(tail, Int32(0))
 
     def place_kernel() {var sorted_ptr, var offsets, var rows, var ids, var n_slots, var n_k, var n_e, var cap}:
         # Block e walks the slots in chunks of GPU_BLOCK * SLOTS_PER_THREAD;
@@ -138,6 +196,9 @@ def dispatch_gpu(
             sorted_ptr.unsafe_store(row, Int32(0))
 
     if experts == 0:
+        return
+    if slots <= SMALL_DISPATCH_SLOTS:
+        ctx.enqueue_function(small_kernel, grid_dim=1, block_dim=GPU_BLOCK)
         return
     ctx.enqueue_function(count_kernel, grid_dim=experts, block_dim=GPU_BLOCK)
     ctx.enqueue_function(prefix_kernel, grid_dim=1, block_dim=GPU_BLOCK)
