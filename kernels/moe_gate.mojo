@@ -143,6 +143,50 @@ def _group_logits[dtype: DType](
     return acc
 
 
+def _zero_gate_stats(
+    counts: Pointer[Int32, MutAnyOrigin],
+    pmean: Pointer[Float32, MutAnyOrigin],
+    losses: Pointer[Float32, MutAnyOrigin],
+    experts: Int,
+    tid: Int,
+):
+    """One block zeroes the sums the token kernels add into with atomics.
+
+    A launch of one block of tokens (a decode batch) calls it first and
+    _finish_gate_stats last, each behind a barrier (which makes the block's
+    global writes visible to the block), instead of two one-block kernels
+    around it: the statistics need every token's sums, and one block holds
+    them all.
+    """
+    for e in range(tid, experts, GPU_BLOCK):
+        counts.unsafe_store(e, Int32(0))
+        pmean.unsafe_store(e, Float32(0))
+    if tid < 2:
+        losses.unsafe_store(tid, Float32(0))
+
+
+def _finish_gate_stats(
+    counts: Pointer[Int32, MutAnyOrigin],
+    pmean: Pointer[Float32, MutAnyOrigin],
+    losses: Pointer[Float32, MutAnyOrigin],
+    tokens: Int,
+    experts: Int,
+    tid: Int,
+):
+    """One block turns the sums into means and the losses: each thread its
+    experts' means and its share of the aux loss, then a block sum."""
+    var t = Float32(max(tokens, 1))
+    var aux: Float32 = 0
+    for e in range(tid, experts, GPU_BLOCK):
+        var mean_p = pmean.unsafe_load(e) / t
+        pmean.unsafe_store(e, mean_p)
+        aux += (Float32(counts.unsafe_load(e)) / t) * mean_p
+    var total = block_sum[block_size=GPU_BLOCK](aux)
+    if tid == 0:
+        losses.unsafe_store(0, Float32(experts) * total)
+        losses.unsafe_store(1, losses.unsafe_load(1) / t)
+
+
 def gate_gpu[
     dtype: DType,
     top_k: Int,
@@ -171,7 +215,9 @@ def gate_gpu[
     experts: Int,
 ) raises:
     """The gate on the GPU: a zeroing kernel, the token kernel (one warp per
-    token), and a one-block kernel that turns the sums into means and losses.
+    token), and a one-block kernel that turns the sums into means and losses;
+    a batch that one block of the token kernel holds (decode) runs the three
+    in that block (_zero_gate_stats).
 
     With logits_given, lg holds the logits [T, E] in float32 (computed by
     pymoe_router_logits, a tensor-core GEMM), and every router runs
@@ -220,11 +266,7 @@ def gate_gpu[
     var vector = d_model % _gate_vec[dtype]() == 0 and experts % EG == 0 and aligned16[dtype](x, rw)
 
     def zero_stats() {var counts, var pmean, var losses, var n_e}:
-        for e in range(Int(thread_idx.x), Int(n_e), GPU_BLOCK):
-            counts.unsafe_store(e, Int32(0))
-            pmean.unsafe_store(e, Float32(0))
-        if Int(thread_idx.x) < 2:
-            losses.unsafe_store(Int(thread_idx.x), Float32(0))
+        _zero_gate_stats(counts, pmean, losses, Int(n_e), Int(thread_idx.x))
 
     # One warp per token (grid-stride over tokens). Experts go in groups of
     # EG: the lanes split d_model, each keeps EG partial dot products in
@@ -238,6 +280,10 @@ def gate_gpu[
     # atomics are per block instead of per token; later groups add per token.
     def token_kernel() {var w_out, var id_out, var counts, var pmean, var losses, var x, var rw, var rb, var n_tok, var n_d, var n_e, var vector}:
         var tid = Int(thread_idx.x)
+        var one_block = Int(grid_dim.x) == 1
+        if one_block:
+            _zero_gate_stats(counts, pmean, losses, Int(n_e), tid)
+            barrier()
         var lane = tid % WARP_SIZE
         var warps = Int(grid_dim.x) * WARPS_PER_BLOCK
         var d = Int(n_d)
@@ -329,25 +375,20 @@ def gate_gpu[
                 _ = Atomic.fetch_add(counts.unsafe_offset(tid), n_sum)
             if tid == 0:
                 _ = Atomic.fetch_add(losses.unsafe_offset(1), z_sum)
+        if one_block:
+            barrier()
+            _finish_gate_stats(counts, pmean, losses, Int(n_tok), Int(n_e), tid)
 
     def finish() {var counts, var pmean, var losses, var n_tok, var n_e}:
-        # One block: each thread turns its experts' sums into means and adds
-        # its share of the aux loss; a block sum makes the loss.
-        var t = Float32(max(Int(n_tok), 1))
-        var tid = Int(thread_idx.x)
-        var aux: Float32 = 0
-        for e in range(tid, Int(n_e), GPU_BLOCK):
-            var mean_p = pmean.unsafe_load(e) / t
-            pmean.unsafe_store(e, mean_p)
-            aux += (Float32(counts.unsafe_load(e)) / t) * mean_p
-        var total = block_sum[block_size=GPU_BLOCK](aux)
-        if tid == 0:
-            losses.unsafe_store(0, Float32(Int(n_e)) * total)
-            losses.unsafe_store(1, losses.unsafe_load(1) / t)
+        _finish_gate_stats(counts, pmean, losses, Int(n_tok), Int(n_e), Int(thread_idx.x))
 
-    ctx.enqueue_function(zero_stats, grid_dim=1, block_dim=GPU_BLOCK)
+    var blocks = min(ceildiv(tokens, WARPS_PER_BLOCK), MAX_GATE_BLOCKS)
+    # A decode batch (one block of tokens) zeroes and finishes the statistics
+    # inside its token kernel: two launches fewer (see _zero_gate_stats).
+    var separate_stats = blocks != 1
+    if separate_stats:
+        ctx.enqueue_function(zero_stats, grid_dim=1, block_dim=GPU_BLOCK)
     if tokens > 0:
-        var blocks = min(ceildiv(tokens, WARPS_PER_BLOCK), MAX_GATE_BLOCKS)
         comptime if logits_given or sigmoid or has_selection_bias or n_group > 1:
             _enqueue_routed_tokens[
                 dtype, top_k, renormalize, sigmoid, has_router_bias, has_selection_bias, n_group, topk_group,
@@ -355,7 +396,8 @@ def gate_gpu[
             ](ctx, blocks, w_out, id_out, counts, pmean, losses, x, rw, rb, sb, lg, tokens, d_model, experts, vector)
         else:
             ctx.enqueue_function(token_kernel, grid_dim=blocks, block_dim=GPU_BLOCK)
-    ctx.enqueue_function(finish, grid_dim=1, block_dim=GPU_BLOCK)
+    if separate_stats:
+        ctx.enqueue_function(finish, grid_dim=1, block_dim=GPU_BLOCK)
 
 
 def _enqueue_routed_tokens[
@@ -410,6 +452,10 @@ def _enqueue_routed_tokens[
 
     def routed_kernel() {var w_out, var id_out, var counts, var pmean, var losses, var x, var rw, var rb, var sb, var lg, var n_tok, var n_d, var n_e, var vector}:
         var tid = Int(thread_idx.x)
+        var one_block = Int(grid_dim.x) == 1
+        if one_block:
+            _zero_gate_stats(counts, pmean, losses, Int(n_e), tid)
+            barrier()
         var lane = tid % WARP_SIZE
         var warp = tid // WARP_SIZE
         var warps = Int(grid_dim.x) * WARPS_PER_BLOCK
@@ -579,6 +625,9 @@ def _enqueue_routed_tokens[
             for w in range(WARPS_PER_BLOCK):
                 z_sum += z_sh.unsafe_load(w)
             _ = Atomic.fetch_add(losses.unsafe_offset(1), z_sum)
+        if one_block:
+            barrier()
+            _finish_gate_stats(counts, pmean, losses, Int(n_tok), Int(n_e), tid)
 
     ctx.enqueue_function(routed_kernel, grid_dim=blocks, block_dim=GPU_BLOCK)
 
