@@ -1,17 +1,22 @@
 """MoELayer.capture's refusals, which need no GPU: bad counts and a layer off the GPU are
 refused before anything runs, and pymoe.ops.gpu_capture_refusal (the one statement of which
-GPU paths read back to the host) refuses exactly those. The replays themselves run in
+GPU paths read back to the host) refuses exactly those. runtime.DeviceGraph's own plumbing
+(the input copy, the captured buffers, the output, release) runs here on a CPU layer with a
+stand-in for MAX's capture, which MAX has for GPUs only. The real replays run in
 tests/test_gpu_graph.py."""
 
 import dataclasses
 import re
 
+import numpy as np
 import pytest
+import torch
+from conftest import FP32_TOL, rel_err
 from graphs import layer_graphs
 from model_layer_cases import TEST_PRESET
 
 import pymoe.ops as mops
-from pymoe import MoEConfig, MoELayer, MoEWeights
+from pymoe import MoEConfig, MoELayer, MoEWeights, runtime
 
 # The CPU layer of the refusal test, compiled with the suite's other graphs (tests/graphs.py).
 GRAPHS = layer_graphs([TEST_PRESET.config])
@@ -82,3 +87,59 @@ def test_the_python_rule_has_the_kernels_constants():
     assert constant("CUBLAS_MAX_EXPERTS") == mops.CUBLAS_MAX_EXPERTS
     assert constant("CUBLAS_MIN_ROWS_PER_EXPERT") == mops.CUBLAS_MIN_ROWS_PER_EXPERT
     assert constant("MAX_EXPERTS") == mops.GROUPED_GEMM_MAX_EXPERTS
+
+
+class CapturedByExecuting:
+    """Stands in for a MAX model's capture on the CPU (TEST ONLY): capture runs the model and
+    keeps its output buffers and inputs; replay insists on the very input buffers captured,
+    runs the model and writes the results into the captured outputs, in place, as a device
+    graph's replay does."""
+
+    def __init__(self, model):
+        self.model, self.captured, self.released, self.executed = model, {}, [], 0
+
+    def execute(self, *inputs):
+        self.executed += 1
+        return self.model.execute(*inputs)
+
+    def capture(self, key, *inputs):
+        assert key not in self.captured, "a key must not be captured twice"
+        outputs = self.model.execute(*inputs)
+        self.captured[key] = (inputs, outputs)
+        return outputs
+
+    def replay(self, key, *inputs):
+        captured_inputs, outputs = self.captured[key]
+        assert len(inputs) == len(captured_inputs) and all(a is b for a, b in zip(inputs, captured_inputs))
+        for out, new in zip(outputs, self.model.execute(*inputs)):
+            out.inplace_copy_from(new)
+
+    def release_captured_graph(self, key):
+        self.released.append(key)
+
+
+def test_a_device_graph_copies_x_in_replays_the_captured_buffers_and_releases(rng):
+    config = TEST_PRESET.config
+    layer = MoELayer(config, MoEWeights.random(config, seed=1), device="cpu")
+    model = CapturedByExecuting(layer._model)
+    graphs = [runtime.DeviceGraph(model, (5, config.d_model), "float32", layer._device, layer._inputs_after_x(5))
+              for _ in range(2)]
+    graph = graphs[0]
+    assert graphs[1].key != graph.key, "each capture takes its own key"
+    assert model.executed == 2, "each capture runs the graph once before capturing"
+    outs = []
+    for _ in range(2):
+        x = rng.standard_normal((5, config.d_model), dtype=np.float32)
+        out = graph(x)
+        assert rel_err(out, layer.forward_unchecked(x)) < FP32_TOL
+        outs.append(out.copy())  # a host output buffer is shared: the next call overwrites it
+    assert rel_err(outs[0], outs[1]) > FP32_TOL, "the second call must see its own input"
+    x = torch.from_numpy(rng.standard_normal((5, config.d_model), dtype=np.float32))
+    assert rel_err(graph(x).numpy(), layer.forward_unchecked(x.numpy())) < FP32_TOL
+    with pytest.raises(ValueError, match=r"captured for x of shape \[tokens, d_model\] = \[5, 27\], got \[4, 27\]"):
+        graph(x[:4])
+    graph.release()
+    graph.release()  # a second release does nothing
+    assert model.released == [graph.key]
+    with pytest.raises(RuntimeError, match="released"):
+        graph(x)
