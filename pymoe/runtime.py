@@ -543,11 +543,11 @@ class DeviceGraph:
         return wrap_output(self._outputs[0], x)
 
     def release(self) -> None:
-        """Free the captured graph and its working memory; later calls raise. Outputs
-        returned earlier share the freed memory: copy what you keep before."""
+        """Free the captured graph and its working memory; later calls raise. A CUDA tensor
+        returned earlier keeps the output buffer's memory until it is dropped."""
         if self._model is None:
             return
-        # MAX frees the output memory only once no Python handle is left.
+        # MAX reclaims the output buffers only once no Python handle to them is left.
         self._outputs = None
         self._model.release_captured_graph(self.key)
         self._model = self._inputs = self._x = self._source = None

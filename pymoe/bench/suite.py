@@ -464,7 +464,11 @@ def run_impl(impl: Impl, w: Workload, work: dict, ceilings: dict, min_seconds: f
     if reason:
         gr.update(status="skipped", error=reason)
         return row
-    expected = _to_numpy(fn(x))  # the eager function's output on the timed batch
+    try:
+        expected = _to_numpy(fn(x))  # the eager function's output on the timed batch
+    except Exception as exc:  # recorded, not raised, as every failure of a row
+        gr.update(status="failed", error=error_summary(exc), phase="eager")
+        return row
     fn = None  # its copy of the weights goes before the graph's comes
     gc.collect()
     _time_graph(gr, impl, w, x, expected, stack, min_seconds, sync)
