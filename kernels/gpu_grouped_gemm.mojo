@@ -107,6 +107,8 @@ comptime MID_MAX_ROWS_PER_EXPERT = 512
 # reaches 91% of the measured 706 TFLOP/s peak at 16384 tokens, so cuBLAS
 # stays there. GPT-OSS-20B (E=32) from 512 rows per expert also takes this
 # path; the wgmma tile against cuBLAS there is not yet measured.
+# pymoe/ops.py mirrors these two constants (cublas_is_faster there decides which
+# layers MoELayer.capture refuses, as this path syncs): change both together.
 comptime CUBLAS_MAX_EXPERTS = 32
 comptime CUBLAS_MIN_ROWS_PER_EXPERT = 512
 

@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "PRESETS": ".config", "MoEConfig": ".config", "Preset": ".config", "get_preset": ".config",
-    "DenseFFN": ".layer", "MoELayer": ".layer", "MoEOutput": ".layer",
+    "DenseFFN": ".layer", "MoELayer": ".layer", "MoEOutput": ".layer", "DeviceGraph": ".runtime",
     "DenseWeights": ".weights", "MoEWeights": ".weights",
 }
 

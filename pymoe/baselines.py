@@ -9,7 +9,8 @@
   code; on CPU PyTorch runs it in float32 only, for widths that are multiples of 4); the
   weighted rows go back to their (token, slot) places and are summed over the k slots, a
   deterministic combine (as vLLM's moe_sum), where `index_add_` adds with atomics in an
-  order that varies on CUDA.
+  order that varies on CUDA. Nothing in it reads back to the host, so on a GPU it can be
+  captured as a CUDA graph (`pymoe bench --graph`); the loop cannot (it lists the experts hit).
 - `TorchDenseFFN`: the dense baseline, one FFN of the experts' total size.
 
 Both MoE styles route by the one routing definition, pymoe.routing.route_torch with the
@@ -128,7 +129,10 @@ class TorchMoE:
         order = torch.argsort(flat, stable=True)
         token, expert = order // k, flat[order]
         w = weights.flatten()[order, None]
-        counts = torch.bincount(flat, minlength=self.config.num_experts)
+        # Rows per expert, counted by a scatter into E zeros: torch.bincount on CUDA reads the
+        # largest id back to the host to size its output, a sync that a CUDA graph cannot capture.
+        counts = torch.zeros(self.config.num_experts, dtype=torch.int64, device=flat.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat))
         offs = torch.cumsum(counts, 0).to(torch.int32)
         inp = x[token] * w if self.config.weight_on_input else x[token]
         h = torch._grouped_mm(inp, self.w1, offs=offs)

@@ -71,6 +71,13 @@ def _token_counts(text: str | None) -> tuple[int, ...] | None:
                    "as one Python call, all layers on one set of weights. Prints and records the time per layer "
                    "(the call's / L) beside the single call's: a model pays MAX's per-call cost once per graph, "
                    "not once per layer. MAX's dense and built-in rows have no stacked form.")
+@click.option("--graph", is_flag=True,
+              help="GPU only: also time what each row times (with --stack, the L-layer stack; else the single "
+                   "call) as a device graph captured once per batch size and replayed, as serving engines run "
+                   "decode: pymoe through MAX's Model.capture, PyTorch through torch.cuda.CUDAGraph. Removes the "
+                   "host work of launching each kernel and the MAX call's fixed cost. Rows that cannot be "
+                   "captured (the HF-style loop, MAX's dense and built-in rows, pymoe layers whose kernels read "
+                   "back to the host) say why.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
               show_default=True, help="Folder for the result file (results/bench/<device>/...).")
 @click.option("--no-save", is_flag=True, help="Print only; write no result file.")
@@ -84,7 +91,7 @@ def _token_counts(text: str | None) -> tuple[int, ...] | None:
 @click.option("--matmul-tokens", type=int, default=None,
               help="With --ablation: tokens for the expert matmul and layer rungs (default 256; the scalar "
                    "rung is slow).")
-def bench(presets, tokens, device, dtype, impls, min_seconds, stack, out_dir, no_save, ablation,
+def bench(presets, tokens, device, dtype, impls, min_seconds, stack, graph, out_dir, no_save, ablation,
           matmul_tokens) -> None:
     """Time pymoe's MoE layer against the dense FFN, PyTorch and MAX, side by side."""
     from .bench.runner import DEFAULT_PRESETS, run_ablation, run_bench
@@ -92,9 +99,9 @@ def bench(presets, tokens, device, dtype, impls, min_seconds, stack, out_dir, no
 
     tokens = _token_counts(tokens)
     if ablation:
-        if device != "cpu" or dtype != "float32" or impls or len(presets) > 1 or stack is not None:
+        if device != "cpu" or dtype != "float32" or impls or len(presets) > 1 or stack is not None or graph:
             raise click.UsageError("--ablation runs on cpu in float32 for one --preset; "
-                                   "--device, --dtype, --impl and --stack do not apply")
+                                   "--device, --dtype, --impl, --graph and --stack do not apply")
         if tokens is not None and len(tokens) > 1:
             raise click.UsageError("--ablation takes one --tokens count")
         tokens = tokens[0] if tokens else None
@@ -106,10 +113,12 @@ def bench(presets, tokens, device, dtype, impls, min_seconds, stack, out_dir, no
         return
     if matmul_tokens is not None:
         raise click.UsageError("--matmul-tokens only applies with --ablation")
+    if graph and device != "gpu":
+        raise click.UsageError("--graph times device (CUDA) graphs: it needs --device gpu")
     try:
         run_bench(
             tuple(presets) or DEFAULT_PRESETS, tokens=tokens, device=device, dtype=dtype,
-            impls=tuple(impls) or IMPL_NAMES, min_seconds=min_seconds, stack=stack,
+            impls=tuple(impls) or IMPL_NAMES, min_seconds=min_seconds, stack=stack, graph=graph,
             out_dir=None if no_save else out_dir,
         )
     except ValueError as e:

@@ -9,6 +9,11 @@ two largest tensors of a call) live in a BufferPool owned by the layer and
 passed to the graph as mutable buffers, so steady-state calls allocate no
 memory for them. Those parts (devices, buffers, the pool, the compile cache and
 the graphs it holds) live in pymoe/runtime.py.
+
+On the GPU, MoELayer.capture(tokens) records the layer's graph once as a device graph
+(a CUDA graph, runtime.DeviceGraph) for one batch size, and each call replays it: the
+kernels are launched without host work per kernel or MAX's per-call cost, as serving
+engines run decode steps.
 """
 
 from __future__ import annotations
@@ -20,8 +25,22 @@ import numpy as np
 
 from . import runtime
 from .config import MoEConfig
-from .runtime import BufferPool, check_device_dtype, driver_device, layer_weight_buffers, to_device_buffer, wrap_output
+from .runtime import (
+    BufferPool,
+    DeviceGraph,
+    check_device_dtype,
+    driver_device,
+    layer_weight_buffers,
+    to_device_buffer,
+    wrap_output,
+)
 from .weights import DenseWeights, MoEWeights
+
+
+def _check_count(name: str, value) -> None:
+    """A ValueError unless `value` is an int >= 1 (a bool is not a count)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 def check_input(x, d_model: int) -> None:
@@ -117,10 +136,15 @@ class MoELayer:
         return runtime.compiled(runtime.moe_graph_spec(
             self.config, self.device, self.dtype, self.pooled, self.every_expert_tokens, stack=stack))
 
+    def _inputs_after_x(self, tokens: int, layers: int = 1) -> list:
+        """The graph's inputs after x, in moe_graph_spec's order: the weights (once per layer
+        of a stack), then the pool's buffers sized for `tokens`."""
+        workspaces = self.pool.buffers(self._workspace_rows(tokens)) if self.pool else []
+        return [*self._weights * layers, *workspaces]
+
     def _execute(self, x, model=None, layers: int = 1):
         xb = to_device_buffer(x, self.dtype, self._device)
-        workspaces = self.pool.buffers(self._workspace_rows(x.shape[0])) if self.pool else []
-        return (model or self._model).execute(xb, *self._weights * layers, *workspaces)
+        return (model or self._model).execute(xb, *self._inputs_after_x(x.shape[0], layers))
 
     def run(self, x) -> MoEOutput:
         """The layer's output and its routing statistics."""
@@ -148,10 +172,50 @@ class MoELayer:
         Every copy is bound to this layer's weights (one set in memory: L copies of a large
         layer would not fit) and its buffer pool. The benchmark times it (pymoe bench --stack)
         because a model pays the MAX call's fixed cost once per graph, not once per layer."""
-        if not isinstance(layers, int) or layers < 1:
-            raise ValueError(f"layers must be an int >= 1, got {layers!r}")
+        _check_count("layers", layers)
         model, seconds = self._compiled(layers)
         return (lambda x: wrap_output(self._execute(x, model, layers)[0], x)), seconds
+
+    def capture(self, tokens: int, layers: int | None = None) -> DeviceGraph:
+        """This layer's graph captured as a device graph (a CUDA graph) for batches of exactly
+        `tokens` tokens, or with `layers` = L the L-layer graph of stack(L); returns a
+        runtime.DeviceGraph, called like forward_unchecked.
+
+            layer = MoELayer(config, weights, device="gpu", dtype="bfloat16")
+            graph = layer.capture(16)       # once per batch size
+            y = graph(x)                    # x: [16, d_model], a CUDA bf16 tensor
+            y = y.clone()                   # the next graph(...) overwrites y's memory
+            graph.release()
+
+        A call copies x (which must be [tokens, d_model]: a ValueError otherwise) into the
+        graph's own input buffer and replays the recorded kernels with no host work per kernel
+        and without MAX's per-call cost, as serving engines run their decode steps. A CUDA torch
+        tensor of the layer's dtype in gives a CUDA tensor out that shares memory with the
+        captured output buffer, which the next replay of this graph overwrites in place (as
+        torch.cuda.CUDAGraph's static outputs); a NumPy input gets a copy. The graph holds this
+        layer's weights and its pool buffers for `tokens` as they were at capture, so they stay
+        alive while it does (a pool that grows later for a larger batch does not free them).
+
+        Refused with a ValueError, before anything runs: `tokens` or `layers` not an int >= 1;
+        off the GPU; and where the layer's kernels would read back to the host or are not
+        known to be capture-safe (pymoe.ops.gpu_capture_refusal): float32 layers, widths that
+        are not multiples of 8, the cuBLAS-per-expert cells of few large experts, and the
+        every-expert path (strided-batched cuBLAS through MAX's handle, not yet checked under
+        capture)."""
+        from .ops import gpu_capture_refusal
+
+        _check_count("tokens", tokens)
+        if layers is not None:
+            _check_count("layers", layers)
+        if self.device != "gpu":
+            raise ValueError(f"capture needs a layer on device='gpu' (a device graph is a CUDA graph); this one "
+                             f"runs on {self.device!r}")
+        reason = gpu_capture_refusal(self.config, self.dtype, tokens, self.every_expert_tokens, self.pooled)
+        if reason:
+            raise ValueError(f"this layer cannot be captured as a device graph at {tokens} tokens: {reason}")
+        model, seconds = self._compiled(layers)
+        return DeviceGraph(model, (tokens, self.config.d_model), self.dtype, self._device,
+                           self._inputs_after_x(tokens, layers or 1), compile_seconds=seconds)
 
 
 class DenseFFN:

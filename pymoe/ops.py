@@ -497,6 +497,57 @@ def grouped_gemm_takes(config: MoEConfig, dtype: str) -> bool:
             and tensor_core_gemm_takes(dtype, config.d_model, config.d_ff))
 
 
+# Where the GPU's routed path leaves the grouped GEMM for cuBLAS per expert although the
+# grouped GEMM takes the layer: E <= CUBLAS_MAX_EXPERTS and >= CUBLAS_MIN_ROWS_PER_EXPERT
+# routed rows per expert. The same constants as kernels/gpu_grouped_gemm.mojo's (which says
+# where they were measured); change both together.
+CUBLAS_MAX_EXPERTS = 32
+CUBLAS_MIN_ROWS_PER_EXPERT = 512
+
+
+def cublas_is_faster(experts: int, slots: int) -> bool:
+    """kernels/gpu_grouped_gemm.mojo's cublas_is_faster: whether the GPU expert GEMMs of E
+    experts on `slots` routed rows (T*k) run cuBLAS per expert instead of the grouped GEMM."""
+    return experts <= CUBLAS_MAX_EXPERTS and slots >= CUBLAS_MIN_ROWS_PER_EXPERT * experts
+
+
+def gpu_capture_refusal(config: MoEConfig, dtype: str, tokens: int,
+                        every_expert_tokens: tuple[int, int] | None = None, pooled: bool = True) -> str | None:
+    """Why the GPU layer's graph on batches of `tokens` tokens cannot be captured as a device
+    graph (MoELayer.capture), or None where it can: the one Python statement of which GPU
+    paths of moe_ffn / moe_expert_matmul read back to the host (kernels/moe_ffn.mojo,
+    kernels/moe_expert_matmul.mojo).
+
+    - The routed path's cuBLAS per expert (float32, widths not multiples of 8, more than
+      GROUPED_GEMM_MAX_EXPERTS experts, and the cublas_is_faster cells) copies the expert
+      offsets to the host and synchronises the stream (gpu_gemm.mojo's
+      expert_offsets_to_host): a host sync, which stream capture cannot record. The grouped
+      GEMM (grouped_gemm_takes, not cublas_is_faster) never reads anything back.
+    - The every-expert path (pooled layers at every_expert_tokens, default
+      every_expert_token_range) reads nothing back, but runs cuBLAS strided-batched GEMMs
+      through MAX's vendor-BLAS handle, which may be created, or given a workspace, on first
+      use; whether that is capture-safe has not been checked on a GPU, so it is refused too.
+
+    The grouped GEMM's own condition on pointer alignment (16 bytes) holds for every buffer
+    MAX allocates, so it is not asked here. Without the pool (pooled=False) the layer runs
+    moe_expert_matmul, which has the same routed rule and no every-expert path."""
+    lo, hi = every_expert_token_range(config, "gpu", dtype) if every_expert_tokens is None else every_expert_tokens
+    if pooled and lo <= tokens <= hi:
+        return (f"at {tokens} tokens the layer runs every expert on every token (its every-expert range is "
+                f"{lo}-{hi} tokens) as cuBLAS strided-batched GEMMs, not yet known to be capture-safe")
+    if not grouped_gemm_takes(config, dtype):
+        return (f"a {dtype} layer of d_model {config.d_model}, d_ff {config.d_ff} and {config.num_experts} experts "
+                f"runs its expert GEMMs as cuBLAS per expert, which reads the expert offsets back to the host (a "
+                f"stream sync); the sync-free grouped GEMM takes 16-bit layers with widths that are multiples of 8 "
+                f"and at most {GROUPED_GEMM_MAX_EXPERTS} experts")
+    slots = tokens * config.top_k
+    if cublas_is_faster(config.num_experts, slots):
+        return (f"at {tokens} tokens ({slots} routed rows for {config.num_experts} experts, "
+                f"{CUBLAS_MIN_ROWS_PER_EXPERT} or more per expert on average) the expert GEMMs run cuBLAS per "
+                f"expert, faster there, which reads the expert offsets back to the host (a stream sync)")
+    return None
+
+
 def every_expert_token_range(config: MoEConfig, device: str, dtype: str) -> tuple[int, int]:
     """(lo, hi): moe_ffn takes the every-expert path for lo <= tokens <= hi
     (the GPU only; (1, 0), i.e. never, on the CPU)."""

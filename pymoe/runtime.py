@@ -1,5 +1,6 @@
 """What a compiled MoE layer runs on: MAX devices and sessions, device buffers, the buffer
-pool, the in-process compile cache with the layer's graphs, and cuBLAS loading.
+pool, the in-process compile cache with the layer's graphs, device graphs (a compiled graph
+captured once and replayed), and cuBLAS loading.
 
 MoELayer and DenseFFN (pymoe/layer.py) are built from these parts; the benchmarks
 (pymoe/bench/) use them to build and call graphs exactly as the layer does. Devices are
@@ -8,6 +9,7 @@ named "cpu" or "gpu" and dtypes "float32" or "bfloat16" (pymoe/dtypes.py maps th
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -473,3 +475,79 @@ def _build_dense_graph(config, device, dtype, name, module):
         x, w1, w2 = (v.tensor for v in g.inputs)
         g.output(mops.dense_ffn(x, w1, w2, config.activation, config.swiglu_alpha, config.swiglu_limit))
     return g
+
+
+# ------------------------------------------------------------ device graphs
+
+
+# MAX keys a captured graph by its compiled model and a caller's integer, and one compiled
+# model serves every layer object of the same key (the compile cache above): each capture
+# of this process takes its own integer, so that no capture replaces another's.
+_DEVICE_GRAPH_KEYS = itertools.count(1)
+
+
+class DeviceGraph:
+    """A compiled MAX graph captured once as a device graph (a CUDA graph) for one input
+    shape, and replayed by calling it: MAX's Model.capture / Model.replay.
+
+    A replay launches the whole recorded sequence of kernels in one go: no host work per
+    kernel, no MAX call overhead. What the graph was captured with is fixed: the shape of x,
+    every other input (the very buffers given here, which this object keeps alive: a replay
+    reads and writes them at the addresses captured) and the kernels' launch shapes. Each
+    call copies x into the one input buffer captured for it (made here, zeros at capture),
+    replays, and returns the captured output buffer, which the NEXT replay overwrites in
+    place (as torch.cuda.CUDAGraph's static outputs): copy it to keep it. Capture needs a
+    graph that never synchronises with the host; MoELayer.capture refuses layers that would.
+
+    Built by MoELayer.capture; `inputs_after_x` are the graph's other inputs in its input
+    order. release() frees the captured graph and its working memory."""
+
+    def __init__(self, model, x_shape: tuple[int, int], dtype: str, device, inputs_after_x: list,
+                 compile_seconds: float = 0.0):
+        self.shape = tuple(x_shape)
+        self.key = next(_DEVICE_GRAPH_KEYS)
+        # Seconds spent compiling `model` for this capture (0.0 when the process had it).
+        self.compile_seconds = compile_seconds
+        self._model, self._dtype, self._device = model, dtype, device
+        self._x = to_device_buffer(np.zeros(self.shape, np.float32), dtype, device)
+        self._inputs = [self._x, *inputs_after_x]
+        self._source = None
+        start = time.perf_counter()
+        # One eager run first, as torch's CUDA-graph recipe warms up before capturing: it
+        # loads the kernels and settles MAX's memory before anything is recorded.
+        model.execute(*self._inputs)
+        self._outputs = model.capture(self.key, *self._inputs)
+        # Host seconds of the warm-up run and the capture (the GPU may still be busy).
+        self.capture_seconds = time.perf_counter() - start
+
+    def __call__(self, x):
+        """The graph's first output for x (numpy or torch, shape `shape`), as
+        MoELayer.forward_unchecked gives it (a CUDA torch tensor in: a CUDA tensor out, sharing
+        the captured output buffer); no input validation beyond the shape, no host sync."""
+        if self._model is None:
+            raise RuntimeError("this device graph was released")
+        shape = tuple(getattr(x, "shape", ()))
+        if shape != self.shape:
+            raise ValueError(f"this device graph was captured for x of shape [tokens, d_model] = {list(self.shape)}, "
+                             f"got {list(shape)}: capture one graph per batch size")
+        from max.driver import batch_inplace_copy
+
+        source = to_device_buffer(x, self._dtype, self._device)
+        # Into the captured buffer, on the device's stream, so ordered before the replay (as
+        # MAX's own serving loop refreshes its captured inputs).
+        batch_inplace_copy([self._x], [source])
+        # A copy made here from host data must outlive its device copy: keep it until the
+        # next call, whose copy the stream orders after this one.
+        self._source = source
+        self._model.replay(self.key, *self._inputs)
+        return wrap_output(self._outputs[0], x)
+
+    def release(self) -> None:
+        """Free the captured graph and its working memory; later calls raise. A CUDA tensor
+        returned earlier keeps the output buffer's memory until it is dropped."""
+        if self._model is None:
+            return
+        # MAX reclaims the output buffers only once no Python handle to them is left.
+        self._outputs = None
+        self._model.release_captured_graph(self.key)
+        self._model = self._inputs = self._x = self._source = None

@@ -33,6 +33,7 @@ def test_bench_writes_a_result_file(tmp_path, basic_preset, small_ceilings):
     assert path.name.endswith(f"-float32-{basic_preset}@4,2.json")
     data = json.loads(path.read_text())
     assert data["complete"] and [run["tokens"] for run in data["runs"]] == [4, 2]
+    assert data["graph"] is False and all("graph" not in row for run in data["runs"] for row in run["rows"])
     assert data["command"].startswith("pymoe") and data["machine"]["cpu_model"]
     assert data["commit"], "run from a pymoe checkout, the file must name its commit"
     assert data["ceilings"]["matmul"]["gflops"] > 0 and data["ceilings"]["read"]["gbps"] > 0
@@ -114,6 +115,7 @@ def test_bench_file_names_say_which_token_counts_ran():
     name = suite.bench_file_name("bfloat16", ("small", "gpt-oss-20b"), (1, 16))
     assert name == "bfloat16-small@1,16_gpt-oss-20b@1,16"
     assert suite.bench_file_name("float32", ("small",), (16384,)) == "float32-small"
+    assert suite.bench_file_name("bfloat16", ("small",), None, graph=True) == "bfloat16-small-graph"
 
 
 def test_memory_plan_refuses_what_does_not_fit_and_drops_dense_first():

@@ -50,21 +50,27 @@ def _router_extras(config: dict) -> str:
     return f" ({', '.join(extras)})" if extras else ""
 
 
-def _stack_cells(st: dict | None) -> list[str]:
-    """A row's stack columns: ms per layer (IQR), % of the one-layer floor, pymoe speedup."""
-    if st is None:
+def _per_layer_cells(part: dict | None) -> list[str]:
+    """A row's `stack` or `graph` columns: ms per layer (IQR), % of the one-layer floor, pymoe
+    speedup (blank for a row without it)."""
+    if part is None:
         return ["", "", ""]
-    if st["status"] != "ok":
-        color = "yellow" if st["status"] == "skipped" else "red"
-        return [f"[{color}]{st['status']}[/{color}] (see below)", "", ""]
-    layers = st["layers"]
-    return [f"{_ms(st['per_layer_s'])} ({_ms(st['q25_s'] / layers)}-{_ms(st['q75_s'] / layers)})",
-            f"{st['pct_of_floor']:.0f}%",
-            f"{st['pymoe_speedup']:.2f}x" if "pymoe_speedup" in st else ""]
+    if part["status"] != "ok":
+        color = "yellow" if part["status"] == "skipped" else "red"
+        return [f"[{color}]{part['status']}[/{color}] (see below)", "", ""]
+    layers = part["layers"]
+    return [f"{_ms(part['per_layer_s'])} ({_ms(part['q25_s'] / layers)}-{_ms(part['q75_s'] / layers)})",
+            f"{part['pct_of_floor']:.0f}%",
+            f"{part['pymoe_speedup']:.2f}x" if "pymoe_speedup" in part else ""]
 
 
-def run_table(run: dict, device: str, dtype: str, stack: int | None = None) -> Table:
-    """One cell's rows; with `stack` (the run's layers in one call), the stacked columns too."""
+def _graph_heading(stack: int | None) -> str:
+    return "ms/layer as a device graph (IQR)" if not stack else f"ms/layer, {stack}-layer stack as a device graph (IQR)"
+
+
+def run_table(run: dict, device: str, dtype: str, stack: int | None = None, graph: bool = False) -> Table:
+    """One cell's rows; with `stack` (the run's layers in one call), the stacked columns too;
+    with `graph`, the device-graph columns."""
     w = run["work"]
     title = (
         f"{run['preset']} ({run['regime']}): {run['tokens']} tokens, d_model {run['config']['d_model']}, "
@@ -75,8 +81,12 @@ def run_table(run: dict, device: str, dtype: str, stack: int | None = None) -> T
     t = Table(title=title)
     cols = ["implementation", "median ms (IQR)", "GFLOP/s (% peak)", "weights GB/s (% read bw)",
             "% of floor", "pymoe speedup", "compile s", "check err"]
+    extra = []
     if stack:
-        cols[2:2] = [f"ms/layer in {stack}-layer stack (IQR)", "stack % of floor", "stack pymoe speedup"]
+        extra += [f"ms/layer in {stack}-layer stack (IQR)", "stack % of floor", "stack pymoe speedup"]
+    if graph:
+        extra += [_graph_heading(stack), "graph % of floor", "graph pymoe speedup"]
+    cols[2:2] = extra
     for c in cols:
         t.add_column(c, justify="left" if c == "implementation" else "right")
     failures = []
@@ -86,13 +96,16 @@ def run_table(run: dict, device: str, dtype: str, stack: int | None = None) -> T
             t.add_row(r["name"], f"[{color}]{r['status']}[/{color}] (see below)", *[""] * (len(cols) - 2))
             failures.append(f"{r['name']}: {r['error']}")
             continue
-        st = r.get("stack")
+        st, gr = r.get("stack"), r.get("graph")
         if st is not None and st["status"] != "ok":
             failures.append(f"{r['name']} in the stack: {st['error']}")
+        if gr is not None and gr["status"] != "ok":
+            failures.append(f"{r['name']} as a device graph: {gr['error']}")
         t.add_row(
             r["name"],
             f"{_ms(r['median_s'])} ({_ms(r['q25_s'])}-{_ms(r['q75_s'])})",
-            *(_stack_cells(st) if stack else []),
+            *(_per_layer_cells(st) if stack else []),
+            *(_per_layer_cells(gr) if graph else []),
             f"{r['gflops']:,.1f} ({r['pct_peak']:.0f}%)",
             f"{r['gbps']:,.1f} ({r['pct_bw']:.0f}%)",
             f"{r['pct_of_floor']:.0f}% of {_ms(r['floor_s'])} ms",
@@ -109,8 +122,9 @@ def print_result(result: dict, console: Console | None = None) -> None:
     console = console or Console()
     console.print(ceilings_table(result["ceilings"]))
     stack = result.get("stack")  # result files before issue 22 have no stacked timings
+    graph = bool(result.get("graph"))  # nor, before graph mode, device-graph timings
     for run in result["runs"]:
-        console.print(run_table(run, result["device"], result["dtype"], stack))
+        console.print(run_table(run, result["device"], result["dtype"], stack, graph))
     console.print(
         "GFLOP/s count the FLOPs each row must do (MoE rows: the routed experts + router; dense rows: "
         "the whole FFN). Weights GB/s count the weights each row must read once (MoE: the experts used). "
@@ -121,6 +135,14 @@ def print_result(result: dict, console: Console | None = None) -> None:
             f"ms/layer in {stack}-layer stack = the time of one call running {stack} layers in sequence (each "
             f"after an RMS norm, all on one set of weights; pymoe: one MAX graph) / {stack}; its % of floor is "
             "against one layer's floor."
+        )
+    if graph:
+        what = f"the {stack}-layer stack" if stack else "the single call"
+        console.print(
+            f"{_graph_heading(stack).removesuffix(' (IQR)')} = {what} captured once as a device graph (pymoe: MAX's "
+            "Model.capture; PyTorch: torch.cuda.CUDAGraph) for this batch size and replayed: no host work per "
+            f"kernel launch and no MAX call overhead. Per layer: the replay's time / {stack or 1}; its % of floor "
+            "is against one layer's floor."
         )
 
 

@@ -15,7 +15,7 @@ from ..results import command_line, file_stamp, result_header, write_result
 from ..runtime import check_device_dtype
 from .ceilings import measure_ceilings
 from .report import print_result
-from .suite import IMPL_NAMES, bench_file_name, check_stack, run_preset, write_bench_result
+from .suite import IMPL_NAMES, bench_file_name, check_graph, check_stack, run_preset, write_bench_result
 from .workload import check_memory
 
 DEFAULT_PRESETS = ("small-decode", "small")
@@ -30,14 +30,16 @@ def run_bench(
     impls: tuple[str, ...] = IMPL_NAMES,
     min_seconds: float = 1.0,
     stack: int | None = None,
+    graph: bool = False,
     out_dir: Path | None = Path("results"),
     command: str | None = None,
     console: Console | None = None,
 ) -> tuple[dict, Path | None]:
     """Measure the ceilings, run each preset at each token count (None: the preset's own),
-    with `stack` = L each row also as L layers in one call (pymoe/bench/suite.py), print the
-    tables, write the result file (again after every cell, so that a run cut short keeps what
-    it measured; `complete` says whether it ended)."""
+    with `stack` = L each row also as L layers in one call and with `graph` (GPU only) what is
+    timed also as a device graph (pymoe/bench/suite.py), print the tables, write the result file
+    (again after every cell, so that a run cut short keeps what it measured; `complete` says
+    whether it ended)."""
     tokens = (tokens,) if isinstance(tokens, int) else tokens
     if tokens is not None and (not tokens or min(tokens) < 1):
         raise ValueError(f"token counts must be >= 1, got {tokens}")
@@ -47,6 +49,7 @@ def run_bench(
     if unknown:
         raise ValueError(f"unknown implementation(s) {sorted(unknown)}; choose from {IMPL_NAMES}")
     check_stack(stack)
+    check_graph(graph, device)
     check_device_dtype(device, dtype)
     console = console or Console()
     for name in presets:  # weights that do not fit fail here, before anything is allocated
@@ -58,10 +61,11 @@ def run_bench(
         "device": device,
         "dtype": dtype,
         "stack": stack,  # layers in one call of each row's `stack` (None: single calls only)
+        "graph": graph,  # whether rows also have a `graph`: what is timed, as a device graph
         "complete": False,
         "runs": [],
     }
-    file_name = bench_file_name(dtype, presets, tokens, stack)
+    file_name = bench_file_name(dtype, presets, tokens, stack, graph)
     path = None
     start = time.perf_counter()
 
@@ -81,7 +85,8 @@ def run_bench(
                 bar.update(task, description=f"{name}: {what}")
 
             run_preset(name, tokens=tokens, device=device, dtype=dtype, ceilings=result["ceilings"],
-                       impls=impls, min_seconds=min_seconds, stack=stack, progress=show, on_run=save)
+                       impls=impls, min_seconds=min_seconds, stack=stack, graph=graph, progress=show,
+                       on_run=save)
     result["wall_s"] = time.perf_counter() - start  # the whole run: compiles, references, timings
     result["complete"] = True
     print_result(result, console)

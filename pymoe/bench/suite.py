@@ -20,12 +20,26 @@ different experts, and one layer's experts at the presets' own token counts (75 
 qwen3-30b-a3b at 1 token, the least) outgrow a GPU's L2 (50 MB on the H100). The stack is
 checked against L single calls with the norm between them, made by the row's single-call
 function that the float64 reference check passed.
+
+With `graph` (GPU only), each row that has a graph form is also timed as a device graph (a
+CUDA graph) of what the run times: the L-layer stack with `stack`, else the single call,
+captured once for the cell's batch size and replayed, in the row's `graph`. A replay launches
+the recorded kernels without the host work of launching each one and without the MAX call's
+fixed cost, which at decode sizes are most of a call: serving engines (vLLM, MAX's own
+pipelines) capture their decode steps so. Both sides get it: pymoe through MAX's device
+graphs (MoELayer.capture), the PyTorch rows through torch.cuda.CUDAGraph. A graph is fixed
+to one batch size (an engine captures one per size it serves), so each cell captures its
+own. Rows that cannot be captured say why: the HF-style loop reads the experts it hits back
+to the host, MAX's dense and built-in rows have no graph form here, and pymoe refuses the
+layers whose kernels read back to the host (pymoe.ops.gpu_capture_refusal). The replay is
+checked against the eager function's output on the timed batch before it is timed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +53,7 @@ from ..baselines import TorchDenseFFN, TorchMoE
 from ..config import PRESETS, get_preset
 from ..dtypes import itemsize, torch_dtype
 from ..layer import DenseFFN, MoELayer
+from ..ops import gpu_capture_refusal
 from ..runtime import STACK_RMS_EPS
 from .report import error_summary
 from .timing import device_sync, measure, peak_rss_during, summarize
@@ -66,7 +81,7 @@ DENSE_MAX_FLOOR_S = 2.0
 # prefill chunks.
 DECODE_MAX_TOKENS = 128
 
-__all__ = ["CHECK_TOKENS", "CHECK_TOL", "IMPLEMENTATIONS", "IMPL_NAMES", "Impl", "Workload",
+__all__ = ["CHECK_TOKENS", "CHECK_TOL", "IMPLEMENTATIONS", "IMPL_NAMES", "Impl", "Workload", "check_graph",
            "check_stack", "make_workload", "run_cell", "run_impl", "run_preset", "work_model", "write_bench_result"]
 
 
@@ -81,6 +96,13 @@ class Impl:
     # (w, L) -> (fn(x) -> out of L layers in sequence in one call, compile seconds); None:
     # no stacked form (MAX's dense and built-in rows: one graph per call only).
     build_stack: Callable[[Workload, int], tuple[Callable, float]] | None = None
+    # (w, L or None) -> (graph, compile seconds): the row's timed call (with L, its L-layer
+    # stack) captured as a device graph for w.tokens tokens; graph(x) replays it, and it has
+    # capture_seconds and release(). None: no graph form.
+    build_graph: Callable[[Workload, int | None], tuple[Callable, float]] | None = None
+    # (w, L or None) -> why the row's graph cannot be captured on this cell (None: it can);
+    # asked before building. For a row without build_graph: why it has no graph form.
+    graph_unsupported: Callable[[Workload, int | None], str | None] = lambda w, layers: None
 
 
 def _torch_device(device: str) -> str:
@@ -106,6 +128,17 @@ def _build_pymoe(w: Workload):
 
 def _build_pymoe_stack(w: Workload, layers: int):
     return MoELayer(w.config, w.moe_weights, device=w.device, dtype=w.dtype).stack(layers)
+
+
+def _build_pymoe_graph(w: Workload, layers: int | None):
+    layer = MoELayer(w.config, w.moe_weights, device=w.device, dtype=w.dtype)
+    graph = layer.capture(w.tokens, layers=layers)
+    return graph, layer.compile_seconds + graph.compile_seconds
+
+
+def _pymoe_graph_unsupported(w: Workload, layers: int | None) -> str | None:
+    # The layers the bench builds take MoELayer's defaults (pooled, the default every-expert range).
+    return gpu_capture_refusal(w.config, w.dtype, w.tokens)
 
 
 def _build_max_dense(w: Workload):
@@ -147,6 +180,59 @@ def _stack_torch(build):
     return build_stack
 
 
+class TorchGraph:
+    """A PyTorch row's call captured as a torch.cuda.CUDAGraph for inputs of one shape: the
+    PyTorch side of `pymoe bench --graph` (pymoe's is runtime.DeviceGraph, called alike).
+
+    Built as torch's CUDA-graph docs prescribe: a static input tensor (zeros), warm-up calls
+    on a side stream (cuBLAS handles and workspaces, the caching allocator's blocks), then
+    the capture of one call into the graph's private memory pool. A call copies x into the
+    static input and replays; it returns the static output, which the next call overwrites."""
+
+    WARMUP_CALLS = 3
+
+    def __init__(self, fn: Callable, shape: tuple[int, int], dtype: torch.dtype):
+        start = time.perf_counter()
+        self.static_x = torch.zeros(shape, device="cuda", dtype=dtype)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.WARMUP_CALLS):
+                fn(self.static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_out = fn(self.static_x)
+        # Host seconds of the warm-up and the capture.
+        self.capture_seconds = time.perf_counter() - start
+
+    def __call__(self, x):
+        if tuple(x.shape) != tuple(self.static_x.shape):
+            raise ValueError(f"captured for x of shape {list(self.static_x.shape)}, got {list(x.shape)}")
+        self.static_x.copy_(torch.as_tensor(x))
+        self.graph.replay()
+        return self.static_out
+
+    def release(self) -> None:
+        self.graph.reset()
+        self.static_x = self.static_out = None
+
+
+def _graph_torch(build):
+    """A PyTorch row's graph form: its single call (`layers` None) or its stack of `layers`
+    (_stack_torch) captured as a TorchGraph for the cell's batch."""
+
+    def build_graph(w: Workload, layers: int | None):
+        fn, seconds = build(w) if layers is None else _stack_torch(build)(w, layers)
+        return TorchGraph(fn, (w.tokens, w.config.d_model), torch_dtype(w.dtype)), seconds
+
+    return build_graph
+
+
+def _no_graph(reason: str):
+    return lambda w, layers: reason
+
+
 def _build_max_builtin(w: Workload):
     from .max_builtin import MaxBuiltinMoE
 
@@ -164,17 +250,23 @@ def _dense_unsupported(w: Workload) -> str | None:
     return w.dense_skipped
 
 
+_MAX_NO_GRAPH = _no_graph("no graph form: MAX's dense and built-in rows are timed as calls only")
+
 IMPLEMENTATIONS = (
-    Impl("pymoe", "pymoe MoE (Mojo kernels in a MAX graph)", "moe", _build_pymoe, build_stack=_build_pymoe_stack),
-    Impl("max_dense", "dense FFN in MAX (ops.matmul)", "dense", _build_max_dense, _dense_unsupported),
+    Impl("pymoe", "pymoe MoE (Mojo kernels in a MAX graph)", "moe", _build_pymoe, build_stack=_build_pymoe_stack,
+         build_graph=_build_pymoe_graph, graph_unsupported=_pymoe_graph_unsupported),
+    Impl("max_dense", "dense FFN in MAX (ops.matmul)", "dense", _build_max_dense, _dense_unsupported,
+         graph_unsupported=_MAX_NO_GRAPH),
     Impl("torch_loop", "PyTorch MoE, HF-style expert loop", "moe", _build_torch("loop"),
-         build_stack=_stack_torch(_build_torch("loop"))),
+         build_stack=_stack_torch(_build_torch("loop")),
+         graph_unsupported=_no_graph("the HF-style loop reads the experts it hits back to the host (.tolist()), "
+                                     "which a CUDA graph cannot capture")),
     Impl("torch_grouped", "PyTorch MoE, torch._grouped_mm", "moe", _build_torch("grouped"),
-         build_stack=_stack_torch(_build_torch("grouped"))),
+         build_stack=_stack_torch(_build_torch("grouped")), build_graph=_graph_torch(_build_torch("grouped"))),
     Impl("torch_dense", "dense FFN in PyTorch", "dense", _build_torch_dense, _dense_unsupported,
-         build_stack=_stack_torch(_build_torch_dense)),
+         build_stack=_stack_torch(_build_torch_dense), build_graph=_graph_torch(_build_torch_dense)),
     Impl("max_builtin", "MAX built-in MoE kernels (max.nn.kernels)", "moe", _build_max_builtin,
-         _max_builtin_unsupported),
+         _max_builtin_unsupported, graph_unsupported=_MAX_NO_GRAPH),
 )
 IMPL_NAMES = tuple(i.name for i in IMPLEMENTATIONS)
 
@@ -296,10 +388,44 @@ def _single_calls(fn: Callable, x: np.ndarray, layers: int, d_model: int) -> np.
     return y.numpy()
 
 
+def _graph_skip_reason(impl: Impl, w: Workload, stack: int | None, eager_passed: bool) -> str | None:
+    """Why the row's graph is not timed on this cell (None: it is)."""
+    reason = impl.graph_unsupported(w, stack)
+    if reason is None and impl.build_graph is None:
+        reason = "no graph form"
+    if reason is None and not eager_passed:
+        what = "call" if stack is None else "stack (see the row's stack)"
+        reason = f"the eager {what} did not pass, so its graph has nothing to be checked against"
+    return reason
+
+
+def _time_graph(rec: dict, impl: Impl, w: Workload, x, expected: np.ndarray, stack: int | None,
+                min_seconds: float, sync) -> None:
+    """Capture the row's graph, check its replay on x against `expected`, time it (into rec,
+    as _build_check_time), and release it whatever happened."""
+    graphs = []
+
+    def build():
+        graph, compile_s = impl.build_graph(w, stack)
+        graphs.append(graph)
+        rec["capture_s"] = graph.capture_seconds
+        return graph, compile_s
+
+    what = "call" if stack is None else f"{stack}-layer stack"
+    try:
+        _build_check_time(rec, build, x, expected, f"the eager {what} on the timed batch", x, w.dtype, min_seconds,
+                          sync)
+    finally:
+        for graph in graphs:
+            graph.release()
+
+
 def run_impl(impl: Impl, w: Workload, work: dict, ceilings: dict, min_seconds: float, sync=None,
-             stack: int | None = None) -> dict:
+             stack: int | None = None, graph: bool = False) -> dict:
     """One row: built, checked against the float64 reference on the first CHECK_TOKENS tokens,
-    timed, with its roofline; with `stack` = L, its `stack` too (see the module's doc)."""
+    timed, with its roofline; with `stack` = L, its `stack` too; with `graph`, its `graph`: what
+    the run times (the stack with `stack`, else the single call) as a device graph (see the
+    module's doc; the GPU only, which run_cell checks)."""
     row = {"name": impl.name, "label": impl.label, "kind": impl.kind, "status": "ok", "error": None}
     reason = skip_reason(impl, w, work, ceilings)
     if reason:
@@ -315,19 +441,40 @@ def run_impl(impl: Impl, w: Workload, work: dict, ceilings: dict, min_seconds: f
     if w.device == "cpu":
         row["peak_rss_delta_mib"] = peak_rss_during(lambda: fn(x))
     _roofline(row, work[impl.kind], ceilings)
-    if stack is None:
+    # From here on `fn` is what the run times: the single call, or with `stack` the stack
+    # (None when that did not pass), which `graph` captures.
+    if stack is not None:
+        st = row["stack"] = {"layers": stack, "status": "ok", "error": None}
+        if impl.build_stack is None:
+            st.update(status="skipped", error="no stacked form: MAX's dense and built-in rows are one graph per call")
+            fn = None
+        else:
+            expected = _single_calls(fn, w.x[:n], stack, w.config.d_model)
+            fn = None  # the single call's copy of the weights goes before the stack's comes
+            gc.collect()
+            fn = _build_check_time(st, lambda: impl.build_stack(w, stack), w.x[:n], expected, f"{stack} single calls",
+                                   x, w.dtype, min_seconds, sync)
+            if fn:
+                st["per_layer_s"] = st["median_s"] / stack
+                st["pct_of_floor"] = 100 * row["floor_s"] / st["per_layer_s"]
+    if not graph:
         return row
-    st = row["stack"] = {"layers": stack, "status": "ok", "error": None}
-    if impl.build_stack is None:
-        st.update(status="skipped", error="no stacked form: MAX's dense and built-in rows are one graph per call")
+    gr = row["graph"] = {"layers": stack or 1, "status": "ok", "error": None}
+    reason = _graph_skip_reason(impl, w, stack, fn is not None)
+    if reason:
+        gr.update(status="skipped", error=reason)
         return row
-    expected = _single_calls(fn, w.x[:n], stack, w.config.d_model)
-    fn = None  # the single call's copy of the weights goes before the stack's comes
+    try:
+        expected = _to_numpy(fn(x))  # the eager function's output on the timed batch
+    except Exception as exc:  # recorded, not raised, as every failure of a row
+        gr.update(status="failed", error=error_summary(exc), phase="eager")
+        return row
+    fn = None  # its copy of the weights goes before the graph's comes
     gc.collect()
-    if _build_check_time(st, lambda: impl.build_stack(w, stack), w.x[:n], expected, f"{stack} single calls",
-                         x, w.dtype, min_seconds, sync):
-        st["per_layer_s"] = st["median_s"] / stack
-        st["pct_of_floor"] = 100 * row["floor_s"] / st["per_layer_s"]
+    _time_graph(gr, impl, w, x, expected, stack, min_seconds, sync)
+    if gr["status"] == "ok":
+        gr["per_layer_s"] = gr["median_s"] / gr["layers"]
+        gr["pct_of_floor"] = 100 * row["floor_s"] / gr["per_layer_s"]
     return row
 
 
@@ -343,11 +490,18 @@ def check_stack(stack: int | None) -> None:
         raise ValueError(f"stack must be a number of layers >= 1, got {stack!r}")
 
 
+def check_graph(graph: bool, device: str) -> None:
+    """A ValueError for `graph` off the GPU: device graphs are CUDA graphs."""
+    if graph and device != "gpu":
+        raise ValueError(f"graph mode times device (CUDA) graphs, which run on the GPU only; got device {device!r}")
+
+
 def run_cell(w: Workload, *, ceilings: dict, impls: tuple[str, ...] = IMPL_NAMES, min_seconds: float = 1.0,
-             stack: int | None = None, progress: Callable[[str], None] | None = None) -> dict:
+             stack: int | None = None, graph: bool = False, progress: Callable[[str], None] | None = None) -> dict:
     """Benchmark every implementation in `impls` on one cell (with `stack` = L, each also as
-    L layers in one call); returns its run dict."""
+    L layers in one call; with `graph`, what is timed also as a device graph); returns its run dict."""
     _check_impls(impls)
+    check_graph(graph, w.device)
     work = work_model(w)
     sync = device_sync(w.device)
     chosen = [impl for impl in IMPLEMENTATIONS if impl.name in impls]
@@ -360,7 +514,7 @@ def run_cell(w: Workload, *, ceilings: dict, impls: tuple[str, ...] = IMPL_NAMES
     for impl in chosen:
         if progress:
             progress(impl.name)
-        by_name[impl.name] = run_impl(impl, w, work, ceilings, min_seconds, sync, stack)
+        by_name[impl.name] = run_impl(impl, w, work, ceilings, min_seconds, sync, stack, graph)
         gc.collect()  # this implementation's copy of the weights goes before the next one's comes
         if w.device == "gpu":
             torch.cuda.empty_cache()
@@ -369,10 +523,11 @@ def run_cell(w: Workload, *, ceilings: dict, impls: tuple[str, ...] = IMPL_NAMES
     for r in rows:
         if pymoe and r["status"] == "ok":
             r["pymoe_speedup"] = r["median_s"] / pymoe["median_s"]
-    pymoe_stack = pymoe.get("stack") if pymoe else None
-    for r in rows:
-        if pymoe_stack and pymoe_stack["status"] == "ok" and r.get("stack", {}).get("status") == "ok":
-            r["stack"]["pymoe_speedup"] = r["stack"]["per_layer_s"] / pymoe_stack["per_layer_s"]
+    for part in ("stack", "graph"):
+        ours = pymoe.get(part) if pymoe else None
+        for r in rows:
+            if ours and ours["status"] == "ok" and r.get(part, {}).get("status") == "ok":
+                r[part]["pymoe_speedup"] = r[part]["per_layer_s"] / ours["per_layer_s"]
     cfg, size = w.config, itemsize(w.dtype)
     return {
         "preset": w.preset.name,
@@ -398,17 +553,19 @@ def run_preset(
     impls: tuple[str, ...] = IMPL_NAMES,
     min_seconds: float = 1.0,
     stack: int | None = None,
+    graph: bool = False,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
     on_run: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Benchmark every implementation in `impls` on one preset at each token count (None: the
-    preset's own), the weights made once; with `stack` = L, each also as L layers in one call
-    (see the module's doc). Returns one run dict per token count. A preset whose weights do
-    not fit raises a ValueError before anything is allocated. `on_run` gets each run as it
-    ends."""
+    preset's own), the weights made once; with `stack` = L, each also as L layers in one call;
+    with `graph` (GPU only), what is timed also as a device graph (see the module's doc).
+    Returns one run dict per token count. A preset whose weights do not fit raises a
+    ValueError before anything is allocated. `on_run` gets each run as it ends."""
     _check_impls(impls)
     check_stack(stack)
+    check_graph(graph, device)
     preset = get_preset(preset_name)
     counts = preset.tokens if tokens is None else ((tokens,) if isinstance(tokens, int) else tuple(tokens))
     if not counts or min(counts) < 1:
@@ -426,7 +583,8 @@ def run_preset(
             if progress:
                 progress(f"{count} tokens: {impl} (build, check, time)")
 
-        run = run_cell(w, ceilings=ceilings, impls=impls, min_seconds=min_seconds, stack=stack, progress=show)
+        run = run_cell(w, ceilings=ceilings, impls=impls, min_seconds=min_seconds, stack=stack, graph=graph,
+                       progress=show)
         run["memory"] = {"need_bytes": plan.need_bytes, "have_bytes": plan.have_bytes, "note": plan.describe()}
         runs.append(run)
         if on_run:
@@ -440,16 +598,17 @@ def _name_part(preset: str, tokens: tuple[int, ...] | None) -> str:
     return preset if tokens is None or tuple(tokens) == own else f"{preset}@{','.join(map(str, tokens))}"
 
 
-def _stack_part(stack: int | None) -> str:
-    return "" if stack is None else f"-stack{stack}"
+def _mode_part(stack: int | None, graph: bool) -> str:
+    return ("" if stack is None else f"-stack{stack}") + ("-graph" if graph else "")
 
 
 def bench_file_name(dtype: str, presets: tuple[str, ...], tokens: tuple[int, ...] | None,
-                    stack: int | None = None) -> str:
-    """<dtype>-<presets>[-stack<L>]: the presets' names joined by "_", each with @<token counts>
-    where the run overrides its own (float32-qwen3-30b-a3b@1,16), then the stack depth of a
-    --stack run (bfloat16-qwen3-30b-a3b-stack8)."""
-    return f"{dtype}-{'_'.join(_name_part(p, tokens) for p in presets)}{_stack_part(stack)}"
+                    stack: int | None = None, graph: bool = False) -> str:
+    """<dtype>-<presets>[-stack<L>][-graph]: the presets' names joined by "_", each with
+    @<token counts> where the run overrides its own (float32-qwen3-30b-a3b@1,16), then the
+    stack depth of a --stack run (bfloat16-qwen3-30b-a3b-stack8) and -graph for a --graph run
+    (bfloat16-qwen3-30b-a3b-stack8-graph)."""
+    return f"{dtype}-{'_'.join(_name_part(p, tokens) for p in presets)}{_mode_part(stack, graph)}"
 
 
 def write_bench_result(result: dict, out_dir: Path, name: str | None = None) -> Path:
@@ -461,6 +620,6 @@ def write_bench_result(result: dict, out_dir: Path, name: str | None = None) -> 
         for run in result["runs"]:
             counts.setdefault(run["preset"], []).append(run["tokens"])
         name = (f"{result['dtype']}-{'_'.join(_name_part(p, tuple(t)) for p, t in counts.items())}"
-                f"{_stack_part(result.get('stack'))}")
+                f"{_mode_part(result.get('stack'), bool(result.get('graph')))}")
     return results.write_result(Path(out_dir) / "bench" / result["device"], name, result,
                                 stamp=results.file_stamp(result["date"]))
