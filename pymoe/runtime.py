@@ -98,10 +98,14 @@ def driver_device(device: str, device_id: int | None = None):
 
 def session_and_device_ref(device: str, device_id: int | None = None):
     """(InferenceSession on `device`, DeviceRef for the graph's tensor types): what
-    building and loading a graph for "cpu" or "gpu" (see driver_device) needs."""
+    building and loading a graph for "cpu" or "gpu" (see driver_device) needs. On the GPU
+    it makes cuBLAS loadable first (load_cublas): a graph of pymoe's ops may call it, and a
+    session that loads such a graph before anything else loaded cuBLAS cannot run it."""
     from max.engine import InferenceSession
     from max.graph import DeviceRef
 
+    if device == "gpu":
+        load_cublas()
     dev = driver_device(device, device_id)
     return InferenceSession(devices=[dev]), DeviceRef.from_device(dev)
 

@@ -194,10 +194,9 @@ def engine_result_for(model="test-model", ms=None, **header):
 
 @pytest.fixture(scope="module")
 def gpu():
-    """(MAX accelerator, its DeviceRef, an InferenceSession on it) for the GPU test files."""
-    from max.driver import Accelerator
-    from max.engine import InferenceSession
-    from max.graph import DeviceRef
+    """(MAX accelerator, its DeviceRef, an InferenceSession on it) for the GPU test files,
+    made as pymoe makes them (runtime.session_and_device_ref: cuBLAS loaded first)."""
+    from pymoe import runtime
 
-    dev = Accelerator()
-    return dev, DeviceRef.from_device(dev), InferenceSession(devices=[dev])
+    session, ref = runtime.session_and_device_ref("gpu")
+    return runtime.driver_device("gpu"), ref, session
