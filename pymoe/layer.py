@@ -162,7 +162,10 @@ class MoELayer:
     def forward_unchecked(self, x):
         """The output only, without validating x (no NaN scan, no host sync):
         for callers that validated their inputs, and for timing the kernels.
-        On the GPU, a CUDA torch tensor in gives a CUDA tensor out, both shared."""
+        On the GPU, a CUDA torch tensor in gives a CUDA tensor out, both shared. MAX runs on
+        its own stream, not PyTorch's: a caller passing CUDA tensors between the two orders
+        them itself (synchronise PyTorch's stream before the call and the accelerator before
+        reading the output, as pymoe.hf's block does)."""
         return wrap_output(self._execute(x)[0], x)
 
     def stack(self, layers: int):

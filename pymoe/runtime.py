@@ -527,7 +527,8 @@ class DeviceGraph:
     def __call__(self, x):
         """The graph's first output for x (numpy or torch, shape `shape`), as
         MoELayer.forward_unchecked gives it (a CUDA torch tensor in: a CUDA tensor out, sharing
-        the captured output buffer); no input validation beyond the shape, no host sync."""
+        the captured output buffer; the streams ordered by the caller, as there); no input
+        validation beyond the shape, no host sync."""
         if self._model is None:
             raise RuntimeError("this device graph was released")
         shape = tuple(getattr(x, "shape", ()))
