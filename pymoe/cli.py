@@ -113,8 +113,6 @@ def bench(presets, tokens, device, dtype, impls, min_seconds, stack, graph, out_
         return
     if matmul_tokens is not None:
         raise click.UsageError("--matmul-tokens only applies with --ablation")
-    if graph and device != "gpu":
-        raise click.UsageError("--graph times device (CUDA) graphs: it needs --device gpu")
     try:
         run_bench(
             tuple(presets) or DEFAULT_PRESETS, tokens=tokens, device=device, dtype=dtype,

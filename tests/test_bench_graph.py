@@ -26,15 +26,20 @@ OLD_STACK_RESULT = RESULTS / "bench" / "gpu" / "20261206T184704Z-bfloat16-qwen3-
 
 
 def test_graph_is_refused_off_the_gpu_before_any_work(monkeypatch, tmp_path):
-    called = []
-    monkeypatch.setattr(runner, "run_bench", lambda *a, **kw: called.append(kw))
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("ran before graph mode was refused")
+
+    monkeypatch.setattr(runner, "measure_ceilings", must_not_run)
+    monkeypatch.setattr(suite, "random_weights", must_not_run)
     cli = CliRunner()
     for args in (["--graph"], ["--graph", "--device", "cpu", "--stack"]):
         result = cli.invoke(main, ["bench", *args, "--out", str(tmp_path)])
-        assert result.exit_code == 2 and "--graph times device (CUDA) graphs: it needs --device gpu" in result.output
+        assert result.exit_code == 2 and "graph mode times device (CUDA) graphs" in result.output
     result = cli.invoke(main, ["bench", "--ablation", "--graph", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "--graph and --stack do not apply" in result.output
-    assert not called and not any(tmp_path.iterdir())
+    assert not any(tmp_path.iterdir())
+    called = []
+    monkeypatch.setattr(runner, "run_bench", lambda *a, **kw: called.append(kw))
     # On the GPU the option reaches the run (not started here: run_bench is replaced).
     assert cli.invoke(main, ["bench", "--graph", "--device", "gpu", "--dtype", "bfloat16"]).exit_code == 0
     assert called[-1]["graph"] is True and called[-1]["device"] == "gpu"
