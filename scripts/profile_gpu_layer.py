@@ -4,15 +4,18 @@
 
 For each preset (with `:tokens`, that batch size; else the preset's first):
 bf16 layer on the GPU, 3 warm-up calls, 10 host-timed calls, then 5 profiled calls;
-prints the host-timed ms per call and the profiler's
+prints the host-timed ms per call, the profiler's
 table of CUDA kernels (MAX's kernels appear as mojo_pkg_<hash>, cuBLAS's as
-nvjet_*). The CUDA times in the table are totals over the 5 calls.
+nvjet_*; the CUDA times in the table are totals over the 5 calls) and the last call's
+kernels in launch order with their times (the order names them: the router GEMM and the
+gate first, the combine last).
 """
 
 import sys
 import time
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from pymoe.bench.workload import random_weights
@@ -40,6 +43,21 @@ def main(presets: list[str]) -> None:
                 layer.forward_unchecked(x)
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+        print_last_call(prof)
+
+
+def print_last_call(prof) -> None:
+    """The kernels of the last profiled call, in the order they ran, with their GPU times."""
+    kernels = sorted((e.time_range.start, e.time_range.elapsed_us(), e.name) for e in prof.events()
+                     if e.device_type == DeviceType.CUDA)
+    per_call = len(kernels) // 5
+    last = kernels[-per_call:] if per_call else []
+    print(f"last call, {per_call} kernels in launch order (us, gap since the previous one ended):")
+    end = None
+    for start, us, name in last:
+        gap = "" if end is None else f" (+{start - end:.1f})"
+        print(f"  {us:9.1f}{gap:>10}  {name[:70]}")
+        end = start + us
 
 
 if __name__ == "__main__":
