@@ -11,6 +11,7 @@
 # result files' provenance; TESTS (default the grouped GEMM's and the device graphs' test
 # files) the GPU test files of the tests step; TOTAL_S (default 560) bounds the run; STEPS (default
 # "kernel tests profile bench") picks the steps, so that one call can skip what another ran;
+# PROFILE (default qwen3-30b-a3b:16384) the profile step's preset:tokens list;
 # STACK=0 benches single calls (the E=8 presets' earlier results are single calls) instead of
 # the 8-layer stack; GRAPH=1 also times what is timed as a device graph (pymoe bench --graph).
 set -u -o pipefail
@@ -30,7 +31,7 @@ fi
 # tests passed and failed (pytest's summary and tracebacks come only at the end).
 want tests && timeout $(( $(left) / 2 )) python3 -m pytest ${TESTS:-tests/test_gpu_grouped_gemm.py tests/test_gpu_graph.py} \
   -v -rfE --tb=short -p no:cacheprovider 2>&1 | tee "$OUT/grouped-gemm-tests.log" | grep -E "PASSED|FAILED|ERROR|passed|failed" | tail -40
-want profile && timeout 120 python3 scripts/profile_gpu_layer.py qwen3-30b-a3b:16384 2>&1 | tee "$OUT/profile.log" | grep -m 8 mojo_pkg
+want profile && timeout 150 python3 scripts/profile_gpu_layer.py ${PROFILE:-qwen3-30b-a3b:16384} 2>&1 | tee "$OUT/profile.log" | grep -E "^ +[0-9.]+ "
 mkdir -p "$OUT/results"
 want bench || set --
 for p in "$@"; do
