@@ -67,6 +67,8 @@ def machine_info() -> dict:
         "cpu_model": model,
         "cpu_flags": flags,
         "logical_cpus": os.cpu_count(),
+        # What this process may run on (taskset): MAX sizes its CPU worker pool by it.
+        "usable_cpus": len(os.sched_getaffinity(0)),
         "torch_threads": torch.get_num_threads(),
         "memory_gib": _memory_gib(),
         "os": platform.platform(),

@@ -300,7 +300,7 @@ def measure_host_compute(model: OffloadModel, *, rows=HOST_ROWS, experts=HOST_EX
     del weights
     nxt = itertools.cycle(range(count))
     entry = {"rows": list(rows), "experts": list(experts), "median_ms": [], "raw_ms": [],
-             "dtype": group.dtype, "threads": os.cpu_count(), "gap_ms": gap_ms,
+             "dtype": group.dtype, "threads": len(os.sched_getaffinity(0)), "gap_ms": gap_ms,
              "compile_s": group.compile_seconds,
              "what": f"pymoe.offload.host.HostExpertGroup on cpu: one call computing m experts on n rows each, "
                      f"after {gap_ms} ms idle, cycling through {count} experts' weights (host clock)"}
