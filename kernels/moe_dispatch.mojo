@@ -67,11 +67,11 @@ def _scan_capped_counts(
             c = min(offsets.unsafe_load(e + 1), Int32(capacity))
         var before = block_prefix_sum[block_size=GPU_BLOCK, exclusive=True](c)
         if tid == GPU_BLOCK - 1:
-            chunk_total[0] = before + c
+            chunk_total.unsafe_store(0, before + c)
         if e < experts:
             offsets.unsafe_store(e + 1, running + before + c)
         barrier()
-        running += chunk_total[0]
+        running += chunk_total.unsafe_load(0)
         barrier()
     if tid == 0:
         offsets.unsafe_store(0, Int32(0))
@@ -172,7 +172,7 @@ def dispatch_gpu(
                     mine += 1
             var before = block_prefix_sum[block_size=GPU_BLOCK, exclusive=True](mine)
             if tid == GPU_BLOCK - 1:
-                chunk_total[0] = before + mine
+                chunk_total.unsafe_store(0, before + mine)
             var pos = base + Int(before)
             comptime for i in range(SLOTS_PER_THREAD):
                 var s = first + i
@@ -188,7 +188,7 @@ def dispatch_gpu(
                     elif e == 0 and (id < 0 or id >= Int(n_e)):
                         rows.unsafe_store(s, Int32(-1))
             barrier()
-            base += Int(chunk_total[0])
+            base += Int(chunk_total.unsafe_load(0))
             barrier()
         # Rows past the kept slots hold token 0; the blocks share that tail.
         var total = Int(offsets.unsafe_load(Int(n_e)))

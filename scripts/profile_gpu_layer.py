@@ -22,6 +22,8 @@ from pymoe.bench.workload import random_weights
 from pymoe.config import get_preset
 from pymoe.layer import MoELayer
 
+PROFILED_CALLS = 5
+
 
 def main(presets: list[str]) -> None:
     for spec in presets:
@@ -39,18 +41,18 @@ def main(presets: list[str]) -> None:
         torch.cuda.synchronize()
         print(spec, "host-timed ms/call", (time.perf_counter() - start) / 10 * 1e3)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
+            for _ in range(PROFILED_CALLS):
                 layer.forward_unchecked(x)
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
-        print_last_call(prof)
+        print_last_call(prof, PROFILED_CALLS)
 
 
-def print_last_call(prof) -> None:
-    """The kernels of the last profiled call, in the order they ran, with their GPU times."""
+def print_last_call(prof, calls: int) -> None:
+    """The kernels of the last of `calls` profiled calls, in the order they ran, with their GPU times."""
     kernels = sorted((e.time_range.start, e.time_range.elapsed_us(), e.name) for e in prof.events()
                      if e.device_type == DeviceType.CUDA)
-    per_call = len(kernels) // 5
+    per_call = len(kernels) // calls
     last = kernels[-per_call:] if per_call else []
     print(f"last call, {per_call} kernels in launch order (us, gap since the previous one ended):")
     end = None
