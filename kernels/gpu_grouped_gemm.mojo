@@ -36,7 +36,7 @@
 # groups of GROUP_M row tiles, so the blocks running together share a few
 # experts' weight columns and a few row tiles (L2 reuse both ways).
 
-from max.gpu import barrier, block_idx, lane_id, thread_idx, warp_id
+from max.gpu import barrier, block_idx, grid_dim, lane_id, thread_idx, warp_id
 from max.gpu.compute.mma import (
     WGMMADescriptor,
     ld_matrix,
@@ -281,15 +281,13 @@ struct _BlockTile(ImplicitlyCopyable):
 
 
 @always_inline
-def _block_tile[BM: Int, THREADS: Int, dense: Bool](
-    offsets: Pointer[Int32, MutAnyOrigin], experts: Int, slots: Int, m_bound: Int, n_tiles: Int
-) -> _BlockTile:
-    """The tile schedule, built by every block from the E+1 offsets (see the
-    file header): a block prefix sum of row tiles per expert in shared memory,
-    this block's (row tile, column tile) GROUP_M row tiles at a time, and its
-    expert by bisection. Every thread of the block must call it (barrier)."""
+def _row_tile_schedule[BM: Int, THREADS: Int, dense: Bool](
+    offsets: Pointer[Int32, MutAnyOrigin], experts: Int, slots: Int
+) -> Pointer[Int32, MutUntrackedOrigin, address_space=AddressSpace.SHARED]:
+    """sched[e] = row tiles of the experts before e (e <= E), in shared memory:
+    a block prefix sum of ceil(rows_e / BM) over the E+1 offsets (see the file
+    header). Every thread of the block must call it (barrier)."""
     var tid = Int(thread_idx.x)
-    # sched[e] = row tiles of the experts before e.
     var sched = stack_allocation[MAX_EXPERTS + 1, Int32, address_space=AddressSpace.SHARED]()
     comptime PER_THREAD = ceildiv(MAX_EXPERTS, THREADS)
     var mine = Int32(0)
@@ -302,18 +300,33 @@ def _block_tile[BM: Int, THREADS: Int, dense: Bool](
         var e = tid * PER_THREAD + i
         if e < experts:
             before += Int32(ceildiv(_group_start[dense](offsets, e + 1, slots) - _group_start[dense](offsets, e, slots), BM))
-            sched[e + 1] = before
+            sched.unsafe_store(e + 1, before)
     if tid == 0:
-        sched[0] = 0
+        sched.unsafe_store(0, Int32(0))
     barrier()
+    return sched
 
-    var bid = Int(block_idx.x)
-    var group_blocks = GROUP_M * n_tiles
-    var first_m = (bid // group_blocks) * GROUP_M
-    var group_m = min(GROUP_M, m_bound - first_m)
-    var m_tile = first_m + (bid % group_blocks) % group_m
-    var n_tile = (bid % group_blocks) // group_m
-    if m_tile >= Int(sched[experts]):
+
+@always_inline
+def _tile_at[BM: Int, dense: Bool](
+    sched: Pointer[Int32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    offsets: Pointer[Int32, MutAnyOrigin],
+    experts: Int,
+    slots: Int,
+    m_tiles: Int,
+    n_tiles: Int,
+    t: Int,
+) -> _BlockTile:
+    """Output tile t of m_tiles x n_tiles, taken GROUP_M row tiles at a time
+    (column tiles of one group run together: L2 reuse of both operands), and
+    its expert by bisection of sched. m_tiles may be a bound above the real
+    row tile count sched[E]: tiles past it are not valid."""
+    var group_tiles = GROUP_M * n_tiles
+    var first_m = (t // group_tiles) * GROUP_M
+    var group_m = min(GROUP_M, m_tiles - first_m)
+    var m_tile = first_m + (t % group_tiles) % group_m
+    var n_tile = (t % group_tiles) // group_m
+    if m_tile >= Int(sched.unsafe_load(experts)):
         return _BlockTile(False, 0, 0, 0, n_tile)
     # Its expert: the last e with sched[e] <= m_tile (empty experts share
     # their start with the next one).
@@ -321,13 +334,23 @@ def _block_tile[BM: Int, THREADS: Int, dense: Bool](
     var hi = experts
     while hi - lo > 1:
         var mid = (lo + hi) // 2
-        if Int(sched[mid]) <= m_tile:
+        if Int(sched.unsafe_load(mid)) <= m_tile:
             lo = mid
         else:
             hi = mid
-    var row0 = _group_start[dense](offsets, lo, slots) + (m_tile - Int(sched[lo])) * BM
+    var row0 = _group_start[dense](offsets, lo, slots) + (m_tile - Int(sched.unsafe_load(lo))) * BM
     var rows = min(BM, _group_start[dense](offsets, lo + 1, slots) - row0)
     return _BlockTile(True, lo, row0, rows, n_tile)
+
+
+@always_inline
+def _block_tile[BM: Int, THREADS: Int, dense: Bool](
+    offsets: Pointer[Int32, MutAnyOrigin], experts: Int, slots: Int, m_bound: Int, n_tiles: Int
+) -> _BlockTile:
+    """This block's tile, one tile per block over a grid of m_bound x n_tiles
+    (the host's bound). Every thread of the block must call it (barrier)."""
+    var sched = _row_tile_schedule[BM, THREADS, dense](offsets, experts, slots)
+    return _tile_at[BM, dense](sched, offsets, experts, slots, m_bound, n_tiles, Int(block_idx.x))
 
 
 @always_inline
@@ -843,6 +866,267 @@ def _grouped_gemm_wgmma[
                 c.unsafe_store[alignment=16](
                     (row0 + r) * Int(n_ldc) + col0 + lc, smem.unsafe_load[width=8, alignment=16](r * ROW + lc)
                 )
+
+    ctx.enqueue_function(
+        kernel,
+        grid_dim=grid,
+        block_dim=THREADS,
+        shared_mem_bytes=SMEM,
+        func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(SMEM)),
+    )
+
+
+# The persistent form of the Hopper tile: one block per SM, each walking the
+# tiles t = block, block + grid, ... (all of them on the device, from the
+# offsets), with one K pipeline over all its tiles. The loads of a tile's
+# first K steps are issued during the previous tile's last steps and are in
+# flight during its epilogue, so a block pays the pipeline fill once instead
+# of once per tile: with Qwen3-30B-A3B's down projection (K = 768, 12 K
+# steps per tile) the fill and the epilogue are a large part of a tile. The
+# output tile goes through its own shared buffer, 64 columns at a time (the
+# stage buffers are busy with the next tile's loads), one warpgroup per 64
+# rows, each synchronising only its own 128 threads.
+comptime EPI_COLS = 64
+
+
+@always_inline
+def _warpgroup_barrier(wg: Int):
+    """bar.sync over one warpgroup's 128 threads (named barrier 1 + wg; 0 is
+    the block's barrier())."""
+    inlined_assembly["bar.sync $0, 128;", NoneType, constraints="r,~{memory}", has_side_effect=True](Int32(1 + wg))
+
+
+def _grouped_gemm_wgmma_persistent[
+    dtype: DType,
+    BM: Int,
+    BN: Int,
+    STAGES: Int,
+    activation: StaticString,
+    gather: Bool,
+    has_bias: Bool,
+    alpha: Float32,
+    limit: Float32,
+](
+    ctx: DeviceContext,
+    c: Pointer[Scalar[dtype], MutAnyOrigin],
+    ldc: Int,
+    a: Pointer[Scalar[dtype], MutAnyOrigin],
+    lda: Int,
+    k_dim: Int,
+    row_ids: Pointer[Int32, MutAnyOrigin],
+    offsets: Pointer[Int32, MutAnyOrigin],
+    experts: Int,
+    slots: Int,
+    w: Pointer[Scalar[dtype], MutAnyOrigin],
+    n_w: Int,
+    n_out: Int,
+    bias: Pointer[Scalar[dtype], MutAnyOrigin],
+) raises:
+    comptime BK = WG_BK
+    comptime THREADS = BM * 2  # a warpgroup (128 threads) per 64 rows
+    comptime GATED = is_gated[activation]()
+    comptime BN_OUT = BN // 2 if GATED else BN
+    comptime NB = BN // 64  # 64-column blocks of the B tile
+    comptime A_STAGE = BM * BK
+    comptime B_STAGE = BK * BN
+    comptime A_CHUNKS = BM * (BK // 8) // THREADS
+    comptime B_CPR = BN // 8
+    comptime B_CHUNKS = BK * B_CPR // THREADS
+    comptime ACC = BN // 2  # float32 accumulators per thread (m64 x BN / 128)
+    comptime NF = BN // 8  # n8 fragments
+    comptime LOOKAHEAD = STAGES - 2  # one wgmma group stays in flight past a step
+    comptime EPI_ROW = EPI_COLS + 8  # padded against bank conflicts
+    comptime EPI_CHUNKS = BN_OUT // EPI_COLS
+    comptime assert BN % 128 == 0 and BN <= 256, "BN: 128 or 256 (gate and up halves of 64-column blocks)"
+    comptime assert BM == 64 or BM == 128, "BM: one or two warpgroups of 64 rows"
+    comptime assert BN_OUT % EPI_COLS == 0, "the epilogue goes 64 columns at a time"
+    comptime assert STAGES >= 3, "one stage in the tensor cores, one landing, one loading"
+    comptime assert size_of[Scalar[dtype]]() == 2, "tensor-core path: 16-bit inputs"
+    comptime STAGE_BYTES = STAGES * (A_STAGE + B_STAGE) * 2
+    comptime SMEM = STAGE_BYTES + BM * EPI_ROW * 2 + 1024  # + alignment slack
+
+    var m_bound = min(slots, (slots + experts * (BM - 1)) // BM)
+    var n_tiles = ceildiv(n_out, BN_OUT)
+    var grid = min(m_bound * n_tiles, ctx.default_device_info.sm_count)
+    if grid == 0:
+        return
+    var n_k = Int64(k_dim)
+    var n_lda = Int64(lda)
+    var n_ldc = Int64(ldc)
+    var n_nw = Int64(n_w)
+    var n_nout = Int64(n_out)
+    var n_e = Int64(experts)
+    var n_nt = Int64(n_tiles)
+    var n_slots = Int64(slots)
+
+    def kernel() {
+        var c, var a, var row_ids, var offsets, var w, var bias,
+        var n_k, var n_lda, var n_ldc, var n_nw, var n_nout, var n_e, var n_nt, var n_slots,
+    }:
+        var tid = Int(thread_idx.x)
+        var lane = Int(lane_id())
+        var warp = Int(warp_id())
+        var wg = warp // 4
+        var E = Int(n_e)
+        var K = Int(n_k)
+        var S = Int(n_slots)
+        var N = Int(n_nw)
+        var NOUT = Int(n_nout)
+        var NT = Int(n_nt)
+        var LDA = Int(n_lda)
+
+        var sched = _row_tile_schedule[BM, THREADS, False](offsets, E, S)
+        var m_tiles = Int(sched.unsafe_load(E))
+        var tiles = m_tiles * NT
+        var bid = Int(block_idx.x)
+        var blocks = Int(grid_dim.x)
+        if bid >= tiles:
+            return
+        var k_tiles = ceildiv(K, BK)
+        var steps = ((tiles - bid + blocks - 1) // blocks) * k_tiles
+
+        var raw = external_memory[
+            Scalar[dtype], address_space=AddressSpace.SHARED, alignment=1024, name="pymoe_grouped_gemm_smem"
+        ]()
+        # wgmma's swizzle works on address bits: tiles start on 1024 bytes.
+        var smem = raw.unsafe_offset(((1024 - Int(raw) % 1024) % 1024) // 2)
+        var a_smem = smem
+        var b_smem = smem.unsafe_offset(STAGES * A_STAGE)
+        var epi = smem.unsafe_offset(STAGE_BYTES // 2)
+
+        # The tile being loaded (step s) and the tile being multiplied (step
+        # s - LOOKAHEAD); they differ for LOOKAHEAD steps at each tile change.
+        var ld = _BlockTile(False, 0, 0, 0, 0)
+        var ld_kt = 0
+        var ld_j = 0
+        var a_src = Array[Int, A_CHUNKS](fill=0)
+        var mm = _BlockTile(False, 0, 0, 0, 0)
+        var mm_kt = 0
+        var mm_j = 0
+        var acc = SIMD[DType.float32, ACC](0)
+        for s in range(steps + LOOKAHEAD):
+            if s >= LOOKAHEAD:
+                # Step s - LOOKAHEAD has landed for every thread, and (each
+                # thread having waited for all but one wgmma group) the buffer
+                # this step refills is free. cp.async writes through the
+                # generic proxy and wgmma reads through the async one: the
+                # proxy fence orders them.
+                async_copy_wait_group(Int32(LOOKAHEAD - 1))
+                inlined_assembly["fence.proxy.async.shared::cta;", NoneType, constraints="~{memory}", has_side_effect=True]()
+                barrier()
+            if s < steps:
+                if ld_kt == 0:
+                    ld = _tile_at[BM, False](sched, offsets, E, S, m_tiles, NT, bid + ld_j * blocks)
+                    comptime for i in range(A_CHUNKS):
+                        var q = tid + i * THREADS
+                        var grouped_row = ld.row0 + min(q // 8, ld.rows - 1)
+                        var src_row = grouped_row
+                        comptime if gather:
+                            src_row = Int(row_ids.unsafe_load(grouped_row))
+                        a_src[i] = src_row * LDA + (q % 8) * 8
+                var k0 = ld_kt * BK
+                var col0 = ld.n_tile * BN_OUT
+                var w_e = w.unsafe_offset(ld.expert * K * N)
+                var a_stage = a_smem.unsafe_offset((s % STAGES) * A_STAGE)
+                var b_stage = b_smem.unsafe_offset((s % STAGES) * B_STAGE)
+                comptime for i in range(A_CHUNKS):
+                    var q = tid + i * THREADS
+                    var r = q // 8
+                    var ch = q % 8
+                    var dst = a_stage.unsafe_offset((r * 8 + (ch ^ (r & 7))) * 8)
+                    if k0 + ch * 8 < K:
+                        async_copy[16](a.unsafe_offset(a_src[i] + k0).unsafe_address_space_cast[AddressSpace.GLOBAL](), dst)
+                    else:
+                        dst.unsafe_store[alignment=16](SIMD[dtype, 8](0))
+                comptime for i in range(B_CHUNKS):
+                    var q = tid + i * THREADS
+                    var kr = q // B_CPR
+                    var ch = q % B_CPR
+                    var blk = ch // 8
+                    var c8 = ch % 8
+                    var col: Int
+                    var ok: Bool
+                    comptime if GATED:
+                        # Blocks [0, NB/2) hold gate columns, the rest the same up columns.
+                        var out_col = col0 + (blk % (NB // 2)) * 64 + c8 * 8
+                        ok = out_col < NOUT
+                        col = (blk // (NB // 2)) * NOUT + out_col
+                    else:
+                        col = col0 + ch * 8
+                        ok = col < NOUT
+                    var dst = b_stage.unsafe_offset(blk * (BK * 64) + (kr * 8 + (c8 ^ (kr & 7))) * 8)
+                    if ok and k0 + kr < K:
+                        async_copy[16](
+                            w_e.unsafe_offset((k0 + kr) * N + col).unsafe_address_space_cast[AddressSpace.GLOBAL](), dst
+                        )
+                    else:
+                        dst.unsafe_store[alignment=16](SIMD[dtype, 8](0))
+                ld_kt += 1
+                if ld_kt == k_tiles:
+                    ld_kt = 0
+                    ld_j += 1
+            async_copy_commit_group()
+            if s < LOOKAHEAD:
+                continue
+
+            var m = s - LOOKAHEAD
+            if mm_kt == 0:
+                mm = _tile_at[BM, False](sched, offsets, E, S, m_tiles, NT, bid + mm_j * blocks)
+            var a_addr = Int(a_smem.unsafe_offset((m % STAGES) * A_STAGE + wg * 64 * BK))
+            var b_addr = Int(b_smem.unsafe_offset((m % STAGES) * B_STAGE))
+            wgmma_fence_aligned()
+            comptime for kk in range(BK // 16):
+                # K step kk: 32 bytes into each A row; 16 k rows of 128 bytes into B.
+                var da = _wgmma_desc[dtype](a_addr + kk * 32, 16, 1024)
+                var db = _wgmma_desc[dtype](b_addr + kk * 16 * 128, BK * 128, 1024)
+                acc = wgmma_async[64, BN, 16, DType.float32, ACC, a_type=dtype, b_type=dtype, layout_b="row"](da, db, acc)
+            wgmma_commit_group_sync()
+            wgmma_wait_group_sync[1]()
+            mm_kt += 1
+            if mm_kt < k_tiles:
+                continue
+            mm_kt = 0
+            mm_j += 1
+
+            # Epilogue of tile mm. Fragment f (n8 block) of this thread:
+            # registers 4f..4f+3, rows lane/4 and lane/4 + 8 of the warp's 16,
+            # columns f*8 + (lane%4)*2 + {0,1}. 64 output columns at a time go
+            # through this warpgroup's 64 rows of the epilogue buffer and out
+            # as 16-byte row chunks.
+            wgmma_wait_group_sync[0]()
+            var e = mm.expert
+            var col0 = mm.n_tile * BN_OUT
+            var warp_row = wg * 64 + (warp % 4) * 16 + lane // 4
+            comptime for j in range(EPI_CHUNKS):
+                comptime for fi in range(EPI_COLS // 8):
+                    comptime f = j * (EPI_COLS // 8) + fi
+                    var lc = fi * 8 + (lane % 4) * 2
+                    if col0 + j * EPI_COLS + lc < NOUT:
+                        comptime for half in range(2):
+                            var r = warp_row + half * 8
+                            var up = SIMD[DType.float32, 2](0)
+                            comptime if GATED:
+                                up = acc.slice[2, offset = (f + NF // 2) * 4 + half * 2]()
+                            var gc = col0 + j * EPI_COLS + lc
+                            epi.unsafe_store[alignment=4](
+                                r * EPI_ROW + lc,
+                                _epilogue_pair[activation, has_bias, alpha, limit, dtype, dtype](
+                                    acc.slice[2, offset = f * 4 + half * 2](), up, bias, e * N + gc, e * N + NOUT + gc
+                                ),
+                            )
+                _warpgroup_barrier(wg)
+                comptime for i in range(64 * (EPI_COLS // 8) // 128):
+                    var q = tid % 128 + i * 128
+                    var r = wg * 64 + q // (EPI_COLS // 8)
+                    var lc = (q % (EPI_COLS // 8)) * 8
+                    var gc = col0 + j * EPI_COLS + lc
+                    if r < mm.rows and gc < NOUT:
+                        c.unsafe_store[alignment=16](
+                            (mm.row0 + r) * Int(n_ldc) + gc, epi.unsafe_load[width=8, alignment=16](r * EPI_ROW + lc)
+                        )
+                _warpgroup_barrier(wg)
+            acc = SIMD[DType.float32, ACC](0)
+        async_copy_wait_group(Int32(0))
 
     ctx.enqueue_function(
         kernel,
