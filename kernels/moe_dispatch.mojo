@@ -218,7 +218,7 @@ def dispatch_gpu(
         var in_warp = stack_allocation[WARPS * MAX_EXPERTS, Int32, address_space=AddressSpace.SHARED]()
         for e in range(tid, e_count, GPU_BLOCK):
             seen.unsafe_store(e, rows.unsafe_load(lo + e))
-        for i in range(tid, WARPS * e_count, GPU_BLOCK):
+        for i in range(tid, WARPS * MAX_EXPERTS, GPU_BLOCK):
             in_warp.unsafe_store(i, Int32(0))
         barrier()
         for base in range(lo, hi, GPU_BLOCK):
