@@ -5,12 +5,13 @@
 # time is the median over 5 rounds of (R back-to-back launches, then one synchronize) / R.
 # TB/s = bytes of the used experts' weights / time. Every candidate's output on routing 0 is
 # compared with the current DECODE_TILE's (bit-identical expected: the same k16 order).
-# First, the router GEMM (dense_gemm_gpu) at 1, 16 and 128 rows, from 64 router copies.
+# First, the router GEMM (dense_gemm_gpu's call) at 1 and 16 rows with candidate tiles, from 64
+# router copies.
 #
 # Build here (no GPU needed), run on the GPU machine with Mojo's runtime libraries on
 # LD_LIBRARY_PATH (as for scripts/grouped_gemm_kernel_bench.mojo):
 #   mojo build -I . --target-accelerator=sm_90a -o decode_tile_bench scripts/decode_tile_bench.mojo
-from kernels.gpu_grouped_gemm import _grouped_gemm, dense_gemm_gpu, TileConfig, DECODE_TILE, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT
+from kernels.gpu_grouped_gemm import _grouped_gemm, TileConfig, DECODE_TILE, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT
 from max.gpu.host import DeviceBuffer, DeviceContext
 from std.memory import Pointer
 from std.time import perf_counter_ns
@@ -161,6 +162,9 @@ comptime T_S8 = TileConfig(16, 128, 64, 16, 32, 8)
 comptime T_BK128 = TileConfig(16, 128, 128, 16, 32, 4)
 comptime T_BN64_BK128 = TileConfig(16, 64, 128, 16, 32, 4)
 comptime T_BN64_BK128_S6 = TileConfig(16, 64, 128, 16, 32, 6)
+# Router candidates: more bytes in flight for the one or two blocks of a decode router.
+comptime T_BK128_S6 = TileConfig(16, 128, 128, 16, 32, 6)
+comptime T_BN64_BK128_S8 = TileConfig(16, 64, 128, 16, 32, 8)
 
 
 def shape[act: StaticString](ctx: DeviceContext, name: String, E: Int, K: Int, NW: Int, tokens: Int, topk: Int) raises:
@@ -174,7 +178,7 @@ def shape[act: StaticString](ctx: DeviceContext, name: String, E: Int, K: Int, N
     cs.run[T_BN64_BK128_S6, act](name)
 
 
-def router(ctx: DeviceContext, name: String, rows: Int, K: Int, E: Int) raises:
+def router[tile: TileConfig](ctx: DeviceContext, name: String, rows: Int, K: Int, E: Int) raises:
     """The router GEMM (dense_gemm_gpu, float32 logits) at decode: one column tile of E <= 128
     columns is one block per 16 rows, which reads the whole [K, E] router alone."""
     var reps = 64  # router copies, so that back-to-back calls miss L2 (K x E x 2 bytes each)
@@ -197,23 +201,34 @@ def router(ctx: DeviceContext, name: String, rows: Int, K: Int, E: Int) raises:
     for round in range(ROUNDS + 1):
         var t0 = perf_counter_ns()
         for r in range(reps):
-            dense_gemm_gpu[BF, DType.float32](ctx, pc, pa, P[BF](Int(d_w.unsafe_ptr()) + r * K * E * 2), rows, K, E)
+            # dense_gemm_gpu's call, with the candidate tile
+            var pw = P[BF](Int(d_w.unsafe_ptr()) + r * K * E * 2)
+            var no_ids = P[DType.int32](Int(pa))
+            _grouped_gemm[BF, tile, "none", False, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT, DType.float32, True](
+                ctx, pc, E, pa, K, K, no_ids, no_ids, 1, rows, pw, E, E, pw
+            )
         ctx.synchronize()
         if round > 0:
             times.append(Float64(perf_counter_ns() - t0) / 1e6 / Float64(reps))
     sort(times)
     var ms = times[ROUNDS // 2]
-    print("router", name, "rows", rows, "K", K, "E", E, "ms", ms, "min_ms", times[0], "max_ms", times[ROUNDS - 1],
+    print("router", name, "tile", tile.bm, tile.bn, tile.bk, tile.wm, tile.wn, tile.stages, "rows", rows, "K", K, "E", E, "ms", ms, "min_ms", times[0], "max_ms", times[ROUNDS - 1],
           "TB/s", Float64(K * E * 2) / ms / 1e9)
 
 
 def main() raises:
     var ctx = DeviceContext()
-    for rows in [1, 16, 128]:
-        router(ctx, "qwen3", rows, 2048, 128)
-        router(ctx, "gpt-oss-20b", rows, 2880, 32)
-        router(ctx, "mixtral", rows, 4096, 8)
-        router(ctx, "deepseek-v3", rows, 7168, 256)
+    for rows in [1, 16]:
+        router[DECODE_TILE](ctx, "qwen3", rows, 2048, 128)
+        router[T_BK128_S6](ctx, "qwen3", rows, 2048, 128)
+        router[T_BN64_BK128_S8](ctx, "qwen3", rows, 2048, 128)
+        router[DECODE_TILE](ctx, "gpt-oss-20b", rows, 2880, 32)
+        router[T_BN64_BK128_S8](ctx, "gpt-oss-20b", rows, 2880, 32)
+        router[DECODE_TILE](ctx, "mixtral", rows, 4096, 8)
+        router[T_BN64_BK128_S8](ctx, "mixtral", rows, 4096, 8)
+        router[DECODE_TILE](ctx, "deepseek-v3", rows, 7168, 256)
+        router[T_BK128_S6](ctx, "deepseek-v3", rows, 7168, 256)
+        router[T_BN64_BK128_S8](ctx, "deepseek-v3", rows, 7168, 256)
     for tokens in [1, 16]:
         shape["swiglu"](ctx, "qwen3-up", 128, 2048, 1536, tokens, 8)
         shape["none"](ctx, "qwen3-down", 128, 768, 2048, tokens, 8)
