@@ -36,7 +36,8 @@
 # groups of GROUP_M row tiles, so the blocks running together share a few
 # experts' weight columns and a few row tiles (L2 reuse both ways).
 
-from max.gpu import barrier, block_idx, grid_dim, lane_id, thread_idx, warp_id
+from max.gpu import MAX_THREADS_PER_BLOCK_METADATA, barrier, block_idx, grid_dim, lane_id, thread_idx, warp_id
+from max.gpu.intrinsics import warpgroup_reg_alloc, warpgroup_reg_dealloc
 from max.gpu.compute.mma import (
     WGMMADescriptor,
     ld_matrix,
@@ -53,6 +54,7 @@ from max.gpu.primitives.block import prefix_sum as block_prefix_sum
 from std.math import ceildiv, exp
 from std.memory import Pointer, stack_allocation
 from std.sys import inlined_assembly, size_of
+from std.utils import StaticTuple
 
 from .activation import DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT, clamped_swiglu_f32, is_gated
 
@@ -885,15 +887,9 @@ def _grouped_gemm_wgmma[
 # steps per tile) the fill and the epilogue are a large part of a tile. The
 # output tile goes through its own shared buffer, 64 columns at a time (the
 # stage buffers are busy with the next tile's loads), one warpgroup per 64
-# rows, each synchronising only its own 128 threads.
+# rows, each synchronising only its own 128 threads (named barriers 1 and 2;
+# 0 is barrier()).
 comptime EPI_COLS = 64
-
-
-@always_inline
-def _warpgroup_barrier(wg: Int):
-    """bar.sync over one warpgroup's 128 threads (named barrier 1 + wg; 0 is
-    the block's barrier())."""
-    inlined_assembly["bar.sync $0, 128;", NoneType, constraints="r,~{memory}", has_side_effect=True](Int32(1 + wg))
 
 
 def _grouped_gemm_wgmma_persistent[
@@ -1114,7 +1110,7 @@ def _grouped_gemm_wgmma_persistent[
                                     acc.slice[2, offset = f * 4 + half * 2](), up, bias, e * N + gc, e * N + NOUT + gc
                                 ),
                             )
-                _warpgroup_barrier(wg)
+                _named_barrier(1 + wg, 128)
                 comptime for i in range(64 * (EPI_COLS // 8) // 128):
                     var q = tid % 128 + i * 128
                     var r = wg * 64 + q // (EPI_COLS // 8)
@@ -1124,7 +1120,7 @@ def _grouped_gemm_wgmma_persistent[
                         c.unsafe_store[alignment=16](
                             (mm.row0 + r) * Int(n_ldc) + gc, epi.unsafe_load[width=8, alignment=16](r * EPI_ROW + lc)
                         )
-                _warpgroup_barrier(wg)
+                _named_barrier(1 + wg, 128)
             acc = SIMD[DType.float32, ACC](0)
         async_copy_wait_group(Int32(0))
 
@@ -1132,6 +1128,309 @@ def _grouped_gemm_wgmma_persistent[
         kernel,
         grid_dim=grid,
         block_dim=THREADS,
+        shared_mem_bytes=SMEM,
+        func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(SMEM)),
+    )
+
+
+# ---------------------------------------------------------------------------
+# The warp-specialised persistent form (Hopper). Three warpgroups: the first
+# only loads (cp.async, gathered A rows, 40 registers per thread), the other
+# two only multiply (64 rows each, 232 registers), handing stage buffers over
+# with mbarriers instead of block-wide barriers: a "full" barrier per stage
+# that the producer's copies complete (cp.async.mbarrier.arrive.noinc, so the
+# producer never waits for its own loads), and an "empty" barrier per stage
+# that the 256 consumer threads arrive on once their wgmma group that read it
+# has finished. The producer runs up to STAGES steps ahead, across tiles, so
+# the next tile's loads proceed during an epilogue.
+comptime WS_THREADS = 384
+comptime WS_PRODUCER_REGS = 40
+comptime WS_CONSUMER_REGS = 232
+
+
+@always_inline
+def _mbar_init(bar: Int, count: Int):
+    inlined_assembly["mbarrier.init.shared::cta.b64 [$0], $1;", NoneType, constraints="r,r,~{memory}", has_side_effect=True](
+        UInt32(bar), UInt32(count)
+    )
+
+
+@always_inline
+def _mbar_arrive(bar: Int):
+    inlined_assembly["mbarrier.arrive.shared::cta.b64 _, [$0];", NoneType, constraints="r,~{memory}", has_side_effect=True](
+        UInt32(bar)
+    )
+
+
+@always_inline
+def _mbar_arrive_when_copied(bar: Int):
+    """One arrival on bar once every earlier cp.async of this thread has landed."""
+    inlined_assembly[
+        "cp.async.mbarrier.arrive.noinc.shared::cta.b64 [$0];", NoneType, constraints="r,~{memory}", has_side_effect=True
+    ](UInt32(bar))
+
+
+@always_inline
+def _mbar_wait(bar: Int, parity: Int):
+    """Wait until the phase of bar with this parity has completed."""
+    while True:
+        var done = inlined_assembly[
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [$1], $2;\nselp.u32 $0, 1, 0, p;\n}",
+            UInt32,
+            constraints="=r,r,r,~{memory}",
+            has_side_effect=True,
+        ](UInt32(bar), UInt32(parity))
+        if done != 0:
+            return
+
+
+@always_inline
+def _copy16_or_zero(dst: Int, src: Int, ok: Bool):
+    """cp.async of 16 bytes from global src to shared dst, or 16 zero bytes
+    (source size 0: nothing is read) where not ok. Zeros through the copy
+    itself, so that the full barrier covers them too."""
+    inlined_assembly["cp.async.cg.shared.global [$0], [$1], 16, $2;", NoneType, constraints="r,l,r,~{memory}", has_side_effect=True](
+        UInt32(dst), UInt64(src), UInt32(16 if ok else 0)
+    )
+
+
+@always_inline
+def _named_barrier(id: Int, threads: Int):
+    inlined_assembly["bar.sync $0, $1;", NoneType, constraints="r,r,~{memory}", has_side_effect=True](
+        Int32(id), Int32(threads)
+    )
+
+
+def _grouped_gemm_wgmma_ws[
+    dtype: DType,
+    BN: Int,
+    STAGES: Int,
+    activation: StaticString,
+    gather: Bool,
+    has_bias: Bool,
+    alpha: Float32,
+    limit: Float32,
+](
+    ctx: DeviceContext,
+    c: Pointer[Scalar[dtype], MutAnyOrigin],
+    ldc: Int,
+    a: Pointer[Scalar[dtype], MutAnyOrigin],
+    lda: Int,
+    k_dim: Int,
+    row_ids: Pointer[Int32, MutAnyOrigin],
+    offsets: Pointer[Int32, MutAnyOrigin],
+    experts: Int,
+    slots: Int,
+    w: Pointer[Scalar[dtype], MutAnyOrigin],
+    n_w: Int,
+    n_out: Int,
+    bias: Pointer[Scalar[dtype], MutAnyOrigin],
+) raises:
+    comptime BM = 128
+    comptime BK = WG_BK
+    comptime GATED = is_gated[activation]()
+    comptime BN_OUT = BN // 2 if GATED else BN
+    comptime NB = BN // 64  # 64-column blocks of the B tile
+    comptime A_STAGE = BM * BK
+    comptime B_STAGE = BK * BN
+    comptime A_CHUNKS = BM * (BK // 8) // 128  # per producer thread
+    comptime B_CPR = BN // 8
+    comptime B_CHUNKS = BK * B_CPR // 128
+    comptime ACC = BN // 2  # float32 accumulators per consumer thread (m64 x BN / 128)
+    comptime NF = BN // 8  # n8 fragments
+    comptime EPI_ROW = EPI_COLS + 8
+    comptime EPI_CHUNKS = BN_OUT // EPI_COLS
+    comptime assert BN % 128 == 0 and BN <= 256, "BN: 128 or 256 (gate and up halves of 64-column blocks)"
+    comptime assert BN_OUT % EPI_COLS == 0, "the epilogue goes 64 columns at a time"
+    comptime assert size_of[Scalar[dtype]]() == 2, "tensor-core path: 16-bit inputs"
+    comptime assert WS_PRODUCER_REGS * 128 + WS_CONSUMER_REGS * 256 <= 65536, "the register file"
+    comptime STAGE_BYTES = STAGES * (A_STAGE + B_STAGE) * 2
+    comptime BAR_BYTES = STAGE_BYTES + BM * EPI_ROW * 2  # 2 x STAGES mbarriers (8 bytes each)
+    comptime ROWS_BYTES = BAR_BYTES + 2 * STAGES * 8  # the producer's A source rows of its tile
+    comptime SMEM = ROWS_BYTES + BM * 4 + 1024  # + alignment slack
+
+    var m_bound = min(slots, (slots + experts * (BM - 1)) // BM)
+    var n_tiles = ceildiv(n_out, BN_OUT)
+    var grid = min(m_bound * n_tiles, ctx.default_device_info.sm_count)
+    if grid == 0:
+        return
+    var n_k = Int64(k_dim)
+    var n_lda = Int64(lda)
+    var n_ldc = Int64(ldc)
+    var n_nw = Int64(n_w)
+    var n_nout = Int64(n_out)
+    var n_e = Int64(experts)
+    var n_nt = Int64(n_tiles)
+    var n_slots = Int64(slots)
+
+    # 384 threads: ptxas must fit the kernel in 65536 / 384 registers before
+    # setmaxnreg moves them from the producer to the consumers.
+    @__llvm_metadata(MAX_THREADS_PER_BLOCK_METADATA=StaticTuple[Int32, 1](WS_THREADS))
+    def kernel() {
+        var c, var a, var row_ids, var offsets, var w, var bias,
+        var n_k, var n_lda, var n_ldc, var n_nw, var n_nout, var n_e, var n_nt, var n_slots,
+    }:
+        var tid = Int(thread_idx.x)
+        var lane = Int(lane_id())
+        var warp = Int(warp_id())
+        var wg = warp // 4
+        var E = Int(n_e)
+        var K = Int(n_k)
+        var S = Int(n_slots)
+        var N = Int(n_nw)
+        var NOUT = Int(n_nout)
+        var NT = Int(n_nt)
+        var LDA = Int(n_lda)
+
+        var sched = _row_tile_schedule[BM, WS_THREADS, False](offsets, E, S)
+        var m_tiles = Int(sched.unsafe_load(E))
+        var tiles = m_tiles * NT
+        var bid = Int(block_idx.x)
+        var blocks = Int(grid_dim.x)
+        if bid >= tiles:
+            return
+        var k_tiles = ceildiv(K, BK)
+        var my_tiles = (tiles - bid + blocks - 1) // blocks
+
+        var raw = external_memory[
+            Scalar[dtype], address_space=AddressSpace.SHARED, alignment=1024, name="pymoe_grouped_gemm_smem"
+        ]()
+        # wgmma's swizzle works on address bits: tiles start on 1024 bytes.
+        var smem = raw.unsafe_offset(((1024 - Int(raw) % 1024) % 1024) // 2)
+        var a_smem = smem
+        var b_smem = smem.unsafe_offset(STAGES * A_STAGE)
+        var epi = smem.unsafe_offset(STAGE_BYTES // 2)
+        var bars = Int(smem) + BAR_BYTES  # full[s] at bars + 8 s, empty[s] at bars + 8 (STAGES + s)
+        var a_rows = smem.unsafe_offset(ROWS_BYTES // 2).unsafe_bitcast[Int32]()
+
+        if tid == 0:
+            comptime for s in range(STAGES):
+                _mbar_init(bars + 8 * s, 128)  # the producer's 128 threads, once their copies land
+                _mbar_init(bars + 8 * (STAGES + s), 256)  # every consumer thread
+            inlined_assembly["fence.mbarrier_init.release.cluster;", NoneType, constraints="~{memory}", has_side_effect=True]()
+        barrier()
+
+        if wg == 0:
+            # Producer.
+            warpgroup_reg_dealloc[WS_PRODUCER_REGS]()
+            var g = 0
+            for j in range(my_tiles):
+                var tile = _tile_at[BM, False](sched, offsets, E, S, m_tiles, NT, bid + j * blocks)
+                # The tile's A source rows, through shared memory: 8 per thread
+                # held in registers would not fit the producer's 40.
+                _named_barrier(3, 128)  # the previous tile's rows are no longer read
+                var grouped_row = tile.row0 + min(tid, tile.rows - 1)
+                comptime if gather:
+                    a_rows.unsafe_store(tid, row_ids.unsafe_load(grouped_row))
+                else:
+                    a_rows.unsafe_store(tid, Int32(grouped_row))
+                _named_barrier(3, 128)
+                var col0 = tile.n_tile * BN_OUT
+                var w_e = Int(w.unsafe_offset(tile.expert * K * N))
+                for kt in range(k_tiles):
+                    var stage = g % STAGES
+                    _mbar_wait(bars + 8 * (STAGES + stage), ((g // STAGES) & 1) ^ 1)
+                    var k0 = kt * BK
+                    var a_stage = Int(a_smem.unsafe_offset(stage * A_STAGE))
+                    var b_stage = Int(b_smem.unsafe_offset(stage * B_STAGE))
+                    comptime for i in range(A_CHUNKS):
+                        var q = tid + i * 128
+                        var r = q // 8
+                        var ch = q % 8
+                        var ok = k0 + ch * 8 < K
+                        var src = Int(a) + (Int(a_rows.unsafe_load(r)) * LDA + k0 + ch * 8) * 2
+                        _copy16_or_zero(a_stage + (r * 8 + (ch ^ (r & 7))) * 16, src if ok else Int(a), ok)
+                    comptime for i in range(B_CHUNKS):
+                        var q = tid + i * 128
+                        var kr = q // B_CPR
+                        var ch = q % B_CPR
+                        var blk = ch // 8
+                        var c8 = ch % 8
+                        var col: Int
+                        var ok: Bool
+                        comptime if GATED:
+                            # Blocks [0, NB/2) hold gate columns, the rest the same up columns.
+                            var out_col = col0 + (blk % (NB // 2)) * 64 + c8 * 8
+                            ok = out_col < NOUT
+                            col = (blk // (NB // 2)) * NOUT + out_col
+                        else:
+                            col = col0 + ch * 8
+                            ok = col < NOUT
+                        ok = ok and k0 + kr < K
+                        var src = w_e + ((k0 + kr) * N + col) * 2
+                        _copy16_or_zero(b_stage + (blk * (BK * 64) + (kr * 8 + (c8 ^ (kr & 7))) * 8) * 2, src if ok else w_e, ok)
+                    _mbar_arrive_when_copied(bars + 8 * stage)
+                    g += 1
+            # Its copies were never committed as groups: wait for all of them.
+            inlined_assembly["cp.async.wait_all;", NoneType, constraints="~{memory}", has_side_effect=True]()
+            return
+
+        # Consumers: warpgroup cw multiplies rows 64 cw .. 64 cw + 63 of each tile.
+        warpgroup_reg_alloc[WS_CONSUMER_REGS]()
+        var cw = wg - 1
+        var g = 0
+        var acc = SIMD[DType.float32, ACC](0)
+        for j in range(my_tiles):
+            var tile = _tile_at[BM, False](sched, offsets, E, S, m_tiles, NT, bid + j * blocks)
+            for kt in range(k_tiles):
+                var stage = g % STAGES
+                _mbar_wait(bars + 8 * stage, (g // STAGES) & 1)
+                # The copies wrote through the generic proxy; wgmma reads through the async one.
+                inlined_assembly["fence.proxy.async.shared::cta;", NoneType, constraints="~{memory}", has_side_effect=True]()
+                var a_addr = Int(a_smem.unsafe_offset(stage * A_STAGE + cw * 64 * BK))
+                var b_addr = Int(b_smem.unsafe_offset(stage * B_STAGE))
+                wgmma_fence_aligned()
+                comptime for kk in range(BK // 16):
+                    var da = _wgmma_desc[dtype](a_addr + kk * 32, 16, 1024)
+                    var db = _wgmma_desc[dtype](b_addr + kk * 16 * 128, BK * 128, 1024)
+                    acc = wgmma_async[64, BN, 16, DType.float32, ACC, a_type=dtype, b_type=dtype, layout_b="row"](da, db, acc)
+                wgmma_commit_group_sync()
+                wgmma_wait_group_sync[1]()
+                # The group of the step before has finished reading its stage.
+                if kt > 0:
+                    _mbar_arrive(bars + 8 * (STAGES + (g - 1) % STAGES))
+                g += 1
+            wgmma_wait_group_sync[0]()
+            _mbar_arrive(bars + 8 * (STAGES + (g - 1) % STAGES))
+
+            # Epilogue (as in the persistent tile), this warpgroup's 64 rows.
+            var e = tile.expert
+            var col0 = tile.n_tile * BN_OUT
+            var warp_row = cw * 64 + (warp % 4) * 16 + lane // 4
+            comptime for jc in range(EPI_CHUNKS):
+                comptime for fi in range(EPI_COLS // 8):
+                    comptime f = jc * (EPI_COLS // 8) + fi
+                    var lc = fi * 8 + (lane % 4) * 2
+                    if col0 + jc * EPI_COLS + lc < NOUT:
+                        comptime for half in range(2):
+                            var r = warp_row + half * 8
+                            var up = SIMD[DType.float32, 2](0)
+                            comptime if GATED:
+                                up = acc.slice[2, offset = (f + NF // 2) * 4 + half * 2]()
+                            var gc = col0 + jc * EPI_COLS + lc
+                            epi.unsafe_store[alignment=4](
+                                r * EPI_ROW + lc,
+                                _epilogue_pair[activation, has_bias, alpha, limit, dtype, dtype](
+                                    acc.slice[2, offset = f * 4 + half * 2](), up, bias, e * N + gc, e * N + NOUT + gc
+                                ),
+                            )
+                _named_barrier(1 + cw, 128)
+                comptime for i in range(64 * (EPI_COLS // 8) // 128):
+                    var q = tid % 128 + i * 128
+                    var r = cw * 64 + q // (EPI_COLS // 8)
+                    var lc = (q % (EPI_COLS // 8)) * 8
+                    var gc = col0 + jc * EPI_COLS + lc
+                    if r < tile.rows and gc < NOUT:
+                        c.unsafe_store[alignment=16](
+                            (tile.row0 + r) * Int(n_ldc) + gc, epi.unsafe_load[width=8, alignment=16](r * EPI_ROW + lc)
+                        )
+                _named_barrier(1 + cw, 128)
+            acc = SIMD[DType.float32, ACC](0)
+
+    ctx.enqueue_function(
+        kernel,
+        grid_dim=grid,
+        block_dim=WS_THREADS,
         shared_mem_bytes=SMEM,
         func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(SMEM)),
     )

@@ -9,11 +9,12 @@
 # libMSupportGlobals, libMGPRT from the modular package's lib/) on LD_LIBRARY_PATH:
 #   mojo build -I . --target-accelerator=sm_90a -o grouped_gemm_kernel_bench \
 #       scripts/grouped_gemm_kernel_bench.mojo
-from kernels.gpu_grouped_gemm import grouped_gemm_gpu, _grouped_gemm, _grouped_gemm_wgmma, _grouped_gemm_wgmma_persistent, MID_TILE, PREFILL_TILE, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT
+from kernels.gpu_grouped_gemm import grouped_gemm_gpu, _grouped_gemm, _grouped_gemm_wgmma, _grouped_gemm_wgmma_persistent, _grouped_gemm_wgmma_ws, MID_TILE, PREFILL_TILE, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT
 from max.gpu.host import DeviceContext
 from std.memory import Pointer
 from std.time import perf_counter_ns
 from std.math import sqrt
+from std.sys import argv
 
 comptime BF = DType.bfloat16
 
@@ -28,7 +29,7 @@ struct Rng:
         self.s = self.s * 6364136223846793005 + 1442695040888963407
         return Int((self.s >> 33) % UInt64(n))
 
-def bench_case[act: StaticString, BM: Int, BN: Int, ST: Int, IF: Int = 1, PERSISTENT: Bool = False, OLD_WGMMA: Bool = False](ctx: DeviceContext, name: String, E: Int, K: Int, NW: Int, tokens: Int, topk: Int, old_prefill: Bool) raises:
+def bench_case[act: StaticString, BM: Int, BN: Int, ST: Int, IF: Int = 1, PERSISTENT: Bool = False, OLD_WGMMA: Bool = False, WS: Bool = False](ctx: DeviceContext, name: String, E: Int, K: Int, NW: Int, tokens: Int, topk: Int, old_prefill: Bool) raises:
     var gated = act == "swiglu"
     var nout = NW // 2 if gated else NW
     var slots = tokens * topk
@@ -99,7 +100,9 @@ def bench_case[act: StaticString, BM: Int, BN: Int, ST: Int, IF: Int = 1, PERSIS
         else:
             _grouped_gemm[BF, MID_TILE, act, True, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT](ctx, pc0, nout, pa, K, K, pids, poff, E, slots, pw, NW, nout, pw)
     def run_new() raises {var ctx, var pc1, var nout, var pa, var K, var pids, var poff, var E, var slots, var pw, var NW}:
-        comptime if PERSISTENT:
+        comptime if WS:
+            _grouped_gemm_wgmma_ws[BF, BN, ST, act, True, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT](ctx, pc1, nout, pa, K, K, pids, poff, E, slots, pw, NW, nout, pw)
+        elif PERSISTENT:
             _grouped_gemm_wgmma_persistent[BF, BM, BN, ST, act, True, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT](ctx, pc1, nout, pa, K, K, pids, poff, E, slots, pw, NW, nout, pw)
         else:
             _grouped_gemm_wgmma[BF, BM, BN, ST, act, True, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT, IF](ctx, pc1, nout, pa, K, K, pids, poff, E, slots, pw, NW, nout, pw)
@@ -143,7 +146,7 @@ def bench_case[act: StaticString, BM: Int, BN: Int, ST: Int, IF: Int = 1, PERSIS
     sort(t_new)
     var mo = t_old[reps // 2]
     var mn = t_new[reps // 2]
-    print(name, "old", "wgmma" if OLD_WGMMA else "mma.sync", "new", "persistent" if PERSISTENT else "wgmma", "BM", BM, "BN", BN, "ST", ST, "in_flight", IF, "tokens", tokens, "rel", rel, "nan", bad,
+    print(name, "old", "wgmma" if OLD_WGMMA else "mma.sync", "new", "ws" if WS else ("persistent" if PERSISTENT else "wgmma"), "BM", BM, "BN", BN, "ST", ST, "in_flight", IF, "tokens", tokens, "rel", rel, "nan", bad,
           "old_ms", mo, "new_ms", mn, "old_TF", flops / mo / 1e9, "new_TF", flops / mn / 1e9, "x", mo / mn)
 
 def dispatch_check(ctx: DeviceContext, tokens: Int) raises:
@@ -220,6 +223,18 @@ def dispatch_check(ctx: DeviceContext, tokens: Int) raises:
 
 def main() raises:
     var ctx = DeviceContext()
+    if len(argv()) > 1 and argv()[1] == "ws":
+        # The warp-specialised tile ('new') against the wgmma tile, then the mma.sync one.
+        # A separate run: a hang here (mbarrier phases) must not cost the other lines.
+        bench_case["swiglu", 128, 256, 4, 1, False, True, True](ctx, "qwen3-up", 128, 2048, 1536, 16384, 8, True)
+        bench_case["none", 128, 256, 4, 1, False, True, True](ctx, "qwen3-down", 128, 768, 2048, 16384, 8, True)
+        bench_case["swiglu", 128, 256, 4, 1, False, True, True](ctx, "qwen3-up", 128, 2048, 1536, 4096, 8, True)
+        bench_case["swiglu", 128, 256, 4, 1, False, True, True](ctx, "mixtral-up", 8, 4096, 28672, 16384, 2, True)
+        bench_case["none", 128, 256, 4, 1, False, True, True](ctx, "mixtral-down", 8, 14336, 4096, 16384, 2, True)
+        bench_case["swiglu", 128, 256, 4, 1, False, False, True](ctx, "qwen3-up-odd", 128, 2040, 1520, 9999, 8, True)
+        bench_case["none", 128, 256, 4, 1, False, False, True](ctx, "qwen3-down-odd", 128, 760, 2040, 9999, 8, True)
+        bench_case["swiglu", 128, 256, 4, 1, False, False, True](ctx, "qwen3-up-few", 128, 2048, 1536, 37, 8, True)
+        return
     dispatch_check(ctx, 4096)
     dispatch_check(ctx, 64)
     # The persistent wgmma tile ('new') against the one-tile-per-block wgmma tile ('old'),
