@@ -189,7 +189,7 @@ def grouped_gemm_gpu[
     # for the device. (_is_sm_9x() would ask about the host code's own target.)
     comptime if ctx.default_device_info == H100:
         if rows_per_expert >= WGMMA_MIN_ROWS_PER_EXPERT:
-            _grouped_gemm_wgmma_persistent[dtype, 128, WG_BN, WG_STAGES, activation, gather, has_bias, alpha, limit](
+            _grouped_gemm_wgmma[dtype, 128, WG_BN, WG_STAGES, activation, gather, has_bias, alpha, limit](
                 ctx, c, ldc, a, lda, k_dim, row_ids, offsets, experts, slots, w, n_w, n_out, bias
             )
             return
