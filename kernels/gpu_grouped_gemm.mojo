@@ -36,8 +36,7 @@
 # groups of GROUP_M row tiles, so the blocks running together share a few
 # experts' weight columns and a few row tiles (L2 reuse both ways).
 
-from max.gpu import MAX_THREADS_PER_BLOCK_METADATA, barrier, block_idx, grid_dim, lane_id, thread_idx, warp_id
-from max.gpu.intrinsics import warpgroup_reg_alloc, warpgroup_reg_dealloc
+from max.gpu import barrier, block_idx, lane_id, thread_idx, warp_id
 from max.gpu.compute.mma import (
     WGMMADescriptor,
     ld_matrix,
@@ -54,7 +53,6 @@ from max.gpu.primitives.block import prefix_sum as block_prefix_sum
 from std.math import ceildiv, exp
 from std.memory import Pointer, stack_allocation
 from std.sys import inlined_assembly, size_of
-from std.utils import StaticTuple
 
 from .activation import DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT, clamped_swiglu_f32, is_gated
 
@@ -283,13 +281,15 @@ struct _BlockTile(ImplicitlyCopyable):
 
 
 @always_inline
-def _row_tile_schedule[BM: Int, THREADS: Int, dense: Bool](
-    offsets: Pointer[Int32, MutAnyOrigin], experts: Int, slots: Int
-) -> Pointer[Int32, MutUntrackedOrigin, address_space=AddressSpace.SHARED]:
-    """sched[e] = row tiles of the experts before e (e <= E), in shared memory:
-    a block prefix sum of ceil(rows_e / BM) over the E+1 offsets (see the file
-    header). Every thread of the block must call it (barrier)."""
+def _block_tile[BM: Int, THREADS: Int, dense: Bool](
+    offsets: Pointer[Int32, MutAnyOrigin], experts: Int, slots: Int, m_bound: Int, n_tiles: Int
+) -> _BlockTile:
+    """The tile schedule, built by every block from the E+1 offsets (see the
+    file header): a block prefix sum of row tiles per expert in shared memory,
+    this block's (row tile, column tile) GROUP_M row tiles at a time, and its
+    expert by bisection. Every thread of the block must call it (barrier)."""
     var tid = Int(thread_idx.x)
+    # sched[e] = row tiles of the experts before e.
     var sched = stack_allocation[MAX_EXPERTS + 1, Int32, address_space=AddressSpace.SHARED]()
     comptime PER_THREAD = ceildiv(MAX_EXPERTS, THREADS)
     var mine = Int32(0)
@@ -302,33 +302,18 @@ def _row_tile_schedule[BM: Int, THREADS: Int, dense: Bool](
         var e = tid * PER_THREAD + i
         if e < experts:
             before += Int32(ceildiv(_group_start[dense](offsets, e + 1, slots) - _group_start[dense](offsets, e, slots), BM))
-            sched.unsafe_store(e + 1, before)
+            sched[e + 1] = before
     if tid == 0:
-        sched.unsafe_store(0, Int32(0))
+        sched[0] = 0
     barrier()
-    return sched
 
-
-@always_inline
-def _tile_at[BM: Int, dense: Bool](
-    sched: Pointer[Int32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
-    offsets: Pointer[Int32, MutAnyOrigin],
-    experts: Int,
-    slots: Int,
-    m_tiles: Int,
-    n_tiles: Int,
-    t: Int,
-) -> _BlockTile:
-    """Output tile t of m_tiles x n_tiles, taken GROUP_M row tiles at a time
-    (column tiles of one group run together: L2 reuse of both operands), and
-    its expert by bisection of sched. m_tiles may be a bound above the real
-    row tile count sched[E]: tiles past it are not valid."""
-    var group_tiles = GROUP_M * n_tiles
-    var first_m = (t // group_tiles) * GROUP_M
-    var group_m = min(GROUP_M, m_tiles - first_m)
-    var m_tile = first_m + (t % group_tiles) % group_m
-    var n_tile = (t % group_tiles) // group_m
-    if m_tile >= Int(sched.unsafe_load(experts)):
+    var bid = Int(block_idx.x)
+    var group_blocks = GROUP_M * n_tiles
+    var first_m = (bid // group_blocks) * GROUP_M
+    var group_m = min(GROUP_M, m_bound - first_m)
+    var m_tile = first_m + (bid % group_blocks) % group_m
+    var n_tile = (bid % group_blocks) // group_m
+    if m_tile >= Int(sched[experts]):
         return _BlockTile(False, 0, 0, 0, n_tile)
     # Its expert: the last e with sched[e] <= m_tile (empty experts share
     # their start with the next one).
@@ -336,23 +321,13 @@ def _tile_at[BM: Int, dense: Bool](
     var hi = experts
     while hi - lo > 1:
         var mid = (lo + hi) // 2
-        if Int(sched.unsafe_load(mid)) <= m_tile:
+        if Int(sched[mid]) <= m_tile:
             lo = mid
         else:
             hi = mid
-    var row0 = _group_start[dense](offsets, lo, slots) + (m_tile - Int(sched.unsafe_load(lo))) * BM
+    var row0 = _group_start[dense](offsets, lo, slots) + (m_tile - Int(sched[lo])) * BM
     var rows = min(BM, _group_start[dense](offsets, lo + 1, slots) - row0)
     return _BlockTile(True, lo, row0, rows, n_tile)
-
-
-@always_inline
-def _block_tile[BM: Int, THREADS: Int, dense: Bool](
-    offsets: Pointer[Int32, MutAnyOrigin], experts: Int, slots: Int, m_bound: Int, n_tiles: Int
-) -> _BlockTile:
-    """This block's tile, one tile per block over a grid of m_bound x n_tiles
-    (the host's bound). Every thread of the block must call it (barrier)."""
-    var sched = _row_tile_schedule[BM, THREADS, dense](offsets, experts, slots)
-    return _tile_at[BM, dense](sched, offsets, experts, slots, m_bound, n_tiles, Int(block_idx.x))
 
 
 @always_inline
@@ -873,564 +848,6 @@ def _grouped_gemm_wgmma[
         kernel,
         grid_dim=grid,
         block_dim=THREADS,
-        shared_mem_bytes=SMEM,
-        func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(SMEM)),
-    )
-
-
-# The persistent form of the Hopper tile: one block per SM, each walking the
-# tiles t = block, block + grid, ... (all of them on the device, from the
-# offsets), with one K pipeline over all its tiles. The loads of a tile's
-# first K steps are issued during the previous tile's last steps and are in
-# flight during its epilogue, so a block pays the pipeline fill once instead
-# of once per tile: with Qwen3-30B-A3B's down projection (K = 768, 12 K
-# steps per tile) the fill and the epilogue are a large part of a tile. The
-# output tile goes through its own shared buffer, 64 columns at a time (the
-# stage buffers are busy with the next tile's loads), one warpgroup per 64
-# rows, each synchronising only its own 128 threads (named barriers 1 and 2;
-# 0 is barrier()).
-comptime EPI_COLS = 64
-
-
-def _grouped_gemm_wgmma_persistent[
-    dtype: DType,
-    BM: Int,
-    BN: Int,
-    STAGES: Int,
-    activation: StaticString,
-    gather: Bool,
-    has_bias: Bool,
-    alpha: Float32,
-    limit: Float32,
-](
-    ctx: DeviceContext,
-    c: Pointer[Scalar[dtype], MutAnyOrigin],
-    ldc: Int,
-    a: Pointer[Scalar[dtype], MutAnyOrigin],
-    lda: Int,
-    k_dim: Int,
-    row_ids: Pointer[Int32, MutAnyOrigin],
-    offsets: Pointer[Int32, MutAnyOrigin],
-    experts: Int,
-    slots: Int,
-    w: Pointer[Scalar[dtype], MutAnyOrigin],
-    n_w: Int,
-    n_out: Int,
-    bias: Pointer[Scalar[dtype], MutAnyOrigin],
-) raises:
-    comptime BK = WG_BK
-    comptime THREADS = BM * 2  # a warpgroup (128 threads) per 64 rows
-    comptime GATED = is_gated[activation]()
-    comptime BN_OUT = BN // 2 if GATED else BN
-    comptime NB = BN // 64  # 64-column blocks of the B tile
-    comptime A_STAGE = BM * BK
-    comptime B_STAGE = BK * BN
-    comptime A_CHUNKS = BM * (BK // 8) // THREADS
-    comptime B_CPR = BN // 8
-    comptime B_CHUNKS = BK * B_CPR // THREADS
-    comptime ACC = BN // 2  # float32 accumulators per thread (m64 x BN / 128)
-    comptime NF = BN // 8  # n8 fragments
-    comptime LOOKAHEAD = STAGES - 2  # one wgmma group stays in flight past a step
-    comptime EPI_ROW = EPI_COLS + 8  # padded against bank conflicts
-    comptime EPI_CHUNKS = BN_OUT // EPI_COLS
-    comptime assert BN % 128 == 0 and BN <= 256, "BN: 128 or 256 (gate and up halves of 64-column blocks)"
-    comptime assert BM == 64 or BM == 128, "BM: one or two warpgroups of 64 rows"
-    comptime assert BN_OUT % EPI_COLS == 0, "the epilogue goes 64 columns at a time"
-    comptime assert STAGES >= 3, "one stage in the tensor cores, one landing, one loading"
-    comptime assert size_of[Scalar[dtype]]() == 2, "tensor-core path: 16-bit inputs"
-    comptime STAGE_BYTES = STAGES * (A_STAGE + B_STAGE) * 2
-    comptime SMEM = STAGE_BYTES + BM * EPI_ROW * 2 + 1024  # + alignment slack
-
-    var m_bound = min(slots, (slots + experts * (BM - 1)) // BM)
-    var n_tiles = ceildiv(n_out, BN_OUT)
-    var grid = min(m_bound * n_tiles, ctx.default_device_info.sm_count)
-    if grid == 0:
-        return
-    var n_k = Int64(k_dim)
-    var n_lda = Int64(lda)
-    var n_ldc = Int64(ldc)
-    var n_nw = Int64(n_w)
-    var n_nout = Int64(n_out)
-    var n_e = Int64(experts)
-    var n_nt = Int64(n_tiles)
-    var n_slots = Int64(slots)
-
-    def kernel() {
-        var c, var a, var row_ids, var offsets, var w, var bias,
-        var n_k, var n_lda, var n_ldc, var n_nw, var n_nout, var n_e, var n_nt, var n_slots,
-    }:
-        var tid = Int(thread_idx.x)
-        var lane = Int(lane_id())
-        var warp = Int(warp_id())
-        var wg = warp // 4
-        var E = Int(n_e)
-        var K = Int(n_k)
-        var S = Int(n_slots)
-        var N = Int(n_nw)
-        var NOUT = Int(n_nout)
-        var NT = Int(n_nt)
-        var LDA = Int(n_lda)
-
-        var sched = _row_tile_schedule[BM, THREADS, False](offsets, E, S)
-        var m_tiles = Int(sched.unsafe_load(E))
-        var tiles = m_tiles * NT
-        var bid = Int(block_idx.x)
-        var blocks = Int(grid_dim.x)
-        if bid >= tiles:
-            return
-        var k_tiles = ceildiv(K, BK)
-        var steps = ((tiles - bid + blocks - 1) // blocks) * k_tiles
-
-        var raw = external_memory[
-            Scalar[dtype], address_space=AddressSpace.SHARED, alignment=1024, name="pymoe_grouped_gemm_smem"
-        ]()
-        # wgmma's swizzle works on address bits: tiles start on 1024 bytes.
-        var smem = raw.unsafe_offset(((1024 - Int(raw) % 1024) % 1024) // 2)
-        var a_smem = smem
-        var b_smem = smem.unsafe_offset(STAGES * A_STAGE)
-        var epi = smem.unsafe_offset(STAGE_BYTES // 2)
-
-        # The tile being loaded (step s) and the tile being multiplied (step
-        # s - LOOKAHEAD); they differ for LOOKAHEAD steps at each tile change.
-        var ld = _BlockTile(False, 0, 0, 0, 0)
-        var ld_kt = 0
-        var ld_j = 0
-        var a_src = Array[Int, A_CHUNKS](fill=0)
-        var mm = _BlockTile(False, 0, 0, 0, 0)
-        var mm_kt = 0
-        var mm_j = 0
-        var acc = SIMD[DType.float32, ACC](0)
-        for s in range(steps + LOOKAHEAD):
-            if s >= LOOKAHEAD:
-                # Step s - LOOKAHEAD has landed for every thread, and (each
-                # thread having waited for all but one wgmma group) the buffer
-                # this step refills is free. cp.async writes through the
-                # generic proxy and wgmma reads through the async one: the
-                # proxy fence orders them.
-                async_copy_wait_group(Int32(LOOKAHEAD - 1))
-                inlined_assembly["fence.proxy.async.shared::cta;", NoneType, constraints="~{memory}", has_side_effect=True]()
-                barrier()
-            if s < steps:
-                if ld_kt == 0:
-                    ld = _tile_at[BM, False](sched, offsets, E, S, m_tiles, NT, bid + ld_j * blocks)
-                    comptime for i in range(A_CHUNKS):
-                        var q = tid + i * THREADS
-                        var grouped_row = ld.row0 + min(q // 8, ld.rows - 1)
-                        var src_row = grouped_row
-                        comptime if gather:
-                            src_row = Int(row_ids.unsafe_load(grouped_row))
-                        a_src[i] = src_row * LDA + (q % 8) * 8
-                var k0 = ld_kt * BK
-                var col0 = ld.n_tile * BN_OUT
-                var w_e = w.unsafe_offset(ld.expert * K * N)
-                var a_stage = a_smem.unsafe_offset((s % STAGES) * A_STAGE)
-                var b_stage = b_smem.unsafe_offset((s % STAGES) * B_STAGE)
-                comptime for i in range(A_CHUNKS):
-                    var q = tid + i * THREADS
-                    var r = q // 8
-                    var ch = q % 8
-                    var dst = a_stage.unsafe_offset((r * 8 + (ch ^ (r & 7))) * 8)
-                    if k0 + ch * 8 < K:
-                        async_copy[16](a.unsafe_offset(a_src[i] + k0).unsafe_address_space_cast[AddressSpace.GLOBAL](), dst)
-                    else:
-                        dst.unsafe_store[alignment=16](SIMD[dtype, 8](0))
-                comptime for i in range(B_CHUNKS):
-                    var q = tid + i * THREADS
-                    var kr = q // B_CPR
-                    var ch = q % B_CPR
-                    var blk = ch // 8
-                    var c8 = ch % 8
-                    var col: Int
-                    var ok: Bool
-                    comptime if GATED:
-                        # Blocks [0, NB/2) hold gate columns, the rest the same up columns.
-                        var out_col = col0 + (blk % (NB // 2)) * 64 + c8 * 8
-                        ok = out_col < NOUT
-                        col = (blk // (NB // 2)) * NOUT + out_col
-                    else:
-                        col = col0 + ch * 8
-                        ok = col < NOUT
-                    var dst = b_stage.unsafe_offset(blk * (BK * 64) + (kr * 8 + (c8 ^ (kr & 7))) * 8)
-                    if ok and k0 + kr < K:
-                        async_copy[16](
-                            w_e.unsafe_offset((k0 + kr) * N + col).unsafe_address_space_cast[AddressSpace.GLOBAL](), dst
-                        )
-                    else:
-                        dst.unsafe_store[alignment=16](SIMD[dtype, 8](0))
-                ld_kt += 1
-                if ld_kt == k_tiles:
-                    ld_kt = 0
-                    ld_j += 1
-            async_copy_commit_group()
-            if s < LOOKAHEAD:
-                continue
-
-            var m = s - LOOKAHEAD
-            if mm_kt == 0:
-                mm = _tile_at[BM, False](sched, offsets, E, S, m_tiles, NT, bid + mm_j * blocks)
-            var a_addr = Int(a_smem.unsafe_offset((m % STAGES) * A_STAGE + wg * 64 * BK))
-            var b_addr = Int(b_smem.unsafe_offset((m % STAGES) * B_STAGE))
-            wgmma_fence_aligned()
-            comptime for kk in range(BK // 16):
-                # K step kk: 32 bytes into each A row; 16 k rows of 128 bytes into B.
-                var da = _wgmma_desc[dtype](a_addr + kk * 32, 16, 1024)
-                var db = _wgmma_desc[dtype](b_addr + kk * 16 * 128, BK * 128, 1024)
-                acc = wgmma_async[64, BN, 16, DType.float32, ACC, a_type=dtype, b_type=dtype, layout_b="row"](da, db, acc)
-            wgmma_commit_group_sync()
-            wgmma_wait_group_sync[1]()
-            mm_kt += 1
-            if mm_kt < k_tiles:
-                continue
-            mm_kt = 0
-            mm_j += 1
-
-            # Epilogue of tile mm. Fragment f (n8 block) of this thread:
-            # registers 4f..4f+3, rows lane/4 and lane/4 + 8 of the warp's 16,
-            # columns f*8 + (lane%4)*2 + {0,1}. 64 output columns at a time go
-            # through this warpgroup's 64 rows of the epilogue buffer and out
-            # as 16-byte row chunks.
-            wgmma_wait_group_sync[0]()
-            var e = mm.expert
-            var col0 = mm.n_tile * BN_OUT
-            var warp_row = wg * 64 + (warp % 4) * 16 + lane // 4
-            comptime for j in range(EPI_CHUNKS):
-                comptime for fi in range(EPI_COLS // 8):
-                    comptime f = j * (EPI_COLS // 8) + fi
-                    var lc = fi * 8 + (lane % 4) * 2
-                    if col0 + j * EPI_COLS + lc < NOUT:
-                        comptime for half in range(2):
-                            var r = warp_row + half * 8
-                            var up = SIMD[DType.float32, 2](0)
-                            comptime if GATED:
-                                up = acc.slice[2, offset = (f + NF // 2) * 4 + half * 2]()
-                            var gc = col0 + j * EPI_COLS + lc
-                            epi.unsafe_store[alignment=4](
-                                r * EPI_ROW + lc,
-                                _epilogue_pair[activation, has_bias, alpha, limit, dtype, dtype](
-                                    acc.slice[2, offset = f * 4 + half * 2](), up, bias, e * N + gc, e * N + NOUT + gc
-                                ),
-                            )
-                _named_barrier(1 + wg, 128)
-                comptime for i in range(64 * (EPI_COLS // 8) // 128):
-                    var q = tid % 128 + i * 128
-                    var r = wg * 64 + q // (EPI_COLS // 8)
-                    var lc = (q % (EPI_COLS // 8)) * 8
-                    var gc = col0 + j * EPI_COLS + lc
-                    if r < mm.rows and gc < NOUT:
-                        c.unsafe_store[alignment=16](
-                            (mm.row0 + r) * Int(n_ldc) + gc, epi.unsafe_load[width=8, alignment=16](r * EPI_ROW + lc)
-                        )
-                _named_barrier(1 + wg, 128)
-            acc = SIMD[DType.float32, ACC](0)
-        async_copy_wait_group(Int32(0))
-
-    ctx.enqueue_function(
-        kernel,
-        grid_dim=grid,
-        block_dim=THREADS,
-        shared_mem_bytes=SMEM,
-        func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(SMEM)),
-    )
-
-
-# ---------------------------------------------------------------------------
-# The warp-specialised persistent form (Hopper). Three warpgroups: the first
-# only loads (cp.async, gathered A rows, 40 registers per thread), the other
-# two only multiply (64 rows each, 232 registers), handing stage buffers over
-# with mbarriers instead of block-wide barriers: a "full" barrier per stage
-# that the producer's copies complete (cp.async.mbarrier.arrive.noinc, so the
-# producer never waits for its own loads), and an "empty" barrier per stage
-# that the 256 consumer threads arrive on once their wgmma group that read it
-# has finished. The producer runs up to STAGES steps ahead, across tiles, so
-# the next tile's loads proceed during an epilogue.
-comptime WS_THREADS = 384
-comptime WS_PRODUCER_REGS = 40
-comptime WS_CONSUMER_REGS = 232
-
-
-@always_inline
-def _mbar_init(bar: Int, count: Int):
-    inlined_assembly["mbarrier.init.shared::cta.b64 [$0], $1;", NoneType, constraints="r,r,~{memory}", has_side_effect=True](
-        UInt32(bar), UInt32(count)
-    )
-
-
-@always_inline
-def _mbar_arrive(bar: Int):
-    inlined_assembly["mbarrier.arrive.shared::cta.b64 _, [$0];", NoneType, constraints="r,~{memory}", has_side_effect=True](
-        UInt32(bar)
-    )
-
-
-@always_inline
-def _mbar_arrive_when_copied(bar: Int):
-    """One arrival on bar once every earlier cp.async of this thread has landed."""
-    inlined_assembly[
-        "cp.async.mbarrier.arrive.noinc.shared::cta.b64 [$0];", NoneType, constraints="r,~{memory}", has_side_effect=True
-    ](UInt32(bar))
-
-
-@always_inline
-def _mbar_wait(bar: Int, parity: Int):
-    """Wait until the phase of bar with this parity has completed."""
-    while True:
-        var done = inlined_assembly[
-            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [$1], $2;\nselp.u32 $0, 1, 0, p;\n}",
-            UInt32,
-            constraints="=r,r,r,~{memory}",
-            has_side_effect=True,
-        ](UInt32(bar), UInt32(parity))
-        if done != 0:
-            return
-
-
-@always_inline
-def _copy16_or_zero(dst: Int, src: Int, ok: Bool):
-    """cp.async of 16 bytes from global src to shared dst, or 16 zero bytes
-    (source size 0: nothing is read) where not ok. Zeros through the copy
-    itself, so that the full barrier covers them too."""
-    inlined_assembly["cp.async.cg.shared.global [$0], [$1], 16, $2;", NoneType, constraints="r,l,r,~{memory}", has_side_effect=True](
-        UInt32(dst), UInt64(src), UInt32(16 if ok else 0)
-    )
-
-
-@always_inline
-def _named_barrier(id: Int, threads: Int):
-    inlined_assembly["bar.sync $0, $1;", NoneType, constraints="r,r,~{memory}", has_side_effect=True](
-        Int32(id), Int32(threads)
-    )
-
-
-def _grouped_gemm_wgmma_ws[
-    dtype: DType,
-    BN: Int,
-    STAGES: Int,
-    activation: StaticString,
-    gather: Bool,
-    has_bias: Bool,
-    alpha: Float32,
-    limit: Float32,
-](
-    ctx: DeviceContext,
-    c: Pointer[Scalar[dtype], MutAnyOrigin],
-    ldc: Int,
-    a: Pointer[Scalar[dtype], MutAnyOrigin],
-    lda: Int,
-    k_dim: Int,
-    row_ids: Pointer[Int32, MutAnyOrigin],
-    offsets: Pointer[Int32, MutAnyOrigin],
-    experts: Int,
-    slots: Int,
-    w: Pointer[Scalar[dtype], MutAnyOrigin],
-    n_w: Int,
-    n_out: Int,
-    bias: Pointer[Scalar[dtype], MutAnyOrigin],
-) raises:
-    comptime BM = 128
-    comptime BK = WG_BK
-    comptime GATED = is_gated[activation]()
-    comptime BN_OUT = BN // 2 if GATED else BN
-    comptime NB = BN // 64  # 64-column blocks of the B tile
-    comptime A_STAGE = BM * BK
-    comptime B_STAGE = BK * BN
-    comptime A_CHUNKS = BM * (BK // 8) // 128  # per producer thread
-    comptime B_CPR = BN // 8
-    comptime B_CHUNKS = BK * B_CPR // 128
-    comptime ACC = BN // 2  # float32 accumulators per consumer thread (m64 x BN / 128)
-    comptime NF = BN // 8  # n8 fragments
-    comptime EPI_ROW = EPI_COLS + 8
-    comptime EPI_CHUNKS = BN_OUT // EPI_COLS
-    comptime assert BN % 128 == 0 and BN <= 256, "BN: 128 or 256 (gate and up halves of 64-column blocks)"
-    comptime assert BN_OUT % EPI_COLS == 0, "the epilogue goes 64 columns at a time"
-    comptime assert size_of[Scalar[dtype]]() == 2, "tensor-core path: 16-bit inputs"
-    comptime assert WS_PRODUCER_REGS * 128 + WS_CONSUMER_REGS * 256 <= 65536, "the register file"
-    comptime STAGE_BYTES = STAGES * (A_STAGE + B_STAGE) * 2
-    comptime BAR_BYTES = STAGE_BYTES + BM * EPI_ROW * 2  # 2 x STAGES mbarriers (8 bytes each)
-    comptime ROWS_BYTES = BAR_BYTES + 2 * STAGES * 8  # the producer's A source rows of its tile
-    comptime SMEM = ROWS_BYTES + BM * 4 + 1024  # + alignment slack
-
-    var m_bound = min(slots, (slots + experts * (BM - 1)) // BM)
-    var n_tiles = ceildiv(n_out, BN_OUT)
-    var grid = min(m_bound * n_tiles, ctx.default_device_info.sm_count)
-    if grid == 0:
-        return
-    var n_k = Int64(k_dim)
-    var n_lda = Int64(lda)
-    var n_ldc = Int64(ldc)
-    var n_nw = Int64(n_w)
-    var n_nout = Int64(n_out)
-    var n_e = Int64(experts)
-    var n_nt = Int64(n_tiles)
-    var n_slots = Int64(slots)
-
-    # 384 threads: ptxas must fit the kernel in 65536 / 384 registers before
-    # setmaxnreg moves them from the producer to the consumers.
-    @__llvm_metadata(MAX_THREADS_PER_BLOCK_METADATA=StaticTuple[Int32, 1](WS_THREADS))
-    def kernel() {
-        var c, var a, var row_ids, var offsets, var w, var bias,
-        var n_k, var n_lda, var n_ldc, var n_nw, var n_nout, var n_e, var n_nt, var n_slots,
-    }:
-        var tid = Int(thread_idx.x)
-        var lane = Int(lane_id())
-        var warp = Int(warp_id())
-        var wg = warp // 4
-        var E = Int(n_e)
-        var K = Int(n_k)
-        var S = Int(n_slots)
-        var N = Int(n_nw)
-        var NOUT = Int(n_nout)
-        var NT = Int(n_nt)
-        var LDA = Int(n_lda)
-
-        var sched = _row_tile_schedule[BM, WS_THREADS, False](offsets, E, S)
-        var m_tiles = Int(sched.unsafe_load(E))
-        var tiles = m_tiles * NT
-        var bid = Int(block_idx.x)
-        var blocks = Int(grid_dim.x)
-        if bid >= tiles:
-            return
-        var k_tiles = ceildiv(K, BK)
-        var my_tiles = (tiles - bid + blocks - 1) // blocks
-
-        var raw = external_memory[
-            Scalar[dtype], address_space=AddressSpace.SHARED, alignment=1024, name="pymoe_grouped_gemm_smem"
-        ]()
-        # wgmma's swizzle works on address bits: tiles start on 1024 bytes.
-        var smem = raw.unsafe_offset(((1024 - Int(raw) % 1024) % 1024) // 2)
-        var a_smem = smem
-        var b_smem = smem.unsafe_offset(STAGES * A_STAGE)
-        var epi = smem.unsafe_offset(STAGE_BYTES // 2)
-        var bars = Int(smem) + BAR_BYTES  # full[s] at bars + 8 s, empty[s] at bars + 8 (STAGES + s)
-        var a_rows = smem.unsafe_offset(ROWS_BYTES // 2).unsafe_bitcast[Int32]()
-
-        if tid == 0:
-            comptime for s in range(STAGES):
-                _mbar_init(bars + 8 * s, 128)  # the producer's 128 threads, once their copies land
-                _mbar_init(bars + 8 * (STAGES + s), 256)  # every consumer thread
-            inlined_assembly["fence.mbarrier_init.release.cluster;", NoneType, constraints="~{memory}", has_side_effect=True]()
-        barrier()
-
-        if wg == 0:
-            # Producer.
-            warpgroup_reg_dealloc[WS_PRODUCER_REGS]()
-            var g = 0
-            for j in range(my_tiles):
-                var tile = _tile_at[BM, False](sched, offsets, E, S, m_tiles, NT, bid + j * blocks)
-                # The tile's A source rows, through shared memory: 8 per thread
-                # held in registers would not fit the producer's 40.
-                _named_barrier(3, 128)  # the previous tile's rows are no longer read
-                var grouped_row = tile.row0 + min(tid, tile.rows - 1)
-                comptime if gather:
-                    a_rows.unsafe_store(tid, row_ids.unsafe_load(grouped_row))
-                else:
-                    a_rows.unsafe_store(tid, Int32(grouped_row))
-                _named_barrier(3, 128)
-                var col0 = tile.n_tile * BN_OUT
-                var w_e = Int(w.unsafe_offset(tile.expert * K * N))
-                for kt in range(k_tiles):
-                    var stage = g % STAGES
-                    _mbar_wait(bars + 8 * (STAGES + stage), ((g // STAGES) & 1) ^ 1)
-                    var k0 = kt * BK
-                    var a_stage = Int(a_smem.unsafe_offset(stage * A_STAGE))
-                    var b_stage = Int(b_smem.unsafe_offset(stage * B_STAGE))
-                    comptime for i in range(A_CHUNKS):
-                        var q = tid + i * 128
-                        var r = q // 8
-                        var ch = q % 8
-                        var ok = k0 + ch * 8 < K
-                        var src = Int(a) + (Int(a_rows.unsafe_load(r)) * LDA + k0 + ch * 8) * 2
-                        _copy16_or_zero(a_stage + (r * 8 + (ch ^ (r & 7))) * 16, src if ok else Int(a), ok)
-                    comptime for i in range(B_CHUNKS):
-                        var q = tid + i * 128
-                        var kr = q // B_CPR
-                        var ch = q % B_CPR
-                        var blk = ch // 8
-                        var c8 = ch % 8
-                        var col: Int
-                        var ok: Bool
-                        comptime if GATED:
-                            # Blocks [0, NB/2) hold gate columns, the rest the same up columns.
-                            var out_col = col0 + (blk % (NB // 2)) * 64 + c8 * 8
-                            ok = out_col < NOUT
-                            col = (blk // (NB // 2)) * NOUT + out_col
-                        else:
-                            col = col0 + ch * 8
-                            ok = col < NOUT
-                        ok = ok and k0 + kr < K
-                        var src = w_e + ((k0 + kr) * N + col) * 2
-                        _copy16_or_zero(b_stage + (blk * (BK * 64) + (kr * 8 + (c8 ^ (kr & 7))) * 8) * 2, src if ok else w_e, ok)
-                    _mbar_arrive_when_copied(bars + 8 * stage)
-                    g += 1
-            # Its copies were never committed as groups: wait for all of them.
-            inlined_assembly["cp.async.wait_all;", NoneType, constraints="~{memory}", has_side_effect=True]()
-            return
-
-        # Consumers: warpgroup cw multiplies rows 64 cw .. 64 cw + 63 of each tile.
-        warpgroup_reg_alloc[WS_CONSUMER_REGS]()
-        var cw = wg - 1
-        var g = 0
-        var acc = SIMD[DType.float32, ACC](0)
-        for j in range(my_tiles):
-            var tile = _tile_at[BM, False](sched, offsets, E, S, m_tiles, NT, bid + j * blocks)
-            for kt in range(k_tiles):
-                var stage = g % STAGES
-                _mbar_wait(bars + 8 * stage, (g // STAGES) & 1)
-                # The copies wrote through the generic proxy; wgmma reads through the async one.
-                inlined_assembly["fence.proxy.async.shared::cta;", NoneType, constraints="~{memory}", has_side_effect=True]()
-                var a_addr = Int(a_smem.unsafe_offset(stage * A_STAGE + cw * 64 * BK))
-                var b_addr = Int(b_smem.unsafe_offset(stage * B_STAGE))
-                wgmma_fence_aligned()
-                comptime for kk in range(BK // 16):
-                    var da = _wgmma_desc[dtype](a_addr + kk * 32, 16, 1024)
-                    var db = _wgmma_desc[dtype](b_addr + kk * 16 * 128, BK * 128, 1024)
-                    acc = wgmma_async[64, BN, 16, DType.float32, ACC, a_type=dtype, b_type=dtype, layout_b="row"](da, db, acc)
-                wgmma_commit_group_sync()
-                wgmma_wait_group_sync[1]()
-                # The group of the step before has finished reading its stage.
-                if kt > 0:
-                    _mbar_arrive(bars + 8 * (STAGES + (g - 1) % STAGES))
-                g += 1
-            wgmma_wait_group_sync[0]()
-            _mbar_arrive(bars + 8 * (STAGES + (g - 1) % STAGES))
-
-            # Epilogue (as in the persistent tile), this warpgroup's 64 rows.
-            var e = tile.expert
-            var col0 = tile.n_tile * BN_OUT
-            var warp_row = cw * 64 + (warp % 4) * 16 + lane // 4
-            comptime for jc in range(EPI_CHUNKS):
-                comptime for fi in range(EPI_COLS // 8):
-                    comptime f = jc * (EPI_COLS // 8) + fi
-                    var lc = fi * 8 + (lane % 4) * 2
-                    if col0 + jc * EPI_COLS + lc < NOUT:
-                        comptime for half in range(2):
-                            var r = warp_row + half * 8
-                            var up = SIMD[DType.float32, 2](0)
-                            comptime if GATED:
-                                up = acc.slice[2, offset = (f + NF // 2) * 4 + half * 2]()
-                            var gc = col0 + jc * EPI_COLS + lc
-                            epi.unsafe_store[alignment=4](
-                                r * EPI_ROW + lc,
-                                _epilogue_pair[activation, has_bias, alpha, limit, dtype, dtype](
-                                    acc.slice[2, offset = f * 4 + half * 2](), up, bias, e * N + gc, e * N + NOUT + gc
-                                ),
-                            )
-                _named_barrier(1 + cw, 128)
-                comptime for i in range(64 * (EPI_COLS // 8) // 128):
-                    var q = tid % 128 + i * 128
-                    var r = cw * 64 + q // (EPI_COLS // 8)
-                    var lc = (q % (EPI_COLS // 8)) * 8
-                    var gc = col0 + jc * EPI_COLS + lc
-                    if r < tile.rows and gc < NOUT:
-                        c.unsafe_store[alignment=16](
-                            (tile.row0 + r) * Int(n_ldc) + gc, epi.unsafe_load[width=8, alignment=16](r * EPI_ROW + lc)
-                        )
-                _named_barrier(1 + cw, 128)
-            acc = SIMD[DType.float32, ACC](0)
-
-    ctx.enqueue_function(
-        kernel,
-        grid_dim=grid,
-        block_dim=WS_THREADS,
         shared_mem_bytes=SMEM,
         func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(SMEM)),
     )

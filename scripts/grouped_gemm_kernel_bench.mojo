@@ -9,12 +9,11 @@
 # libMSupportGlobals, libMGPRT from the modular package's lib/) on LD_LIBRARY_PATH:
 #   mojo build -I . --target-accelerator=sm_90a -o grouped_gemm_kernel_bench \
 #       scripts/grouped_gemm_kernel_bench.mojo
-from kernels.gpu_grouped_gemm import grouped_gemm_gpu, _grouped_gemm, _grouped_gemm_wgmma, _grouped_gemm_wgmma_persistent, _grouped_gemm_wgmma_ws, MID_TILE, PREFILL_TILE, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT
+from kernels.gpu_grouped_gemm import grouped_gemm_gpu, _grouped_gemm, _grouped_gemm_wgmma, MID_TILE, PREFILL_TILE, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT
 from max.gpu.host import DeviceContext
 from std.memory import Pointer
 from std.time import perf_counter_ns
 from std.math import sqrt
-from std.sys import argv
 
 comptime BF = DType.bfloat16
 
@@ -29,7 +28,7 @@ struct Rng:
         self.s = self.s * 6364136223846793005 + 1442695040888963407
         return Int((self.s >> 33) % UInt64(n))
 
-def bench_case[act: StaticString, BM: Int, BN: Int, ST: Int, IF: Int = 1, PERSISTENT: Bool = False, OLD_WGMMA: Bool = False, WS: Bool = False](ctx: DeviceContext, name: String, E: Int, K: Int, NW: Int, tokens: Int, topk: Int, old_prefill: Bool) raises:
+def bench_case[act: StaticString, BM: Int, BN: Int, ST: Int, IF: Int = 1](ctx: DeviceContext, name: String, E: Int, K: Int, NW: Int, tokens: Int, topk: Int, old_prefill: Bool) raises:
     var gated = act == "swiglu"
     var nout = NW // 2 if gated else NW
     var slots = tokens * topk
@@ -92,20 +91,12 @@ def bench_case[act: StaticString, BM: Int, BN: Int, ST: Int, IF: Int = 1, PERSIS
     var reps = 20
 
     def run_old() raises {var ctx, var pc0, var nout, var pa, var K, var pids, var poff, var E, var slots, var pw, var NW, var old_prefill}:
-        comptime if OLD_WGMMA:
-            _grouped_gemm_wgmma[BF, 128, 256, 4, act, True, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT](ctx, pc0, nout, pa, K, K, pids, poff, E, slots, pw, NW, nout, pw)
-            return
         if old_prefill:
             _grouped_gemm[BF, PREFILL_TILE, act, True, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT](ctx, pc0, nout, pa, K, K, pids, poff, E, slots, pw, NW, nout, pw)
         else:
             _grouped_gemm[BF, MID_TILE, act, True, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT](ctx, pc0, nout, pa, K, K, pids, poff, E, slots, pw, NW, nout, pw)
     def run_new() raises {var ctx, var pc1, var nout, var pa, var K, var pids, var poff, var E, var slots, var pw, var NW}:
-        comptime if WS:
-            _grouped_gemm_wgmma_ws[BF, BN, ST, act, True, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT](ctx, pc1, nout, pa, K, K, pids, poff, E, slots, pw, NW, nout, pw)
-        elif PERSISTENT:
-            _grouped_gemm_wgmma_persistent[BF, BM, BN, ST, act, True, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT](ctx, pc1, nout, pa, K, K, pids, poff, E, slots, pw, NW, nout, pw)
-        else:
-            _grouped_gemm_wgmma[BF, BM, BN, ST, act, True, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT, IF](ctx, pc1, nout, pa, K, K, pids, poff, E, slots, pw, NW, nout, pw)
+        _grouped_gemm_wgmma[BF, BM, BN, ST, act, True, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT, IF](ctx, pc1, nout, pa, K, K, pids, poff, E, slots, pw, NW, nout, pw)
 
     run_old()
     run_new()
@@ -146,11 +137,11 @@ def bench_case[act: StaticString, BM: Int, BN: Int, ST: Int, IF: Int = 1, PERSIS
     sort(t_new)
     var mo = t_old[reps // 2]
     var mn = t_new[reps // 2]
-    print(name, "old", "wgmma" if OLD_WGMMA else "mma.sync", "new", "ws" if WS else ("persistent" if PERSISTENT else "wgmma"), "BM", BM, "BN", BN, "ST", ST, "in_flight", IF, "tokens", tokens, "rel", rel, "nan", bad,
+    print(name, "BM", BM, "BN", BN, "ST", ST, "in_flight", IF, "tokens", tokens, "rel", rel, "nan", bad,
           "old_ms", mo, "new_ms", mn, "old_TF", flops / mo / 1e9, "new_TF", flops / mn / 1e9, "x", mo / mn)
 
 def dispatch_check(ctx: DeviceContext, tokens: Int) raises:
-    """The op's entry (grouped_gemm_gpu) against the mma.sync tile, qwen3 gate/up."""
+    """grouped_gemm_gpu (the op's entry) against the mma.sync tile, qwen3 gate/up."""
     var E = 128
     var K = 2048
     var NW = 1536
@@ -223,31 +214,18 @@ def dispatch_check(ctx: DeviceContext, tokens: Int) raises:
 
 def main() raises:
     var ctx = DeviceContext()
-    if len(argv()) > 1 and argv()[1] == "ws":
-        # The warp-specialised tile ('new') against the wgmma tile, then the mma.sync one.
-        # A separate run: a hang here (mbarrier phases) must not cost the other lines.
-        bench_case["swiglu", 128, 256, 4, 1, False, True, True](ctx, "qwen3-up", 128, 2048, 1536, 16384, 8, True)
-        bench_case["none", 128, 256, 4, 1, False, True, True](ctx, "qwen3-down", 128, 768, 2048, 16384, 8, True)
-        bench_case["swiglu", 128, 256, 4, 1, False, True, True](ctx, "qwen3-up", 128, 2048, 1536, 4096, 8, True)
-        bench_case["swiglu", 128, 256, 4, 1, False, True, True](ctx, "mixtral-up", 8, 4096, 28672, 16384, 2, True)
-        bench_case["none", 128, 256, 4, 1, False, True, True](ctx, "mixtral-down", 8, 14336, 4096, 16384, 2, True)
-        bench_case["swiglu", 128, 256, 4, 1, False, False, True](ctx, "qwen3-up-odd", 128, 2040, 1520, 9999, 8, True)
-        bench_case["none", 128, 256, 4, 1, False, False, True](ctx, "qwen3-down-odd", 128, 760, 2040, 9999, 8, True)
-        bench_case["swiglu", 128, 256, 4, 1, False, False, True](ctx, "qwen3-up-few", 128, 2048, 1536, 37, 8, True)
-        return
     dispatch_check(ctx, 4096)
     dispatch_check(ctx, 64)
-    # The persistent wgmma tile ('new') against the one-tile-per-block wgmma tile ('old'),
-    # then against the mma.sync tile (bit-identity with the reference tile).
-    bench_case["swiglu", 128, 256, 4, 1, True, True](ctx, "qwen3-up", 128, 2048, 1536, 16384, 8, True)
-    bench_case["none", 128, 256, 4, 1, True, True](ctx, "qwen3-down", 128, 768, 2048, 16384, 8, True)
-    bench_case["swiglu", 128, 256, 4, 1, True, True](ctx, "qwen3-up", 128, 2048, 1536, 4096, 8, True)
-    bench_case["none", 128, 256, 4, 1, True, True](ctx, "qwen3-down", 128, 768, 2048, 4096, 8, True)
-    bench_case["swiglu", 128, 256, 4, 1, True, True](ctx, "qwen3-up", 128, 2048, 1536, 1024, 8, True)
-    bench_case["swiglu", 128, 256, 4, 1, True, True](ctx, "mixtral-up", 8, 4096, 28672, 16384, 2, True)
-    bench_case["none", 128, 256, 4, 1, True, True](ctx, "mixtral-down", 8, 14336, 4096, 16384, 2, True)
-    bench_case["swiglu", 128, 256, 4, 1, True, True](ctx, "gptoss-up", 32, 2880, 5760, 4096, 4, True)
-    bench_case["swiglu", 128, 256, 4, 1, True, False](ctx, "qwen3-up-odd", 128, 2040, 1520, 9999, 8, True)
-    bench_case["none", 128, 256, 4, 1, True, False](ctx, "qwen3-down-odd", 128, 760, 2040, 9999, 8, True)
-    bench_case["swiglu", 128, 256, 4, 1, True, False](ctx, "qwen3-up-few", 128, 2048, 1536, 37, 8, True)
-    bench_case["swiglu", 128, 256, 3, 1, True, True](ctx, "qwen3-up-3st", 128, 2048, 1536, 16384, 8, True)
+    # old_prefill: the reference kernel is the 128x128 mma.sync tile (else the 64x128 one)
+    bench_case["swiglu", 128, 256, 4](ctx, "qwen3-up", 128, 2048, 1536, 16384, 8, True)
+    bench_case["swiglu", 128, 256, 4, 0](ctx, "qwen3-up", 128, 2048, 1536, 16384, 8, True)
+    bench_case["none", 128, 256, 4](ctx, "qwen3-down", 128, 768, 2048, 16384, 8, True)
+    bench_case["none", 128, 256, 4, 0](ctx, "qwen3-down", 128, 768, 2048, 16384, 8, True)
+    bench_case["swiglu", 128, 256, 4](ctx, "mixtral-up", 8, 4096, 28672, 16384, 2, True)
+    bench_case["swiglu", 128, 256, 4, 0](ctx, "mixtral-up", 8, 4096, 28672, 16384, 2, True)
+    bench_case["swiglu", 128, 256, 4](ctx, "qwen3-up", 128, 2048, 1536, 4096, 8, False)
+    bench_case["swiglu", 128, 256, 4, 0](ctx, "qwen3-up-odd", 128, 2040, 1520, 9999, 8, True)
+    # 128 x 128 tiles in 3 stages (96 KB): two blocks fit on an SM, so one's epilogue can
+    # overlap the other's main loop (where registers allow it)
+    bench_case["swiglu", 128, 128, 3](ctx, "qwen3-up", 128, 2048, 1536, 16384, 8, True)
+    bench_case["swiglu", 128, 128, 3](ctx, "mixtral-up", 8, 4096, 28672, 16384, 2, True)
