@@ -302,9 +302,9 @@ def _block_tile[BM: Int, THREADS: Int, dense: Bool](
         var e = tid * PER_THREAD + i
         if e < experts:
             before += Int32(ceildiv(_group_start[dense](offsets, e + 1, slots) - _group_start[dense](offsets, e, slots), BM))
-            sched[e + 1] = before
+            sched.unsafe_store(e + 1, before)
     if tid == 0:
-        sched[0] = 0
+        sched.unsafe_store(0, Int32(0))
     barrier()
 
     var bid = Int(block_idx.x)
@@ -313,7 +313,7 @@ def _block_tile[BM: Int, THREADS: Int, dense: Bool](
     var group_m = min(GROUP_M, m_bound - first_m)
     var m_tile = first_m + (bid % group_blocks) % group_m
     var n_tile = (bid % group_blocks) // group_m
-    if m_tile >= Int(sched[experts]):
+    if m_tile >= Int(sched.unsafe_load(experts)):
         return _BlockTile(False, 0, 0, 0, n_tile)
     # Its expert: the last e with sched[e] <= m_tile (empty experts share
     # their start with the next one).
@@ -321,11 +321,11 @@ def _block_tile[BM: Int, THREADS: Int, dense: Bool](
     var hi = experts
     while hi - lo > 1:
         var mid = (lo + hi) // 2
-        if Int(sched[mid]) <= m_tile:
+        if Int(sched.unsafe_load(mid)) <= m_tile:
             lo = mid
         else:
             hi = mid
-    var row0 = _group_start[dense](offsets, lo, slots) + (m_tile - Int(sched[lo])) * BM
+    var row0 = _group_start[dense](offsets, lo, slots) + (m_tile - Int(sched.unsafe_load(lo))) * BM
     var rows = min(BM, _group_start[dense](offsets, lo + 1, slots) - row0)
     return _BlockTile(True, lo, row0, rows, n_tile)
 

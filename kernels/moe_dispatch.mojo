@@ -17,28 +17,41 @@
 #
 # A counting sort: one pass to count, a prefix sum, one pass to place. It is
 # O(T*k) and stable, so the layout is deterministic. On the GPU each pass is
-# a kernel with one thread block per expert; the place pass numbers an
-# expert's slots in token order with a block-wide prefix sum per chunk of
-# slots (each thread counts a few consecutive slots first). The counts live
-# in expert_offsets between the passes, so no scratch memory is needed.
+# a kernel: B blocks split the slots into ranges (about SLOTS_PER_BLOCK each);
+# each block counts its range per expert in shared memory, one block turns
+# the E x B counts into each block's first rank per expert and the expert
+# offsets, and each block places its range: a slot's rank within its expert
+# is the expert's slots before its block, plus those before it in the block
+# (counted per warp with shuffles, per round of GPU_BLOCK slots). Every slot
+# is read twice in all, whatever E. The per-block numbers live in
+# slot_to_row between the passes, so no scratch memory is needed.
 # Decode batches (at most SMALL_DISPATCH_SLOTS slots) run the three passes in
 # ONE kernel of one block instead: there the passes are a few microseconds of
 # launches around almost no work, and one block can hand its results from
 # pass to pass through a barrier. Out-of-range ids cannot raise on the GPU:
 # those slots are dropped (slot_to_row = -1); the graph API rejects such ids
-# where it can.
+# where it can. The GPU takes at most MAX_EXPERTS experts (shared memory
+# holds a count per expert; pymoe.ops checks it first).
 
 import extensibility
 from extensibility import InputTensor, OutputTensor
-from max.gpu import barrier, block_idx, thread_idx
+from max.gpu import WARP_SIZE, barrier, block_idx, thread_idx
 from max.gpu.host import DeviceContext
 from max.gpu.memory import AddressSpace
 from max.gpu.primitives.block import prefix_sum as block_prefix_sum
+from max.gpu.primitives.warp import shuffle_idx
+from std.atomic import Atomic
 from std.math import ceildiv
 from std.memory import Pointer, stack_allocation
 
 comptime GPU_BLOCK = 256
-comptime SLOTS_PER_THREAD = 4
+comptime WARPS = GPU_BLOCK // WARP_SIZE
+comptime MAX_EXPERTS = 512  # as the gate's and the grouped GEMM's limits
+# Slots per block of the many-slots path: enough blocks to fill the GPU at
+# prefill sizes, few enough that the one-block scan over E x B counts stays
+# short (it reads each block's count of each expert once).
+comptime SLOTS_PER_BLOCK = 1024
+comptime MAX_DISPATCH_BLOCKS = 512
 # Up to this many slots (decode: 32 tokens at top-8) one block runs all three
 # passes; each thread then scans all slots once per expert it counts and once
 # per slot it places, which stays below a kernel launch only while the slots
@@ -77,6 +90,19 @@ def _scan_capped_counts(
         offsets.unsafe_store(0, Int32(0))
 
 
+def _dispatch_blocks(slots: Int, experts: Int) -> Int:
+    """Blocks of the many-slots path: about SLOTS_PER_BLOCK slots each, and at
+    least E slots in every block's range (its counts are kept there)."""
+    return max(1, min(ceildiv(slots, SLOTS_PER_BLOCK), slots // experts, MAX_DISPATCH_BLOCKS))
+
+
+@always_inline
+def _range_start(b: Int, slots: Int, blocks: Int) -> Int:
+    """First slot of block b's range: the ranges split the slots as evenly as
+    whole slots allow, so each holds at least slots // blocks."""
+    return b * slots // blocks
+
+
 def dispatch_gpu(
     ctx: DeviceContext,
     sorted_ptr: Pointer[Int32, MutAnyOrigin],
@@ -89,34 +115,14 @@ def dispatch_gpu(
     capacity: Int,
 ) raises:
     """The counting sort as three GPU kernels (count, prefix sum, place), or one
-    kernel of one block for at most SMALL_DISPATCH_SLOTS slots."""
+    kernel of one block for at most SMALL_DISPATCH_SLOTS slots (or fewer slots
+    than experts)."""
+    if experts > MAX_EXPERTS:
+        raise Error("pymoe_moe_dispatch: the GPU takes at most 512 experts")
     var n_slots = Int64(slots)
     var n_k = Int64(k)
     var n_e = Int64(experts)
     var cap = Int64(capacity)
-
-    def count_kernel() {var offsets, var ids, var n_slots}:
-        # Block e counts the slots routed to expert e into offsets[e + 1].
-        var e = Int(block_idx.x)
-        var tid = Int(thread_idx.x)
-        var partial = stack_allocation[GPU_BLOCK, Int32, address_space=AddressSpace.SHARED]()
-        var c = Int32(0)
-        for s in range(tid, Int(n_slots), GPU_BLOCK):
-            if Int(ids.unsafe_load(s)) == e:
-                c += 1
-        partial.unsafe_store(tid, c)
-        barrier()
-        var stride = GPU_BLOCK // 2
-        while stride > 0:
-            if tid < stride:
-                partial.unsafe_store(tid, partial.unsafe_load(tid) + partial.unsafe_load(tid + stride))
-            barrier()
-            stride //= 2
-        if tid == 0:
-            offsets.unsafe_store(e + 1, partial.unsafe_load(0))
-
-    def prefix_kernel() {var offsets, var n_e, var cap}:
-        _scan_capped_counts(offsets, Int(n_e), Int(cap), Int(thread_idx.x))
 
     def small_kernel() {var sorted_ptr, var offsets, var rows, var ids, var n_slots, var n_k, var n_e, var cap}:
         # The three passes in one block (slots <= SMALL_DISPATCH_SLOTS). A
@@ -152,57 +158,118 @@ def dispatch_gpu(
         for tail in range(Int(offsets.unsafe_load(e_count)) + tid, slots, GPU_BLOCK):
             sorted_ptr.unsafe_store(tail, Int32(0))
 
-    def place_kernel() {var sorted_ptr, var offsets, var rows, var ids, var n_slots, var n_k, var n_e, var cap}:
-        # Block e walks the slots in chunks of GPU_BLOCK * SLOTS_PER_THREAD;
-        # thread i owns SLOTS_PER_THREAD consecutive slots of a chunk, so a
-        # block-wide exclusive prefix sum of the threads' counts numbers the
-        # expert's slots in slot (= token) order.
-        var e = Int(block_idx.x)
+    # Many slots: B blocks split the slots into ranges of at least E slots
+    # each, and slot_to_row holds the blocks' per-expert numbers between the
+    # passes (the first E entries of each block's own range, which only that
+    # block overwrites, and only after reading them).
+    var blocks = _dispatch_blocks(slots, experts)
+    var n_b = Int64(blocks)
+
+    def histogram_kernel() {var rows, var ids, var n_slots, var n_e, var n_b}:
+        # Block b counts its range's slots per expert into rows[lo + e].
+        var b = Int(block_idx.x)
         var tid = Int(thread_idx.x)
-        var chunk_total = stack_allocation[1, Int32, address_space=AddressSpace.SHARED]()
-        var start = Int(offsets.unsafe_load(e))
-        var kept = Int(offsets.unsafe_load(e + 1)) - start
+        var e_count = Int(n_e)
+        var lo = _range_start(b, Int(n_slots), Int(n_b))
+        var hi = _range_start(b + 1, Int(n_slots), Int(n_b))
+        var hist = stack_allocation[MAX_EXPERTS, Int32, address_space=AddressSpace.SHARED]()
+        for e in range(tid, e_count, GPU_BLOCK):
+            hist.unsafe_store(e, Int32(0))
+        barrier()
+        for s in range(lo + tid, hi, GPU_BLOCK):
+            var id = Int(ids.unsafe_load(s))
+            if id >= 0 and id < e_count:
+                _ = Atomic.fetch_add(hist.unsafe_offset(id), Int32(1))
+        barrier()
+        for e in range(tid, e_count, GPU_BLOCK):
+            rows.unsafe_store(lo + e, hist.unsafe_load(e))
+
+    def scan_kernel() {var offsets, var rows, var n_slots, var n_e, var n_b, var cap}:
+        # One block: each expert's count in each block becomes the expert's
+        # slots in the blocks before (in place), the totals go to
+        # offsets[1..E], then the capped prefix sum makes them offsets.
+        var tid = Int(thread_idx.x)
+        var nb = Int(n_b)
+        for e in range(tid, Int(n_e), GPU_BLOCK):
+            var running = Int32(0)
+            for b in range(nb):
+                var at = _range_start(b, Int(n_slots), nb) + e
+                var c = rows.unsafe_load(at)
+                rows.unsafe_store(at, running)
+                running += c
+            offsets.unsafe_store(e + 1, running)
+        barrier()
+        _scan_capped_counts(offsets, Int(n_e), Int(cap), tid)
+
+    def place_kernel() {var sorted_ptr, var offsets, var rows, var ids, var n_slots, var n_k, var n_e, var n_b}:
+        # Block b walks its range GPU_BLOCK slots at a time. A slot's rank
+        # among its expert's slots (token order) is: the expert's slots in
+        # the blocks before, in this block's earlier rounds, in the earlier
+        # warps of this round, and in the earlier lanes of its warp.
+        var b = Int(block_idx.x)
+        var tid = Int(thread_idx.x)
+        var lane = tid % WARP_SIZE
+        var warp = tid // WARP_SIZE
+        var e_count = Int(n_e)
         var slots = Int(n_slots)
-        var base = 0
-        for chunk in range(0, slots, GPU_BLOCK * SLOTS_PER_THREAD):
-            var first = chunk + tid * SLOTS_PER_THREAD
-            var mine = Int32(0)
-            comptime for i in range(SLOTS_PER_THREAD):
-                if first + i < slots and Int(ids.unsafe_load(first + i)) == e:
-                    mine += 1
-            var before = block_prefix_sum[block_size=GPU_BLOCK, exclusive=True](mine)
-            if tid == GPU_BLOCK - 1:
-                chunk_total.unsafe_store(0, before + mine)
-            var pos = base + Int(before)
-            comptime for i in range(SLOTS_PER_THREAD):
-                var s = first + i
-                if s < slots:
-                    var id = Int(ids.unsafe_load(s))
-                    if id == e:
-                        if pos < kept:
-                            sorted_ptr.unsafe_store(start + pos, Int32(s // Int(n_k)))
-                            rows.unsafe_store(s, Int32(start + pos))
-                        else:
-                            rows.unsafe_store(s, Int32(-1))
-                        pos += 1
-                    elif e == 0 and (id < 0 or id >= Int(n_e)):
-                        rows.unsafe_store(s, Int32(-1))
+        var lo = _range_start(b, slots, Int(n_b))
+        var hi = _range_start(b + 1, slots, Int(n_b))
+        var seen = stack_allocation[MAX_EXPERTS, Int32, address_space=AddressSpace.SHARED]()
+        var in_warp = stack_allocation[WARPS * MAX_EXPERTS, Int32, address_space=AddressSpace.SHARED]()
+        for e in range(tid, e_count, GPU_BLOCK):
+            seen.unsafe_store(e, rows.unsafe_load(lo + e))
+        for i in range(tid, WARPS * MAX_EXPERTS, GPU_BLOCK):
+            in_warp.unsafe_store(i, Int32(0))
+        barrier()
+        for base in range(lo, hi, GPU_BLOCK):
+            var s = base + tid
+            var id = -1
+            if s < hi:
+                id = Int(ids.unsafe_load(s))
+            var valid = id >= 0 and id < e_count
+            # This lane's rank among the warp's lanes with the same id, and
+            # their number (counted by the lowest of them).
+            var rank = Int32(0)
+            var same = Int32(0)
+            comptime for j in range(WARP_SIZE):
+                if Int(shuffle_idx(Int32(id), UInt32(j))) == id:
+                    same += 1
+                    if j < lane:
+                        rank += 1
+            var lowest = valid and rank == 0
+            if lowest:
+                in_warp.unsafe_store(warp * MAX_EXPERTS + id, same)
             barrier()
-            base += Int(chunk_total.unsafe_load(0))
+            if valid:
+                var r = seen.unsafe_load(id) + rank
+                for w in range(warp):
+                    r += in_warp.unsafe_load(w * MAX_EXPERTS + id)
+                var start = offsets.unsafe_load(id)
+                if r < offsets.unsafe_load(id + 1) - start:
+                    sorted_ptr.unsafe_store(Int(start + r), Int32(s // Int(n_k)))
+                    rows.unsafe_store(s, start + r)
+                else:
+                    rows.unsafe_store(s, Int32(-1))
+            elif s < hi:
+                rows.unsafe_store(s, Int32(-1))
+            barrier()
+            if lowest:
+                _ = Atomic.fetch_add(seen.unsafe_offset(id), same)
+                in_warp.unsafe_store(warp * MAX_EXPERTS + id, Int32(0))
             barrier()
         # Rows past the kept slots hold token 0; the blocks share that tail.
-        var total = Int(offsets.unsafe_load(Int(n_e)))
-        for row in range(total + e * GPU_BLOCK + tid, slots, Int(n_e) * GPU_BLOCK):
+        var total = Int(offsets.unsafe_load(e_count))
+        for row in range(total + b * GPU_BLOCK + tid, slots, Int(n_b) * GPU_BLOCK):
             sorted_ptr.unsafe_store(row, Int32(0))
 
     if experts == 0:
         return
-    if slots <= SMALL_DISPATCH_SLOTS:
+    if slots <= SMALL_DISPATCH_SLOTS or slots < experts:
         ctx.enqueue_function(small_kernel, grid_dim=1, block_dim=GPU_BLOCK)
         return
-    ctx.enqueue_function(count_kernel, grid_dim=experts, block_dim=GPU_BLOCK)
-    ctx.enqueue_function(prefix_kernel, grid_dim=1, block_dim=GPU_BLOCK)
-    ctx.enqueue_function(place_kernel, grid_dim=experts, block_dim=GPU_BLOCK)
+    ctx.enqueue_function(histogram_kernel, grid_dim=blocks, block_dim=GPU_BLOCK)
+    ctx.enqueue_function(scan_kernel, grid_dim=1, block_dim=GPU_BLOCK)
+    ctx.enqueue_function(place_kernel, grid_dim=blocks, block_dim=GPU_BLOCK)
 
 
 @extensibility.register("pymoe_moe_dispatch")

@@ -239,6 +239,11 @@ def moe_gate(
 # ------------------------------------------------------------------- dispatch
 
 
+# kernels/moe_dispatch.mojo's MAX_EXPERTS: its GPU passes keep a count per expert in
+# shared memory. The same limit as the routed gate's and the grouped GEMM's.
+DISPATCH_GPU_MAX_EXPERTS = 512
+
+
 class DispatchOutput(NamedTuple):
     sorted_token_ids: TensorValue  # [T*k] int32
     expert_offsets: TensorValue  # [E+1] int32
@@ -251,6 +256,9 @@ def moe_dispatch(
     """Group the (token, choice) slots by expert; see kernels/moe_dispatch.mojo."""
     if topk_ids.dtype != DType.int32 or topk_ids.rank != 2:
         raise TypeError(f"topk_ids must be a rank-2 int32 tensor, got {topk_ids.dtype}{topk_ids.shape}")
+    if not topk_ids.device.is_cpu() and num_experts > DISPATCH_GPU_MAX_EXPERTS:
+        raise ValueError(f"on the GPU the dispatch takes at most {DISPATCH_GPU_MAX_EXPERTS} experts "
+                         f"(a count per expert in shared memory), got {num_experts}")
     permille = MoEConfig(
         d_model=1, d_ff=1, num_experts=num_experts, top_k=1, capacity_factor=capacity_factor
     ).capacity_factor_permille

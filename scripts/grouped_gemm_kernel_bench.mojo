@@ -141,7 +141,7 @@ def bench_case[act: StaticString, BM: Int, BN: Int, ST: Int, IF: Int = 1](ctx: D
           "old_ms", mo, "new_ms", mn, "old_TF", flops / mo / 1e9, "new_TF", flops / mn / 1e9, "x", mo / mn)
 
 def dispatch_check(ctx: DeviceContext, tokens: Int) raises:
-    """grouped_gemm_gpu (the op's entry) against the mma.sync tile, qwen3 gate/up."""
+    """The op's entry (grouped_gemm_gpu) against the mma.sync tile, qwen3 gate/up."""
     var E = 128
     var K = 2048
     var NW = 1536

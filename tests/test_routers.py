@@ -183,6 +183,22 @@ def test_gpu_routers_have_an_expert_limit(recorded_ops):
     assert len(recorded_ops) == 1
 
 
+def test_gpu_dispatch_has_an_expert_limit(recorded_ops):
+    """The GPU dispatch keeps a count per expert in shared memory: at most 512 experts, said
+    before compiling; the CPU's has no limit."""
+    e = mops.DISPATCH_GPU_MAX_EXPERTS + 1
+    for device in (DeviceRef.GPU(), REF):
+        with Graph("dispatch", input_types=[TensorType(DType.int32, ["t", 2], device)]) as g:
+            ids = g.inputs[0].tensor
+            if device == REF:
+                mops.moe_dispatch(ids, num_experts=e)
+            else:
+                with pytest.raises(ValueError, match="at most 512 experts"):
+                    mops.moe_dispatch(ids, num_experts=e)
+                mops.moe_dispatch(ids, num_experts=e - 1)
+    assert [name for name, _, _ in recorded_ops] == ["pymoe_moe_dispatch"] * 2
+
+
 def test_gpu_gate_takes_its_logits_from_a_tensor_core_gemm(recorded_ops):
     """On the GPU with 16-bit inputs and widths that are multiples of 8 the router's logits
     are their own op (pymoe_router_logits) and the gate only selects; float32, or widths the
