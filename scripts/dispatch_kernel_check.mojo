@@ -1,6 +1,9 @@
 # Kernel-only check of the GPU dispatch (kernels/moe_dispatch.mojo) against a CPU counting sort,
-# and its time beside the per-expert dispatch it replaces (.gpucheck/s19/dc/old_dispatch.mojo, not in
-# the repo). Build: mojo build -I . -I .gpucheck/s19/dc --target-accelerator=sm_90a scripts/dispatch_kernel_check.mojo
+# and its time beside the per-expert dispatch it replaces (not in
+# the repo: the GPU part of kernels/moe_dispatch.mojo at commit 4f19b73, _scan_capped_counts and
+# dispatch_gpu, the latter renamed old_dispatch_gpu, in a file old_dispatch.mojo). Build:
+#   mojo build -I . -I <folder of old_dispatch.mojo> --target-accelerator=sm_90a scripts/dispatch_kernel_check.mojo
+# and run with Mojo's runtime libraries on LD_LIBRARY_PATH (as scripts/grouped_gemm_kernel_bench.mojo).
 from kernels.moe_dispatch import dispatch_gpu
 from old_dispatch import old_dispatch_gpu
 from max.gpu.host import DeviceContext
