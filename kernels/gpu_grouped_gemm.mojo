@@ -85,6 +85,19 @@ struct TileConfig(ImplicitlyCopyable):
 # tile) and 128 x 128 beyond. Chosen by timing the candidates on an H200 at
 # the model presets' shapes (see docs/DESIGN.md, "The grouped GEMM").
 comptime DECODE_TILE = TileConfig(16, 128, 64, 16, 32, 4)
+# Few rows over few experts (2 * slots <= E: one token, or a handful): few
+# blocks, each of which must keep more weight bytes in flight, so a K step of
+# 128. Kernel-only on an H100 at 1 token (results/checks/
+# 20261207-s20-decode-tiles-H100.log): Mixtral gate/up 0.186 -> 0.168 ms,
+# down 0.095 -> 0.084, Qwen3-30B-A3B 3% / 1% faster, GPT-OSS-20B within 0.3%;
+# at 16 Qwen3 tokens (2 * slots > E) it was 10% slower on the down projection.
+comptime SPARSE_DECODE_TILE = TileConfig(16, 128, 128, 16, 32, 4)
+# The router at decode (dense_gemm_gpu, <= 24 rows) is one or two column
+# tiles over [d_model, E], so each block streams a large share of it: 64
+# columns, K step 128, 8 stages. Same log, 1 and 16 rows: Qwen3-30B-A3B 15.4
+# -> 12.5 us, GPT-OSS-20B 22.3 -> 16.9, Mixtral 30.3 -> 22.0, DeepSeek-V3
+# 46.0 -> 34.5.
+comptime ROUTER_DECODE_TILE = TileConfig(16, 64, 128, 16, 32, 8)
 comptime MID_TILE = TileConfig(64, 128, 32, 32, 64, 4)
 comptime PREFILL_TILE = TileConfig(128, 128, 32, 64, 64, 4)
 # Average rows per expert in use up to which the decode / mid tile is used.
@@ -178,6 +191,11 @@ def grouped_gemm_gpu[
     var n_out = n_w // 2 if is_gated[activation]() else n_w
     # Rows per expert in use, on average: at most slots / min(E, slots).
     var rows_per_expert = slots // min(experts, slots)
+    if 2 * slots <= experts:
+        _grouped_gemm[dtype, SPARSE_DECODE_TILE, activation, gather, has_bias, alpha, limit](
+            ctx, c, ldc, a, lda, k_dim, row_ids, offsets, experts, slots, w, n_w, n_out, bias
+        )
+        return
     if rows_per_expert <= DECODE_MAX_ROWS_PER_EXPERT:
         _grouped_gemm[dtype, DECODE_TILE, activation, gather, has_bias, alpha, limit](
             ctx, c, ldc, a, lda, k_dim, row_ids, offsets, experts, slots, w, n_w, n_out, bias
@@ -218,7 +236,7 @@ def dense_gemm_gpu[dtype: DType, out_dtype: DType](
     var no_ids = Pointer[Int32, MutAnyOrigin](unsafe_from_address=Int(a))  # not read: one dense group
     var no_bias = w
     if rows <= DECODE_MAX_ROWS_PER_EXPERT:
-        _grouped_gemm[dtype, DECODE_TILE, "none", False, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT, out_dtype, True](
+        _grouped_gemm[dtype, ROUTER_DECODE_TILE, "none", False, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT, out_dtype, True](
             ctx, c, n, a, k_dim, k_dim, no_ids, no_ids, 1, rows, w, n, n, no_bias
         )
     else:
