@@ -186,37 +186,43 @@ def grouped_gemm_gpu[
         n_w: Columns of each w[e].
         bias: [E, n_w] (read with has_bias).
     """
-    if slots == 0:
-        return
-    var n_out = n_w // 2 if is_gated[activation]() else n_w
-    # Rows per expert in use, on average: at most slots / min(E, slots).
-    var rows_per_expert = slots // min(experts, slots)
-    if 2 * slots <= experts:
-        _grouped_gemm[dtype, SPARSE_DECODE_TILE, activation, gather, has_bias, alpha, limit](
-            ctx, c, ldc, a, lda, k_dim, row_ids, offsets, experts, slots, w, n_w, n_out, bias
-        )
-        return
-    if rows_per_expert <= DECODE_MAX_ROWS_PER_EXPERT:
-        _grouped_gemm[dtype, DECODE_TILE, activation, gather, has_bias, alpha, limit](
-            ctx, c, ldc, a, lda, k_dim, row_ids, offsets, experts, slots, w, n_w, n_out, bias
-        )
-        return
-    # Hopper (H100, H200: MAX's sm_90a target), known when MAX compiles the op
-    # for the device. (_is_sm_9x() would ask about the host code's own target.)
-    comptime if ctx.default_device_info == H100:
-        if rows_per_expert >= WGMMA_MIN_ROWS_PER_EXPERT:
-            _grouped_gemm_wgmma[dtype, 128, WG_BN, WG_STAGES, activation, gather, has_bias, alpha, limit](
+    comptime if size_of[Scalar[dtype]]() != 2:
+        # Never run: callers ask grouped_gemm_supported first, which says no to
+        # other dtypes. This keeps the ops compiling for them (float32 takes
+        # cuBLAS per expert).
+        raise Error("grouped_gemm_gpu: 16-bit inputs only")
+    else:
+        if slots == 0:
+            return
+        var n_out = n_w // 2 if is_gated[activation]() else n_w
+        # Rows per expert in use, on average: at most slots / min(E, slots).
+        var rows_per_expert = slots // min(experts, slots)
+        if 2 * slots <= experts:
+            _grouped_gemm[dtype, SPARSE_DECODE_TILE, activation, gather, has_bias, alpha, limit](
                 ctx, c, ldc, a, lda, k_dim, row_ids, offsets, experts, slots, w, n_w, n_out, bias
             )
             return
-    if rows_per_expert <= MID_MAX_ROWS_PER_EXPERT:
-        _grouped_gemm[dtype, MID_TILE, activation, gather, has_bias, alpha, limit](
-            ctx, c, ldc, a, lda, k_dim, row_ids, offsets, experts, slots, w, n_w, n_out, bias
-        )
-    else:
-        _grouped_gemm[dtype, PREFILL_TILE, activation, gather, has_bias, alpha, limit](
-            ctx, c, ldc, a, lda, k_dim, row_ids, offsets, experts, slots, w, n_w, n_out, bias
-        )
+        if rows_per_expert <= DECODE_MAX_ROWS_PER_EXPERT:
+            _grouped_gemm[dtype, DECODE_TILE, activation, gather, has_bias, alpha, limit](
+                ctx, c, ldc, a, lda, k_dim, row_ids, offsets, experts, slots, w, n_w, n_out, bias
+            )
+            return
+        # Hopper (H100, H200: MAX's sm_90a target), known when MAX compiles the op
+        # for the device. (_is_sm_9x() would ask about the host code's own target.)
+        comptime if ctx.default_device_info == H100:
+            if rows_per_expert >= WGMMA_MIN_ROWS_PER_EXPERT:
+                _grouped_gemm_wgmma[dtype, 128, WG_BN, WG_STAGES, activation, gather, has_bias, alpha, limit](
+                    ctx, c, ldc, a, lda, k_dim, row_ids, offsets, experts, slots, w, n_w, n_out, bias
+                )
+                return
+        if rows_per_expert <= MID_MAX_ROWS_PER_EXPERT:
+            _grouped_gemm[dtype, MID_TILE, activation, gather, has_bias, alpha, limit](
+                ctx, c, ldc, a, lda, k_dim, row_ids, offsets, experts, slots, w, n_w, n_out, bias
+            )
+        else:
+            _grouped_gemm[dtype, PREFILL_TILE, activation, gather, has_bias, alpha, limit](
+                ctx, c, ldc, a, lda, k_dim, row_ids, offsets, experts, slots, w, n_w, n_out, bias
+            )
 
 
 def dense_gemm_gpu[dtype: DType, out_dtype: DType](
@@ -231,18 +237,23 @@ def dense_gemm_gpu[dtype: DType, out_dtype: DType](
     """C [rows, n] (out_dtype, float32 accumulation) = A [rows, k_dim] @ W
     [k_dim, n], all contiguous: the grouped GEMM with one group (the router's
     logits). Needs grouped_gemm_supported(k_dim, n, k_dim, n, 1, a, w)."""
-    if rows == 0:
-        return
-    var no_ids = Pointer[Int32, MutAnyOrigin](unsafe_from_address=Int(a))  # not read: one dense group
-    var no_bias = w
-    if rows <= DECODE_MAX_ROWS_PER_EXPERT:
-        _grouped_gemm[dtype, ROUTER_DECODE_TILE, "none", False, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT, out_dtype, True](
-            ctx, c, n, a, k_dim, k_dim, no_ids, no_ids, 1, rows, w, n, n, no_bias
-        )
+    comptime if size_of[Scalar[dtype]]() != 2:
+        # Never run: pymoe_router_logits asks grouped_gemm_supported first. This
+        # keeps the op compiling for other dtypes.
+        raise Error("dense_gemm_gpu: 16-bit inputs only")
     else:
-        _grouped_gemm[dtype, MID_TILE, "none", False, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT, out_dtype, True](
-            ctx, c, n, a, k_dim, k_dim, no_ids, no_ids, 1, rows, w, n, n, no_bias
-        )
+        if rows == 0:
+            return
+        var no_ids = Pointer[Int32, MutAnyOrigin](unsafe_from_address=Int(a))  # not read: one dense group
+        var no_bias = w
+        if rows <= DECODE_MAX_ROWS_PER_EXPERT:
+            _grouped_gemm[dtype, ROUTER_DECODE_TILE, "none", False, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT, out_dtype, True](
+                ctx, c, n, a, k_dim, k_dim, no_ids, no_ids, 1, rows, w, n, n, no_bias
+            )
+        else:
+            _grouped_gemm[dtype, MID_TILE, "none", False, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT, out_dtype, True](
+                ctx, c, n, a, k_dim, k_dim, no_ids, no_ids, 1, rows, w, n, n, no_bias
+            )
 
 
 @always_inline

@@ -1,0 +1,25 @@
+# Compiled (not run) by tests/test_gpu_kernels_compile.py for an NVIDIA Hopper target: the
+# grouped GEMM entries that the ops instantiate for every layer dtype. MAX compiles an op's
+# GPU path only on a GPU machine, where a float32 graph once failed to load because
+# grouped_gemm_gpu[float32] reached the tensor-core tiles' 16-bit assert.
+from kernels.gpu_grouped_gemm import dense_gemm_gpu, grouped_gemm_gpu
+from max.gpu.host import DeviceContext
+from std.memory import Pointer
+
+
+def entries[dtype: DType](ctx: DeviceContext) raises:
+    var buf = ctx.enqueue_create_buffer[dtype](64)
+    var ids = ctx.enqueue_create_buffer[DType.int32](64)
+    var p = Pointer[Scalar[dtype], MutAnyOrigin](unsafe_from_address=Int(buf.unsafe_ptr()))
+    var q = Pointer[Int32, MutAnyOrigin](unsafe_from_address=Int(ids.unsafe_ptr()))
+    grouped_gemm_gpu[dtype, "swiglu", True, True](ctx, p, 8, p, 8, 8, q, q, 4, 16, p, 16, p)
+    grouped_gemm_gpu[dtype, "none", False](ctx, p, 8, p, 8, 8, q, q, 4, 16, p, 8, p)
+    var logits = ctx.enqueue_create_buffer[DType.float32](64)
+    var pl = Pointer[Float32, MutAnyOrigin](unsafe_from_address=Int(logits.unsafe_ptr()))
+    dense_gemm_gpu[dtype, DType.float32](ctx, pl, p, p, 1, 8, 8)
+
+
+def main() raises:
+    var ctx = DeviceContext()
+    entries[DType.float32](ctx)
+    entries[DType.bfloat16](ctx)
