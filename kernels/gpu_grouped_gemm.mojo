@@ -197,11 +197,14 @@ def grouped_gemm_gpu[
         var n_out = n_w // 2 if is_gated[activation]() else n_w
         # Rows per expert in use, on average: at most slots / min(E, slots).
         var rows_per_expert = slots // min(experts, slots)
-        if 2 * slots <= experts:
-            _grouped_gemm[dtype, SPARSE_DECODE_TILE, activation, gather, has_bias, alpha, limit](
-                ctx, c, ldc, a, lda, k_dim, row_ids, offsets, experts, slots, w, n_w, n_out, bias
-            )
-            return
+        # Hopper only: measured there, and its 144 KB of shared memory is more
+        # than many other GPUs give a block.
+        comptime if ctx.default_device_info == H100:
+            if 2 * slots <= experts:
+                _grouped_gemm[dtype, SPARSE_DECODE_TILE, activation, gather, has_bias, alpha, limit](
+                    ctx, c, ldc, a, lda, k_dim, row_ids, offsets, experts, slots, w, n_w, n_out, bias
+                )
+                return
         if rows_per_expert <= DECODE_MAX_ROWS_PER_EXPERT:
             _grouped_gemm[dtype, DECODE_TILE, activation, gather, has_bias, alpha, limit](
                 ctx, c, ldc, a, lda, k_dim, row_ids, offsets, experts, slots, w, n_w, n_out, bias
@@ -247,9 +250,15 @@ def dense_gemm_gpu[dtype: DType, out_dtype: DType](
         var no_ids = Pointer[Int32, MutAnyOrigin](unsafe_from_address=Int(a))  # not read: one dense group
         var no_bias = w
         if rows <= DECODE_MAX_ROWS_PER_EXPERT:
-            _grouped_gemm[dtype, ROUTER_DECODE_TILE, "none", False, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT, out_dtype, True](
-                ctx, c, n, a, k_dim, k_dim, no_ids, no_ids, 1, rows, w, n, n, no_bias
-            )
+            # Hopper only, as SPARSE_DECODE_TILE (160 KB of shared memory).
+            comptime if ctx.default_device_info == H100:
+                _grouped_gemm[dtype, ROUTER_DECODE_TILE, "none", False, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT, out_dtype, True](
+                    ctx, c, n, a, k_dim, k_dim, no_ids, no_ids, 1, rows, w, n, n, no_bias
+                )
+            else:
+                _grouped_gemm[dtype, DECODE_TILE, "none", False, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT, out_dtype, True](
+                    ctx, c, n, a, k_dim, k_dim, no_ids, no_ids, 1, rows, w, n, n, no_bias
+                )
         else:
             _grouped_gemm[dtype, MID_TILE, "none", False, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT, out_dtype, True](
                 ctx, c, n, a, k_dim, k_dim, no_ids, no_ids, 1, rows, w, n, n, no_bias

@@ -5,7 +5,7 @@ instantiated for some dtype hides until then. Since the grouped GEMM landed, a f
 graph with expert matmuls could not compile: grouped_gemm_gpu[float32] reached the
 tensor-core tiles' 16-bit assert (the likely cause of tests/test_gpu.py's errors on the H100
 on 2026-12-06 and -07; not yet re-run there). This builds tests/gpu_kernels_compile.mojo, the
-grouped GEMM entries for float32 and bfloat16, for sm_90a.
+grouped GEMM entries for float32 and bfloat16, for Hopper (sm_90a) and Ampere (sm_80).
 """
 
 import shutil
@@ -24,9 +24,10 @@ def _mojo() -> str | None:
 
 
 @pytest.mark.skipif(_mojo() is None, reason="no mojo compiler on this machine")
-def test_grouped_gemm_entries_compile_for_every_layer_dtype(tmp_path):
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])  # Hopper (wgmma, larger tiles) and Ampere
+def test_grouped_gemm_entries_compile_for_every_layer_dtype(tmp_path, arch):
     run = subprocess.run(
-        [_mojo(), "build", "-I", str(REPO), "--target-accelerator=sm_90a", "-o", str(tmp_path / "probe"),
+        [_mojo(), "build", "-I", str(REPO), f"--target-accelerator={arch}", "-o", str(tmp_path / "probe"),
          str(REPO / "tests" / "gpu_kernels_compile.mojo")],
         capture_output=True, text=True, timeout=600,
     )
