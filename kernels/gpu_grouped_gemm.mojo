@@ -85,7 +85,7 @@ struct TileConfig(ImplicitlyCopyable):
 # tile) and 128 x 128 beyond. Chosen by timing the candidates on an H200 at
 # the model presets' shapes (see docs/DESIGN.md, "The grouped GEMM").
 comptime DECODE_TILE = TileConfig(16, 128, 64, 16, 32, 4)
-# Few rows over few experts (2 * slots <= E: one token, or a handful): few
+# Few rows over many experts (2 * slots <= E: one token, or a handful): few
 # blocks, each of which must keep more weight bytes in flight, so a K step of
 # 128. Kernel-only on an H100 at 1 token (results/checks/
 # 20261207-s20-decode-tiles-H100.log): Mixtral gate/up 0.186 -> 0.168 ms,
