@@ -3,14 +3,14 @@
 # without a MAX graph: the measurement of what a MAX call adds to a small host expert call.
 from std.memory import Pointer
 from std.os import abort
-from std.python import PythonObject
+from std.python import Python, PythonObject
 from std.python.bindings import PythonModuleBuilder
 
 from kernels.cpu_gemm import expert_matmul_cpu
 
 
 @export
-def PyInit_host_call_probe() -> PythonObject:
+def PyInit_host_call_probe() abi("C") -> PythonObject:
     try:
         var b = PythonModuleBuilder("host_call_probe")
         b.def_function[expert_matmul](
@@ -25,12 +25,20 @@ def expert_matmul(
     c: PythonObject, x: PythonObject, row_ids: PythonObject, offsets: PythonObject, w: PythonObject,
     experts: PythonObject, k: PythonObject, n: PythonObject,
 ) raises -> PythonObject:
-    expert_matmul_cpu[DType.float32, "none", True](
-        Pointer[Float32, MutAnyOrigin](unsafe_from_address=Int(py=c)), Int(py=n),
-        Pointer[Float32, MutAnyOrigin](unsafe_from_address=Int(py=x)), Int(py=k),
-        Pointer[Int32, MutAnyOrigin](unsafe_from_address=Int(py=row_ids)),
-        Pointer[Int32, MutAnyOrigin](unsafe_from_address=Int(py=offsets)), Int(py=experts),
-        Pointer[Float32, MutAnyOrigin](unsafe_from_address=Int(py=w)), Int(py=n),
-        Pointer[Float32, MutAnyOrigin](unsafe_from_address=Int(py=w)),
-    )
+    var c_ptr = Pointer[Float32, MutAnyOrigin](unsafe_from_address=Int(py=c))
+    var x_ptr = Pointer[Float32, MutAnyOrigin](unsafe_from_address=Int(py=x))
+    var ids_ptr = Pointer[Int32, MutAnyOrigin](unsafe_from_address=Int(py=row_ids))
+    var off_ptr = Pointer[Int32, MutAnyOrigin](unsafe_from_address=Int(py=offsets))
+    var w_ptr = Pointer[Float32, MutAnyOrigin](unsafe_from_address=Int(py=w))
+    var e = Int(py=experts)
+    var k_dim = Int(py=k)
+    var n_out = Int(py=n)
+    # The kernel runs on the process's Mojo worker pool, which MAX's CPU calls share; a
+    # worker may need the GIL (finishing a MAX call), so the GIL is released while the
+    # kernel waits on the pool (holding it deadlocked once: the main thread waiting in the
+    # pool, a worker waiting for the GIL). Nothing below touches a Python object.
+    ref cpython = Python().cpython()
+    var state = cpython.PyEval_SaveThread()
+    expert_matmul_cpu[DType.float32, "none", True](c_ptr, n_out, x_ptr, k_dim, ids_ptr, off_ptr, e, w_ptr, n_out, w_ptr)
+    cpython.PyEval_RestoreThread(state)
     return PythonObject(None)
