@@ -132,11 +132,16 @@ def cublas_is_faster(experts: Int, slots: Int) -> Bool:
     return experts <= CUBLAS_MAX_EXPERTS and slots >= CUBLAS_MIN_ROWS_PER_EXPERT * experts
 
 
+def _tensor_core_dtype[dtype: DType]() -> Bool:
+    """The dtypes of the tensor-core tiles (16-bit inputs)."""
+    return dtype == DType.bfloat16 or dtype == DType.float16
+
+
 def grouped_gemm_supported[dtype: DType](
     k_dim: Int, n_out: Int, lda: Int, ldc: Int, experts: Int, *ptrs: Pointer[Scalar[dtype], MutAnyOrigin]
 ) -> Bool:
     """Whether grouped_gemm_gpu can run this product (see the file header)."""
-    comptime if dtype != DType.bfloat16 and dtype != DType.float16:
+    comptime if not _tensor_core_dtype[dtype]():
         return False
     if k_dim % 8 != 0 or n_out % 8 != 0 or lda % 8 != 0 or ldc % 8 != 0 or experts > MAX_EXPERTS:
         return False
@@ -186,7 +191,7 @@ def grouped_gemm_gpu[
         n_w: Columns of each w[e].
         bias: [E, n_w] (read with has_bias).
     """
-    comptime if size_of[Scalar[dtype]]() != 2:
+    comptime if not _tensor_core_dtype[dtype]():
         # Never run: callers ask grouped_gemm_supported first, which says no to
         # other dtypes. This keeps the ops compiling for them (float32 takes
         # cuBLAS per expert).
@@ -240,7 +245,7 @@ def dense_gemm_gpu[dtype: DType, out_dtype: DType](
     """C [rows, n] (out_dtype, float32 accumulation) = A [rows, k_dim] @ W
     [k_dim, n], all contiguous: the grouped GEMM with one group (the router's
     logits). Needs grouped_gemm_supported(k_dim, n, k_dim, n, 1, a, w)."""
-    comptime if size_of[Scalar[dtype]]() != 2:
+    comptime if not _tensor_core_dtype[dtype]():
         # Never run: pymoe_router_logits asks grouped_gemm_supported first. This
         # keeps the op compiling for other dtypes.
         raise Error("dense_gemm_gpu: 16-bit inputs only")

@@ -1,4 +1,4 @@
-# Compiled (not run) by tests/test_gpu_kernels_compile.py for an NVIDIA Hopper target: the
+# Compiled (not run) by tests/test_gpu_kernels_compile.py for NVIDIA Hopper and Ampere: the
 # grouped GEMM entries that the ops instantiate for every layer dtype. MAX compiles an op's
 # GPU path only on a GPU machine, where a float32 graph once failed to load because
 # grouped_gemm_gpu[float32] reached the tensor-core tiles' 16-bit assert.
