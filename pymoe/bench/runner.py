@@ -3,6 +3,7 @@ writes one result file."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -17,6 +18,16 @@ from .ceilings import measure_ceilings
 from .report import print_result
 from .suite import IMPL_NAMES, bench_file_name, check_graph, check_stack, run_preset, write_bench_result
 from .workload import check_memory
+
+# MAX's GPU memory manager may take about 90% of the card, and capturing a device graph maps
+# its whole budget at once. The bench runs PyTorch beside MAX in one process (the weights and
+# the baselines are PyTorch's): with the default, mixtral-8x7b's --graph run left PyTorch a few
+# GB and every pymoe capture failed with CUDA out of memory (results/bench/gpu/
+# 20261207T040908Z-bfloat16-mixtral-8x7b-stack8-graph.json). pymoe's own GPU buffers at the
+# presets' sizes take a few GB, so the bench caps MAX at half the card unless the variable is
+# set already. MAX reads it when the process makes its first GPU context.
+MAX_GPU_MEMORY_ENV = "MODULAR_DEVICE_CONTEXT_MEMORY_MANAGER_SIZE_PERCENT"
+BENCH_MAX_GPU_MEMORY_PERCENT = "50"
 
 DEFAULT_PRESETS = ("small-decode", "small")
 
@@ -51,6 +62,8 @@ def run_bench(
     check_stack(stack)
     check_graph(graph, device)
     check_device_dtype(device, dtype)
+    if device == "gpu":
+        os.environ.setdefault(MAX_GPU_MEMORY_ENV, BENCH_MAX_GPU_MEMORY_PERCENT)
     console = console or Console()
     for name in presets:  # weights that do not fit fail here, before anything is allocated
         plan = check_memory(get_preset(name), device, dtype)
@@ -62,6 +75,8 @@ def run_bench(
         "dtype": dtype,
         "stack": stack,  # layers in one call of each row's `stack` (None: single calls only)
         "graph": graph,  # whether rows also have a `graph`: what is timed, as a device graph
+        # MAX's GPU memory budget, % of the card (None: MAX's default); see MAX_GPU_MEMORY_ENV
+        "max_gpu_memory_percent": os.environ.get(MAX_GPU_MEMORY_ENV) if device == "gpu" else None,
         "complete": False,
         "runs": [],
     }
