@@ -9,6 +9,7 @@ named "cpu" or "gpu" and dtypes "float32" or "bfloat16" (pymoe/dtypes.py maps th
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections.abc import Callable
@@ -520,7 +521,15 @@ class DeviceGraph:
         # One eager run first, as torch's CUDA-graph recipe warms up before capturing: it
         # loads the kernels and settles MAX's memory before anything is recorded.
         model.execute(*self._inputs)
-        self._outputs = model.capture(self.key, *self._inputs)
+        try:
+            self._outputs = model.capture(self.key, *self._inputs)
+        except Exception:
+            # A capture that fails partway may hold what it had allocated (MAX maps its
+            # memory budget first): hand back whatever was recorded under this key.
+            with contextlib.suppress(Exception):
+                model.release_captured_graph(self.key)
+            self._model = self._inputs = self._x = None
+            raise
         # Host seconds of the warm-up run and the capture (the GPU may still be busy).
         self.capture_seconds = time.perf_counter() - start
 

@@ -111,11 +111,34 @@ class CapturedByExecuting:
     def replay(self, key, *inputs):
         captured_inputs, outputs = self.captured[key]
         assert len(inputs) == len(captured_inputs) and all(a is b for a, b in zip(inputs, captured_inputs))
-        for out, new in zip(outputs, self.model.execute(*inputs)):
+        new_outputs = self.model.execute(*inputs)
+        for out, new in zip(outputs, new_outputs):
             out.inplace_copy_from(new)
+        # The copies are queued on the device: their sources must outlive them, and the
+        # caller reads the outputs as host arrays right away (a real replay writes in place
+        # and its outputs are stream-ordered CUDA tensors). Without this the test read, now
+        # and then, an output whose first 8 bytes were zero: a source freed mid-copy.
+        outputs[0].device.synchronize()
+        del new_outputs
 
     def release_captured_graph(self, key):
         self.released.append(key)
+
+
+class CaptureFails(CapturedByExecuting):
+    """A model whose capture fails partway, as MAX's does when it cannot map its memory."""
+
+    def capture(self, key, *inputs):
+        raise RuntimeError("Failed to capture graph: preBackForCapture vmmCreate failed")
+
+
+def test_a_failed_capture_hands_back_what_it_recorded_and_raises():
+    config = TEST_PRESET.config
+    layer = MoELayer(config, MoEWeights.random(config, seed=1), device="cpu")
+    model = CaptureFails(layer._model)
+    with pytest.raises(RuntimeError, match="vmmCreate failed"):
+        runtime.DeviceGraph(model, (5, config.d_model), "float32", layer._device, layer._inputs_after_x(5))
+    assert len(model.released) == 1, "the failed capture's key is released"
 
 
 def test_a_device_graph_copies_x_in_replays_the_captured_buffers_and_releases(rng):
