@@ -111,13 +111,15 @@ class CapturedByExecuting:
     def replay(self, key, *inputs):
         captured_inputs, outputs = self.captured[key]
         assert len(inputs) == len(captured_inputs) and all(a is b for a, b in zip(inputs, captured_inputs))
+        # Copies are queued on the device, but this fake runs the graph right away: on a GPU
+        # the captured replay follows the copy of x on the same stream. So wait for the copy
+        # into x first, and for the copies out before the caller reads the outputs (keeping
+        # their sources alive until then). Without these waits the test failed now and then:
+        # an output computed from the previous x, or whose first 8 bytes were zero.
+        inputs[0].device.synchronize()
         new_outputs = self.model.execute(*inputs)
         for out, new in zip(outputs, new_outputs):
             out.inplace_copy_from(new)
-        # The copies are queued on the device: their sources must outlive them, and the
-        # caller reads the outputs as host arrays right away (a real replay writes in place
-        # and its outputs are stream-ordered CUDA tensors). Without this the test read, now
-        # and then, an output whose first 8 bytes were zero: a source freed mid-copy.
         outputs[0].device.synchronize()
         del new_outputs
 
