@@ -528,6 +528,7 @@ class DeviceGraph:
             # memory budget first): hand back whatever was recorded under this key.
             with contextlib.suppress(Exception):
                 model.release_captured_graph(self.key)
+            # The traceback keeps this half-built object alive: drop its buffers now.
             self._model = self._inputs = self._x = None
             raise
         # Host seconds of the warm-up run and the capture (the GPU may still be busy).

@@ -19,13 +19,14 @@ from .report import print_result
 from .suite import IMPL_NAMES, bench_file_name, check_graph, check_stack, run_preset, write_bench_result
 from .workload import check_memory
 
-# MAX's GPU memory manager may take about 90% of the card, and capturing a device graph maps
-# its whole budget at once. The bench runs PyTorch beside MAX in one process (the weights and
-# the baselines are PyTorch's): with the default, mixtral-8x7b's --graph run left PyTorch a few
-# GB and every pymoe capture failed with CUDA out of memory (results/bench/gpu/
-# 20261207T040908Z-bfloat16-mixtral-8x7b-stack8-graph.json). pymoe's own GPU buffers at the
-# presets' sizes take a few GB, so the bench caps MAX at half the card unless the variable is
-# set already. MAX reads it when the process makes its first GPU context.
+# MAX's GPU memory manager may take most of the card (about 90%, as we read MAX; not measured),
+# and capturing a device graph maps its whole budget at once. The bench runs PyTorch beside MAX
+# in one process (the weights and the baselines are PyTorch's): with the default, mixtral-8x7b's
+# --graph run left PyTorch a few GB and every pymoe capture failed with CUDA out of memory
+# (results/bench/gpu/20261207T040908Z-bfloat16-mixtral-8x7b-stack8-graph.json). pymoe's own GPU
+# buffers at the presets' sizes come to a few GB by our count, so the bench caps MAX at half the
+# card unless the variable is set already. MAX reads it when the process makes its first GPU
+# context: a caller that made one before run_bench keeps the budget it had.
 MAX_GPU_MEMORY_ENV = "MODULAR_DEVICE_CONTEXT_MEMORY_MANAGER_SIZE_PERCENT"
 BENCH_MAX_GPU_MEMORY_PERCENT = "50"
 
@@ -75,7 +76,8 @@ def run_bench(
         "dtype": dtype,
         "stack": stack,  # layers in one call of each row's `stack` (None: single calls only)
         "graph": graph,  # whether rows also have a `graph`: what is timed, as a device graph
-        # MAX's GPU memory budget, % of the card (None: MAX's default); see MAX_GPU_MEMORY_ENV
+        # MAX_GPU_MEMORY_ENV's value, % of the card (None: MAX's default), which MAX applies
+        # unless the process had a GPU context before the run
         "max_gpu_memory_percent": os.environ.get(MAX_GPU_MEMORY_ENV) if device == "gpu" else None,
         "complete": False,
         "runs": [],
