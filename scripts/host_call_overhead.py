@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pymoe import results
+from pymoe.bench.timing import summarize
 
 REPO = Path(__file__).resolve().parent.parent
 K, N, ROWS, CALLS = 768, 4608, 1, 200
@@ -57,10 +58,10 @@ def max_call(x, row_ids, offsets, w):
     return lambda: model.execute(*bufs)[0]
 
 
-def timed(call, gap_ms: float, warm=None) -> list[float]:
-    """CALLS host-clocked calls, each after gap_ms idle; with warm, that (untimed) call runs
-    at the end of the gap, WARM_LEAD_MS before the timed one (a layer's start, before its
-    host experts are known)."""
+def timed(call, gap_ms: float, warm=None) -> dict:
+    """CALLS host-clocked calls, each after gap_ms idle, summarised (seconds); with warm, that
+    (untimed) call runs at the end of the gap, WARM_LEAD_MS before the timed one (a layer's
+    start, before its host experts are known)."""
     out = []
     for _ in range(CALLS):
         if gap_ms:
@@ -70,8 +71,8 @@ def timed(call, gap_ms: float, warm=None) -> list[float]:
             time.sleep(WARM_LEAD_MS / 1e3)
         t = time.perf_counter()
         call()
-        out.append((time.perf_counter() - t) * 1e3)
-    return out
+        out.append(time.perf_counter() - t)
+    return summarize(out)
 
 
 def main() -> None:
@@ -102,18 +103,18 @@ def main() -> None:
             graph()
         runs = []
         for gap in GAPS_MS:
-            raw = {"max_graph": timed(graph, gap), "direct": timed(direct, gap),
+            row = {"gap_ms": gap, "max_graph": timed(graph, gap), "direct": timed(direct, gap),
                    "max_graph_warmed": timed(graph, gap, warm=tiny)}
-            row = {"gap_ms": gap, "raw_ms": raw, "median_ms": {k: float(np.median(v)) for k, v in raw.items()},
-                   "iqr_ms": {k: [float(np.percentile(v, 25)), float(np.percentile(v, 75))] for k, v in raw.items()}}
             runs.append(row)
-            print(f"idle {gap:.0f} ms before each call: MAX graph {row['median_ms']['max_graph']:.3f} ms, "
-                  f"direct {row['median_ms']['direct']:.3f} ms, MAX graph after a tiny warm-up call "
-                  f"{WARM_LEAD_MS} ms before {row['median_ms']['max_graph_warmed']:.3f} ms (median of {CALLS})")
+            ms = {k: row[k]["median_s"] * 1e3 for k in ("max_graph", "direct", "max_graph_warmed")}
+            print(f"idle {gap:.0f} ms before each call: MAX graph {ms['max_graph']:.3f} ms, "
+                  f"direct {ms['direct']:.3f} ms, MAX graph after a tiny warm-up call "
+                  f"{WARM_LEAD_MS} ms before {ms['max_graph_warmed']:.3f} ms (median of {CALLS})")
     payload = {**results.result_header("pymoe.host-call-overhead/1", "python scripts/host_call_overhead.py"),
                "what": "one expert_matmul_cpu call (float32, 1 row of 768 -> 4608, 14 MB of weights) as a MAX graph "
                        "and directly through a Mojo Python extension, after an idle gap; max_graph_warmed: the "
-                       "graph after a tiny warm-up graph call warm_lead_ms before (host clock)",
+                       "graph after a tiny warm-up graph call warm_lead_ms before (host clock; each run's "
+                       "times in seconds with their median and spread)",
                "warm_lead_ms": WARM_LEAD_MS,
                "shape": {"k": K, "n": N, "rows": ROWS}, "outputs_match_numpy": ok, "runs": runs}
     cpu = results.slug(payload["machine"]["cpu_model"] or "cpu")
