@@ -25,9 +25,9 @@
 # (counted per warp with shuffles, per round of GPU_BLOCK slots). Every slot
 # is read twice in all, whatever E. The per-block numbers live in
 # slot_to_row between the passes, so no scratch memory is needed.
-# Decode batches (at most SMALL_DISPATCH_SLOTS slots) run the three passes in
-# ONE kernel of one block instead: there the passes are a few microseconds of
-# launches around almost no work, and one block can hand its results from
+# Up to ONE_BLOCK_DISPATCH_SLOTS slots (decode and small prefill) the same
+# three passes run in ONE kernel of one block instead: there the three
+# launches cost more than the work, and one block hands its results from
 # pass to pass through a barrier. Out-of-range ids cannot raise on the GPU:
 # those slots are dropped (slot_to_row = -1); the graph API rejects such ids
 # where it can. The GPU takes at most MAX_EXPERTS experts (shared memory
@@ -52,11 +52,11 @@ comptime MAX_EXPERTS = 512  # as the gate's and the grouped GEMM's limits
 # short (it reads each block's count of each expert once).
 comptime SLOTS_PER_BLOCK = 1024
 comptime MAX_DISPATCH_BLOCKS = 512
-# Up to this many slots (decode: 32 tokens at top-8) one block runs all three
-# passes; each thread then scans all slots once per expert it counts and once
-# per slot it places, which stays below a kernel launch only while the slots
-# are few.
-comptime SMALL_DISPATCH_SLOTS = 256
+# Up to this many slots one block runs all three passes in one kernel (see
+# dispatch_gpu_one_block): below it the three kernels' launches cost more than
+# one block's rounds over the slots. Measured with
+# scripts/dispatch_kernel_check.mojo (HOW_TO_RUN).
+comptime ONE_BLOCK_DISPATCH_SLOTS = 4096
 
 
 def _scan_capped_counts(
@@ -103,6 +103,87 @@ def _range_start(b: Int, slots: Int, blocks: Int) -> Int:
     return b * slots // blocks
 
 
+def _count_range(
+    hist: Pointer[Int32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    ids: Pointer[Int32, MutAnyOrigin],
+    lo: Int,
+    hi: Int,
+    experts: Int,
+    tid: Int,
+):
+    """One block counts the slots [lo, hi) per expert into shared `hist`
+    (zeroed here); out-of-range ids are not counted. Ends behind a barrier."""
+    for e in range(tid, experts, GPU_BLOCK):
+        hist.unsafe_store(e, Int32(0))
+    barrier()
+    for s in range(lo + tid, hi, GPU_BLOCK):
+        var id = Int(ids.unsafe_load(s))
+        if id >= 0 and id < experts:
+            _ = Atomic.fetch_add(hist.unsafe_offset(id), Int32(1))
+    barrier()
+
+
+def _place_range(
+    sorted_ptr: Pointer[Int32, MutAnyOrigin],
+    offsets: Pointer[Int32, MutAnyOrigin],
+    rows: Pointer[Int32, MutAnyOrigin],
+    ids: Pointer[Int32, MutAnyOrigin],
+    seen: Pointer[Int32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    lo: Int,
+    hi: Int,
+    k: Int,
+    experts: Int,
+    tid: Int,
+):
+    """One block places the slots [lo, hi), GPU_BLOCK at a time. A slot's rank
+    among its expert's slots (token order) is: the expert's slots before this
+    range (in `seen` on entry, which this function advances), in this range's
+    earlier rounds, in the earlier warps of this round, and in the earlier
+    lanes of its warp. `offsets` must be final."""
+    var lane = tid % WARP_SIZE
+    var warp = tid // WARP_SIZE
+    var in_warp = stack_allocation[WARPS * MAX_EXPERTS, Int32, address_space=AddressSpace.SHARED]()
+    for i in range(tid, WARPS * MAX_EXPERTS, GPU_BLOCK):
+        in_warp.unsafe_store(i, Int32(0))
+    barrier()
+    for base in range(lo, hi, GPU_BLOCK):
+        var s = base + tid
+        var id = -1
+        if s < hi:
+            id = Int(ids.unsafe_load(s))
+        var valid = id >= 0 and id < experts
+        # This lane's rank among the warp's lanes with the same id, and
+        # their number (counted by the lowest of them).
+        var rank = Int32(0)
+        var same = Int32(0)
+        comptime for j in range(WARP_SIZE):
+            if Int(shuffle_idx(Int32(id), UInt32(j))) == id:
+                same += 1
+                if j < lane:
+                    rank += 1
+        var lowest = valid and rank == 0
+        if lowest:
+            in_warp.unsafe_store(warp * MAX_EXPERTS + id, same)
+        barrier()
+        if valid:
+            var r = seen.unsafe_load(id) + rank
+            for w in range(warp):
+                r += in_warp.unsafe_load(w * MAX_EXPERTS + id)
+            var start = offsets.unsafe_load(id)
+            if r < offsets.unsafe_load(id + 1) - start:
+                sorted_ptr.unsafe_store(Int(start + r), Int32(s // k))
+                rows.unsafe_store(s, start + r)
+            else:
+                rows.unsafe_store(s, Int32(-1))
+        elif s < hi:
+            rows.unsafe_store(s, Int32(-1))
+        barrier()
+        if lowest:
+            _ = Atomic.fetch_add(seen.unsafe_offset(id), same)
+            in_warp.unsafe_store(warp * MAX_EXPERTS + id, Int32(0))
+        barrier()
+
+
 def dispatch_gpu(
     ctx: DeviceContext,
     sorted_ptr: Pointer[Int32, MutAnyOrigin],
@@ -114,54 +195,84 @@ def dispatch_gpu(
     experts: Int,
     capacity: Int,
 ) raises:
-    """The counting sort as three GPU kernels (count, prefix sum, place), or one
-    kernel of one block for at most SMALL_DISPATCH_SLOTS slots (or fewer slots
-    than experts)."""
+    """The counting sort on the GPU: one kernel of one block up to
+    ONE_BLOCK_DISPATCH_SLOTS slots, else three kernels over slot ranges
+    (see the top of this file)."""
     if experts > MAX_EXPERTS:
         raise Error("pymoe_moe_dispatch: the GPU takes at most 512 experts")
+    if slots <= ONE_BLOCK_DISPATCH_SLOTS:
+        dispatch_gpu_one_block(ctx, sorted_ptr, offsets, rows, ids, slots, k, experts, capacity)
+    else:
+        dispatch_gpu_ranges(ctx, sorted_ptr, offsets, rows, ids, slots, k, experts, capacity)
+
+
+def dispatch_gpu_one_block(
+    ctx: DeviceContext,
+    sorted_ptr: Pointer[Int32, MutAnyOrigin],
+    offsets: Pointer[Int32, MutAnyOrigin],
+    rows: Pointer[Int32, MutAnyOrigin],
+    ids: Pointer[Int32, MutAnyOrigin],
+    slots: Int,
+    k: Int,
+    experts: Int,
+    capacity: Int,
+) raises:
+    """The three passes in one kernel of one block: count into shared memory,
+    the capped prefix sum, place. A barrier makes the block's global writes
+    visible to the whole block, so the offsets go from pass to pass in
+    expert_offsets. Same arguments as dispatch_gpu (E <= MAX_EXPERTS)."""
+    if experts == 0:
+        return
     var n_slots = Int64(slots)
     var n_k = Int64(k)
     var n_e = Int64(experts)
     var cap = Int64(capacity)
 
-    def small_kernel() {var sorted_ptr, var offsets, var rows, var ids, var n_slots, var n_k, var n_e, var cap}:
-        # The three passes in one block (slots <= SMALL_DISPATCH_SLOTS). A
-        # barrier makes the block's global writes visible to the whole block,
-        # so the counts and offsets go from pass to pass in expert_offsets.
+    def one_block_kernel() {var sorted_ptr, var offsets, var rows, var ids, var n_slots, var n_k, var n_e, var cap}:
         var tid = Int(thread_idx.x)
         var slots = Int(n_slots)
         var e_count = Int(n_e)
+        var counts = stack_allocation[MAX_EXPERTS, Int32, address_space=AddressSpace.SHARED]()
+        _count_range(counts, ids, 0, slots, e_count, tid)
         for e in range(tid, e_count, GPU_BLOCK):
-            var c = Int32(0)
-            for s in range(slots):
-                if Int(ids.unsafe_load(s)) == e:
-                    c += 1
-            offsets.unsafe_store(e + 1, c)
+            offsets.unsafe_store(e + 1, counts.unsafe_load(e))
+            counts.unsafe_store(e, Int32(0))  # from here: the slots placed per expert
         barrier()
         _scan_capped_counts(offsets, e_count, Int(cap), tid)
         barrier()
-        # A slot's row: its expert's first row plus the slots of that expert
-        # before it (token order, as the CPU's and the place kernel's).
-        for s in range(tid, slots, GPU_BLOCK):
-            var id = Int(ids.unsafe_load(s))
-            var row = Int32(-1)
-            if id >= 0 and id < e_count:
-                var rank = 0
-                for q in range(s):
-                    if Int(ids.unsafe_load(q)) == id:
-                        rank += 1
-                var start = Int(offsets.unsafe_load(id))
-                if rank < Int(offsets.unsafe_load(id + 1)) - start:
-                    row = Int32(start + rank)
-                    sorted_ptr.unsafe_store(start + rank, Int32(s // Int(n_k)))
-            rows.unsafe_store(s, row)
+        _place_range(sorted_ptr, offsets, rows, ids, counts, 0, slots, Int(n_k), e_count, tid)
         for tail in range(Int(offsets.unsafe_load(e_count)) + tid, slots, GPU_BLOCK):
             sorted_ptr.unsafe_store(tail, Int32(0))
 
-    # Many slots: B blocks split the slots into ranges of at least E slots
-    # each, and slot_to_row holds the blocks' per-expert numbers between the
-    # passes (the first E entries of each block's own range, which only that
-    # block overwrites, and only after reading them).
+    ctx.enqueue_function(one_block_kernel, grid_dim=1, block_dim=GPU_BLOCK)
+
+
+def dispatch_gpu_ranges(
+    ctx: DeviceContext,
+    sorted_ptr: Pointer[Int32, MutAnyOrigin],
+    offsets: Pointer[Int32, MutAnyOrigin],
+    rows: Pointer[Int32, MutAnyOrigin],
+    ids: Pointer[Int32, MutAnyOrigin],
+    slots: Int,
+    k: Int,
+    experts: Int,
+    capacity: Int,
+) raises:
+    """The three passes as three kernels over B blocks' slot ranges (count,
+    prefix sum, place). Needs slots >= E (every range holds its block's
+    per-expert numbers, see below). Same arguments as dispatch_gpu."""
+    if experts == 0:
+        return
+    if slots < experts:
+        raise Error("dispatch_gpu_ranges: needs at least num_experts slots")
+    var n_slots = Int64(slots)
+    var n_k = Int64(k)
+    var n_e = Int64(experts)
+    var cap = Int64(capacity)
+    # B blocks split the slots into ranges of at least E slots each, and
+    # slot_to_row holds the blocks' per-expert numbers between the passes
+    # (the first E entries of each block's own range, which only that block
+    # overwrites, and only after reading them).
     var blocks = _dispatch_blocks(slots, experts)
     var n_b = Int64(blocks)
 
@@ -171,16 +282,8 @@ def dispatch_gpu(
         var tid = Int(thread_idx.x)
         var e_count = Int(n_e)
         var lo = _range_start(b, Int(n_slots), Int(n_b))
-        var hi = _range_start(b + 1, Int(n_slots), Int(n_b))
         var hist = stack_allocation[MAX_EXPERTS, Int32, address_space=AddressSpace.SHARED]()
-        for e in range(tid, e_count, GPU_BLOCK):
-            hist.unsafe_store(e, Int32(0))
-        barrier()
-        for s in range(lo + tid, hi, GPU_BLOCK):
-            var id = Int(ids.unsafe_load(s))
-            if id >= 0 and id < e_count:
-                _ = Atomic.fetch_add(hist.unsafe_offset(id), Int32(1))
-        barrier()
+        _count_range(hist, ids, lo, _range_start(b + 1, Int(n_slots), Int(n_b)), e_count, tid)
         for e in range(tid, e_count, GPU_BLOCK):
             rows.unsafe_store(lo + e, hist.unsafe_load(e))
 
@@ -202,71 +305,21 @@ def dispatch_gpu(
         _scan_capped_counts(offsets, Int(n_e), Int(cap), tid)
 
     def place_kernel() {var sorted_ptr, var offsets, var rows, var ids, var n_slots, var n_k, var n_e, var n_b}:
-        # Block b walks its range GPU_BLOCK slots at a time. A slot's rank
-        # among its expert's slots (token order) is: the expert's slots in
-        # the blocks before, in this block's earlier rounds, in the earlier
-        # warps of this round, and in the earlier lanes of its warp.
         var b = Int(block_idx.x)
         var tid = Int(thread_idx.x)
-        var lane = tid % WARP_SIZE
-        var warp = tid // WARP_SIZE
         var e_count = Int(n_e)
         var slots = Int(n_slots)
         var lo = _range_start(b, slots, Int(n_b))
-        var hi = _range_start(b + 1, slots, Int(n_b))
         var seen = stack_allocation[MAX_EXPERTS, Int32, address_space=AddressSpace.SHARED]()
-        var in_warp = stack_allocation[WARPS * MAX_EXPERTS, Int32, address_space=AddressSpace.SHARED]()
         for e in range(tid, e_count, GPU_BLOCK):
             seen.unsafe_store(e, rows.unsafe_load(lo + e))
-        for i in range(tid, WARPS * MAX_EXPERTS, GPU_BLOCK):
-            in_warp.unsafe_store(i, Int32(0))
-        barrier()
-        for base in range(lo, hi, GPU_BLOCK):
-            var s = base + tid
-            var id = -1
-            if s < hi:
-                id = Int(ids.unsafe_load(s))
-            var valid = id >= 0 and id < e_count
-            # This lane's rank among the warp's lanes with the same id, and
-            # their number (counted by the lowest of them).
-            var rank = Int32(0)
-            var same = Int32(0)
-            comptime for j in range(WARP_SIZE):
-                if Int(shuffle_idx(Int32(id), UInt32(j))) == id:
-                    same += 1
-                    if j < lane:
-                        rank += 1
-            var lowest = valid and rank == 0
-            if lowest:
-                in_warp.unsafe_store(warp * MAX_EXPERTS + id, same)
-            barrier()
-            if valid:
-                var r = seen.unsafe_load(id) + rank
-                for w in range(warp):
-                    r += in_warp.unsafe_load(w * MAX_EXPERTS + id)
-                var start = offsets.unsafe_load(id)
-                if r < offsets.unsafe_load(id + 1) - start:
-                    sorted_ptr.unsafe_store(Int(start + r), Int32(s // Int(n_k)))
-                    rows.unsafe_store(s, start + r)
-                else:
-                    rows.unsafe_store(s, Int32(-1))
-            elif s < hi:
-                rows.unsafe_store(s, Int32(-1))
-            barrier()
-            if lowest:
-                _ = Atomic.fetch_add(seen.unsafe_offset(id), same)
-                in_warp.unsafe_store(warp * MAX_EXPERTS + id, Int32(0))
-            barrier()
+        # (_place_range's first barrier orders these loads before any store to rows.)
+        _place_range(sorted_ptr, offsets, rows, ids, seen, lo, _range_start(b + 1, slots, Int(n_b)), Int(n_k), e_count, tid)
         # Rows past the kept slots hold token 0; the blocks share that tail.
         var total = Int(offsets.unsafe_load(e_count))
         for row in range(total + b * GPU_BLOCK + tid, slots, Int(n_b) * GPU_BLOCK):
             sorted_ptr.unsafe_store(row, Int32(0))
 
-    if experts == 0:
-        return
-    if slots <= SMALL_DISPATCH_SLOTS or slots < experts:
-        ctx.enqueue_function(small_kernel, grid_dim=1, block_dim=GPU_BLOCK)
-        return
     ctx.enqueue_function(histogram_kernel, grid_dim=blocks, block_dim=GPU_BLOCK)
     ctx.enqueue_function(scan_kernel, grid_dim=1, block_dim=GPU_BLOCK)
     ctx.enqueue_function(place_kernel, grid_dim=blocks, block_dim=GPU_BLOCK)

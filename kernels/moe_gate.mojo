@@ -919,6 +919,149 @@ struct MoEGate:
         _ = partial^
 
 
+# The router's logits for a decode batch (at most ROUTER_GEMV_MAX_TOKENS
+# tokens) as a split-K GEMV instead of the tensor-core GEMM: the GEMM's column
+# tiles give a router of E <= 128 columns one or two blocks, and one SM alone
+# reads the [d_model, E] router slowly (the decode profile's router kernel).
+# Here each of many blocks reads about ROUTER_GEMV_BLOCK_BYTES of the router's
+# rows, so the read spreads over the GPU.
+comptime ROUTER_GEMV_MAX_TOKENS = 16
+comptime ROUTER_GEMV_BLOCK_BYTES = 16384
+comptime ROUTER_GEMV_MAX_SPLITS = 512
+# Tokens whose partial logits a thread keeps in registers in one pass.
+comptime ROUTER_GEMV_TOKENS_PER_PASS = 8
+# Router rows read per thread before the multiply-adds (loads in flight).
+comptime ROUTER_GEMV_UNROLL = 4
+
+
+def router_gemv_gpu[dtype: DType](
+    ctx: DeviceContext,
+    logits: Pointer[Float32, MutAnyOrigin],
+    x: Pointer[Scalar[dtype], MutAnyOrigin],
+    rw: Pointer[Scalar[dtype], MutAnyOrigin],
+    tokens: Int,
+    d_model: Int,
+    experts: Int,
+) raises:
+    """logits [T, E] (float32) = x [T, d_model] @ rw [d_model, E] for a few
+    tokens, in two kernels. The first splits d_model into ranges of rows, one
+    block each: the block stages its range of x in shared memory as float32,
+    each thread reads 16-byte vectors of one column group (VEC experts) of the
+    router rows, keeping the partial sums of up to
+    ROUTER_GEMV_TOKENS_PER_PASS tokens in registers, and the block adds its
+    threads' sums in shared memory into one partial row per token and range.
+    The second adds the ranges' partials in range order, so the logits do not
+    depend on scheduling (no atomics).
+
+    Parameters:
+        dtype: A 16-bit dtype of x and the router.
+
+    Args:
+        ctx: The device context.
+        logits: Logits [T, E].
+        x: Tokens [T, d_model].
+        rw: Router weights [d_model, E], 16-byte aligned.
+        tokens: T.
+        d_model: d_model.
+        experts: E, a multiple of 16 // size_of[dtype] (one vector), at most
+            GPU_ROUTED_MAX_EXPERTS.
+    """
+    comptime VEC = 16 // size_of[Scalar[dtype]]()
+    comptime TPP = ROUTER_GEMV_TOKENS_PER_PASS
+    comptime MAX_ROWS = ROUTER_GEMV_BLOCK_BYTES // 16  # E >= VEC: a row is >= 16 bytes
+    if experts % VEC != 0 or experts > GPU_ROUTED_MAX_EXPERTS or Int(rw) % 16 != 0:
+        raise Error("router_gemv_gpu: num_experts a multiple of one 16-byte vector, at most 512, an aligned router")
+    if tokens == 0:
+        return
+    var rows_per_block = min(MAX_ROWS, max(1, ROUTER_GEMV_BLOCK_BYTES // (experts * size_of[Scalar[dtype]]())))
+    if ceildiv(d_model, rows_per_block) > ROUTER_GEMV_MAX_SPLITS:
+        rows_per_block = ceildiv(d_model, ROUTER_GEMV_MAX_SPLITS)  # <= MAX_ROWS for any d_model < 8M
+    var splits = ceildiv(d_model, rows_per_block)
+    var partial = ctx.enqueue_create_buffer[DType.float32](splits * tokens * experts)
+    var pp = Pointer[Float32, MutAnyOrigin](unsafe_from_address=Int(partial.unsafe_ptr()))
+    var n_tok = Int64(tokens)
+    var n_d = Int64(d_model)
+    var n_e = Int64(experts)
+    var n_r = Int64(rows_per_block)
+
+    def split_kernel() {var pp, var x, var rw, var n_tok, var n_d, var n_e, var n_r}:
+        var tid = Int(thread_idx.x)
+        var s = Int(block_idx.x)
+        var t_count = Int(n_tok)
+        var d = Int(n_d)
+        var e_count = Int(n_e)
+        var groups = e_count // VEC
+        var sweep = GPU_BLOCK // groups  # rows the block reads side by side
+        var g = tid % groups
+        var r0 = tid // groups
+        var lo = s * Int(n_r)
+        var hi = min(d, lo + Int(n_r))
+        var xs = stack_allocation[TPP * MAX_ROWS, Float32, address_space=AddressSpace.SHARED]()
+        var red = stack_allocation[GPU_BLOCK * VEC, Float32, address_space=AddressSpace.SHARED]()
+        for t0 in range(0, t_count, TPP):
+            var nt = min(TPP, t_count - t0)
+            for i in range(tid, nt * (hi - lo), GPU_BLOCK):
+                var t = i // (hi - lo)
+                var r = i % (hi - lo)
+                xs.unsafe_store(t * MAX_ROWS + r, x.unsafe_load((t0 + t) * d + lo + r).cast[DType.float32]())
+            barrier()
+            var acc = Array[SIMD[DType.float32, VEC], TPP](fill=SIMD[DType.float32, VEC](0))
+            if r0 < sweep:
+                for r in range(lo + r0, hi, sweep * ROUTER_GEMV_UNROLL):
+                    var w = Array[SIMD[DType.float32, VEC], ROUTER_GEMV_UNROLL](fill=SIMD[DType.float32, VEC](0))
+                    comptime for u in range(ROUTER_GEMV_UNROLL):
+                        if r + u * sweep < hi:
+                            w[u] = rw.unsafe_load[width=VEC, alignment=16]((r + u * sweep) * e_count + g * VEC).cast[DType.float32]()
+                    comptime for u in range(ROUTER_GEMV_UNROLL):
+                        comptime for t in range(TPP):
+                            if t < nt:
+                                acc[t] += xs.unsafe_load(t * MAX_ROWS + r + u * sweep - lo) * w[u]
+            comptime for t in range(TPP):
+                if t < nt:
+                    if r0 < sweep:
+                        red.unsafe_store[width=VEC](tid * VEC, acc[t])
+                    barrier()
+                    for e in range(tid, e_count, GPU_BLOCK):
+                        var sum: Float32 = 0
+                        for q in range(sweep):
+                            sum += red.unsafe_load((q * groups + e // VEC) * VEC + e % VEC)
+                        pp.unsafe_store((s * t_count + t0 + t) * e_count + e, sum)
+                    barrier()
+
+    var n_s = Int64(splits)
+
+    def sum_kernel() {var logits, var pp, var n_tok, var n_e, var n_s}:
+        var i = Int(block_idx.x) * GPU_BLOCK + Int(thread_idx.x)
+        var n = Int(n_tok) * Int(n_e)
+        if i < n:
+            var sum: Float32 = 0
+            for s in range(Int(n_s)):
+                sum += pp.unsafe_load(s * n + i)
+            logits.unsafe_store(i, sum)
+
+    ctx.enqueue_function(split_kernel, grid_dim=splits, block_dim=GPU_BLOCK)
+    ctx.enqueue_function(sum_kernel, grid_dim=ceildiv(tokens * experts, GPU_BLOCK), block_dim=GPU_BLOCK)
+    _ = partial^
+
+
+def router_logits_gpu[dtype: DType](
+    ctx: DeviceContext,
+    logits: Pointer[Float32, MutAnyOrigin],
+    x: Pointer[Scalar[dtype], MutAnyOrigin],
+    rw: Pointer[Scalar[dtype], MutAnyOrigin],
+    tokens: Int,
+    d_model: Int,
+    experts: Int,
+) raises:
+    """logits = x @ rw in float32: the split-K GEMV for a decode batch, else
+    the tensor-core GEMM (dense_gemm_gpu). Needs grouped_gemm_supported(d_model,
+    E, d_model, E, 1, x, rw) (16-bit, multiples of 8, aligned)."""
+    if tokens <= ROUTER_GEMV_MAX_TOKENS:
+        router_gemv_gpu[dtype](ctx, logits, x, rw, tokens, d_model, experts)
+    else:
+        dense_gemm_gpu[dtype, DType.float32](ctx, logits, x, rw, tokens, d_model, experts)
+
+
 @extensibility.register("pymoe_router_logits")
 struct RouterLogits:
     """x @ router_w in float32 on the GPU's tensor cores (16-bit inputs; a
@@ -942,6 +1085,6 @@ struct RouterLogits:
             var rw = router_w.unsafe_ptr()
             if not grouped_gemm_supported[x.dtype](d_model, experts, d_model, experts, 1, xp, rw):
                 raise Error("pymoe_router_logits: 16-bit x, d_model and num_experts multiples of 8")
-            dense_gemm_gpu[x.dtype, DType.float32](ctx, logits.unsafe_ptr(), xp, rw, tokens, d_model, experts)
+            router_logits_gpu[x.dtype](ctx, logits.unsafe_ptr(), xp, rw, tokens, d_model, experts)
         else:
             raise Error("pymoe_router_logits runs on the GPU only")

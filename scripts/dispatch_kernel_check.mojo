@@ -1,11 +1,9 @@
 # Kernel-only check of the GPU dispatch (kernels/moe_dispatch.mojo) against a CPU counting sort,
-# and its time beside the per-expert dispatch it replaces (not in
-# the repo: the GPU part of kernels/moe_dispatch.mojo at commit 4f19b73, _scan_capped_counts and
-# dispatch_gpu, the latter renamed old_dispatch_gpu, in a file old_dispatch.mojo). Build:
-#   mojo build -I . -I <folder of old_dispatch.mojo> --target-accelerator=sm_90a scripts/dispatch_kernel_check.mojo
+# both of its paths (one kernel of one block; three kernels over slot ranges) in every case where
+# they apply, and their times side by side, which set ONE_BLOCK_DISPATCH_SLOTS. Build:
+#   mojo build -I . --target-accelerator=sm_90a scripts/dispatch_kernel_check.mojo
 # and run with Mojo's runtime libraries on LD_LIBRARY_PATH (as scripts/grouped_gemm_kernel_bench.mojo).
-from kernels.moe_dispatch import dispatch_gpu
-from old_dispatch import old_dispatch_gpu
+from kernels.moe_dispatch import dispatch_gpu_one_block, dispatch_gpu_ranges
 from max.gpu.host import DeviceContext
 from std.memory import Pointer
 from std.time import perf_counter_ns
@@ -13,7 +11,23 @@ from std.time import perf_counter_ns
 def P(addr: Int) -> Pointer[Int32, MutAnyOrigin]:
     return Pointer[Int32, MutAnyOrigin](unsafe_from_address=addr)
 
+def run_path(ctx: DeviceContext, path: Int, ps: Int, po: Int, pr: Int, pi: Int, slots: Int, k: Int, E: Int, capacity: Int) raises:
+    if path == 0:
+        dispatch_gpu_one_block(ctx, P(ps), P(po), P(pr), P(pi), slots, k, E, capacity)
+    else:
+        dispatch_gpu_ranges(ctx, P(ps), P(po), P(pr), P(pi), slots, k, E, capacity)
+
+
 def check(ctx: DeviceContext, tokens: Int, k: Int, E: Int, capacity: Int, time_it: Bool = False) raises:
+    var line = String("tokens ", tokens, " k ", k, " E ", E, " cap ", capacity)
+    for path in range(2):
+        if path == 1 and tokens * k < E:
+            continue  # the ranges path needs at least E slots
+        line += check_path(ctx, path, tokens, k, E, capacity, time_it)
+    print(line)
+
+
+def check_path(ctx: DeviceContext, path: Int, tokens: Int, k: Int, E: Int, capacity: Int, time_it: Bool) raises -> String:
     var slots = tokens * k
     var h_ids = ctx.enqueue_create_host_buffer[DType.int32](slots)
     var h_sorted = ctx.enqueue_create_host_buffer[DType.int32](slots)
@@ -36,7 +50,7 @@ def check(ctx: DeviceContext, tokens: Int, k: Int, E: Int, capacity: Int, time_i
     var po = Int(d_off.unsafe_ptr())
     var pr = Int(d_rows.unsafe_ptr())
     var pi = Int(d_ids.unsafe_ptr())
-    dispatch_gpu(ctx, P(ps), P(po), P(pr), P(pi), slots, k, E, capacity)
+    run_path(ctx, path, ps, po, pr, pi, slots, k, E, capacity)
     ctx.enqueue_copy(h_sorted, d_sorted)
     ctx.enqueue_copy(h_off, d_off)
     ctx.enqueue_copy(h_rows, d_rows)
@@ -67,31 +81,26 @@ def check(ctx: DeviceContext, tokens: Int, k: Int, E: Int, capacity: Int, time_i
     for r in range(off[E], slots):
         if Int(h_sorted[r]) != 0:
             bad += 1
-    var line = String("tokens ", tokens, " k ", k, " E ", E, " cap ", capacity, " mismatches ", bad)
+    var line = String(" | ", "one-block" if path == 0 else "ranges", " mismatches ", bad)
     if time_it:
         var reps = 50
-        for which in range(2):
-            for _ in range(3):
-                if which == 0:
-                    old_dispatch_gpu(ctx, P(ps), P(po), P(pr), P(pi), slots, k, E, capacity)
-                else:
-                    dispatch_gpu(ctx, P(ps), P(po), P(pr), P(pi), slots, k, E, capacity)
-            ctx.synchronize()
-            var t0 = perf_counter_ns()
-            for _ in range(reps):
-                if which == 0:
-                    old_dispatch_gpu(ctx, P(ps), P(po), P(pr), P(pi), slots, k, E, capacity)
-                else:
-                    dispatch_gpu(ctx, P(ps), P(po), P(pr), P(pi), slots, k, E, capacity)
-            ctx.synchronize()
-            var us = Float64(perf_counter_ns() - t0) / 1000.0 / Float64(reps)
-            line += String(" | ", "old" if which == 0 else "new", " us/call ", us)
-    print(line)
+        for _ in range(3):
+            run_path(ctx, path, ps, po, pr, pi, slots, k, E, capacity)
+        ctx.synchronize()
+        var t0 = perf_counter_ns()
+        for _ in range(reps):
+            run_path(ctx, path, ps, po, pr, pi, slots, k, E, capacity)
+        ctx.synchronize()
+        line += String(" us/call ", Float64(perf_counter_ns() - t0) / 1000.0 / Float64(reps))
+    return line
 
 def main() raises:
     var ctx = DeviceContext()
-    check(ctx, 1, 8, 128, 8)
-    check(ctx, 16, 8, 128, 128)
+    check(ctx, 1, 8, 128, 8, True)
+    check(ctx, 4, 8, 128, 32, True)
+    check(ctx, 16, 8, 128, 128, True)
+    check(ctx, 32, 8, 128, 256, True)
+    check(ctx, 64, 8, 128, 512, True)
     check(ctx, 32, 8, 256, 256)
     check(ctx, 33, 8, 256, 256)
     check(ctx, 40, 8, 512, 320)
@@ -102,6 +111,12 @@ def main() raises:
     check(ctx, 129, 8, 128, 2, True)
     check(ctx, 1000, 1, 3, 1000)
     check(ctx, 128, 8, 128, 1024, True)
+    check(ctx, 256, 8, 128, 2048, True)
+    check(ctx, 512, 8, 128, 4096, True)
+    check(ctx, 1024, 8, 128, 8192, True)
+    check(ctx, 128, 8, 256, 1024, True)
+    check(ctx, 512, 4, 32, 2048, True)
+    check(ctx, 2048, 2, 8, 4096, True)
     check(ctx, 4096, 8, 128, 32768, True)
     check(ctx, 4096, 4, 32, 16384, True)
     check(ctx, 16384, 8, 128, 131072, True)

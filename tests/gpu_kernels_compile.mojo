@@ -1,8 +1,11 @@
 # Compiled (not run) by tests/test_gpu_kernels_compile.py for NVIDIA Hopper and Ampere: the
 # grouped GEMM entries that the ops instantiate for every layer dtype. MAX compiles an op's
 # GPU path only on a GPU machine, where a float32 graph once failed to load because
-# grouped_gemm_gpu[float32] reached the tensor-core tiles' 16-bit assert.
+# grouped_gemm_gpu[float32] reached the tensor-core tiles' 16-bit assert. The router's logits
+# and the dispatch are here too, so that their GPU code is compiled by every CI run.
 from kernels.gpu_grouped_gemm import dense_gemm_gpu, grouped_gemm_gpu
+from kernels.moe_dispatch import dispatch_gpu
+from kernels.moe_gate import router_logits_gpu
 from max.gpu.host import DeviceContext
 from std.memory import Pointer
 
@@ -17,9 +20,18 @@ def entries[dtype: DType](ctx: DeviceContext) raises:
     var logits = ctx.enqueue_create_buffer[DType.float32](64)
     var pl = Pointer[Float32, MutAnyOrigin](unsafe_from_address=Int(logits.unsafe_ptr()))
     dense_gemm_gpu[dtype, DType.float32](ctx, pl, p, p, 1, 8, 8)
+    comptime if dtype != DType.float32:  # the router's logits op takes 16-bit inputs only
+        router_logits_gpu[dtype](ctx, pl, p, p, 1, 8, 8)
+
+
+def dispatch(ctx: DeviceContext) raises:
+    var buf = ctx.enqueue_create_buffer[DType.int32](64)
+    var q = Pointer[Int32, MutAnyOrigin](unsafe_from_address=Int(buf.unsafe_ptr()))
+    dispatch_gpu(ctx, q, q, q, q, 8, 8, 4, 8)
 
 
 def main() raises:
     var ctx = DeviceContext()
     entries[DType.float32](ctx)
     entries[DType.bfloat16](ctx)
+    dispatch(ctx)
