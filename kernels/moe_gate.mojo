@@ -411,6 +411,7 @@ def _enqueue_routed_tokens[
     topk_group: Int,
     scaling: Float32,
     logits_given: Bool,
+    SLOTS: Int = ROUTED_SLOTS,
 ](
     ctx: DeviceContext,
     blocks: Int,
@@ -443,8 +444,8 @@ def _enqueue_routed_tokens[
     over the block in shared memory, then one atomic per expert per block.
     Same parameters and pointers as gate_gpu; `vector` is its choice of loads.
     """
-    if experts > GPU_ROUTED_MAX_EXPERTS:
-        raise Error("pymoe_moe_gate: this router holds at most 512 experts on the GPU")
+    if experts > SLOTS * WARP_SIZE:
+        raise Error("pymoe_moe_gate: this router kernel holds at most " + String(SLOTS * WARP_SIZE) + " experts")
     var n_tok = Int64(tokens)
     var n_d = Int64(d_model)
     var n_e = Int64(experts)
@@ -463,26 +464,26 @@ def _enqueue_routed_tokens[
         var e_count = Int(n_e)
         var groups = ceildiv(e_count, EG)
         var neg_inf = Float32.MIN
-        var p_acc = SIMD[DType.float32, ROUTED_SLOTS](0)
-        var n_acc = SIMD[DType.int32, ROUTED_SLOTS](0)
+        var p_acc = SIMD[DType.float32, SLOTS](0)
+        var n_acc = SIMD[DType.int32, SLOTS](0)
         var z_acc: Float32 = 0
         for t in range(Int(block_idx.x) * WARPS_PER_BLOCK + warp, Int(n_tok), warps):
             var xt = x.unsafe_offset(t * d)
             # Logits; slots past the last expert stay -inf (score 0).
-            var logit = SIMD[DType.float32, ROUTED_SLOTS](neg_inf)
+            var logit = SIMD[DType.float32, SLOTS](neg_inf)
             comptime if logits_given:
-                comptime for i in range(ROUTED_SLOTS):
+                comptime for i in range(SLOTS):
                     if i * WARP_SIZE + lane < e_count:
                         logit[i] = lg.unsafe_load(t * e_count + i * WARP_SIZE + lane)
             else:
                 for g in range(groups):
                     var l = _group_logits[dtype](xt, rw, d, e_count, g * EG, lane, vector)
                     if lane // EG == g % LANE_GROUPS:
-                        comptime for i in range(ROUTED_SLOTS):
+                        comptime for i in range(SLOTS):
                             if g // LANE_GROUPS == i:
                                 logit[i] = l[lane % EG]
             var local_max = neg_inf
-            comptime for i in range(ROUTED_SLOTS):
+            comptime for i in range(SLOTS):
                 var e = i * WARP_SIZE + lane
                 if e < e_count:
                     comptime if has_router_bias:
@@ -490,7 +491,7 @@ def _enqueue_routed_tokens[
                     local_max = max(local_max, logit[i])
             var m = warp_max(local_max)
             var local_sum: Float32 = 0
-            comptime for i in range(ROUTED_SLOTS):
+            comptime for i in range(SLOTS):
                 if i * WARP_SIZE + lane < e_count:
                     local_sum += exp(logit[i] - m)
             var total = warp_sum(local_sum)
@@ -499,10 +500,10 @@ def _enqueue_routed_tokens[
                 z_acc += lse * lse
 
             # Scores (weights and statistics) and selection scores.
-            var score = SIMD[DType.float32, ROUTED_SLOTS](0)
-            var sel = SIMD[DType.float32, ROUTED_SLOTS](neg_inf)
+            var score = SIMD[DType.float32, SLOTS](0)
+            var sel = SIMD[DType.float32, SLOTS](neg_inf)
             var score_sum: Float32 = 0
-            comptime for i in range(ROUTED_SLOTS):
+            comptime for i in range(SLOTS):
                 var e = i * WARP_SIZE + lane
                 if e < e_count:
                     comptime if sigmoid:
@@ -526,7 +527,7 @@ def _enqueue_routed_tokens[
                 for g in range(n_group):
                     var b1 = neg_inf
                     var b2 = neg_inf
-                    comptime for i in range(ROUTED_SLOTS):
+                    comptime for i in range(SLOTS):
                         var e = i * WARP_SIZE + lane
                         if e < e_count and e // group_size == g:
                             if sel[i] > b1:
@@ -553,7 +554,7 @@ def _enqueue_routed_tokens[
                             best = g
                             best_v = group_score[g]
                     kept[best] = True
-                comptime for i in range(ROUTED_SLOTS):
+                comptime for i in range(SLOTS):
                     var e = i * WARP_SIZE + lane
                     if e < e_count and not kept[e // group_size]:
                         sel[i] = neg_inf
@@ -565,7 +566,7 @@ def _enqueue_routed_tokens[
                 var best_v = neg_inf
                 var best = -1
                 var best_score: Float32 = 0
-                comptime for i in range(ROUTED_SLOTS):
+                comptime for i in range(SLOTS):
                     var e = i * WARP_SIZE + lane
                     if e < e_count and (taken >> UInt32(i)) & 1 == 0 and (best < 0 or sel[i] > best_v):
                         best_v = sel[i]
@@ -585,7 +586,7 @@ def _enqueue_routed_tokens[
                     off //= 2
                 if best >= 0 and best % WARP_SIZE == lane:
                     taken |= UInt32(1) << UInt32(best // WARP_SIZE)
-                    comptime for i in range(ROUTED_SLOTS):
+                    comptime for i in range(SLOTS):
                         if best == i * WARP_SIZE + lane:
                             n_acc[i] += 1
                 chosen_sum += best_score
@@ -602,12 +603,12 @@ def _enqueue_routed_tokens[
                     w_out.unsafe_store(t * top_k + j, w_out.unsafe_load(t * top_k + j) * f)
 
         # Block reduction of the statistics, then one atomic per expert per block.
-        var p_sh = stack_allocation[WARPS_PER_BLOCK * GPU_ROUTED_MAX_EXPERTS, Float32, address_space=AddressSpace.SHARED]()
-        var n_sh = stack_allocation[WARPS_PER_BLOCK * GPU_ROUTED_MAX_EXPERTS, Int32, address_space=AddressSpace.SHARED]()
+        var p_sh = stack_allocation[WARPS_PER_BLOCK * SLOTS * WARP_SIZE, Float32, address_space=AddressSpace.SHARED]()
+        var n_sh = stack_allocation[WARPS_PER_BLOCK * SLOTS * WARP_SIZE, Int32, address_space=AddressSpace.SHARED]()
         var z_sh = stack_allocation[WARPS_PER_BLOCK, Float32, address_space=AddressSpace.SHARED]()
-        comptime for i in range(ROUTED_SLOTS):
-            p_sh.unsafe_store(warp * GPU_ROUTED_MAX_EXPERTS + i * WARP_SIZE + lane, p_acc[i])
-            n_sh.unsafe_store(warp * GPU_ROUTED_MAX_EXPERTS + i * WARP_SIZE + lane, n_acc[i])
+        comptime for i in range(SLOTS):
+            p_sh.unsafe_store(warp * SLOTS * WARP_SIZE + i * WARP_SIZE + lane, p_acc[i])
+            n_sh.unsafe_store(warp * SLOTS * WARP_SIZE + i * WARP_SIZE + lane, n_acc[i])
         if lane == 0:
             z_sh.unsafe_store(warp, z_acc)
         barrier()
@@ -615,8 +616,8 @@ def _enqueue_routed_tokens[
             var p_sum: Float32 = 0
             var n_sum = Int32(0)
             for w in range(WARPS_PER_BLOCK):
-                p_sum += p_sh.unsafe_load(w * GPU_ROUTED_MAX_EXPERTS + e)
-                n_sum += n_sh.unsafe_load(w * GPU_ROUTED_MAX_EXPERTS + e)
+                p_sum += p_sh.unsafe_load(w * SLOTS * WARP_SIZE + e)
+                n_sum += n_sh.unsafe_load(w * SLOTS * WARP_SIZE + e)
             _ = Atomic.fetch_add(pmean.unsafe_offset(e), p_sum)
             if n_sum != 0:
                 _ = Atomic.fetch_add(counts.unsafe_offset(e), n_sum)
