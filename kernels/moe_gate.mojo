@@ -69,9 +69,11 @@ comptime WARPS_PER_BLOCK = GPU_BLOCK // WARP_SIZE
 comptime MAX_GATE_BLOCKS = 1024
 # Experts whose logits a warp computes together (registers per lane).
 comptime EG = 8
-# The GPU path of the routers other than the default keeps each token's E
-# logits in registers, ROUTED_SLOTS per lane (expert i * WARP_SIZE + lane in
-# slot i): E may be at most this (DeepSeek-V3 has 256). pymoe.ops checks it.
+# The GPU path of the routers other than the default (and of every router
+# given its logits) keeps each token's E logits in registers, `routed_slots`
+# per lane (expert i * WARP_SIZE + lane in slot i), at most ROUTED_SLOTS: E may
+# be at most GPU_ROUTED_MAX_EXPERTS (DeepSeek-V3 has 256). pymoe.ops checks it
+# and passes the fewest slots that hold E.
 comptime GPU_ROUTED_MAX_EXPERTS = 512
 comptime ROUTED_SLOTS = GPU_ROUTED_MAX_EXPERTS // WARP_SIZE
 
@@ -198,6 +200,7 @@ def gate_gpu[
     topk_group: Int,
     scaling: Float32,
     logits_given: Bool,
+    routed_slots: Int,
 ](
     ctx: DeviceContext,
     w_out: Pointer[Float32, MutAnyOrigin],
@@ -241,6 +244,8 @@ def gate_gpu[
         topk_group: Groups kept.
         scaling: The factor of the weights (routed_scaling_factor).
         logits_given: lg holds the logits (see above).
+        routed_slots: Register slots per lane of the routed token kernel
+            (E <= 32 * routed_slots; pymoe.ops passes the fewest that hold E).
 
     Args:
         ctx: The device context.
@@ -392,7 +397,7 @@ def gate_gpu[
         comptime if logits_given or sigmoid or has_selection_bias or n_group > 1:
             _enqueue_routed_tokens[
                 dtype, top_k, renormalize, sigmoid, has_router_bias, has_selection_bias, n_group, topk_group,
-                scaling, logits_given,
+                scaling, logits_given, routed_slots,
             ](ctx, blocks, w_out, id_out, counts, pmean, losses, x, rw, rb, sb, lg, tokens, d_model, experts, vector)
         else:
             ctx.enqueue_function(token_kernel, grid_dim=blocks, block_dim=GPU_BLOCK)
@@ -411,7 +416,7 @@ def _enqueue_routed_tokens[
     topk_group: Int,
     scaling: Float32,
     logits_given: Bool,
-    SLOTS: Int = ROUTED_SLOTS,
+    SLOTS: Int,
 ](
     ctx: DeviceContext,
     blocks: Int,
@@ -646,6 +651,7 @@ struct MoEGate:
         topk_group: Int,
         scaling: Float32,
         logits_given: Bool,
+        routed_slots: Int,
         target: StaticString,
     ](
         topk_weights: OutputTensor[dtype=DType.float32, rank=2, ...],
@@ -675,6 +681,10 @@ struct MoEGate:
             scaling: The factor of the weights (routed_scaling_factor).
             logits_given: (GPU) `logits` holds x @ router_w in float32, from
                 pymoe_router_logits; else a placeholder, never read.
+            routed_slots: (GPU) Each lane's register slots for the logits in
+                the routed token kernel: a power of two, E <= 32 *
+                routed_slots. Fewer slots are less work per selection round
+                and fewer registers (pymoe.ops passes the fewest that hold E).
             target: "cpu" or "gpu".
 
         Args:
@@ -718,6 +728,8 @@ struct MoEGate:
         var w_out = topk_weights.unsafe_ptr()
         var id_out = topk_ids.unsafe_ptr()
         comptime if target == "gpu":
+            # (ROUTED_SLOTS depends on the target's warp size: checked for the GPU only.)
+            comptime assert routed_slots >= 1 and routed_slots <= ROUTED_SLOTS and (routed_slots & (routed_slots - 1)) == 0, "routed_slots: a power of two, at most 16 (512 experts)"
             comptime if logits_given:
                 if logits.dim_size(0) != tokens or logits.dim_size(1) != experts:
                     raise Error("pymoe_moe_gate: logits must be [T, num_experts]")
@@ -725,7 +737,7 @@ struct MoEGate:
                     raise Error("pymoe_moe_gate: given logits take at most 512 experts on the GPU")
             gate_gpu[
                 x.dtype, top_k, renormalize, SIGMOID, has_router_bias, has_selection_bias, n_group, topk_group,
-                scaling, logits_given,
+                scaling, logits_given, routed_slots,
             ](
                 ctx, w_out, id_out, expert_counts.unsafe_ptr(), router_prob_mean.unsafe_ptr(),
                 losses.unsafe_ptr(), src, rw, rb, sb, logits.unsafe_ptr(), tokens, d_model, experts,

@@ -143,6 +143,15 @@ class GateOutput(NamedTuple):
 GATE_GPU_ROUTED_MAX_EXPERTS = 512
 
 
+def gate_routed_slots(experts: int) -> int:
+    """Register slots per lane of that kernel for E experts: the fewest (a power of two)
+    that hold E logits, 32 per slot. Fewer slots are less work in each of its top-k rounds."""
+    slots = 1
+    while slots * 32 < experts:
+        slots *= 2
+    return slots
+
+
 def _gate_bias(name: str, bias: TensorValue | None, experts: int, x: TensorValue) -> TensorValue:
     """The bias input of the gate kernel: `bias` after its checks, or for None a float32
     [1] zero placeholder that the kernel, compiled without the bias, never reads."""
@@ -231,6 +240,8 @@ def moe_gate(
             "has_router_bias": router_bias is not None, "has_selection_bias": selection_bias is not None,
             "n_group": n_group, "topk_group": topk_group, "scaling": float(routed_scaling_factor),
             "logits_given": logits_given,
+            # The CPU never reads it: one value there, so its compiled kernel is shared.
+            "routed_slots": 1 if dev.is_cpu() else gate_routed_slots(experts),
         },
     )
     return GateOutput(*outs)

@@ -1,4 +1,4 @@
-# Kernel-only (branch s20-gate-slots): the routed gate kernel (moe_gate.mojo,
+# Kernel-only: the routed gate kernel (moe_gate.mojo,
 # _enqueue_routed_tokens, given float32 logits as the bf16 layers give it) with its
 # per-lane register slots sized for 512 experts (16, today) against 4 slots (128 experts), at
 # Qwen3-30B-A3B's routing (E 128, top-8, renormalised softmax) for 1, 16 and 16384 tokens:

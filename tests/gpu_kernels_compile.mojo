@@ -2,10 +2,10 @@
 # grouped GEMM entries that the ops instantiate for every layer dtype. MAX compiles an op's
 # GPU path only on a GPU machine, where a float32 graph once failed to load because
 # grouped_gemm_gpu[float32] reached the tensor-core tiles' 16-bit assert. The router's logits
-# and the dispatch are here too, so that their GPU code is compiled by every CI run.
+# the gate and the dispatch are here too, so that their GPU code is compiled by every CI run.
 from kernels.gpu_grouped_gemm import dense_gemm_gpu, grouped_gemm_gpu
 from kernels.moe_dispatch import dispatch_gpu
-from kernels.moe_gate import router_logits_gpu
+from kernels.moe_gate import gate_gpu, router_logits_gpu
 from max.gpu.host import DeviceContext
 from std.memory import Pointer
 
@@ -20,8 +20,14 @@ def entries[dtype: DType](ctx: DeviceContext) raises:
     var logits = ctx.enqueue_create_buffer[DType.float32](64)
     var pl = Pointer[Float32, MutAnyOrigin](unsafe_from_address=Int(logits.unsafe_ptr()))
     dense_gemm_gpu[dtype, DType.float32](ctx, pl, p, p, 1, 8, 8)
+    var qi = Pointer[Int32, MutAnyOrigin](unsafe_from_address=Int(ids.unsafe_ptr()))
     comptime if dtype != DType.float32:  # the router's logits op takes 16-bit inputs only
         router_logits_gpu[dtype](ctx, pl, p, p, 1, 8, 8)
+        # the gate given those logits, with 4 register slots (E <= 128), and a DeepSeek-style router
+        gate_gpu[dtype, 8, True, False, False, False, 1, 1, 1.0, True, 4](ctx, pl, qi, qi, pl, pl, p, p, pl, pl, pl, 1, 8, 8)
+        gate_gpu[dtype, 8, True, True, False, True, 8, 4, 2.5, True, 8](ctx, pl, qi, qi, pl, pl, p, p, pl, pl, pl, 1, 8, 8)
+    else:  # the default softmax router computing its own logits
+        gate_gpu[dtype, 2, True, False, False, False, 1, 1, 1.0, False, 1](ctx, pl, qi, qi, pl, pl, p, p, pl, pl, pl, 1, 8, 8)
 
 
 def dispatch(ctx: DeviceContext) raises:

@@ -161,10 +161,10 @@ def test_bad_router_arguments_fail_before_compiling(recorded_ops):
     assert name == "pymoe_moe_gate" and len(values) == len(new_values) == 5
     assert old == {"top_k": 2, "renormalize": False, "scoring": "softmax", "has_router_bias": False,
                    "has_selection_bias": False, "n_group": 1, "topk_group": 1, "scaling": 1.0,
-                   "logits_given": False}
+                   "logits_given": False, "routed_slots": 1}
     assert new == {"top_k": 4, "renormalize": True, "scoring": "sigmoid", "has_router_bias": True,
                    "has_selection_bias": True, "n_group": 4, "topk_group": 2, "scaling": 2.0,
-                   "logits_given": False}
+                   "logits_given": False, "routed_slots": 1}
     assert isinstance(new["scaling"], float)
     assert list(values[2].shape) == [1] and new_values[2] is bias  # the placeholder, the bias
 
@@ -215,3 +215,18 @@ def test_gpu_gate_takes_its_logits_from_a_tensor_core_gemm(recorded_ops):
         names = [name for name, _, _ in recorded_ops]
         assert names == (["pymoe_router_logits", "pymoe_moe_gate"] if given else ["pymoe_moe_gate"])
         assert recorded_ops[-1][2]["logits_given"] is given
+        assert recorded_ops[-1][2]["routed_slots"] == 1  # 16 or 20 experts: one slot of 32 per lane
+
+
+def test_gpu_gate_keeps_the_fewest_register_slots_that_hold_the_experts(recorded_ops):
+    """The GPU gate's token kernel holds a token's E logits in registers, 32 per slot; the op
+    compiles it with the fewest slots (a power of two) that hold E, so that an E = 128 router
+    does not pay for 512 experts' slots in each top-k round."""
+    gpu = DeviceRef.GPU()
+    for experts, slots in [(8, 1), (32, 1), (33, 2), (128, 4), (160, 8), (256, 8), (512, 16)]:
+        recorded_ops.clear()
+        types = [TensorType(DType.bfloat16, ["t", 64], gpu), TensorType(DType.bfloat16, [64, experts], gpu)]
+        with Graph("gate_slots", input_types=types) as g:
+            x, w = (v.tensor for v in g.inputs)
+            mops.moe_gate(x, w, top_k=2)
+        assert recorded_ops[-1][2]["routed_slots"] == slots == mops.gate_routed_slots(experts)
