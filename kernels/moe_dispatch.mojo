@@ -52,6 +52,8 @@ comptime MAX_EXPERTS = 512  # as the gate's and the grouped GEMM's limits
 # short (it reads each block's count of each expert once).
 comptime SLOTS_PER_BLOCK = 1024
 comptime MAX_DISPATCH_BLOCKS = 512
+# Blocks' counts of one expert the scan kernel loads at once (see scan_kernel).
+comptime SCAN_CHUNK = 16
 # Up to this many slots one block runs all three passes in one kernel (see
 # dispatch_gpu_one_block): below it the three kernels' launches cost more than
 # one block's rounds over the slots. Measured with
@@ -291,15 +293,23 @@ def dispatch_gpu_ranges(
         # One block: each expert's count in each block becomes the expert's
         # slots in the blocks before (in place), the totals go to
         # offsets[1..E], then the capped prefix sum makes them offsets.
+        # The loads of a chunk of SCAN_CHUNK blocks are issued before its
+        # stores: one load after another (each waiting for the store before
+        # it, which may alias) made this kernel a chain of nb memory latencies.
         var tid = Int(thread_idx.x)
         var nb = Int(n_b)
+        var slots = Int(n_slots)
         for e in range(tid, Int(n_e), GPU_BLOCK):
             var running = Int32(0)
-            for b in range(nb):
-                var at = _range_start(b, Int(n_slots), nb) + e
-                var c = rows.unsafe_load(at)
-                rows.unsafe_store(at, running)
-                running += c
+            for b0 in range(0, nb, SCAN_CHUNK):
+                var c = SIMD[DType.int32, SCAN_CHUNK](0)
+                comptime for i in range(SCAN_CHUNK):
+                    if b0 + i < nb:
+                        c[i] = rows.unsafe_load(_range_start(b0 + i, slots, nb) + e)
+                comptime for i in range(SCAN_CHUNK):
+                    if b0 + i < nb:
+                        rows.unsafe_store(_range_start(b0 + i, slots, nb) + e, running)
+                        running += c[i]
             offsets.unsafe_store(e + 1, running)
         barrier()
         _scan_capped_counts(offsets, Int(n_e), Int(cap), tid)
