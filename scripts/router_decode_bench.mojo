@@ -1,5 +1,5 @@
 # Kernel-only: the router's logits at decode, the split-K GEMV (router_gemv_gpu) against the
-# tensor-core GEMM (dense_gemm_gpu), at the model presets' router shapes and 1-32 tokens; sets
+# tensor-core GEMM (dense_gemm_gpu), at the model presets' router shapes and 1-128 tokens; sets
 # ROUTER_GEMV_MAX_TOKENS (kernels/moe_gate.mojo). 64 router copies are called in turn so that
 # back-to-back calls do not find the router in L2; a call's time is the median over 5 rounds of
 # (64 back-to-back calls, then one synchronize) / 64, launches included. Both outputs are
@@ -84,7 +84,7 @@ def router(ctx: DeviceContext, name: String, rows: Int, K: Int, E: Int) raises:
 
 def main() raises:
     var ctx = DeviceContext()
-    for rows in [1, 2, 4, 8, 16, 24, 32]:
+    for rows in [1, 2, 4, 8, 16, 24, 32, 64, 128]:
         router(ctx, "qwen3-30b-a3b", rows, 2048, 128)
         router(ctx, "gpt-oss-20b", rows, 2880, 32)
         router(ctx, "mixtral-8x7b", rows, 4096, 8)
