@@ -46,13 +46,23 @@ from max.gpu.compute.mma import (
     wgmma_fence_aligned,
     wgmma_wait_group_sync,
 )
-from max.gpu.host import DeviceContext, FuncAttribute
+from max.gpu.host import DeviceBuffer, DeviceContext, FuncAttribute
 from max.gpu.host.info import H100
-from max.gpu.memory import AddressSpace, async_copy, async_copy_commit_group, async_copy_wait_group, external_memory
+from max.gpu.host.nvidia.tma import TMADescriptor, TensorMapSwizzle, create_tma_descriptor, prefetch_tma_descriptor
+from max.gpu.memory import (
+    AddressSpace,
+    async_copy,
+    async_copy_commit_group,
+    async_copy_wait_group,
+    cp_async_bulk_tensor_shared_cluster_global,
+    external_memory,
+)
+from max.gpu.sync import mbarrier_arrive_expect_tx_shared, mbarrier_init, mbarrier_try_wait_parity_shared
 from max.gpu.primitives.block import prefix_sum as block_prefix_sum
 from std.math import ceildiv, exp
 from std.memory import Pointer, stack_allocation
 from std.sys import inlined_assembly, size_of
+from std.utils import IndexList
 
 from .activation import DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT, clamped_swiglu_f32, is_gated
 
@@ -644,11 +654,19 @@ def _grouped_gemm[
 #   B [BK k][BN n] as it lies in memory (N contiguous, "MN-major"): BN/64
 #     blocks of 64 columns, each [64 k][128 bytes], chunk c of k row kr at
 #     c ^ (kr % 8) (SBO = 1024 between 8-row groups, LBO = one block).
-# cp.async fills them (the A rows are gathered, as above), so any row count
-# and K tail work without TMA descriptors. Every thread loads and every
-# warpgroup multiplies; one wgmma group stays in flight while the next
-# tiles load: at step kt the buffers of tiles kt+1 .. kt+STAGES-2 are
-# loading and tile kt-1 may still be in the tensor cores.
+# cp.async fills the A tile (the token rows are gathered, as above, so any
+# row count works); TMA fills the W tile: one thread issues BN/64 boxes of
+# [64 k][64 n] per stage, W seen as a 3D tensor (E, K, N) so that a box never
+# reads into the next expert and K tails and the up half's N edge are
+# zero-filled by the hardware (a gate box past n_out reads up columns, which
+# feed only output columns >= n_out, never stored), and completes on the
+# stage's mbarrier. Measured on an H100 against every thread loading W with
+# cp.async (results/checks/20261207-s22-kernels-H100.log, scripts/wgmma_tma_bench.mojo of commit 794bb35,
+# bit-identical outputs): Qwen3-30B-A3B gate/up at 16384 tokens 1.51 -> 1.30
+# ms, down 0.92 -> 0.81 ms, Mixtral gate/up 14.1 -> 11.2 ms (686 TFLOP/s),
+# down 6.67 -> 5.15 ms. Every warpgroup multiplies; one wgmma group stays in
+# flight while the next tiles load: at step kt the buffers of tiles kt+1 ..
+# kt+STAGES-2 are loading and tile kt-1 may still be in the tensor cores.
 
 
 comptime WG_BK = 64
@@ -674,6 +692,197 @@ def _wgmma_desc[dtype: DType](smem_address: Int, lbo: Int, sbo: Int) -> WGMMADes
     descriptor: shared address, LBO and SBO in 16-byte units, layout type 1)."""
     var d = ((Int64(smem_address) & 0x3FFFF) >> 4) | ((Int64(lbo) >> 4) << 16) | ((Int64(sbo) >> 4) << 32) | (Int64(1) << 62)
     return WGMMADescriptor[dtype](d)
+
+
+@__llvm_arg_metadata(w_desc, `nvvm.grid_constant`)
+def _grouped_gemm_wgmma_kernel[
+    dtype: DType,
+    BM: Int,
+    BN: Int,
+    STAGES: Int,
+    activation: StaticString,
+    gather: Bool,
+    has_bias: Bool,
+    alpha: Float32,
+    limit: Float32,
+    WGMMA_IN_FLIGHT: Int,
+](
+    w_desc: TMADescriptor,
+    c: Pointer[Scalar[dtype], MutAnyOrigin],
+    a: Pointer[Scalar[dtype], MutAnyOrigin],
+    row_ids: Pointer[Int32, MutAnyOrigin],
+    offsets: Pointer[Int32, MutAnyOrigin],
+    bias: Pointer[Scalar[dtype], MutAnyOrigin],
+    n_k: Int64,
+    n_lda: Int64,
+    n_ldc: Int64,
+    n_nw: Int64,
+    n_nout: Int64,
+    n_e: Int64,
+    n_mb: Int64,
+    n_nt: Int64,
+    n_slots: Int64,
+):
+    """The wgmma tile's kernel (see the section comment). A plain function,
+    not a closure: the W descriptor must reach TMA as a grid-constant kernel
+    parameter (its address is what the copies name)."""
+    comptime BK = WG_BK
+    comptime THREADS = BM * 2  # a warpgroup (128 threads) per 64 rows
+    comptime GATED = is_gated[activation]()
+    comptime BN_OUT = BN // 2 if GATED else BN
+    comptime NB = BN // 64  # 64-column blocks (TMA boxes) of the B tile
+    comptime A_STAGE = BM * BK
+    comptime B_STAGE = BK * BN
+    comptime A_CHUNKS = BM * (BK // 8) // THREADS
+    comptime ACC = BN // 2  # float32 accumulators per thread (m64 x BN / 128)
+    comptime NF = BN // 8  # n8 fragments
+    comptime assert WGMMA_IN_FLIGHT == 0 or WGMMA_IN_FLIGHT == 1, "0 or 1 wgmma groups in flight"
+    var tid = Int(thread_idx.x)
+    var lane = Int(lane_id())
+    var warp = Int(warp_id())
+    var wg = warp // 4
+    var E = Int(n_e)
+    var K = Int(n_k)
+    var S = Int(n_slots)
+
+    # One mbarrier per stage: the W boxes of a stage complete on it.
+    var w_ready = stack_allocation[STAGES, Int64, address_space=AddressSpace.SHARED, alignment=8]()
+    if tid == 0:
+        prefetch_tma_descriptor(Pointer(to=w_desc).unsafe_bitcast[NoneType]())
+        comptime for st in range(STAGES):
+            mbarrier_init(w_ready.unsafe_offset(st), Int32(1))
+    # (_block_tile's barriers make the initialised mbarriers visible to all.)
+    var tile = _block_tile[BM, THREADS, False](offsets, E, S, Int(n_mb), Int(n_nt))
+    if not tile.valid:
+        return
+    var e = tile.expert
+    var row0 = tile.row0
+    var rows_here = tile.rows
+    var col0 = tile.n_tile * BN_OUT
+    var N = Int(n_nw)
+    var NOUT = Int(n_nout)
+
+    var raw = external_memory[
+        Scalar[dtype], address_space=AddressSpace.SHARED, alignment=1024, name="pymoe_grouped_gemm_smem"
+    ]()
+    # wgmma's swizzle works on address bits: tiles start on 1024 bytes.
+    var smem = raw.unsafe_offset(((1024 - Int(raw) % 1024) % 1024) // 2)
+    var a_smem = smem
+    var b_smem = smem.unsafe_offset(STAGES * A_STAGE)
+
+    var a_src = Array[Int, A_CHUNKS](fill=0)
+    comptime for i in range(A_CHUNKS):
+        var q = tid + i * THREADS
+        var grouped_row = row0 + min(q // 8, rows_here - 1)
+        var src_row = grouped_row
+        comptime if gather:
+            src_row = Int(row_ids.unsafe_load(grouped_row))
+        a_src[i] = src_row * Int(n_lda) + (q % 8) * 8
+
+    var k_tiles = ceildiv(K, BK)
+    # WGMMA_IN_FLIGHT (0 or 1) wgmma groups stay in flight past a step, so
+    # the buffer a step refills is that of tile kt - 1 - WGMMA_IN_FLIGHT:
+    # one more tile loads ahead with 0, the tensor cores idle between
+    # steps; 1 overlaps them. Measured on an H100 (harness run 2), 0 is
+    # 1.2-1.3x slower (Qwen3 gate/up at 1024 rows 2.03 against 1.63 ms).
+    comptime LOOKAHEAD = STAGES - 1 - WGMMA_IN_FLIGHT
+    var acc = SIMD[DType.float32, ACC](0)
+    # Step s loads K tile s and multiplies K tile kt = s - LOOKAHEAD.
+    for step in range(k_tiles + LOOKAHEAD):
+        var kt = step - LOOKAHEAD
+        if kt >= 0:
+            # Tile kt has landed for every thread (its A by each thread's
+            # cp.async, its W on the mbarrier), and (each thread having waited
+            # for all but WGMMA_IN_FLIGHT wgmma groups) the buffer this step
+            # refills is free. cp.async writes through the generic proxy and
+            # wgmma reads through the async one: the proxy fence orders them.
+            async_copy_wait_group(Int32(LOOKAHEAD - 1))
+            mbarrier_try_wait_parity_shared(w_ready.unsafe_offset(kt % STAGES), Int32((kt // STAGES) & 1), Int32(10000000))
+            inlined_assembly["fence.proxy.async.shared::cta;", NoneType, constraints="~{memory}", has_side_effect=True]()
+            barrier()
+        if step < k_tiles:
+            var k0 = step * BK
+            var st = step % STAGES
+            var a_stage = a_smem.unsafe_offset(st * A_STAGE)
+            var b_stage = b_smem.unsafe_offset(st * B_STAGE)
+            comptime for i in range(A_CHUNKS):
+                var q = tid + i * THREADS
+                var r = q // 8
+                var ch = q % 8
+                var dst = a_stage.unsafe_offset((r * 8 + (ch ^ (r & 7))) * 8)
+                if k0 + ch * 8 < K:
+                    async_copy[16](a.unsafe_offset(a_src[i] + k0).unsafe_address_space_cast[AddressSpace.GLOBAL](), dst)
+                else:
+                    dst.unsafe_store[alignment=16](SIMD[dtype, 8](0))
+            if tid == 0:
+                mbarrier_arrive_expect_tx_shared(w_ready.unsafe_offset(st), Int32(B_STAGE * size_of[Scalar[dtype]]()))
+                comptime for blk in range(NB):
+                    var col: Int
+                    comptime if GATED:
+                        # Blocks [0, NB/2) hold gate columns, the rest the same up columns.
+                        col = (blk // (NB // 2)) * NOUT + col0 + (blk % (NB // 2)) * 64
+                    else:
+                        col = col0 + blk * 64
+                    cp_async_bulk_tensor_shared_cluster_global(
+                        b_stage.unsafe_offset(blk * (BK * 64)),
+                        Pointer(to=w_desc).unsafe_bitcast[NoneType](),
+                        w_ready.unsafe_offset(st),
+                        IndexList[3](col, k0, e),
+                    )
+        async_copy_commit_group()
+        if kt < 0:
+            continue
+        var a_addr = Int(a_smem.unsafe_offset((kt % STAGES) * A_STAGE + wg * 64 * BK))
+        var b_addr = Int(b_smem.unsafe_offset((kt % STAGES) * B_STAGE))
+        wgmma_fence_aligned()
+        comptime for kk in range(BK // 16):
+            # K step kk: 32 bytes into each A row; 16 k rows of 128 bytes into B.
+            var da = _wgmma_desc[dtype](a_addr + kk * 32, 16, 1024)
+            var db = _wgmma_desc[dtype](b_addr + kk * 16 * 128, BK * 128, 1024)
+            acc = wgmma_async[64, BN, 16, DType.float32, ACC, a_type=dtype, b_type=dtype, layout_b="row"](da, db, acc)
+        wgmma_commit_group_sync()
+        wgmma_wait_group_sync[WGMMA_IN_FLIGHT]()
+    wgmma_wait_group_sync[0]()
+    async_copy_wait_group(Int32(0))
+
+    # Epilogue. Fragment f (n8 block) of this thread: registers 4f..4f+3,
+    # rows lane/4 and lane/4 + 8 of the warp's 16, columns f*8 + (lane%4)*2 + {0,1}.
+    comptime OUT_FRAGS = NF // 2 if GATED else NF
+    var warp_row = wg * 64 + (warp % 4) * 16 + lane // 4
+    # The output tile goes through shared memory (the drained stage buffers),
+    # so that global stores are whole 16-byte chunks of a row instead of
+    # 4-byte pairs scattered over 8 rows: measured on an H100 (harness run
+    # 2), Qwen3-30B-A3B down 1.12 -> 0.97 ms, gate/up and Mixtral gate/up
+    # within 1.5%. Rows are padded by 8 elements, so the 8 rows of a
+    # fragment store fall in different banks.
+    comptime ROW = BN_OUT + 8
+    comptime assert BM * ROW * 2 <= STAGES * (A_STAGE + B_STAGE) * 2, "the output tile fits the stage buffers"
+    barrier()  # every warpgroup is past its last wgmma read of the buffers
+    comptime for f in range(OUT_FRAGS):
+        var lc = f * 8 + (lane % 4) * 2
+        if col0 + lc < NOUT:
+            comptime for half in range(2):
+                var r = warp_row + half * 8
+                if r < rows_here:
+                    var up = SIMD[DType.float32, 2](0)
+                    comptime if GATED:
+                        up = acc.slice[2, offset = (f + NF // 2) * 4 + half * 2]()
+                    smem.unsafe_store[alignment=4](
+                        r * ROW + lc,
+                        _epilogue_pair[activation, has_bias, alpha, limit, dtype, dtype](
+                            acc.slice[2, offset = f * 4 + half * 2](), up, bias, e * N + col0 + lc,
+                            e * N + NOUT + col0 + lc,
+                        ),
+                    )
+    barrier()
+    comptime CPR = BN_OUT // 8
+    for q in range(tid, BM * CPR, THREADS):
+        var r = q // CPR
+        var lc = (q % CPR) * 8
+        if r < rows_here and col0 + lc < NOUT:
+            c.unsafe_store[alignment=16](
+                (row0 + r) * Int(n_ldc) + col0 + lc, smem.unsafe_load[width=8, alignment=16](r * ROW + lc)
+            )
 
 
 def _grouped_gemm_wgmma[
@@ -703,194 +912,37 @@ def _grouped_gemm_wgmma[
     n_out: Int,
     bias: Pointer[Scalar[dtype], MutAnyOrigin],
 ) raises:
-    comptime BK = WG_BK
-    comptime THREADS = BM * 2  # a warpgroup (128 threads) per 64 rows
+    """Launches the wgmma tile over the expert groups (grouped_gemm_gpu's
+    arguments). W's TMA descriptor is built on the host for each call (a
+    host-side encode; W must be 16-byte aligned with n_w a multiple of 8, as
+    grouped_gemm_supported requires)."""
     comptime GATED = is_gated[activation]()
     comptime BN_OUT = BN // 2 if GATED else BN
-    comptime NB = BN // 64  # 64-column blocks of the B tile
-    comptime A_STAGE = BM * BK
-    comptime B_STAGE = BK * BN
-    comptime A_CHUNKS = BM * (BK // 8) // THREADS
-    comptime B_CPR = BN // 8
-    comptime B_CHUNKS = BK * B_CPR // THREADS
-    comptime ACC = BN // 2  # float32 accumulators per thread (m64 x BN / 128)
-    comptime NF = BN // 8  # n8 fragments
     comptime assert BN % 128 == 0 and BN <= 256, "BN: 128 or 256 (gate and up halves of 64-column blocks)"
     comptime assert BM == 64 or BM == 128, "BM: one or two warpgroups of 64 rows"
     comptime assert size_of[Scalar[dtype]]() == 2, "tensor-core path: 16-bit inputs"
-    comptime SMEM = STAGES * (A_STAGE + B_STAGE) * 2 + 1024  # + alignment slack
+    comptime SMEM = STAGES * (BM * WG_BK + WG_BK * BN) * 2 + 1024  # + alignment slack
 
     var m_bound = min(slots, (slots + experts * (BM - 1)) // BM)
     var n_tiles = ceildiv(n_out, BN_OUT)
     var grid = m_bound * n_tiles
     if grid == 0:
         return
-    var n_k = Int64(k_dim)
-    var n_lda = Int64(lda)
-    var n_ldc = Int64(ldc)
-    var n_nw = Int64(n_w)
-    var n_nout = Int64(n_out)
-    var n_e = Int64(experts)
-    var n_mb = Int64(m_bound)
-    var n_nt = Int64(n_tiles)
-    var n_slots = Int64(slots)
-
-    def kernel() {
-        var c, var a, var row_ids, var offsets, var w, var bias,
-        var n_k, var n_lda, var n_ldc, var n_nw, var n_nout, var n_e, var n_mb, var n_nt, var n_slots,
-    }:
-        var tid = Int(thread_idx.x)
-        var lane = Int(lane_id())
-        var warp = Int(warp_id())
-        var wg = warp // 4
-        var E = Int(n_e)
-        var K = Int(n_k)
-        var S = Int(n_slots)
-
-        var tile = _block_tile[BM, THREADS, False](offsets, E, S, Int(n_mb), Int(n_nt))
-        if not tile.valid:
-            return
-        var e = tile.expert
-        var row0 = tile.row0
-        var rows_here = tile.rows
-        var col0 = tile.n_tile * BN_OUT
-        var N = Int(n_nw)
-        var NOUT = Int(n_nout)
-        var w_e = w.unsafe_offset(e * K * N)
-
-        var raw = external_memory[
-            Scalar[dtype], address_space=AddressSpace.SHARED, alignment=1024, name="pymoe_grouped_gemm_smem"
-        ]()
-        # wgmma's swizzle works on address bits: tiles start on 1024 bytes.
-        var smem = raw.unsafe_offset(((1024 - Int(raw) % 1024) % 1024) // 2)
-        var a_smem = smem
-        var b_smem = smem.unsafe_offset(STAGES * A_STAGE)
-
-        var a_src = Array[Int, A_CHUNKS](fill=0)
-        comptime for i in range(A_CHUNKS):
-            var q = tid + i * THREADS
-            var grouped_row = row0 + min(q // 8, rows_here - 1)
-            var src_row = grouped_row
-            comptime if gather:
-                src_row = Int(row_ids.unsafe_load(grouped_row))
-            a_src[i] = src_row * Int(n_lda) + (q % 8) * 8
-
-        var k_tiles = ceildiv(K, BK)
-        # WGMMA_IN_FLIGHT (0 or 1) wgmma groups stay in flight past a step, so
-        # the buffer a step refills is that of tile kt - 1 - WGMMA_IN_FLIGHT:
-        # one more tile loads ahead with 0, the tensor cores idle between
-        # steps; 1 overlaps them. Measured on an H100 (harness run 2), 0 is
-        # 1.2-1.3x slower (Qwen3 gate/up at 1024 rows 2.03 against 1.63 ms).
-        comptime assert WGMMA_IN_FLIGHT == 0 or WGMMA_IN_FLIGHT == 1, "0 or 1 wgmma groups in flight"
-        comptime LOOKAHEAD = STAGES - 1 - WGMMA_IN_FLIGHT
-        var acc = SIMD[DType.float32, ACC](0)
-        # Step s loads K tile s and multiplies K tile kt = s - LOOKAHEAD.
-        for step in range(k_tiles + LOOKAHEAD):
-            var kt = step - LOOKAHEAD
-            if kt >= 0:
-                # Tile kt has landed for every thread, and (each thread having
-                # waited for all but WGMMA_IN_FLIGHT wgmma groups) the buffer
-                # this step refills is free. cp.async writes
-                # through the generic proxy and wgmma reads through the async
-                # one: the proxy fence orders them.
-                async_copy_wait_group(Int32(LOOKAHEAD - 1))
-                inlined_assembly["fence.proxy.async.shared::cta;", NoneType, constraints="~{memory}", has_side_effect=True]()
-                barrier()
-            if step < k_tiles:
-                var k0 = step * BK
-                var a_stage = a_smem.unsafe_offset((step % STAGES) * A_STAGE)
-                var b_stage = b_smem.unsafe_offset((step % STAGES) * B_STAGE)
-                comptime for i in range(A_CHUNKS):
-                    var q = tid + i * THREADS
-                    var r = q // 8
-                    var ch = q % 8
-                    var dst = a_stage.unsafe_offset((r * 8 + (ch ^ (r & 7))) * 8)
-                    if k0 + ch * 8 < K:
-                        async_copy[16](a.unsafe_offset(a_src[i] + k0).unsafe_address_space_cast[AddressSpace.GLOBAL](), dst)
-                    else:
-                        dst.unsafe_store[alignment=16](SIMD[dtype, 8](0))
-                comptime for i in range(B_CHUNKS):
-                    var q = tid + i * THREADS
-                    var kr = q // B_CPR
-                    var ch = q % B_CPR
-                    var blk = ch // 8
-                    var c8 = ch % 8
-                    var col: Int
-                    var ok: Bool
-                    comptime if GATED:
-                        # Blocks [0, NB/2) hold gate columns, the rest the same up columns.
-                        var out_col = col0 + (blk % (NB // 2)) * 64 + c8 * 8
-                        ok = out_col < NOUT
-                        col = (blk // (NB // 2)) * NOUT + out_col
-                    else:
-                        col = col0 + ch * 8
-                        ok = col < NOUT
-                    var dst = b_stage.unsafe_offset(blk * (BK * 64) + (kr * 8 + (c8 ^ (kr & 7))) * 8)
-                    if ok and k0 + kr < K:
-                        async_copy[16](
-                            w_e.unsafe_offset((k0 + kr) * N + col).unsafe_address_space_cast[AddressSpace.GLOBAL](), dst
-                        )
-                    else:
-                        dst.unsafe_store[alignment=16](SIMD[dtype, 8](0))
-            async_copy_commit_group()
-            if kt < 0:
-                continue
-            var a_addr = Int(a_smem.unsafe_offset((kt % STAGES) * A_STAGE + wg * 64 * BK))
-            var b_addr = Int(b_smem.unsafe_offset((kt % STAGES) * B_STAGE))
-            wgmma_fence_aligned()
-            comptime for kk in range(BK // 16):
-                # K step kk: 32 bytes into each A row; 16 k rows of 128 bytes into B.
-                var da = _wgmma_desc[dtype](a_addr + kk * 32, 16, 1024)
-                var db = _wgmma_desc[dtype](b_addr + kk * 16 * 128, BK * 128, 1024)
-                acc = wgmma_async[64, BN, 16, DType.float32, ACC, a_type=dtype, b_type=dtype, layout_b="row"](da, db, acc)
-            wgmma_commit_group_sync()
-            wgmma_wait_group_sync[WGMMA_IN_FLIGHT]()
-        wgmma_wait_group_sync[0]()
-        async_copy_wait_group(Int32(0))
-
-        # Epilogue. Fragment f (n8 block) of this thread: registers 4f..4f+3,
-        # rows lane/4 and lane/4 + 8 of the warp's 16, columns f*8 + (lane%4)*2 + {0,1}.
-        comptime OUT_FRAGS = NF // 2 if GATED else NF
-        var warp_row = wg * 64 + (warp % 4) * 16 + lane // 4
-        # The output tile goes through shared memory (the drained stage buffers),
-        # so that global stores are whole 16-byte chunks of a row instead of
-        # 4-byte pairs scattered over 8 rows: measured on an H100 (harness run
-        # 2), Qwen3-30B-A3B down 1.12 -> 0.97 ms, gate/up and Mixtral gate/up
-        # within 1.5%. Rows are padded by 8 elements, so the 8 rows of a
-        # fragment store fall in different banks.
-        comptime ROW = BN_OUT + 8
-        comptime assert BM * ROW * 2 <= STAGES * (A_STAGE + B_STAGE) * 2, "the output tile fits the stage buffers"
-        barrier()  # every warpgroup is past its last wgmma read of the buffers
-        comptime for f in range(OUT_FRAGS):
-            var lc = f * 8 + (lane % 4) * 2
-            if col0 + lc < NOUT:
-                comptime for half in range(2):
-                    var r = warp_row + half * 8
-                    if r < rows_here:
-                        var up = SIMD[DType.float32, 2](0)
-                        comptime if GATED:
-                            up = acc.slice[2, offset = (f + NF // 2) * 4 + half * 2]()
-                        smem.unsafe_store[alignment=4](
-                            r * ROW + lc,
-                            _epilogue_pair[activation, has_bias, alpha, limit, dtype, dtype](
-                                acc.slice[2, offset = f * 4 + half * 2](), up, bias, e * N + col0 + lc,
-                                e * N + NOUT + col0 + lc,
-                            ),
-                        )
-        barrier()
-        comptime CPR = BN_OUT // 8
-        for q in range(tid, BM * CPR, THREADS):
-            var r = q // CPR
-            var lc = (q % CPR) * 8
-            if r < rows_here and col0 + lc < NOUT:
-                c.unsafe_store[alignment=16](
-                    (row0 + r) * Int(n_ldc) + col0 + lc, smem.unsafe_load[width=8, alignment=16](r * ROW + lc)
-                )
-
-    ctx.enqueue_function(
-        kernel,
+    # W as (E, K, N), box [1][WG_BK][64] (128 bytes of N: the swizzle span).
+    var w_desc = create_tma_descriptor[dtype, 3, TensorMapSwizzle.SWIZZLE_128B](
+        DeviceBuffer[dtype](ctx, w, 1, owning=False),
+        IndexList[3](experts, k_dim, n_w),
+        IndexList[3](k_dim * n_w, n_w, 1),
+        IndexList[3](1, WG_BK, 64),
+    )
+    ctx.enqueue_function[
+        _grouped_gemm_wgmma_kernel[dtype, BM, BN, STAGES, activation, gather, has_bias, alpha, limit, WGMMA_IN_FLIGHT]
+    ](
+        w_desc, c, a, row_ids, offsets, bias,
+        Int64(k_dim), Int64(lda), Int64(ldc), Int64(n_w), Int64(n_out), Int64(experts), Int64(m_bound),
+        Int64(n_tiles), Int64(slots),
         grid_dim=grid,
-        block_dim=THREADS,
+        block_dim=BM * 2,
         shared_mem_bytes=SMEM,
         func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(SMEM)),
     )

@@ -56,9 +56,11 @@ comptime MAX_DISPATCH_BLOCKS = 512
 comptime SCAN_CHUNK = 16
 # Up to this many slots one block runs all three passes in one kernel (see
 # dispatch_gpu_one_block): below it the three kernels' launches cost more than
-# one block's rounds over the slots. Measured with
-# scripts/dispatch_kernel_check.mojo (HOW_TO_RUN).
-comptime ONE_BLOCK_DISPATCH_SLOTS = 4096
+# one block's rounds over the slots. Measured on an H100 with
+# scripts/dispatch_kernel_check.mojo (results/checks/20261207-s22-kernels-H100.log):
+# at 1024 slots (128 tokens, k 8) one block 14.0 us against three kernels'
+# 19.6, at 2048 slots 25.6 against 21.2.
+comptime ONE_BLOCK_DISPATCH_SLOTS = 1024
 
 
 def _scan_capped_counts(

@@ -937,12 +937,18 @@ struct MoEGate:
 # tiles give a router of E <= 128 columns one or two blocks, and one SM alone
 # reads the [d_model, E] router slowly (the decode profile's router kernel).
 # Here each of many blocks reads about ROUTER_GEMV_BLOCK_BYTES of the router's
-# rows, so the read spreads over the GPU.
-comptime ROUTER_GEMV_MAX_TOKENS = 16
+# rows, so the read spreads over the GPU. Measured on an H100
+# (results/checks/20261207-s22-kernels-H100.log, router_decode_bench): faster
+# than the GEMM up to 8 tokens (Qwen3-30B-A3B at 1 token 10.7 against 12.6 us,
+# GPT-OSS-20B 10.0 against 17.0, Qwen3-235B 10.7 against 21.4), slower from
+# 16 (Qwen3-30B-A3B 16.1 against 12.5 us), so one pass of 8 tokens is all it
+# does.
+comptime ROUTER_GEMV_MAX_TOKENS = 8
 comptime ROUTER_GEMV_BLOCK_BYTES = 16384
+# At least this many blocks (a small router, Mixtral's [4096, 8], would
+# otherwise get 4 blocks of 16 KB).
+comptime ROUTER_GEMV_MIN_SPLITS = 32
 comptime ROUTER_GEMV_MAX_SPLITS = 512
-# Tokens whose partial logits a thread keeps in registers in one pass.
-comptime ROUTER_GEMV_TOKENS_PER_PASS = 8
 # Router rows read per thread before the multiply-adds (loads in flight).
 comptime ROUTER_GEMV_UNROLL = 4
 
@@ -956,15 +962,15 @@ def router_gemv_gpu[dtype: DType](
     d_model: Int,
     experts: Int,
 ) raises:
-    """logits [T, E] (float32) = x [T, d_model] @ rw [d_model, E] for a few
-    tokens, in two kernels. The first splits d_model into ranges of rows, one
-    block each: the block stages its range of x in shared memory as float32,
-    each thread reads 16-byte vectors of one column group (VEC experts) of the
-    router rows, keeping the partial sums of up to
-    ROUTER_GEMV_TOKENS_PER_PASS tokens in registers, and the block adds its
-    threads' sums in shared memory into one partial row per token and range.
-    The second adds the ranges' partials in range order, so the logits do not
-    depend on scheduling (no atomics).
+    """logits [T, E] (float32) = x [T, d_model] @ rw [d_model, E] for at most
+    ROUTER_GEMV_MAX_TOKENS tokens, in two kernels. The first splits d_model
+    into ranges of rows, one block each: the block stages its range of x in
+    shared memory as float32; each thread reads 16-byte vectors of one column
+    group (VEC experts) of some router rows and keeps the partial sums of
+    every token in registers; the threads of a column group add their sums by
+    warp shuffles, then through shared memory, into one partial row per token
+    and range. The second adds the ranges' partials in range order, so the
+    logits do not depend on scheduling (no atomics).
 
     Parameters:
         dtype: A 16-bit dtype of x and the router.
@@ -974,72 +980,101 @@ def router_gemv_gpu[dtype: DType](
         logits: Logits [T, E].
         x: Tokens [T, d_model].
         rw: Router weights [d_model, E], 16-byte aligned.
-        tokens: T.
+        tokens: T, at most ROUTER_GEMV_MAX_TOKENS.
         d_model: d_model.
         experts: E, a multiple of 16 // size_of[dtype] (one vector), at most
             GPU_ROUTED_MAX_EXPERTS.
     """
     comptime VEC = 16 // size_of[Scalar[dtype]]()
-    comptime TPP = ROUTER_GEMV_TOKENS_PER_PASS
+    comptime TPP = ROUTER_GEMV_MAX_TOKENS
+    comptime WARPS = GPU_BLOCK // WARP_SIZE
     comptime MAX_ROWS = ROUTER_GEMV_BLOCK_BYTES // 16  # E >= VEC: a row is >= 16 bytes
+    comptime assert GPU_BLOCK % (GPU_ROUTED_MAX_EXPERTS // VEC) == 0, "a block holds a row of the widest router"
     if experts % VEC != 0 or experts > GPU_ROUTED_MAX_EXPERTS or Int(rw) % 16 != 0:
         raise Error("router_gemv_gpu: num_experts a multiple of one 16-byte vector, at most 512, an aligned router")
+    if tokens > TPP:
+        raise Error("router_gemv_gpu: at most ROUTER_GEMV_MAX_TOKENS tokens")
     if tokens == 0:
         return
     var rows_per_block = min(MAX_ROWS, max(1, ROUTER_GEMV_BLOCK_BYTES // (experts * size_of[Scalar[dtype]]())))
+    rows_per_block = min(rows_per_block, max(1, ceildiv(d_model, ROUTER_GEMV_MIN_SPLITS)))
     if ceildiv(d_model, rows_per_block) > ROUTER_GEMV_MAX_SPLITS:
         rows_per_block = ceildiv(d_model, ROUTER_GEMV_MAX_SPLITS)  # <= MAX_ROWS for any d_model < 8M
     var splits = ceildiv(d_model, rows_per_block)
+    # Column groups padded to a power of two, so that the threads of one group
+    # in a warp are lanes apart by multiples of it (shuffle partners).
+    var groups_p = 1
+    while groups_p < experts // VEC:
+        groups_p *= 2
     var partial = ctx.enqueue_create_buffer[DType.float32](splits * tokens * experts)
     var pp = Pointer[Float32, MutAnyOrigin](unsafe_from_address=Int(partial.unsafe_ptr()))
     var n_tok = Int64(tokens)
     var n_d = Int64(d_model)
     var n_e = Int64(experts)
     var n_r = Int64(rows_per_block)
+    var n_gp = Int64(groups_p)
 
-    def split_kernel() {var pp, var x, var rw, var n_tok, var n_d, var n_e, var n_r}:
+    def split_kernel() {var pp, var x, var rw, var n_tok, var n_d, var n_e, var n_r, var n_gp}:
         var tid = Int(thread_idx.x)
+        var lane = tid % WARP_SIZE
+        var warp = tid // WARP_SIZE
         var s = Int(block_idx.x)
         var t_count = Int(n_tok)
         var d = Int(n_d)
         var e_count = Int(n_e)
         var groups = e_count // VEC
-        var sweep = GPU_BLOCK // groups  # rows the block reads side by side
-        var g = tid % groups
-        var r0 = tid // groups
+        var gp = Int(n_gp)
+        var sweep = GPU_BLOCK // gp  # rows the block reads side by side
+        var g = tid % gp
+        var r0 = tid // gp
         var lo = s * Int(n_r)
         var hi = min(d, lo + Int(n_r))
         var xs = stack_allocation[TPP * MAX_ROWS, Float32, address_space=AddressSpace.SHARED]()
+        # One partial vector per (warp, or row of threads when gp >= a warp;
+        # column group): at most GPU_BLOCK of them.
         var red = stack_allocation[GPU_BLOCK * VEC, Float32, address_space=AddressSpace.SHARED]()
-        for t0 in range(0, t_count, TPP):
-            var nt = min(TPP, t_count - t0)
-            for i in range(tid, nt * (hi - lo), GPU_BLOCK):
-                var t = i // (hi - lo)
-                var r = i % (hi - lo)
-                xs.unsafe_store(t * MAX_ROWS + r, x.unsafe_load((t0 + t) * d + lo + r).cast[DType.float32]())
-            barrier()
-            var acc = Array[SIMD[DType.float32, VEC], TPP](fill=SIMD[DType.float32, VEC](0))
-            if r0 < sweep:
-                for r in range(lo + r0, hi, sweep * ROUTER_GEMV_UNROLL):
-                    var w = Array[SIMD[DType.float32, VEC], ROUTER_GEMV_UNROLL](fill=SIMD[DType.float32, VEC](0))
-                    comptime for u in range(ROUTER_GEMV_UNROLL):
-                        if r + u * sweep < hi:
-                            w[u] = rw.unsafe_load[width=VEC, alignment=16]((r + u * sweep) * e_count + g * VEC).cast[DType.float32]()
-                    comptime for u in range(ROUTER_GEMV_UNROLL):
+        for i in range(tid, t_count * (hi - lo), GPU_BLOCK):
+            var t = i // (hi - lo)
+            var r = i % (hi - lo)
+            xs.unsafe_store(t * MAX_ROWS + r, x.unsafe_load(t * d + lo + r).cast[DType.float32]())
+        barrier()
+        var acc = Array[SIMD[DType.float32, VEC], TPP](fill=SIMD[DType.float32, VEC](0))
+        if g < groups:
+            for r in range(lo + r0, hi, sweep * ROUTER_GEMV_UNROLL):
+                var w = Array[SIMD[DType.float32, VEC], ROUTER_GEMV_UNROLL](fill=SIMD[DType.float32, VEC](0))
+                var xv = Array[SIMD[DType.float32, TPP], ROUTER_GEMV_UNROLL](fill=SIMD[DType.float32, TPP](0))
+                comptime for u in range(ROUTER_GEMV_UNROLL):
+                    var row = r + u * sweep
+                    if row < hi:
+                        w[u] = rw.unsafe_load[width=VEC, alignment=16](row * e_count + g * VEC).cast[DType.float32]()
                         comptime for t in range(TPP):
-                            if t < nt:
-                                acc[t] += xs.unsafe_load(t * MAX_ROWS + r + u * sweep - lo) * w[u]
+                            if t < t_count:
+                                xv[u][t] = xs.unsafe_load(t * MAX_ROWS + row - lo)
+                comptime for u in range(ROUTER_GEMV_UNROLL):
+                    comptime for t in range(TPP):
+                        acc[t] += xv[u][t] * w[u]
+        # Threads of one column group within a warp: lanes g, g + gp, ...
+        # (when gp < WARP_SIZE); their sum ends in the lanes below gp.
+        var off = gp
+        while off < WARP_SIZE:
             comptime for t in range(TPP):
-                if t < nt:
-                    if r0 < sweep:
-                        red.unsafe_store[width=VEC](tid * VEC, acc[t])
-                    barrier()
-                    for e in range(tid, e_count, GPU_BLOCK):
-                        var sum: Float32 = 0
-                        for q in range(sweep):
-                            sum += red.unsafe_load((q * groups + e // VEC) * VEC + e % VEC)
-                        pp.unsafe_store((s * t_count + t0 + t) * e_count + e, sum)
-                    barrier()
+                comptime for j in range(VEC):
+                    acc[t][j] += shuffle_xor(acc[t][j], UInt32(off))
+            off *= 2
+        var slots = min(WARPS, sweep)  # partials per column group
+        var slot = warp if gp < WARP_SIZE else r0
+        var writer = lane < gp if gp < WARP_SIZE else True
+        comptime for t in range(TPP):
+            if writer:
+                red.unsafe_store[width=VEC]((slot * gp + g) * VEC, acc[t])
+            barrier()
+            if t < t_count:
+                for e in range(tid, e_count, GPU_BLOCK):
+                    var sum: Float32 = 0
+                    for q in range(slots):
+                        sum += red.unsafe_load((q * gp + e // VEC) * VEC + e % VEC)
+                    pp.unsafe_store((s * t_count + t) * e_count + e, sum)
+            barrier()
 
     var n_s = Int64(splits)
 
