@@ -125,20 +125,34 @@ comptime MID_MAX_ROWS_PER_EXPERT = 512
 # everywhere (Qwen3-30B-A3B: 1.6 / 5.1 ms against 5.8 / 10.2 ms at 4096 /
 # 16384 tokens). No shape between 32 and 512 rows per expert was measured, so
 # the threshold there is a guess. The files: docs/RESULTS.md, "The grouped GEMM".
-# With the Hopper (wgmma) tile, on an H100: Mixtral gate/up at 4096 rows per
-# expert runs at 569 TFLOP/s kernel-only, while the layer on this cuBLAS path
-# reaches 91% of the measured 706 TFLOP/s peak at 16384 tokens, so cuBLAS
-# stays there. GPT-OSS-20B (E=32) from 512 rows per expert also takes this
-# path; the wgmma tile against cuBLAS there is not yet measured.
-# pymoe/ops.py mirrors these two constants (cublas_is_faster there decides which
-# layers MoELayer.capture refuses, as this path syncs): change both together.
+# On Hopper the wgmma tile with TMA loads of W replaced this rule: measured on
+# an H100 side by side (scripts/cublas_crossover_bench.mojo, cuBLAS with its
+# gather and activation pass against grouped_gemm_gpu, the offsets given to
+# cuBLAS on the host so its sync is not counted;
+# results/checks/20261207-s22-cublas-crossover-H100.log), gate/up + down:
+# GPT-OSS-20B at 128 / 512 / 2048 rows per expert 0.93 / 1.64 / 5.68 ms with
+# cuBLAS against 0.71 / 1.64 / 5.49 ms; the E=8 presets small and medium
+# (relu, 4096 and 16384 rows per expert) 1.19 / 14.9 against 0.89 / 13.1 ms;
+# Mixtral at 4096 rows per expert 17.58 against 17.66 ms (a tie), but at 512
+# and 1024 rows per expert cuBLAS is 7% and 5% faster (2.41 / 4.57 against
+# 2.59 / 4.79 ms), the one place it still wins. There the layer keeps the
+# grouped GEMM anyway: cuBLAS per expert reads the offsets back (a stream
+# sync per layer call, and no device-graph capture). Other GPUs keep the rule
+# measured against the mma.sync tiles (above).
+# pymoe/ops.py mirrors these two constants and the Hopper exception
+# (cublas_is_faster there decides which layers MoELayer.capture refuses, as
+# this path syncs): change both together.
 comptime CUBLAS_MAX_EXPERTS = 32
 comptime CUBLAS_MIN_ROWS_PER_EXPERT = 512
 
 
-def cublas_is_faster(experts: Int, slots: Int) -> Bool:
-    """Whether cuBLAS per expert beats grouped_gemm_gpu for E experts and this
-    many routed rows (see CUBLAS_MAX_EXPERTS)."""
+def cublas_is_faster(ctx: DeviceContext, experts: Int, slots: Int) -> Bool:
+    """Whether cuBLAS per expert runs the expert GEMMs instead of
+    grouped_gemm_gpu for E experts and this many routed rows: never on Hopper,
+    elsewhere from CUBLAS_MAX_EXPERTS and CUBLAS_MIN_ROWS_PER_EXPERT (see
+    above)."""
+    comptime if ctx.default_device_info == H100:
+        return False
     return experts <= CUBLAS_MAX_EXPERTS and slots >= CUBLAS_MIN_ROWS_PER_EXPERT * experts
 
 

@@ -88,7 +88,7 @@ struct MoEExpertMatmul:
             zero_dropped_rows_gpu[dtype](ctx, c_ptr, m_rows, n_out, expert_offsets.unsafe_ptr().unsafe_offset(experts))
             var x_ptr = x.unsafe_ptr()
             var w_ptr0 = w.unsafe_ptr()
-            if not cublas_is_faster(experts, m_rows) and grouped_gemm_supported[dtype](
+            if not cublas_is_faster(ctx, experts, m_rows) and grouped_gemm_supported[dtype](
                 k_dim, n_out, k_dim, n_out, experts, c_ptr, x_ptr, w_ptr0
             ):
                 grouped_gemm_gpu[dtype, activation, gather, has_bias, swiglu_alpha, swiglu_limit](

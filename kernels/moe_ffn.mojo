@@ -116,7 +116,7 @@ struct MoEFFN:
             var w1_ptr = w1.unsafe_ptr()
             var w2_ptr = w2.unsafe_ptr()
             if (
-                not cublas_is_faster(experts, slots)
+                not cublas_is_faster(ctx, experts, slots)
                 and grouped_gemm_supported[dtype](d_model, d_ff, d_model, d_ff, experts, x_ptr, h, y, w1_ptr, w2_ptr)
                 and grouped_gemm_supported[dtype](d_ff, d_model, d_ff, d_model, experts)
             ):

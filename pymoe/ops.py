@@ -521,20 +521,39 @@ def grouped_gemm_takes(config: MoEConfig, dtype: str) -> bool:
 
 # Where the GPU's routed path leaves the grouped GEMM for cuBLAS per expert although the
 # grouped GEMM takes the layer: E <= CUBLAS_MAX_EXPERTS and >= CUBLAS_MIN_ROWS_PER_EXPERT
-# routed rows per expert. The same constants as kernels/gpu_grouped_gemm.mojo's (which says
-# where they were measured); change both together.
+# routed rows per expert, except on Hopper (sm_90), where the wgmma tile runs everywhere. The
+# same rule as kernels/gpu_grouped_gemm.mojo's (which says where it was measured); change
+# both together.
 CUBLAS_MAX_EXPERTS = 32
 CUBLAS_MIN_ROWS_PER_EXPERT = 512
 
 
-def cublas_is_faster(experts: int, slots: int) -> bool:
+def is_hopper(architecture: str) -> bool:
+    """Whether a MAX accelerator architecture name (gpu_architecture) is NVIDIA Hopper, where
+    MAX compiles the ops' wgmma tiles."""
+    return architecture.startswith("sm_90")
+
+
+def gpu_architecture() -> str:
+    """The architecture name of the first accelerator MAX sees ("sm_90a" on H100 and H200), or
+    "" on a machine without one."""
+    from max.driver import Accelerator, accelerator_count
+
+    return Accelerator().architecture_name if accelerator_count() > 0 else ""
+
+
+def cublas_is_faster(experts: int, slots: int, architecture: str) -> bool:
     """kernels/gpu_grouped_gemm.mojo's cublas_is_faster: whether the GPU expert GEMMs of E
-    experts on `slots` routed rows (T*k) run cuBLAS per expert instead of the grouped GEMM."""
+    experts on `slots` routed rows (T*k) run cuBLAS per expert instead of the grouped GEMM
+    on a GPU of this architecture."""
+    if is_hopper(architecture):
+        return False
     return experts <= CUBLAS_MAX_EXPERTS and slots >= CUBLAS_MIN_ROWS_PER_EXPERT * experts
 
 
 def gpu_capture_refusal(config: MoEConfig, dtype: str, tokens: int,
-                        every_expert_tokens: tuple[int, int] | None = None, pooled: bool = True) -> str | None:
+                        every_expert_tokens: tuple[int, int] | None = None, pooled: bool = True,
+                        architecture: str | None = None) -> str | None:
     """Why the GPU layer's graph on batches of `tokens` tokens cannot be captured as a device
     graph (MoELayer.capture), or None where it can: the one Python statement of which GPU
     paths of moe_ffn / moe_expert_matmul read back to the host (kernels/moe_ffn.mojo,
@@ -552,7 +571,8 @@ def gpu_capture_refusal(config: MoEConfig, dtype: str, tokens: int,
 
     The grouped GEMM's own condition on pointer alignment (16 bytes) holds for every buffer
     MAX allocates, so it is not asked here. Without the pool (pooled=False) the layer runs
-    moe_expert_matmul, which has the same routed rule and no every-expert path."""
+    moe_expert_matmul, which has the same routed rule and no every-expert path. `architecture`
+    is the GPU's (default: gpu_architecture(), the first accelerator MAX sees)."""
     lo, hi = every_expert_token_range(config, "gpu", dtype) if every_expert_tokens is None else every_expert_tokens
     if pooled and lo <= tokens <= hi:
         return (f"at {tokens} tokens the layer runs every expert on every token (its every-expert range is "
@@ -563,10 +583,13 @@ def gpu_capture_refusal(config: MoEConfig, dtype: str, tokens: int,
                 f"stream sync); the sync-free grouped GEMM takes 16-bit layers with widths that are multiples of 8 "
                 f"and at most {GROUPED_GEMM_MAX_EXPERTS} experts")
     slots = tokens * config.top_k
-    if cublas_is_faster(config.num_experts, slots):
+    if architecture is None:
+        architecture = gpu_architecture()
+    if cublas_is_faster(config.num_experts, slots, architecture):
         return (f"at {tokens} tokens ({slots} routed rows for {config.num_experts} experts, "
                 f"{CUBLAS_MIN_ROWS_PER_EXPERT} or more per expert on average) the expert GEMMs run cuBLAS per "
-                f"expert, faster there, which reads the expert offsets back to the host (a stream sync)")
+                f"expert on this {architecture} GPU (faster there than the grouped GEMM; Hopper never takes it), which "
+                f"reads the expert offsets back to the host (a stream sync)")
     return None
 
 

@@ -47,7 +47,7 @@ def test_the_grouped_gemm_layers_are_capture_safe_at_every_batch_size():
     for tokens in (1, 16, 130, 4096, 16384):
         assert mops.gpu_capture_refusal(QWEN_LIKE, "bfloat16", tokens) is None, tokens
     # Few large experts: the grouped GEMM below 512 routed rows per expert on average.
-    assert mops.gpu_capture_refusal(MIXTRAL_LIKE, "bfloat16", 2047) is None
+    assert mops.gpu_capture_refusal(MIXTRAL_LIKE, "bfloat16", 2047, architecture="sm_80") is None
 
 
 def test_the_paths_that_read_back_to_the_host_are_refused():
@@ -59,10 +59,21 @@ def test_the_paths_that_read_back_to_the_host_are_refused():
     assert "cuBLAS per expert" in refusal(dataclasses.replace(QWEN_LIKE, d_model=252), "bfloat16", 16)
     many = dataclasses.replace(QWEN_LIKE, num_experts=mops.GROUPED_GEMM_MAX_EXPERTS + 8)
     assert "cuBLAS per expert" in refusal(many, "bfloat16", 16)
-    # ... and the cells where it beats the grouped GEMM: 512 rows per expert on average.
-    assert "512 or more per expert" in refusal(MIXTRAL_LIKE, "bfloat16", 2048)
-    assert mops.cublas_is_faster(8, 4096) and not mops.cublas_is_faster(8, 4095)
-    assert not mops.cublas_is_faster(64, 10**6), "more than 32 experts always take the grouped GEMM"
+    # ... and the cells where it beats the grouped GEMM off Hopper: 512 rows per expert on average.
+    assert "512 or more per expert" in refusal(MIXTRAL_LIKE, "bfloat16", 2048, architecture="sm_80")
+    assert mops.cublas_is_faster(8, 4096, "sm_80") and not mops.cublas_is_faster(8, 4095, "sm_80")
+    assert not mops.cublas_is_faster(64, 10**6, "sm_80"), "more than 32 experts always take the grouped GEMM"
+
+
+def test_hopper_runs_the_grouped_gemm_at_every_batch_size():
+    """On Hopper the wgmma tile replaced cuBLAS per expert (kernels/gpu_grouped_gemm.mojo's
+    cublas_is_faster): few large experts with many rows each are capture-safe there."""
+    for architecture in ("sm_90a", "sm_90"):
+        assert not mops.cublas_is_faster(8, 10**6, architecture)
+        for tokens in (2048, 16384):
+            assert mops.gpu_capture_refusal(MIXTRAL_LIKE, "bfloat16", tokens, architecture=architecture) is None
+    # float32 still takes cuBLAS per expert there.
+    assert "cuBLAS per expert" in mops.gpu_capture_refusal(MIXTRAL_LIKE, "float32", 2, architecture="sm_90a")
 
 
 def test_the_every_expert_path_is_refused_where_the_layer_takes_it():
@@ -85,6 +96,9 @@ def test_the_python_rule_has_the_kernels_constants():
         return int(re.search(rf"^comptime {name} = (\d+)", source, re.M).group(1))
 
     assert constant("CUBLAS_MAX_EXPERTS") == mops.CUBLAS_MAX_EXPERTS
+    # ... and its Hopper exception (MAX's H100 device info is sm_90a, H100 and H200)
+    rule = source[source.index("def cublas_is_faster"):source.index("def _tensor_core_dtype")]
+    assert "comptime if ctx.default_device_info == H100:\n        return False" in rule
     assert constant("CUBLAS_MIN_ROWS_PER_EXPERT") == mops.CUBLAS_MIN_ROWS_PER_EXPERT
     assert constant("MAX_EXPERTS") == mops.GROUPED_GEMM_MAX_EXPERTS
 
