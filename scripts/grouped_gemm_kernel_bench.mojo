@@ -67,9 +67,13 @@ def bench_case[act: StaticString, BM: Int, BN: Int, ST: Int, IF: Int = 1](ctx: D
     ctx.synchronize()
     for i in range(tokens * K):
         h_a[i] = rng.next().cast[BF]()
+    # W: a table of 4099 random values repeated (filling Mixtral's 940M weights one by one is slow)
     var sc = Float32(1.0) / sqrt(Float32(K))
+    var table = List[Scalar[BF]](length=4099, fill=0)
+    for i in range(4099):
+        table[i] = (rng.next() * sc * 1.7).cast[BF]()
     for i in range(E * K * NW):
-        h_w[i] = (rng.next() * sc * 1.7).cast[BF]()
+        h_w[i] = table[i % 4099]
     var d_a = ctx.enqueue_create_buffer[BF](tokens * K)
     var d_w = ctx.enqueue_create_buffer[BF](E * K * NW)
     var d_off = ctx.enqueue_create_buffer[DType.int32](E + 1)
@@ -224,6 +228,19 @@ def main() raises:
     bench_case["swiglu", 128, 256, 4](ctx, "mixtral-up", 8, 4096, 28672, 16384, 2, True)
     bench_case["none", 128, 256, 4](ctx, "mixtral-down", 8, 14336, 4096, 16384, 2, True)
     bench_case["swiglu", 128, 256, 4](ctx, "qwen3-up", 128, 2048, 1536, 1024, 8, False)
+    # 32 and 64 rows per expert (Mixtral and Qwen3 at 128 / 256 and 512 / 1024 tokens), where the
+    # entry takes the 64 x 128 mma.sync tile: the wgmma tile with TMA loads, 64 and 128 rows
+    bench_case["swiglu", 64, 256, 4](ctx, "mixtral-up", 8, 4096, 28672, 128, 2, False)
+    bench_case["swiglu", 128, 256, 4](ctx, "mixtral-up", 8, 4096, 28672, 128, 2, False)
+    bench_case["none", 64, 256, 4](ctx, "mixtral-down", 8, 14336, 4096, 128, 2, False)
+    bench_case["none", 128, 256, 4](ctx, "mixtral-down", 8, 14336, 4096, 128, 2, False)
+    bench_case["swiglu", 64, 256, 4](ctx, "mixtral-up", 8, 4096, 28672, 256, 2, False)
+    bench_case["none", 64, 256, 4](ctx, "mixtral-down", 8, 14336, 4096, 256, 2, False)
+    bench_case["swiglu", 64, 256, 4](ctx, "qwen3-up", 128, 2048, 1536, 512, 8, False)
+    bench_case["none", 64, 256, 4](ctx, "qwen3-down", 128, 768, 2048, 512, 8, False)
+    bench_case["swiglu", 64, 256, 4](ctx, "qwen3-up", 128, 2048, 1536, 1024, 8, False)
+    bench_case["swiglu", 64, 256, 4](ctx, "gpt-oss-20b-up", 32, 2880, 5760, 256, 4, False)
+    bench_case["none", 64, 256, 4](ctx, "gpt-oss-20b-down", 32, 2880, 2880, 256, 4, False)
     # K and n_out not multiples of the tile: the K tail and the gate box past n_out
     bench_case["swiglu", 128, 256, 4](ctx, "qwen3-up-odd", 128, 2040, 1520, 9999, 8, True)
     bench_case["none", 128, 256, 4](ctx, "qwen3-down-odd", 128, 760, 2040, 9999, 8, True)
