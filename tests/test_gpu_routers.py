@@ -10,9 +10,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from conftest import FP32_TOL, rel_err, routing_near_ties
 from max.driver import Buffer, accelerator_count
-from max.graph import Graph
+from max.dtype import DType
+from max.graph import Graph, TensorType, ops
 from router_cases import (
     GPT_OSS,
     LLAMA4,
@@ -80,3 +82,34 @@ def test_gpu_gpt_oss_and_llama4_routers(gpu, routers_model, rng):
     ok = ~routing_near_ties(x, SimpleNamespace(router=w, router_bias=None, selection_bias=None), LLAMA4)
     np.testing.assert_array_equal(out_ids[ok], ids[ok])
     assert rel_err(out_w[ok], weights[ok]) < FP32_TOL
+
+
+# The router logits op at the presets' real router shapes (d_model x E): up to
+# ROUTER_GEMV_MAX_TOKENS (8) tokens the split-K GEMV, above it the tensor-core GEMM. In a
+# kernel-only bench every DeepSeek-V3-shaped GEMV output was NaN while the same shape alone
+# was right (docs/RESULTS.md, "Session 22 on the H100"): this checks it inside MAX.
+def _bf16(a):
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).bfloat16().float().numpy()
+
+
+ROUTER_SHAPES = {"qwen3-30b-a3b": (2048, 128), "gpt-oss-20b": (2880, 32), "mixtral-8x7b": (4096, 8),
+                 "deepseek-v3": (7168, 256), "qwen3-235b-a22b": (4096, 128)}
+
+
+@pytest.mark.parametrize("name", list(ROUTER_SHAPES))
+def test_gpu_router_logits_at_model_widths(gpu, rng, name):
+    d_model, experts = ROUTER_SHAPES[name]
+    _, ref, session = gpu
+    types = [TensorType(DType.float32, ["t", d_model], ref), TensorType(DType.float32, [d_model, experts], ref)]
+    with Graph(f"router_logits_{name}", input_types=types, custom_extensions=[mops.KERNELS_DIR]) as g:
+        x, w = (ops.cast(v.tensor, DType.bfloat16) for v in g.inputs)
+        g.output(mops.custom_op("pymoe_router_logits", [x, w],
+                                [TensorType(DType.float32, [x.shape[0], experts], ref)])[0])
+    model = session.load(g)
+    w = _bf16(rng.standard_normal((d_model, experts), dtype=np.float32) / np.sqrt(d_model))
+    for tokens in (1, 3, 8, 9, 24):
+        x = _bf16(rng.standard_normal((tokens, d_model), dtype=np.float32))
+        got = _run(gpu, model, x, w)[0]
+        want = x.astype(np.float64) @ w.astype(np.float64)
+        assert np.isfinite(got).all(), (name, tokens)
+        assert rel_err(got, want) < FP32_TOL, (name, tokens, rel_err(got, want))
