@@ -30,7 +30,7 @@
 #   cpu_blocking.mojo  the register tile and cache-block sizes;
 #   gpu_grouped_gemm.mojo  the GPU tensor-core grouped GEMM (no host sync);
 #   gpu_gemm.mojo      the GPU cuBLAS path (expert_matmul_gpu; float32, odd
-#                      widths, few large experts: cublas_is_faster).
+#                      widths, few large experts off Hopper: cublas_is_faster).
 
 import extensibility
 from extensibility import InputTensor, OutputTensor

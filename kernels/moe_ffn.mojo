@@ -18,7 +18,7 @@
 #
 # GPU routed path: the tensor-core grouped GEMM (gpu_grouped_gemm.mojo, no
 # host sync) for 16-bit inputs with widths that are multiples of 8, unless
-# cublas_is_faster; else cuBLAS per expert (gpu_gemm.mojo), which reads the
+# cublas_is_faster (never on Hopper); else cuBLAS per expert (gpu_gemm.mojo), which reads the
 # offsets back to the host first.
 #
 # Every-expert path (GPU, every_expert_min_tokens <= T <= every_expert_max_tokens,
@@ -136,9 +136,9 @@ struct MoEFFN:
                     topk_ids.unsafe_ptr(),
                 )
                 return
-            # float32, shapes the tensor-core kernel does not take, and few
-            # large experts with many rows each (cublas_is_faster): cuBLAS per
-            # expert, which needs the offsets on the host (a stream sync).
+            # float32, shapes the tensor-core kernel does not take, and (off
+            # Hopper) few large experts with many rows each (cublas_is_faster):
+            # cuBLAS per expert, which needs the offsets on the host (a stream sync).
             var offsets = expert_offsets_to_host(ctx, off_dev, experts)
             # y doubles as the buffer of gathered x rows: the second GEMM
             # overwrites it only after the first one has read it (one stream).
