@@ -751,6 +751,7 @@ def _grouped_gemm_wgmma_kernel[
     comptime ACC = BN // 2  # float32 accumulators per thread (m64 x BN / 128)
     comptime NF = BN // 8  # n8 fragments
     comptime assert WGMMA_IN_FLIGHT == 0 or WGMMA_IN_FLIGHT == 1, "0 or 1 wgmma groups in flight"
+    comptime assert STAGES - 1 - WGMMA_IN_FLIGHT >= 1, "at least one K tile loads ahead"
     var tid = Int(thread_idx.x)
     var lane = Int(lane_id())
     var warp = Int(warp_id())

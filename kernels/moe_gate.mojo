@@ -940,15 +940,19 @@ struct MoEGate:
 # rows, so the read spreads over the GPU. Measured on an H100
 # (results/checks/20261207-s22-kernels-H100.log, router_decode_bench): faster
 # than the GEMM up to 8 tokens (Qwen3-30B-A3B at 1 token 10.7 against 12.6 us,
-# GPT-OSS-20B 10.0 against 17.0, Qwen3-235B 10.7 against 21.4), slower from
-# 16 (Qwen3-30B-A3B 16.1 against 12.5 us), so one pass of 8 tokens is all it
-# does.
+# GPT-OSS-20B 10.0 against 17.0, Qwen3-235B 10.7 against 21.4), slower at 16
+# on three of five routers (Qwen3-30B-A3B 16.1 against 12.5 us), so one pass
+# of 8 tokens is all it does.
 comptime ROUTER_GEMV_MAX_TOKENS = 8
 comptime ROUTER_GEMV_BLOCK_BYTES = 16384
 # At least this many blocks (a small router, Mixtral's [4096, 8], would
 # otherwise get 4 blocks of 16 KB).
 comptime ROUTER_GEMV_MIN_SPLITS = 32
 comptime ROUTER_GEMV_MAX_SPLITS = 512
+# Rows of router a block stages at most (a row is >= 16 bytes), so the widest
+# d_model the GEMV takes; wider routers take the GEMM.
+comptime ROUTER_GEMV_MAX_ROWS = ROUTER_GEMV_BLOCK_BYTES // 16
+comptime ROUTER_GEMV_MAX_D_MODEL = ROUTER_GEMV_MAX_SPLITS * ROUTER_GEMV_MAX_ROWS
 # Router rows read per thread before the multiply-adds (loads in flight).
 comptime ROUTER_GEMV_UNROLL = 4
 
@@ -988,18 +992,18 @@ def router_gemv_gpu[dtype: DType](
     comptime VEC = 16 // size_of[Scalar[dtype]]()
     comptime TPP = ROUTER_GEMV_MAX_TOKENS
     comptime WARPS = GPU_BLOCK // WARP_SIZE
-    comptime MAX_ROWS = ROUTER_GEMV_BLOCK_BYTES // 16  # E >= VEC: a row is >= 16 bytes
+    comptime MAX_ROWS = ROUTER_GEMV_MAX_ROWS
     comptime assert GPU_BLOCK % (GPU_ROUTED_MAX_EXPERTS // VEC) == 0, "a block holds a row of the widest router"
     if experts % VEC != 0 or experts > GPU_ROUTED_MAX_EXPERTS or Int(rw) % 16 != 0:
         raise Error("router_gemv_gpu: num_experts a multiple of one 16-byte vector, at most 512, an aligned router")
-    if tokens > TPP:
-        raise Error("router_gemv_gpu: at most ROUTER_GEMV_MAX_TOKENS tokens")
+    if tokens > TPP or d_model > ROUTER_GEMV_MAX_D_MODEL:
+        raise Error("router_gemv_gpu: at most ROUTER_GEMV_MAX_TOKENS tokens and ROUTER_GEMV_MAX_D_MODEL rows")
     if tokens == 0:
         return
     var rows_per_block = min(MAX_ROWS, max(1, ROUTER_GEMV_BLOCK_BYTES // (experts * size_of[Scalar[dtype]]())))
     rows_per_block = min(rows_per_block, max(1, ceildiv(d_model, ROUTER_GEMV_MIN_SPLITS)))
     if ceildiv(d_model, rows_per_block) > ROUTER_GEMV_MAX_SPLITS:
-        rows_per_block = ceildiv(d_model, ROUTER_GEMV_MAX_SPLITS)  # <= MAX_ROWS for any d_model < 8M
+        rows_per_block = ceildiv(d_model, ROUTER_GEMV_MAX_SPLITS)  # <= MAX_ROWS: d_model <= ROUTER_GEMV_MAX_D_MODEL
     var splits = ceildiv(d_model, rows_per_block)
     # Column groups padded to a power of two, so that the threads of one group
     # in a warp are lanes apart by multiples of it (shuffle partners).
@@ -1104,7 +1108,7 @@ def router_logits_gpu[dtype: DType](
     """logits = x @ rw in float32: the split-K GEMV for a decode batch, else
     the tensor-core GEMM (dense_gemm_gpu). Needs grouped_gemm_supported(d_model,
     E, d_model, E, 1, x, rw) (16-bit, multiples of 8, aligned)."""
-    if tokens <= ROUTER_GEMV_MAX_TOKENS:
+    if tokens <= ROUTER_GEMV_MAX_TOKENS and d_model <= ROUTER_GEMV_MAX_D_MODEL:
         router_gemv_gpu[dtype](ctx, logits, x, rw, tokens, d_model, experts)
     else:
         dense_gemm_gpu[dtype, DType.float32](ctx, logits, x, rw, tokens, d_model, experts)

@@ -202,7 +202,7 @@ class MoELayer:
         Refused with a ValueError, before anything runs: `tokens` or `layers` not an int >= 1;
         off the GPU; and where the layer's kernels would read back to the host or are not
         known to be capture-safe (pymoe.ops.gpu_capture_refusal): float32 layers, widths that
-        are not multiples of 8, the cuBLAS-per-expert cells of few large experts, and the
+        are not multiples of 8, off Hopper the cuBLAS-per-expert cells of few large experts, and the
         every-expert path (strided-batched cuBLAS through MAX's handle, not yet checked under
         capture)."""
         from .ops import gpu_capture_refusal
