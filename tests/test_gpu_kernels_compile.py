@@ -4,8 +4,9 @@ MAX compiles an op's GPU code only when a graph loads on a GPU, so a kernel that
 instantiated for some dtype hides until then. Since the grouped GEMM landed, a float32 GPU
 graph with expert matmuls could not compile: grouped_gemm_gpu[float32] reached the
 tensor-core tiles' 16-bit assert (the likely cause of tests/test_gpu.py's errors on the H100
-on 2026-12-06 and -07; with the fix, its 12 tests that ran on an H100 in session 22 passed). This builds tests/gpu_kernels_compile.mojo, the
-grouped GEMM entries for float32 and bfloat16, for Hopper (sm_90a) and Ampere (sm_80).
+on 2026-12-06 and -07; with the fix, its 12 tests that ran on an H100 in session 22
+passed). This builds tests/gpu_kernels_compile.mojo, the grouped GEMM entries for float32 and
+bfloat16, for Hopper (sm_90a) and Ampere (sm_80).
 """
 
 import shutil
