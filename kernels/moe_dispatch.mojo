@@ -61,6 +61,14 @@ comptime SCAN_CHUNK = 16
 # at 1024 slots (128 tokens, k 8) one block 14.0 us against three kernels'
 # 19.6, at 2048 slots 25.6 against 21.2.
 comptime ONE_BLOCK_DISPATCH_SLOTS = 1024
+# Up to this many slots (decode up to 8 tokens of top-8) one block runs the
+# plain passes of dispatch_gpu_few_slots instead: each expert counts its slots
+# by scanning them all, each slot its rank by scanning the slots before it.
+# At 8 slots (one Qwen3 token) that took 2.3 us in session 20's layer profile
+# (results/checks/20261207-s20-profile-qwen3-H100.log), the one-block path
+# 5.1 us in session 22's (...-s22-profile-qwen3-H100.log). 64 is a guess:
+# scripts/dispatch_kernel_check.mojo times the two up to 256 slots.
+comptime FEW_DISPATCH_SLOTS = 64
 
 
 def _scan_capped_counts(
@@ -204,10 +212,71 @@ def dispatch_gpu(
     (see the top of this file)."""
     if experts > MAX_EXPERTS:
         raise Error("pymoe_moe_dispatch: the GPU takes at most 512 experts")
-    if slots <= ONE_BLOCK_DISPATCH_SLOTS:
+    if slots <= FEW_DISPATCH_SLOTS:
+        dispatch_gpu_few_slots(ctx, sorted_ptr, offsets, rows, ids, slots, k, experts, capacity)
+    elif slots <= ONE_BLOCK_DISPATCH_SLOTS:
         dispatch_gpu_one_block(ctx, sorted_ptr, offsets, rows, ids, slots, k, experts, capacity)
     else:
         dispatch_gpu_ranges(ctx, sorted_ptr, offsets, rows, ids, slots, k, experts, capacity)
+
+
+def dispatch_gpu_few_slots(
+    ctx: DeviceContext,
+    sorted_ptr: Pointer[Int32, MutAnyOrigin],
+    offsets: Pointer[Int32, MutAnyOrigin],
+    rows: Pointer[Int32, MutAnyOrigin],
+    ids: Pointer[Int32, MutAnyOrigin],
+    slots: Int,
+    k: Int,
+    experts: Int,
+    capacity: Int,
+) raises:
+    """The three passes in one kernel of one block for a few slots, without
+    shared-memory counters or warp ranks: a thread per expert counts that
+    expert's slots, the capped prefix sum, then a thread per slot counts the
+    slots of its expert before it (O(slots * (E + slots)) loads, all cached).
+    Same arguments and results as dispatch_gpu (E <= MAX_EXPERTS)."""
+    if experts == 0:
+        return
+    var n_slots = Int64(slots)
+    var n_k = Int64(k)
+    var n_e = Int64(experts)
+    var cap = Int64(capacity)
+
+    def few_slots_kernel() {var sorted_ptr, var offsets, var rows, var ids, var n_slots, var n_k, var n_e, var cap}:
+        # A barrier makes the block's global writes visible to the whole
+        # block, so the counts and offsets go from pass to pass in offsets.
+        var tid = Int(thread_idx.x)
+        var slots = Int(n_slots)
+        var e_count = Int(n_e)
+        for e in range(tid, e_count, GPU_BLOCK):
+            var c = Int32(0)
+            for s in range(slots):
+                if Int(ids.unsafe_load(s)) == e:
+                    c += 1
+            offsets.unsafe_store(e + 1, c)
+        barrier()
+        _scan_capped_counts(offsets, e_count, Int(cap), tid)
+        barrier()
+        # A slot's row: its expert's first row plus the slots of that expert
+        # before it (token order, as the other paths and the CPU's).
+        for s in range(tid, slots, GPU_BLOCK):
+            var id = Int(ids.unsafe_load(s))
+            var row = Int32(-1)
+            if id >= 0 and id < e_count:
+                var rank = 0
+                for q in range(s):
+                    if Int(ids.unsafe_load(q)) == id:
+                        rank += 1
+                var start = Int(offsets.unsafe_load(id))
+                if rank < Int(offsets.unsafe_load(id + 1)) - start:
+                    row = Int32(start + rank)
+                    sorted_ptr.unsafe_store(start + rank, Int32(s // Int(n_k)))
+            rows.unsafe_store(s, row)
+        for tail in range(Int(offsets.unsafe_load(e_count)) + tid, slots, GPU_BLOCK):
+            sorted_ptr.unsafe_store(tail, Int32(0))
+
+    ctx.enqueue_function(few_slots_kernel, grid_dim=1, block_dim=GPU_BLOCK)
 
 
 def dispatch_gpu_one_block(

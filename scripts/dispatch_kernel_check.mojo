@@ -1,9 +1,10 @@
 # Kernel-only check of the GPU dispatch (kernels/moe_dispatch.mojo) against a CPU counting sort,
 # both of its paths (one kernel of one block; three kernels over slot ranges) in every case where
-# they apply, and their times side by side, which set ONE_BLOCK_DISPATCH_SLOTS. Build:
+# they apply (and the few-slots kernel up to 256 slots), and their times side by side, which set
+# ONE_BLOCK_DISPATCH_SLOTS and FEW_DISPATCH_SLOTS. Build:
 #   mojo build -I . --target-accelerator=sm_90a scripts/dispatch_kernel_check.mojo
 # and run with Mojo's runtime libraries on LD_LIBRARY_PATH (as scripts/grouped_gemm_kernel_bench.mojo).
-from kernels.moe_dispatch import dispatch_gpu_one_block, dispatch_gpu_ranges
+from kernels.moe_dispatch import dispatch_gpu_few_slots, dispatch_gpu_one_block, dispatch_gpu_ranges
 from max.gpu.host import DeviceContext
 from std.memory import Pointer
 from std.time import perf_counter_ns
@@ -14,15 +15,19 @@ def P(addr: Int) -> Pointer[Int32, MutAnyOrigin]:
 def run_path(ctx: DeviceContext, path: Int, ps: Int, po: Int, pr: Int, pi: Int, slots: Int, k: Int, E: Int, capacity: Int) raises:
     if path == 0:
         dispatch_gpu_one_block(ctx, P(ps), P(po), P(pr), P(pi), slots, k, E, capacity)
+    elif path == 2:
+        dispatch_gpu_few_slots(ctx, P(ps), P(po), P(pr), P(pi), slots, k, E, capacity)
     else:
         dispatch_gpu_ranges(ctx, P(ps), P(po), P(pr), P(pi), slots, k, E, capacity)
 
 
 def check(ctx: DeviceContext, tokens: Int, k: Int, E: Int, capacity: Int, time_it: Bool = False) raises:
     var line = String("tokens ", tokens, " k ", k, " E ", E, " cap ", capacity)
-    for path in range(2):
+    for path in range(3):
         if path == 1 and tokens * k < E:
             continue  # the ranges path needs at least E slots
+        if path == 2 and tokens * k > 256:
+            continue  # the few-slots path: O(slots^2) ranks
         line += check_path(ctx, path, tokens, k, E, capacity, time_it)
     print(line)
 
@@ -81,7 +86,7 @@ def check_path(ctx: DeviceContext, path: Int, tokens: Int, k: Int, E: Int, capac
     for r in range(off[E], slots):
         if Int(h_sorted[r]) != 0:
             bad += 1
-    var line = String(" | ", "one-block" if path == 0 else "ranges", " mismatches ", bad)
+    var line = String(" | ", "one-block" if path == 0 else ("ranges" if path == 1 else "few-slots"), " mismatches ", bad)
     if time_it:
         var reps = 50
         for _ in range(3):
