@@ -160,7 +160,15 @@ def one_case[act: StaticString](ctx: DeviceContext, name: String, E: Int, K: Int
           "| cublas ms", mc, "(", t_cublas[0], "-", t_cublas[REPS - 1], ") TFLOP/s", flops / mc / 1e9,
           "| grouped ms", mg, "(", t_grouped[0], "-", t_grouped[REPS - 1], ") TFLOP/s", flops / mg / 1e9,
           "| grouped/cublas speed", mc / mg, "rel_diff", sqrt(num / max(den, 1e-30)), "nonfinite", bad)
-
+    # The kernels saw these only through addresses: keep them alive to the end.
+    _ = d_a^
+    _ = d_w^
+    _ = d_off^
+    _ = d_ids^
+    _ = d_c0^
+    _ = d_c1^
+    _ = d_gathered^
+    _ = d_wide^
 
 def main() raises:
     var ctx = DeviceContext()

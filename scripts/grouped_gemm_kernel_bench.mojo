@@ -143,6 +143,13 @@ def bench_case[act: StaticString, BM: Int, BN: Int, ST: Int, IF: Int = 1](ctx: D
     var mn = t_new[reps // 2]
     print(name, "BM", BM, "BN", BN, "ST", ST, "in_flight", IF, "tokens", tokens, "rel", rel, "nan", bad,
           "old_ms", mo, "new_ms", mn, "old_TF", flops / mo / 1e9, "new_TF", flops / mn / 1e9, "x", mo / mn)
+    # The kernels saw these only through addresses: keep them alive to the end.
+    _ = d_a^
+    _ = d_w^
+    _ = d_off^
+    _ = d_ids^
+    _ = d_c0^
+    _ = d_c1^
 
 def dispatch_check(ctx: DeviceContext, tokens: Int) raises:
     """The op's entry (grouped_gemm_gpu) against the mma.sync tile, qwen3 gate/up."""
@@ -214,7 +221,13 @@ def dispatch_check(ctx: DeviceContext, tokens: Int) raises:
         num += (x - y) * (x - y)
         den += x * x
     print("dispatch tokens", tokens, "rel", sqrt(num / max(den, 1e-30)))
-
+    # The kernels saw these only through addresses: keep them alive to the end.
+    _ = d_a^
+    _ = d_w^
+    _ = d_off^
+    _ = d_ids^
+    _ = d_c0^
+    _ = d_c1^
 
 def main() raises:
     var ctx = DeviceContext()

@@ -92,6 +92,13 @@ def router(ctx: DeviceContext, name: String, rows: Int, K: Int, E: Int) raises:
         line += String(" | ", "gemv" if gemv else "gemm", " us ", us, " (", times[0], "-", times[ROUNDS - 1], ") TB/s ",
                        Float64(K * E * 2) / us / 1e6, " rel_err ", err / max(ref_max, 1e-30), " bad ", bad)
     print(line)
+    # The kernels see these buffers only through addresses taken above: keep them alive to
+    # the end (Mojo frees a value after its last use). The harness of session 22's first runs
+    # did not, so the GEMV's per-call scratch could be allocated inside the freed router
+    # copies it was reading: the likely cause of its NaN at DeepSeek-V3's shape.
+    _ = d_a^
+    _ = d_w^
+    _ = d_c^
 
 
 def main() raises:
