@@ -154,7 +154,33 @@ def test_the_committed_figure_list_names_existing_result_files():
 
     results = Path(__file__).resolve().parents[1] / "results"
     figures = FigureList.read(results)
-    assert figures.exists and len(figures.files) == 18
+    assert figures.exists and len(figures.files) == 19
     for names in figures.files.values():
         for name in names:
             assert read_result(results / name)["schema"].startswith("pymoe.")
+
+
+def test_the_gpu_models_figure_draws_the_committed_stacked_runs(tmp_path):
+    """gpu_models_per_layer.png from the committed H100 runs (three presets, --stack --graph):
+    a panel per model; a file without a stack is skipped with a reason."""
+    import shutil
+    from pathlib import Path
+
+    committed = Path(__file__).resolve().parents[1] / "results"
+    names = ["bench/gpu/20261207T083632Z-bfloat16-qwen3-30b-a3b-stack8-graph.json",
+             "bench/gpu/20261207T083859Z-bfloat16-mixtral-8x7b-stack8-graph.json"]
+    results = tmp_path / "results"
+    for name in names:
+        (results / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(committed / name, results / name)
+    list_figures(results, names, ["gpu_models_per_layer.png"])
+    report = render_all(results)
+    assert [p.name for p in report.written] == ["gpu_models_per_layer.png"] and report.errors == []
+    # A single-call run (no --stack) gives the figure nothing to draw.
+    single = "bench/gpu/20261207T084032Z-bfloat16-small-graph.json"
+    (results / single).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(committed / single, results / single)
+    list_figures(results, [single], ["gpu_models_per_layer.png"])
+    report = render_all(results, tmp_path / "out")
+    assert report.written == []
+    assert any(name == "gpu_models_per_layer.png" and "--stack" in why for name, why in report.missing)

@@ -77,6 +77,7 @@ def render_kernels(figures: FigureList, out_dir: Path, report: Report) -> None:
             draw(runs, out_dir, report)
     _dashboard(figures, out_dir, report)
     _scaling(figures, out_dir, report)
+    _models_per_layer(figures, out_dir, report)
 
 
 def _panels(runs, height=5.4):
@@ -362,4 +363,59 @@ def _scaling(figures: FigureList, out_dir: Path, report: Report) -> None:
                  "weights, prefill by FLOPs", fontsize=10)
     files = {p: d for p, d in used}
     footer(fig, *[f"measured: {machine_label(d)}, {d['dtype']} | {provenance_line(p, d)}" for p, d in files.items()])
+    save(fig, out_dir, name, report)
+
+
+def _models_per_layer(figures: FigureList, out_dir: Path, report: Report) -> None:
+    """Per-layer time inside a model (the 8-layer stack, and the stack replayed as a device
+    graph) against tokens, pymoe beside torch._grouped_mm, with the layer's roofline floor: a
+    panel per model preset of the listed `pymoe bench --stack --graph` runs."""
+    name = "gpu_models_per_layer.png"
+    files = listed_files(figures, name, report, (BENCH,), "pymoe bench --device gpu --preset MODEL --impl pymoe "
+                         "--impl torch_grouped --stack --graph runs")
+    if files is None:
+        return
+    panels: dict[str, dict[int, tuple[dict, Path, dict]]] = {}
+    for path, data in files:
+        if not data.get("stack"):
+            continue
+        for run in data["runs"]:
+            panels.setdefault(run["preset"], {})[run["tokens"]] = (run, path, data)
+    panels = {p: runs for p, runs in panels.items() if len(runs) >= 2}
+    if not panels:
+        report.skip(name, "its files hold no stacked (--stack) run at two or more token counts")
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(11.0, 5.2 * len(panels)), 5.4), squeeze=False)
+    used = {}
+    for ax, (preset, runs) in zip(axes[0], panels.items()):
+        tokens = sorted(runs)
+        for impl in ("pymoe", "torch_grouped"):
+            label, color = IMPL_STYLE[impl]
+            for kind, style, what in (("stack", "-", "8-layer stack"), ("graph", "--", "stack as a device graph")):
+                pts = []
+                for t in tokens:
+                    row = _row(runs[t][0], impl)
+                    timed = (row or {}).get(kind) or {}
+                    if timed.get("status") == "ok" and timed.get("median_s"):
+                        pts.append((t, timed["median_s"] / timed["layers"] * 1e3))
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", linestyle=style, color=color, label=f"{label}, {what}")
+        floor = [(t, _row(runs[t][0], "pymoe")["floor_s"] * 1e3) for t in tokens if _row(runs[t][0], "pymoe")]
+        if floor:
+            ax.plot(*zip(*floor), color="black", linestyle=":", label="roofline floor of one layer")
+        config = runs[tokens[0]][0]["config"]
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(tokens, [str(t) for t in tokens])
+        log_y(ax)
+        ax.set_xlabel("tokens per layer call (markers: measured)")
+        ax.set_ylabel("ms per layer (median)")
+        ax.set_title(f"{preset}: E {config['num_experts']}, top-{config['top_k']}, d_model {config['d_model']}\n"
+                     f"{machine_label(runs[tokens[0]][2])}, {runs[tokens[0]][2]['dtype']}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6)
+        used.update({p: d for _, p, d in runs.values()})
+    fig.suptitle("Today's models' MoE layers on the GPU, per layer inside a model: pymoe against "
+                 "torch._grouped_mm, side by side in one run (a missing point: not measured, e.g. not capturable)",
+                 fontsize=10)
+    footer(fig, *[f"measured: {provenance_line(p, d)}" for p, d in used.items()])
     save(fig, out_dir, name, report)
