@@ -21,6 +21,7 @@ name in `pymoe/reference.py`.
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import NamedTuple
@@ -534,9 +535,10 @@ def is_hopper(architecture: str) -> bool:
     return architecture.startswith("sm_90")
 
 
+@functools.cache
 def gpu_architecture() -> str:
     """The architecture name of the first accelerator MAX sees ("sm_90a" on H100 and H200), or
-    "" on a machine without one."""
+    "" on a machine without one (asked once per process: it opens the device)."""
     from max.driver import Accelerator, accelerator_count
 
     return Accelerator().architecture_name if accelerator_count() > 0 else ""
