@@ -52,8 +52,6 @@ comptime MAX_EXPERTS = 512  # as the gate's and the grouped GEMM's limits
 # short (it reads each block's count of each expert once).
 comptime SLOTS_PER_BLOCK = 1024
 comptime MAX_DISPATCH_BLOCKS = 512
-# Blocks' counts of one expert the scan kernel loads at once (see scan_kernel).
-comptime SCAN_CHUNK = 16
 # Up to this many slots one block runs all three passes in one kernel (see
 # dispatch_gpu_one_block): below it the three kernels' launches cost more than
 # one block's rounds over the slots. Measured on an H100 with
@@ -207,9 +205,10 @@ def dispatch_gpu(
     experts: Int,
     capacity: Int,
 ) raises:
-    """The counting sort on the GPU: one kernel of one block up to
-    ONE_BLOCK_DISPATCH_SLOTS slots, else three kernels over slot ranges
-    (see the top of this file)."""
+    """The counting sort on the GPU: the few-slots scan up to
+    FEW_DISPATCH_SLOTS slots, one kernel of one block up to
+    ONE_BLOCK_DISPATCH_SLOTS, else three kernels over slot ranges (see the top
+    of this file)."""
     if experts > MAX_EXPERTS:
         raise Error("pymoe_moe_dispatch: the GPU takes at most 512 experts")
     if slots <= FEW_DISPATCH_SLOTS:
@@ -364,23 +363,17 @@ def dispatch_gpu_ranges(
         # One block: each expert's count in each block becomes the expert's
         # slots in the blocks before (in place), the totals go to
         # offsets[1..E], then the capped prefix sum makes them offsets.
-        # The loads of a chunk of SCAN_CHUNK blocks are issued before its
-        # stores: one load after another (each waiting for the store before
-        # it, which may alias) made this kernel a chain of nb memory latencies.
+        # (Loading 16 blocks' counts before storing their ranks, tried in
+        # session 22, did not make it faster in the layer's profile.)
         var tid = Int(thread_idx.x)
         var nb = Int(n_b)
-        var slots = Int(n_slots)
         for e in range(tid, Int(n_e), GPU_BLOCK):
             var running = Int32(0)
-            for b0 in range(0, nb, SCAN_CHUNK):
-                var c = SIMD[DType.int32, SCAN_CHUNK](0)
-                comptime for i in range(SCAN_CHUNK):
-                    if b0 + i < nb:
-                        c[i] = rows.unsafe_load(_range_start(b0 + i, slots, nb) + e)
-                comptime for i in range(SCAN_CHUNK):
-                    if b0 + i < nb:
-                        rows.unsafe_store(_range_start(b0 + i, slots, nb) + e, running)
-                        running += c[i]
+            for b in range(nb):
+                var at = _range_start(b, Int(n_slots), nb) + e
+                var c = rows.unsafe_load(at)
+                rows.unsafe_store(at, running)
+                running += c
             offsets.unsafe_store(e + 1, running)
         barrier()
         _scan_capped_counts(offsets, Int(n_e), Int(cap), tid)

@@ -1116,9 +1116,10 @@ def router_logits_gpu[dtype: DType](
 
 @extensibility.register("pymoe_router_logits")
 struct RouterLogits:
-    """x @ router_w in float32 on the GPU's tensor cores (16-bit inputs; a
-    grouped GEMM with one group), for pymoe_moe_gate's logits input. The CPU
-    gate computes its logits itself, so this op is GPU-only."""
+    """x @ router_w in float32 on the GPU (16-bit inputs; router_logits_gpu:
+    the split-K GEMV up to ROUTER_GEMV_MAX_TOKENS tokens, else the tensor-core
+    GEMM), for pymoe_moe_gate's logits input. The CPU gate computes its logits
+    itself, so this op is GPU-only."""
 
     @staticmethod
     def execute[
