@@ -458,10 +458,9 @@ def _enqueue_routed_tokens[
 
     def routed_kernel() {var w_out, var id_out, var counts, var pmean, var losses, var x, var rw, var rb, var sb, var lg, var n_tok, var n_d, var n_e, var vector}:
         var tid = Int(thread_idx.x)
+        # One block (a decode batch) writes the finished statistics itself
+        # below: no zeroing, atomics or re-reading of the sums.
         var one_block = Int(grid_dim.x) == 1
-        if one_block:
-            _zero_gate_stats(counts, pmean, losses, Int(n_e), tid)
-            barrier()
         var lane = tid % WARP_SIZE
         var warp = tid // WARP_SIZE
         var warps = Int(grid_dim.x) * WARPS_PER_BLOCK
@@ -617,23 +616,37 @@ def _enqueue_routed_tokens[
         if lane == 0:
             z_sh.unsafe_store(warp, z_acc)
         barrier()
+        # The same sums and means, in the same order, as the atomics into
+        # zeroed statistics and _finish_gate_stats would give (one block: one
+        # add per expert), so the results are bit-identical either way.
+        var t_count = Float32(max(Int(n_tok), 1))
+        var aux: Float32 = 0
         for e in range(tid, e_count, GPU_BLOCK):
             var p_sum: Float32 = 0
             var n_sum = Int32(0)
             for w in range(WARPS_PER_BLOCK):
                 p_sum += p_sh.unsafe_load(w * SLOTS * WARP_SIZE + e)
                 n_sum += n_sh.unsafe_load(w * SLOTS * WARP_SIZE + e)
-            _ = Atomic.fetch_add(pmean.unsafe_offset(e), p_sum)
-            if n_sum != 0:
-                _ = Atomic.fetch_add(counts.unsafe_offset(e), n_sum)
+            if one_block:
+                var mean_p = p_sum / t_count
+                pmean.unsafe_store(e, mean_p)
+                counts.unsafe_store(e, n_sum)
+                aux += (Float32(n_sum) / t_count) * mean_p
+            else:
+                _ = Atomic.fetch_add(pmean.unsafe_offset(e), p_sum)
+                if n_sum != 0:
+                    _ = Atomic.fetch_add(counts.unsafe_offset(e), n_sum)
+        var z_sum: Float32 = 0
         if tid == 0:
-            var z_sum: Float32 = 0
             for w in range(WARPS_PER_BLOCK):
                 z_sum += z_sh.unsafe_load(w)
-            _ = Atomic.fetch_add(losses.unsafe_offset(1), z_sum)
         if one_block:
-            barrier()
-            _finish_gate_stats(counts, pmean, losses, Int(n_tok), Int(n_e), tid)
+            var total = block_sum[block_size=GPU_BLOCK](aux)
+            if tid == 0:
+                losses.unsafe_store(0, Float32(e_count) * total)
+                losses.unsafe_store(1, z_sum / t_count)
+        elif tid == 0:
+            _ = Atomic.fetch_add(losses.unsafe_offset(1), z_sum)
 
     ctx.enqueue_function(routed_kernel, grid_dim=blocks, block_dim=GPU_BLOCK)
 
