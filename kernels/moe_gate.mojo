@@ -618,7 +618,9 @@ def _enqueue_routed_tokens[
         barrier()
         # The same sums and means, in the same order, as the atomics into
         # zeroed statistics and _finish_gate_stats would give (one block: one
-        # add per expert), so the results are bit-identical either way.
+        # add per expert), so the results are the same, except that a
+        # subnormal sum stays subnormal here where atom.add.f32 flushed it to
+        # zero (an expert's summed probability below about 1e-38).
         var t_count = Float32(max(Int(n_tok), 1))
         var aux: Float32 = 0
         for e in range(tid, e_count, GPU_BLOCK):
