@@ -246,6 +246,7 @@ def dispatch_gpu_few_slots(
     def few_slots_kernel() {var sorted_ptr, var offsets, var rows, var ids, var n_slots, var n_k, var n_e, var cap}:
         # A barrier makes the block's global writes visible to the whole
         # block, so the counts and offsets go from pass to pass in offsets.
+        pdl_begin()
         var tid = Int(thread_idx.x)
         var slots = Int(n_slots)
         var e_count = Int(n_e)
@@ -276,7 +277,7 @@ def dispatch_gpu_few_slots(
         for tail in range(Int(offsets.unsafe_load(e_count)) + tid, slots, GPU_BLOCK):
             sorted_ptr.unsafe_store(tail, Int32(0))
 
-    ctx.enqueue_function(few_slots_kernel, grid_dim=1, block_dim=GPU_BLOCK)
+    ctx.enqueue_function(few_slots_kernel, attributes=pdl_attributes(), grid_dim=1, block_dim=GPU_BLOCK)
 
 
 def dispatch_gpu_one_block(
