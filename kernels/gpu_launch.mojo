@@ -4,7 +4,7 @@
 # A decode layer is seven small kernels (router GEMV, gate, dispatch, two
 # grouped GEMMs, combine), each a few microseconds, so the time between one
 # kernel's end and the next one's start counts. Every kernel here is launched
-# with PDL_ATTRIBUTES and begins with pdl_begin(): it first waits until the
+# with pdl_attributes() and begins with pdl_begin(): it first waits until the
 # kernel before it on the stream has finished and its writes are visible
 # (griddepcontrol.wait), then lets the kernel after it be scheduled
 # (griddepcontrol.launch_dependents). That next kernel's blocks can then be
