@@ -54,6 +54,7 @@ from std.memory import Pointer
 from std.sys import size_of
 
 from .activation import DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT, clamped_swiglu_f32, is_gated
+from .gpu_launch import pdl_attributes, pdl_begin
 
 comptime GPU_BLOCK = 256
 
@@ -224,6 +225,7 @@ def _gather[dtype: DType, vw: Int](
     var n_w = Int64(width)
 
     def kernel() {var dst, var src, var ids, var n_total, var n_vecs, var n_w}:
+        pdl_begin()
         var i = Int(block_idx.x) * GPU_BLOCK + Int(thread_idx.x)
         if i >= Int(n_total):
             return
@@ -232,7 +234,7 @@ def _gather[dtype: DType, vw: Int](
         var s = Int(ids.unsafe_load(r))
         dst.unsafe_store[alignment=ALIGN](r * Int(n_w) + c, src.unsafe_load[width=vw, alignment=ALIGN](s * Int(n_w) + c))
 
-    ctx.enqueue_function(kernel, grid_dim=ceildiv(Int(n_total), GPU_BLOCK), block_dim=GPU_BLOCK)
+    ctx.enqueue_function(kernel, attributes=pdl_attributes(), grid_dim=ceildiv(Int(n_total), GPU_BLOCK), block_dim=GPU_BLOCK)
 
 
 struct ExpertBias[dtype: DType](ImplicitlyCopyable):
@@ -333,6 +335,7 @@ def _activation[dtype: DType, activation: StaticString, vw: Int, has_bias: Bool,
         var dst, var src, var n_total, var n_vecs, var n_ldd, var n_lds, var n_half,
         var bias_ptr, var offsets, var n_ldb, var n_experts, var n_rpe,
     }:
+        pdl_begin()
         var i = Int(block_idx.x) * GPU_BLOCK + Int(thread_idx.x)
         if i >= Int(n_total):
             return
@@ -373,7 +376,7 @@ def _activation[dtype: DType, activation: StaticString, vw: Int, has_bias: Bool,
             v = clamped_swiglu_f32[alpha, limit](v, up)
         dst.unsafe_store[alignment=ALIGN](r * Int(n_ldd) + c, v.cast[dtype]())
 
-    ctx.enqueue_function(kernel, grid_dim=ceildiv(Int(n_total), GPU_BLOCK), block_dim=GPU_BLOCK)
+    ctx.enqueue_function(kernel, attributes=pdl_attributes(), grid_dim=ceildiv(Int(n_total), GPU_BLOCK), block_dim=GPU_BLOCK)
 
 
 def expert_matmul_gpu[
@@ -441,8 +444,9 @@ def zero_dropped_rows_gpu[dtype: DType](
     var n_n = Int64(n_out)
 
     def kernel() {var c_ptr, var valid_ptr, var n_total, var n_n}:
+        pdl_begin()
         var i = Int(block_idx.x) * 256 + Int(thread_idx.x)
         if i < Int(n_total) and i // Int(n_n) >= Int(valid_ptr.unsafe_load(0)):
             c_ptr.unsafe_store(i, Scalar[dtype](0))
 
-    ctx.enqueue_function(kernel, grid_dim=ceildiv(total, 256), block_dim=256)
+    ctx.enqueue_function(kernel, attributes=pdl_attributes(), grid_dim=ceildiv(total, 256), block_dim=256)

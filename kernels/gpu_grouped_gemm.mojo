@@ -65,6 +65,7 @@ from std.sys import inlined_assembly, size_of
 from std.utils import IndexList
 
 from .activation import DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT, clamped_swiglu_f32, is_gated
+from .gpu_launch import pdl_attributes, pdl_begin
 
 comptime GROUP_M = 8
 comptime MAX_EXPERTS = 512  # the schedule lives in shared memory (pymoe's gate allows 512)
@@ -516,6 +517,7 @@ def _grouped_gemm[
         var c, var a, var row_ids, var offsets, var w, var bias,
         var n_k, var n_lda, var n_ldc, var n_nw, var n_nout, var n_e, var n_mb, var n_nt, var n_slots,
     }:
+        pdl_begin()
         var tid = Int(thread_idx.x)
         var lane = Int(lane_id())
         var warp = Int(warp_id())
@@ -650,6 +652,7 @@ def _grouped_gemm[
 
     ctx.enqueue_function(
         kernel,
+        attributes=pdl_attributes(),
         grid_dim=grid,
         block_dim=THREADS,
         shared_mem_bytes=smem_bytes,
@@ -752,6 +755,7 @@ def _grouped_gemm_wgmma_kernel[
     comptime NF = BN // 8  # n8 fragments
     comptime assert WGMMA_IN_FLIGHT == 0 or WGMMA_IN_FLIGHT == 1, "0 or 1 wgmma groups in flight"
     comptime assert STAGES - 1 - WGMMA_IN_FLIGHT >= 1, "at least one K tile loads ahead"
+    pdl_begin()
     var tid = Int(thread_idx.x)
     var lane = Int(lane_id())
     var warp = Int(warp_id())
@@ -956,6 +960,7 @@ def _grouped_gemm_wgmma[
         w_desc, c, a, row_ids, offsets, bias,
         Int64(k_dim), Int64(lda), Int64(ldc), Int64(n_w), Int64(n_out), Int64(experts), Int64(m_bound),
         Int64(n_tiles), Int64(slots),
+        attributes=pdl_attributes(),
         grid_dim=grid,
         block_dim=BM * 2,
         shared_mem_bytes=SMEM,

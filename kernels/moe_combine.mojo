@@ -25,6 +25,7 @@ from std.memory import Pointer
 from std.sys import simd_width_of, size_of
 
 from .gpu_gemm import aligned16
+from .gpu_launch import pdl_attributes, pdl_begin
 
 comptime TOKENS_PER_WORKER_MIN = 16
 comptime GPU_BLOCK = 256
@@ -74,6 +75,7 @@ def _combine_gpu[dtype: DType, vw: Int, every_expert: Bool](
     var n_cb = Int64(col_blocks)
 
     def kernel() {var dst, var src, var weights, var rows, var topk_ids, var n_d, var n_k, var n_t, var n_cb}:
+        pdl_begin()
         var t = Int(block_idx.x) // Int(n_cb)
         var c = ((Int(block_idx.x) % Int(n_cb)) * GPU_BLOCK + Int(thread_idx.x)) * vw
         var width = Int(n_d)
@@ -90,7 +92,7 @@ def _combine_gpu[dtype: DType, vw: Int, every_expert: Bool](
                 acc += weights.unsafe_load(slot) * src.unsafe_load[width=vw, alignment=ALIGN](row * width + c).cast[DType.float32]()
         dst.unsafe_store[alignment=ALIGN](t * width + c, acc.cast[dtype]())
 
-    ctx.enqueue_function(kernel, grid_dim=tokens * col_blocks, block_dim=GPU_BLOCK)
+    ctx.enqueue_function(kernel, attributes=pdl_attributes(), grid_dim=tokens * col_blocks, block_dim=GPU_BLOCK)
 
 
 def combine_cpu[dtype: DType](

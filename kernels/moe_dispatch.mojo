@@ -43,6 +43,7 @@ from max.gpu.primitives.warp import shuffle_idx
 from std.atomic import Atomic
 from std.math import ceildiv
 from std.memory import Pointer, stack_allocation
+from .gpu_launch import pdl_attributes, pdl_begin
 
 comptime GPU_BLOCK = 256
 comptime WARPS = GPU_BLOCK // WARP_SIZE
@@ -245,6 +246,7 @@ def dispatch_gpu_few_slots(
     def few_slots_kernel() {var sorted_ptr, var offsets, var rows, var ids, var n_slots, var n_k, var n_e, var cap}:
         # A barrier makes the block's global writes visible to the whole
         # block, so the counts and offsets go from pass to pass in offsets.
+        pdl_begin()
         var tid = Int(thread_idx.x)
         var slots = Int(n_slots)
         var e_count = Int(n_e)
@@ -275,7 +277,7 @@ def dispatch_gpu_few_slots(
         for tail in range(Int(offsets.unsafe_load(e_count)) + tid, slots, GPU_BLOCK):
             sorted_ptr.unsafe_store(tail, Int32(0))
 
-    ctx.enqueue_function(few_slots_kernel, grid_dim=1, block_dim=GPU_BLOCK)
+    ctx.enqueue_function(few_slots_kernel, attributes=pdl_attributes(), grid_dim=1, block_dim=GPU_BLOCK)
 
 
 def dispatch_gpu_one_block(
@@ -301,6 +303,7 @@ def dispatch_gpu_one_block(
     var cap = Int64(capacity)
 
     def one_block_kernel() {var sorted_ptr, var offsets, var rows, var ids, var n_slots, var n_k, var n_e, var cap}:
+        pdl_begin()
         var tid = Int(thread_idx.x)
         var slots = Int(n_slots)
         var e_count = Int(n_e)
@@ -316,7 +319,7 @@ def dispatch_gpu_one_block(
         for tail in range(Int(offsets.unsafe_load(e_count)) + tid, slots, GPU_BLOCK):
             sorted_ptr.unsafe_store(tail, Int32(0))
 
-    ctx.enqueue_function(one_block_kernel, grid_dim=1, block_dim=GPU_BLOCK)
+    ctx.enqueue_function(one_block_kernel, attributes=pdl_attributes(), grid_dim=1, block_dim=GPU_BLOCK)
 
 
 def dispatch_gpu_ranges(
@@ -349,6 +352,7 @@ def dispatch_gpu_ranges(
     var n_b = Int64(blocks)
 
     def histogram_kernel() {var rows, var ids, var n_slots, var n_e, var n_b}:
+        pdl_begin()
         # Block b counts its range's slots per expert into rows[lo + e].
         var b = Int(block_idx.x)
         var tid = Int(thread_idx.x)
@@ -360,6 +364,7 @@ def dispatch_gpu_ranges(
             rows.unsafe_store(lo + e, hist.unsafe_load(e))
 
     def scan_kernel() {var offsets, var rows, var n_slots, var n_e, var n_b, var cap}:
+        pdl_begin()
         # One block: each expert's count in each block becomes the expert's
         # slots in the blocks before (in place), the totals go to
         # offsets[1..E], then the capped prefix sum makes them offsets.
@@ -379,6 +384,7 @@ def dispatch_gpu_ranges(
         _scan_capped_counts(offsets, Int(n_e), Int(cap), tid)
 
     def place_kernel() {var sorted_ptr, var offsets, var rows, var ids, var n_slots, var n_k, var n_e, var n_b}:
+        pdl_begin()
         var b = Int(block_idx.x)
         var tid = Int(thread_idx.x)
         var e_count = Int(n_e)
@@ -394,9 +400,9 @@ def dispatch_gpu_ranges(
         for row in range(total + b * GPU_BLOCK + tid, slots, Int(n_b) * GPU_BLOCK):
             sorted_ptr.unsafe_store(row, Int32(0))
 
-    ctx.enqueue_function(histogram_kernel, grid_dim=blocks, block_dim=GPU_BLOCK)
-    ctx.enqueue_function(scan_kernel, grid_dim=1, block_dim=GPU_BLOCK)
-    ctx.enqueue_function(place_kernel, grid_dim=blocks, block_dim=GPU_BLOCK)
+    ctx.enqueue_function(histogram_kernel, attributes=pdl_attributes(), grid_dim=blocks, block_dim=GPU_BLOCK)
+    ctx.enqueue_function(scan_kernel, attributes=pdl_attributes(), grid_dim=1, block_dim=GPU_BLOCK)
+    ctx.enqueue_function(place_kernel, attributes=pdl_attributes(), grid_dim=blocks, block_dim=GPU_BLOCK)
 
 
 @extensibility.register("pymoe_moe_dispatch")

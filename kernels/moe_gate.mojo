@@ -60,6 +60,7 @@ from std.sys import simd_width_of, size_of
 
 from .gpu_gemm import aligned16
 from .gpu_grouped_gemm import dense_gemm_gpu, grouped_gemm_supported
+from .gpu_launch import pdl_attributes, pdl_begin
 
 comptime TOKENS_PER_WORKER_MIN = 64
 comptime GPU_BLOCK = 256
@@ -271,6 +272,7 @@ def gate_gpu[
     var vector = d_model % _gate_vec[dtype]() == 0 and experts % EG == 0 and aligned16[dtype](x, rw)
 
     def zero_stats() {var counts, var pmean, var losses, var n_e}:
+        pdl_begin()
         _zero_gate_stats(counts, pmean, losses, Int(n_e), Int(thread_idx.x))
 
     # One warp per token (grid-stride over tokens). Experts go in groups of
@@ -284,6 +286,7 @@ def gate_gpu[
     # tokens (lane j holds expert j) and then over the block, so those
     # atomics are per block instead of per token; later groups add per token.
     def token_kernel() {var w_out, var id_out, var counts, var pmean, var losses, var x, var rw, var rb, var n_tok, var n_d, var n_e, var vector}:
+        pdl_begin()
         var tid = Int(thread_idx.x)
         var one_block = Int(grid_dim.x) == 1
         if one_block:
@@ -385,6 +388,7 @@ def gate_gpu[
             _finish_gate_stats(counts, pmean, losses, Int(n_tok), Int(n_e), tid)
 
     def finish() {var counts, var pmean, var losses, var n_tok, var n_e}:
+        pdl_begin()
         _finish_gate_stats(counts, pmean, losses, Int(n_tok), Int(n_e), Int(thread_idx.x))
 
     var blocks = min(ceildiv(tokens, WARPS_PER_BLOCK), MAX_GATE_BLOCKS)
@@ -392,7 +396,7 @@ def gate_gpu[
     # inside its token kernel: two launches fewer (see _zero_gate_stats).
     var separate_stats = blocks != 1
     if separate_stats:
-        ctx.enqueue_function(zero_stats, grid_dim=1, block_dim=GPU_BLOCK)
+        ctx.enqueue_function(zero_stats, attributes=pdl_attributes(), grid_dim=1, block_dim=GPU_BLOCK)
     if tokens > 0:
         comptime if logits_given or sigmoid or has_selection_bias or n_group > 1:
             _enqueue_routed_tokens[
@@ -400,9 +404,9 @@ def gate_gpu[
                 scaling, logits_given, routed_slots,
             ](ctx, blocks, w_out, id_out, counts, pmean, losses, x, rw, rb, sb, lg, tokens, d_model, experts, vector)
         else:
-            ctx.enqueue_function(token_kernel, grid_dim=blocks, block_dim=GPU_BLOCK)
+            ctx.enqueue_function(token_kernel, attributes=pdl_attributes(), grid_dim=blocks, block_dim=GPU_BLOCK)
     if separate_stats:
-        ctx.enqueue_function(finish, grid_dim=1, block_dim=GPU_BLOCK)
+        ctx.enqueue_function(finish, attributes=pdl_attributes(), grid_dim=1, block_dim=GPU_BLOCK)
 
 
 def _enqueue_routed_tokens[
@@ -457,6 +461,7 @@ def _enqueue_routed_tokens[
     comptime LANE_GROUPS = WARP_SIZE // EG  # EG-groups per slot
 
     def routed_kernel() {var w_out, var id_out, var counts, var pmean, var losses, var x, var rw, var rb, var sb, var lg, var n_tok, var n_d, var n_e, var vector}:
+        pdl_begin()
         var tid = Int(thread_idx.x)
         # One block (a decode batch) writes the finished statistics itself
         # below: no zeroing, atomics or re-reading of the sums.
@@ -650,7 +655,7 @@ def _enqueue_routed_tokens[
         elif tid == 0:
             _ = Atomic.fetch_add(losses.unsafe_offset(1), z_sum)
 
-    ctx.enqueue_function(routed_kernel, grid_dim=blocks, block_dim=GPU_BLOCK)
+    ctx.enqueue_function(routed_kernel, attributes=pdl_attributes(), grid_dim=blocks, block_dim=GPU_BLOCK)
 
 
 @extensibility.register("pymoe_moe_gate")
@@ -1034,6 +1039,7 @@ def router_gemv_gpu[dtype: DType](
     var n_gp = Int64(groups_p)
 
     def split_kernel() {var pp, var x, var rw, var n_tok, var n_d, var n_e, var n_r, var n_gp}:
+        pdl_begin()
         var tid = Int(thread_idx.x)
         var lane = tid % WARP_SIZE
         var warp = tid // WARP_SIZE
@@ -1098,6 +1104,7 @@ def router_gemv_gpu[dtype: DType](
     var n_s = Int64(splits)
 
     def sum_kernel() {var logits, var pp, var n_tok, var n_e, var n_s}:
+        pdl_begin()
         var i = Int(block_idx.x) * GPU_BLOCK + Int(thread_idx.x)
         var n = Int(n_tok) * Int(n_e)
         if i < n:
@@ -1106,8 +1113,8 @@ def router_gemv_gpu[dtype: DType](
                 sum += pp.unsafe_load(s * n + i)
             logits.unsafe_store(i, sum)
 
-    ctx.enqueue_function(split_kernel, grid_dim=splits, block_dim=GPU_BLOCK)
-    ctx.enqueue_function(sum_kernel, grid_dim=ceildiv(tokens * experts, GPU_BLOCK), block_dim=GPU_BLOCK)
+    ctx.enqueue_function(split_kernel, attributes=pdl_attributes(), grid_dim=splits, block_dim=GPU_BLOCK)
+    ctx.enqueue_function(sum_kernel, attributes=pdl_attributes(), grid_dim=ceildiv(tokens * experts, GPU_BLOCK), block_dim=GPU_BLOCK)
     _ = partial^
 
 

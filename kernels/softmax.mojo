@@ -16,6 +16,7 @@ from std.algorithm import vectorize
 from std.math import ceildiv, exp
 from std.memory import Pointer
 from std.sys import simd_width_of
+from .gpu_launch import pdl_attributes, pdl_begin
 
 comptime GPU_BLOCK = 256
 
@@ -32,6 +33,7 @@ def softmax_gpu[dtype: DType](
     var n_cols = Int64(cols)
 
     def row_kernel() {var dst, var src, var n_rows, var n_cols}:
+        pdl_begin()
         var r = block_idx.x * block_dim.x + thread_idx.x
         if r >= Int(n_rows):
             return
@@ -48,7 +50,7 @@ def softmax_gpu[dtype: DType](
         for i in range(c):
             yr.unsafe_store(i, (exp(xr.unsafe_load(i).cast[DType.float32]() - m) * inv).cast[dtype]())
 
-    ctx.enqueue_function(row_kernel, grid_dim=ceildiv(rows, GPU_BLOCK), block_dim=GPU_BLOCK)
+    ctx.enqueue_function(row_kernel, attributes=pdl_attributes(), grid_dim=ceildiv(rows, GPU_BLOCK), block_dim=GPU_BLOCK)
 
 
 @extensibility.register("pymoe_softmax")
