@@ -103,6 +103,7 @@ def router(ctx: DeviceContext, name: String, rows: Int, K: Int, E: Int) raises:
     _ = d_a^
     _ = d_w^
     _ = d_c^
+    _ = d_s^
 
 
 def main() raises:
