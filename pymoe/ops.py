@@ -152,6 +152,18 @@ ROUTER_GEMV_MIN_SPLITS = 32
 ROUTER_GEMV_MAX_SPLITS = 512
 
 
+def router_logits(x: TensorValue, router_w: TensorValue) -> TensorValue:
+    """x [T, d_model] @ router_w [d_model, E] in float32 on the GPU (16-bit inputs, static
+    d_model and E multiples of 8): the router logits op, its second output the router GEMV's
+    scratch (its partial rows at decode), an output so that MAX's graph plans its memory
+    instead of the op allocating per call."""
+    d_model, experts = int(x.shape[1]), int(router_w.shape[1])
+    scratch = router_gemv_scratch_floats(d_model, experts, itemsize(dtype_name(x.dtype)))
+    return custom_op("pymoe_router_logits", [x, router_w],
+                     [TensorType(DType.float32, [x.shape[0], experts], x.device),
+                      TensorType(DType.float32, [scratch], x.device)])[0]
+
+
 def router_gemv_scratch_floats(d_model: int, experts: int, itemsize: int) -> int:
     """The float32 scratch of the GPU router logits op for a router [d_model, experts] of
     `itemsize`-byte elements: a partial row per block of router rows and token, for up to
@@ -242,11 +254,7 @@ def moe_gate(
     logits_given = (not dev.is_cpu() and experts <= GATE_GPU_ROUTED_MAX_EXPERTS and isinstance(d_model, StaticDim)
                     and tensor_core_gemm_takes(dtype_name(x.dtype), int(d_model), experts))
     if logits_given:
-        # The op's second output is the router GEMV's scratch (its partial rows at decode):
-        # an output, so MAX's graph plans its memory instead of the op allocating per call.
-        scratch = router_gemv_scratch_floats(int(d_model), experts, itemsize(dtype_name(x.dtype)))
-        logits = custom_op("pymoe_router_logits", [x, router_w],
-                           [TensorType(DType.float32, [t, experts], dev), TensorType(DType.float32, [scratch], dev)])[0]
+        logits = router_logits(x, router_w)
     else:
         logits = ops.constant(np.zeros((1, 1), dtype=np.float32), DType.float32, device=dev)
     outs = custom_op(
