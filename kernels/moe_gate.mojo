@@ -977,6 +977,23 @@ comptime ROUTER_GEMV_MAX_D_MODEL = ROUTER_GEMV_MAX_SPLITS * ROUTER_GEMV_MAX_ROWS
 comptime ROUTER_GEMV_UNROLL = 4
 
 
+def router_gemv_rows_per_block[dtype: DType](d_model: Int, experts: Int) -> Int:
+    """Router rows per block of router_gemv_gpu: about ROUTER_GEMV_BLOCK_BYTES,
+    at least ROUTER_GEMV_MIN_SPLITS blocks, at most ROUTER_GEMV_MAX_SPLITS.
+    pymoe.ops.router_gemv_scratch_floats mirrors this (a test compares them)."""
+    var rows = min(ROUTER_GEMV_MAX_ROWS, max(1, ROUTER_GEMV_BLOCK_BYTES // (experts * size_of[Scalar[dtype]]())))
+    rows = min(rows, max(1, ceildiv(d_model, ROUTER_GEMV_MIN_SPLITS)))
+    if ceildiv(d_model, rows) > ROUTER_GEMV_MAX_SPLITS:
+        rows = ceildiv(d_model, ROUTER_GEMV_MAX_SPLITS)  # <= MAX_ROWS: d_model <= ROUTER_GEMV_MAX_D_MODEL
+    return rows
+
+
+def router_gemv_scratch_floats[dtype: DType](d_model: Int, experts: Int) -> Int:
+    """The float32 scratch router_gemv_gpu needs: a partial row per block and
+    token, for up to ROUTER_GEMV_MAX_TOKENS tokens."""
+    return ceildiv(d_model, router_gemv_rows_per_block[dtype](d_model, experts)) * ROUTER_GEMV_MAX_TOKENS * experts
+
+
 def router_gemv_gpu[dtype: DType](
     ctx: DeviceContext,
     logits: Pointer[Float32, MutAnyOrigin],
@@ -985,6 +1002,8 @@ def router_gemv_gpu[dtype: DType](
     tokens: Int,
     d_model: Int,
     experts: Int,
+    scratch: Pointer[Float32, MutAnyOrigin],
+    scratch_floats: Int,
 ) raises:
     """logits [T, E] (float32) = x [T, d_model] @ rw [d_model, E] for at most
     ROUTER_GEMV_MAX_TOKENS tokens, in two kernels. The first splits d_model
@@ -1008,6 +1027,9 @@ def router_gemv_gpu[dtype: DType](
         d_model: d_model.
         experts: E, a multiple of 16 // size_of[dtype] (one vector), at most
             GPU_ROUTED_MAX_EXPERTS.
+        scratch: The blocks' partial rows, caller-owned (the op's second output,
+            planned by MAX's graph, so no buffer is allocated per call).
+        scratch_floats: Its size, at least router_gemv_scratch_floats.
     """
     comptime VEC = 16 // size_of[Scalar[dtype]]()
     comptime TPP = ROUTER_GEMV_MAX_TOKENS
@@ -1020,18 +1042,16 @@ def router_gemv_gpu[dtype: DType](
         raise Error("router_gemv_gpu: at most ROUTER_GEMV_MAX_TOKENS tokens and ROUTER_GEMV_MAX_D_MODEL rows")
     if tokens == 0:
         return
-    var rows_per_block = min(MAX_ROWS, max(1, ROUTER_GEMV_BLOCK_BYTES // (experts * size_of[Scalar[dtype]]())))
-    rows_per_block = min(rows_per_block, max(1, ceildiv(d_model, ROUTER_GEMV_MIN_SPLITS)))
-    if ceildiv(d_model, rows_per_block) > ROUTER_GEMV_MAX_SPLITS:
-        rows_per_block = ceildiv(d_model, ROUTER_GEMV_MAX_SPLITS)  # <= MAX_ROWS: d_model <= ROUTER_GEMV_MAX_D_MODEL
+    var rows_per_block = router_gemv_rows_per_block[dtype](d_model, experts)
     var splits = ceildiv(d_model, rows_per_block)
+    if scratch_floats < splits * tokens * experts:
+        raise Error("router_gemv_gpu: the scratch holds fewer floats than router_gemv_scratch_floats")
     # Column groups padded to a power of two, so that the threads of one group
     # in a warp are lanes apart by multiples of it (shuffle partners).
     var groups_p = 1
     while groups_p < experts // VEC:
         groups_p *= 2
-    var partial = ctx.enqueue_create_buffer[DType.float32](splits * tokens * experts)
-    var pp = Pointer[Float32, MutAnyOrigin](unsafe_from_address=Int(partial.unsafe_ptr()))
+    var pp = scratch
     var n_tok = Int64(tokens)
     var n_d = Int64(d_model)
     var n_e = Int64(experts)
@@ -1115,7 +1135,6 @@ def router_gemv_gpu[dtype: DType](
 
     ctx.enqueue_function(split_kernel, attributes=pdl_attributes(), grid_dim=splits, block_dim=GPU_BLOCK)
     ctx.enqueue_function(sum_kernel, attributes=pdl_attributes(), grid_dim=ceildiv(tokens * experts, GPU_BLOCK), block_dim=GPU_BLOCK)
-    _ = partial^
 
 
 def router_logits_gpu[dtype: DType](
@@ -1126,21 +1145,27 @@ def router_logits_gpu[dtype: DType](
     tokens: Int,
     d_model: Int,
     experts: Int,
+    scratch: Pointer[Float32, MutAnyOrigin],
+    scratch_floats: Int,
 ) raises:
-    """logits = x @ rw in float32: the split-K GEMV for a decode batch, else
-    the tensor-core GEMM (dense_gemm_gpu). Needs grouped_gemm_supported(d_model,
-    E, d_model, E, 1, x, rw) (16-bit, multiples of 8, aligned)."""
+    """logits = x @ rw in float32: the split-K GEMV for a decode batch (its
+    partials in `scratch`), else the tensor-core GEMM (dense_gemm_gpu). Needs
+    grouped_gemm_supported(d_model, E, d_model, E, 1, x, rw) (16-bit,
+    multiples of 8, aligned)."""
     if tokens <= ROUTER_GEMV_MAX_TOKENS and d_model <= ROUTER_GEMV_MAX_D_MODEL:
-        router_gemv_gpu[dtype](ctx, logits, x, rw, tokens, d_model, experts)
+        router_gemv_gpu[dtype](ctx, logits, x, rw, tokens, d_model, experts, scratch, scratch_floats)
     else:
         dense_gemm_gpu[dtype, DType.float32](ctx, logits, x, rw, tokens, d_model, experts)
 
 
 @extensibility.register("pymoe_router_logits")
 struct RouterLogits:
-    """x @ router_w in float32 on the GPU (16-bit inputs; router_logits_gpu:
-    the split-K GEMV up to ROUTER_GEMV_MAX_TOKENS tokens, else the tensor-core
-    GEMM), for pymoe_moe_gate's logits input. The CPU gate computes its logits
+    """x @ router_w in float32 on the GPU (16-bit inputs; the split-K GEMV up
+    to ROUTER_GEMV_MAX_TOKENS tokens, else a grouped GEMM with one group), for
+    pymoe_moe_gate's logits input. `scratch` (float32, at least
+    router_gemv_scratch_floats: pymoe.ops.router_gemv_scratch_floats) holds
+    the GEMV's partial rows; as an output of the op, MAX's graph plans it, so
+    the op allocates nothing per call. The CPU gate computes its logits
     itself, so this op is GPU-only."""
 
     @staticmethod
@@ -1148,6 +1173,7 @@ struct RouterLogits:
         target: StaticString,
     ](
         logits: OutputTensor[dtype=DType.float32, rank=2, ...],
+        scratch: OutputTensor[dtype=DType.float32, rank=1, ...],
         x: InputTensor[rank=2, ...],
         router_w: InputTensor[dtype=x.dtype, rank=2, ...],
         ctx: DeviceContext,
@@ -1160,6 +1186,8 @@ struct RouterLogits:
             var rw = router_w.unsafe_ptr()
             if not grouped_gemm_supported[x.dtype](d_model, experts, d_model, experts, 1, xp, rw):
                 raise Error("pymoe_router_logits: 16-bit x, d_model and num_experts multiples of 8")
-            router_logits_gpu[x.dtype](ctx, logits.unsafe_ptr(), xp, rw, tokens, d_model, experts)
+            router_logits_gpu[x.dtype](
+                ctx, logits.unsafe_ptr(), xp, rw, tokens, d_model, experts, scratch.unsafe_ptr(), scratch.dim_size(0)
+            )
         else:
             raise Error("pymoe_router_logits runs on the GPU only")

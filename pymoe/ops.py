@@ -31,7 +31,7 @@ from max.dtype import DType
 from max.graph import BufferValue, Dim, Graph, StaticDim, TensorType, TensorValue, ops
 
 from .config import ACTIVATIONS, GATED_ACTIVATIONS, MoEConfig
-from .dtypes import dtype_name
+from .dtypes import dtype_name, itemsize
 
 
 def find_kernels_dir(name: str = "kernels") -> Path:
@@ -143,6 +143,37 @@ class GateOutput(NamedTuple):
 # registers: at most this many experts (GPU_ROUTED_MAX_EXPERTS in kernels/moe_gate.mojo).
 GATE_GPU_ROUTED_MAX_EXPERTS = 512
 
+# kernels/moe_gate.mojo's router GEMV (decode batches of the GPU router logits op): the same
+# constants as there (a test compares them); router_gemv_scratch_floats mirrors its
+# router_gemv_scratch_floats.
+ROUTER_GEMV_MAX_TOKENS = 8
+ROUTER_GEMV_BLOCK_BYTES = 16384
+ROUTER_GEMV_MIN_SPLITS = 32
+ROUTER_GEMV_MAX_SPLITS = 512
+
+
+def router_logits(x: TensorValue, router_w: TensorValue) -> TensorValue:
+    """x [T, d_model] @ router_w [d_model, E] in float32 on the GPU (16-bit inputs, static
+    d_model and E multiples of 8): the router logits op, its second output the router GEMV's
+    scratch (its partial rows at decode), an output so that MAX's graph plans its memory
+    instead of the op allocating per call."""
+    d_model, experts = int(x.shape[1]), int(router_w.shape[1])
+    scratch = router_gemv_scratch_floats(d_model, experts, itemsize(dtype_name(x.dtype)))
+    return custom_op("pymoe_router_logits", [x, router_w],
+                     [TensorType(DType.float32, [x.shape[0], experts], x.device),
+                      TensorType(DType.float32, [scratch], x.device)])[0]
+
+
+def router_gemv_scratch_floats(d_model: int, experts: int, itemsize: int) -> int:
+    """The float32 scratch of the GPU router logits op for a router [d_model, experts] of
+    `itemsize`-byte elements: a partial row per block of router rows and token, for up to
+    ROUTER_GEMV_MAX_TOKENS tokens."""
+    rows = min(ROUTER_GEMV_BLOCK_BYTES // 16, max(1, ROUTER_GEMV_BLOCK_BYTES // (experts * itemsize)))
+    rows = min(rows, max(1, -(-d_model // ROUTER_GEMV_MIN_SPLITS)))
+    if -(-d_model // rows) > ROUTER_GEMV_MAX_SPLITS:
+        rows = -(-d_model // ROUTER_GEMV_MAX_SPLITS)
+    return -(-d_model // rows) * ROUTER_GEMV_MAX_TOKENS * experts
+
 
 def gate_routed_slots(experts: int) -> int:
     """Register slots per lane of that kernel for E experts: the fewest (a power of two)
@@ -223,7 +254,7 @@ def moe_gate(
     logits_given = (not dev.is_cpu() and experts <= GATE_GPU_ROUTED_MAX_EXPERTS and isinstance(d_model, StaticDim)
                     and tensor_core_gemm_takes(dtype_name(x.dtype), int(d_model), experts))
     if logits_given:
-        logits = custom_op("pymoe_router_logits", [x, router_w], [TensorType(DType.float32, [t, experts], dev)])[0]
+        logits = router_logits(x, router_w)
     else:
         logits = ops.constant(np.zeros((1, 1), dtype=np.float32), DType.float32, device=dev)
     outs = custom_op(

@@ -11,7 +11,7 @@
 # LD_LIBRARY_PATH (as for scripts/grouped_gemm_kernel_bench.mojo):
 #   mojo build -I . --target-accelerator=sm_90a -o router_decode_bench scripts/router_decode_bench.mojo
 from kernels.gpu_grouped_gemm import dense_gemm_gpu
-from kernels.moe_gate import ROUTER_GEMV_MAX_TOKENS, router_gemv_gpu
+from kernels.moe_gate import ROUTER_GEMV_MAX_TOKENS, router_gemv_gpu, router_gemv_scratch_floats
 from std.math import isfinite, nan
 from max.gpu.host import DeviceContext
 from std.memory import Pointer
@@ -26,9 +26,12 @@ def P[dt: DType](addr: Int) -> Pointer[Scalar[dt], MutAnyOrigin]:
     return Pointer[Scalar[dt], MutAnyOrigin](unsafe_from_address=addr)
 
 
-def call(ctx: DeviceContext, gemv: Bool, pc: Int, pa: Int, pw: Int, rows: Int, K: Int, E: Int) raises:
+def call(ctx: DeviceContext, gemv: Bool, pc: Int, pa: Int, pw: Int, rows: Int, K: Int, E: Int, ps: Int) raises:
     if gemv:
-        router_gemv_gpu[BF](ctx, P[DType.float32](pc), P[BF](pa), P[BF](pw), rows, K, E)
+        router_gemv_gpu[BF](
+            ctx, P[DType.float32](pc), P[BF](pa), P[BF](pw), rows, K, E, P[DType.float32](ps),
+            router_gemv_scratch_floats[BF](K, E),
+        )
     else:
         dense_gemm_gpu[BF, DType.float32](ctx, P[DType.float32](pc), P[BF](pa), P[BF](pw), rows, K, E)
 
@@ -55,6 +58,7 @@ def router(ctx: DeviceContext, name: String, rows: Int, K: Int, E: Int) raises:
     var d_a = ctx.enqueue_create_buffer[BF](rows * K)
     var d_w = ctx.enqueue_create_buffer[BF](COPIES * K * E)
     var d_c = ctx.enqueue_create_buffer[DType.float32](rows * E)
+    var d_s = ctx.enqueue_create_buffer[DType.float32](router_gemv_scratch_floats[BF](K, E))
     ctx.enqueue_copy(d_a, h_a)
     ctx.enqueue_copy(d_w, h_w)
     ctx.synchronize()
@@ -67,7 +71,7 @@ def router(ctx: DeviceContext, name: String, rows: Int, K: Int, E: Int) raises:
         for i in range(rows * E):
             h_c[i] = nan[DType.float32]()
         ctx.enqueue_copy(d_c, h_c)
-        call(ctx, gemv, pc, pa, pw0, rows, K, E)
+        call(ctx, gemv, pc, pa, pw0, rows, K, E, Int(d_s.unsafe_ptr()))
         ctx.enqueue_copy(h_c, d_c)
         ctx.synchronize()
         var err: Float64 = 0
@@ -83,7 +87,7 @@ def router(ctx: DeviceContext, name: String, rows: Int, K: Int, E: Int) raises:
         for round in range(ROUNDS + 1):
             var t0 = perf_counter_ns()
             for r in range(COPIES):
-                call(ctx, gemv, pc, pa, pw0 + r * K * E * 2, rows, K, E)
+                call(ctx, gemv, pc, pa, pw0 + r * K * E * 2, rows, K, E, Int(d_s.unsafe_ptr()))
             ctx.synchronize()
             if round > 0:
                 times.append(Float64(perf_counter_ns() - t0) / 1e3 / Float64(COPIES))
@@ -99,6 +103,7 @@ def router(ctx: DeviceContext, name: String, rows: Int, K: Int, E: Int) raises:
     _ = d_a^
     _ = d_w^
     _ = d_c^
+    _ = d_s^
 
 
 def main() raises:

@@ -3,6 +3,7 @@
 group-limited top-k, renormalization and scaling, in float32 and bfloat16. The variants
 are in tests/router_cases.py; each graph holds all of its variants and compiles once."""
 
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -230,3 +231,18 @@ def test_gpu_gate_keeps_the_fewest_register_slots_that_hold_the_experts(recorded
             x, w = (v.tensor for v in g.inputs)
             mops.moe_gate(x, w, top_k=2)
         assert recorded_ops[-1][2]["routed_slots"] == slots == mops.gate_routed_slots(experts)
+
+
+def test_the_router_gemv_scratch_mirrors_the_kernel():
+    """pymoe.ops.router_gemv_scratch_floats sizes the GPU router op's scratch output as
+    kernels/moe_gate.mojo's router_gemv_scratch_floats does (too small a scratch makes the op
+    raise at run time): the same constants, and the formula at the presets' router shapes."""
+    source = (mops.KERNELS_DIR / "moe_gate.mojo").read_text()
+    for name in ("ROUTER_GEMV_MAX_TOKENS", "ROUTER_GEMV_BLOCK_BYTES", "ROUTER_GEMV_MIN_SPLITS",
+                 "ROUTER_GEMV_MAX_SPLITS"):
+        assert int(re.search(rf"^comptime {name} = (\d+)", source, re.M).group(1)) == getattr(mops, name), name
+    # blocks of router rows: Qwen3-30B-A3B 32 (64 rows of 256 bytes), DeepSeek-V3 224 (32 of 512),
+    # Mixtral 32 (at least 32 blocks), and a wide router of 1024-row blocks.
+    for d_model, experts, blocks in [(2048, 128, 32), (7168, 256, 224), (4096, 8, 32), (2880, 32, 32),
+                                     (400000, 8, 391)]:
+        assert mops.router_gemv_scratch_floats(d_model, experts, 2) == blocks * 8 * experts, (d_model, experts)
