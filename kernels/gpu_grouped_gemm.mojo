@@ -244,7 +244,7 @@ def grouped_gemm_gpu[
         # for the device. (_is_sm_9x() would ask about the host code's own target.)
         comptime if ctx.default_device_info == H100:
             if rows_per_expert >= WGMMA_MIN_ROWS_PER_EXPERT:
-                _grouped_gemm_wgmma[dtype, 128, WG_BN, WG_STAGES, activation, gather, has_bias, alpha, limit](
+                _grouped_gemm_wgmma[dtype, 128, WG_BN, WG_STAGES, activation, gather, has_bias, alpha, limit, 1, not gather](
                     ctx, c, ldc, a, lda, k_dim, row_ids, offsets, experts, slots, w, n_w, n_out, bias
                 )
                 return
@@ -712,6 +712,7 @@ def _wgmma_desc[dtype: DType](smem_address: Int, lbo: Int, sbo: Int) -> WGMMADes
 
 
 @__llvm_arg_metadata(w_desc, `nvvm.grid_constant`)
+@__llvm_arg_metadata(a_desc, `nvvm.grid_constant`)
 def _grouped_gemm_wgmma_kernel[
     dtype: DType,
     BM: Int,
@@ -723,8 +724,10 @@ def _grouped_gemm_wgmma_kernel[
     alpha: Float32,
     limit: Float32,
     WGMMA_IN_FLIGHT: Int,
+    A_BY_TMA: Bool,
 ](
     w_desc: TMADescriptor,
+    a_desc: TMADescriptor,
     c: Pointer[Scalar[dtype], MutAnyOrigin],
     a: Pointer[Scalar[dtype], MutAnyOrigin],
     row_ids: Pointer[Int32, MutAnyOrigin],
@@ -741,8 +744,11 @@ def _grouped_gemm_wgmma_kernel[
     n_slots: Int64,
 ):
     """The wgmma tile's kernel (see the section comment). A plain function,
-    not a closure: the W descriptor must reach TMA as a grid-constant kernel
-    parameter (its address is what the copies name)."""
+    not a closure: the TMA descriptors must reach it as grid-constant kernel
+    parameters (their addresses are what the copies name). With A_BY_TMA the
+    A rows (not gathered: rows row0.. of a) come by TMA too, one [BM][64] box
+    per stage on the same mbarrier, and no thread issues cp.async; a_desc is
+    read only then."""
     comptime BK = WG_BK
     comptime THREADS = BM * 2  # a warpgroup (128 threads) per 64 rows
     comptime GATED = is_gated[activation]()
@@ -768,6 +774,8 @@ def _grouped_gemm_wgmma_kernel[
     var w_ready = stack_allocation[STAGES, Int64, address_space=AddressSpace.SHARED, alignment=8]()
     if tid == 0:
         prefetch_tma_descriptor(Pointer(to=w_desc).unsafe_bitcast[NoneType]())
+        comptime if A_BY_TMA:
+            prefetch_tma_descriptor(Pointer(to=a_desc).unsafe_bitcast[NoneType]())
         comptime for st in range(STAGES):
             mbarrier_init(w_ready.unsafe_offset(st), Int32(1))
     # (_block_tile's barriers make the initialised mbarriers visible to all.)
@@ -790,13 +798,14 @@ def _grouped_gemm_wgmma_kernel[
     var b_smem = smem.unsafe_offset(STAGES * A_STAGE)
 
     var a_src = Array[Int, A_CHUNKS](fill=0)
-    comptime for i in range(A_CHUNKS):
-        var q = tid + i * THREADS
-        var grouped_row = row0 + min(q // 8, rows_here - 1)
-        var src_row = grouped_row
-        comptime if gather:
-            src_row = Int(row_ids.unsafe_load(grouped_row))
-        a_src[i] = src_row * Int(n_lda) + (q % 8) * 8
+    comptime if not A_BY_TMA:
+        comptime for i in range(A_CHUNKS):
+            var q = tid + i * THREADS
+            var grouped_row = row0 + min(q // 8, rows_here - 1)
+            var src_row = grouped_row
+            comptime if gather:
+                src_row = Int(row_ids.unsafe_load(grouped_row))
+            a_src[i] = src_row * Int(n_lda) + (q % 8) * 8
 
     var k_tiles = ceildiv(K, BK)
     # WGMMA_IN_FLIGHT (0 or 1) wgmma groups stay in flight past a step, so
@@ -824,17 +833,26 @@ def _grouped_gemm_wgmma_kernel[
             var st = step % STAGES
             var a_stage = a_smem.unsafe_offset(st * A_STAGE)
             var b_stage = b_smem.unsafe_offset(st * B_STAGE)
-            comptime for i in range(A_CHUNKS):
-                var q = tid + i * THREADS
-                var r = q // 8
-                var ch = q % 8
-                var dst = a_stage.unsafe_offset((r * 8 + (ch ^ (r & 7))) * 8)
-                if k0 + ch * 8 < K:
-                    async_copy[16](a.unsafe_offset(a_src[i] + k0).unsafe_address_space_cast[AddressSpace.GLOBAL](), dst)
-                else:
-                    dst.unsafe_store[alignment=16](SIMD[dtype, 8](0))
+            comptime if not A_BY_TMA:
+                comptime for i in range(A_CHUNKS):
+                    var q = tid + i * THREADS
+                    var r = q // 8
+                    var ch = q % 8
+                    var dst = a_stage.unsafe_offset((r * 8 + (ch ^ (r & 7))) * 8)
+                    if k0 + ch * 8 < K:
+                        async_copy[16](a.unsafe_offset(a_src[i] + k0).unsafe_address_space_cast[AddressSpace.GLOBAL](), dst)
+                    else:
+                        dst.unsafe_store[alignment=16](SIMD[dtype, 8](0))
             if tid == 0:
-                mbarrier_arrive_expect_tx_shared(w_ready.unsafe_offset(st), Int32(B_STAGE * size_of[Scalar[dtype]]()))
+                comptime TX_BYTES = (B_STAGE + (A_STAGE if A_BY_TMA else 0)) * size_of[Scalar[dtype]]()
+                mbarrier_arrive_expect_tx_shared(w_ready.unsafe_offset(st), Int32(TX_BYTES))
+                comptime if A_BY_TMA:
+                    # Rows past the tensor (and the K tail) are zero-filled; rows of the
+                    # next expert feed output rows >= rows_here, never stored.
+                    cp_async_bulk_tensor_shared_cluster_global(
+                        a_stage, Pointer(to=a_desc).unsafe_bitcast[NoneType](), w_ready.unsafe_offset(st),
+                        IndexList[2](k0, row0),
+                    )
                 comptime for blk in range(NB):
                     var col: Int
                     comptime if GATED:
@@ -915,6 +933,7 @@ def _grouped_gemm_wgmma[
     alpha: Float32,
     limit: Float32,
     WGMMA_IN_FLIGHT: Int = 1,
+    A_BY_TMA: Bool = False,
 ](
     ctx: DeviceContext,
     c: Pointer[Scalar[dtype], MutAnyOrigin],
@@ -940,6 +959,7 @@ def _grouped_gemm_wgmma[
     comptime assert BN % 128 == 0 and BN <= 256, "BN: 128 or 256 (gate and up halves of 64-column blocks)"
     comptime assert BM == 64 or BM == 128, "BM: one or two warpgroups of 64 rows"
     comptime assert size_of[Scalar[dtype]]() == 2, "tensor-core path: 16-bit inputs"
+    comptime assert not (A_BY_TMA and gather), "gathered A rows come by cp.async (Hopper's TMA has no row gather)"
     comptime SMEM = STAGES * (BM * WG_BK + WG_BK * BN) * 2 + 1024  # + alignment slack
 
     var m_bound = min(slots, (slots + experts * (BM - 1)) // BM)
@@ -954,10 +974,22 @@ def _grouped_gemm_wgmma[
         IndexList[3](k_dim * n_w, n_w, 1),
         IndexList[3](1, WG_BK, 64),
     )
+    # A as (slots, K) with row stride lda, box [BM][64]; without A_BY_TMA the
+    # kernel never reads it (W's descriptor stands in).
+    var a_desc = w_desc
+    comptime if A_BY_TMA:
+        a_desc = create_tma_descriptor[dtype, 2, TensorMapSwizzle.SWIZZLE_128B](
+            DeviceBuffer[dtype](ctx, a, 1, owning=False),
+            IndexList[2](slots, k_dim),
+            IndexList[2](lda, 1),
+            IndexList[2](BM, WG_BK),
+        )
     ctx.enqueue_function[
-        _grouped_gemm_wgmma_kernel[dtype, BM, BN, STAGES, activation, gather, has_bias, alpha, limit, WGMMA_IN_FLIGHT]
+        _grouped_gemm_wgmma_kernel[
+            dtype, BM, BN, STAGES, activation, gather, has_bias, alpha, limit, WGMMA_IN_FLIGHT, A_BY_TMA
+        ]
     ](
-        w_desc, c, a, row_ids, offsets, bias,
+        w_desc, a_desc, c, a, row_ids, offsets, bias,
         Int64(k_dim), Int64(lda), Int64(ldc), Int64(n_w), Int64(n_out), Int64(experts), Int64(m_bound),
         Int64(n_tiles), Int64(slots),
         attributes=pdl_attributes(),

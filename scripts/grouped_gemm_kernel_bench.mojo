@@ -28,7 +28,9 @@ struct Rng:
         self.s = self.s * 6364136223846793005 + 1442695040888963407
         return Int((self.s >> 33) % UInt64(n))
 
-def bench_case[act: StaticString, BM: Int, BN: Int, ST: Int, IF: Int = 1](ctx: DeviceContext, name: String, E: Int, K: Int, NW: Int, tokens: Int, topk: Int, old_prefill: Bool) raises:
+def bench_case[act: StaticString, BM: Int, BN: Int, ST: Int, IF: Int = 1, GATHER: Bool = True, A_TMA: Bool = False](ctx: DeviceContext, name: String, E: Int, K: Int, NW: Int, tokens: Int, topk: Int, old_prefill: Bool) raises:
+    """GATHER False: A holds the grouped rows themselves (slots rows, as the down projection's
+    input), read in place by both tiles; A_TMA: the wgmma tile loads them by TMA."""
     var gated = act == "swiglu"
     var nout = NW // 2 if gated else NW
     var slots = tokens * topk
@@ -62,10 +64,11 @@ def bench_case[act: StaticString, BM: Int, BN: Int, ST: Int, IF: Int = 1](ctx: D
         var e = choice[s]
         h_ids[Int(h_off[e]) + fill[e]] = Int32(s // topk)
         fill[e] += 1
-    var h_a = ctx.enqueue_create_host_buffer[BF](tokens * K)
+    var a_rows = tokens if GATHER else tokens * topk
+    var h_a = ctx.enqueue_create_host_buffer[BF](a_rows * K)
     var h_w = ctx.enqueue_create_host_buffer[BF](E * K * NW)
     ctx.synchronize()
-    for i in range(tokens * K):
+    for i in range(a_rows * K):
         h_a[i] = rng.next().cast[BF]()
     # W: a table of 4099 random values repeated (filling Mixtral's 940M weights one by one is slow)
     var sc = Float32(1.0) / sqrt(Float32(K))
@@ -74,7 +77,7 @@ def bench_case[act: StaticString, BM: Int, BN: Int, ST: Int, IF: Int = 1](ctx: D
         table[i] = (rng.next() * sc * 1.7).cast[BF]()
     for i in range(E * K * NW):
         h_w[i] = table[i % 4099]
-    var d_a = ctx.enqueue_create_buffer[BF](tokens * K)
+    var d_a = ctx.enqueue_create_buffer[BF](a_rows * K)
     var d_w = ctx.enqueue_create_buffer[BF](E * K * NW)
     var d_off = ctx.enqueue_create_buffer[DType.int32](E + 1)
     var d_ids = ctx.enqueue_create_buffer[DType.int32](slots)
@@ -96,11 +99,11 @@ def bench_case[act: StaticString, BM: Int, BN: Int, ST: Int, IF: Int = 1](ctx: D
 
     def run_old() raises {var ctx, var pc0, var nout, var pa, var K, var pids, var poff, var E, var slots, var pw, var NW, var old_prefill}:
         if old_prefill:
-            _grouped_gemm[BF, PREFILL_TILE, act, True, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT](ctx, pc0, nout, pa, K, K, pids, poff, E, slots, pw, NW, nout, pw)
+            _grouped_gemm[BF, PREFILL_TILE, act, GATHER, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT](ctx, pc0, nout, pa, K, K, pids, poff, E, slots, pw, NW, nout, pw)
         else:
-            _grouped_gemm[BF, MID_TILE, act, True, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT](ctx, pc0, nout, pa, K, K, pids, poff, E, slots, pw, NW, nout, pw)
+            _grouped_gemm[BF, MID_TILE, act, GATHER, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT](ctx, pc0, nout, pa, K, K, pids, poff, E, slots, pw, NW, nout, pw)
     def run_new() raises {var ctx, var pc1, var nout, var pa, var K, var pids, var poff, var E, var slots, var pw, var NW}:
-        _grouped_gemm_wgmma[BF, BM, BN, ST, act, True, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT, IF](ctx, pc1, nout, pa, K, K, pids, poff, E, slots, pw, NW, nout, pw)
+        _grouped_gemm_wgmma[BF, BM, BN, ST, act, GATHER, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT, IF, A_TMA](ctx, pc1, nout, pa, K, K, pids, poff, E, slots, pw, NW, nout, pw)
 
     run_old()
     run_new()
@@ -141,7 +144,7 @@ def bench_case[act: StaticString, BM: Int, BN: Int, ST: Int, IF: Int = 1](ctx: D
     sort(t_new)
     var mo = t_old[reps // 2]
     var mn = t_new[reps // 2]
-    print(name, "BM", BM, "BN", BN, "ST", ST, "in_flight", IF, "tokens", tokens, "rel", rel, "nan", bad,
+    print(name, "BM", BM, "BN", BN, "ST", ST, "in_flight", IF, "gather", GATHER, "a_tma", A_TMA, "tokens", tokens, "rel", rel, "nan", bad,
           "old_ms", mo, "new_ms", mn, "old_TF", flops / mo / 1e9, "new_TF", flops / mn / 1e9, "x", mo / mn)
     # The kernels saw these only through addresses: keep them alive to the end.
     _ = d_a^
@@ -254,6 +257,12 @@ def main() raises:
     bench_case["swiglu", 64, 256, 4](ctx, "qwen3-up", 128, 2048, 1536, 1024, 8, False)
     bench_case["swiglu", 64, 256, 4](ctx, "gpt-oss-20b-up", 32, 2880, 5760, 256, 4, False)
     bench_case["none", 64, 256, 4](ctx, "gpt-oss-20b-down", 32, 2880, 2880, 256, 4, False)
+    # The down projection's A (the grouped rows, not gathered) by cp.async and by TMA, side by side
+    bench_case["none", 128, 256, 4, 1, False, False](ctx, "qwen3-down-rows", 128, 768, 2048, 16384, 8, True)
+    bench_case["none", 128, 256, 4, 1, False, True](ctx, "qwen3-down-rows", 128, 768, 2048, 16384, 8, True)
+    bench_case["none", 128, 256, 4, 1, False, False](ctx, "mixtral-down-rows", 8, 14336, 4096, 16384, 2, True)
+    bench_case["none", 128, 256, 4, 1, False, True](ctx, "mixtral-down-rows", 8, 14336, 4096, 16384, 2, True)
+    bench_case["none", 128, 256, 4, 1, False, True](ctx, "qwen3-down-rows-odd", 128, 760, 2040, 9999, 8, True)
     # K and n_out not multiples of the tile: the K tail and the gate box past n_out
     bench_case["swiglu", 128, 256, 4](ctx, "qwen3-up-odd", 128, 2040, 1520, 9999, 8, True)
     bench_case["none", 128, 256, 4](ctx, "qwen3-down-odd", 128, 760, 2040, 9999, 8, True)
