@@ -247,7 +247,11 @@ def grouped_gemm_gpu[
                 _grouped_gemm_wgmma[dtype, 128, WG_BN, WG_STAGES, activation, gather, has_bias, alpha, limit, 1, not gather](
                     ctx, c, ldc, a, lda, k_dim, row_ids, offsets, experts, slots, w, n_w, n_out, bias
                 )
-                return
+            else:
+                _grouped_gemm_wgmma[dtype, 64, WG_BN, WG_STAGES, activation, gather, has_bias, alpha, limit, 1, not gather](
+                    ctx, c, ldc, a, lda, k_dim, row_ids, offsets, experts, slots, w, n_w, n_out, bias
+                )
+            return
         if rows_per_expert <= MID_MAX_ROWS_PER_EXPERT:
             _grouped_gemm[dtype, MID_TILE, activation, gather, has_bias, alpha, limit](
                 ctx, c, ldc, a, lda, k_dim, row_ids, offsets, experts, slots, w, n_w, n_out, bias
@@ -696,10 +700,15 @@ comptime WG_BK = 64
 # blocks per SM: 2.19 against 1.63 ms, harness run 2).
 comptime WG_BN = 256
 comptime WG_STAGES = 4
-# From this many rows per expert (on average) on, the wgmma tile is used on
-# Hopper. Measured (same harness) on Qwen3 gate/up: at 64 rows per expert
-# 0.33 -> 0.31 ms, at 128 0.45 -> 0.37; a 64-row wgmma tile was no faster than
-# the mma.sync one there. Below 64 most of its 128 rows would be padding.
+# On Hopper every grouped GEMM past the decode tiles takes a wgmma tile: 128
+# rows from this many rows per expert (on average) on, 64 rows below (most of
+# 128 rows would be padding). Measured (same harness) on Qwen3 gate/up: at 64
+# rows per expert the 128-row tile 0.33 -> 0.31 ms against the mma.sync mid
+# tile, at 128 0.45 -> 0.37. The 64-row tile against the mma.sync mid tile
+# (results/checks/20261207-s23-kernels-H100.log): at 32 rows per expert Mixtral
+# gate/up 0.722 -> 0.658 ms, down 0.352 -> 0.320, GPT-OSS-20B 1.02x / 1.14x,
+# Qwen3 gate/up 1.04x, down 0.99x; at 64 rows Mixtral 1.17x / 1.28x (where the
+# 128-row tile is faster on Qwen3: 0.314 against 0.331 ms).
 comptime WGMMA_MIN_ROWS_PER_EXPERT = 64
 
 
