@@ -263,6 +263,19 @@ def main() raises:
     bench_case["none", 128, 256, 4, 1, False, False](ctx, "mixtral-down-rows", 8, 14336, 4096, 16384, 2, True)
     bench_case["none", 128, 256, 4, 1, False, True](ctx, "mixtral-down-rows", 8, 14336, 4096, 16384, 2, True)
     bench_case["none", 128, 256, 4, 1, False, True](ctx, "qwen3-down-rows-odd", 128, 760, 2040, 9999, 8, True)
+    # The layer's tile for 25-63 rows per expert: 64 rows, the down projection's A by TMA
+    bench_case["none", 64, 256, 4, 1, False, False](ctx, "mixtral-down-rows", 8, 14336, 4096, 128, 2, False)
+    bench_case["none", 64, 256, 4, 1, False, True](ctx, "mixtral-down-rows", 8, 14336, 4096, 128, 2, False)
+    bench_case["none", 64, 256, 4, 1, False, True](ctx, "qwen3-down-rows-odd", 128, 760, 2040, 333, 8, False)
+    # Mixtral's down projection at 512 and 1024 rows per expert (2048 / 4096 tokens), where
+    # cuBLAS per expert was 1.2x / 1.1x faster (results/checks/20261207-s22-cublas-crossover-H100.log):
+    # the layer's tile (128 x 256) against narrower and shorter ones, A by TMA as in the layer
+    bench_case["none", 128, 256, 4, 1, False, True](ctx, "mixtral-down-rows", 8, 14336, 4096, 2048, 2, True)
+    bench_case["none", 128, 128, 6, 1, False, True](ctx, "mixtral-down-rows", 8, 14336, 4096, 2048, 2, True)
+    bench_case["none", 64, 256, 5, 1, False, True](ctx, "mixtral-down-rows", 8, 14336, 4096, 2048, 2, True)
+    bench_case["none", 128, 256, 4, 1, False, True](ctx, "mixtral-down-rows", 8, 14336, 4096, 4096, 2, True)
+    bench_case["none", 128, 128, 6, 1, False, True](ctx, "mixtral-down-rows", 8, 14336, 4096, 4096, 2, True)
+    bench_case["none", 64, 256, 5, 1, False, True](ctx, "mixtral-down-rows", 8, 14336, 4096, 4096, 2, True)
     # K and n_out not multiples of the tile: the K tail and the gate box past n_out
     bench_case["swiglu", 128, 256, 4](ctx, "qwen3-up-odd", 128, 2040, 1520, 9999, 8, True)
     bench_case["none", 128, 256, 4](ctx, "qwen3-down-odd", 128, 760, 2040, 9999, 8, True)
