@@ -1,7 +1,8 @@
 """The sync-free tensor-core grouped GEMM (kernels/gpu_grouped_gemm.mojo) against the
 float64 reference, in bfloat16: moe_expert_matmul with every activation, bias and gather,
 at E = 128 and 256 on ragged groups that take every tile shape (decode: few rows per
-expert; prefill: tens; many-rows: hundreds, the wgmma tile on Hopper), with K and N off
+expert; prefill: tens, the 64-row wgmma tile on Hopper; many-rows: hundreds, the 128-row
+one), with K and N off
 the tile sizes; MoELayer at E = 128 and 256, k = 8, leaving near-ties out; and that a
 layer call never waits for the GPU. Skipped where MAX sees no GPU (CI has none). On a GPU
 machine: `pytest tests/test_gpu_grouped_gemm.py`.
@@ -73,7 +74,7 @@ def expert_matmul(gpu, request):
 def _sizes(rng, experts, kind):
     if kind == "decode":  # 9 tokens, k = 8: at most 72 experts with a row or two
         sizes = np.bincount(rng.choice(experts, size=72), minlength=experts)
-    elif kind == "prefill":  # ~40 rows per expert, a fifth of the experts empty
+    elif kind == "prefill":  # ~32 rows per expert, a fifth of the experts empty: the 64-row wgmma tile on sm_90
         sizes = rng.integers(1, 80, size=experts) * (rng.random(experts) > 0.2)
     elif kind == "many-rows":  # > 512 rows per expert on average: the Hopper (wgmma) tile on sm_90
         sizes = rng.integers(560, 720, size=experts) * (rng.random(experts) > 0.05)
