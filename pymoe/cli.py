@@ -256,7 +256,10 @@ def trace_info(path) -> None:
 @click.option("--host-gap-ms", type=float, default=None,
               help="Idle time before each timed host call (default 1 ms: the engine's worker waits for the "
                    "next layer's rows between calls).")
-def calibrate(models, reps, out_path, host_compute, host_gap_ms) -> None:
+@click.option("--host-backend", type=click.Choice(["graph", "native"]), default="graph", show_default=True,
+              help="How the timed host calls run pymoe's CPU kernels: one MAX graph call, or the same kernels "
+                   "through a Mojo extension module without MAX's per-call cost (built on first use, ~15 s).")
+def calibrate(models, reps, out_path, host_compute, host_gap_ms, host_backend) -> None:
     """Measure host->GPU transfer time and expert compute time for the simulator's cost model
     (on a machine without a GPU: host memory copies and CPU compute, labelled so), and the
     host CPU's time for a layer's experts with pymoe's CPU kernels (a call's fixed cost and each
@@ -275,10 +278,11 @@ def calibrate(models, reps, out_path, host_compute, host_gap_ms) -> None:
         raise click.UsageError(str(e)) from e
     command = " ".join(["pymoe calibrate", *[f"--model {m}" for m in models], f"--reps {reps}",
                         *([] if host_compute else ["--no-host-compute"]),
-                        *([] if host_gap_ms is None else [f"--host-gap-ms {host_gap_ms}"])])
+                        *([] if host_gap_ms is None else [f"--host-gap-ms {host_gap_ms}"]),
+                        *([] if host_backend == "graph" else [f"--host-backend {host_backend}"])])
     data, out_path = run_calibration(shapes, reps=reps, host_rows=HOST_ROWS if host_compute else None,
                                      host_gap_ms=HOST_GAP_MS if host_gap_ms is None else host_gap_ms,
-                                     out_path=out_path, command=command,
+                                     host_backend=host_backend, out_path=out_path, command=command,
                                      progress=lambda msg: click.echo(msg, err=True))
     for memory in ("pinned", "pageable"):
         t = data["transfer"][memory]
@@ -391,10 +395,13 @@ def simulate(trace_path, model_name, calibration_path, strategies, batch_sizes, 
                                       "transfer and GPU compute; host miss policies only).")
 @click.option("--time-limit", "time_limit", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Start no run after this many seconds; the file lists the runs left out.")
+@click.option("--host-backend", type=click.Choice(["graph", "native"]), default="graph", show_default=True,
+              help="How the host worker runs pymoe's CPU kernels (see `pymoe calibrate --host-backend`; "
+                   "calibrate with the same one).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
               show_default=True)
 def serve_offloaded(trace_path, model_name, calibration_path, strategies, batch_sizes, requests, cache_fraction,
-                    max_steps, failure_rate, host_failure_rate, time_limit, out_dir) -> None:
+                    max_steps, failure_rate, host_failure_rate, time_limit, host_backend, out_dir) -> None:
     """Run the real offloading engine on the GPU (experts in pinned host memory, GPU slot pool,
     prefetches on a copy stream, missed experts on a host worker for the host miss policies)
     and compare its measured latency with the simulator's."""
@@ -412,7 +419,7 @@ def serve_offloaded(trace_path, model_name, calibration_path, strategies, batch_
         validate(trace_path, model_name, calibration_path, strategies=chosen, batch_sizes=sizes, requests=requests,
                  cache_fraction=cache_fraction, max_steps=max_steps, out_dir=out_dir,
                  command=command_line(), prefetch_failure_rate=failure_rate, host_failure_rate=host_failure_rate,
-                 time_limit_s=time_limit)
+                 time_limit_s=time_limit, host_backend=host_backend)
     except (EngineError, TraceError, ValueError) as e:
         raise click.ClickException(str(e)) from e
 

@@ -4,6 +4,7 @@ the engine's host worker (on the CPU, and on the GPU where there is one). The te
 run pymoe's CPU layer (MAX) share one expert shape, HOST_SHAPE: its graph is compiled once
 per session (tens of seconds on a 2-core VM); the others run without MAX."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -30,6 +31,7 @@ HOST_SHAPE = OffloadModel("tiny-host", 6, 3, 2, d_model=64, d_ff=128, activation
 # conftest compiles its graph with the suite's when one of them is collected.
 HOST_TESTS = ("test_calibrate_measures_host_compute_with_pymoes_cpu_kernels",
               "test_host_expert_group_equals_the_reference", "test_host_expert_group_bad_input",
+              "test_the_native_host_backend_equals_the_graph_bit_for_bit",
               "test_engine_host_experts_equal_the_all_resident_model",
               "test_the_output_check_catches_a_host_expert_with_the_wrong_weights",
               "test_host_worker_failures_fall_back_to_a_transfer",
@@ -337,6 +339,54 @@ def test_host_expert_group_bad_input():
         group(torch.randn(3, 65), [(0, 1)])
     with pytest.raises(ValueError, match="w1"):
         HostExpertGroup(HOST_SHAPE, [(torch.randn(64, 128), torch.randn(128, 64))])
+
+
+def test_the_native_host_backend_equals_the_graph_bit_for_bit():
+    """backend="native" (the same kernels through a Mojo extension module, no MAX graph) gives
+    exactly the graph's outputs on any subset of experts and rows (float32; the workspaces grow
+    when a call needs more slots), and in bfloat16 the float64 reference's within bf16 rounding."""
+    from pymoe.offload.host import HostExpertGroup
+    from pymoe.reference import expert_activation
+
+    g = torch.Generator().manual_seed(5)
+    weights = [(torch.randn(64, 256, generator=g) / 8, torch.randn(128, 64, generator=g) / 11) for _ in range(5)]
+    x = torch.randn(70, 64, generator=g)
+    calls = ([(3, 2), (1, 7), (3, 5), (0, 1)], [(4, 1)], [(i, 70) for i in range(5)], [(2, 3), (2, 3)])
+    graph, native = HostExpertGroup(HOST_SHAPE, weights), HostExpertGroup(HOST_SHAPE, weights, backend="native")
+    for experts in calls:
+        a, b = graph(x, experts), native(x, experts)
+        assert a.dtype == b.dtype == x.dtype and torch.equal(a, b), experts
+    native16 = HostExpertGroup(dataclasses.replace(HOST_SHAPE, dtype="bfloat16"), weights, backend="native")
+    x16 = x.to(torch.bfloat16)
+    for experts in calls:
+        y = native16(x16, experts)
+        ref = np.zeros((max(n for _, n in experts), 64))
+        for i, n in experts:
+            w_in, w_out = (w.to(torch.bfloat16).double().numpy() for w in weights[i])
+            ref[:n] += expert_activation(x16[:n].double().numpy() @ w_in, "swiglu") @ w_out
+        assert y.dtype == torch.bfloat16 and y.shape == ref.shape
+        assert np.linalg.norm(y.double().numpy() - ref) <= 2e-2 * np.linalg.norm(ref), experts
+
+
+def test_a_bad_host_backend_or_a_failed_native_build_is_a_clear_error(tmp_path, monkeypatch):
+    from pymoe.offload import host_native
+    from pymoe.offload.host import HOST_BACKENDS, HostExpertError, HostExpertGroup
+
+    with pytest.raises(HostExpertError, match="backend must be one of"):
+        HostExpertGroup(HOST_SHAPE, [(torch.randn(64, 256), torch.randn(128, 64))], backend="numpy")
+    broken = tmp_path / "host_ffn.mojo"
+    broken.write_text("def broken(:\n")
+    monkeypatch.setattr(host_native, "SOURCE", broken)
+    monkeypatch.setenv("PYMOE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(host_native.NativeBuildError, match="building host_ffn.mojo failed"):
+        host_native.load.__wrapped__()
+    assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-built is left under the library's name
+    # The CLI offers the same backends.
+    from pymoe.cli import calibrate, serve_offloaded
+
+    for command in (calibrate, serve_offloaded):
+        option = next(p for p in command.params if p.name == "host_backend")
+        assert tuple(option.type.choices) == HOST_BACKENDS
 
 
 # -- the engine's host worker -------------------------------------------------

@@ -31,7 +31,7 @@ import numpy as np
 from ..baselines import expert_ffn
 from ..dtypes import torch_dtype
 from ..results import ResultError, provenance, read_result, slug, write_json
-from .host import HostExpertGroup
+from .host import HOST_BACKENDS, HostExpertGroup
 from .models import OffloadModel
 
 SCHEMA = "pymoe.calibration/2"
@@ -282,13 +282,14 @@ def fit_host_calls(experts, rows, median_ms) -> dict:
 
 
 def measure_host_compute(model: OffloadModel, *, rows=HOST_ROWS, experts=HOST_EXPERTS, reps: int = 20,
-                         gap_ms: float = HOST_GAP_MS, progress=None) -> dict:
+                         gap_ms: float = HOST_GAP_MS, backend: str = "graph", progress=None) -> dict:
     """Calls of `host.HostExpertGroup` (pymoe's CPU kernels, the engine's host worker's call)
     computing m experts of `model`'s shape on n rows each, for every m in `experts` and n in
     `rows`, each call after `gap_ms` idle, cycling through ROTATE_BYTES of experts' weights
     (`rotating_expert_weights`: a host computes a different expert each time; one expert
-    re-read from the CPU's caches would time the caches): the `host_compute` entry of one
-    shape, with the fit of `fit_host_calls`."""
+    re-read from the CPU's caches would time the caches), the group calling the kernels through
+    `backend` (host.HOST_BACKENDS): the `host_compute` entry of one shape, with the fit of
+    `fit_host_calls`."""
     import torch
 
     say = progress or (lambda msg: None)
@@ -296,13 +297,14 @@ def measure_host_compute(model: OffloadModel, *, rows=HOST_ROWS, experts=HOST_EX
     weights = rotating_expert_weights(torch, model, "cpu", torch.float32, at_least=max(experts))
     count = len(weights)
     say(f"host compute {model.name}: compiling pymoe's CPU kernels, {count} experts' weights")
-    group = HostExpertGroup(model, weights)
+    group = HostExpertGroup(model, weights, backend=backend)
     del weights
     nxt = itertools.cycle(range(count))
     entry = {"rows": list(rows), "experts": list(experts), "median_ms": [], "raw_ms": [],
-             "dtype": group.dtype, "threads": len(os.sched_getaffinity(0)), "gap_ms": gap_ms,
+             "dtype": group.dtype, "threads": len(os.sched_getaffinity(0)), "gap_ms": gap_ms, "backend": backend,
              "compile_s": group.compile_seconds,
-             "what": f"pymoe.offload.host.HostExpertGroup on cpu: one call computing m experts on n rows each, "
+             "what": f"pymoe.offload.host.HostExpertGroup (backend {backend}) on cpu: one call computing m experts "
+                     f"on n rows each, "
                      f"after {gap_ms} ms idle, cycling through {count} experts' weights (host clock)"}
     x = torch.randn(max(rows), model.d_model).to(torch_dtype(group.dtype))
     for m in experts:
@@ -325,13 +327,17 @@ def describe_host_compute(entry: dict) -> str:
         return ", ".join(f"{n} rows {ms:.3f} ms" for n, ms in zip(entry["rows"], entry["median_ms"]))
     return (f"{entry['call_ms']:.3f} ms per call + per expert " +
             ", ".join(f"{n} rows {ms:.3f} ms" for n, ms in zip(entry["rows"], entry["expert_ms"])) +
-            f" (calls after {entry['gap_ms']} ms idle)")
+            f" (calls after {entry['gap_ms']} ms idle, backend {entry.get('backend', 'graph')})")
 
 
 def measure_calibration(models: list[OffloadModel], *, tokens=DEFAULT_TOKENS, reps: int = 20,
-                        host_rows=None, host_gap_ms: float = HOST_GAP_MS, progress=None) -> dict:
+                        host_rows=None, host_gap_ms: float = HOST_GAP_MS, host_backend: str = "graph",
+                        progress=None) -> dict:
     """Measure transfers and expert compute on this machine (GPU if torch sees one), and
-    host compute with pymoe's CPU kernels (host.HostExpertGroup) for the `host_rows` counts (None: not measured)."""
+    host compute with pymoe's CPU kernels (host.HostExpertGroup through `host_backend`) for the
+    `host_rows` counts (None: not measured)."""
+    if host_backend not in HOST_BACKENDS:
+        raise ValueError(f"host_backend must be one of {HOST_BACKENDS}, got {host_backend!r}")
     import torch
 
     gpu = torch.cuda.is_available()
@@ -386,7 +392,8 @@ def measure_calibration(models: list[OffloadModel], *, tokens=DEFAULT_TOKENS, re
         data["compute"][model.shape_key()] = curve
     if host_rows is not None:
         data["host_compute"] = {model.shape_key(): measure_host_compute(model, rows=host_rows, reps=reps,
-                                                                        gap_ms=host_gap_ms, progress=progress)
+                                                                        gap_ms=host_gap_ms, backend=host_backend,
+                                                                        progress=progress)
                                 for model in models}
     return data
 
@@ -409,12 +416,13 @@ def write_calibration(data: dict, path: str | Path, *, merge: bool = True) -> Pa
 
 
 def calibrate(models: list[OffloadModel], *, reps: int = 20, host_rows=HOST_ROWS, host_gap_ms: float = HOST_GAP_MS,
-              out_path: str | Path | None = None, out_dir: str | Path = "results", command: str = "",
-              progress=None) -> tuple[dict, Path]:
+              host_backend: str = "graph", out_path: str | Path | None = None, out_dir: str | Path = "results",
+              command: str = "", progress=None) -> tuple[dict, Path]:
     """`pymoe calibrate`: measure (see measure_calibration; host compute unless host_rows is
     None), add the provenance and write the calibration to out_path (default
     `<out_dir>/offload/calibration-<device>.json`, merged with the curves already there).
     Returns (data, path)."""
-    data = measure_calibration(models, reps=reps, host_rows=host_rows, host_gap_ms=host_gap_ms, progress=progress)
+    data = measure_calibration(models, reps=reps, host_rows=host_rows, host_gap_ms=host_gap_ms,
+                               host_backend=host_backend, progress=progress)
     data.update(provenance(command))
     return data, write_calibration(data, out_path or default_calibration_path(out_dir, data["device"]))

@@ -64,7 +64,7 @@ from ..baselines import expert_ffn
 from ..dtypes import torch_dtype
 from ..runtime import serially
 from .calibration import Calibration
-from .host import HostExpertGroup
+from .host import HOST_BACKENDS, HostExpertGroup
 from .models import OffloadModel
 from .simulator import RunResult, simulate
 from .strategies import Strategy
@@ -99,12 +99,14 @@ class HostExperts:
     for a GPU), which GPU slots are copied from, and, with `cpu_group`, `group`: the same
     experts as one HostExpertGroup (pymoe's CPU kernels, one call per layer), which the host
     worker runs. Expert key `key` uses copy `key % len(packed)`. Made once and shared by every
-    Executor of a validation run: pinning gigabytes and packing the group's weights take seconds."""
+    Executor of a validation run: pinning gigabytes and packing the group's weights take seconds.
+    `host_backend`: how the group calls the kernels (host.HOST_BACKENDS)."""
 
-    def __init__(self, model: OffloadModel, distinct: int, *, pinned: bool, cpu_group: bool = False):
+    def __init__(self, model: OffloadModel, distinct: int, *, pinned: bool, cpu_group: bool = False,
+                 host_backend: str = "graph"):
         if not 1 <= distinct <= model.total_experts:
             raise EngineError(f"distinct experts must be in [1, {model.total_experts}], got {distinct}")
-        self.model, self.pinned = model, pinned
+        self.model, self.pinned, self.host_backend = model, pinned, host_backend
         self.packed = []
         for i in range(distinct):
             packed = _pack(*_expert_weights(model, i, torch_dtype(model.dtype)))
@@ -124,7 +126,8 @@ class HostExperts:
     def add_cpu_group(self) -> None:
         """pymoe's CPU kernels on every distinct expert's weights (the group packs its own copy)."""
         if self.group is None:
-            self.group = HostExpertGroup(self.model, [self.weights(i) for i in range(len(self.packed))])
+            self.group = HostExpertGroup(self.model, [self.weights(i) for i in range(len(self.packed))],
+                                         backend=self.host_backend)
 
     def compute(self, x: torch.Tensor, on_host: list[tuple[int, int]]) -> torch.Tensor:
         """Experts `on_host` [(key, rows)] on the first rows of host tensor x, summed: one call."""
@@ -644,9 +647,11 @@ def reference_outputs(trace: Trace, model: OffloadModel, steps: list[np.ndarray]
 def validate(trace_path, model_name: str, calibration_path, *, strategies, batch_sizes=(1, 4, 16, 64),
              requests: int = 8, cache_fraction: float = 0.25, seed: int = 0, max_steps: int | None = None,
              out_dir="results", command: str = "", console=None, prefetch_failure_rate: float = 0.0,
-             host_failure_rate: float = 0.0, time_limit_s: float | None = None, host_copies: int = 64):
+             host_failure_rate: float = 0.0, time_limit_s: float | None = None, host_copies: int = 64,
+             host_backend: str = "graph"):
     """Engine vs simulator for every strategy (transfer-only or with a host miss policy) and
-    batch size (each run cut to its first `max_steps` decode steps if given); writes
+    batch size (each run cut to its first `max_steps` decode steps if given), the host experts
+    called through `host_backend` (host.HOST_BACKENDS); writes
     `<out_dir>/offload/<stamp>-engine-<model>-<device>.json`. With `time_limit_s`, no run
     starts after that many seconds: the file lists the runs left out (`skipped`)."""
     from pathlib import Path
@@ -668,6 +673,8 @@ def validate(trace_path, model_name: str, calibration_path, *, strategies, batch
         raise EngineError("--inject-host-failures needs a strategy with a host miss policy (hybrid, cpu-on-miss, ...)")
     if time_limit_s is not None and time_limit_s <= 0:
         raise EngineError(f"time_limit_s must be > 0, got {time_limit_s}")
+    if host_backend not in HOST_BACKENDS:
+        raise EngineError(f"host_backend must be one of {HOST_BACKENDS}, got {host_backend!r}")
     model = get_model(model_name)
     trace = load_trace(trace_path)
     trace.check_shape(model.num_experts, model.num_layers, model.top_k, f"model {model.name}")
@@ -683,10 +690,12 @@ def validate(trace_path, model_name: str, calibration_path, *, strategies, batch
               "trace": str(trace_path), "calibration": str(calibration_path), "cache_experts": capacity,
               "cache_fraction": cache_fraction, "requests_per_run": requests, "seed": seed,
               "max_steps": max_steps, "prefetch_failure_rate": prefetch_failure_rate,
-              "host_failure_rate": host_failure_rate, "time_limit_s": time_limit_s, "runs": [], "skipped": []}
+              "host_failure_rate": host_failure_rate, "time_limit_s": time_limit_s, "host_backend": host_backend,
+              "runs": [], "skipped": []}
     start = time.perf_counter()
     # One set of pinned host experts (and their CPU group, for the host policies) for every run.
-    experts = HostExperts(model, min(host_copies, model.total_experts), pinned=True, cpu_group=host)
+    experts = HostExperts(model, min(host_copies, model.total_experts), pinned=True, cpu_group=host,
+                          host_backend=host_backend)
     result["host_experts_setup_s"] = round(time.perf_counter() - start, 1)
     table = Table(title=f"{model.name} on {torch.cuda.get_device_name(0)}: engine (measured) vs simulator")
     for col in ("strategy", "batch", "simulated ms/step", "measured ms/step", "error", "hit rate", "GiB moved",

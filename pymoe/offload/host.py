@@ -80,21 +80,33 @@ def routing_arrays(experts: list[tuple[int, int]], num_experts: int) -> tuple[np
     return row_ids, offsets, taken.astype(np.float32), ids, slot_to_row
 
 
+# How a HostExpertGroup calls the kernels: "graph", one MAX graph call (runtime.expert_group_graph_spec);
+# "native", the same kernels through a Python extension module without MAX's per-call cost
+# (host_native.py, host_ffn.mojo). Both give the same outputs; which is faster on a GPU machine's
+# host is to be measured (`pymoe calibrate --host-backend`), so both stay until then.
+HOST_BACKENDS = ("graph", "native")
+
+
 class HostExpertGroup:
-    """Experts of one shape on the host CPU, any subset of them computed in one MAX call.
+    """Experts of one shape on the host CPU, any subset of them computed in one call.
 
     group = HostExpertGroup(model, [(w_in, w_out), ...])   # w_in [d_model, w1 columns], w_out [d_ff, d_model]
     y = group(x, [(3, 2), (7, 1)])   # expert 3 on x[:2] plus expert 7 on x[:1]: [2, d_model]
 
     The weights are packed into the CPU layer's layout once, here (a copy: the caller's
     tensors may be freed or pinned). The first group of an expert shape compiles its graph
-    (seconds to tens of seconds); later ones, of any size, reuse it."""
+    (seconds to tens of seconds); later ones, of any size, reuse it. With backend="native"
+    a call runs the same kernels without a MAX graph (HOST_BACKENDS); its module is built on
+    first use and cached (host_native.load)."""
 
-    def __init__(self, model: OffloadModel, weights: list[tuple]):
+    def __init__(self, model: OffloadModel, weights: list[tuple], backend: str = "graph"):
         import torch
 
+        if backend not in HOST_BACKENDS:
+            raise HostExpertError(f"backend must be one of {HOST_BACKENDS}, got {backend!r}")
         if not weights:
             raise HostExpertError("a host expert group needs at least one expert's weights")
+        self.backend = backend
         self.model, self.dtype = model, host_dtype(model)
         self.num_experts = len(weights)
         config = group_config(model, self.num_experts)
@@ -104,11 +116,22 @@ class HostExpertGroup:
         layer_weights = MoEWeights(np.zeros((model.d_model, self.num_experts), np.float32), w1, w2)
         layer_weights.validate(config)
         specs = group_graph_specs(model)
+        if backend == "native":
+            specs = specs[1:]  # only the weight packing's graphs: the call needs no graph
         self.compile_seconds = runtime.compile_together(specs)
-        self._model, _ = runtime.compiled(specs[0])
+        self._model = runtime.compiled(specs[0])[0] if backend == "graph" else None
         _, self._w1, self._w2 = runtime.layer_weight_buffers(config, layer_weights, "cpu", self.dtype, packed=True)
         self._device = runtime.driver_device("cpu")
         self.pool = runtime.BufferPool((config.expert_n, model.d_model), self.dtype, self._device)
+        if backend == "native":
+            from . import host_native
+
+            self._native = host_native.load()
+            # The packed weights, shared with their MAX buffers (kept alive above), by address.
+            self._w1_host, self._w2_host = torch.from_dlpack(self._w1), torch.from_dlpack(self._w2)
+            self._codes = (host_native.DTYPE_CODES[self.dtype], host_native.ACTIVATION_CODES[model.activation])
+            self._n_w1 = config.expert_n
+            self._work: tuple = ()  # the workspaces h and y, grown like the pool
 
     def check(self, x, experts: list[tuple[int, int]]) -> None:
         """A clear error for a call the graph cannot take."""
@@ -137,8 +160,32 @@ class HostExpertGroup:
 
         row_ids, offsets, weights, ids, slot_to_row = routing_arrays(experts, self.num_experts)
         rows = weights.shape[0]
+        if self.backend == "native":
+            return self._native_call(x, rows, row_ids, offsets, weights, slot_to_row)
         xb = runtime.to_device_buffer(x[:rows], self.dtype, self._device)
         routing = [Buffer.from_numpy(a) for a in (row_ids, offsets, weights, ids, slot_to_row)]
         out = self._model.execute(xb, *routing, self._w1, self._w2, *self.pool.buffers(len(row_ids)))[0]
         return runtime.wrap_output(out, x)
 
+
+    def _native_call(self, x, rows, row_ids, offsets, weights, slot_to_row):
+        """forward_unchecked through the extension module: the same kernels, in the same
+        order, as the graph (pymoe_moe_ffn on the CPU)."""
+        import torch
+
+        dt = torch_dtype(self.dtype)
+        xs = x[:rows]
+        xs = xs if xs.dtype == dt and xs.is_contiguous() else xs.to(dt).contiguous()
+        slots = len(row_ids)
+        if not self._work or self._work[0].shape[0] < slots:
+            cap = max(runtime.BufferPool.MIN_ROWS, 1 << (slots - 1).bit_length())
+            self._work = (torch.empty(cap, self.model.d_ff, dtype=dt), torch.empty(cap, self.model.d_model, dtype=dt))
+        h, y = self._work
+        out = torch.empty(rows, self.model.d_model, dtype=dt)
+        k = weights.shape[1]
+        self._native.ffn((
+            out.data_ptr(), xs.data_ptr(), row_ids.ctypes.data, offsets.ctypes.data, weights.ctypes.data,
+            slot_to_row.ctypes.data, self._w1_host.data_ptr(), self._w2_host.data_ptr(), h.data_ptr(),
+            y.data_ptr(), rows, k, self.num_experts, self.model.d_model, self.model.d_ff, self._n_w1, *self._codes,
+        ))
+        return out if out.dtype == x.dtype else out.to(x.dtype)

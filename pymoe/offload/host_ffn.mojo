@@ -1,0 +1,100 @@
+# The host experts' FFN as a Python extension module (pymoe_host_ffn), called without a MAX
+# graph: pymoe.offload.host_native builds it with `mojo build --emit shared-lib` and
+# HostExpertGroup(backend="native") calls it. The same kernels and order as the CPU graph's
+# pymoe_moe_ffn op (kernels/moe_ffn.mojo): the first grouped GEMM with the activation fused,
+# the second, then the weighted combine, on pre-packed weights.
+#
+# Why: a MAX graph call has a fixed cost that a host expert call at decode (a row or a few per
+# expert) does not amortise; on the 2-vCPU VM a one-expert call took 1.42 ms as a graph against
+# 0.76 ms called directly, back to back (scripts/host_call_overhead.py,
+# results/offload/20261207T051027Z-host-call-overhead-AMD-EPYC.json).
+from std.memory import Pointer
+from std.os import abort
+from std.python import Python, PythonObject
+from std.python.bindings import PythonModuleBuilder
+
+from kernels.activation import DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT
+from kernels.cpu_gemm import expert_matmul_cpu
+from kernels.moe_combine import combine_cpu
+
+# The codes ffn's `dtype` and `activation` arguments take (pymoe.offload.host_native mirrors them).
+comptime FLOAT32 = 0
+comptime BFLOAT16 = 1
+comptime RELU = 0
+comptime SWIGLU = 1
+comptime CLAMPED_SWIGLU = 2
+
+
+@export
+def PyInit_pymoe_host_ffn() abi("C") -> PythonObject:
+    try:
+        var b = PythonModuleBuilder("pymoe_host_ffn")
+        b.def_function[ffn](
+            "ffn",
+            docstring="ffn(args): the host experts' FFN and combine on buffers given by address (see host_ffn.mojo)",
+        )
+        return b.finalize()
+    except e:
+        abort(String("pymoe_host_ffn: ", e))
+
+
+def ffn(args: PythonObject) raises -> PythonObject:
+    """One call of the host experts: args is a tuple of ints (addresses and sizes)
+    (out, x, row_ids, offsets, weights, slot_to_row, w1, w2, h, y, rows, k, experts,
+    d_model, d_ff, n_w1, dtype, activation): out [rows, d_model] = sum over the k slots
+    of each row of weights[row, j] * expert(x[row]), the slots grouped by expert in
+    row_ids over offsets [experts + 1] and placed by slot_to_row [rows * k] (-1: none);
+    w1 [experts, d_model, n_w1] and w2 [experts, d_ff, d_model] packed as the CPU layer
+    packs them; h [slots, d_ff] and y [slots, d_model] the workspaces."""
+    var a = List[Int]()
+    for i in range(18):
+        a.append(Int(py=args[i]))
+    var dtype = a[16]
+    var activation = a[17]
+    # The kernels run on the process's Mojo worker pool, which MAX's CPU calls share; a worker
+    # may need the GIL (finishing a MAX call), so the GIL is released while the kernels wait on
+    # the pool (holding it deadlocked once in scripts/host_call_probe.mojo: the main thread
+    # waiting in the pool, a worker waiting for the GIL). Nothing below touches a Python object.
+    ref cpython = Python().cpython()
+    var state = cpython.PyEval_SaveThread()
+    if dtype == FLOAT32:
+        _ffn_of[DType.float32](a, activation)
+    else:
+        _ffn_of[DType.bfloat16](a, activation)
+    cpython.PyEval_RestoreThread(state)
+    return PythonObject(None)
+
+
+def _ffn_of[dtype: DType](a: List[Int], activation: Int):
+    if activation == RELU:
+        _ffn[dtype, "relu"](a)
+    elif activation == SWIGLU:
+        _ffn[dtype, "swiglu"](a)
+    else:
+        _ffn[dtype, "clamped_swiglu"](a)
+
+
+def _ffn[dtype: DType, activation: StaticString](a: List[Int]):
+    comptime P = Pointer[Scalar[dtype], MutAnyOrigin]
+    var out = P(unsafe_from_address=a[0])
+    var x = P(unsafe_from_address=a[1])
+    var row_ids = Pointer[Int32, MutAnyOrigin](unsafe_from_address=a[2])
+    var offsets = Pointer[Int32, MutAnyOrigin](unsafe_from_address=a[3])
+    var weights = Pointer[Float32, MutAnyOrigin](unsafe_from_address=a[4])
+    var slot_to_row = Pointer[Int32, MutAnyOrigin](unsafe_from_address=a[5])
+    var w1 = P(unsafe_from_address=a[6])
+    var w2 = P(unsafe_from_address=a[7])
+    var h = P(unsafe_from_address=a[8])
+    var y = P(unsafe_from_address=a[9])
+    var rows = a[10]
+    var k = a[11]
+    var experts = a[12]
+    var d_model = a[13]
+    var d_ff = a[14]
+    var n_w1 = a[15]
+    # No biases: w1/w2 stand in for the bias pointers, which has_bias=False never reads.
+    expert_matmul_cpu[dtype, activation, True, True, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT](
+        h, d_ff, x, d_model, row_ids, offsets, experts, w1, n_w1, w1
+    )
+    expert_matmul_cpu[dtype, "none", False, True, False](y, d_model, h, d_ff, row_ids, offsets, experts, w2, d_model, w2)
+    combine_cpu[dtype](out, rows, d_model, y, weights, slot_to_row, k)

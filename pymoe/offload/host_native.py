@@ -1,0 +1,86 @@
+"""The host experts' FFN called directly, without a MAX graph: pymoe_host_ffn, a Python
+extension module built from host_ffn.mojo (beside this file) with the Mojo compiler that ships
+with the `mojo` package, and cached.
+
+`load()` returns the module, building it on first use (about 15 s on a 2-core machine) into
+<cache>/host_ffn/<key>/, where <cache> is $PYMOE_CACHE or ~/.cache/pymoe and <key> hashes the
+sources (host_ffn.mojo and pymoe's Mojo kernels) and the compiler's version, so that a changed
+kernel is rebuilt. HostExpertGroup(backend="native") calls it (pymoe/offload/host.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from ..ops import KERNELS_DIR
+
+SOURCE = Path(__file__).with_name("host_ffn.mojo")
+MODULE = "pymoe_host_ffn"
+# host_ffn.mojo's codes for ffn's dtype and activation arguments.
+DTYPE_CODES = {"float32": 0, "bfloat16": 1}
+ACTIVATION_CODES = {"relu": 0, "swiglu": 1, "clamped_swiglu": 2}
+
+
+class NativeBuildError(RuntimeError):
+    pass
+
+
+def mojo_compiler() -> str:
+    """The Mojo compiler: the one installed next to this Python (the `mojo` package), else
+    the one on PATH."""
+    here = Path(sys.executable).parent / "mojo"
+    found = str(here) if here.exists() else shutil.which("mojo")
+    if found is None:
+        raise NativeBuildError("the native host path needs the Mojo compiler (pip install mojo, pinned in "
+                               "pyproject.toml); none was found next to this Python or on PATH")
+    return found
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PYMOE_CACHE") or Path.home() / ".cache" / "pymoe")
+
+
+def build_key(compiler: str) -> str:
+    """A hash of everything the module is built from: its source, pymoe's Mojo kernels, the
+    compiler's version."""
+    digest = hashlib.sha256()
+    for path in [SOURCE, *sorted(KERNELS_DIR.glob("*.mojo"))]:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60)
+    digest.update(version.stdout.encode())
+    return digest.hexdigest()[:20]
+
+
+@functools.cache
+def load():
+    """The pymoe_host_ffn module, built here first if its cached build is missing."""
+    compiler = mojo_compiler()
+    folder = cache_dir() / "host_ffn" / build_key(compiler)
+    library = folder / f"{MODULE}.so"
+    if not library.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        # Built beside its final name, then renamed: a concurrent or interrupted build never
+        # leaves a partial library under that name.
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            built = Path(tmp) / f"{MODULE}.so"
+            run = subprocess.run(
+                [compiler, "build", "--emit", "shared-lib", "-I", str(KERNELS_DIR.parent), "-o", str(built),
+                 str(SOURCE)],
+                capture_output=True, text=True, timeout=900,
+            )
+            if run.returncode != 0 or not built.exists():
+                raise NativeBuildError(f"building {SOURCE.name} failed (rc {run.returncode}):\n"
+                                       f"{(run.stdout + run.stderr)[-3000:]}")
+            os.replace(built, library)
+    spec = importlib.util.spec_from_file_location(MODULE, library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
