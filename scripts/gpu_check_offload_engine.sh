@@ -7,6 +7,8 @@
 # TOTAL_S (default 440) bounds the whole run; each step has its own timeout inside it.
 # PY (default python3) runs each step, e.g. "taskset -c 0-3 python3" for a smaller CPU pool;
 # ENGINE_TESTS=0 skips step 1 (the engine output tests) when this build already passed them.
+# HOST_BACKEND (default graph; or native) is how the host experts call pymoe's CPU kernels, in the
+# calibration and the engine alike (pymoe.offload.host.HOST_BACKENDS).
 set -u -o pipefail
 : "${OUT:?set OUT to the folder the results go to}"
 QUICK=${QUICK:-0}
@@ -35,7 +37,7 @@ cp "$Q3" "$OUT/results/traces/"
 
 step "3/3 calibrate (host compute included), then engine vs simulator; $(left) s left"
 BUDGET=$(( $(left) - 15 ))
-QUICK=$QUICK Q3=$Q3 BUDGET=$BUDGET timeout $((BUDGET + 10)) $PY -u - <<'EOF' 2>&1 | tee "$OUT/i23-engine.log"
+QUICK=$QUICK Q3=$Q3 BUDGET=$BUDGET HOST_BACKEND=${HOST_BACKEND:-graph} timeout $((BUDGET + 10)) $PY -u - <<'EOF' 2>&1 | tee "$OUT/i23-engine.log"
 """Calibration and validation in one process: the CPU layer's MAX graphs compiled by the
 calibration (tens of seconds per expert shape) serve the engine's host workers too."""
 import csv
@@ -52,6 +54,7 @@ from pymoe.offload.models import get_model
 start = time.perf_counter()
 budget = float(os.environ["BUDGET"])
 quick = os.environ["QUICK"] == "1"
+backend = os.environ["HOST_BACKEND"]
 out = Path(os.environ["OUT"]) / "results"
 gpu = torch.cuda.is_available()
 
@@ -79,9 +82,10 @@ MAX_STEPS = {"switch": 16, "qwen": 8, "qwen3-30b-a3b": 6}
 reps = 2 if quick else 10
 names = [m for m, _ in MODELS]
 say(f"calibrate {names}, reps {reps}")
-data, cal_path = calibrate([get_model(m) for m in names], reps=reps, out_dir=out,
+data, cal_path = calibrate([get_model(m) for m in names], reps=reps, out_dir=out, host_backend=backend,
                            command=f"pymoe calibrate {' '.join('--model ' + m for m in names)} --reps {reps} "
-                                   f"(in-process, scripts/gpu_check_offload_engine.sh)", progress=say)
+                                   f"--host-backend {backend} (in-process, scripts/gpu_check_offload_engine.sh)",
+                           progress=say)
 say(f"wrote {cal_path}")
 for key, curve in data["host_compute"].items():
     say(f"host compute {key}: {describe_host_compute(curve)}")
@@ -130,7 +134,7 @@ for i, (model, trace) in enumerate(MODELS):
     say(f"engine vs simulator, {model}: time limit {share:.0f} s")
     try:  # one model's failure must not cost the others' runs
         result, path = validate(trace, model, cal_path, strategies=STRATEGIES, batch_sizes=BATCHES,
-                                max_steps=MAX_STEPS[model], out_dir=out, time_limit_s=share,
+                                max_steps=MAX_STEPS[model], out_dir=out, time_limit_s=share, host_backend=backend,
                                 command=f"validate({model}, max_steps={MAX_STEPS[model]}, time_limit_s={share:.0f}) "
                                         f"in scripts/gpu_check_offload_engine.sh")
     except Exception:
@@ -144,6 +148,7 @@ if left() > fault_run:
     try:
         result, path = validate(MODELS[0][1], "switch", cal_path, strategies=["hybrid[predicted]"],
                                 batch_sizes=(1, 16), max_steps=8, out_dir=out, host_failure_rate=0.2,
+                                host_backend=backend,
                                 time_limit_s=fault_run - 10,
                                 command="validate(switch, hybrid[predicted], host_failure_rate=0.2) in "
                                         "scripts/gpu_check_offload_engine.sh")

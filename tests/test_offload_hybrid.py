@@ -32,6 +32,7 @@ HOST_SHAPE = OffloadModel("tiny-host", 6, 3, 2, d_model=64, d_ff=128, activation
 HOST_TESTS = ("test_calibrate_measures_host_compute_with_pymoes_cpu_kernels",
               "test_host_expert_group_equals_the_reference", "test_host_expert_group_bad_input",
               "test_the_native_host_backend_equals_the_graph_bit_for_bit",
+              "test_the_engines_host_experts_take_the_native_backend",
               "test_engine_host_experts_equal_the_all_resident_model",
               "test_the_output_check_catches_a_host_expert_with_the_wrong_weights",
               "test_host_worker_failures_fall_back_to_a_transfer",
@@ -368,6 +369,19 @@ def test_the_native_host_backend_equals_the_graph_bit_for_bit():
         assert np.linalg.norm(y.double().numpy() - ref) <= 2e-2 * np.linalg.norm(ref), experts
 
 
+def test_the_engines_host_experts_take_the_native_backend():
+    """HostExperts(host_backend="native"), as serve-offloaded --host-backend native makes it:
+    its group runs natively and computes what the graph backend computes."""
+    from pymoe.offload.engine import HostExperts
+
+    native = HostExperts(HOST_SHAPE, 3, pinned=False, cpu_group=True, host_backend="native")
+    graph = HostExperts(HOST_SHAPE, 3, pinned=False, cpu_group=True)
+    assert native.group.backend == "native" and graph.group.backend == "graph"
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(2))
+    on_host = [(7, 4), (2, 1), (4, 3)]  # keys, taken modulo the 3 distinct experts
+    assert torch.equal(native.compute(x, on_host), graph.compute(x, on_host))
+
+
 def test_a_bad_host_backend_or_a_failed_native_build_is_a_clear_error(tmp_path, monkeypatch):
     from pymoe.offload import host_native
     from pymoe.offload.host import HOST_BACKENDS, HostExpertError, HostExpertGroup
@@ -381,6 +395,10 @@ def test_a_bad_host_backend_or_a_failed_native_build_is_a_clear_error(tmp_path, 
     with pytest.raises(host_native.NativeBuildError, match="building host_ffn.mojo failed"):
         host_native.load.__wrapped__()
     assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-built is left under the library's name
+    from pymoe.offload.engine import EngineError, validate
+
+    with pytest.raises(EngineError, match="host_backend must be one of"):
+        validate("no-trace.npz", "switch", "no-calibration.json", strategies=["hybrid[predicted]"], host_backend="x")
     # The CLI offers the same backends.
     from pymoe.cli import calibrate, serve_offloaded
 
