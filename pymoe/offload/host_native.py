@@ -45,7 +45,18 @@ def mojo_compiler() -> str:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("PYMOE_CACHE") or Path.home() / ".cache" / "pymoe")
+    """$PYMOE_CACHE, else ~/.cache/pymoe, else (a home one cannot write to) a folder in the
+    system's temporary directory."""
+    if os.environ.get("PYMOE_CACHE"):
+        return Path(os.environ["PYMOE_CACHE"])
+    home = Path.home() / ".cache" / "pymoe"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        if os.access(home, os.W_OK):
+            return home
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"pymoe-cache-{os.getuid()}"
 
 
 def build_key(compiler: str) -> str:
