@@ -280,10 +280,15 @@ def calibrate(models, reps, out_path, host_compute, host_gap_ms, host_backend) -
                         *([] if host_compute else ["--no-host-compute"]),
                         *([] if host_gap_ms is None else [f"--host-gap-ms {host_gap_ms}"]),
                         *([] if host_backend == "graph" else [f"--host-backend {host_backend}"])])
-    data, out_path = run_calibration(shapes, reps=reps, host_rows=HOST_ROWS if host_compute else None,
-                                     host_gap_ms=HOST_GAP_MS if host_gap_ms is None else host_gap_ms,
-                                     host_backend=host_backend, out_path=out_path, command=command,
-                                     progress=lambda msg: click.echo(msg, err=True))
+    from .offload.host_native import NativeBuildError
+
+    try:
+        data, out_path = run_calibration(shapes, reps=reps, host_rows=HOST_ROWS if host_compute else None,
+                                         host_gap_ms=HOST_GAP_MS if host_gap_ms is None else host_gap_ms,
+                                         host_backend=host_backend, out_path=out_path, command=command,
+                                         progress=lambda msg: click.echo(msg, err=True))
+    except NativeBuildError as e:
+        raise click.ClickException(str(e)) from e
     for memory in ("pinned", "pageable"):
         t = data["transfer"][memory]
         click.echo(f"{memory}: {t['gbps']:.1f} GB/s, {t['latency_ms'] * 1e3:.1f} us per queued copy, "
@@ -406,6 +411,7 @@ def serve_offloaded(trace_path, model_name, calibration_path, strategies, batch_
     prefetches on a copy stream, missed experts on a host worker for the host miss policies)
     and compare its measured latency with the simulator's."""
     from .offload.engine import EngineError, validate
+    from .offload.host_native import NativeBuildError
     from .offload.strategies import STRATEGIES
     from .offload.trace import TraceError
     from .results import command_line
@@ -420,7 +426,7 @@ def serve_offloaded(trace_path, model_name, calibration_path, strategies, batch_
                  cache_fraction=cache_fraction, max_steps=max_steps, out_dir=out_dir,
                  command=command_line(), prefetch_failure_rate=failure_rate, host_failure_rate=host_failure_rate,
                  time_limit_s=time_limit, host_backend=host_backend)
-    except (EngineError, TraceError, ValueError) as e:
+    except (EngineError, TraceError, ValueError, NativeBuildError) as e:
         raise click.ClickException(str(e)) from e
 
 

@@ -33,6 +33,7 @@ HOST_TESTS = ("test_calibrate_measures_host_compute_with_pymoes_cpu_kernels",
               "test_host_expert_group_equals_the_reference", "test_host_expert_group_bad_input",
               "test_the_native_host_backend_equals_the_graph_bit_for_bit",
               "test_the_engines_host_experts_take_the_native_backend",
+              "test_the_native_host_backend_runs_each_activation_and_dtype",
               "test_engine_host_experts_equal_the_all_resident_model",
               "test_the_output_check_catches_a_host_expert_with_the_wrong_weights",
               "test_host_worker_failures_fall_back_to_a_transfer",
@@ -345,28 +346,48 @@ def test_host_expert_group_bad_input():
 def test_the_native_host_backend_equals_the_graph_bit_for_bit():
     """backend="native" (the same kernels through a Mojo extension module, no MAX graph) gives
     exactly the graph's outputs on any subset of experts and rows (float32; the workspaces grow
-    when a call needs more slots), and in bfloat16 the float64 reference's within bf16 rounding."""
+    when a call needs more slots)."""
     from pymoe.offload.host import HostExpertGroup
-    from pymoe.reference import expert_activation
 
     g = torch.Generator().manual_seed(5)
     weights = [(torch.randn(64, 256, generator=g) / 8, torch.randn(128, 64, generator=g) / 11) for _ in range(5)]
     x = torch.randn(70, 64, generator=g)
-    calls = ([(3, 2), (1, 7), (3, 5), (0, 1)], [(4, 1)], [(i, 70) for i in range(5)], [(2, 3), (2, 3)])
     graph, native = HostExpertGroup(HOST_SHAPE, weights), HostExpertGroup(HOST_SHAPE, weights, backend="native")
-    for experts in calls:
+    for experts in NATIVE_CALLS:
         a, b = graph(x, experts), native(x, experts)
         assert a.dtype == b.dtype == x.dtype and torch.equal(a, b), experts
-    native16 = HostExpertGroup(dataclasses.replace(HOST_SHAPE, dtype="bfloat16"), weights, backend="native")
-    x16 = x.to(torch.bfloat16)
-    for experts in calls:
-        y = native16(x16, experts)
+
+
+NATIVE_CALLS = ([(3, 2), (1, 7), (3, 5), (0, 1)], [(4, 1)], [(i, 70) for i in range(5)], [(2, 3), (2, 3)])
+
+
+@pytest.mark.parametrize("activation,dtype,tol", [("relu", "float32", 1e-5), ("clamped_swiglu", "bfloat16", 2e-2)])
+def test_the_native_host_backend_runs_each_activation_and_dtype(activation, dtype, tol):
+    """The other activation and dtype codes reach the right kernels: relu in float32 and
+    clamped_swiglu (with gate and up values past its clamp at 7) in bfloat16 against the
+    float64 reference."""
+    from pymoe.offload.host import HostExpertGroup
+    from pymoe.reference import expert_activation
+
+    model = dataclasses.replace(HOST_SHAPE, activation=activation, dtype=dtype)
+    cols = 256 if activation != "relu" else 128
+    g = torch.Generator().manual_seed(9)
+    weights = [(torch.randn(64, cols, generator=g) * 1.5, torch.randn(128, 64, generator=g) / 11) for _ in range(5)]
+    group = HostExpertGroup(model, weights, backend="native")
+    dt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    x = torch.randn(70, 64, generator=g).to(dt)
+    clamped = 0
+    for experts in NATIVE_CALLS:
+        y = group(x, experts)
         ref = np.zeros((max(n for _, n in experts), 64))
         for i, n in experts:
-            w_in, w_out = (w.to(torch.bfloat16).double().numpy() for w in weights[i])
-            ref[:n] += expert_activation(x16[:n].double().numpy() @ w_in, "swiglu") @ w_out
-        assert y.dtype == torch.bfloat16 and y.shape == ref.shape
-        assert np.linalg.norm(y.double().numpy() - ref) <= 2e-2 * np.linalg.norm(ref), experts
+            w_in, w_out = (w.to(dt).double().numpy() for w in weights[i])
+            h = x[:n].double().numpy() @ w_in
+            clamped += int((np.abs(h) > 7).sum())
+            ref[:n] += expert_activation(h, activation) @ w_out
+        assert y.dtype == dt and y.shape == ref.shape
+        assert np.linalg.norm(y.double().numpy() - ref) <= tol * np.linalg.norm(ref), experts
+    assert activation == "relu" or clamped > 0  # the clamp was exercised
 
 
 def test_the_engines_host_experts_take_the_native_backend():

@@ -338,6 +338,10 @@ def measure_calibration(models: list[OffloadModel], *, tokens=DEFAULT_TOKENS, re
     `host_rows` counts (None: not measured)."""
     if host_backend not in HOST_BACKENDS:
         raise ValueError(f"host_backend must be one of {HOST_BACKENDS}, got {host_backend!r}")
+    if host_rows is not None and host_backend == "native":
+        from . import host_native
+
+        host_native.load()  # built (or a clear error) before anything is measured
     import torch
 
     gpu = torch.cuda.is_available()

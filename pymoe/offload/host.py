@@ -21,6 +21,9 @@ expert's rows.
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 
 from .. import runtime
@@ -97,7 +100,8 @@ class HostExpertGroup:
     tensors may be freed or pinned). The first group of an expert shape compiles its graph
     (seconds to tens of seconds); later ones, of any size, reuse it. With backend="native"
     a call runs the same kernels without a MAX graph (HOST_BACKENDS); its module is built on
-    first use and cached (host_native.load)."""
+    first use and cached (host_native.load). Calls from several threads run one at a time (the
+    intermediates' buffers are the group's)."""
 
     def __init__(self, model: OffloadModel, weights: list[tuple], backend: str = "graph"):
         import torch
@@ -108,6 +112,13 @@ class HostExpertGroup:
             raise HostExpertError("a host expert group needs at least one expert's weights")
         self.backend = backend
         self.model, self.dtype = model, host_dtype(model)
+        self._lock = threading.Lock()
+        started = time.perf_counter()
+        if backend == "native":  # built first: a failed build costs no packing
+            from . import host_native
+
+            self._native = host_native.load()
+        native_build_s = time.perf_counter() - started
         self.num_experts = len(weights)
         config = group_config(model, self.num_experts)
         dt = torch_dtype(self.dtype)
@@ -118,7 +129,7 @@ class HostExpertGroup:
         specs = group_graph_specs(model)
         if backend == "native":
             specs = specs[1:]  # only the weight packing's graphs: the call needs no graph
-        self.compile_seconds = runtime.compile_together(specs)
+        self.compile_seconds = runtime.compile_together(specs) + native_build_s
         self._model = runtime.compiled(specs[0])[0] if backend == "graph" else None
         _, self._w1, self._w2 = runtime.layer_weight_buffers(config, layer_weights, "cpu", self.dtype, packed=True)
         self._device = runtime.driver_device("cpu")
@@ -126,7 +137,10 @@ class HostExpertGroup:
         if backend == "native":
             from . import host_native
 
-            self._native = host_native.load()
+            # host_ffn.mojo compiles clamped_swiglu with MoEConfig's default alpha and limit.
+            defaults = MoEConfig(d_model=1, d_ff=1, num_experts=1, top_k=1)
+            if (config.swiglu_alpha, config.swiglu_limit) != (defaults.swiglu_alpha, defaults.swiglu_limit):
+                raise HostExpertError("the native host backend takes the default clamped_swiglu alpha and limit only")
             # The packed weights, shared with their MAX buffers (kept alive above), by address.
             self._w1_host, self._w2_host = torch.from_dlpack(self._w1), torch.from_dlpack(self._w2)
             self._codes = (host_native.DTYPE_CODES[self.dtype], host_native.ACTIVATION_CODES[model.activation])
@@ -156,17 +170,21 @@ class HostExpertGroup:
 
     def forward_unchecked(self, x, experts: list[tuple[int, int]]):
         """As __call__, without the checks (the engine's hot path)."""
-        from max.driver import Buffer
-
         row_ids, offsets, weights, ids, slot_to_row = routing_arrays(experts, self.num_experts)
         rows = weights.shape[0]
-        if self.backend == "native":
-            return self._native_call(x, rows, row_ids, offsets, weights, slot_to_row)
+        with self._lock:
+            if self.backend == "native":
+                return self._native_call(x, rows, row_ids, offsets, weights, slot_to_row)
+            return self._graph_call(x, rows, row_ids, offsets, weights, ids, slot_to_row)
+
+    def _graph_call(self, x, rows, row_ids, offsets, weights, ids, slot_to_row):
+        """forward_unchecked through the compiled MAX graph."""
+        from max.driver import Buffer
+
         xb = runtime.to_device_buffer(x[:rows], self.dtype, self._device)
         routing = [Buffer.from_numpy(a) for a in (row_ids, offsets, weights, ids, slot_to_row)]
         out = self._model.execute(xb, *routing, self._w1, self._w2, *self.pool.buffers(len(row_ids)))[0]
         return runtime.wrap_output(out, x)
-
 
     def _native_call(self, x, rows, row_ids, offsets, weights, slot_to_row):
         """forward_unchecked through the extension module: the same kernels, in the same

@@ -51,6 +51,11 @@ def ffn(args: PythonObject) raises -> PythonObject:
         a.append(Int(py=args[i]))
     var dtype = a[16]
     var activation = a[17]
+    if dtype != FLOAT32 and dtype != BFLOAT16:
+        raise Error("pymoe_host_ffn.ffn: dtype code must be 0 (float32) or 1 (bfloat16), got ", dtype)
+    if activation != RELU and activation != SWIGLU and activation != CLAMPED_SWIGLU:
+        raise Error("pymoe_host_ffn.ffn: activation code must be 0 (relu), 1 (swiglu) or 2 (clamped_swiglu), got ",
+                    activation)
     # The kernels run on the process's Mojo worker pool, which MAX's CPU calls share; a worker
     # may need the GIL (finishing a MAX call), so the GIL is released while the kernels wait on
     # the pool (holding it deadlocked once in scripts/host_call_probe.mojo: the main thread
@@ -93,6 +98,8 @@ def _ffn[dtype: DType, activation: StaticString](a: List[Int]):
     var d_ff = a[14]
     var n_w1 = a[15]
     # No biases: w1/w2 stand in for the bias pointers, which has_bias=False never reads.
+    # clamped_swiglu with MoEConfig's default alpha and limit, as the host group's config has
+    # them (pymoe.offload.host checks that before it calls this).
     expert_matmul_cpu[dtype, activation, True, True, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT](
         h, d_ff, x, d_model, row_ids, offsets, experts, w1, n_w1, w1
     )

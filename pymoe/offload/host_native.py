@@ -3,9 +3,12 @@ extension module built from host_ffn.mojo (beside this file) with the Mojo compi
 with the `mojo` package, and cached.
 
 `load()` returns the module, building it on first use (about 15 s on a 2-core machine) into
-<cache>/host_ffn/<key>/, where <cache> is $PYMOE_CACHE or ~/.cache/pymoe and <key> hashes the
-sources (host_ffn.mojo and pymoe's Mojo kernels) and the compiler's version, so that a changed
-kernel is rebuilt. HostExpertGroup(backend="native") calls it (pymoe/offload/host.py).
+<cache>/host_ffn/<key>/, where <cache> is $PYMOE_CACHE or ~/.cache/pymoe and <key> hashes what
+the build depends on: the sources (host_ffn.mojo and pymoe's Mojo kernels), the compiler's
+version, this CPU (the build targets it) and this Python environment (the library links the
+environment's Mojo runtime), so that a changed kernel, machine or venv gets its own build. Where
+no cache can be written it builds into a fresh private temporary folder, once per process.
+HostExpertGroup(backend="native") calls it (pymoe/offload/host.py).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import functools
 import hashlib
 import importlib.util
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -45,8 +49,8 @@ def mojo_compiler() -> str:
 
 
 def cache_dir() -> Path:
-    """$PYMOE_CACHE, else ~/.cache/pymoe, else (a home one cannot write to) a folder in the
-    system's temporary directory."""
+    """$PYMOE_CACHE, else ~/.cache/pymoe if it can be written, else a new private temporary
+    folder (mkdtemp: never a predictable shared path another user could fill first)."""
     if os.environ.get("PYMOE_CACHE"):
         return Path(os.environ["PYMOE_CACHE"])
     home = Path.home() / ".cache" / "pymoe"
@@ -56,17 +60,33 @@ def cache_dir() -> Path:
             return home
     except OSError:
         pass
-    return Path(tempfile.gettempdir()) / f"pymoe-cache-{os.getuid()}"
+    return Path(tempfile.mkdtemp(prefix="pymoe-cache-"))
+
+
+def _this_cpu() -> str:
+    """What the build's CPU target depends on: the architecture and, on Linux, the CPU's
+    model and feature flags."""
+    cpu = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags", "Features")):
+                cpu += "\n" + line
+                if line.startswith(("flags", "Features")):
+                    break
+    except OSError:
+        pass
+    return cpu
 
 
 def build_key(compiler: str) -> str:
-    """A hash of everything the module is built from: its source, pymoe's Mojo kernels, the
-    compiler's version."""
+    """A hash of everything the module's build depends on: its source, pymoe's Mojo kernels,
+    the compiler (path and version), this CPU and this Python environment."""
     digest = hashlib.sha256()
     for path in [SOURCE, *sorted(KERNELS_DIR.glob("*.mojo"))]:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60)
-    digest.update(version.stdout.encode())
+    for part in (compiler, version.stdout, _this_cpu(), sys.prefix):
+        digest.update(part.encode() + b"\0")
     return digest.hexdigest()[:20]
 
 
@@ -82,11 +102,14 @@ def load():
         # leaves a partial library under that name.
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
             built = Path(tmp) / f"{MODULE}.so"
-            run = subprocess.run(
-                [compiler, "build", "--emit", "shared-lib", "-I", str(KERNELS_DIR.parent), "-o", str(built),
-                 str(SOURCE)],
-                capture_output=True, text=True, timeout=900,
-            )
+            try:
+                run = subprocess.run(
+                    [compiler, "build", "--emit", "shared-lib", "-I", str(KERNELS_DIR.parent), "-o", str(built),
+                     str(SOURCE)],
+                    capture_output=True, text=True, timeout=900,
+                )
+            except subprocess.TimeoutExpired as e:
+                raise NativeBuildError(f"building {SOURCE.name} took over {e.timeout:.0f} s; gave up") from e
             if run.returncode != 0 or not built.exists():
                 raise NativeBuildError(f"building {SOURCE.name} failed (rc {run.returncode}):\n"
                                        f"{(run.stdout + run.stderr)[-3000:]}")
