@@ -579,6 +579,9 @@ def test_serve_offloaded_checks_host_policies_before_needing_a_gpu(tmp_path):
     r = CliRunner().invoke(main, [*args, "--calibration", str(new), "--strategy", "oracle",
                                   "--inject-host-failures", "0.1"])
     assert r.exit_code != 0 and "needs a strategy with a host miss policy" in r.output
+    # A calibration timed with the graph backend (or before the choice) and an engine asked to run native.
+    r = CliRunner().invoke(main, [*args, "--calibration", str(new), "--strategy", "hybrid", "--host-backend", "native"])
+    assert r.exit_code != 0 and "with the graph backend" in r.output and "Traceback" not in r.output
     if not torch.cuda.is_available():
         r = CliRunner().invoke(main, [*args, "--calibration", str(new), "--strategy", "hybrid"])
         assert r.exit_code != 0 and "needs a CUDA GPU" in r.output and "Traceback" not in r.output

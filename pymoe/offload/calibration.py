@@ -109,6 +109,10 @@ class Calibration:
         entry = self._host_entry(model)
         return _curve(entry["rows"], entry["expert_ms"] if "experts" in entry else entry["median_ms"])
 
+    def host_backend(self, model: OffloadModel) -> str:
+        """How the host calls were timed (host.HOST_BACKENDS; files before the choice: "graph")."""
+        return str(self._host_entry(model).get("backend", "graph"))
+
     def host_call_ms(self, model: OffloadModel) -> float:
         """The fixed cost of one host call (one layer's host experts), whatever it computes."""
         return float(self._host_entry(model).get("call_ms", 0.0))

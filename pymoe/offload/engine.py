@@ -682,6 +682,10 @@ def validate(trace_path, model_name: str, calibration_path, *, strategies, batch
     calibration.compute_curve(model)
     if host:
         calibration.host_compute_curve(model)  # missing: a clear error now, not after the first runs
+        if calibration.host_backend(model) != host_backend:
+            raise EngineError(f"{calibration_path} timed the host calls with the {calibration.host_backend(model)} "
+                              f"backend, the engine would run {host_backend}: the simulator's costs would not be the "
+                              f"engine's; calibrate with --host-backend {host_backend}")
     if not torch.cuda.is_available():
         raise EngineError("the offloading engine needs a CUDA GPU; on this machine use `pymoe simulate`")
     profile, evaluation = trace.split(0.25)
