@@ -12,7 +12,6 @@ numpy. Writes results/offload/<stamp>-host-call-overhead-<cpu>.json.
 """
 
 import argparse
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,11 +30,9 @@ WARM_LEAD_MS = 0.2  # a warm-up call this long before the real one (about a GPU 
 
 
 def build_extension(folder: Path):
-    mojo = Path(sys.executable).parent / "mojo"  # the venv's; else the one on PATH (a GPU host's install)
-    mojo = str(mojo) if mojo.exists() else shutil.which("mojo")
-    if mojo is None:
-        raise SystemExit("host_call_overhead: no mojo compiler next to this Python or on PATH")
-    subprocess.run([mojo, "build", "--emit", "shared-lib", "-I", str(REPO), "-o",
+    from pymoe.offload.host_native import mojo_compiler
+
+    subprocess.run([mojo_compiler(), "build", "--emit", "shared-lib", "-I", str(REPO), "-o",
                     str(folder / "host_call_probe.so"), str(REPO / "scripts" / "host_call_probe.mojo")],
                    check=True, capture_output=True, text=True)
     sys.path.insert(0, str(folder))

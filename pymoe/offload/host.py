@@ -135,17 +135,12 @@ class HostExpertGroup:
         self._device = runtime.driver_device("cpu")
         self.pool = runtime.BufferPool((config.expert_n, model.d_model), self.dtype, self._device)
         if backend == "native":
-            from . import host_native
-
-            # host_ffn.mojo compiles clamped_swiglu with MoEConfig's default alpha and limit.
-            defaults = MoEConfig(d_model=1, d_ff=1, num_experts=1, top_k=1)
-            if (config.swiglu_alpha, config.swiglu_limit) != (defaults.swiglu_alpha, defaults.swiglu_limit):
-                raise HostExpertError("the native host backend takes the default clamped_swiglu alpha and limit only")
-            # The packed weights, shared with their MAX buffers (kept alive above), by address.
+            # The packed weights, shared with their MAX buffers (kept alive above), by address;
+            # host_ffn.mojo's codes for the dtype and the activation (group_config keeps
+            # clamped_swiglu's default alpha and limit, which host_ffn.mojo compiles in).
             self._w1_host, self._w2_host = torch.from_dlpack(self._w1), torch.from_dlpack(self._w2)
             self._codes = (host_native.DTYPE_CODES[self.dtype], host_native.ACTIVATION_CODES[model.activation])
             self._n_w1 = config.expert_n
-            self._work: tuple = ()  # the workspaces h and y, grown like the pool
 
     def check(self, x, experts: list[tuple[int, int]]) -> None:
         """A clear error for a call the graph cannot take."""
@@ -194,11 +189,8 @@ class HostExpertGroup:
         dt = torch_dtype(self.dtype)
         xs = x[:rows]
         xs = xs if xs.dtype == dt and xs.is_contiguous() else xs.to(dt).contiguous()
-        slots = len(row_ids)
-        if not self._work or self._work[0].shape[0] < slots:
-            cap = max(runtime.BufferPool.MIN_ROWS, 1 << (slots - 1).bit_length())
-            self._work = (torch.empty(cap, self.model.d_ff, dtype=dt), torch.empty(cap, self.model.d_model, dtype=dt))
-        h, y = self._work
+        # The graph's intermediates' buffers serve as the workspaces (h is written [slots, d_ff]).
+        h, y = (torch.from_dlpack(b) for b in self.pool.buffers(len(row_ids)))
         out = torch.empty(rows, self.model.d_model, dtype=dt)
         k = weights.shape[1]
         self._native.ffn((

@@ -98,8 +98,8 @@ def _ffn[dtype: DType, activation: StaticString](a: List[Int]):
     var d_ff = a[14]
     var n_w1 = a[15]
     # No biases: w1/w2 stand in for the bias pointers, which has_bias=False never reads.
-    # clamped_swiglu with MoEConfig's default alpha and limit, as the host group's config has
-    # them (pymoe.offload.host checks that before it calls this).
+    # clamped_swiglu with MoEConfig's default alpha and limit, which the host group's config
+    # keeps (pymoe.offload.host.group_config).
     expert_matmul_cpu[dtype, activation, True, True, False, DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT](
         h, d_ff, x, d_model, row_ids, offsets, experts, w1, n_w1, w1
     )
