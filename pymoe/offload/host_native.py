@@ -2,7 +2,8 @@
 extension module built from host_ffn.mojo (beside this file) with the Mojo compiler that ships
 with the `mojo` package, and cached.
 
-`load()` returns the module, building it on first use (about 15 s on a 2-core machine) into
+`load()` returns the module, building it on first use (8 s on a 2-core VM:
+results/checks/20261207-s23-native-build-cpuvm.log) into
 <cache>/host_ffn/<key>/, where <cache> is $PYMOE_CACHE or ~/.cache/pymoe and <key> hashes what
 the build depends on: the sources (host_ffn.mojo and pymoe's Mojo kernels), the compiler's
 version, this CPU (the build targets it) and this Python environment (the library links the
