@@ -1,5 +1,6 @@
 """The benchmark harness: result files, the reference check before timing, bad options."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -58,6 +59,41 @@ def test_wrong_implementation_is_flagged_and_not_timed(basic_preset):
     bad = suite.Impl("zeros", "returns zeros", "moe", lambda w: ((lambda x: np.zeros_like(x)), 0.0))
     row = suite.run_impl(bad, w, suite.work_model(w), CEILINGS, min_seconds=0)
     assert row["status"] == "wrong" and "times_s" not in row
+
+
+def test_check_covers_the_timed_batch_not_only_its_first_tokens(basic_preset):
+    """Beyond CHECK_TOKENS tokens the check runs the timed batch (the kernels are chosen by its
+    size) and compares rows spread over it: a layer wrong only past the first CHECK_TOKENS
+    tokens is caught, a right one passes."""
+    n = suite.CHECK_TOKENS
+    w = suite.make_workload(basic_preset, n + 9, "cpu", "float32")
+    right = R.moe_layer(w.x.astype(np.float64), w.moe_weights, w.config).out.astype(np.float32)
+
+    def build_right(_):
+        return (lambda x: right[: len(x)]), 0.0
+
+    def build_wrong_tail(_):
+        wrong = right.copy()
+        wrong[n:] = 0.0  # right on the first CHECK_TOKENS tokens only
+        return (lambda x: wrong[: len(x)]), 0.0
+
+    row = suite.run_impl(suite.Impl("right", "the reference", "moe", build_right), w, suite.work_model(w),
+                         CEILINGS, min_seconds=0)
+    assert row["status"] == "ok", row
+    assert row["check_batch_tokens"] == n + 9 and row["check_tokens"] == n
+    row = suite.run_impl(suite.Impl("tail", "wrong past the first tokens", "moe", build_wrong_tail), w,
+                         suite.work_model(w), CEILINGS, min_seconds=0)
+    assert row["status"] == "wrong" and "times_s" not in row
+
+
+def test_check_of_a_capacity_layer_keeps_its_first_tokens_alone(basic_preset):
+    """With a capacity factor a row's output depends on the whole batch (what is dropped), so
+    the check runs the first CHECK_TOKENS tokens on their own, as the reference does."""
+    n = suite.CHECK_TOKENS
+    w = suite.make_workload(basic_preset, n + 9, "cpu", "float32")
+    w.preset = dataclasses.replace(w.preset, config=dataclasses.replace(w.config, capacity_factor=1.0))
+    batch, rows = suite._check_batch(w)
+    assert rows is None and np.array_equal(batch, w.x[:n])
 
 
 def test_failing_implementation_is_recorded(basic_preset):

@@ -68,7 +68,8 @@ from .workload import (
     routing,
 )
 
-# Tokens of the batch checked against the float64 reference before timing.
+# Tokens checked against the float64 reference before timing: the whole batch up to this
+# many, else this many rows spread over the timed batch's output (see _check_batch).
 CHECK_TOKENS = 32
 # Pass criteria of that check: relative Frobenius error (fp32), median
 # per-token relative error (bf16, where a few tokens may legitimately route
@@ -277,14 +278,35 @@ def _to_numpy(out) -> np.ndarray:
     return np.asarray(out, dtype=np.float32)
 
 
-def _reference(w: Workload, kind: str, n: int) -> np.ndarray:
-    """The float64 reference on the first n tokens, computed once per cell and kind."""
-    key = (kind, n)
-    if key not in w.references:
-        x = w.x[:n]
-        w.references[key] = (reference_moe(x, w.moe_weights, w.config) if kind == "moe"
-                             else reference_dense(x, w.dense_weights, w.config.activation))
-    return w.references[key]
+def _check_batch(w: Workload) -> tuple[np.ndarray, np.ndarray | None]:
+    """(the batch the reference check runs the layer on, the rows of its output compared; None:
+    all). Up to CHECK_TOKENS tokens, the whole batch. Beyond, the whole timed batch with
+    CHECK_TOKENS rows spread over it compared: the kernels a call runs are chosen by its size
+    (tiles by rows per expert), so a check on a smaller batch would pass kernels the timed call
+    never runs. A row's output depends on its token alone, except with a capacity factor (what
+    is dropped depends on the batch); there the first CHECK_TOKENS tokens alone."""
+    if w.tokens <= CHECK_TOKENS:
+        return w.x, None
+    if w.config.capacity_factor is not None:
+        return w.x[:CHECK_TOKENS], None
+    return w.x, np.linspace(0, w.tokens - 1, CHECK_TOKENS).round().astype(np.int64)
+
+
+def _take(out, rows: np.ndarray | None) -> np.ndarray:
+    """The rows of a call's output (torch or numpy) as float32 numpy."""
+    if rows is not None:
+        out = out[torch.from_numpy(rows).to(out.device)] if isinstance(out, torch.Tensor) else np.asarray(out)[rows]
+    return _to_numpy(out)
+
+
+def _reference(w: Workload, kind: str) -> np.ndarray:
+    """The float64 reference on the rows _check_batch compares, computed once per cell and kind."""
+    if kind not in w.references:
+        batch, rows = _check_batch(w)
+        x = batch if rows is None else batch[rows]  # each row depends on its token alone (_check_batch)
+        w.references[kind] = (reference_moe(x, w.moe_weights, w.config) if kind == "moe"
+                              else reference_dense(x, w.dense_weights, w.config.activation))
+    return w.references[kind]
 
 
 def _check(out: np.ndarray, ref: np.ndarray, dtype: str) -> tuple[float, bool]:
@@ -356,10 +378,11 @@ def skip_reason(impl: Impl, w: Workload, work: dict, ceilings: dict) -> str | No
 
 
 def _build_check_time(rec: dict, build: Callable[[], tuple[Callable, float]], check_x: np.ndarray,
-                      expected: np.ndarray, against: str, x, dtype: str, min_seconds: float, sync) -> Callable | None:
-    """Build, check on check_x against `expected`, then time on x, recording each step in
-    `rec` (a failure is recorded, not raised: a failing baseline is a result); returns the
-    function when every step passed, else None."""
+                      rows: np.ndarray | None, expected: np.ndarray, against: str, x, dtype: str, min_seconds: float,
+                      sync) -> Callable | None:
+    """Build, check the `rows` of its output on check_x (None: all) against `expected`, then
+    time on x, recording each step in `rec` (a failure is recorded, not raised: a failing
+    baseline is a result); returns the function when every step passed, else None."""
     try:
         fn, compile_s = build()
     except Exception as exc:
@@ -367,8 +390,9 @@ def _build_check_time(rec: dict, build: Callable[[], tuple[Callable, float]], ch
         return None
     rec["compile_s"] = compile_s
     try:
-        err, ok = _check(_to_numpy(fn(check_x)), expected, dtype)
-        rec.update(check_tokens=len(check_x), check_rel_err=err, check_tol=CHECK_TOL[dtype])
+        err, ok = _check(_take(fn(check_x), rows), expected, dtype)
+        rec.update(check_tokens=len(expected), check_batch_tokens=len(check_x), check_rel_err=err,
+                   check_tol=CHECK_TOL[dtype])
         if not ok:
             rec.update(status="wrong", error=f"relative error {err:.3g} against {against}")
             return None
@@ -413,8 +437,8 @@ def _time_graph(rec: dict, impl: Impl, w: Workload, x, expected: np.ndarray, sta
 
     what = "call" if stack is None else f"{stack}-layer stack"
     try:
-        _build_check_time(rec, build, x, expected, f"the eager {what} on the timed batch", x, w.dtype, min_seconds,
-                          sync)
+        _build_check_time(rec, build, x, None, expected, f"the eager {what} on the timed batch", x, w.dtype,
+                          min_seconds, sync)
     finally:
         for graph in graphs:
             graph.release()
@@ -422,8 +446,8 @@ def _time_graph(rec: dict, impl: Impl, w: Workload, x, expected: np.ndarray, sta
 
 def run_impl(impl: Impl, w: Workload, work: dict, ceilings: dict, min_seconds: float, sync=None,
              stack: int | None = None, graph: bool = False) -> dict:
-    """One row: built, checked against the float64 reference on the first CHECK_TOKENS tokens,
-    timed, with its roofline; with `stack` = L, its `stack` too; with `graph`, its `graph`: what
+    """One row: built, checked against the float64 reference (on the timed batch, up to
+    CHECK_TOKENS rows of it: _check_batch), timed, with its roofline; with `stack` = L, its `stack` too; with `graph`, its `graph`: what
     the run times (the stack with `stack`, else the single call) as a device graph (see the
     module's doc; the GPU only, which run_cell checks)."""
     row = {"name": impl.name, "label": impl.label, "kind": impl.kind, "status": "ok", "error": None}
@@ -431,10 +455,10 @@ def run_impl(impl: Impl, w: Workload, work: dict, ceilings: dict, min_seconds: f
     if reason:
         row.update(status="skipped", error=reason)
         return row
-    n = min(CHECK_TOKENS, w.tokens)
+    check_x, rows = _check_batch(w)
     # On the GPU every implementation gets the batch already on the device.
     x = w.x if w.device == "cpu" else torch.from_numpy(w.x).to("cuda", torch_dtype(w.dtype))
-    fn = _build_check_time(row, lambda: impl.build(w), w.x[:n], _reference(w, impl.kind, n),
+    fn = _build_check_time(row, lambda: impl.build(w), check_x, rows, _reference(w, impl.kind),
                            "the float64 reference", x, w.dtype, min_seconds, sync)
     if fn is None:
         return row
@@ -449,11 +473,12 @@ def run_impl(impl: Impl, w: Workload, work: dict, ceilings: dict, min_seconds: f
             st.update(status="skipped", error="no stacked form: MAX's dense and built-in rows are one graph per call")
             fn = None
         else:
-            expected = _single_calls(fn, w.x[:n], stack, w.config.d_model)
+            expected = _single_calls(fn, check_x, stack, w.config.d_model)
+            expected = expected if rows is None else expected[rows]
             fn = None  # the single call's copy of the weights goes before the stack's comes
             gc.collect()
-            fn = _build_check_time(st, lambda: impl.build_stack(w, stack), w.x[:n], expected, f"{stack} single calls",
-                                   x, w.dtype, min_seconds, sync)
+            fn = _build_check_time(st, lambda: impl.build_stack(w, stack), check_x, rows, expected,
+                                   f"{stack} single calls", x, w.dtype, min_seconds, sync)
             if fn:
                 st["per_layer_s"] = st["median_s"] / stack
                 st["pct_of_floor"] = 100 * row["floor_s"] / st["per_layer_s"]

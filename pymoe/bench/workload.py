@@ -228,7 +228,7 @@ class Workload:
     moe_weights: MoEWeights
     dense_weights: DenseWeights | None  # None where the dense baseline does not fit (`dense_skipped`)
     dense_skipped: str | None = None  # why the dense rows do not run
-    references: dict = field(default_factory=dict)  # (kind, tokens) -> float64 reference, made once
+    references: dict = field(default_factory=dict)  # kind -> float64 reference of the checked rows, made once
 
     @property
     def config(self) -> MoEConfig:
