@@ -447,9 +447,10 @@ def _time_graph(rec: dict, impl: Impl, w: Workload, x, expected: np.ndarray, sta
 def run_impl(impl: Impl, w: Workload, work: dict, ceilings: dict, min_seconds: float, sync=None,
              stack: int | None = None, graph: bool = False) -> dict:
     """One row: built, checked against the float64 reference (on the timed batch, up to
-    CHECK_TOKENS rows of it: _check_batch), timed, with its roofline; with `stack` = L, its `stack` too; with `graph`, its `graph`: what
-    the run times (the stack with `stack`, else the single call) as a device graph (see the
-    module's doc; the GPU only, which run_cell checks)."""
+    CHECK_TOKENS rows of it: _check_batch), timed, with its roofline; with `stack` = L, its
+    `stack` too; with `graph`, its `graph`: what the run times (the stack with `stack`, else
+    the single call) as a device graph (see the module's doc; the GPU only, which run_cell
+    checks)."""
     row = {"name": impl.name, "label": impl.label, "kind": impl.kind, "status": "ok", "error": None}
     reason = skip_reason(impl, w, work, ceilings)
     if reason:
