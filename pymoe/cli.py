@@ -258,8 +258,8 @@ def trace_info(path) -> None:
                    "next layer's rows between calls).")
 @click.option("--host-backend", type=click.Choice(["graph", "native"]), default="graph", show_default=True,
               help="How the timed host calls run pymoe's CPU kernels: one MAX graph call, or the same kernels "
-                   "through a Mojo extension module without MAX's per-call cost "
-                   "(built on first use in seconds, then cached).")
+                   "through a Mojo extension module without a MAX graph (built on first use in seconds, then "
+                   "cached; the same cost per call as the graph on an H100 host).")
 def calibrate(models, reps, out_path, host_compute, host_gap_ms, host_backend) -> None:
     """Measure host->GPU transfer time and expert compute time for the simulator's cost model
     (on a machine without a GPU: host memory copies and CPU compute, labelled so), and the
