@@ -26,7 +26,6 @@ results/offload/<stamp>-host-handoff-<gpu>.json.
 """
 
 import argparse
-import ctypes
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,40 +34,13 @@ import numpy as np
 import torch
 
 from pymoe import results
+from pymoe.offload.cuda_flag import HostFlag
 from pymoe.stats import summarize
 
 D_MODEL = 2048  # Qwen3-30B-A3B's hidden size: the rows that cross the bus
 ROWS = 1  # batch 1, where session 24's engine lost the simulator's predicted win
 GPU_US = (50, 400)  # GPU experts' time per layer
 HOST_MB = (0, 8, 32)  # weights the host stand-in reads per layer (0: none)
-CU_STREAM_WAIT_VALUE_GEQ = 0
-
-
-class HostFlag:
-    """An int32 in pinned host memory that the host sets and a CUDA stream can wait for."""
-
-    def __init__(self):
-        self.flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)
-        self.host = self.flag.numpy()
-        lib = ctypes.CDLL("libcuda.so.1")
-        self._wait = getattr(lib, "cuStreamWaitValue32_v2", None) or lib.cuStreamWaitValue32
-        self._wait.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
-        get_ptr = lib.cuMemHostGetDevicePointer_v2
-        get_ptr.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p, ctypes.c_uint]
-        dptr = ctypes.c_uint64()
-        code = get_ptr(ctypes.byref(dptr), ctypes.c_void_p(self.flag.data_ptr()), 0)
-        if code != 0:
-            raise RuntimeError(f"cuMemHostGetDevicePointer failed (CUresult {code})")
-        self.device_ptr = dptr.value
-
-    def wait(self, stream: torch.cuda.Stream, value: int) -> None:
-        """`stream` waits (on the GPU) until the flag is >= value."""
-        code = self._wait(ctypes.c_void_p(stream.cuda_stream), self.device_ptr, value, CU_STREAM_WAIT_VALUE_GEQ)
-        if code != 0:
-            raise RuntimeError(f"cuStreamWaitValue32 failed (CUresult {code}): stream memory operations unsupported?")
-
-    def set(self, value: int) -> None:
-        self.host[0] = value  # after the output's stores: x86 keeps stores in order
 
 
 def sleep_cycles_per_us() -> float:
