@@ -168,6 +168,7 @@ def main() -> None:
                                   "host_compute_ms": float(np.median(chain.host_s) * 1e3)}
             case = {"host_mb": host_mb, "gpu_us": gpu_us, "rows": ROWS, "d_model": D_MODEL, **per_mode}
             cases.append(case)
+            chain.worker.shutdown()
             t, g = per_mode["thread"], per_mode["gpu-wait"]
             print(f"host {host_mb:2d} MB ({t['host_compute_ms']:.3f} ms), GPU {gpu_us} us: per layer "
                   f"thread {t['layer_ms']['median']:.3f} ms, gpu-wait {g['layer_ms']['median']:.3f} ms")
