@@ -11,6 +11,10 @@ from .offload.strategies import EVICTIONS
 
 # Layers in one call of `pymoe bench --stack` without a count: the 8-layer stack of issue 22's goals.
 DEFAULT_STACK = 8
+READBACK_HELP = ("Read each layer's routing back to the host before deciding its misses, as a server that "
+                 "decides on the host must (the calibrated gap per layer, `pymoe calibrate`). Off: the host "
+                 "knows the routing from the trace and runs ahead of the GPU, which only a server that "
+                 "decides on the GPU could.")
 
 
 @click.group()
@@ -353,10 +357,12 @@ def transfer(models, reps, out_dir, calibration_out) -> None:
                    "predicted = evict the expert whose next use is expected furthest ahead, from the "
                    "request's recent experts and the profile's popularity (a practical Belady); "
                    "belady needs the future; tiered = L1/L2/L3 split of the same budget.")
+@click.option("--routing-readback/--no-routing-readback", default=False, show_default=True,
+              help=READBACK_HELP)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
               show_default=True)
 def simulate(trace_path, model_name, calibration_path, strategies, batch_sizes, runs, requests, cache_fraction,
-             dedup, memory, evictions, out_dir) -> None:
+             dedup, memory, evictions, routing_readback, out_dir) -> None:
     """SIMULATE offloaded decoding: replay a trace through every strategy and batch size
     (optionally computing missed experts on the host: see --strategy)."""
     from .offload.calibration import CalibrationError
@@ -370,7 +376,8 @@ def simulate(trace_path, model_name, calibration_path, strategies, batch_sizes, 
     try:
         run_sweep(trace_path, model_name, calibration_path, strategies=tuple(strategies) or None,
                   batch_sizes=sizes, runs=runs, cache_fraction=cache_fraction, requests=requests, dedup=dedup,
-                  memory=memory, evictions=tuple(evictions) or None, out_dir=out_dir)
+                  memory=memory, evictions=tuple(evictions) or None, out_dir=out_dir,
+                  routing_readback=routing_readback)
     except (TraceError, CalibrationError) as e:
         raise click.ClickException(str(e)) from e
     except ValueError as e:
@@ -404,10 +411,13 @@ def simulate(trace_path, model_name, calibration_path, strategies, batch_sizes, 
 @click.option("--host-backend", type=click.Choice(["graph", "native"]), default="graph", show_default=True,
               help="How the host worker runs pymoe's CPU kernels (see `pymoe calibrate --host-backend`; "
                    "calibrate with the same one).")
+@click.option("--routing-readback/--no-routing-readback", default=False, show_default=True,
+              help=READBACK_HELP)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
               show_default=True)
 def serve_offloaded(trace_path, model_name, calibration_path, strategies, batch_sizes, requests, cache_fraction,
-                    max_steps, failure_rate, host_failure_rate, time_limit, host_backend, out_dir) -> None:
+                    max_steps, failure_rate, host_failure_rate, time_limit, host_backend, routing_readback,
+                    out_dir) -> None:
     """Run the real offloading engine on the GPU (experts in pinned host memory, GPU slot pool,
     prefetches on a copy stream, missed experts on a host worker for the host miss policies)
     and compare its measured latency with the simulator's."""
@@ -426,7 +436,7 @@ def serve_offloaded(trace_path, model_name, calibration_path, strategies, batch_
         validate(trace_path, model_name, calibration_path, strategies=chosen, batch_sizes=sizes, requests=requests,
                  cache_fraction=cache_fraction, max_steps=max_steps, out_dir=out_dir,
                  command=command_line(), prefetch_failure_rate=failure_rate, host_failure_rate=host_failure_rate,
-                 time_limit_s=time_limit, host_backend=host_backend)
+                 time_limit_s=time_limit, host_backend=host_backend, routing_readback=routing_readback)
     except (EngineError, TraceError, ValueError, NativeBuildError) as e:
         raise click.ClickException(str(e)) from e
 

@@ -9,6 +9,9 @@
 # ENGINE_TESTS=0 skips step 1 (the engine output tests) when this build already passed them.
 # HOST_BACKEND (default graph; or native) is how the host experts call pymoe's CPU kernels, in the
 # calibration and the engine alike (pymoe.offload.host.HOST_BACKENDS).
+# READBACK (default 0; 1 or both) runs the engine without, with, or both without and with each
+# layer's routing read back to the host before its decisions (`serve-offloaded --routing-readback`);
+# MODELS (default "switch qwen qwen3-30b-a3b") picks the traces.
 set -u -o pipefail
 : "${OUT:?set OUT to the folder the results go to}"
 QUICK=${QUICK:-0}
@@ -37,7 +40,8 @@ cp "$Q3" "$OUT/results/traces/"
 
 step "3/3 calibrate (host compute included), then engine vs simulator; $(left) s left"
 BUDGET=$(( $(left) - 15 ))
-QUICK=$QUICK Q3=$Q3 BUDGET=$BUDGET HOST_BACKEND=${HOST_BACKEND:-graph} timeout $((BUDGET + 10)) $PY -u - <<'EOF' 2>&1 | tee "$OUT/i23-engine.log"
+QUICK=$QUICK Q3=$Q3 BUDGET=$BUDGET HOST_BACKEND=${HOST_BACKEND:-graph} READBACK=${READBACK:-0} \
+    MODELS=${MODELS:-switch qwen qwen3-30b-a3b} timeout $((BUDGET + 10)) $PY -u - <<'EOF' 2>&1 | tee "$OUT/i23-engine.log"
 """Calibration and validation in one process: the CPU layer's MAX graphs compiled by the
 calibration (tens of seconds per expert shape) serve the engine's host workers too."""
 import csv
@@ -67,8 +71,10 @@ def say(msg: str) -> None:
     print(f"[{time.perf_counter() - start:6.1f} s] {msg}", flush=True)
 
 
-MODELS = [("switch", "results/traces/lm-switch-aux.npz"), ("qwen", "results/traces/lm-qwen-aux.npz"),
-          ("qwen3-30b-a3b", os.environ["Q3"])]
+TRACES = {"switch": "results/traces/lm-switch-aux.npz", "qwen": "results/traces/lm-qwen-aux.npz",
+          "qwen3-30b-a3b": os.environ["Q3"]}
+MODELS = [(m, TRACES[m]) for m in os.environ["MODELS"].split()]
+READBACKS = {"0": [False], "1": [True], "both": [False, True]}[os.environ["READBACK"]]
 # Transfer-only: the best practical strategies of docs/RESULTS.md (the predicted eviction
 # alone, and with ExpertFlow's prefetching) and Oracle; hybrid: the same with the host.
 # Interleaved, so that a batch size cut short by the time limit still has pairs to compare.
@@ -93,6 +99,7 @@ for key, curve in data["compute"].items():
     say(f"GPU compute {key}: " + ", ".join(f"{n} tok {ms:.4f} ms" for n, ms in zip(curve["tokens"], curve["median_ms"])))
 t = data["transfer"]["pinned"]
 say(f"pinned transfer: {t['gbps']:.1f} GB/s, latency {t['latency_ms'] * 1e3:.1f} us, start {t['start_latency_ms'] * 1e3:.1f} us")
+say(f"routing readback: {data['routing_readback']['median_ms'] * 1e3:.1f} us per layer ({data['routing_readback']['what']})")
 
 if not gpu:
     # No engine without CUDA: check that the calibration drives the simulator's host policies.
@@ -131,22 +138,25 @@ for i, (model, trace) in enumerate(MODELS):
     if share < 20:
         say(f"{model}: {left():.0f} s left, not enough for a run; skipped")
         continue
-    say(f"engine vs simulator, {model}: time limit {share:.0f} s")
-    try:  # one model's failure must not cost the others' runs
-        result, path = validate(trace, model, cal_path, strategies=STRATEGIES, batch_sizes=BATCHES,
-                                max_steps=MAX_STEPS[model], out_dir=out, time_limit_s=share, host_backend=backend,
-                                command=f"validate({model}, max_steps={MAX_STEPS[model]}, time_limit_s={share:.0f}) "
-                                        f"in scripts/gpu_check_offload_engine.sh")
-    except Exception:
-        traceback.print_exc()
-        continue
-    write_csv(result, path)
-    say(f"{model}: {len(result['runs'])} runs, {len(result['skipped'])} left out; wrote {path} and .csv")
+    share /= len(READBACKS)
+    for readback in READBACKS:
+        say(f"engine vs simulator, {model}, routing readback {readback}: time limit {share:.0f} s")
+        try:  # one model's failure must not cost the others' runs
+            result, path = validate(trace, model, cal_path, strategies=STRATEGIES, batch_sizes=BATCHES,
+                                    max_steps=MAX_STEPS[model], out_dir=out, time_limit_s=share,
+                                    host_backend=backend, routing_readback=readback,
+                                    command=f"validate({model}, max_steps={MAX_STEPS[model]}, time_limit_s={share:.0f}, "
+                                            f"routing_readback={readback}) in scripts/gpu_check_offload_engine.sh")
+        except Exception:
+            traceback.print_exc()
+            continue
+        write_csv(result, path)
+        say(f"{model}: {len(result['runs'])} runs, {len(result['skipped'])} left out; wrote {path} and .csv")
 
 if left() > fault_run:
     say("injected host failures (20%): fallback to transfer + GPU compute, switch, hybrid[predicted]")
     try:
-        result, path = validate(MODELS[0][1], "switch", cal_path, strategies=["hybrid[predicted]"],
+        result, path = validate(TRACES["switch"], "switch", cal_path, strategies=["hybrid[predicted]"],
                                 batch_sizes=(1, 16), max_steps=8, out_dir=out, host_failure_rate=0.2,
                                 host_backend=backend,
                                 time_limit_s=fault_run - 10,

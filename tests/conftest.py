@@ -151,9 +151,9 @@ def rng():
     return np.random.default_rng(seed)
 
 
-def calibration_for(model, gbps=1.0, compute_ms=0.5, per_token_ms=0.0, start_latency_ms=0.0):
+def calibration_for(model, gbps=1.0, compute_ms=0.5, per_token_ms=0.0, start_latency_ms=0.0, readback_ms=None):
     """A cost model for offloading tests: transfers at `gbps` (plus `start_latency_ms` when the
-    copy stream was idle), expert compute linear in tokens."""
+    copy stream was idle), expert compute linear in tokens; a routing readback gap if given."""
     from pymoe.offload.calibration import Calibration
 
     return Calibration({
@@ -162,6 +162,7 @@ def calibration_for(model, gbps=1.0, compute_ms=0.5, per_token_ms=0.0, start_lat
                      "pageable": {"gbps": gbps / 4, "latency_ms": 0.0, "start_latency_ms": 0.0}},
         "compute": {model.shape_key(): {"tokens": [1, 1000],
                                         "median_ms": [compute_ms, compute_ms + 999 * per_token_ms]}},
+        **({} if readback_ms is None else {"routing_readback": {"median_ms": readback_ms}}),
     })
 
 

@@ -282,6 +282,24 @@ def test_oracle_beats_every_strategy_and_dedup_never_moves_more(seed):
     assert totals["oracle"] <= min(totals.values()) + 1e-9, totals
 
 
+def test_the_routing_readback_delays_every_layers_decisions():
+    """With the readback, the host decides each layer 0.1 ms after the layer before ends: the
+    same run as test_hand_computed_lru_run, every layer 0.1 ms longer. Without it (the
+    default) nothing changes; asked for without a calibrated gap, it fails before running."""
+    args = dict(capacity=2, batch_size=1, requests=1)
+    cal = calibration_for(TINY, readback_ms=0.1)
+    r = simulate(hand_trace(), TINY, make_strategy("on-demand"), cal, routing_readback=True, **args)
+    np.testing.assert_allclose(r.layer_ms, [1.6, 1.6, 0.6, 1.6, 1.6, 1.6])
+    assert r.total_ms == pytest.approx(8.6) and r.summary()["readback_ms"] == 0.1
+    timeline = []
+    simulate(hand_trace(), TINY, make_strategy("on-demand"), cal, routing_readback=True, timeline=timeline, **args)
+    readbacks = [(start, end) for resource, start, end, _ in timeline if resource == "readback"]
+    assert readbacks[:2] == [(0.0, pytest.approx(0.1)), (pytest.approx(1.6), pytest.approx(1.7))]
+    assert simulate(hand_trace(), TINY, make_strategy("on-demand"), cal, **args).total_ms == pytest.approx(8.0)
+    with pytest.raises(CalibrationError, match="routing readback"):
+        simulate(hand_trace(), TINY, make_strategy("on-demand"), calibration_for(TINY), routing_readback=True, **args)
+
+
 def test_bad_simulation_settings_fail_before_running():
     trace = hand_trace()
     with pytest.raises(ValueError, match="smaller than one layer"):
@@ -305,6 +323,9 @@ def test_calibration_file_checks(tmp_path):
         load_calibration(bad)
     bad.write_text(json.dumps({"schema": "pymoe.calibration/1", "transfer": {}}))
     with pytest.raises(CalibrationError, match="pymoe calibrate"):
+        load_calibration(bad)
+    bad.write_text(json.dumps({**calibration_for(TINY).data, "routing_readback": {"median_ms": -1}}))
+    with pytest.raises(CalibrationError, match="routing_readback"):
         load_calibration(bad)
     bad.write_text("{")
     with pytest.raises(CalibrationError, match="not JSON"):
@@ -371,6 +392,18 @@ def test_cli_synthetic_trace_then_simulate(tmp_path):
     assert result["simulated"].startswith("SIMULATED") and len(result["runs"]) == 2 * 2 * 3 * 2
     oracle = [a for a in result["aggregates"] if a["strategy"] == "oracle" and a["dedup"]]
     assert all(a["fraction_of_oracle_speedup"]["mean"] == pytest.approx(1.0) for a in oracle)
+    assert result["routing_readback"] is False
+    # The readback needs its calibrated gap: a clear error without it, a file of its own with it.
+    args = ["simulate", "--trace", str(trace_path), "--model", shape, "--calibration", str(cal_path),
+            "--strategy", "on-demand", "--batch-sizes", "1", "--runs", "1", "--cache-fraction", "0.5",
+            "--routing-readback", "--out", str(tmp_path)]
+    r = runner.invoke(main, args)
+    assert r.exit_code != 0 and "routing readback" in r.output and "Traceback" not in r.output, r.output
+    cal_path.write_text(json.dumps(calibration_for(get_model(shape), readback_ms=0.02).data))
+    r = runner.invoke(main, args)
+    assert r.exit_code == 0, r.output
+    [readback] = (tmp_path / "offload").glob("*-simulated-*-readback.json")
+    assert json.loads(readback.read_text())["readback_ms"] == 0.02
 
 
 def test_cli_eviction_variants(tmp_path):
@@ -583,6 +616,31 @@ def test_failed_prefetches_fall_back_to_on_demand(name, device):
         torch.testing.assert_close(executor.outputs[tick], out)
     with pytest.raises(EngineError, match="prefetch_failure_rate"):
         Executor(model, 5, device="cpu", prefetch_failure_rate=1.5)
+
+
+@pytest.mark.parametrize("device", ENGINE_DEVICES)
+def test_engine_reads_each_layers_routing_back_before_its_transfers(device):
+    """With the routing readback the plan reads every layer's routing back before anything of
+    that layer is issued, and the outputs still equal the all-resident model's."""
+    from pymoe.offload.engine import EngineError, Executor, Plan, reference_outputs
+    from pymoe.offload.simulator import batch_schedule
+
+    model = OffloadModel("eng", 6, 3, 2, d_model=16, d_ff=24, activation="swiglu")
+    trace = generate(model, SyntheticParams(0.8, 0.3, 0.3), requests=6, tokens=5, seed=4)
+    executor, plan = Executor(model, 5, device=device, check=True, max_tokens=2, routing_readback=True), Plan()
+    r = simulate(trace, model, make_strategy("on-demand"), calibration_for(model, readback_ms=0.05), capacity=5,
+                 batch_size=2, requests=4, seed=1, executor=plan, routing_readback=True)
+    ops = [op[0].__name__ for op in plan.ops]
+    assert ops.count("read_routing") == ops.count("layer") == len(r.layer_ms)
+    # Each layer's ops begin with its readback: nothing of a layer comes before it.
+    starts = [i for i, name in enumerate(ops) if name == "read_routing"]
+    assert starts[0] == 0 and all("layer" in ops[a:b] for a, b in zip(starts, [*starts[1:], len(ops)]))
+    executor.run(plan)
+    expected = reference_outputs(trace, model, batch_schedule(trace, 2, 4, 1), max_tokens=2)
+    for tick, out in expected.items():
+        torch.testing.assert_close(executor.outputs[tick], out)
+    with pytest.raises(EngineError, match="routing_readback=True"):
+        Executor(model, 5, device="cpu", max_tokens=2).read_routing(1)
 
 
 def test_intelligent_with_the_learned_predictor_prefetches_what_comes_next():

@@ -241,6 +241,8 @@ def test_calibrate_measures_host_compute_with_pymoes_cpu_kernels(tmp_path):
     assert cal.host_compute_curve(model)(4) == pytest.approx(curve["expert_ms"][1])
     assert cal.host_call_ms(model) == pytest.approx(curve["call_ms"])
     assert cal.data["command"] == "test" and "machine" in cal.data
+    # The routing readback: measured on a GPU; without one the routing is already on the host.
+    assert cal.readback_ms() > 0 if torch.cuda.is_available() else cal.readback_ms() == 0.0
     # Re-measuring without host compute keeps the host curve already in the file.
     again = {k: v for k, v in data.items() if k != "host_compute"}
     write_calibration(again, path)

@@ -13,8 +13,11 @@ expert's weights. Without a GPU it measures the CPU's own host
 memory copies (recorded as both "pinned" and "pageable", and labelled so) and the expert
 FFN on the CPU in float32, with the host clock. Host compute (the hybrid policies'): calls
 of host.HostExpertGroup, as the engine's host worker makes them (`measure_host_compute`),
-fitted as a fixed cost per call plus each expert's cost by its rows. The file it writes
-(`pymoe.calibration/2`) records the raw timings; the simulator reads the fitted values.
+fitted as a fixed cost per call plus each expert's cost by its rows. Routing readback (what
+a real server pays per layer before it can decide a layer's misses, see `time_routing_readback`):
+the GPU's idle gap from a layer's end to the first work the host issues after reading the
+layer's routing back. The file it writes (`pymoe.calibration/2`) records the raw timings; the
+simulator reads the fitted values.
 """
 
 from __future__ import annotations
@@ -117,6 +120,15 @@ class Calibration:
         """The fixed cost of one host call (one layer's host experts), whatever it computes."""
         return float(self._host_entry(model).get("call_ms", 0.0))
 
+    def readback_ms(self) -> float:
+        """The GPU's idle gap per layer when the host reads each layer's routing back before
+        it issues the layer (`time_routing_readback`; 0 where there is no GPU)."""
+        entry = self.data.get("routing_readback")
+        if entry is None:
+            raise CalibrationError(f"calibration {self.path} has no routing readback timing, which "
+                                   f"--routing-readback needs; run `pymoe calibrate` again to add it")
+        return float(entry["median_ms"])
+
     def rows_transfer_ms(self, nbytes: int, memory: str = "pinned") -> float:
         """Hidden-state rows moved between host and GPU on a stream of their own (not behind
         the expert copies): the transfer model of a copy that finds its stream idle. The
@@ -155,6 +167,9 @@ def load_calibration(path: str | Path) -> Calibration:
         if not (fit.get("gbps", 0) > 0 and fit.get("latency_ms", -1) >= 0 and fit.get("start_latency_ms", -1) >= 0):
             raise CalibrationError(f"calibration {path}: transfer.{memory} needs gbps > 0, latency_ms >= 0 "
                                    f"and start_latency_ms >= 0")
+    readback = data.get("routing_readback", {"median_ms": 0.0}).get("median_ms")
+    if not (isinstance(readback, (int, float)) and np.isfinite(readback) and readback >= 0):
+        raise CalibrationError(f"calibration {path}: routing_readback.median_ms must be a number >= 0")
     for section, counts in (("compute", "tokens"), ("host_compute", "rows")):
         for key, curve in data.get(section, {}).items():
             t = curve.get(counts, [])
@@ -245,6 +260,33 @@ def time_copies_after_compute(torch, dst: list, src: list, reps: int) -> list[fl
             end.record(copy_stream)
         end.synchronize()
         return done.elapsed_time(end)
+
+    once()
+    return [once() for _ in range(reps)]
+
+
+def time_routing_readback(torch, reps: int, tokens: int = 64, top_k: int = 8) -> list[float]:
+    """reps samples of the GPU's idle gap, on the device clock, from the end of a layer (an
+    event after a sleep kernel) to the start of the next work the host issues once it has
+    read the layer's routing back: a [tokens, top_k] int32 copy to pinned memory queued after
+    the event, the host waiting for it, then a one-element kernel. A server that decides a
+    layer's misses on the host pays this once per layer; the GPU cannot run ahead of it."""
+    routing = torch.zeros(tokens, top_k, dtype=torch.int32, device="cuda")
+    routing_host = torch.empty(tokens, top_k, dtype=torch.int32, pin_memory=True)
+    flag = torch.zeros(1, device="cuda")
+
+    def once() -> float:
+        done, resumed = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        hold_gpu(torch)
+        done.record()
+        routing_host.copy_(routing, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        copied.synchronize()  # the host reads the routing here and decides
+        resumed.record()
+        flag.add_(1)
+        resumed.synchronize()
+        return done.elapsed_time(resumed)
 
     once()
     return [once() for _ in range(reps)]
@@ -398,6 +440,15 @@ def measure_calibration(models: list[OffloadModel], *, tokens=DEFAULT_TOKENS, re
             curve["median_ms"].append(float(np.median(raw)))
             curve["raw_ms"].append(raw)
         data["compute"][model.shape_key()] = curve
+    if gpu:
+        say("routing readback")
+        raw = time_routing_readback(torch, reps * 5)
+        data["routing_readback"] = {"median_ms": float(np.median(raw)), "raw_ms": raw,
+                                    "what": "the GPU's idle gap from a layer's end to the next work the host issues "
+                                            "after reading a [64, 8] int32 routing back (device clock)"}
+    else:
+        data["routing_readback"] = {"median_ms": 0.0, "raw_ms": [],
+                                    "what": "no GPU: the routing is already on the host"}
     if host_rows is not None:
         data["host_compute"] = {model.shape_key(): measure_host_compute(model, rows=host_rows, reps=reps,
                                                                         gap_ms=host_gap_ms, backend=host_backend,

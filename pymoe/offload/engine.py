@@ -39,6 +39,14 @@ load of the next layer), so that the prefetches and admissions the plan issues a
 layer are queued on the copy stream first, as the simulator books them. An `-admit` policy's
 copy of a host-served expert into the cache is a transfer like a prefetch.
 
+Routing readback (`routing_readback=True`, off by default like the simulator's): before each
+layer's transfers, the issuing thread copies a [tokens, top_k] int32 routing tensor to pinned
+host memory behind the layer before's combine on the compute stream and waits for it, as a
+server that decides a layer's misses on the host must; without it the issuing thread runs
+ahead of the GPU with the trace's routing, which only a server that decides on the GPU could.
+The wait is real and counts in the measured layer times; the simulator models it with the
+calibrated gap.
+
 Faults: a prefetch whose copy fails (a RuntimeError from the copy, or one injected with
 `prefetch_failure_rate` to test this path) leaves its slot poisoned (NaN bytes) and the
 expert marked; when a layer needs it, it is loaded again on demand, like a miss, and counted
@@ -183,6 +191,9 @@ class Plan:
               host_keys=()) -> None:
         self.ops.append((Executor.layer, tick, tokens, layer, experts, counts, tuple(host_keys)))
 
+    def read_routing(self, rows: int) -> None:
+        self.ops.append((Executor.read_routing, rows))
+
 
 class Executor:
     """Carries out the simulator's transfers, layer computes and host experts on a device
@@ -192,7 +203,8 @@ class Executor:
 
     def __init__(self, model: OffloadModel, capacity: int, *, device: str = "cuda", host_copies: int = 64,
                  check: bool = False, max_tokens: int = 64, seed: int = 0, prefetch_failure_rate: float = 0.0,
-                 host_experts: bool = False, host_failure_rate: float = 0.0, experts: HostExperts | None = None):
+                 host_experts: bool = False, host_failure_rate: float = 0.0, experts: HostExperts | None = None,
+                 routing_readback: bool = False):
         for name, rate in (("prefetch_failure_rate", prefetch_failure_rate), ("host_failure_rate", host_failure_rate)):
             if not 0.0 <= rate <= 1.0:
                 raise EngineError(f"{name} must be in [0, 1], got {rate!r}")
@@ -237,6 +249,10 @@ class Executor:
         g = torch.Generator().manual_seed(seed)
         self.x = (torch.randn(max_tokens * model.top_k, model.d_model, generator=g)).to(self.device, self.dtype)
         self.x_rows = [self.x[:n] for n in range(len(self.x) + 1)]
+        self.routing_readback = routing_readback
+        if routing_readback:  # a layer's routing, read back to the host (see read_routing)
+            self.routing = torch.zeros(max_tokens, model.top_k, dtype=torch.int32, device=self.device)
+            self.routing_host = torch.empty(max_tokens, model.top_k, dtype=torch.int32, pin_memory=self.cuda)
         self.first_start = None  # timing event before the first layer; the clocks' common zero
         self.host_zero = 0.0
         self.issued_at: list[float] = []  # host clock (s) when each layer's compute was issued
@@ -284,6 +300,8 @@ class Executor:
             for _ in range(3):
                 self.slot_bytes[0].copy_(self.host[0], non_blocking=True)
         self.copy_stream.synchronize()
+        if self.routing_readback:
+            self.routing_host.copy_(self.routing, non_blocking=True)
         self.slot_of[-1] = 0
         for n in range(1, len(self.x) + 1):
             self._ffn(self.x_rows[n], -1)
@@ -341,6 +359,22 @@ class Executor:
                 self.slot_bytes[slot].fill_(255)
             self.failed.add(key)
             self.faults["failed_prefetches"] += 1
+
+    def read_routing(self, rows: int) -> None:
+        """Before a layer's transfers, as a server that decides on the host must: read the
+        layer's routing ([rows, top_k] int32) back behind the layer before's combine, and wait
+        for it. Only with `routing_readback`; the plan then calls it for every layer."""
+        if not self.routing_readback:
+            raise EngineError("read_routing needs an Executor made with routing_readback=True")
+        self._combine()
+        if not self.cuda:
+            return
+        self._start_clocks_once()
+        with torch.cuda.stream(self.compute_stream):
+            self.routing_host[:rows].copy_(self.routing[:rows], non_blocking=True)
+            read = torch.cuda.Event()
+            read.record(self.compute_stream)
+        read.synchronize()
 
     def _copy(self, key: int, slot: int, *, after, inject: bool = False) -> None:
         """Copy expert `key`'s weights into `slot`, on the copy stream once the compute
@@ -566,7 +600,7 @@ def run_engine(trace: Trace, model: OffloadModel, strategy: Strategy, calibratio
                capacity: int, batch_size: int, requests: int, seed: int = 0, memory: str = "pinned",
                device: str = "cuda", host_copies: int = 64, max_steps: int | None = None,
                prefetch_failure_rate: float = 0.0, host_failure_rate: float = 0.0,
-               experts: HostExperts | None = None) -> tuple[RunResult, RunResult, dict]:
+               experts: HostExperts | None = None, routing_readback: bool = False) -> tuple[RunResult, RunResult, dict]:
     """(simulated, measured, info) for the same trace, strategy, batch and seed. The
     measured run has the simulated run's hits, misses, host-served experts and bytes (same
     decisions) and measured times (for a host miss policy also `host_ms`, the worker's compute
@@ -576,7 +610,8 @@ def run_engine(trace: Trace, model: OffloadModel, strategy: Strategy, calibratio
     simulator and strategy, not timed) and to issue the GPU work (which includes waiting when
     the GPU's launch queue is full, and for the host experts of the layer before), and per
     step how long the GPU waited for the host (`Executor.host_late_ms`). `experts` shares the
-    host weights between runs (see HostExperts)."""
+    host weights between runs (see HostExperts). `routing_readback`: both read each layer's
+    routing back before deciding it (see the module's docstring)."""
     if memory != "pinned":
         raise EngineError("the engine keeps experts in pinned host memory")
     if not torch.cuda.is_available():
@@ -587,14 +622,17 @@ def run_engine(trace: Trace, model: OffloadModel, strategy: Strategy, calibratio
         calibration.host_compute_curve(model)  # a calibration without it fails here, before any GPU work
     elif host_failure_rate:
         raise EngineError(f"host_failure_rate applies to host miss policies only; {strategy.label} has none")
+    if routing_readback:
+        calibration.readback_ms()  # a calibration without it fails here, before any GPU work
     executor = Executor(model, capacity, device=device, host_copies=host_copies, max_tokens=batch_size, seed=seed,
                         prefetch_failure_rate=prefetch_failure_rate, host_experts=strategy.host_compute,
-                        host_failure_rate=host_failure_rate, experts=experts)
+                        host_failure_rate=host_failure_rate, experts=experts, routing_readback=routing_readback)
     try:
         plan = Plan()
         started = time.perf_counter()
         measured = simulate(trace, model, strategy, calibration, capacity=capacity, batch_size=batch_size,
-                            requests=requests, seed=seed, max_steps=max_steps, executor=plan)
+                            requests=requests, seed=seed, max_steps=max_steps, executor=plan,
+                            routing_readback=routing_readback)
         decision_ms = (time.perf_counter() - started) * 1e3
         issue_ms = executor.run(plan)
         layer_ms = executor.measured_layer_ms()
@@ -648,11 +686,12 @@ def validate(trace_path, model_name: str, calibration_path, *, strategies, batch
              requests: int = 8, cache_fraction: float = 0.25, seed: int = 0, max_steps: int | None = None,
              out_dir="results", command: str = "", console=None, prefetch_failure_rate: float = 0.0,
              host_failure_rate: float = 0.0, time_limit_s: float | None = None, host_copies: int = 64,
-             host_backend: str = "graph"):
+             host_backend: str = "graph", routing_readback: bool = False):
     """Engine vs simulator for every strategy (transfer-only or with a host miss policy) and
     batch size (each run cut to its first `max_steps` decode steps if given), the host experts
-    called through `host_backend` (host.HOST_BACKENDS); writes
-    `<out_dir>/offload/<stamp>-engine-<model>-<device>.json`. With `time_limit_s`, no run
+    called through `host_backend` (host.HOST_BACKENDS), each layer's routing read back first
+    with `routing_readback`; writes
+    `<out_dir>/offload/<stamp>-engine-<model>-<device>[-readback].json`. With `time_limit_s`, no run
     starts after that many seconds: the file lists the runs left out (`skipped`)."""
     from pathlib import Path
 
@@ -680,6 +719,8 @@ def validate(trace_path, model_name: str, calibration_path, *, strategies, batch
     trace.check_shape(model.num_experts, model.num_layers, model.top_k, f"model {model.name}")
     calibration = load_calibration(calibration_path)
     calibration.compute_curve(model)
+    if routing_readback:
+        calibration.readback_ms()
     if host:
         calibration.host_compute_curve(model)  # missing: a clear error now, not after the first runs
         if calibration.host_backend(model) != host_backend:
@@ -695,6 +736,8 @@ def validate(trace_path, model_name: str, calibration_path, *, strategies, batch
               "cache_fraction": cache_fraction, "requests_per_run": requests, "seed": seed,
               "max_steps": max_steps, "prefetch_failure_rate": prefetch_failure_rate,
               "host_failure_rate": host_failure_rate, "time_limit_s": time_limit_s, "host_backend": host_backend,
+              "routing_readback": routing_readback,
+              "readback_ms": calibration.readback_ms() if routing_readback else 0.0,
               "runs": [], "skipped": []}
     start = time.perf_counter()
     # One set of pinned host experts (and their CPU group, for the host policies) for every run.
@@ -717,7 +760,7 @@ def validate(trace_path, model_name: str, calibration_path, *, strategies, batch
                                              batch_size=batch, requests=max(batch, requests), seed=seed,
                                              max_steps=max_steps, prefetch_failure_rate=prefetch_failure_rate,
                                              host_failure_rate=host_failure_rate if strategy.host_compute else 0.0,
-                                             experts=experts)
+                                             experts=experts, routing_readback=routing_readback)
             faults = info["faults"]
             s, m = sim.summary(), real.summary()
             error = m["ms_per_step"] / s["ms_per_step"] - 1
@@ -735,9 +778,10 @@ def validate(trace_path, model_name: str, calibration_path, *, strategies, batch
         console.print(f"time limit {time_limit_s:g} s: left out {len(result['skipped'])} runs (listed in the file)")
     # Runs with injected failures test the fallback; the simulator does not model them, so
     # their name keeps them apart from the validation runs (the figures draw only those).
-    faults = (f"-prefetch-failures{prefetch_failure_rate:g}" if prefetch_failure_rate else "") + (
-        f"-host-failures{host_failure_rate:g}" if host_failure_rate else "")
-    path = write_result(Path(out_dir) / "offload", f"engine-{model.name}-{slug(torch.cuda.get_device_name(0))}{faults}",
+    # Runs with the routing readback answer another question (a server deciding on the host).
+    suffix = (f"-prefetch-failures{prefetch_failure_rate:g}" if prefetch_failure_rate else "") + (
+        f"-host-failures{host_failure_rate:g}" if host_failure_rate else "") + ("-readback" if routing_readback else "")
+    path = write_result(Path(out_dir) / "offload", f"engine-{model.name}-{slug(torch.cuda.get_device_name(0))}{suffix}",
                         result)
     console.print(f"wrote {path}")
     return result, path

@@ -30,6 +30,14 @@ on streams of their own (not behind the expert copies), each way at the calibrat
 copy that finds its stream idle. `hybrid` decides per missed expert, in order, with what is
 booked so far: host if its output would be back sooner than a transfer (behind the copies
 already queued) plus its GPU compute.
+
+Routing readback (`routing_readback=True`): by default the host knows each layer's routing as
+soon as the layer before has ended (it comes from the trace), so it decides and issues at
+once. A real server computes the routing on the GPU and must read it back before it can
+decide a layer's misses: with the option, every layer's decisions (and everything it issues,
+its resident experts' compute included) start the calibrated readback gap
+(`Calibration.readback_ms`) after the layer before has ended, and that gap counts in the
+layer's time.
 """
 
 from __future__ import annotations
@@ -80,6 +88,7 @@ class RunResult:
     host_ms: float = 0.0  # host compute time, summed
     host_wait_ms: float = 0.0  # time layers' combines waited for the host after their GPU work
     rows_bytes: int = 0  # hidden-state rows moved to and from the host
+    readback_ms: float = 0.0  # each layer's routing readback gap (0: the host knows the routing)
 
     @property
     def hit_rate(self) -> float:
@@ -126,7 +135,7 @@ class RunResult:
             "expert_requests": self.dedup_expert_requests, "unique_experts": self.dedup_unique_experts,
             "stall_ms": self.stall_ms,
             "host_served": self.host_served, "host_admissions": self.host_admissions, "host_ms": self.host_ms,
-            "host_wait_ms": self.host_wait_ms, "rows_bytes": self.rows_bytes,
+            "host_wait_ms": self.host_wait_ms, "rows_bytes": self.rows_bytes, "readback_ms": self.readback_ms,
         }
 
 
@@ -200,7 +209,8 @@ class LayerTick:
 
     tick: int
     layer: int
-    t0: float  # when the layer's routing is known: the compute stream is done with the layer before
+    start: float  # when the compute stream is done with the layer before: the layer's time counts from here
+    t0: float  # when the host knows the layer's routing: `start`, plus the readback gap if modelled
     chosen: np.ndarray  # [batch, k] the experts its tokens chose
     experts: np.ndarray  # the distinct experts, ascending
     counts: np.ndarray  # tokens per distinct expert
@@ -238,6 +248,7 @@ class RunState:
     host: HostWorker | None = None  # None: misses are always transferred
     on_miss: str = "transfer"  # the strategy's miss policy (strategies.MISS_POLICIES)
     timeline: list | None = None  # if a list, every booking is appended: (resource, start, end, key)
+    readback_ms: float = 0.0  # the routing readback gap before each layer's decisions (0: not modelled)
     compute_free: float = 0.0  # when the layers scheduled so far have combined (GPU and host done)
     tick: int = 0
     outstanding: set[int] = field(default_factory=set)  # prefetched keys not used yet
@@ -278,8 +289,11 @@ class RunState:
         else:  # every request that misses an expert loads its own copy
             loads = dict(zip(keys, counts.tolist()))
             self.accesses += chosen.size
-        t0 = self.compute_free
-        lt = LayerTick(self.tick, layer, t0, chosen, experts, counts, keys, set(keys), loads, ready=t0)
+        start = self.compute_free
+        t0 = start + self.readback_ms
+        if self.readback_ms:
+            self.book("readback", start, t0)
+        lt = LayerTick(self.tick, layer, start, t0, chosen, experts, counts, keys, set(keys), loads, ready=t0)
         if self.host is not None:
             lt.rows_ms = self.host.rows_ms(chosen.shape[0] * self.host.row_bytes)
         return lt
@@ -443,7 +457,7 @@ class RunState:
             self.host_wait_ms += max(0.0, lt.end - gpu_end)
         self.compute_free = lt.end
         self.compute_only_ms += lt.work
-        self.layer_ms[lt.tick] = self.compute_free - lt.t0
+        self.layer_ms[lt.tick] = self.compute_free - lt.start
         self.peak_cache = max(self.peak_cache, len(self.cache))
         self.peak_working_set = max(self.peak_working_set, lt.working_set)
         self.tick += 1
@@ -463,13 +477,14 @@ class RunState:
             dedup_expert_requests=self.expert_requests, dedup_unique_experts=self.unique_experts,
             stall_ms=self.stall_ms, host_served=self.host_served, host_admissions=self.host_admissions,
             host_ms=self.host_ms, host_wait_ms=self.host_wait_ms, rows_bytes=self.rows_bytes,
+            readback_ms=self.readback_ms,
         )
 
 
 def simulate(trace: Trace, model: OffloadModel, strategy: Strategy, calibration: Calibration, *,
              capacity: int, batch_size: int, requests: int, seed: int = 0, dedup: bool = True,
              memory: str = "pinned", max_steps: int | None = None, executor=None,
-             timeline: list | None = None) -> RunResult:
+             timeline: list | None = None, routing_readback: bool = False) -> RunResult:
     """Replay the trace through the strategy; returns the SIMULATED run (of the first
     `max_steps` decode steps only, if given).
 
@@ -477,11 +492,14 @@ def simulate(trace: Trace, model: OffloadModel, strategy: Strategy, calibration:
     told each transfer (`transfer(key, evicted, prefetch)`; admissions of host-served
     experts come as prefetches) and each layer's compute (`layer(tick, tokens, layer,
     experts, counts, host_keys)`, host_keys: the misses computed on the host) as the cost
-    model schedules them, so that the measured run makes exactly the simulated run's choices.
+    model schedules them, so that the measured run makes exactly the simulated run's choices;
+    with `routing_readback`, each layer starts with `read_routing(rows)`, before its
+    transfers.
 
     With a `timeline` list, every booking of a resource is appended to it as (resource,
     start ms, end ms, expert key or None); resources: "copy" (expert copies), "gpu" (a
-    layer's GPU experts), "host", "to-host" and "from-host" (hidden-state rows)."""
+    layer's GPU experts), "host", "to-host" and "from-host" (hidden-state rows), "readback"
+    (the routing readback gap, with `routing_readback`)."""
     trace.check_shape(model.num_experts, model.num_layers, model.top_k, f"model {model.name}")
     if strategy.needs_pregate and trace.pregate is None:
         raise TraceError(f"strategy {strategy.name} needs the pre-gate signal; trace {trace.path} has none")
@@ -505,9 +523,10 @@ def simulate(trace: Trace, model: OffloadModel, strategy: Strategy, calibration:
     ticks = [np.unique(trace.experts[tokens, layer]) + layer * e for tokens in steps for layer in range(layers)]
     future = Future(ticks) if strategy.uses_future or strategy.eviction == "belady" else None
     strategy.reset(RunContext(e, layers, k, capacity, batch_size, future))
+    readback_ms = calibration.readback_ms() if routing_readback else 0.0  # missing: a clear error now
     run = RunState(strategy.make_cache(), copies, compute_ms, e, dedup, executor,
                    layer_ms=np.empty(len(ticks)), step_ms=np.empty(len(steps)), host=host,
-                   on_miss=strategy.on_miss, timeline=timeline)
+                   on_miss=strategy.on_miss, timeline=timeline, readback_ms=readback_ms)
 
     for s, tokens in enumerate(steps):
         step_start = run.compute_free
@@ -515,6 +534,8 @@ def simulate(trace: Trace, model: OffloadModel, strategy: Strategy, calibration:
         routing: list[np.ndarray] = []
         for layer in range(layers):
             routing.append(trace.experts[tokens, layer])  # [batch, k]
+            if executor is not None and routing_readback:
+                executor.read_routing(len(tokens))
             lt = run.route(layer, routing[-1])
             run.load_experts(lt)
             run.schedule_compute(lt)

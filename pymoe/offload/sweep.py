@@ -91,10 +91,11 @@ def run_sweep(trace_path: Path, model_name: str, calibration_path: Path, *,
               strategies: tuple[str, ...] | None = None, batch_sizes=BATCH_SIZES, runs: int = 5,
               cache_fraction: float = 0.25, requests: int = 8, dedup: str = "both",
               train_fraction: float = 0.25, memory: str = "pinned", evictions: tuple[str, ...] | None = None,
-              out_dir: Path | None = Path("results"),
+              out_dir: Path | None = Path("results"), routing_readback: bool = False,
               command: str | None = None, console: Console | None = None) -> tuple[dict, Path | None]:
     """Simulate every strategy (None: all that the trace supports) at every batch size;
-    `evictions` runs each strategy once per eviction policy instead of with its own."""
+    `evictions` runs each strategy once per eviction policy instead of with its own;
+    `routing_readback` charges each layer the calibrated routing readback gap (simulator.py)."""
     console = console or Console()
     model = get_model(model_name)
     trace = load_trace(trace_path)
@@ -111,6 +112,7 @@ def run_sweep(trace_path: Path, model_name: str, calibration_path: Path, *,
     trace.check_shape(model.num_experts, model.num_layers, model.top_k, f"model {model.name}")
     calibration = load_calibration(calibration_path)
     calibration.compute_curve(model)  # a missing shape fails here, before any run
+    readback_ms = calibration.readback_ms() if routing_readback else 0.0  # likewise a missing readback
     profile, evaluation = trace.split(train_fraction)
     capacity = cache_capacity(model, fraction=cache_fraction)
     need = min(model.num_experts, max(batch_sizes) * model.top_k)
@@ -153,6 +155,7 @@ def run_sweep(trace_path: Path, model_name: str, calibration_path: Path, *,
                             "host_call_ms": calibration.host_call_ms(model),
                             "rows_transfer_ms_1_token": calibration.rows_transfer_ms(
                                 model.d_model * ITEMSIZE[model.dtype], memory)} if host else {})},
+        "routing_readback": routing_readback, "readback_ms": readback_ms,
         "memory": memory, "cache_fraction": cache_fraction, "cache_experts": capacity,
         "cache_bytes": capacity * model.expert_bytes, "requests_per_run": requests, "runs_per_config": runs,
         "batch_sizes": list(batch_sizes), "strategies": list(fitted), "runs": [],
@@ -170,7 +173,7 @@ def run_sweep(trace_path: Path, model_name: str, calibration_path: Path, *,
                                    f"{'' if mode else ' (no dedup)'}")
                         run = simulate(evaluation, model, fitted[name], calibration, capacity=capacity,
                                        batch_size=batch, requests=max(batch, requests), seed=seed, dedup=mode,
-                                       memory=memory)
+                                       memory=memory, routing_readback=routing_readback)
                         result["runs"].append(run.summary())
                         bar.advance(task)
     result["wall_s"] = round(time.perf_counter() - start, 1)
@@ -185,12 +188,13 @@ def run_sweep(trace_path: Path, model_name: str, calibration_path: Path, *,
 
 
 def write_sweep(result: dict, out_dir: Path, trace_stem: str) -> Path:
-    """Write `<out_dir>/offload/<stamp>-simulated-<model>-<trace>-cache<percent>[-evictions].json`
+    """Write `<out_dir>/offload/<stamp>-simulated-<model>-<trace>-cache<percent>[-evictions][-readback].json`
     and, beside it, a .csv of the aggregates."""
     cache = int(round(result["cache_fraction"] * 100))
     policies = "-evictions" if any("[" in name for name in result["strategies"]) else ""
-    path = write_result(out_dir / "offload", f"simulated-{result['model']['name']}-{trace_stem}-cache{cache}{policies}",
-                        result)
+    readback = "-readback" if result.get("routing_readback") else ""
+    path = write_result(out_dir / "offload",
+                        f"simulated-{result['model']['name']}-{trace_stem}-cache{cache}{policies}{readback}", result)
     with path.with_suffix(".csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["simulated", "strategy", "batch_size", "dedup", "runs", "ms_per_step_mean",
