@@ -91,6 +91,13 @@ def routing_arrays(experts: list[tuple[int, int]], num_experts: int) -> tuple[np
 HOST_BACKENDS = ("graph", "native")
 
 
+def waits_spinning(model: OffloadModel, backend: str) -> bool:
+    """Whether the engine's host calls for `model` wait for their rows with the CPU kernels'
+    pool spinning (HostExpertGroup.forward_unchecked's `when`): with the native backend, when
+    the host computes in the model's own dtype (the rows need no conversion before the wait)."""
+    return backend == "native" and host_dtype(model) == model.dtype
+
+
 class HostExpertGroup:
     """Experts of one shape on the host CPU, any subset of them computed in one call.
 
@@ -112,6 +119,7 @@ class HostExpertGroup:
         if not weights:
             raise HostExpertError("a host expert group needs at least one expert's weights")
         self.backend = backend
+        self.waited_s = 0.0  # how long the last call with `when` spun before its rows came
         self.model, self.dtype = model, host_dtype(model)
         self._lock = threading.Lock()
         started = time.perf_counter()
@@ -164,13 +172,18 @@ class HostExpertGroup:
         self.check(x, experts)
         return self.forward_unchecked(x, experts)
 
-    def forward_unchecked(self, x, experts: list[tuple[int, int]]):
-        """As __call__, without the checks (the engine's hot path)."""
+    def forward_unchecked(self, x, experts: list[tuple[int, int]], when: tuple[int, int, int] | None = None):
+        """As __call__, without the checks (the engine's hot path). With `when` = (address of
+        an int32, value, timeout in us), native backend only: compute once the int32 is >=
+        value (x's rows are there then), the CPU kernels' worker pool spinning until then so
+        that none has to be woken (host_ffn.mojo, ffn_when); raises RuntimeError on timeout."""
         row_ids, offsets, weights, ids, slot_to_row = routing_arrays(experts, self.num_experts)
         rows = weights.shape[0]
         with self._lock:
             if self.backend == "native":
-                return self._native_call(x, rows, row_ids, offsets, weights, slot_to_row)
+                return self._native_call(x, rows, row_ids, offsets, weights, slot_to_row, when)
+            if when is not None:
+                raise HostExpertError("waiting for a flag with the pool spinning needs backend='native'")
             return self._graph_call(x, rows, row_ids, offsets, weights, ids, slot_to_row)
 
     def _graph_call(self, x, rows, row_ids, offsets, weights, ids, slot_to_row):
@@ -182,21 +195,31 @@ class HostExpertGroup:
         out = self._model.execute(xb, *routing, self._w1, self._w2, *self.pool.buffers(len(row_ids)))[0]
         return runtime.wrap_output(out, x)
 
-    def _native_call(self, x, rows, row_ids, offsets, weights, slot_to_row):
+    def _native_call(self, x, rows, row_ids, offsets, weights, slot_to_row, when=None):
         """forward_unchecked through the extension module: the same kernels, in the same
-        order, as the graph (pymoe_moe_ffn on the CPU)."""
+        order, as the graph (pymoe_moe_ffn on the CPU); after `when`'s flag if given."""
         import torch
 
         dt = torch_dtype(self.dtype)
         xs = x[:rows]
-        xs = xs if xs.dtype == dt and xs.is_contiguous() else xs.to(dt).contiguous()
+        if xs.dtype != dt or not xs.is_contiguous():
+            if when is not None:  # a conversion now would read the rows before they are there
+                raise HostExpertError(f"with `when`, x must be contiguous {self.dtype} already, got {xs.dtype}")
+            xs = xs.to(dt).contiguous()
         # The graph's intermediates' buffers serve as the workspaces (h is written [slots, d_ff]).
         h, y = (torch.from_dlpack(b) for b in self.pool.buffers(len(row_ids)))
         out = torch.empty(rows, self.model.d_model, dtype=dt)
         k = weights.shape[1]
-        self._native.ffn((
-            out.data_ptr(), xs.data_ptr(), row_ids.ctypes.data, offsets.ctypes.data, weights.ctypes.data,
-            slot_to_row.ctypes.data, self._w1_host.data_ptr(), self._w2_host.data_ptr(), h.data_ptr(),
-            y.data_ptr(), rows, k, self.num_experts, self.model.d_model, self.model.d_ff, self._n_w1, *self._codes,
-        ))
+        args = (out.data_ptr(), xs.data_ptr(), row_ids.ctypes.data, offsets.ctypes.data, weights.ctypes.data,
+                slot_to_row.ctypes.data, self._w1_host.data_ptr(), self._w2_host.data_ptr(), h.data_ptr(),
+                y.data_ptr(), rows, k, self.num_experts, self.model.d_model, self.model.d_ff, self._n_w1, *self._codes)
+        if when is None:
+            self._native.ffn(args)
+            self.waited_s = 0.0
+        else:
+            self.waited_s = 0.0
+            try:
+                self.waited_s = self._native.ffn_when(*when, args) / 1e9
+            except Exception as err:  # the module raises a plain Exception
+                raise RuntimeError(str(err)) from None
         return out if out.dtype == x.dtype else out.to(x.dtype)

@@ -8,8 +8,12 @@
 # expert) does not amortise; on the 2-vCPU VM a one-expert call took 1.42 ms as a graph against
 # 0.76 ms called directly, back to back (scripts/host_call_overhead.py,
 # results/offload/20261207T051027Z-host-call-overhead-AMD-EPYC.json).
+from max.algorithm import sync_parallelize
+from max.runtime.asyncrt import parallelism_level
 from std.memory import Pointer
 from std.os import abort
+from std.ffi import external_call
+from std.time import perf_counter_ns
 from std.python import Python, PythonObject
 from std.python.bindings import PythonModuleBuilder
 
@@ -33,19 +37,73 @@ def PyInit_pymoe_host_ffn() abi("C") -> PythonObject:
             "ffn",
             docstring="ffn(args): the host experts' FFN and combine on buffers given by address (see host_ffn.mojo)",
         )
+        b.def_function[ffn_when](
+            "ffn_when",
+            docstring="ffn_when(flag, value, timeout_us, args): ffn(args) once the int32 at address flag is >= value, "
+            + "the worker pool spinning until then (see host_ffn.mojo)",
+        )
         return b.finalize()
     except e:
         abort(String("pymoe_host_ffn: ", e))
 
 
 def ffn(args: PythonObject) raises -> PythonObject:
-    """One call of the host experts: args is a tuple of ints (addresses and sizes)
+    """One call of the host experts: see _unpack for args."""
+    var a = _unpack(args)
+    # The kernels run on the process's Mojo worker pool, which MAX's CPU calls share; a worker
+    # may need the GIL (finishing a MAX call), so the GIL is released while the kernels wait on
+    # the pool (holding it deadlocked once in scripts/host_call_probe.mojo: the main thread
+    # waiting in the pool, a worker waiting for the GIL). Nothing below touches a Python object.
+    ref cpython = Python().cpython()
+    var state = cpython.PyEval_SaveThread()
+    _ffn_of(a)
+    cpython.PyEval_RestoreThread(state)
+    return PythonObject(None)
+
+
+def ffn_when(flag: PythonObject, value: PythonObject, timeout_us: PythonObject, args: PythonObject) raises -> PythonObject:
+    """Runs ffn(args) once the int32 at address `flag` is >= `value`: the offloading engine's host
+    worker calls this as soon as it is handed a layer, before the layer's rows are in host
+    memory, and the GPU writes the flag when they are (cuStreamWriteValue32 behind the rows'
+    copy). Meanwhile every worker of the pool spins on the flag, so that none has to be woken
+    when the rows arrive: a pool left idle for a decode layer's GPU time (about a
+    millisecond) took 0.25-0.55 ms longer to start on the 2-vCPU VM than one used
+    microseconds before, the fixed cost `pymoe calibrate` had fitted to a host call. Returns
+    the nanoseconds it waited; raises after `timeout_us` without the value (the caller's rows
+    never came)."""
+    var a = _unpack(args)
+    var flag_ptr = Pointer[Int32, MutAnyOrigin](unsafe_from_address=Int(py=flag))
+    var target = Int32(Int(py=value))
+    var deadline = Int(perf_counter_ns()) + Int(py=timeout_us) * 1000
+    ref cpython = Python().cpython()
+    var state = cpython.PyEval_SaveThread()
+
+    def spin(worker: Int) {var flag_ptr, var target, var deadline}:
+        while flag_ptr.unsafe_load[volatile=True]() < target and Int(perf_counter_ns()) < deadline:
+            # Yield the core: the threads that issue the GPU work (and the GPU's copy that
+            # sets the flag) must not wait behind a spinning worker.
+            _ = external_call["sched_yield", Int32]()
+
+    var started = Int(perf_counter_ns())
+    sync_parallelize(spin, parallelism_level(None))
+    var waited = Int(perf_counter_ns()) - started
+    var ready = flag_ptr.unsafe_load[volatile=True]() >= target
+    if ready:
+        _ffn_of(a)
+    cpython.PyEval_RestoreThread(state)
+    if not ready:
+        raise Error("pymoe_host_ffn.ffn_when: the flag did not reach ", target, " in ", Int(py=timeout_us), " us")
+    return PythonObject(waited)
+
+
+def _unpack(args: PythonObject) raises -> List[Int]:
+    """ffn's args, a tuple of ints (addresses and sizes)
     (out, x, row_ids, offsets, weights, slot_to_row, w1, w2, h, y, rows, k, experts,
     d_model, d_ff, n_w1, dtype, activation): out [rows, d_model] = sum over the k slots
     of each row of weights[row, j] * expert(x[row]), the slots grouped by expert in
     row_ids over offsets [experts + 1] and placed by slot_to_row [rows * k] (-1: none);
     w1 [experts, d_model, n_w1] and w2 [experts, d_ff, d_model] packed as the CPU layer
-    packs them; h [slots, d_ff] and y [slots, d_model] the workspaces."""
+    packs them; h [slots, d_ff] and y [slots, d_model] the workspaces; checked here."""
     var a = List[Int]()
     for i in range(18):
         a.append(Int(py=args[i]))
@@ -56,21 +114,17 @@ def ffn(args: PythonObject) raises -> PythonObject:
     if activation != RELU and activation != SWIGLU and activation != CLAMPED_SWIGLU:
         raise Error("pymoe_host_ffn.ffn: activation code must be 0 (relu), 1 (swiglu) or 2 (clamped_swiglu), got ",
                     activation)
-    # The kernels run on the process's Mojo worker pool, which MAX's CPU calls share; a worker
-    # may need the GIL (finishing a MAX call), so the GIL is released while the kernels wait on
-    # the pool (holding it deadlocked once in scripts/host_call_probe.mojo: the main thread
-    # waiting in the pool, a worker waiting for the GIL). Nothing below touches a Python object.
-    ref cpython = Python().cpython()
-    var state = cpython.PyEval_SaveThread()
-    if dtype == FLOAT32:
-        _ffn_of[DType.float32](a, activation)
+    return a^
+
+
+def _ffn_of(a: List[Int]):
+    if a[16] == FLOAT32:
+        _ffn_act[DType.float32](a, a[17])
     else:
-        _ffn_of[DType.bfloat16](a, activation)
-    cpython.PyEval_RestoreThread(state)
-    return PythonObject(None)
+        _ffn_act[DType.bfloat16](a, a[17])
 
 
-def _ffn_of[dtype: DType](a: List[Int], activation: Int):
+def _ffn_act[dtype: DType](a: List[Int], activation: Int):
     if activation == RELU:
         _ffn[dtype, "relu"](a)
     elif activation == SWIGLU:
