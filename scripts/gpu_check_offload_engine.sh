@@ -153,7 +153,7 @@ for i, (model, trace) in enumerate(MODELS):
         write_csv(result, path)
         say(f"{model}: {len(result['runs'])} runs, {len(result['skipped'])} left out; wrote {path} and .csv")
 
-if left() > fault_run:
+if left() > fault_run and "switch" in dict(MODELS):
     say("injected host failures (20%): fallback to transfer + GPU compute, switch, hybrid[predicted]")
     try:
         result, path = validate(TRACES["switch"], "switch", cal_path, strategies=["hybrid[predicted]"],

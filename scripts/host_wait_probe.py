@@ -1,11 +1,11 @@
 """How long a host expert call takes once its rows are there, by how it waits for them (issue 23).
 
 The offloading engine's host worker is handed a layer's experts before the layer's rows are in
-host memory. It can wait idle and be woken (a thread waiting on an event: the graph backend's
-way, and the native backend's before ecd2c65), and then the CPU kernels' worker pool, idle for
+host memory. It can wait idle and be woken (a thread waiting on an event: what the engine
+does with either backend), and then the CPU kernels' worker pool, idle for
 as long, has to wake too; or it can enter the native call at once and spin, the pool's threads
-spinning on a flag until the rows arrive (`HostExpertGroup.forward_unchecked(when=...)`, what
-the engine does now with the native backend). This times both, from the moment the rows are
+spinning on a flag until the rows arrive (`HostExpertGroup.forward_unchecked(when=...)`, which
+the engine tried in session 25 and dropped: docs/RESULTS.md). This times both, from the moment the rows are
 marked ready (here: a Python thread sets the flag and the event together, `--gap-ms` after the
 worker began waiting) to the call's end, for one tiny expert shape (the call's fixed cost
 alone) and the `switch` expert shape (768 x 3072, relu, float32), 2 experts x 1 row each,

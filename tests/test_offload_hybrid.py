@@ -40,7 +40,6 @@ HOST_TESTS = ("test_calibrate_measures_host_compute_with_pymoes_cpu_kernels",
               "test_host_worker_failures_fall_back_to_a_transfer",
               "test_the_worker_computes_host_experts_while_the_device_computes_the_resident_ones",
               "test_a_native_call_waits_for_its_rows_with_the_pool_spinning",
-              "test_calibrating_the_native_backend_times_calls_that_wait_spinning",
               "test_engine_host_experts_with_the_native_backend")
 
 
@@ -441,17 +440,6 @@ def test_a_native_call_waits_for_its_rows_with_the_pool_spinning():
         group.forward_unchecked(x.double(), experts, when=(flag.ctypes.data, 1, 10**6))
 
 
-def test_calibrating_the_native_backend_times_calls_that_wait_spinning():
-    """The native backend's host calls are timed as the engine makes them: from the flag that
-    says the rows are there to the call's end, the call already waiting with the pool spinning."""
-    from pymoe.offload.calibration import describe_host_compute, measure_host_compute
-
-    entry = measure_host_compute(HOST_SHAPE, rows=(1, 2), experts=(1, 2), reps=3, gap_ms=0.5, backend="native")
-    assert entry["wait"] == "spin" and "spinning" in entry["what"] and "spinning" in describe_host_compute(entry)
-    assert all(0 < ms < 1000 for row in entry["median_ms"] for ms in row)
-    assert [len(r) for row in entry["raw_ms"] for r in row] == [3] * 4
-
-
 def test_a_bad_host_backend_or_a_failed_native_build_is_a_clear_error(tmp_path, monkeypatch):
     from pymoe.offload import host_native
     from pymoe.offload.host import HOST_BACKENDS, HostExpertError, HostExpertGroup
@@ -534,17 +522,14 @@ def test_engine_host_experts_equal_the_all_resident_model(name, device):
 
 @pytest.mark.parametrize("device", ENGINE_DEVICES)
 def test_engine_host_experts_with_the_native_backend(device):
-    """With the native backend the host worker's calls wait for their rows with the pool
-    spinning on a flag the GPU writes behind the rows' copy (CUDA; on the CPU they are there
-    already): outputs equal the all-resident model's."""
+    """With the native backend the host worker's calls go through the extension module:
+    outputs equal the all-resident model's."""
     from pymoe.offload.engine import OUTPUT_TOLERANCE, HostExperts, check_outputs
 
     experts = HostExperts(HOST_SHAPE, HOST_SHAPE.total_experts, pinned=device == "cuda", cpu_group=True,
                           host_backend="native")
-    assert experts.spins
     r, executor, expected = run_host_engine("hybrid", device, experts=experts)
     assert r.host_served > 0 and executor.host_served == r.host_served
-    assert (executor.rows_flag is not None) == (device == "cuda")
     assert executor.faults["host_fallbacks"] == 0, executor.host_errors
     assert check_outputs(executor.outputs, expected, "float32") <= OUTPUT_TOLERANCE["float32"]
 
@@ -589,11 +574,11 @@ def test_host_worker_failures_fall_back_to_a_transfer(device):
     # Not keys 0 and 1: the warm-up (on CUDA) computes them, and a failure there is no fallback.
     forward, broken_keys, raised = experts.group.forward_unchecked, {4, 9, 13}, []
 
-    def broken(x, on_host, when=None):
+    def broken(x, on_host):
         if broken_keys & {i for i, _ in on_host}:
             raised.append(len(on_host))
             raise MemoryError("no host memory left")
-        return forward(x, on_host, when=when)
+        return forward(x, on_host)
 
     experts.group.forward_unchecked = broken
     r, executor, expected = run_host_engine("cpu-on-miss", device, experts=experts)
@@ -648,14 +633,6 @@ def test_serve_offloaded_checks_host_policies_before_needing_a_gpu(tmp_path):
     # A calibration timed with the graph backend (or before the choice) and an engine asked to run native.
     r = CliRunner().invoke(main, [*args, "--calibration", str(new), "--strategy", "hybrid", "--host-backend", "native"])
     assert r.exit_code != 0 and "with the graph backend" in r.output and "Traceback" not in r.output
-    # A native calibration from before the spinning wait: the engine's calls would cost less than it says.
-    native = json.loads(new.read_text())
-    next(iter(native["host_compute"].values()))["backend"] = "native"
-    before = tmp_path / "native-before-spin.json"
-    before.write_text(json.dumps(native))
-    r = CliRunner().invoke(main, [*args, "--calibration", str(before), "--strategy", "hybrid",
-                                  "--host-backend", "native"])
-    assert r.exit_code != 0 and "calibrate again" in r.output and "Traceback" not in r.output
     if not torch.cuda.is_available():
         r = CliRunner().invoke(main, [*args, "--calibration", str(new), "--strategy", "hybrid"])
         assert r.exit_code != 0 and "needs a CUDA GPU" in r.output and "Traceback" not in r.output
@@ -674,11 +651,11 @@ def test_the_worker_computes_host_experts_while_the_device_computes_the_resident
     experts = HostExperts(model, model.total_experts, pinned=False, cpu_group=True)
     host_spans, host_experts, gpu_times, main = [], [], [], threading.get_ident()
 
-    def slow(x, on_host, when=None, forward=experts.group.forward_unchecked):
+    def slow(x, on_host, forward=experts.group.forward_unchecked):
         assert threading.get_ident() != main  # on the worker thread
         begin = time.perf_counter()
         time.sleep(0.02)
-        y = forward(x, on_host, when=when)
+        y = forward(x, on_host)
         host_spans.append((begin, time.perf_counter()))
         host_experts.append(len(on_host))
         return y

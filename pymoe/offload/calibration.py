@@ -34,7 +34,7 @@ import numpy as np
 from ..baselines import expert_ffn
 from ..dtypes import torch_dtype
 from ..results import ResultError, provenance, read_result, slug, write_json
-from .host import HOST_BACKENDS, HostExpertGroup, waits_spinning
+from .host import HOST_BACKENDS, HostExpertGroup
 from .models import OffloadModel
 
 SCHEMA = "pymoe.calibration/2"
@@ -115,11 +115,6 @@ class Calibration:
     def host_backend(self, model: OffloadModel) -> str:
         """How the host calls were timed (host.HOST_BACKENDS; files before the choice: "graph")."""
         return str(self._host_entry(model).get("backend", "graph"))
-
-    def host_wait(self, model: OffloadModel) -> str:
-        """How the timed host calls waited for their rows: "spin" (the pool spinning on a flag,
-        the native backend's engine calls) or "idle" (files before the choice: "idle")."""
-        return str(self._host_entry(model).get("wait", "idle"))
 
     def host_call_ms(self, model: OffloadModel) -> float:
         """The fixed cost of one host call (one layer's host experts), whatever it computes."""
@@ -318,32 +313,6 @@ def time_calls_after_gap(fn, reps: int, gap_ms: float) -> list[float]:
     return out
 
 
-def time_calls_when_flagged(call_when, reps: int, gap_ms: float) -> list[float]:
-    """reps samples of the time from setting a flag to the end of a call that was already
-    waiting for it (`call_when((address, value, timeout_us))` on another thread, entered
-    `gap_ms` before the flag is set): how the engine's host worker calls with the native
-    backend, its pool spinning until the GPU writes that the layer's rows are in host memory."""
-    import threading
-
-    flag = np.zeros(1, np.int32)
-    out = []
-    for rep in range(reps + 2):  # the first two warm up
-        done = []
-        value = rep + 1
-        worker = threading.Thread(target=lambda v=value, done=done: (call_when((flag.ctypes.data, v, 60_000_000)),
-                                                                     done.append(time.perf_counter())))
-        worker.start()
-        time.sleep(gap_ms / 1e3)
-        set_at = time.perf_counter()
-        flag[0] = value
-        worker.join()
-        if not done:
-            raise RuntimeError("a flagged host call failed (see the thread's traceback above)")
-        if rep >= 2:
-            out.append((done[0] - set_at) * 1e3)
-    return out
-
-
 def fit_host_calls(experts, rows, median_ms) -> dict:
     """The host model `call_ms + sum over experts of expert_ms(rows)`, fitted to the medians
     [experts][rows] of calls of m experts of n rows each: per n, a least-squares line in m
@@ -370,7 +339,6 @@ def measure_host_compute(model: OffloadModel, *, rows=HOST_ROWS, experts=HOST_EX
     import torch
 
     say = progress or (lambda msg: None)
-    spinning = waits_spinning(model, backend)
     torch.manual_seed(0)
     weights = rotating_expert_weights(torch, model, "cpu", torch.float32, at_least=max(experts))
     count = len(weights)
@@ -380,24 +348,17 @@ def measure_host_compute(model: OffloadModel, *, rows=HOST_ROWS, experts=HOST_EX
     nxt = itertools.cycle(range(count))
     entry = {"rows": list(rows), "experts": list(experts), "median_ms": [], "raw_ms": [],
              "dtype": group.dtype, "threads": len(os.sched_getaffinity(0)), "gap_ms": gap_ms, "backend": backend,
-             "wait": "spin" if spinning else "idle", "compile_s": group.compile_seconds,
+             "compile_s": group.compile_seconds,
              "what": f"pymoe.offload.host.HostExpertGroup (backend {backend}) on cpu: one call computing m experts "
-                     f"on n rows each, " +
-                     (f"from a flag set {gap_ms} ms after the call began waiting for it with the kernels' pool "
-                      f"spinning" if spinning else f"after {gap_ms} ms idle") +
-                     f", cycling through {count} experts' weights (host clock)"}
+                     f"on n rows each, "
+                     f"after {gap_ms} ms idle, cycling through {count} experts' weights (host clock)"}
     x = torch.randn(max(rows), model.d_model).to(torch_dtype(group.dtype))
     for m in experts:
         medians, raws = [], []
         for n in rows:
             say(f"host compute {model.name}: {m} experts x {n} rows")
-            if spinning:
-                raw = time_calls_when_flagged(
-                    lambda when, m=m, n=n: group.forward_unchecked(x, [(next(nxt), n) for _ in range(m)], when=when),
-                    reps, gap_ms)
-            else:
-                raw = time_calls_after_gap(
-                    lambda m=m, n=n: group.forward_unchecked(x, [(next(nxt), n) for _ in range(m)]), reps, gap_ms)
+            raw = time_calls_after_gap(lambda m=m, n=n: group.forward_unchecked(x, [(next(nxt), n) for _ in range(m)]),
+                                       reps, gap_ms)
             medians.append(float(np.median(raw)))
             raws.append(raw)
         entry["median_ms"].append(medians)
@@ -412,9 +373,7 @@ def describe_host_compute(entry: dict) -> str:
         return ", ".join(f"{n} rows {ms:.3f} ms" for n, ms in zip(entry["rows"], entry["median_ms"]))
     return (f"{entry['call_ms']:.3f} ms per call + per expert " +
             ", ".join(f"{n} rows {ms:.3f} ms" for n, ms in zip(entry["rows"], entry["expert_ms"])) +
-            (f" (calls waiting for their rows with the pool spinning, backend {entry.get('backend')})"
-             if entry.get("wait") == "spin" else
-             f" (calls after {entry['gap_ms']} ms idle, backend {entry.get('backend', 'graph')})"))
+            f" (calls after {entry['gap_ms']} ms idle, backend {entry.get('backend', 'graph')})")
 
 
 def measure_calibration(models: list[OffloadModel], *, tokens=DEFAULT_TOKENS, reps: int = 20,

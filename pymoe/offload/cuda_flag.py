@@ -5,9 +5,9 @@ driver's stream memory operations.
 value at least as large: a host thread releases GPU work queued ahead of time, and the
 issuing thread never blocks (scripts/host_handoff_probe.py times it against the hybrid
 engine's thread hand-off). `write`: the stream writes a value once its earlier work is done
-(cuStreamWriteValue32, with a memory barrier): the offloading engine's host worker learns
-that a layer's rows are in host memory without a thread woken by the CUDA driver (see
-host_ffn.mojo's ffn_when, which spins on `address`)."""
+(cuStreamWriteValue32, with a memory barrier): a host thread spinning on `address` (e.g.
+host_ffn.mojo's ffn_when) learns that the stream's copies to host memory are done without a
+thread woken by the CUDA driver."""
 
 from __future__ import annotations
 

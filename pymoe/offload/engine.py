@@ -72,8 +72,7 @@ from ..baselines import expert_ffn
 from ..dtypes import torch_dtype
 from ..runtime import serially
 from .calibration import Calibration
-from .cuda_flag import HostFlag
-from .host import HOST_BACKENDS, HostExpertGroup, waits_spinning
+from .host import HOST_BACKENDS, HostExpertGroup
 from .models import OffloadModel
 from .simulator import RunResult, simulate
 from .strategies import Strategy
@@ -89,9 +88,6 @@ class EngineError(ValueError):
 # experts run pymoe's CPU kernels, which sum in another order (float32: rounding only) and,
 # in 16-bit dtypes, round each expert's output before the combine (about 2**-8 relative in
 # bfloat16). The float32 and bfloat16 values are tests/conftest.py's FP32_TOL and BF16_TOL.
-# How long a host call waits for its layer's rows before it fails (and its experts fall back to
-# the GPU): far longer than any layer, so only rows that never come hit it.
-ROWS_TIMEOUT_US = 60_000_000
 OUTPUT_TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 5e-3}
 
 
@@ -141,17 +137,10 @@ class HostExperts:
             self.group = HostExpertGroup(self.model, [self.weights(i) for i in range(len(self.packed))],
                                          backend=self.host_backend)
 
-    @property
-    def spins(self) -> bool:
-        """Whether a call waits for its rows with the kernels' worker pool spinning
-        (`compute(when=...)`, host.waits_spinning)."""
-        return waits_spinning(self.model, self.host_backend)
-
-    def compute(self, x: torch.Tensor, on_host: list[tuple[int, int]], when=None) -> torch.Tensor:
-        """Experts `on_host` [(key, rows)] on the first rows of host tensor x, summed: one call
-        (once `when`'s flag is set, if given: HostExpertGroup.forward_unchecked)."""
+    def compute(self, x: torch.Tensor, on_host: list[tuple[int, int]]) -> torch.Tensor:
+        """Experts `on_host` [(key, rows)] on the first rows of host tensor x, summed: one call."""
         distinct = len(self.packed)
-        return self.group.forward_unchecked(x, [(key % distinct, n) for key, n in on_host], when=when)
+        return self.group.forward_unchecked(x, [(key % distinct, n) for key, n in on_host])
 
     def warm_up(self, rows: torch.Tensor) -> list[str]:
         """Run the group once on all of `rows` with top_k experts (the most slots a layer
@@ -295,11 +284,6 @@ class Executor:
             self.spare_weights = self._weights_of(self.spare)
             self.spare_free = None
             self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pymoe-host-experts")
-            # The rows stream writes each layer's number here once its rows are in host memory;
-            # the worker's call waits for it with the CPU kernels' pool spinning (ffn_when), so
-            # neither the worker nor the pool has to be woken when they arrive.
-            self.rows_flag = HostFlag() if self.cuda and experts.spins else None
-            self.rows_sent = 0
         if self.cuda:
             self._warm_up()
 
@@ -486,39 +470,29 @@ class Executor:
                 if after is not None:
                     self.rows_stream.wait_event(after)
                 self.rows_host[:rows].copy_(self.x[:rows], non_blocking=True)
-                if self.rows_flag is not None:
-                    self.rows_sent += 1
-                    self.rows_flag.write(self.rows_stream, self.rows_sent)
-                    to_host = (self.rows_flag.address, self.rows_sent, ROWS_TIMEOUT_US)
-                else:
-                    to_host = torch.cuda.Event()
-                    to_host.record(self.rows_stream)
+                to_host = torch.cuda.Event()
+                to_host.record(self.rows_stream)
         else:
             serially(torch.Tensor.copy_, self.rows_host[:rows], self.x[:rows])
         return self.worker.submit(self._host_work, rows, on_host, fail, to_host)
 
     def _host_work(self, rows: int, on_host: list[tuple[int, int]], fail: set[int], to_host):
-        """On the worker thread: wait for the rows (`to_host`: their copy's event, or the
-        rows flag's (address, value, timeout) for the call to spin on), compute the host
-        experts in one call of pymoe's CPU kernels, send their summed output back. Returns
-        (the copy-back event, or True on the CPU, or None if no expert succeeded; [(key, rows,
-        error)] of the experts that failed: the injected ones, or all of them if the call
-        raised)."""
-        when = to_host if isinstance(to_host, tuple) else None
-        if to_host is not None and when is None:
+        """On the worker thread: wait for the rows, compute the host experts in one call of
+        pymoe's CPU kernels, send their summed output back. Returns (the copy-back event, or
+        True on the CPU, or None if no expert succeeded; [(key, rows, error)] of the experts
+        that failed: the injected ones, or all of them if the call raised)."""
+        if to_host is not None:
             to_host.synchronize()  # this thread waits, the issuing thread goes on
         started = time.perf_counter()
         failed = [(key, n, f"RuntimeError: injected host worker failure (expert {key})")
                   for key, n in on_host if key in fail]
         computed = [(key, n) for key, n in on_host if key not in fail]
         try:
-            y = self.experts.compute(self.rows_host, computed, when=when) if computed else None
+            y = self.experts.compute(self.rows_host, computed) if computed else None
         except Exception as err:  # noqa: BLE001 - whatever broke, the GPU computes these experts instead
             failed += [(key, n, f"{type(err).__name__}: {err}") for key, n in computed]
             y = None
-        # The compute only: a call that waited for its rows spun until they came.
-        waited = self.experts.group.waited_s if when and computed else 0.0
-        self.host_compute_s += time.perf_counter() - started - waited
+        self.host_compute_s += time.perf_counter() - started
         if y is None:
             return None, failed
         # The copies run serially: torch's thread pool would spin on the cores that the next
@@ -753,12 +727,6 @@ def validate(trace_path, model_name: str, calibration_path, *, strategies, batch
             raise EngineError(f"{calibration_path} timed the host calls with the {calibration.host_backend(model)} "
                               f"backend, the engine would run {host_backend}: the simulator's costs would not be the "
                               f"engine's; calibrate with --host-backend {host_backend}")
-        wait = "spin" if waits_spinning(model, host_backend) else "idle"
-        if calibration.host_wait(model) != wait:
-            raise EngineError(f"{calibration_path} timed host calls that waited for their rows "
-                              f"{'spinning' if calibration.host_wait(model) == 'spin' else 'idle'}; this engine's "
-                              f"{'spin' if wait == 'spin' else 'wait idle'}: calibrate again with this pymoe "
-                              f"(--host-backend {host_backend})")
     if not torch.cuda.is_available():
         raise EngineError("the offloading engine needs a CUDA GPU; on this machine use `pymoe simulate`")
     profile, evaluation = trace.split(0.25)

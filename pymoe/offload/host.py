@@ -91,13 +91,6 @@ def routing_arrays(experts: list[tuple[int, int]], num_experts: int) -> tuple[np
 HOST_BACKENDS = ("graph", "native")
 
 
-def waits_spinning(model: OffloadModel, backend: str) -> bool:
-    """Whether the engine's host calls for `model` wait for their rows with the CPU kernels'
-    pool spinning (HostExpertGroup.forward_unchecked's `when`): with the native backend, when
-    the host computes in the model's own dtype (the rows need no conversion before the wait)."""
-    return backend == "native" and host_dtype(model) == model.dtype
-
-
 class HostExpertGroup:
     """Experts of one shape on the host CPU, any subset of them computed in one call.
 
@@ -176,7 +169,9 @@ class HostExpertGroup:
         """As __call__, without the checks (the engine's hot path). With `when` = (address of
         an int32, value, timeout in us), native backend only: compute once the int32 is >=
         value (x's rows are there then), the CPU kernels' worker pool spinning until then so
-        that none has to be woken (host_ffn.mojo, ffn_when); raises RuntimeError on timeout."""
+        that none has to be woken (host_ffn.mojo, ffn_when); raises RuntimeError on timeout.
+        The engine does not use it: waiting spinning made its hybrid runs slower on an H100
+        (docs/RESULTS.md, session 25); scripts/host_wait_probe.py times it."""
         row_ids, offsets, weights, ids, slot_to_row = routing_arrays(experts, self.num_experts)
         rows = weights.shape[0]
         with self._lock:

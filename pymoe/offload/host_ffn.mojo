@@ -62,15 +62,14 @@ def ffn(args: PythonObject) raises -> PythonObject:
 
 
 def ffn_when(flag: PythonObject, value: PythonObject, timeout_us: PythonObject, args: PythonObject) raises -> PythonObject:
-    """Runs ffn(args) once the int32 at address `flag` is >= `value`: the offloading engine's host
-    worker calls this as soon as it is handed a layer, before the layer's rows are in host
-    memory, and the GPU writes the flag when they are (cuStreamWriteValue32 behind the rows'
-    copy). Meanwhile every worker of the pool spins on the flag, so that none has to be woken
-    when the rows arrive: a pool left idle for a decode layer's GPU time (about a
-    millisecond) took 0.25-0.55 ms longer to start on the 2-vCPU VM than one used
-    microseconds before, the fixed cost `pymoe calibrate` had fitted to a host call. Returns
-    the nanoseconds it waited; raises after `timeout_us` without the value (the caller's rows
-    never came)."""
+    """Runs ffn(args) once the int32 at address `flag` is >= `value`, every worker of the pool
+    spinning on the flag until then, so that none has to be woken when it turns: a pool left
+    idle for a decode layer's GPU time (about a millisecond) starts a call later than one used
+    microseconds before (scripts/host_wait_probe.py). A host worker could call it before its
+    layer's rows are in host memory, the GPU writing the flag behind the rows' copy
+    (cuStreamWriteValue32); the offloading engine tried that and dropped it (spinning made its
+    hybrid runs slower on an H100: docs/RESULTS.md, session 25). Returns the nanoseconds it
+    waited; raises after `timeout_us` without the value."""
     var a = _unpack(args)
     var flag_ptr = Pointer[Int32, MutAnyOrigin](unsafe_from_address=Int(py=flag))
     var target = Int32(Int(py=value))
