@@ -18,9 +18,10 @@
 # A counting sort: one pass to count, a prefix sum, one pass to place. It is
 # O(T*k) and stable, so the layout is deterministic. On the GPU each pass is
 # a kernel: B blocks split the slots into ranges (about SLOTS_PER_BLOCK each);
-# each block counts its range per expert in shared memory, one block turns
-# the E x B counts into each block's first rank per expert and the expert
-# offsets, and each block places its range: a slot's rank within its expert
+# each block counts its range per expert in shared memory, E blocks (one per
+# expert) turn the E x B counts into each block's first rank per expert and
+# the experts' totals, one block turns the totals into the expert offsets,
+# and each block places its range: a slot's rank within its expert
 # is the expert's slots before its block, plus those before it in the block
 # (counted per warp with shuffles, per round of GPU_BLOCK slots). Every slot
 # is read twice in all, whatever E. The per-block numbers live in
@@ -333,8 +334,8 @@ def dispatch_gpu_ranges(
     experts: Int,
     capacity: Int,
 ) raises:
-    """The three passes as three kernels over B blocks' slot ranges (count,
-    prefix sum, place). Needs slots >= E (every range holds its block's
+    """The three passes as kernels over B blocks' slot ranges (count; prefix
+    sums, one block per expert, then the capped offsets in one block; place). Needs slots >= E (every range holds its block's
     per-expert numbers, see below). Same arguments as dispatch_gpu."""
     if experts == 0:
         return
@@ -363,25 +364,43 @@ def dispatch_gpu_ranges(
         for e in range(tid, e_count, GPU_BLOCK):
             rows.unsafe_store(lo + e, hist.unsafe_load(e))
 
-    def scan_kernel() {var offsets, var rows, var n_slots, var n_e, var n_b, var cap}:
+    def column_kernel() {var offsets, var rows, var n_slots, var n_e, var n_b}:
         pdl_begin()
-        # One block: each expert's count in each block becomes the expert's
-        # slots in the blocks before (in place), the totals go to
-        # offsets[1..E], then the capped prefix sum makes them offsets.
-        # (Loading 16 blocks' counts before storing their ranks, tried in
-        # session 22, did not make it faster in the layer's profile.)
+        # Block e: expert e's count in each block's range becomes the expert's
+        # slots in the blocks before (in place), its total goes to offsets[e + 1].
+        # One block per expert: one block doing every expert (before session 25)
+        # took 34.5 us at 16384 Qwen3-30B-A3B tokens (128 x 128 counts, each
+        # loaded and stored from one SM; results/checks/20261207-s22-profile-qwen3-H100.log).
+        # Kernel-only on an H100 the ranges dispatch took 25 us against 57 at 16384
+        # top-8 tokens of 128 experts, 2 us more at 512-2048 tokens
+        # (results/checks/20261207-s25-dispatch-gate-kernels-H100.log).
+        var e = Int(block_idx.x)
         var tid = Int(thread_idx.x)
         var nb = Int(n_b)
-        for e in range(tid, Int(n_e), GPU_BLOCK):
-            var running = Int32(0)
-            for b in range(nb):
-                var at = _range_start(b, Int(n_slots), nb) + e
-                var c = rows.unsafe_load(at)
-                rows.unsafe_store(at, running)
-                running += c
+        var chunk_total = stack_allocation[1, Int32, address_space=AddressSpace.SHARED]()
+        var running = Int32(0)
+        for base in range(0, nb, GPU_BLOCK):
+            var b = base + tid
+            var at = 0
+            var c = Int32(0)
+            if b < nb:
+                at = _range_start(b, Int(n_slots), nb) + e
+                c = rows.unsafe_load(at)
+            var before = block_prefix_sum[block_size=GPU_BLOCK, exclusive=True](c)
+            if tid == GPU_BLOCK - 1:
+                chunk_total.unsafe_store(0, before + c)
+            if b < nb:
+                rows.unsafe_store(at, running + before)
+            barrier()
+            running += chunk_total.unsafe_load(0)
+            barrier()
+        if tid == 0:
             offsets.unsafe_store(e + 1, running)
-        barrier()
-        _scan_capped_counts(offsets, Int(n_e), Int(cap), tid)
+
+    def capped_kernel() {var offsets, var n_e, var cap}:
+        pdl_begin()
+        # The totals in offsets[1..E] become the capped expert offsets.
+        _scan_capped_counts(offsets, Int(n_e), Int(cap), Int(thread_idx.x))
 
     def place_kernel() {var sorted_ptr, var offsets, var rows, var ids, var n_slots, var n_k, var n_e, var n_b}:
         pdl_begin()
@@ -401,7 +420,8 @@ def dispatch_gpu_ranges(
             sorted_ptr.unsafe_store(row, Int32(0))
 
     ctx.enqueue_function(histogram_kernel, attributes=pdl_attributes(), grid_dim=blocks, block_dim=GPU_BLOCK)
-    ctx.enqueue_function(scan_kernel, attributes=pdl_attributes(), grid_dim=1, block_dim=GPU_BLOCK)
+    ctx.enqueue_function(column_kernel, attributes=pdl_attributes(), grid_dim=experts, block_dim=GPU_BLOCK)
+    ctx.enqueue_function(capped_kernel, attributes=pdl_attributes(), grid_dim=1, block_dim=GPU_BLOCK)
     ctx.enqueue_function(place_kernel, attributes=pdl_attributes(), grid_dim=blocks, block_dim=GPU_BLOCK)
 
 
