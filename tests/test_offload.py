@@ -290,7 +290,7 @@ def test_the_routing_readback_delays_every_layers_decisions():
     cal = calibration_for(TINY, readback_ms=0.1)
     r = simulate(hand_trace(), TINY, make_strategy("on-demand"), cal, routing_readback=True, **args)
     np.testing.assert_allclose(r.layer_ms, [1.6, 1.6, 0.6, 1.6, 1.6, 1.6])
-    assert r.total_ms == pytest.approx(8.6) and r.summary()["readback_ms"] == 0.1
+    assert r.total_ms == pytest.approx(8.6)
     timeline = []
     simulate(hand_trace(), TINY, make_strategy("on-demand"), cal, routing_readback=True, timeline=timeline, **args)
     readbacks = [(start, end) for resource, start, end, _ in timeline if resource == "readback"]

@@ -410,9 +410,9 @@ def test_the_engines_host_experts_take_the_native_backend():
 
 def test_a_native_call_waits_for_its_rows_with_the_pool_spinning():
     """forward_unchecked(when=(flag address, value, timeout)): computes once the flag reaches
-    the value (set before the call, or by another thread during it) and says how long it
-    waited; a flag that never comes is a RuntimeError after the timeout; the graph backend and
-    rows that would need a conversion before the wait are refused."""
+    the value (set before the call, or by another thread during it); a flag that never comes
+    is a RuntimeError after the timeout; the graph backend and rows that would need a
+    conversion before the wait are refused."""
     import threading
 
     from pymoe.offload.host import HostExpertError, HostExpertGroup
@@ -426,12 +426,11 @@ def test_a_native_call_waits_for_its_rows_with_the_pool_spinning():
     flag = np.zeros(1, np.int32)
     flag[0] = 1
     assert torch.equal(group.forward_unchecked(x, experts, when=(flag.ctypes.data, 1, 10**6)), expected)
-    assert group.waited_s < 0.5
     setter = threading.Timer(0.05, lambda: flag.__setitem__(0, 2))
     setter.start()
     started = time.perf_counter()
     assert torch.equal(group.forward_unchecked(x, experts, when=(flag.ctypes.data, 2, 10**7)), expected)
-    assert time.perf_counter() - started >= 0.045 and 0.045 <= group.waited_s < 5
+    assert time.perf_counter() - started >= 0.045
     with pytest.raises(RuntimeError, match="did not reach 3"):
         group.forward_unchecked(x, experts, when=(flag.ctypes.data, 3, 20_000))
     with pytest.raises(HostExpertError, match="native"):

@@ -1,13 +1,10 @@
-"""A value in pinned host memory shared by the host and a CUDA stream, through the CUDA
-driver's stream memory operations.
+"""A value in pinned host memory that the host writes and a CUDA stream waits for, on the GPU.
 
-`wait`: the stream's next operations wait (cuStreamWaitValue32) until the host has written a
-value at least as large: a host thread releases GPU work queued ahead of time, and the
-issuing thread never blocks (scripts/host_handoff_probe.py times it against the hybrid
-engine's thread hand-off). `write`: the stream writes a value once its earlier work is done
-(cuStreamWriteValue32, with a memory barrier): a host thread spinning on `address` (e.g.
-host_ffn.mojo's ffn_when) learns that the stream's copies to host memory are done without a
-thread woken by the CUDA driver."""
+What lets a host thread release GPU work it has queued ahead of time: the stream's next
+operations wait (cuStreamWaitValue32, a CUDA driver stream memory operation) until the host
+has written a value at least as large; the issuing thread never blocks. Used by
+scripts/host_handoff_probe.py to time a GPU-side wait for the hybrid engine's host output
+against the engine's thread hand-off (issue 23)."""
 
 from __future__ import annotations
 
@@ -16,7 +13,6 @@ import ctypes
 import torch
 
 CU_STREAM_WAIT_VALUE_GEQ = 0
-CU_STREAM_WRITE_VALUE_DEFAULT = 0  # with a memory barrier: the stream's earlier writes are visible first
 
 
 class HostFlag:
@@ -25,12 +21,9 @@ class HostFlag:
     def __init__(self):
         self.flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)
         self.host = self.flag.numpy()
-        self.address = self.flag.data_ptr()  # where a host thread reads it
         lib = ctypes.CDLL("libcuda.so.1")
         self._wait = getattr(lib, "cuStreamWaitValue32_v2", None) or lib.cuStreamWaitValue32
         self._wait.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
-        self._write = getattr(lib, "cuStreamWriteValue32_v2", None) or lib.cuStreamWriteValue32
-        self._write.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
         get_ptr = lib.cuMemHostGetDevicePointer_v2
         get_ptr.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p, ctypes.c_uint]
         dptr = ctypes.c_uint64()
@@ -44,12 +37,6 @@ class HostFlag:
         code = self._wait(ctypes.c_void_p(stream.cuda_stream), self.device_ptr, value, CU_STREAM_WAIT_VALUE_GEQ)
         if code != 0:
             raise RuntimeError(f"cuStreamWaitValue32 failed (CUresult {code}): stream memory operations unsupported?")
-
-    def write(self, stream: torch.cuda.Stream, value: int) -> None:
-        """`stream` writes value into the flag once its earlier work is done."""
-        code = self._write(ctypes.c_void_p(stream.cuda_stream), self.device_ptr, value, CU_STREAM_WRITE_VALUE_DEFAULT)
-        if code != 0:
-            raise RuntimeError(f"cuStreamWriteValue32 failed (CUresult {code}): stream memory operations unsupported?")
 
     def set(self, value: int) -> None:
         self.host[0] = value  # after the output's stores: x86 keeps stores in order

@@ -719,8 +719,7 @@ def validate(trace_path, model_name: str, calibration_path, *, strategies, batch
     trace.check_shape(model.num_experts, model.num_layers, model.top_k, f"model {model.name}")
     calibration = load_calibration(calibration_path)
     calibration.compute_curve(model)
-    if routing_readback:
-        calibration.readback_ms()
+    readback_ms = calibration.readback_ms() if routing_readback else 0.0  # a missing one fails here
     if host:
         calibration.host_compute_curve(model)  # missing: a clear error now, not after the first runs
         if calibration.host_backend(model) != host_backend:
@@ -737,7 +736,7 @@ def validate(trace_path, model_name: str, calibration_path, *, strategies, batch
               "max_steps": max_steps, "prefetch_failure_rate": prefetch_failure_rate,
               "host_failure_rate": host_failure_rate, "time_limit_s": time_limit_s, "host_backend": host_backend,
               "routing_readback": routing_readback,
-              "readback_ms": calibration.readback_ms() if routing_readback else 0.0,
+              "readback_ms": readback_ms,
               "runs": [], "skipped": []}
     start = time.perf_counter()
     # One set of pinned host experts (and their CPU group, for the host policies) for every run.

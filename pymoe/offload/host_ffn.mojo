@@ -68,8 +68,8 @@ def ffn_when(flag: PythonObject, value: PythonObject, timeout_us: PythonObject, 
     microseconds before (scripts/host_wait_probe.py). A host worker could call it before its
     layer's rows are in host memory, the GPU writing the flag behind the rows' copy
     (cuStreamWriteValue32); the offloading engine tried that and dropped it (spinning made its
-    hybrid runs slower on an H100: docs/RESULTS.md, session 25). Returns the nanoseconds it
-    waited; raises after `timeout_us` without the value."""
+    hybrid runs slower on an H100: docs/RESULTS.md, session 25). Raises after `timeout_us`
+    without the value."""
     var a = _unpack(args)
     var flag_ptr = Pointer[Int32, MutAnyOrigin](unsafe_from_address=Int(py=flag))
     var target = Int32(Int(py=value))
@@ -83,16 +83,14 @@ def ffn_when(flag: PythonObject, value: PythonObject, timeout_us: PythonObject, 
             # sets the flag) must not wait behind a spinning worker.
             _ = external_call["sched_yield", Int32]()
 
-    var started = Int(perf_counter_ns())
     sync_parallelize(spin, parallelism_level(None))
-    var waited = Int(perf_counter_ns()) - started
     var ready = flag_ptr.unsafe_load[volatile=True]() >= target
     if ready:
         _ffn_of(a)
     cpython.PyEval_RestoreThread(state)
     if not ready:
         raise Error("pymoe_host_ffn.ffn_when: the flag did not reach ", target, " in ", Int(py=timeout_us), " us")
-    return PythonObject(waited)
+    return PythonObject(None)
 
 
 def _unpack(args: PythonObject) raises -> List[Int]:

@@ -88,7 +88,6 @@ class RunResult:
     host_ms: float = 0.0  # host compute time, summed
     host_wait_ms: float = 0.0  # time layers' combines waited for the host after their GPU work
     rows_bytes: int = 0  # hidden-state rows moved to and from the host
-    readback_ms: float = 0.0  # each layer's routing readback gap (0: the host knows the routing)
 
     @property
     def hit_rate(self) -> float:
@@ -135,7 +134,7 @@ class RunResult:
             "expert_requests": self.dedup_expert_requests, "unique_experts": self.dedup_unique_experts,
             "stall_ms": self.stall_ms,
             "host_served": self.host_served, "host_admissions": self.host_admissions, "host_ms": self.host_ms,
-            "host_wait_ms": self.host_wait_ms, "rows_bytes": self.rows_bytes, "readback_ms": self.readback_ms,
+            "host_wait_ms": self.host_wait_ms, "rows_bytes": self.rows_bytes,
         }
 
 
@@ -477,7 +476,6 @@ class RunState:
             dedup_expert_requests=self.expert_requests, dedup_unique_experts=self.unique_experts,
             stall_ms=self.stall_ms, host_served=self.host_served, host_admissions=self.host_admissions,
             host_ms=self.host_ms, host_wait_ms=self.host_wait_ms, rows_bytes=self.rows_bytes,
-            readback_ms=self.readback_ms,
         )
 
 
