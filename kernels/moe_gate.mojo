@@ -217,6 +217,8 @@ def gate_gpu[
     tokens: Int,
     d_model: Int,
     experts: Int,
+    lg_partials: Pointer[Float32, MutAnyOrigin],
+    lg_splits: Int,
 ) raises:
     """The gate on the GPU: a zeroing kernel, the token kernel (one warp per
     token), and a one-block kernel that turns the sums into means and losses;
@@ -259,11 +261,17 @@ def gate_gpu[
         rw: Router weights [d_model, E].
         rb: Router bias [E] (read only with has_router_bias).
         sb: Selection bias [E] (read only with has_selection_bias).
-        lg: Logits [T, E] (read only with logits_given).
+        lg: Logits [T, E] (read only with logits_given and no lg_splits).
         tokens: T.
         d_model: d_model.
         experts: E.
+        lg_partials: With logits_given and lg_splits > 0, the router GEMV's
+            partial rows [lg_splits, T, E] instead of lg, which the gate's
+            one block adds up (router_partials_to_gate: T * E <= GPU_BLOCK).
+        lg_splits: Their count (0: read lg).
     """
+    if lg_splits > 0 and (not logits_given or tokens * experts > GPU_BLOCK):
+        raise Error("gate_gpu: partial logit rows need logits_given and T * E <= " + String(GPU_BLOCK))
     var n_tok = Int64(tokens)
     var n_d = Int64(d_model)
     var n_e = Int64(experts)
@@ -402,7 +410,10 @@ def gate_gpu[
             _enqueue_routed_tokens[
                 dtype, top_k, renormalize, sigmoid, has_router_bias, has_selection_bias, n_group, topk_group,
                 scaling, logits_given, routed_slots,
-            ](ctx, blocks, w_out, id_out, counts, pmean, losses, x, rw, rb, sb, lg, tokens, d_model, experts, vector)
+            ](
+                ctx, blocks, w_out, id_out, counts, pmean, losses, x, rw, rb, sb, lg, tokens, d_model, experts, vector,
+                lg_partials, lg_splits,
+            )
         else:
             ctx.enqueue_function(token_kernel, attributes=pdl_attributes(), grid_dim=blocks, block_dim=GPU_BLOCK)
     if separate_stats:
@@ -438,6 +449,8 @@ def _enqueue_routed_tokens[
     d_model: Int,
     experts: Int,
     vector: Bool,
+    lg_partials: Pointer[Float32, MutAnyOrigin],
+    lg_splits: Int,
 ) raises:
     """The token kernel of every router but the default softmax one (sigmoid
     scores, a selection bias, group-limited top-k): one warp per token.
@@ -452,6 +465,9 @@ def _enqueue_routed_tokens[
     statistics are summed per lane in registers over the warp's tokens, then
     over the block in shared memory, then one atomic per expert per block.
     Same parameters and pointers as gate_gpu; `vector` is its choice of loads.
+    With lg_splits > 0 (one block, T * E <= GPU_BLOCK) the block first adds
+    the router GEMV's partial rows into shared memory, thread i logit i,
+    splits in order (the GEMV's sum kernel's adds), and the warps read that.
     """
     if experts > SLOTS * WARP_SIZE:
         raise Error("pymoe_moe_gate: this router kernel holds at most " + String(SLOTS * WARP_SIZE) + " experts")
@@ -459,10 +475,22 @@ def _enqueue_routed_tokens[
     var n_d = Int64(d_model)
     var n_e = Int64(experts)
     comptime LANE_GROUPS = WARP_SIZE // EG  # EG-groups per slot
+    var n_split = Int64(lg_splits)
 
-    def routed_kernel() {var w_out, var id_out, var counts, var pmean, var losses, var x, var rw, var rb, var sb, var lg, var n_tok, var n_d, var n_e, var vector}:
+    def routed_kernel() {var w_out, var id_out, var counts, var pmean, var losses, var x, var rw, var rb, var sb, var lg, var n_tok, var n_d, var n_e, var vector, var lg_partials, var n_split}:
         pdl_begin()
         var tid = Int(thread_idx.x)
+        var splits = Int(n_split)
+        var summed = stack_allocation[GPU_BLOCK, Float32, address_space=AddressSpace.SHARED]()
+        comptime if logits_given:
+            if splits > 0:
+                var n = Int(n_tok) * Int(n_e)
+                if tid < n:
+                    var sum: Float32 = 0
+                    for s in range(splits):
+                        sum += lg_partials.unsafe_load(s * n + tid)
+                    summed.unsafe_store(tid, sum)
+                barrier()
         # One block (a decode batch) writes the finished statistics itself
         # below: no zeroing, atomics or re-reading of the sums.
         var one_block = Int(grid_dim.x) == 1
@@ -482,8 +510,12 @@ def _enqueue_routed_tokens[
             var logit = SIMD[DType.float32, SLOTS](neg_inf)
             comptime if logits_given:
                 comptime for i in range(SLOTS):
-                    if i * WARP_SIZE + lane < e_count:
-                        logit[i] = lg.unsafe_load(t * e_count + i * WARP_SIZE + lane)
+                    var e = i * WARP_SIZE + lane
+                    if e < e_count:
+                        if splits > 0:
+                            logit[i] = summed.unsafe_load(t * e_count + e)
+                        else:
+                            logit[i] = lg.unsafe_load(t * e_count + e)
             else:
                 for g in range(groups):
                     var l = _group_logits[dtype](xt, rw, d, e_count, g * EG, lane, vector)
@@ -671,6 +703,7 @@ struct MoEGate:
         topk_group: Int,
         scaling: Float32,
         logits_given: Bool,
+        sum_partials: Bool,
         routed_slots: Int,
         target: StaticString,
     ](
@@ -684,6 +717,7 @@ struct MoEGate:
         router_bias: InputTensor[dtype=DType.float32, rank=1, ...],
         selection_bias: InputTensor[dtype=DType.float32, rank=1, ...],
         logits: InputTensor[dtype=DType.float32, rank=2, ...],
+        logit_partials: InputTensor[dtype=DType.float32, rank=1, ...],
         ctx: DeviceContext,
     ) raises:
         """Route T tokens to top_k of E experts (see the top of this file).
@@ -701,6 +735,10 @@ struct MoEGate:
             scaling: The factor of the weights (routed_scaling_factor).
             logits_given: (GPU) `logits` holds x @ router_w in float32, from
                 pymoe_router_logits; else a placeholder, never read.
+            sum_partials: (GPU, with logits_given) `logit_partials` is
+                pymoe_router_logits's scratch, run with partials_to_gate: in
+                a batch of router_partials_to_gate the gate adds its partial
+                rows and `logits` is not read (not written either).
             routed_slots: (GPU) Each lane's register slots for the logits in
                 the routed token kernel: a power of two, E <= 32 *
                 routed_slots. Fewer slots are less work per selection round
@@ -718,6 +756,7 @@ struct MoEGate:
             router_bias: Router bias [E] or a placeholder.
             selection_bias: Selection bias [E] or a placeholder.
             logits: Logits [T, E] or a placeholder.
+            logit_partials: The router GEMV's partial rows or a placeholder.
             ctx: The device context.
         """
         comptime assert scoring == "softmax" or scoring == "sigmoid", "scoring must be softmax or sigmoid"
@@ -755,12 +794,18 @@ struct MoEGate:
                     raise Error("pymoe_moe_gate: logits must be [T, num_experts]")
                 if experts > GPU_ROUTED_MAX_EXPERTS:
                     raise Error("pymoe_moe_gate: given logits take at most 512 experts on the GPU")
+            var lg_splits = 0
+            comptime if logits_given and sum_partials:
+                lg_splits = router_partials_to_gate[x.dtype](tokens, d_model, experts)
+                if logit_partials.dim_size(0) < lg_splits * tokens * experts:
+                    raise Error("pymoe_moe_gate: logit_partials holds fewer floats than the router's partial rows")
             gate_gpu[
                 x.dtype, top_k, renormalize, SIGMOID, has_router_bias, has_selection_bias, n_group, topk_group,
                 scaling, logits_given, routed_slots,
             ](
                 ctx, w_out, id_out, expert_counts.unsafe_ptr(), router_prob_mean.unsafe_ptr(),
                 losses.unsafe_ptr(), src, rw, rb, sb, logits.unsafe_ptr(), tokens, d_model, experts,
+                logit_partials.unsafe_ptr(), lg_splits,
             )
             return
         var workers = max(1, min(parallelism_level(None), ceildiv(tokens, TOKENS_PER_WORKER_MIN)))
@@ -994,6 +1039,22 @@ def router_gemv_scratch_floats[dtype: DType](d_model: Int, experts: Int) -> Int:
     return ceildiv(d_model, router_gemv_rows_per_block[dtype](d_model, experts)) * ROUTER_GEMV_MAX_TOKENS * experts
 
 
+def router_partials_to_gate[dtype: DType](tokens: Int, d_model: Int, experts: Int) -> Int:
+    """How many partial rows per token the gate adds up itself (0: it reads the
+    logits). A decode batch whose T*E logits one gate block holds with one
+    logit per thread (T*E <= GPU_BLOCK): there the GEMV's second kernel (the
+    sum) would be a launch of its own for the same adds, so the router op
+    leaves it out and the gate's block adds the partial rows into shared
+    memory in the sum kernel's order (the same logits, bit for bit). The
+    router op (with partials_to_gate) and the gate op (with sum_partials) both
+    ask this, so they agree."""
+    if tokens < 1 or tokens > ROUTER_GEMV_MAX_TOKENS or d_model > ROUTER_GEMV_MAX_D_MODEL:
+        return 0
+    if tokens * experts > GPU_BLOCK:
+        return 0
+    return ceildiv(d_model, router_gemv_rows_per_block[dtype](d_model, experts))
+
+
 def router_gemv_gpu[dtype: DType](
     ctx: DeviceContext,
     logits: Pointer[Float32, MutAnyOrigin],
@@ -1004,9 +1065,12 @@ def router_gemv_gpu[dtype: DType](
     experts: Int,
     scratch: Pointer[Float32, MutAnyOrigin],
     scratch_floats: Int,
+    sum_partials: Bool = True,
 ) raises:
     """logits [T, E] (float32) = x [T, d_model] @ rw [d_model, E] for at most
-    ROUTER_GEMV_MAX_TOKENS tokens, in two kernels. The first splits d_model
+    ROUTER_GEMV_MAX_TOKENS tokens, in two kernels (one without sum_partials:
+    then the partial rows in `scratch` are the result, logits is not written,
+    and the gate adds them up: router_partials_to_gate). The first splits d_model
     into ranges of rows, one block each: the block stages its range of x in
     shared memory as float32; each thread reads 16-byte vectors of one column
     group (VEC experts) of some router rows and keeps the partial sums of
@@ -1030,6 +1094,7 @@ def router_gemv_gpu[dtype: DType](
         scratch: The blocks' partial rows, caller-owned (the op's second output,
             planned by MAX's graph, so no buffer is allocated per call).
         scratch_floats: Its size, at least router_gemv_scratch_floats.
+        sum_partials: Run the sum kernel (see above).
     """
     comptime VEC = 16 // size_of[Scalar[dtype]]()
     comptime TPP = ROUTER_GEMV_MAX_TOKENS
@@ -1134,7 +1199,10 @@ def router_gemv_gpu[dtype: DType](
             logits.unsafe_store(i, sum)
 
     ctx.enqueue_function(split_kernel, attributes=pdl_attributes(), grid_dim=splits, block_dim=GPU_BLOCK)
-    ctx.enqueue_function(sum_kernel, attributes=pdl_attributes(), grid_dim=ceildiv(tokens * experts, GPU_BLOCK), block_dim=GPU_BLOCK)
+    if sum_partials:
+        ctx.enqueue_function(
+            sum_kernel, attributes=pdl_attributes(), grid_dim=ceildiv(tokens * experts, GPU_BLOCK), block_dim=GPU_BLOCK
+        )
 
 
 def router_logits_gpu[dtype: DType](
@@ -1147,13 +1215,17 @@ def router_logits_gpu[dtype: DType](
     experts: Int,
     scratch: Pointer[Float32, MutAnyOrigin],
     scratch_floats: Int,
+    partials_to_gate: Bool = False,
 ) raises:
     """logits = x @ rw in float32: the split-K GEMV for a decode batch (its
     partials in `scratch`), else the tensor-core GEMM (dense_gemm_gpu). Needs
     grouped_gemm_supported(d_model, E, d_model, E, 1, x, rw) (16-bit,
-    multiples of 8, aligned)."""
+    multiples of 8, aligned). With partials_to_gate, a batch that
+    router_partials_to_gate gives to the gate leaves the logits unwritten
+    (the gate adds the partial rows itself)."""
     if tokens <= ROUTER_GEMV_MAX_TOKENS and d_model <= ROUTER_GEMV_MAX_D_MODEL:
-        router_gemv_gpu[dtype](ctx, logits, x, rw, tokens, d_model, experts, scratch, scratch_floats)
+        var gate_sums = partials_to_gate and router_partials_to_gate[dtype](tokens, d_model, experts) > 0
+        router_gemv_gpu[dtype](ctx, logits, x, rw, tokens, d_model, experts, scratch, scratch_floats, not gate_sums)
     else:
         dense_gemm_gpu[dtype, DType.float32](ctx, logits, x, rw, tokens, d_model, experts)
 
@@ -1166,10 +1238,13 @@ struct RouterLogits:
     router_gemv_scratch_floats: pymoe.ops.router_gemv_scratch_floats) holds
     the GEMV's partial rows; as an output of the op, MAX's graph plans it, so
     the op allocates nothing per call. The CPU gate computes its logits
-    itself, so this op is GPU-only."""
+    itself, so this op is GPU-only. `partials_to_gate` (pymoe_moe_gate's
+    sum_partials reads `scratch`): in a batch of router_partials_to_gate the
+    logits output is not written, one launch fewer per decode step."""
 
     @staticmethod
     def execute[
+        partials_to_gate: Bool,
         target: StaticString,
     ](
         logits: OutputTensor[dtype=DType.float32, rank=2, ...],
@@ -1187,7 +1262,8 @@ struct RouterLogits:
             if not grouped_gemm_supported[x.dtype](d_model, experts, d_model, experts, 1, xp, rw):
                 raise Error("pymoe_router_logits: 16-bit x, d_model and num_experts multiples of 8")
             router_logits_gpu[x.dtype](
-                ctx, logits.unsafe_ptr(), xp, rw, tokens, d_model, experts, scratch.unsafe_ptr(), scratch.dim_size(0)
+                ctx, logits.unsafe_ptr(), xp, rw, tokens, d_model, experts, scratch.unsafe_ptr(), scratch.dim_size(0),
+                partials_to_gate,
             )
         else:
             raise Error("pymoe_router_logits runs on the GPU only")

@@ -157,11 +157,20 @@ def router_logits(x: TensorValue, router_w: TensorValue) -> TensorValue:
     d_model and E multiples of 8): the router logits op, its second output the router GEMV's
     scratch (its partial rows at decode), an output so that MAX's graph plans its memory
     instead of the op allocating per call."""
+    return _router_logits_op(x, router_w, partials_to_gate=False)[0]
+
+
+def _router_logits_op(x: TensorValue, router_w: TensorValue, *, partials_to_gate: bool) -> list[TensorValue]:
+    """The router logits op's two outputs, (logits, the GEMV's partial rows). With
+    `partials_to_gate` a decode batch small enough for the gate to add the partial rows
+    itself (kernels/moe_gate.mojo, router_partials_to_gate) leaves the logits unwritten:
+    only moe_gate, which hands both outputs to the gate op, asks for that."""
     d_model, experts = int(x.shape[1]), int(router_w.shape[1])
     scratch = router_gemv_scratch_floats(d_model, experts, itemsize(dtype_name(x.dtype)))
     return custom_op("pymoe_router_logits", [x, router_w],
                      [TensorType(DType.float32, [x.shape[0], experts], x.device),
-                      TensorType(DType.float32, [scratch], x.device)])[0]
+                      TensorType(DType.float32, [scratch], x.device)],
+                     parameters={"partials_to_gate": partials_to_gate})
 
 
 def router_gemv_scratch_floats(d_model: int, experts: int, itemsize: int) -> int:
@@ -254,12 +263,14 @@ def moe_gate(
     logits_given = (not dev.is_cpu() and experts <= GATE_GPU_ROUTED_MAX_EXPERTS and isinstance(d_model, StaticDim)
                     and tensor_core_gemm_takes(dtype_name(x.dtype), int(d_model), experts))
     if logits_given:
-        logits = router_logits(x, router_w)
+        # A small decode batch skips the logits op's sum kernel: the gate adds its partial rows.
+        logits, partials = _router_logits_op(x, router_w, partials_to_gate=True)
     else:
         logits = ops.constant(np.zeros((1, 1), dtype=np.float32), DType.float32, device=dev)
+        partials = ops.constant(np.zeros(1, dtype=np.float32), DType.float32, device=dev)
     outs = custom_op(
         "pymoe_moe_gate",
-        [x, router_w, *biases, logits],
+        [x, router_w, *biases, logits, partials],
         [
             TensorType(DType.float32, [t, top_k], dev),
             TensorType(DType.int32, [t, top_k], dev),
@@ -271,7 +282,7 @@ def moe_gate(
             "top_k": top_k, "renormalize": bool(renormalize), "scoring": scoring,
             "has_router_bias": router_bias is not None, "has_selection_bias": selection_bias is not None,
             "n_group": n_group, "topk_group": topk_group, "scaling": float(routed_scaling_factor),
-            "logits_given": logits_given,
+            "logits_given": logits_given, "sum_partials": logits_given,
             # The CPU never reads it: one value there, so its compiled kernel is shared.
             "routed_slots": 1 if dev.is_cpu() else gate_routed_slots(experts),
         },

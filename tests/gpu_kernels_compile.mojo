@@ -23,13 +23,16 @@ def entries[dtype: DType](ctx: DeviceContext) raises:
     var qi = Pointer[Int32, MutAnyOrigin](unsafe_from_address=Int(ids.unsafe_ptr()))
     comptime if dtype != DType.float32:  # the router's logits op takes 16-bit inputs only
         var scratch = ctx.enqueue_create_buffer[DType.float32](256)
-        router_logits_gpu[dtype](ctx, pl, p, p, 1, 8, 8, Pointer[Float32, MutAnyOrigin](unsafe_from_address=Int(scratch.unsafe_ptr())), 256)
-        _ = scratch^
+        var ps = Pointer[Float32, MutAnyOrigin](unsafe_from_address=Int(scratch.unsafe_ptr()))
+        router_logits_gpu[dtype](ctx, pl, p, p, 1, 8, 8, ps, 256)
+        router_logits_gpu[dtype](ctx, pl, p, p, 1, 8, 8, ps, 256, partials_to_gate=True)  # the gate sums
         # the gate given those logits, with 4 register slots (E <= 128), and a DeepSeek-style router
-        gate_gpu[dtype, 8, True, False, False, False, 1, 1, 1.0, True, 4](ctx, pl, qi, qi, pl, pl, p, p, pl, pl, pl, 1, 8, 8)
-        gate_gpu[dtype, 8, True, True, False, True, 8, 4, 2.5, True, 8](ctx, pl, qi, qi, pl, pl, p, p, pl, pl, pl, 1, 8, 8)
+        gate_gpu[dtype, 8, True, False, False, False, 1, 1, 1.0, True, 4](ctx, pl, qi, qi, pl, pl, p, p, pl, pl, pl, 1, 8, 8, pl, 0)
+        gate_gpu[dtype, 8, True, False, False, False, 1, 1, 1.0, True, 4](ctx, pl, qi, qi, pl, pl, p, p, pl, pl, pl, 1, 8, 8, ps, 1)
+        _ = scratch^
+        gate_gpu[dtype, 8, True, True, False, True, 8, 4, 2.5, True, 8](ctx, pl, qi, qi, pl, pl, p, p, pl, pl, pl, 1, 8, 8, pl, 0)
     else:  # the default softmax router computing its own logits
-        gate_gpu[dtype, 2, True, False, False, False, 1, 1, 1.0, False, 1](ctx, pl, qi, qi, pl, pl, p, p, pl, pl, pl, 1, 8, 8)
+        gate_gpu[dtype, 2, True, False, False, False, 1, 1, 1.0, False, 1](ctx, pl, qi, qi, pl, pl, p, p, pl, pl, pl, 1, 8, 8, pl, 0)
 
 
 def dispatch(ctx: DeviceContext) raises:

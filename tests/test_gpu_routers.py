@@ -112,3 +112,39 @@ def test_gpu_router_logits_at_model_widths(gpu, rng, name):
         want = x.astype(np.float64) @ w.astype(np.float64)
         assert np.isfinite(got).all(), (name, tokens)
         assert rel_err(got, want) < FP32_TOL, (name, tokens, rel_err(got, want))
+
+
+# The gate given the router GEMV's partial rows (kernels/moe_gate.mojo,
+# router_partials_to_gate): a decode batch with T * E <= 256 skips the GEMV's sum kernel and
+# the gate's block adds the partial rows itself. Cases folded: Qwen3-30B-A3B at 1 token,
+# GPT-OSS-20B's E = 32 at 1 and 8, DeepSeek-V3's E = 256 (sigmoid, 8 groups) at 1; not folded:
+# Qwen3 at 8 (1024 logits) and 9 tokens (the GEMM). The routing must be the float64 route of
+# the logits that the public logits op (which always sums) gives for the same x: the same
+# float32 adds in the same order, so the same choices, bit for bit, away from near-ties.
+GATE_CASES = {"qwen3-30b-a3b": (2048, 128, 8, {}), "gpt-oss-20b": (2880, 32, 4, {}),
+              "deepseek-v3": (7168, 256, 8, {"scoring": "sigmoid", "n_group": 8, "topk_group": 4,
+                                             "routed_scaling_factor": 2.5})}
+
+
+@pytest.mark.parametrize("name", list(GATE_CASES))
+def test_gpu_gate_adds_the_router_partials_at_decode(gpu, rng, name):
+    from pymoe.routing import route
+
+    d_model, experts, top_k, rule = GATE_CASES[name]
+    _, ref, session = gpu
+    types = [TensorType(DType.float32, ["t", d_model], ref), TensorType(DType.float32, [d_model, experts], ref)]
+    with Graph(f"gate_partials_{name}", input_types=types, custom_extensions=[mops.KERNELS_DIR]) as g:
+        x, w = (ops.cast(v.tensor, DType.bfloat16) for v in g.inputs)
+        gate = mops.moe_gate(x, w, top_k=top_k, **rule)
+        g.output(gate.topk_weights, gate.topk_ids, gate.expert_counts, mops.router_logits(x, w))
+    model = session.load(g)
+    w = _bf16(rng.standard_normal((d_model, experts), dtype=np.float32) / np.sqrt(d_model))
+    for tokens in (1, 8, 9):
+        x = _bf16(rng.standard_normal((tokens, d_model), dtype=np.float32))
+        weights, ids, counts, logits = _run(gpu, model, x, w)
+        want = route(logits.astype(np.float64), top_k, scoring=rule.get("scoring", "softmax"),
+                     n_group=rule.get("n_group", 1), topk_group=rule.get("topk_group", 1),
+                     scaling=rule.get("routed_scaling_factor", 1.0))
+        np.testing.assert_array_equal(ids, want.ids, err_msg=f"{name} at {tokens} tokens")
+        assert rel_err(weights, want.weights) < 1e-5, (name, tokens)
+        np.testing.assert_array_equal(counts, np.bincount(ids.ravel(), minlength=experts))
