@@ -29,7 +29,7 @@ def run(ctx: DeviceContext, blocks: Int, tokens: Int, lg: Int, w: Int, ids: Int,
     _enqueue_routed_tokens[DType.bfloat16, K, True, False, False, False, 1, 1, 1.0, True, SLOTS](
         ctx, blocks, P[DType.float32](w), P[DType.int32](ids), P[DType.int32](stats), P[DType.float32](stats + 4 * E),
         P[DType.float32](stats + 8 * E), P[DType.bfloat16](lg), P[DType.bfloat16](lg), P[DType.float32](lg),
-        P[DType.float32](lg), P[DType.float32](lg), tokens, E, E, False,
+        P[DType.float32](lg), P[DType.float32](lg), tokens, E, E, False, P[DType.float32](lg), 0,
     )
 
 
