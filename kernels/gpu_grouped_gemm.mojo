@@ -878,6 +878,14 @@ def _grouped_gemm_wgmma_kernel[
         async_copy_commit_group()
         if kt < 0:
             continue
+        # A warpgroup whose 64 rows all lie past the expert's (the second one in
+        # an expert's ragged last row tile of at most 64 rows: about half of
+        # GPT-OSS-120B's experts at 512 +- 23 rows have one) issues no wgmma:
+        # its outputs are never stored, and the tensor cores it would share go
+        # to the first. The branch is uniform per warpgroup, as wgmma needs;
+        # the loads and barriers above stay the same for every thread.
+        if wg * 64 >= rows_here:
+            continue
         var a_addr = Int(a_smem.unsafe_offset((kt % STAGES) * A_STAGE + wg * 64 * BK))
         var b_addr = Int(b_smem.unsafe_offset((kt % STAGES) * B_STAGE))
         wgmma_fence_aligned()
