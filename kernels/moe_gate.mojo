@@ -703,7 +703,6 @@ struct MoEGate:
         topk_group: Int,
         scaling: Float32,
         logits_given: Bool,
-        sum_partials: Bool,
         routed_slots: Int,
         target: StaticString,
     ](
@@ -734,11 +733,10 @@ struct MoEGate:
             topk_group: Groups kept (1 when n_group is 1).
             scaling: The factor of the weights (routed_scaling_factor).
             logits_given: (GPU) `logits` holds x @ router_w in float32, from
-                pymoe_router_logits; else a placeholder, never read.
-            sum_partials: (GPU, with logits_given) `logit_partials` is
-                pymoe_router_logits's scratch, run with partials_to_gate: in
-                a batch of router_partials_to_gate the gate adds its partial
-                rows and `logits` is not read (not written either).
+                pymoe_router_logits, and `logit_partials` that op's scratch (run
+                with partials_to_gate): in a batch of router_partials_to_gate
+                the gate adds the partial rows and `logits` is neither written
+                nor read. Else both are placeholders, never read.
             routed_slots: (GPU) Each lane's register slots for the logits in
                 the routed token kernel: a power of two, E <= 32 *
                 routed_slots. Fewer slots are less work per selection round
@@ -795,7 +793,7 @@ struct MoEGate:
                 if experts > GPU_ROUTED_MAX_EXPERTS:
                     raise Error("pymoe_moe_gate: given logits take at most 512 experts on the GPU")
             var lg_splits = 0
-            comptime if logits_given and sum_partials:
+            comptime if logits_given:
                 lg_splits = router_partials_to_gate[x.dtype](tokens, d_model, experts)
                 if logit_partials.dim_size(0) < lg_splits * tokens * experts:
                     raise Error("pymoe_moe_gate: logit_partials holds fewer floats than the router's partial rows")
@@ -1046,7 +1044,7 @@ def router_partials_to_gate[dtype: DType](tokens: Int, d_model: Int, experts: In
     sum) would be a launch of its own for the same adds, so the router op
     leaves it out and the gate's block adds the partial rows into shared
     memory in the sum kernel's order (the same logits, bit for bit). The
-    router op (with partials_to_gate) and the gate op (with sum_partials) both
+    router op (with partials_to_gate) and the gate op (given logits) both
     ask this, so they agree."""
     if tokens < 1 or tokens > ROUTER_GEMV_MAX_TOKENS or d_model > ROUTER_GEMV_MAX_D_MODEL:
         return 0
@@ -1238,8 +1236,8 @@ struct RouterLogits:
     router_gemv_scratch_floats: pymoe.ops.router_gemv_scratch_floats) holds
     the GEMV's partial rows; as an output of the op, MAX's graph plans it, so
     the op allocates nothing per call. The CPU gate computes its logits
-    itself, so this op is GPU-only. `partials_to_gate` (pymoe_moe_gate's
-    sum_partials reads `scratch`): in a batch of router_partials_to_gate the
+    itself, so this op is GPU-only. `partials_to_gate` (pymoe_moe_gate, given
+    the logits, also reads `scratch`): in a batch of router_partials_to_gate the
     logits output is not written, one launch fewer per decode step."""
 
     @staticmethod

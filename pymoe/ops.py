@@ -282,7 +282,7 @@ def moe_gate(
             "top_k": top_k, "renormalize": bool(renormalize), "scoring": scoring,
             "has_router_bias": router_bias is not None, "has_selection_bias": selection_bias is not None,
             "n_group": n_group, "topk_group": topk_group, "scaling": float(routed_scaling_factor),
-            "logits_given": logits_given, "sum_partials": logits_given,
+            "logits_given": logits_given,
             # The CPU never reads it: one value there, so its compiled kernel is shared.
             "routed_slots": 1 if dev.is_cpu() else gate_routed_slots(experts),
         },

@@ -163,10 +163,10 @@ def test_bad_router_arguments_fail_before_compiling(recorded_ops):
     assert name == "pymoe_moe_gate" and len(values) == len(new_values) == 6
     assert old == {"top_k": 2, "renormalize": False, "scoring": "softmax", "has_router_bias": False,
                    "has_selection_bias": False, "n_group": 1, "topk_group": 1, "scaling": 1.0,
-                   "logits_given": False, "sum_partials": False, "routed_slots": 1}
+                   "logits_given": False, "routed_slots": 1}
     assert new == {"top_k": 4, "renormalize": True, "scoring": "sigmoid", "has_router_bias": True,
                    "has_selection_bias": True, "n_group": 4, "topk_group": 2, "scaling": 2.0,
-                   "logits_given": False, "sum_partials": False, "routed_slots": 1}
+                   "logits_given": False, "routed_slots": 1}
     assert isinstance(new["scaling"], float)
     assert list(values[2].shape) == [1] and new_values[2] is bias  # the placeholder, the bias
 
@@ -221,7 +221,6 @@ def test_gpu_gate_takes_its_logits_from_a_tensor_core_gemm(recorded_ops):
         # With given logits the gate also gets the router GEMV's partial rows (its scratch
         # output) and may add them itself at decode, so the logits op is built to leave them
         # to it; the public router_logits op always sums (test_gpu_routers checks both on a GPU).
-        assert recorded_ops[-1][2]["sum_partials"] is given
         assert len(recorded_ops[-1][1]) == 6
         if given:
             assert recorded_ops[0][2] == {"partials_to_gate": True}
