@@ -247,6 +247,10 @@ def main() raises:
     bench_case["none", 128, 256, 4](ctx, "gpt-oss-20b-down", 32, 2880, 2880, 16384, 4, True)
     bench_case["swiglu", 128, 256, 4](ctx, "mixtral-up", 8, 4096, 28672, 16384, 2, True)
     bench_case["none", 128, 256, 4](ctx, "mixtral-down", 8, 14336, 4096, 16384, 2, True)
+    # GPT-OSS-120B: 512 +- 23 rows per expert, so about half the experts end in a ragged row tile
+    # of at most 64 rows, where the wgmma tile's second warpgroup issues no MMA
+    bench_case["swiglu", 128, 256, 4](ctx, "gpt-oss-120b-up", 128, 2880, 5760, 16384, 4, True)
+    bench_case["none", 128, 256, 4](ctx, "gpt-oss-120b-down", 128, 2880, 2880, 16384, 4, True)
     bench_case["swiglu", 128, 256, 4](ctx, "qwen3-up", 128, 2048, 1536, 1024, 8, False)
     # 32 and 64 rows per expert (Mixtral and Qwen3 at 128 / 256 and 512 / 1024 tokens), where the
     # entry takes the 64 x 128 mma.sync tile: the wgmma tile with TMA loads, 64 and 128 rows
