@@ -413,11 +413,15 @@ def simulate(trace_path, model_name, calibration_path, strategies, batch_sizes, 
                    "calibrate with the same one).")
 @click.option("--routing-readback/--no-routing-readback", default=False, show_default=True,
               help=READBACK_HELP)
+@click.option("--host-handoff", type=click.Choice(["thread", "gpu"]), default="thread", show_default=True,
+              help="How a layer's combine waits for its host experts: the issuing thread waits for the host "
+                   "worker (thread), or the GPU waits for a flag the worker sets in pinned memory and the "
+                   "issuing thread never waits (gpu).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
               show_default=True)
 def serve_offloaded(trace_path, model_name, calibration_path, strategies, batch_sizes, requests, cache_fraction,
                     max_steps, failure_rate, host_failure_rate, time_limit, host_backend, routing_readback,
-                    out_dir) -> None:
+                    host_handoff, out_dir) -> None:
     """Run the real offloading engine on the GPU (experts in pinned host memory, GPU slot pool,
     prefetches on a copy stream, missed experts on a host worker for the host miss policies)
     and compare its measured latency with the simulator's."""
@@ -436,7 +440,8 @@ def serve_offloaded(trace_path, model_name, calibration_path, strategies, batch_
         validate(trace_path, model_name, calibration_path, strategies=chosen, batch_sizes=sizes, requests=requests,
                  cache_fraction=cache_fraction, max_steps=max_steps, out_dir=out_dir,
                  command=command_line(), prefetch_failure_rate=failure_rate, host_failure_rate=host_failure_rate,
-                 time_limit_s=time_limit, host_backend=host_backend, routing_readback=routing_readback)
+                 time_limit_s=time_limit, host_backend=host_backend, routing_readback=routing_readback,
+                 host_handoff=host_handoff)
     except (EngineError, TraceError, ValueError, NativeBuildError) as e:
         raise click.ClickException(str(e)) from e
 

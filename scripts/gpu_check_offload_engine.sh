@@ -12,6 +12,8 @@
 # READBACK (default 0; 1 or both) runs the engine without, with, or both without and with each
 # layer's routing read back to the host before its decisions (`serve-offloaded --routing-readback`);
 # MODELS (default "switch qwen qwen3-30b-a3b") picks the traces.
+# HANDOFF (default thread; gpu or both) is how a layer's combine waits for its host experts
+# (`serve-offloaded --host-handoff`); with both, each model's runs are made once per hand-off.
 set -u -o pipefail
 : "${OUT:?set OUT to the folder the results go to}"
 QUICK=${QUICK:-0}
@@ -29,7 +31,7 @@ nproc | tee -a "$OUT/gpu.txt"
 
 step "1/3 engine output tests (CPU and, where there is one, CUDA): host experts, fallbacks, transfers"
 [ "${ENGINE_TESTS:-1}" = 0 ] && echo "skipped (ENGINE_TESTS=0)" || timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_offload.py tests/test_offload_hybrid.py \
-    -k "engine or fall_back or host_path or serve or worker_computes" 2>&1 | tee "$OUT/i23-engine-tests.log" | tail -12
+    -k "engine or fall_back or host_path or serve or worker_computes or handoff" 2>&1 | tee "$OUT/i23-engine-tests.log" | tail -12
 
 step "2/3 synthetic qwen3-30b-a3b trace (zipf/reuse/cross-layer fitted to lm-qwen-aux: pymoe trace info)"
 # Written into the checkout (result files then name it by its repo path) and copied to $OUT.
@@ -40,7 +42,7 @@ cp "$Q3" "$OUT/results/traces/"
 
 step "3/3 calibrate (host compute included), then engine vs simulator; $(left) s left"
 BUDGET=$(( $(left) - 15 ))
-QUICK=$QUICK Q3=$Q3 BUDGET=$BUDGET HOST_BACKEND=${HOST_BACKEND:-graph} READBACK=${READBACK:-0} \
+QUICK=$QUICK Q3=$Q3 BUDGET=$BUDGET HOST_BACKEND=${HOST_BACKEND:-graph} READBACK=${READBACK:-0} HANDOFF=${HANDOFF:-thread} \
     MODELS=${MODELS:-switch qwen qwen3-30b-a3b} timeout $((BUDGET + 10)) $PY -u - <<'EOF' 2>&1 | tee "$OUT/i23-engine.log"
 """Calibration and validation in one process: the CPU layer's MAX graphs compiled by the
 calibration (tens of seconds per expert shape) serve the engine's host workers too."""
@@ -75,6 +77,7 @@ TRACES = {"switch": "results/traces/lm-switch-aux.npz", "qwen": "results/traces/
           "qwen3-30b-a3b": os.environ["Q3"]}
 MODELS = [(m, TRACES[m]) for m in os.environ["MODELS"].split()]
 READBACKS = {"0": [False], "1": [True], "both": [False, True]}[os.environ["READBACK"]]
+HANDOFFS = {"thread": ["thread"], "gpu": ["gpu"], "both": ["thread", "gpu"]}[os.environ["HANDOFF"]]
 # Transfer-only: the best practical strategies of docs/RESULTS.md (the predicted eviction
 # alone, and with ExpertFlow's prefetching) and Oracle; hybrid: the same with the host.
 # Interleaved, so that a batch size cut short by the time limit still has pairs to compare.
@@ -138,15 +141,16 @@ for i, (model, trace) in enumerate(MODELS):
     if share < 20:
         say(f"{model}: {left():.0f} s left, not enough for a run; skipped")
         continue
-    share /= len(READBACKS)
-    for readback in READBACKS:
-        say(f"engine vs simulator, {model}, routing readback {readback}: time limit {share:.0f} s")
+    share /= len(READBACKS) * len(HANDOFFS)
+    for readback, handoff in [(r, h) for r in READBACKS for h in HANDOFFS]:
+        say(f"engine vs simulator, {model}, routing readback {readback}, {handoff} hand-off: time limit {share:.0f} s")
         try:  # one model's failure must not cost the others' runs
             result, path = validate(trace, model, cal_path, strategies=STRATEGIES, batch_sizes=BATCHES,
                                     max_steps=MAX_STEPS[model], out_dir=out, time_limit_s=share,
-                                    host_backend=backend, routing_readback=readback,
+                                    host_backend=backend, routing_readback=readback, host_handoff=handoff,
                                     command=f"validate({model}, max_steps={MAX_STEPS[model]}, time_limit_s={share:.0f}, "
-                                            f"routing_readback={readback}) in scripts/gpu_check_offload_engine.sh")
+                                            f"routing_readback={readback}, host_handoff={handoff}) in "
+                                            "scripts/gpu_check_offload_engine.sh")
         except Exception:
             traceback.print_exc()
             continue
@@ -158,9 +162,11 @@ if left() > fault_run and "switch" in dict(MODELS):
     try:
         result, path = validate(TRACES["switch"], "switch", cal_path, strategies=["hybrid[predicted]"],
                                 batch_sizes=(1, 16), max_steps=8, out_dir=out, host_failure_rate=0.2,
+                                host_handoff=HANDOFFS[-1],
                                 host_backend=backend,
                                 time_limit_s=fault_run - 10,
-                                command="validate(switch, hybrid[predicted], host_failure_rate=0.2) in "
+                                command=f"validate(switch, hybrid[predicted], host_failure_rate=0.2, "
+                                        f"host_handoff={HANDOFFS[-1]}) in "
                                         "scripts/gpu_check_offload_engine.sh")
         write_csv(result, path)
     except Exception:

@@ -25,6 +25,10 @@ from pymoe.offload.synthetic import SyntheticParams, generate
 from pymoe.offload.trace import Trace, save_trace
 
 RESOURCES = ("copy", "gpu", "host", "to-host", "from-host")
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# (device, host_handoff) of the engine's host path: the GPU hand-off exists on CUDA only.
+ENGINE_HANDOFFS = [("cpu", "thread"), pytest.param("cuda", "thread", marks=_CUDA),
+                   pytest.param("cuda", "gpu", marks=_CUDA)]
 # The one expert shape whose CPU layer (MAX) the tests here compile; float32, SwiGLU (the
 # [gate | up] layout of w1 must be the same in the engine's GPU and host experts).
 HOST_SHAPE = OffloadModel("tiny-host", 6, 3, 2, d_model=64, d_ff=128, activation="swiglu")
@@ -40,7 +44,8 @@ HOST_TESTS = ("test_calibrate_measures_host_compute_with_pymoes_cpu_kernels",
               "test_host_worker_failures_fall_back_to_a_transfer",
               "test_the_worker_computes_host_experts_while_the_device_computes_the_resident_ones",
               "test_a_native_call_waits_for_its_rows_with_the_pool_spinning",
-              "test_engine_host_experts_with_the_native_backend")
+              "test_engine_host_experts_with_the_native_backend",
+              "test_the_gpu_handoff_never_makes_the_issuing_thread_wait_for_the_host")
 
 
 def with_host(cal: Calibration, model: OffloadModel, rows=(1, 1000), ms=(0.2, 0.2)) -> Calibration:
@@ -480,35 +485,38 @@ def host_engine_setup(batch=2, requests=4):
     return model, trace, cal, batch_schedule(trace, batch, requests, 1)
 
 
-def run_host_engine(strategy, device, *, capacity=5, batch=2, requests=4, **executor_kw):
-    """(simulated run, executor, reference outputs): the plan made first, then carried out."""
+def run_host_engine(strategy, device, *, capacity=5, batch=2, requests=4, check=True, **executor_kw):
+    """(simulated run, executor, reference outputs): the plan made first, then carried out
+    (and, without `check`, its layer times read, as run_engine does)."""
     from pymoe.offload.engine import Executor, Plan, reference_outputs
 
     model, trace, cal, steps = host_engine_setup(batch, requests)
     strategy = make_strategy(strategy)
     strategy.fit(trace)
-    executor = Executor(model, capacity, device=device, check=True, max_tokens=batch,
+    executor = Executor(model, capacity, device=device, check=check, max_tokens=batch,
                         host_experts=strategy.host_compute, **executor_kw)
     plan = Plan()
     r = simulate(trace, model, strategy, cal, capacity=capacity, batch_size=batch, requests=requests, seed=1,
                  executor=plan)
     try:
         executor.run(plan)
+        if not check:
+            executor.measured_layer_ms()
     finally:
         executor.close()
     return r, executor, reference_outputs(trace, model, steps, max_tokens=batch)
 
 
-@pytest.mark.parametrize("device", ENGINE_DEVICES)
+@pytest.mark.parametrize("device,handoff", ENGINE_HANDOFFS)
 @pytest.mark.parametrize("name", ["hybrid", "cpu-on-miss", "hybrid-admit", "hybrid+oracle",
                                   "cpu-on-miss-admit+intelligent"])
-def test_engine_host_experts_equal_the_all_resident_model(name, device):
+def test_engine_host_experts_equal_the_all_resident_model(name, device, handoff):
     """The executor runs the plan's host experts with pymoe's CPU layer on its worker thread
     and the rest on the device: every layer output equals the all-resident model's, and it
     made exactly the simulator's transfers (admissions included) and host computations."""
     from pymoe.offload.engine import OUTPUT_TOLERANCE, check_outputs
 
-    r, executor, expected = run_host_engine(name, device)
+    r, executor, expected = run_host_engine(name, device, host_handoff=handoff)
     assert r.host_served > 0 and executor.host_served == r.host_served
     assert executor.transfers == r.bytes_moved // HOST_SHAPE.expert_bytes
     if name.startswith("hybrid"):  # this calibration mixes the two paths
@@ -554,14 +562,15 @@ def test_the_output_check_catches_a_host_expert_with_the_wrong_weights():
         check_outputs(executor.outputs, reference_outputs(trace, model, steps, max_tokens=2), "float32")
 
 
-@pytest.mark.parametrize("device", ENGINE_DEVICES)
-def test_host_worker_failures_fall_back_to_a_transfer(device):
+@pytest.mark.parametrize("device,handoff", ENGINE_HANDOFFS)
+def test_host_worker_failures_fall_back_to_a_transfer(device, handoff):
     """Injected failures (half the host experts) and a host layer that raises: each failed
     expert is copied to the spare slot and computed on the device, counted, and every output
-    still equals the all-resident model's."""
+    still equals the all-resident model's; with the GPU hand-off, also when the outputs are
+    not checked (the issuing thread then sees a raised call's failures later)."""
     from pymoe.offload.engine import HostExperts, check_outputs
 
-    r, executor, expected = run_host_engine("cpu-on-miss", device, host_failure_rate=0.5)
+    r, executor, expected = run_host_engine("cpu-on-miss", device, host_failure_rate=0.5, host_handoff=handoff)
     fallbacks = executor.faults["host_fallbacks"]
     assert 0 < fallbacks < r.host_served
     assert len(executor.host_errors) == min(fallbacks, 10)
@@ -580,16 +589,24 @@ def test_host_worker_failures_fall_back_to_a_transfer(device):
         return forward(x, on_host)
 
     experts.group.forward_unchecked = broken
-    r, executor, expected = run_host_engine("cpu-on-miss", device, experts=experts)
+    r, executor, expected = run_host_engine("cpu-on-miss", device, experts=experts, host_handoff=handoff)
     assert raised and executor.faults["host_fallbacks"] == sum(raised) < r.host_served
     assert all(e == "MemoryError: no host memory left" for e in executor.host_errors)
     check_outputs(executor.outputs, expected, "float32")
+    if handoff == "gpu":
+        raised.clear()
+        r, executor, _ = run_host_engine("cpu-on-miss", device, experts=experts, host_handoff=handoff, check=False)
+        assert raised and executor.faults["host_fallbacks"] == sum(raised) and not executor.unseen_host
 
 
 def test_engine_host_path_bad_input():
     from pymoe.offload.engine import EngineError, Executor, HostExperts, Plan, check_outputs
 
     model, trace, cal, _ = host_engine_setup()
+    with pytest.raises(EngineError, match="host_handoff must be one of"):
+        Executor(model, 5, device="cpu", host_experts=True, host_handoff="spin")
+    with pytest.raises(EngineError, match="needs a CUDA device"):
+        Executor(model, 5, device="cpu", host_experts=True, host_handoff="gpu")
     with pytest.raises(EngineError, match="host_failure_rate must be in"):
         Executor(model, 5, device="cpu", host_experts=True, host_failure_rate=-0.1)
     with pytest.raises(EngineError, match="host_failure_rate needs host_experts=True"):
@@ -716,3 +733,43 @@ def test_hybrid_summary_of_the_simulated_times_and_of_files_it_refuses():
         hybrid_summary(engine_result_for(host_failure_rate=0.2))
     with pytest.raises(ValueError, match="source must be"):
         hybrid_summary(engine_result_for(), source="both")
+
+
+@_CUDA
+def test_the_gpu_handoff_never_makes_the_issuing_thread_wait_for_the_host():
+    """Each host call sleeps 30 ms first. With the thread hand-off the issuing thread waits for
+    every one of them before it queues the next layer; with the GPU hand-off it queues the whole
+    plan in much less time than the host calls take, and the layers' ends on the GPU still come after the
+    host calls (each combine waited, on the GPU, for its host output)."""
+    from pymoe.offload.engine import Executor, HostExperts, Plan
+
+    model, trace, cal, _ = host_engine_setup()
+    experts = HostExperts(model, model.total_experts, pinned=True, cpu_group=True)
+    calls = []
+
+    def slow(x, on_host, forward=experts.group.forward_unchecked):
+        time.sleep(0.03)
+        calls.append(1)
+        return forward(x, on_host)
+
+    issue_ms = {}
+    for handoff in ("thread", "gpu"):
+        executor = Executor(model, 5, device="cuda", max_tokens=2, host_experts=True, experts=experts,
+                            host_handoff=handoff)
+        experts.group.forward_unchecked = slow  # after the warm-up
+        calls.clear()
+        plan = Plan()
+        simulate(trace, model, make_strategy("cpu-on-miss"), cal, capacity=5, batch_size=2, requests=4, seed=1,
+                 executor=plan)
+        try:
+            issue_ms[handoff] = executor.run(plan)
+            layer_ms = executor.measured_layer_ms()
+        finally:
+            executor.close()
+            experts.group.forward_unchecked = slow.__defaults__[0]
+        host_layers = len(calls)
+        assert host_layers >= 3
+        # On the GPU clock the run takes at least the host calls' sleeps either way.
+        assert layer_ms.sum() >= 30 * host_layers * 0.9, (handoff, layer_ms.sum())
+    assert issue_ms["thread"] >= 30 * host_layers * 0.9, issue_ms
+    assert issue_ms["gpu"] < 10 * host_layers, issue_ms  # a third of the sleeps: it waited for few, if any

@@ -57,6 +57,17 @@ which leaves it out of the layer's host call, or every host expert of a layer wh
 call raises) is copied into a spare GPU slot (outside the cache, so the simulator's cache
 contents stay as decided) and computed on the GPU before the layer's combine, and counted
 (`faults["host_fallbacks"]`).
+
+The hand-off (`host_handoff`, HOST_HANDOFFS): with "thread" the issuing thread waits for the
+worker before it queues a host layer's copy back and combine, so the next layer is issued only
+once the host is done. With "gpu" it queues them at once: the copy back waits on the GPU
+(cuStreamWaitValue32) for the layer's number, which the worker writes into pinned memory
+after the host output (always, also when the call raised, so the GPU never waits forever), and
+the worker itself touches no CUDA stream. Injected failures are known when the layer is issued,
+so their fallbacks are queued before the combine either way; a host call that raises is seen by
+the issuing thread only later, with "gpu": its experts' fallbacks are then queued when it is
+seen (at a later layer, at the latest in `measured_layer_ms` or `close`, or at once with `check`,
+which waits for the worker), after the layers already queued. Those layers' outputs are right; their times are not the layer's.
 """
 
 from __future__ import annotations
@@ -72,6 +83,7 @@ from ..baselines import expert_ffn
 from ..dtypes import torch_dtype
 from ..runtime import serially
 from .calibration import Calibration
+from .cuda_flag import HostFlag
 from .host import HOST_BACKENDS, HostExpertGroup
 from .models import OffloadModel
 from .simulator import RunResult, simulate
@@ -81,6 +93,14 @@ from .trace import Trace
 
 class EngineError(ValueError):
     pass
+
+
+# How a layer's combine learns that its host experts' output is there (`Executor(host_handoff=)`):
+# "thread": the issuing thread waits for the host worker, then queues the copy back, the
+# combine and the next layer (the host sets the pace of every layer with host experts);
+# "gpu": the issuing thread queues them at once, the copy back waiting on the GPU for a value
+# the worker writes into pinned memory when the output is there (cuda_flag.HostFlag).
+HOST_HANDOFFS = ("thread", "gpu")
 
 
 # Norm-wise relative error allowed between an engine's layer output and the all-resident
@@ -204,7 +224,11 @@ class Executor:
     def __init__(self, model: OffloadModel, capacity: int, *, device: str = "cuda", host_copies: int = 64,
                  check: bool = False, max_tokens: int = 64, seed: int = 0, prefetch_failure_rate: float = 0.0,
                  host_experts: bool = False, host_failure_rate: float = 0.0, experts: HostExperts | None = None,
-                 routing_readback: bool = False):
+                 routing_readback: bool = False, host_handoff: str = "thread"):
+        if host_handoff not in HOST_HANDOFFS:
+            raise EngineError(f"host_handoff must be one of {HOST_HANDOFFS}, got {host_handoff!r}")
+        if host_handoff == "gpu" and torch.device(device).type != "cuda":
+            raise EngineError("host_handoff='gpu' waits on a CUDA stream: it needs a CUDA device")
         for name, rate in (("prefetch_failure_rate", prefetch_failure_rate), ("host_failure_rate", host_failure_rate)):
             if not 0.0 <= rate <= 1.0:
                 raise EngineError(f"{name} must be in [0, 1], got {rate!r}")
@@ -284,6 +308,10 @@ class Executor:
             self.spare_weights = self._weights_of(self.spare)
             self.spare_free = None
             self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pymoe-host-experts")
+        self.host_handoff = host_handoff
+        self.host_flag = HostFlag() if host_experts and host_handoff == "gpu" else None
+        self.host_layers = 0  # host layers handed to the worker (GPU hand-off: the flag reaches each in turn)
+        self.unseen_host: list[tuple] = []  # GPU hand-off: host calls whose failures are not yet seen
         if self.cuda:
             self._warm_up()
 
@@ -321,6 +349,7 @@ class Executor:
     def close(self) -> None:
         """Finish what is queued and stop the host worker."""
         self._combine()
+        self._see_host_failures(block=True)
         if self.host_enabled:
             self.worker.shutdown(wait=True)
 
@@ -434,7 +463,9 @@ class Executor:
         # From here on the layer is in flight: prefetches the plan issues at this layer wait
         # for layer l-1's end (previous_end), the next layer's demand loads for this one's.
         after, self.previous_end, self.current_end = self.current_end, self.current_end, None
-        future = self._submit_host(len(tokens), on_host, after) if on_host else None
+        if self.unseen_host:
+            self._see_host_failures(block=False)
+        host = self._submit_host(len(tokens), on_host, after) if on_host else None
         if self.cuda:
             for key, _ in on_gpu:
                 # Once waited for, a copy is behind every later layer on this stream too.
@@ -453,13 +484,14 @@ class Executor:
             gpu_end.record(self.compute_stream)
             for key, _ in on_gpu:
                 self.slot_free_event[self.slot_of[key]] = gpu_end
-        self.pending = (tick, len(tokens), out, on_host, future, gpu_end)
-        if future is None:
+        self.pending = (tick, len(tokens), out, gpu_end, host)
+        if host is None:
             self._combine()
 
-    def _submit_host(self, rows: int, on_host: list[tuple[int, int]], after):
+    def _submit_host(self, rows: int, on_host: list[tuple[int, int]], after) -> tuple:
         """Send the layer's hidden states host-ward (once `after`, the previous layer's
-        combine, has passed) and hand its host experts to the worker."""
+        combine, has passed) and hand its host experts to the worker. Returns (the worker's
+        future, on_host, the keys made to fail, the layer's number for the GPU hand-off or None)."""
         fail = set()
         if self.host_failure_rate:
             fail = {key for key, _ in on_host if self._host_fault_rng.random() < self.host_failure_rate}
@@ -474,52 +506,98 @@ class Executor:
                 to_host.record(self.rows_stream)
         else:
             serially(torch.Tensor.copy_, self.rows_host[:rows], self.x[:rows])
-        return self.worker.submit(self._host_work, rows, on_host, fail, to_host)
+        number = None
+        if self.host_flag is not None:
+            self.host_layers += 1
+            number = self.host_layers
+        return self.worker.submit(self._host_work, rows, on_host, fail, to_host, number), on_host, fail, number
 
-    def _host_work(self, rows: int, on_host: list[tuple[int, int]], fail: set[int], to_host):
-        """On the worker thread: wait for the rows, compute the host experts in one call of
-        pymoe's CPU kernels, send their summed output back. Returns (the copy-back event, or
-        True on the CPU, or None if no expert succeeded; [(key, rows, error)] of the experts
-        that failed: the injected ones, or all of them if the call raised)."""
-        if to_host is not None:
-            to_host.synchronize()  # this thread waits, the issuing thread goes on
-        started = time.perf_counter()
-        failed = [(key, n, f"RuntimeError: injected host worker failure (expert {key})")
-                  for key, n in on_host if key in fail]
-        computed = [(key, n) for key, n in on_host if key not in fail]
+    def _host_work(self, rows: int, on_host: list[tuple[int, int]], fail: set[int], to_host, number: int | None):
+        """On the worker thread: wait for the rows, compute the host experts (those not made
+        to fail) in one call of pymoe's CPU kernels, and send their summed output back: with
+        the thread hand-off by queueing the copy back, with the GPU hand-off (`number`) by
+        setting the flag the queued copy back waits for (always, so the GPU never waits
+        forever; zeros if nothing was computed). Returns (the copy-back event, or True, or
+        None if nothing was computed; [(key, rows, error)] of the experts whose call raised)."""
         try:
-            y = self.experts.compute(self.rows_host, computed) if computed else None
-        except Exception as err:  # noqa: BLE001 - whatever broke, the GPU computes these experts instead
-            failed += [(key, n, f"{type(err).__name__}: {err}") for key, n in computed]
-            y = None
-        self.host_compute_s += time.perf_counter() - started
-        if y is None:
-            return None, failed
-        # The copies run serially: torch's thread pool would spin on the cores that the next
-        # layer's MAX call needs (see pymoe.runtime.TORCH_GRAIN_SIZE).
-        serially(torch.Tensor.copy_, self.host_out[: len(y)], y)
-        if len(y) < rows:
-            serially(torch.Tensor.zero_, self.host_out[len(y): rows])
-        if not self.cuda:
-            return True, failed
-        with torch.cuda.device(self.device), torch.cuda.stream(self.rows_stream):
-            self.from_host[:rows].copy_(self.host_out[:rows], non_blocking=True)
-            back = torch.cuda.Event()
-            back.record(self.rows_stream)
-        return back, failed
+            if to_host is not None:
+                to_host.synchronize()  # this thread waits, the issuing thread goes on
+            started = time.perf_counter()
+            computed = [(key, n) for key, n in on_host if key not in fail]
+            failed = []
+            try:
+                y = self.experts.compute(self.rows_host, computed) if computed else None
+            except Exception as err:  # noqa: BLE001 - whatever broke, the GPU computes these experts instead
+                failed = [(key, n, f"{type(err).__name__}: {err}") for key, n in computed]
+                y = None
+            self.host_compute_s += time.perf_counter() - started
+            # The copies run serially: torch's thread pool would spin on the cores that the next
+            # layer's MAX call needs (see pymoe.runtime.TORCH_GRAIN_SIZE).
+            if y is None:
+                if number is not None:  # the GPU copies the rows back whatever happened
+                    serially(torch.Tensor.zero_, self.host_out[:rows])
+                return None, failed
+            serially(torch.Tensor.copy_, self.host_out[: len(y)], y)
+            if len(y) < rows:
+                serially(torch.Tensor.zero_, self.host_out[len(y): rows])
+            if not self.cuda or number is not None:
+                return True, failed
+            with torch.cuda.device(self.device), torch.cuda.stream(self.rows_stream):
+                self.from_host[:rows].copy_(self.host_out[:rows], non_blocking=True)
+                back = torch.cuda.Event()
+                back.record(self.rows_stream)
+            return back, failed
+        finally:
+            if number is not None:
+                self.host_flag.set(number)
+
+    @staticmethod
+    def _raised(future, on_host: list[tuple[int, int]], fail: set[int]) -> list[tuple[int, int, str]]:
+        """[(key, rows, error)] of a finished host call's experts that raised (not the injected)."""
+        try:
+            return future.result()[1]
+        except Exception as err:  # noqa: BLE001 - the worker itself failed: the GPU computes them all
+            return [(key, n, f"{type(err).__name__}: {err}") for key, n in on_host if key not in fail]
+
+    def _see_host_failures(self, block: bool) -> None:
+        """GPU hand-off: fall back for the experts of finished host calls that raised (all of
+        them with `block`, waiting for the worker), queued now, behind the layers already issued."""
+        unseen, self.unseen_host = self.unseen_host, []
+        for future, on_host, fail in unseen:
+            if block or future.done():
+                for key, n, error in self._raised(future, on_host, fail):
+                    self._fall_back(key, n, None, error)
+            else:
+                self.unseen_host.append((future, on_host, fail))
 
     def _combine(self) -> None:
-        """Issue the pending layer's combine: wait for its host experts' output (falling back
-        to the GPU for those that failed), add it, and record the layer's end."""
+        """Issue the pending layer's combine: its host experts' output (falling back to the GPU
+        for those that failed) added once it is there, and the layer's end recorded."""
         if self.pending is None:
             return
-        tick, rows, out, on_host, future, end = self.pending
+        tick, rows, out, end, host = self.pending
         self.pending = None
-        if future is not None:
-            try:
-                back, failed = future.result()
-            except Exception as err:  # noqa: BLE001 - the worker itself failed: the GPU computes them all
-                back, failed = None, [(key, n, f"{type(err).__name__}: {err}") for key, n in on_host]
+        if host is not None:
+            future, on_host, fail, number = host
+            failed = [(key, n, f"RuntimeError: injected host worker failure (expert {key})")
+                      for key, n in on_host if key in fail]
+            back = None
+            if number is None:  # the thread hand-off: wait for the worker here
+                try:
+                    back, raised = future.result()
+                except Exception:  # noqa: BLE001 - _raised reports it
+                    raised = self._raised(future, on_host, fail)
+                failed += raised
+            else:
+                with torch.cuda.stream(self.rows_stream):
+                    self.host_flag.wait(self.rows_stream, number)
+                    self.from_host[:rows].copy_(self.host_out[:rows], non_blocking=True)
+                    back = torch.cuda.Event()
+                    back.record(self.rows_stream)
+                if out is not None:  # checking outputs: this layer's must include its fallbacks
+                    failed += self._raised(future, on_host, fail)
+                else:
+                    self.unseen_host.append((future, on_host, fail))
             if back is not None:
                 if self.cuda:
                     self.compute_stream.wait_event(back)
@@ -574,6 +652,7 @@ class Executor:
         start) to the end of its own, on the compute stream, i.e. waiting for transfers and
         for the host's experts included."""
         self._combine()
+        self._see_host_failures(block=True)
         torch.cuda.synchronize(self.device)
         return np.diff([0.0, *self._gpu_ends_ms()])
 
@@ -600,7 +679,8 @@ def run_engine(trace: Trace, model: OffloadModel, strategy: Strategy, calibratio
                capacity: int, batch_size: int, requests: int, seed: int = 0, memory: str = "pinned",
                device: str = "cuda", host_copies: int = 64, max_steps: int | None = None,
                prefetch_failure_rate: float = 0.0, host_failure_rate: float = 0.0,
-               experts: HostExperts | None = None, routing_readback: bool = False) -> tuple[RunResult, RunResult, dict]:
+               experts: HostExperts | None = None, routing_readback: bool = False,
+               host_handoff: str = "thread") -> tuple[RunResult, RunResult, dict]:
     """(simulated, measured, info) for the same trace, strategy, batch and seed. The
     measured run has the simulated run's hits, misses, host-served experts and bytes (same
     decisions) and measured times (for a host miss policy also `host_ms`, the worker's compute
@@ -611,7 +691,7 @@ def run_engine(trace: Trace, model: OffloadModel, strategy: Strategy, calibratio
     the GPU's launch queue is full, and for the host experts of the layer before), and per
     step how long the GPU waited for the host (`Executor.host_late_ms`). `experts` shares the
     host weights between runs (see HostExperts). `routing_readback`: both read each layer's
-    routing back before deciding it (see the module's docstring)."""
+    routing back before deciding it (see the module's docstring). `host_handoff`: see HOST_HANDOFFS."""
     if memory != "pinned":
         raise EngineError("the engine keeps experts in pinned host memory")
     if not torch.cuda.is_available():
@@ -626,7 +706,8 @@ def run_engine(trace: Trace, model: OffloadModel, strategy: Strategy, calibratio
         calibration.readback_ms()  # a calibration without it fails here, before any GPU work
     executor = Executor(model, capacity, device=device, host_copies=host_copies, max_tokens=batch_size, seed=seed,
                         prefetch_failure_rate=prefetch_failure_rate, host_experts=strategy.host_compute,
-                        host_failure_rate=host_failure_rate, experts=experts, routing_readback=routing_readback)
+                        host_failure_rate=host_failure_rate, experts=experts, routing_readback=routing_readback,
+                        host_handoff=host_handoff)
     try:
         plan = Plan()
         started = time.perf_counter()
@@ -686,12 +767,12 @@ def validate(trace_path, model_name: str, calibration_path, *, strategies, batch
              requests: int = 8, cache_fraction: float = 0.25, seed: int = 0, max_steps: int | None = None,
              out_dir="results", command: str = "", console=None, prefetch_failure_rate: float = 0.0,
              host_failure_rate: float = 0.0, time_limit_s: float | None = None, host_copies: int = 64,
-             host_backend: str = "graph", routing_readback: bool = False):
+             host_backend: str = "graph", routing_readback: bool = False, host_handoff: str = "thread"):
     """Engine vs simulator for every strategy (transfer-only or with a host miss policy) and
     batch size (each run cut to its first `max_steps` decode steps if given), the host experts
-    called through `host_backend` (host.HOST_BACKENDS), each layer's routing read back first
-    with `routing_readback`; writes
-    `<out_dir>/offload/<stamp>-engine-<model>-<device>[-readback].json`. With `time_limit_s`, no run
+    called through `host_backend` (host.HOST_BACKENDS) and handed back through `host_handoff`
+    (HOST_HANDOFFS), each layer's routing read back first with `routing_readback`; writes
+    `<out_dir>/offload/<stamp>-engine-<model>-<device>[-readback][-gpu-handoff].json`. With `time_limit_s`, no run
     starts after that many seconds: the file lists the runs left out (`skipped`)."""
     from pathlib import Path
 
@@ -714,6 +795,8 @@ def validate(trace_path, model_name: str, calibration_path, *, strategies, batch
         raise EngineError(f"time_limit_s must be > 0, got {time_limit_s}")
     if host_backend not in HOST_BACKENDS:
         raise EngineError(f"host_backend must be one of {HOST_BACKENDS}, got {host_backend!r}")
+    if host_handoff not in HOST_HANDOFFS:
+        raise EngineError(f"host_handoff must be one of {HOST_HANDOFFS}, got {host_handoff!r}")
     model = get_model(model_name)
     trace = load_trace(trace_path)
     trace.check_shape(model.num_experts, model.num_layers, model.top_k, f"model {model.name}")
@@ -735,7 +818,7 @@ def validate(trace_path, model_name: str, calibration_path, *, strategies, batch
               "cache_fraction": cache_fraction, "requests_per_run": requests, "seed": seed,
               "max_steps": max_steps, "prefetch_failure_rate": prefetch_failure_rate,
               "host_failure_rate": host_failure_rate, "time_limit_s": time_limit_s, "host_backend": host_backend,
-              "routing_readback": routing_readback,
+              "routing_readback": routing_readback, "host_handoff": host_handoff,
               "readback_ms": readback_ms,
               "runs": [], "skipped": []}
     start = time.perf_counter()
@@ -759,7 +842,8 @@ def validate(trace_path, model_name: str, calibration_path, *, strategies, batch
                                              batch_size=batch, requests=max(batch, requests), seed=seed,
                                              max_steps=max_steps, prefetch_failure_rate=prefetch_failure_rate,
                                              host_failure_rate=host_failure_rate if strategy.host_compute else 0.0,
-                                             experts=experts, routing_readback=routing_readback)
+                                             experts=experts, routing_readback=routing_readback,
+                                             host_handoff=host_handoff)
             faults = info["faults"]
             s, m = sim.summary(), real.summary()
             error = m["ms_per_step"] / s["ms_per_step"] - 1
@@ -779,7 +863,8 @@ def validate(trace_path, model_name: str, calibration_path, *, strategies, batch
     # their name keeps them apart from the validation runs (the figures draw only those).
     # Runs with the routing readback answer another question (a server deciding on the host).
     suffix = (f"-prefetch-failures{prefetch_failure_rate:g}" if prefetch_failure_rate else "") + (
-        f"-host-failures{host_failure_rate:g}" if host_failure_rate else "") + ("-readback" if routing_readback else "")
+        f"-host-failures{host_failure_rate:g}" if host_failure_rate else "") + ("-readback" if routing_readback else "") + (
+        "-gpu-handoff" if host_handoff == "gpu" else "")
     path = write_result(Path(out_dir) / "offload", f"engine-{model.name}-{slug(torch.cuda.get_device_name(0))}{suffix}",
                         result)
     console.print(f"wrote {path}")

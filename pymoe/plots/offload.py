@@ -427,7 +427,8 @@ def _hybrid_vs_batch(figures, out_dir, report):
                 "markers just right of them: SIMULATED (cost model, same trace, strategy, batch and decisions).",
            "traces: " + ", ".join(sorted({Path(d["trace"]).name for _, d in newest.values()})),
            *[f"measured on {d['machine'].get('gpu')}, host experts on {d['machine'].get('cpu_model')} "
-             f"({d['machine'].get('logical_cpus', '?')} CPUs, {d.get('host_backend', 'graph')} backend), "
+             f"({d['machine'].get('logical_cpus', '?')} CPUs, {d.get('host_backend', 'graph')} backend, "
+             f"{d.get('host_handoff', 'thread')} hand-off), "
              f"{'routing read back per layer' if d.get('routing_readback') else 'routing known from the trace'} | "
              + provenance_line(p, d)
              for p, d in newest.values()])
