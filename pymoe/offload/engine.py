@@ -67,7 +67,8 @@ the worker itself touches no CUDA stream. Injected failures are known when the l
 so their fallbacks are queued before the combine either way; a host call that raises is seen by
 the issuing thread only later, with "gpu": its experts' fallbacks are then queued when it is
 seen (at a later layer, at the latest in `measured_layer_ms` or `close`, or at once with `check`,
-which waits for the worker), after the layers already queued. Those layers' outputs are right; their times are not the layer's.
+which waits for the worker), behind the layers already queued: outputs stay right, but the
+fallback's time is not charged to its own layer.
 """
 
 from __future__ import annotations
@@ -862,9 +863,9 @@ def validate(trace_path, model_name: str, calibration_path, *, strategies, batch
     # Runs with injected failures test the fallback; the simulator does not model them, so
     # their name keeps them apart from the validation runs (the figures draw only those).
     # Runs with the routing readback answer another question (a server deciding on the host).
-    suffix = (f"-prefetch-failures{prefetch_failure_rate:g}" if prefetch_failure_rate else "") + (
-        f"-host-failures{host_failure_rate:g}" if host_failure_rate else "") + ("-readback" if routing_readback else "") + (
-        "-gpu-handoff" if host_handoff == "gpu" else "")
+    suffix = "".join([f"-prefetch-failures{prefetch_failure_rate:g}" if prefetch_failure_rate else "",
+                      f"-host-failures{host_failure_rate:g}" if host_failure_rate else "",
+                      "-readback" if routing_readback else "", "-gpu-handoff" if host_handoff == "gpu" else ""])
     path = write_result(Path(out_dir) / "offload", f"engine-{model.name}-{slug(torch.cuda.get_device_name(0))}{suffix}",
                         result)
     console.print(f"wrote {path}")
