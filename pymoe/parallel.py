@@ -51,6 +51,7 @@ import hashlib
 import itertools
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -172,53 +173,74 @@ def _shard_config(config: MoEConfig, local_experts: int) -> MoEConfig:
                      swiglu_limit=config.swiglu_limit)
 
 
-def compile_graphs(config: MoEConfig, world_size: int, device: str = "cpu", dtype: str = "float32",
-                   device_id: int = 0) -> float:
-    """Compile the graphs of an expert-parallel layer of `config` over `world_size` ranks into
-    this process's cache (and MAX's on disk), without a process group; returns the seconds
-    spent. The layer then finds them compiled. Ranks that share a host compile the same
-    graphs: one rank can compile them first while the others wait, so that the others read
-    MAX's disk cache instead of compiling the same graphs at the same time."""
+def compile_graphs(configs: MoEConfig | Iterable[MoEConfig], world_size: int, device: str = "cpu",
+                   dtype: str = "float32", device_id: int = 0) -> float:
+    """Compile the graphs of the expert-parallel layers of `configs` (one or several) over
+    `world_size` ranks into this process's cache (and MAX's on disk), all in one MAX
+    compilation, without a process group; returns the seconds spent. The layers then find
+    them compiled. Ranks that share a host compile the same graphs: one rank can compile
+    them first while the others wait, so that the others read MAX's disk cache instead of
+    compiling the same graphs at the same time."""
     runtime.check_device_dtype(device, dtype)
-    experts = expert_range(config.num_experts, world_size, 0)
-    return _graphs(config, len(experts), device, dtype, device_id)[1]
+    configs = [configs] if isinstance(configs, MoEConfig) else list(configs)
+    specs = [spec for c in configs
+             for spec in _graph_specs(c, len(expert_range(c.num_experts, world_size, 0)), device, dtype, device_id)]
+    return _compile_together(specs, device, device_id)
 
 
+# Compiled models by (graph key, device, dtype, device_id). Not runtime's cache: its
+# GraphSpecs name "cpu" or the first GPU, and a rank's graphs live on the GPU of its device_id.
 _COMPILED: dict[tuple, Any] = {}
 
 
-def _compiled(key: tuple, build) -> tuple[Any, float]:
-    """(the model `build()` compiles, seconds spent now), once per process per key. Not
-    runtime.compiled: its GraphSpecs name "cpu" or the first GPU, and a rank's graphs
-    live on the GPU of its device_id."""
-    if key in _COMPILED:
-        return _COMPILED[key], 0.0
+def _compile_together(specs: list[tuple[tuple, Any]], device: str, device_id: int) -> float:
+    """Compile the (key, build(name, module, ref)) specs not compiled yet in ONE MAX
+    compilation (runtime.compile_together's reason: each compilation has a large fixed cost)
+    and cache them by key; returns the seconds spent."""
+    from max.graph import Module
+
+    todo = {key: build for key, build in specs if key not in _COMPILED}
+    if not todo:
+        return 0.0
     start = time.perf_counter()
-    _COMPILED[key] = build()
-    return _COMPILED[key], time.perf_counter() - start
+    session, ref = runtime.session_and_device_ref(device, device_id)
+    module = Module()
+    graphs = [build(f"pymoe_ep_graph_{i}", module, ref) for i, build in enumerate(todo.values())]
+    extensions = list(dict.fromkeys(p for g in graphs for p in g.kernel_libraries_paths))
+    models = session.load_all(module, custom_extensions=extensions)
+    for key, graph in zip(todo, graphs, strict=True):
+        _COMPILED[key] = models[graph.name]
+    return time.perf_counter() - start
 
 
-def _graphs(config: MoEConfig, local_experts: int, device: str, dtype: str, device_id: int):
-    """((routing, shared or None, experts) compiled models, seconds spent compiling), each
-    from the process's compile cache when it holds it (_compiled)."""
+def _graph_specs(config: MoEConfig, local_experts: int, device: str, dtype: str,
+                 device_id: int) -> list[tuple[tuple, Any]]:
+    """(key, build) of the routing, shared (with a shared expert) and experts graphs."""
     c = config
     key = (c.d_model, dtype, device, device_id)
     biases = tuple(n for n in ("router_bias", "selection_bias") if getattr(c, n))
-    routing, seconds = _compiled(
-        ("ep-routing", c.num_experts, tuple(sorted(c.routing_rule.items())), biases, *key),
-        lambda: _routing_graph(c, biases, device, dtype, device_id))
-    shared = None
+    specs = [(("ep-routing", c.num_experts, tuple(sorted(c.routing_rule.items())), biases, *key),
+              lambda name, module, ref: _routing_graph(c, biases, dtype, name, module, ref))]
     if c.shared_d_ff:
-        shared, more = _compiled(("ep-shared", c.shared_d_ff, c.shared_gate, *key),
-                                        lambda: _shared_graph(c, device, dtype, device_id))
-        seconds += more
-    experts, more = _compiled(
-        ("ep-experts", c.d_ff, local_experts, c.activation, c.swiglu_alpha, c.swiglu_limit, c.expert_bias,
-         c.weight_on_input, *key), lambda: _experts_graph(c, local_experts, device, dtype, device_id))
-    return (routing, shared, experts), seconds + more
+        specs.append((("ep-shared", c.shared_d_ff, c.shared_gate, *key),
+                      lambda name, module, ref: _shared_graph(c, dtype, name, module, ref)))
+    specs.append((("ep-experts", c.d_ff, local_experts, c.activation, c.swiglu_alpha, c.swiglu_limit,
+                   c.expert_bias, c.weight_on_input, *key),
+                  lambda name, module, ref: _experts_graph(c, local_experts, device, dtype, name, module, ref)))
+    return specs
 
 
-def _routing_graph(c: MoEConfig, biases: tuple[str, ...], device: str, dtype: str, device_id: int):
+def _graphs(config: MoEConfig, local_experts: int, device: str, dtype: str, device_id: int):
+    """((routing, shared or None, experts) compiled models, seconds spent compiling), those
+    not in the process's cache compiled together."""
+    specs = _graph_specs(config, local_experts, device, dtype, device_id)
+    seconds = _compile_together(specs, device, device_id)
+    models = [_COMPILED[key] for key, _ in specs]
+    shared = models[1] if config.shared_d_ff else None
+    return (models[0], shared, models[-1]), seconds
+
+
+def _routing_graph(c: MoEConfig, biases: tuple[str, ...], dtype: str, name: str, module, ref):
     """The gate on this rank's tokens: x, router (, router_bias, selection_bias) -> top-k
     weights and ids, expert counts, losses (pymoe.ops.moe_gate)."""
     from max.dtype import DType
@@ -226,11 +248,10 @@ def _routing_graph(c: MoEConfig, biases: tuple[str, ...], device: str, dtype: st
 
     from . import ops as mops
 
-    session, ref = runtime.session_and_device_ref(device, device_id)
     dt = max_dtype(dtype)
     types = [TensorType(dt, ["tokens", c.d_model], ref), TensorType(dt, [c.d_model, c.num_experts], ref),
              *(TensorType(DType.float32, [c.num_experts], ref) for _ in biases)]
-    with Graph("pymoe_ep_routing", input_types=types, custom_extensions=[mops.KERNELS_DIR]) as g:
+    with Graph(name, input_types=types, custom_extensions=[mops.KERNELS_DIR], module=module) as g:
         x, router, *values = (v.tensor for v in g.inputs)
         given = dict(zip(biases, values, strict=True))
         gate = mops.moe_gate(
@@ -239,27 +260,26 @@ def _routing_graph(c: MoEConfig, biases: tuple[str, ...], device: str, dtype: st
             n_group=c.n_group, topk_group=c.topk_group, routed_scaling_factor=float(c.routed_scaling_factor),
         )
         g.output(gate.topk_weights, gate.topk_ids, gate.expert_counts, gate.losses)
-    return session.load(g)
+    return g
 
 
-def _shared_graph(c: MoEConfig, device: str, dtype: str, device_id: int):
+def _shared_graph(c: MoEConfig, dtype: str, name: str, module, ref):
     """The shared expert on this rank's tokens (pymoe.ops.shared_expert)."""
     from max.graph import Graph, TensorType
 
     from . import ops as mops
 
-    session, ref = runtime.session_and_device_ref(device, device_id)
     dt = max_dtype(dtype)
     types = [TensorType(dt, ["tokens", c.d_model], ref), TensorType(dt, [c.d_model, 2 * c.shared_d_ff], ref),
              TensorType(dt, [c.shared_d_ff, c.d_model], ref)]
     if c.shared_gate:
         types.append(TensorType(dt, [c.d_model, 1], ref))
-    with Graph("pymoe_ep_shared", input_types=types) as g:
+    with Graph(name, input_types=types, module=module) as g:
         g.output(mops.shared_expert(*(v.tensor for v in g.inputs)))
-    return session.load(g)
+    return g
 
 
-def _experts_graph(c: MoEConfig, n: int, device: str, dtype: str, device_id: int):
+def _experts_graph(c: MoEConfig, n: int, device: str, dtype: str, name: str, module, ref):
     """This rank's `n` experts on the received rows: sum_j w_j * FFN_{e_j}(x) per row, for
     routing and a dispatch given as inputs (pymoe.ops.moe_ffn)."""
     from max.dtype import DType
@@ -267,7 +287,6 @@ def _experts_graph(c: MoEConfig, n: int, device: str, dtype: str, device_id: int
 
     from . import ops as mops
 
-    session, ref = runtime.session_and_device_ref(device, device_id)
     dt = max_dtype(dtype)
     # weight_on_input has top_k = 1: one pair per row, whose weight scales the row.
     pairs = 1 if c.weight_on_input else "pairs"
@@ -284,7 +303,7 @@ def _experts_graph(c: MoEConfig, n: int, device: str, dtype: str, device_id: int
     if c.expert_bias:
         types += [TensorType(dt, [n, c.expert_n], ref), TensorType(dt, [n, c.d_model], ref)]
     types += [BufferType(dt, ["pool_rows", c.expert_n], ref), BufferType(dt, ["pool_rows", c.d_model], ref)]
-    with Graph("pymoe_ep_experts", input_types=types, custom_extensions=[mops.KERNELS_DIR]) as g:
+    with Graph(name, input_types=types, custom_extensions=[mops.KERNELS_DIR], module=module) as g:
         x, rows, offsets, weights, ids, slot_of_pair, w1, w2 = (v.tensor for v in g.inputs[:8])
         b1, b2 = (v.tensor for v in g.inputs[8:10]) if c.expert_bias else (None, None)
         workspaces = tuple(v.buffer for v in g.inputs[-2:])
@@ -297,7 +316,7 @@ def _experts_graph(c: MoEConfig, n: int, device: str, dtype: str, device_id: int
                            activation=c.activation, packed=device == "cpu", b1=b1, b2=b2,
                            swiglu_alpha=float(c.swiglu_alpha), swiglu_limit=float(c.swiglu_limit))
         g.output(out)
-    return session.load(g)
+    return g
 
 
 class ExpertParallelMoE:

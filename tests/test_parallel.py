@@ -133,11 +133,11 @@ def _worker(rank: int, port: int, out_dir: Path) -> None:
     seen["compiled_by_bad_setups"] = len(runtime._COMPILED) - compiled_before
     log("bad set-ups checked")
 
-    # Rank 0 compiles each config's graphs first and rank 1 then reads them from MAX's disk
-    # cache, one config behind, rather than both compiling the same graphs on the same cores
-    # at the same time.
+    # Rank 0 compiles every config's graphs first (in one MAX compilation: each has a large
+    # fixed cost) and rank 1 then reads them from MAX's disk cache, one step behind, rather
+    # than both compiling the same graphs on the same cores at the same time.
     store = dist.distributed_c10d._get_default_store()
-    steps = [*(lambda c=c: compile_graphs(c, WORLD) for c in configs.values()),
+    steps = [lambda: compile_graphs(configs.values(), WORLD),
              lambda: MoELayer(base, base_w)]  # the single-device layer (and the CPU's weight-packing graphs)
     for i, step in enumerate(steps):
         if rank == 1:
