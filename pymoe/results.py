@@ -251,10 +251,12 @@ class FigureList:
         files = ["offload/20261123T145935Z-simulated-switch-lm-switch-aux-cache25.json", ...]
 
     Where two listed files hold the same run (same device and preset, same model, ...), a
-    figure draws the one listed later."""
+    figure draws the one listed later. A group with no figures (`figures = []`) lists files
+    that no figure draws on purpose: `newer_unlisted` says nothing of them."""
 
     results_dir: Path
     files: dict[str, list[str]] = field(default_factory=dict)  # figure -> its files
+    not_drawn: list[str] = field(default_factory=list)  # the files of groups without figures
     group: dict[str, str] = field(default_factory=dict)  # figure -> its group
     exists: bool = True
     asked: dict[str, tuple[str, ...]] = field(default_factory=dict)  # figure -> the schemas it draws
@@ -277,6 +279,8 @@ class FigureList:
                                for k in ("figures", "files"))):
                 raise FigureListError(f"{figures.path}: [{group}] needs exactly `figures` and `files`, "
                                       "two lists of strings")
+            if not table["figures"]:
+                figures.not_drawn += table["files"]
             for figure in table["figures"]:
                 if figure in figures.files:
                     raise FigureListError(f"{figures.path}: {figure} is in [{figures.group[figure]}] and [{group}]")
@@ -312,22 +316,25 @@ class FigureList:
 
     def newer_unlisted(self) -> list[str]:
         """Notes on result files that the list leaves out although they are newer than every
-        file of their schema that a group lists: perhaps a run a figure should now draw."""
-        listed = {self.results_dir / name for names in self.files.values() for name in names}
-        newest: dict[tuple[str, str], str] = {}  # (group, schema) -> its newest listed file's date
+        file of their schema that it lists for a figure: perhaps a run a figure should now
+        draw. (Older ones are taken as runs that later listed ones repeat.) Files in a group
+        without figures are left out on purpose and get no note."""
+        listed = {self.results_dir / name for names in [*self.files.values(), self.not_drawn] for name in names}
+        newest: dict[str, str] = {}  # schema -> its newest listed file's date
+        groups: dict[str, set[str]] = {}  # schema -> the groups that list files of it
         for figure, schemas in self.asked.items():
             for name in self.files.get(figure, ()):
                 data = self._read.get(self.results_dir / name)
                 if data is not None and data["schema"] in schemas:
-                    key = (self.group[figure], data["schema"])
-                    newest[key] = max(newest.get(key, ""), data.get("date", ""))
+                    newest[data["schema"]] = max(newest.get(data["schema"], ""), data.get("date", ""))
+                    groups.setdefault(data["schema"], set()).add(f"[{self.group[figure]}]")
         notes = []
         for path, data in load_results(self.results_dir):
-            groups = [f"[{group}]" for (group, schema), date in newest.items()
-                      if path not in listed and schema == data["schema"] and data.get("date", "") > date]
-            if groups:
-                lists = "lists" if len(groups) == 1 else "list"
-                notes.append(f"{path.as_posix()} ({data['schema']}, run {data.get('date', '?')[:16]}) is newer than "
-                             f"the files of its kind that {', '.join(groups)} {lists} in {self.path.as_posix()}: "
-                             "add it there if a figure should draw it")
+            schema = data["schema"]
+            if path not in listed and schema in newest and data.get("date", "") > newest[schema]:
+                where = ", ".join(sorted(groups[schema]))
+                notes.append(f"{path.as_posix()} ({schema}, run {data.get('date', '?')[:16]}) is newer than every "
+                             f"file of its kind that {self.path.as_posix()} lists ({where}): "
+                             "add it to a group there if a figure should draw it, or to a group without figures "
+                             "if none should")
         return notes

@@ -73,6 +73,12 @@ def test_a_missing_listed_file_is_a_clear_error_and_a_newer_unlisted_one_a_note(
     r = runner.invoke(main, ["graphs", "--results", str(results)])
     assert r.exit_code == 0, r.output
     assert f"note: {(results / sweep).as_posix()} (pymoe.offload-sim/1" in r.output and "[sweeps]" in r.output
+    # Listed in a group without figures (files no figure draws on purpose): no note.
+    with open(results / "figures.toml", "a") as f:
+        f.write("[not-drawn]\nfigures = []\nfiles = " + json.dumps([sweep]) + "\n")
+    r = runner.invoke(main, ["graphs", "--results", str(results)])
+    assert r.exit_code == 0, r.output
+    assert "note:" not in r.output
 
 
 def test_a_listed_file_of_the_wrong_kind_or_an_unknown_figure_is_an_error(tmp_path):
@@ -155,9 +161,10 @@ def test_the_committed_figure_list_names_existing_result_files():
     results = Path(__file__).resolve().parents[1] / "results"
     figures = FigureList.read(results)
     assert figures.exists and len(figures.files) == 19
-    for names in figures.files.values():
+    for names in [*figures.files.values(), figures.not_drawn]:
         for name in names:
             assert read_result(results / name)["schema"].startswith("pymoe.")
+    assert len(figures.not_drawn) == 5
 
 
 def test_the_gpu_models_figure_draws_the_committed_stacked_runs(tmp_path):
