@@ -356,7 +356,8 @@ def test_host_expert_group_bad_input():
 def test_the_native_host_backend_equals_the_graph_bit_for_bit():
     """backend="native" (the same kernels through a Mojo extension module, no MAX graph) gives
     exactly the graph's outputs on any subset of experts and rows (float32; the workspaces grow
-    when a call needs more slots)."""
+    when a call needs more slots). The one-row call [(4, 1)] takes host_ffn.mojo's one-region
+    path, on one worker here (the experts are small), which sums in the grouped GEMMs' order."""
     from pymoe.offload.host import HostExpertGroup
 
     g = torch.Generator().manual_seed(5)
@@ -398,6 +399,36 @@ def test_the_native_host_backend_runs_each_activation_and_dtype(activation, dtyp
         assert y.dtype == dt and y.shape == ref.shape
         assert np.linalg.norm(y.double().numpy() - ref) <= tol * np.linalg.norm(ref), experts
     assert activation == "relu" or clamped > 0  # the clamp was exercised
+
+
+@pytest.mark.parametrize("activation,dtype,tol", [("swiglu", "float32", 1e-5), ("relu", "float32", 1e-5),
+                                                  ("clamped_swiglu", "bfloat16", 2e-2)])
+def test_one_row_native_calls_split_over_the_workers_equal_the_reference(activation, dtype, tol):
+    """Calls whose experts have one row each run in one parallel region (host_ffn.mojo,
+    _ffn_one_row), split over the pool's workers once the experts are large enough: against the
+    float64 reference, with ragged panels on both GEMMs (d_model 200,
+    d_ff 1004), an unused expert between used ones, and a token routed to several experts."""
+    from pymoe.offload.host import HostExpertGroup, routing_arrays
+    from pymoe.reference import expert_activation
+
+    model = OffloadModel("one-row", 5, 1, 3, d_model=200, d_ff=1004, activation=activation, dtype=dtype)
+    dt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    g = torch.Generator().manual_seed(13)
+    cols = model.expert.w1_cols
+    weights = [(torch.randn(200, cols, generator=g) / 14 * (3 if activation == "clamped_swiglu" else 1),
+                torch.randn(1004, 200, generator=g) / 32) for _ in range(5)]
+    native = HostExpertGroup(model, weights, backend="native")
+    assert native._pool_workers >= 1
+    x = torch.randn(4, 200, generator=g).to(dt)
+    for experts in ([(0, 1), (2, 1), (4, 1)], [(3, 1)], [(1, 1), (0, 1)]):
+        assert np.diff(routing_arrays(experts, 5)[1]).max() == 1  # the one-row path
+        y = native(x, experts)
+        ref = np.zeros((1, 200))
+        for i, n in experts:
+            w_in, w_out = (w.to(dt).double().numpy() for w in weights[i])
+            ref[:n] += expert_activation(x[:n].double().numpy() @ w_in, activation) @ w_out
+        assert y.dtype == dt and y.shape == ref.shape
+        assert np.linalg.norm(y.double().numpy() - ref) <= tol * np.linalg.norm(ref), experts
 
 
 def test_the_engines_host_experts_take_the_native_backend():

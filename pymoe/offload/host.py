@@ -85,7 +85,8 @@ def routing_arrays(experts: list[tuple[int, int]], num_experts: int) -> tuple[np
 
 # How a HostExpertGroup calls the kernels: "graph", one MAX graph call (runtime.expert_group_graph_spec);
 # "native", the same kernels through a Python extension module, without a MAX graph
-# (host_native.py, host_ffn.mojo). Both give the same outputs. On the 2-vCPU VM the native call
+# (host_native.py, host_ffn.mojo). Both give the same outputs (bit for bit, except where the native
+# call splits a one-row call over several workers: float32 rounding). On the 2-vCPU VM the native call
 # was up to 2x faster after idle; on an H100 machine's 16-vCPU host the two cost the same per
 # call (results/checks/20261207-s24-host-native-H100.log), so the graph stays the default.
 HOST_BACKENDS = ("graph", "native")
@@ -142,6 +143,11 @@ class HostExpertGroup:
             self._w1_host, self._w2_host = torch.from_dlpack(self._w1), torch.from_dlpack(self._w2)
             self._codes = (host_native.DTYPE_CODES[self.dtype], host_native.ACTIVATION_CODES[model.activation])
             self._n_w1 = config.expert_n
+            # The float32 partials of a call whose experts have one row each (host_ffn.mojo,
+            # _ffn_one_row: one parallel region): [slots, d_model] per worker of the pool, grown
+            # when a call has more slots.
+            self._pool_workers = int(self._native.pool_workers())
+            self._partials = torch.empty(0, dtype=torch.float32)
 
     def check(self, x, experts: list[tuple[int, int]]) -> None:
         """A clear error for a call the graph cannot take."""
@@ -204,9 +210,16 @@ class HostExpertGroup:
         h, y = (torch.from_dlpack(b) for b in self.pool.buffers(len(row_ids)))
         out = torch.empty(rows, self.model.d_model, dtype=dt)
         k = weights.shape[1]
+        partials = 0
+        if np.diff(offsets).max() == 1:
+            need = self._pool_workers * len(row_ids) * self.model.d_model
+            if self._partials.numel() < need:
+                self._partials = torch.empty(need, dtype=torch.float32)
+            partials = self._partials.data_ptr()
         args = (out.data_ptr(), xs.data_ptr(), row_ids.ctypes.data, offsets.ctypes.data, weights.ctypes.data,
                 slot_to_row.ctypes.data, self._w1_host.data_ptr(), self._w2_host.data_ptr(), h.data_ptr(),
-                y.data_ptr(), rows, k, self.num_experts, self.model.d_model, self.model.d_ff, self._n_w1, *self._codes)
+                y.data_ptr(), rows, k, self.num_experts, self.model.d_model, self.model.d_ff, self._n_w1, *self._codes,
+                partials)
         if when is None:
             self._native.ffn(args)
         else:
