@@ -40,8 +40,8 @@ comptime CLAMPED_SWIGLU = 2
 # rows into a float32 partial of every output row: no worker waits for another. The calling
 # thread adds the partials and combines. A call that reads few weights takes fewer workers (at
 # least MIN_BYTES_PER_WORKER each): one runs on the calling thread and wakes nobody. With two
-# rows per expert this path was slower than the grouped GEMMs in bfloat16 on the VM
-# (scripts/host_one_row_probe.py), so it takes one-row calls only.
+# rows per expert a first version was slower than the grouped GEMMs in bfloat16 on the VM, so
+# it takes one-row calls only (both in docs/RESULTS.md; scripts/host_one_row_probe.py times it).
 comptime MIN_BYTES_PER_WORKER = 1 << 20
 # Panel rows prefetched ahead (a panel is one contiguous stream that crosses pages, where the
 # hardware prefetchers stop): 2 KiB of float32, as kernels/cpu_pack.mojo's PACKED_PREFETCH_ROWS.
