@@ -335,6 +335,11 @@ class Executor:
         for n in range(1, len(self.x) + 1):
             self._ffn(self.x_rows[n], -1)
         del self.slot_of[-1]
+        if self.host_flag is not None:
+            try:  # a wait that has already passed: fails here, not in the first timed layer, if unsupported
+                self.host_flag.wait(self.rows_stream, 0)
+            except RuntimeError as err:
+                raise EngineError(f"host_handoff='gpu' needs CUDA stream memory operations: {err}") from None
         if self.host_enabled:
             self.spare.copy_(self.host[0])
             expert_ffn(self.x_rows[1], *self.spare_weights, self.model.activation)
