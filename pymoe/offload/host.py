@@ -67,20 +67,24 @@ def routing_arrays(experts: list[tuple[int, int]], num_experts: int) -> tuple[np
     Returns (row_ids [slots]: the rows grouped by expert, in expert order; expert_offsets
     [num_experts + 1]; weights [rows, k] float32; ids [rows, k] int32; slot_to_row
     [rows * k]: where slot (row, j) is in row_ids, -1 where expert j does not take the row),
-    k = len(experts), rows = the largest n. An expert listed twice is computed twice."""
-    index = np.array([i for i, _ in experts], dtype=np.int64)
-    rows = np.array([n for _, n in experts], dtype=np.int64)
-    order = np.argsort(index, kind="stable")
-    row_ids = np.concatenate([np.arange(rows[j]) for j in order]).astype(np.int32)
-    offsets = np.zeros(num_experts + 1, np.int32)
-    offsets[1:] = np.cumsum(np.bincount(index, weights=rows, minlength=num_experts))
-    start = np.empty(len(experts), np.int64)
-    start[order] = np.concatenate([[0], np.cumsum(rows[order])[:-1]])
-    r = np.arange(rows.max())[:, None]
-    taken = r < rows[None, :]
-    slot_to_row = np.where(taken, start[None, :] + r, -1).astype(np.int32).reshape(-1)
-    ids = np.where(taken, index[None, :], 0).astype(np.int32)
-    return row_ids, offsets, taken.astype(np.float32), ids, slot_to_row
+    k = len(experts), rows = the largest n. An expert listed twice is computed twice.
+    (Plain Python where the lists are short: a decode layer's host call is on the engine's
+    critical path, and most of this function's time was numpy's cost per call, about half of
+    it saved so on the 2-vCPU VM.)"""
+    order = sorted(range(len(experts)), key=lambda j: experts[j][0])  # stable: repeats keep their order
+    start = [0] * len(experts)
+    row_ids = []
+    for j in order:
+        start[j] = len(row_ids)
+        row_ids.extend(range(experts[j][1]))
+    counts = np.zeros(num_experts + 1, np.int32)
+    for i, n in experts:
+        counts[i + 1] += n
+    r = np.arange(max(n for _, n in experts))[:, None]
+    taken = r < np.array([n for _, n in experts])[None, :]
+    slot_to_row = np.where(taken, np.array(start)[None, :] + r, -1).astype(np.int32).reshape(-1)
+    ids = np.where(taken, np.array([i for i, _ in experts])[None, :], 0).astype(np.int32)
+    return np.array(row_ids, np.int32), np.cumsum(counts, dtype=np.int32), taken.astype(np.float32), ids, slot_to_row
 
 
 # How a HostExpertGroup calls the kernels: "graph", one MAX graph call (runtime.expert_group_graph_spec);
@@ -148,6 +152,7 @@ class HostExpertGroup:
             # when a call has more slots.
             self._pool_workers = int(self._native.pool_workers())
             self._partials = torch.empty(0, dtype=torch.float32)
+            self._pool_views = (None, None)  # (the pool's buffers, their torch views), made once per growth
 
     def check(self, x, experts: list[tuple[int, int]]) -> None:
         """A clear error for a call the graph cannot take."""
@@ -181,7 +186,8 @@ class HostExpertGroup:
         rows = weights.shape[0]
         with self._lock:
             if self.backend == "native":
-                return self._native_call(x, rows, row_ids, offsets, weights, slot_to_row, when)
+                one_row = rows == 1 and len({i for i, _ in experts}) == len(experts)
+                return self._native_call(x, rows, row_ids, offsets, weights, slot_to_row, when, one_row)
             if when is not None:
                 raise HostExpertError("waiting for a flag with the pool spinning needs backend='native'")
             return self._graph_call(x, rows, row_ids, offsets, weights, ids, slot_to_row)
@@ -195,9 +201,10 @@ class HostExpertGroup:
         out = self._model.execute(xb, *routing, self._w1, self._w2, *self.pool.buffers(len(row_ids)))[0]
         return runtime.wrap_output(out, x)
 
-    def _native_call(self, x, rows, row_ids, offsets, weights, slot_to_row, when=None):
+    def _native_call(self, x, rows, row_ids, offsets, weights, slot_to_row, when=None, one_row=False):
         """forward_unchecked through the extension module: the same kernels, in the same
-        order, as the graph (pymoe_moe_ffn on the CPU); after `when`'s flag if given."""
+        order, as the graph (pymoe_moe_ffn on the CPU), or with `one_row` (every expert has
+        one row) host_ffn.mojo's one-region path; after `when`'s flag if given."""
         import torch
 
         dt = torch_dtype(self.dtype)
@@ -207,11 +214,14 @@ class HostExpertGroup:
                 raise HostExpertError(f"with `when`, x must be contiguous {self.dtype} already, got {xs.dtype}")
             xs = xs.to(dt).contiguous()
         # The graph's intermediates' buffers serve as the workspaces (h is written [slots, d_ff]).
-        h, y = (torch.from_dlpack(b) for b in self.pool.buffers(len(row_ids)))
+        buffers = self.pool.buffers(len(row_ids))
+        if self._pool_views[0] is not buffers:
+            self._pool_views = (buffers, [torch.from_dlpack(b) for b in buffers])
+        h, y = self._pool_views[1]
         out = torch.empty(rows, self.model.d_model, dtype=dt)
         k = weights.shape[1]
         partials = 0
-        if np.diff(offsets).max() == 1:
+        if one_row:
             need = self._pool_workers * len(row_ids) * self.model.d_model
             if self._partials.numel() < need:
                 self._partials = torch.empty(need, dtype=torch.float32)
