@@ -53,7 +53,6 @@ import json
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -185,57 +184,33 @@ def compile_graphs(configs: MoEConfig | Iterable[MoEConfig], world_size: int, de
     configs = [configs] if isinstance(configs, MoEConfig) else list(configs)
     specs = [spec for c in configs
              for spec in _graph_specs(c, len(expert_range(c.num_experts, world_size, 0)), device, dtype, device_id)]
-    return _compile_together(specs, device, device_id)
-
-
-# Compiled models by (graph key, device, dtype, device_id). Not runtime's cache: its
-# GraphSpecs name "cpu" or the first GPU, and a rank's graphs live on the GPU of its device_id.
-_COMPILED: dict[tuple, Any] = {}
-
-
-def _compile_together(specs: list[tuple[tuple, Any]], device: str, device_id: int) -> float:
-    """Compile the (key, build(name, module, ref)) specs not compiled yet in ONE MAX
-    compilation (runtime.compile_together's reason: each compilation has a large fixed cost)
-    and cache them by key; returns the seconds spent."""
-    from max.graph import Module
-
-    todo = {key: build for key, build in specs if key not in _COMPILED}
-    if not todo:
-        return 0.0
-    start = time.perf_counter()
-    session, ref = runtime.session_and_device_ref(device, device_id)
-    module = Module()
-    graphs = [build(f"pymoe_ep_graph_{i}", module, ref) for i, build in enumerate(todo.values())]
-    extensions = list(dict.fromkeys(p for g in graphs for p in g.kernel_libraries_paths))
-    models = session.load_all(module, custom_extensions=extensions)
-    for key, graph in zip(todo, graphs, strict=True):
-        _COMPILED[key] = models[graph.name]
-    return time.perf_counter() - start
+    return runtime.compile_together(specs)
 
 
 def _graph_specs(config: MoEConfig, local_experts: int, device: str, dtype: str,
-                 device_id: int) -> list[tuple[tuple, Any]]:
-    """(key, build) of the routing, shared (with a shared expert) and experts graphs."""
+                 device_id: int) -> list[runtime.GraphSpec]:
+    """The routing, shared (with a shared expert) and experts graphs, on GPU `device_id`."""
     c = config
     key = (c.d_model, dtype, device, device_id)
+    ref = runtime.device_ref(device, device_id)
     biases = tuple(n for n in ("router_bias", "selection_bias") if getattr(c, n))
-    specs = [(("ep-routing", c.num_experts, tuple(sorted(c.routing_rule.items())), biases, *key),
-              lambda name, module, ref: _routing_graph(c, biases, dtype, name, module, ref))]
+    builds = [(("ep-routing", c.num_experts, tuple(sorted(c.routing_rule.items())), biases),
+               lambda name, module: _routing_graph(c, biases, dtype, name, module, ref))]
     if c.shared_d_ff:
-        specs.append((("ep-shared", c.shared_d_ff, c.shared_gate, *key),
-                      lambda name, module, ref: _shared_graph(c, dtype, name, module, ref)))
-    specs.append((("ep-experts", c.d_ff, local_experts, c.activation, c.swiglu_alpha, c.swiglu_limit,
-                   c.expert_bias, c.weight_on_input, *key),
-                  lambda name, module, ref: _experts_graph(c, local_experts, device, dtype, name, module, ref)))
-    return specs
+        builds.append((("ep-shared", c.shared_d_ff, c.shared_gate),
+                       lambda name, module: _shared_graph(c, dtype, name, module, ref)))
+    builds.append((("ep-experts", c.d_ff, local_experts, c.activation, c.swiglu_alpha, c.swiglu_limit,
+                    c.expert_bias, c.weight_on_input),
+                   lambda name, module: _experts_graph(c, local_experts, device, dtype, name, module, ref)))
+    return [runtime.GraphSpec((*what, *key), device, build, device_id) for what, build in builds]
 
 
 def _graphs(config: MoEConfig, local_experts: int, device: str, dtype: str, device_id: int):
     """((routing, shared or None, experts) compiled models, seconds spent compiling), those
-    not in the process's cache compiled together."""
+    not in the process's cache (runtime's) compiled together."""
     specs = _graph_specs(config, local_experts, device, dtype, device_id)
-    seconds = _compile_together(specs, device, device_id)
-    models = [_COMPILED[key] for key, _ in specs]
+    seconds = runtime.compile_together(specs)
+    models = [runtime.compiled(spec)[0] for spec in specs]
     shared = models[1] if config.shared_d_ff else None
     return (models[0], shared, models[-1]), seconds
 

@@ -111,11 +111,12 @@ def session_and_device_ref(device: str, device_id: int | None = None):
     return InferenceSession(devices=[dev]), DeviceRef.from_device(dev)
 
 
-def device_ref(device: str):
-    """The DeviceRef of "cpu" or "gpu" (the first accelerator) for a graph's tensor types."""
+def device_ref(device: str, device_id: int | None = None):
+    """The DeviceRef of "cpu" or "gpu" (the first accelerator, or accelerator `device_id`)
+    for a graph's tensor types."""
     from max.graph import DeviceRef
 
-    return DeviceRef.from_device(driver_device(device))
+    return DeviceRef.from_device(driver_device(device, device_id))
 
 
 # ------------------------------------------------------------------ buffers
@@ -271,11 +272,14 @@ def _packed_on_cpu(w, dtype: str, swiglu: bool):
 class GraphSpec:
     """A graph to compile, not yet compiled: `key` names it in the in-process cache,
     `build(name, module)` stages it as a max.graph.Graph called `name` in `module` (a
-    max.graph.Module), for `device`. compiled() compiles one; compile_together() many at once."""
+    max.graph.Module), for `device` (on the GPU, accelerator `device_id`, default the first:
+    pymoe.parallel's ranks each use their own). compiled() compiles one; compile_together()
+    many at once."""
 
     key: tuple
     device: str
     build: Callable[[str, Any], Any]
+    device_id: int | None = None
 
 
 def compiled(spec: GraphSpec) -> tuple[Any, float]:
@@ -296,18 +300,18 @@ def compile_together(specs) -> float:
     one by one, on the same loaded 2-core machine)."""
     from max.graph import Module
 
-    todo: dict[str, dict[tuple, GraphSpec]] = {}
+    todo: dict[tuple[str, int | None], dict[tuple, GraphSpec]] = {}
     for spec in specs:
         if spec.key not in _COMPILED:
-            todo.setdefault(spec.device, {})[spec.key] = spec
+            todo.setdefault((spec.device, spec.device_id), {})[spec.key] = spec
     if not todo:
         return 0.0
     start = time.perf_counter()
-    for device, group in todo.items():
+    for (device, device_id), group in todo.items():
         module = Module()
         graphs = [spec.build(f"pymoe_graph_{i}", module) for i, spec in enumerate(group.values())]
         extensions = list(dict.fromkeys(p for g in graphs for p in g.kernel_libraries_paths))
-        session, _ = session_and_device_ref(device)
+        session, _ = session_and_device_ref(device, device_id)
         models = session.load_all(module, custom_extensions=extensions)
         for key, graph in zip(group, graphs, strict=True):
             _COMPILED[key] = models[graph.name]
