@@ -309,7 +309,6 @@ class Executor:
             self.spare_weights = self._weights_of(self.spare)
             self.spare_free = None
             self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pymoe-host-experts")
-        self.host_handoff = host_handoff
         self.host_flag = HostFlag() if host_experts and host_handoff == "gpu" else None
         self.host_layers = 0  # host layers handed to the worker (GPU hand-off: the flag reaches each in turn)
         self.unseen_host: list[tuple] = []  # GPU hand-off: host calls whose failures are not yet seen

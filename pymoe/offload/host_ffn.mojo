@@ -10,7 +10,7 @@
 # results/offload/20261207T051027Z-host-call-overhead-AMD-EPYC.json).
 from max.algorithm import sync_parallelize
 from max.runtime.asyncrt import parallelism_level
-from std.math import ceildiv, exp
+from std.math import ceildiv
 from std.memory import Pointer
 from std.os import abort
 from std.ffi import external_call
@@ -19,7 +19,7 @@ from std.python import Python, PythonObject
 from std.python.bindings import PythonModuleBuilder
 from std.sys.intrinsics import PrefetchOptions, prefetch
 
-from kernels.activation import DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT, clamped_swiglu_f32, is_gated
+from kernels.activation import DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT, clamped_swiglu_f32, is_gated, silu_f32
 from kernels.cpu_blocking import NR, W
 from kernels.cpu_gemm import expert_matmul_cpu
 from kernels.moe_combine import combine_cpu
@@ -248,7 +248,7 @@ def _first_gemm_panel[dtype: DType, activation: StaticString](
         var u = acc.slice[W, offset=W]()
         var v: SIMD[DType.float32, W]
         comptime if activation == "swiglu":
-            v = g / (1.0 + exp(-g)) * u
+            v = silu_f32(g) * u
         else:
             v = clamped_swiglu_f32[DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT](g, u)
         for j in range(lanes):
