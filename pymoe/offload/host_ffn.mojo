@@ -33,9 +33,9 @@ comptime CLAMPED_SWIGLU = 2
 
 # A call whose experts have one row each (a batch-1 decode layer's host call) runs in ONE
 # parallel region instead of the two grouped GEMMs' two: each region wakes the pool's threads,
-# and a pool idle for a decode layer's GPU time wakes slowly. Measured on the 2-vCPU VM (a Mojo
-# probe, sync_parallelize of a no-op on 2 workers, medians of 60): after 2 ms idle one region
-# took 0.07 ms, two back to back 0.48 ms. Worker w computes its share of the first GEMM's
+# and a pool idle for a decode layer's GPU time wakes slowly. On the 2-vCPU VM, after 2 ms idle,
+# one region of a no-op took 0.04 ms and two back to back 0.46 ms (scripts/pool_wake_probe.mojo,
+# results/checks/20261207-s27-pool-wake-cpuvm.log). Worker w computes its share of the first GEMM's
 # output panels (d_ff columns) for every expert in use, then the second GEMM over the same d_ff
 # rows into a float32 partial of every output row: no worker waits for another. The calling
 # thread adds the partials and combines. A call that reads few weights takes fewer workers (at
