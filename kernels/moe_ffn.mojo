@@ -45,7 +45,9 @@ from .cpu_gemm import expert_matmul_cpu
 from .gpu_gemm import ExpertBias, activation_gpu, expert_matmul_gpu, expert_offsets_to_host, gemm_batched_gpu
 from .gpu_grouped_gemm import cublas_is_faster, grouped_gemm_gpu, grouped_gemm_supported
 from .moe_combine import combine_cpu, combine_gpu
+from .moe_decode import FD_COUNTERS, fused_decode_gpu, fused_decode_plan, fused_decode_scratch_floats, fused_decode_supported
 from .moe_expert_matmul import PACKED_ON_GPU, check_activation
+from std.sys import size_of
 
 
 @extensibility.register("pymoe_moe_ffn")
@@ -171,6 +173,74 @@ struct MoEFFN:
         combine_cpu[dtype](
             output.unsafe_ptr(), output.dim_size(0), d_model, y_workspace.unsafe_ptr(),
             topk_weights.unsafe_ptr(), slot_to_row.unsafe_ptr(), topk_weights.dim_size(1),
+        )
+
+
+@extensibility.register("pymoe_moe_ffn_decode")
+struct MoEFFNDecode:
+    """pymoe_moe_ffn plus a float32 scratch buffer for the fused decode kernel
+    (moe_decode.mojo): on the GPU, with 16-bit weights, a batch of at most
+    fused_decode_max_tokens tokens (the layer passes 0, i.e. never, where a
+    capacity limit could drop slots: the fused kernel keeps them all) runs as
+    that one kernel from the gate's outputs; the dispatch's outputs and the
+    workspaces are not read. Every other call is pymoe_moe_ffn's. The scratch
+    holds FD_COUNTERS int32 counters first, which must be zero before the
+    first call (the kernel leaves them zero), then the kernel's partials."""
+
+    @staticmethod
+    def execute[
+        activation: StaticString,
+        packed: Bool,
+        every_expert_min_tokens: Int,
+        every_expert_max_tokens: Int,
+        has_b1: Bool,
+        has_b2: Bool,
+        swiglu_alpha: Float32,
+        swiglu_limit: Float32,
+        fused_decode_max_tokens: Int,
+        target: StaticString,
+    ](
+        output: OutputTensor[rank=2, ...],
+        h_workspace: MutableInputTensor[dtype=output.dtype, rank=2, ...],
+        y_workspace: MutableInputTensor[dtype=output.dtype, rank=2, ...],
+        decode_scratch: MutableInputTensor[dtype=DType.float32, rank=1, ...],
+        x: InputTensor[dtype=output.dtype, rank=2, ...],
+        row_ids: InputTensor[dtype=DType.int32, rank=1, ...],
+        expert_offsets: InputTensor[dtype=DType.int32, rank=1, ...],
+        topk_weights: InputTensor[dtype=DType.float32, rank=2, ...],
+        topk_ids: InputTensor[dtype=DType.int32, rank=2, ...],
+        slot_to_row: InputTensor[dtype=DType.int32, rank=1, ...],
+        w1: InputTensor[dtype=output.dtype, rank=3, ...],
+        w2: InputTensor[dtype=output.dtype, rank=3, ...],
+        b1: InputTensor[dtype=output.dtype, rank=2, ...],
+        b2: InputTensor[dtype=output.dtype, rank=2, ...],
+        ctx: DeviceContext,
+    ) raises:
+        comptime if target == "gpu" and size_of[Scalar[output.dtype]]() == 2 and not packed:
+            var tokens = x.dim_size(0)
+            var k = topk_ids.dim_size(1)
+            var d_model = output.dim_size(1)
+            var d_ff = w2.dim_size(1)
+            if tokens <= fused_decode_max_tokens and fused_decode_supported(tokens, k, d_model, d_ff):
+                check_activation[activation]()
+                var plan = fused_decode_plan(tokens * k, d_model, d_ff, ctx.default_device_info.sm_count)
+                var need = FD_COUNTERS + fused_decode_scratch_floats(tokens * k, d_model, d_ff, plan)
+                if decode_scratch.dim_size(0) < need:
+                    raise Error("pymoe_moe_ffn_decode: the decode scratch has ", decode_scratch.dim_size(0),
+                                " floats, the call needs ", need)
+                var scratch = decode_scratch.unsafe_ptr()
+                fused_decode_gpu[output.dtype, activation, has_b1, has_b2, swiglu_alpha, swiglu_limit](
+                    ctx, output.unsafe_ptr(), x.unsafe_ptr(), topk_ids.unsafe_ptr(), topk_weights.unsafe_ptr(),
+                    tokens, k, w1.unsafe_ptr(), w2.unsafe_ptr(), b1.unsafe_ptr(), b2.unsafe_ptr(), w1.dim_size(0),
+                    d_model, d_ff, scratch.unsafe_offset(FD_COUNTERS), scratch.bitcast[Int32](), plan,
+                )
+                return
+        MoEFFN.execute[
+            activation, packed, every_expert_min_tokens, every_expert_max_tokens, has_b1, has_b2, swiglu_alpha,
+            swiglu_limit, target,
+        ](
+            output, h_workspace, y_workspace, x, row_ids, expert_offsets, topk_weights, topk_ids, slot_to_row, w1, w2,
+            b1, b2, ctx,
         )
 
 

@@ -110,6 +110,7 @@ class MoELayer:
         # pooled=False lets the graph allocate the intermediates on every call
         # (kept for the ablation that measures what the pool saves).
         self.pool = BufferPool((config.expert_n, config.d_model), dtype, self._device) if pooled else None
+        self._decode_scratch = runtime.decode_scratch(config, device, dtype) if pooled else []
         # Its graphs (the layer's and the weight packing's) in one compilation; compile_seconds:
         # the time that took, 0.0 when this process had compiled them all already.
         specs = self.graph_specs(config, device, dtype, pooled, self.every_expert_tokens)
@@ -138,9 +139,10 @@ class MoELayer:
 
     def _inputs_after_x(self, tokens: int, layers: int = 1) -> list:
         """The graph's inputs after x, in moe_graph_spec's order: the weights (once per layer
-        of a stack), then the pool's buffers sized for `tokens`."""
+        of a stack), then the pool's buffers sized for `tokens`, then the decode scratch (if
+        the graph takes one)."""
         workspaces = self.pool.buffers(self._workspace_rows(tokens)) if self.pool else []
-        return [*self._weights * layers, *workspaces]
+        return [*self._weights * layers, *workspaces, *self._decode_scratch]
 
     def _execute(self, x, model=None, layers: int = 1):
         xb = to_device_buffer(x, self.dtype, self._device)

@@ -637,6 +637,38 @@ def gpu_capture_refusal(config: MoEConfig, dtype: str, tokens: int,
     return None
 
 
+# The fused decode kernel (kernels/moe_decode.mojo: the experts' two GEMVs and the combine of a
+# few tokens in one kernel, from the gate's outputs). Its limits, as there; change both together.
+FUSED_DECODE_MAX_TOKENS = 4  # FD_MAX_TOKENS
+FUSED_DECODE_MAX_SLOTS = 64  # FD_MAX_SLOTS
+FUSED_DECODE_COUNTERS = 2 + 64 + 128  # FD_COUNTERS
+FUSED_DECODE_BN2 = 128  # FD_BN2 (d_model columns per item; FD_MAX_CHUNKS2 of them at most)
+FUSED_DECODE_MAX_CHUNKS2 = 128
+FUSED_DECODE_MIN_ROWS2 = 256  # FD_MIN_ROWS2
+FUSED_DECODE_MAX_ROWS2 = 1024  # FD_MAX_ROWS2
+
+
+def fused_decode_tokens(config: MoEConfig, device: str, dtype: str) -> int:
+    """The largest batch the GPU layer runs as the fused decode kernel, 0 where it never does:
+    16-bit GPU layers whose widths it takes, without a capacity limit (the kernel keeps every
+    slot; it does not drop), up to FUSED_DECODE_MAX_TOKENS tokens of top_k slots each."""
+    if (device != "gpu" or dtype not in GROUPED_GEMM_DTYPES or config.capacity_factor is not None
+            or config.d_model % 8 or config.d_ff % 8
+            or -(-config.d_model // FUSED_DECODE_BN2) > FUSED_DECODE_MAX_CHUNKS2):
+        return 0
+    return min(FUSED_DECODE_MAX_TOKENS, FUSED_DECODE_MAX_SLOTS // config.top_k)
+
+
+def fused_decode_scratch_floats(config: MoEConfig) -> int:
+    """Float32s of the decode scratch buffer (pymoe_moe_ffn_decode's): the kernel's counters,
+    then its partials for the largest fused batch (moe_decode.mojo's fused_decode_scratch_floats
+    with the most row splits any GPU's plan makes)."""
+    slots = FUSED_DECODE_MAX_TOKENS * config.top_k
+    f = config.d_ff
+    splits = max(1, f // FUSED_DECODE_MIN_ROWS2, -(-f // FUSED_DECODE_MAX_ROWS2))
+    return FUSED_DECODE_COUNTERS + slots * f + splits * slots * config.d_model
+
+
 def every_expert_token_range(config: MoEConfig, device: str, dtype: str) -> tuple[int, int]:
     """(lo, hi): moe_ffn takes the every-expert path for lo <= tokens <= hi
     (the GPU only; (1, 0), i.e. never, on the CPU)."""
@@ -661,10 +693,11 @@ def moe_ffn(
     dispatch: DispatchOutput,
     w1: TensorValue,
     w2: TensorValue,
-    workspaces: tuple[BufferValue, BufferValue],
+    workspaces: tuple[BufferValue, ...],
     *,
     activation: str,
     every_expert_tokens: tuple[int, int] = (1, 0),
+    fused_decode_max_tokens: int = 0,
     packed: bool = False,
     b1: TensorValue | None = None,
     b2: TensorValue | None = None,
@@ -687,6 +720,9 @@ def moe_ffn(
     = (lo, hi): on the GPU, batches of lo..hi tokens run every expert on every
     token (see every_expert_token_range; the default (1, 0) never does).
     `packed`: w1 and w2 came from pack_expert_weights (CPU only).
+    A third workspace, a float32 [fused_decode_scratch_floats(config)] buffer whose first
+    FUSED_DECODE_COUNTERS values are zero (the kernel leaves them so), runs batches of up to
+    `fused_decode_max_tokens` tokens as the fused decode kernel (fused_decode_tokens; 0 never).
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -696,7 +732,14 @@ def moe_ffn(
     lo, hi = every_expert_tokens
     if not (isinstance(lo, int) and isinstance(hi, int) and lo >= 1):
         raise ValueError(f"every_expert_tokens must be two ints (lo >= 1, hi), got {every_expert_tokens!r}")
-    h_ws, y_ws = workspaces
+    if len(workspaces) not in (2, 3):
+        raise ValueError(f"workspaces must be (h, y) or (h, y, decode scratch), got {len(workspaces)} buffers")
+    h_ws, y_ws, *decode = workspaces
+    if decode and (not isinstance(decode[0], BufferValue) or decode[0].dtype != DType.float32
+                   or decode[0].rank != 1):
+        raise ValueError("the decode scratch must be a float32 rank-1 BufferValue")
+    if fused_decode_max_tokens and not decode:
+        raise ValueError("fused_decode_max_tokens needs the decode scratch (a third workspace)")
     w1_cols, d_model = w1.shape[2], w2.shape[2]
     for name, ws, width in (("h workspace", h_ws, w1_cols), ("y workspace", y_ws, d_model)):
         if not isinstance(ws, BufferValue):
@@ -706,11 +749,13 @@ def moe_ffn(
     b1_value = _expert_bias("b1", b1, x, w1.shape[0], w1_cols)
     b2_value = _expert_bias("b2", b2, x, w2.shape[0], d_model)
     _ensure_kernels_loaded()
+    if decode:
+        parameters["fused_decode_max_tokens"] = int(fused_decode_max_tokens)
     out = ops.inplace_custom(
-        "pymoe_moe_ffn",
+        "pymoe_moe_ffn_decode" if decode else "pymoe_moe_ffn",
         device=x.device,
         values=[
-            h_ws, y_ws, x, dispatch.sorted_token_ids, dispatch.expert_offsets,
+            h_ws, y_ws, *decode, x, dispatch.sorted_token_ids, dispatch.expert_offsets,
             gate.topk_weights, gate.topk_ids, dispatch.slot_to_row, w1, w2, b1_value, b2_value,
         ],
         out_types=[TensorType(x.dtype, [x.shape[0], d_model], x.device)],
@@ -727,14 +772,16 @@ def moe_layer(
     x: TensorValue,
     weights: MoEGraphWeights,
     config: MoEConfig,
-    workspaces: tuple[BufferValue, BufferValue] | None = None,
+    workspaces: tuple[BufferValue, ...] | None = None,
     every_expert_tokens: tuple[int, int] | None = None,
 ) -> LayerOutput:
     """The MoE layer: gate -> dispatch -> expert FFN (gathered, fused bias and activation)
     -> combine, plus the shared expert.
 
     With `workspaces` (see moe_ffn) the expert intermediates go to those
-    buffers; without, the graph allocates them on every call.
+    buffers; without, the graph allocates them on every call. A third workspace (the decode
+    scratch) runs batches of up to fused_decode_tokens(config, ...) tokens as the fused decode
+    kernel.
     `every_expert_tokens` (moe_ffn's, pooled only) defaults to
     every_expert_token_range(config, device of x, dtype of x).
     The layer's extras follow MoEConfig: weight_on_input (Llama-4, top_k 1) scales each
@@ -761,8 +808,11 @@ def moe_layer(
         if every_expert_tokens is None:
             device = "cpu" if x.device.is_cpu() else "gpu"
             every_expert_tokens = every_expert_token_range(config, device, dtype_name(x.dtype))
+        device = "cpu" if x.device.is_cpu() else "gpu"
+        fused = fused_decode_tokens(config, device, dtype_name(x.dtype)) if len(workspaces) == 3 else 0
         out = moe_ffn(expert_in, combine_gate, disp, weights.w1, weights.w2, workspaces,
                       activation=config.activation, every_expert_tokens=every_expert_tokens,
+                      fused_decode_max_tokens=fused,
                       packed=weights.packed, b1=weights.b1, b2=weights.b2, **epilogue)
     else:
         h = moe_expert_matmul(

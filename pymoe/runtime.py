@@ -238,6 +238,18 @@ class BufferPool:
         return self.rows * sum(self.widths) * itemsize(self.dtype)
 
 
+def decode_scratch(config: MoEConfig, device: str, dtype: str) -> list:
+    """[the fused decode kernel's scratch] for a pooled layer graph that takes one (see
+    moe_graph_spec), else []: float32, zero, so its counters start at zero (the kernel leaves
+    them so). The layers of a stack share it, as they share the pool: they run in turn."""
+    from .ops import fused_decode_scratch_floats, fused_decode_tokens
+
+    if not fused_decode_tokens(config, device, dtype):
+        return []
+    zeros = np.zeros(fused_decode_scratch_floats(config), dtype=np.float32)
+    return [to_device_buffer(zeros, "float32", driver_device(device))]
+
+
 def layer_weight_buffers(config: MoEConfig, weights: MoEWeights, device: str, dtype: str, packed: bool) -> list:
     """The weight buffers a compiled layer graph takes, in MoEWeights.graph_inputs order:
     router, w1, w2, then the optional weights of the config (the router's biases in
@@ -329,9 +341,10 @@ def moe_graph_spec(config: MoEConfig, device: str, dtype: str, pooled: bool,
     """The MoE layer's graph (MoELayer compiles it through `compiled`).
 
     Inputs: x [tokens, d_model], router, w1, w2 (the layouts of pymoe/weights.py) and,
-    when `pooled`, the two BufferPool buffers; outputs: out, expert counts, losses, expert
-    offsets (pymoe.ops.moe_layer). `packed` (default: on the CPU) takes the experts
-    pre-packed (layer_weight_buffers).
+    when `pooled`, the two BufferPool buffers, then, where pymoe.ops.fused_decode_tokens says
+    the GPU layer runs small batches as the fused decode kernel, its scratch (decode_scratch);
+    outputs: out, expert counts, losses, expert offsets (pymoe.ops.moe_layer). `packed`
+    (default: on the CPU) takes the experts pre-packed (layer_weight_buffers).
 
     `stack` = L: instead, L layers in sequence in the one graph, as a model's MoE blocks
     run (the benchmark's `--stack`): x <- moe_layer(rms_norm(x)) L times, each layer with
@@ -368,6 +381,8 @@ def _build_moe_graph(config, device, dtype, pooled, every_expert_tokens, packed,
     input_types = [TensorType(dt, ["tokens", d], ref), *weight_types * layers]
     if pooled:
         input_types += [BufferType(dt, ["pool_rows", config.expert_n], ref), BufferType(dt, ["pool_rows", d], ref)]
+        if mops.fused_decode_tokens(config, device, dtype):
+            input_types.append(BufferType(DType.float32, [mops.fused_decode_scratch_floats(config)], ref))
     with Graph(name, input_types=input_types, custom_extensions=[mops.KERNELS_DIR], module=module) as g:
         n_weights = len(weight_types)
         x = g.inputs[0].tensor
