@@ -92,8 +92,9 @@ class MoELayer:
         dtype: str = "float32",
         pooled: bool = True,
         every_expert_tokens: tuple[int, int] | None = None,
+        fused_decode: bool = False,
     ):
-        from .ops import every_expert_token_range, moe_ffn_workspace_rows
+        from .ops import every_expert_token_range, fused_decode_tokens, moe_ffn_workspace_rows
 
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
@@ -106,21 +107,28 @@ class MoELayer:
             raise ValueError("every_expert_tokens applies to device='gpu' only (the CPU always routes)")
         self.every_expert_tokens = every_expert_tokens or every_expert_token_range(config, device, dtype)
         self._workspace_rows = partial(moe_ffn_workspace_rows, config=config, token_range=self.every_expert_tokens)
+        # fused_decode: batches of up to this many tokens run as the fused decode kernel
+        # (pymoe.ops.fused_decode_tokens); opt-in until it has been measured on a GPU.
+        self.fused_decode_tokens = fused_decode_tokens(config, device, dtype) if fused_decode else 0
+        if fused_decode and not (self.fused_decode_tokens and pooled):
+            raise ValueError("fused_decode applies to pooled 16-bit GPU layers without a capacity factor whose "
+                             "widths are multiples of 8 (pymoe.ops.fused_decode_tokens)")
         self._device = driver_device(device)
         # pooled=False lets the graph allocate the intermediates on every call
         # (kept for the ablation that measures what the pool saves).
         self.pool = BufferPool((config.expert_n, config.d_model), dtype, self._device) if pooled else None
-        self._decode_scratch = runtime.decode_scratch(config, device, dtype) if pooled else []
+        self._decode_scratch = runtime.decode_scratch(config, device, self.fused_decode_tokens)
         # Its graphs (the layer's and the weight packing's) in one compilation; compile_seconds:
         # the time that took, 0.0 when this process had compiled them all already.
-        specs = self.graph_specs(config, device, dtype, pooled, self.every_expert_tokens)
+        specs = self.graph_specs(config, device, dtype, pooled, self.every_expert_tokens, self.fused_decode_tokens)
         self.compile_seconds = runtime.compile_together(specs)
         self._model, _ = runtime.compiled(specs[0])
         self._weights = layer_weight_buffers(config, weights, device, dtype, packed=device == "cpu")
 
     @staticmethod
     def graph_specs(config: MoEConfig, device: str = "cpu", dtype: str = "float32", pooled: bool = True,
-                    every_expert_tokens: tuple[int, int] | None = None) -> list[runtime.GraphSpec]:
+                    every_expert_tokens: tuple[int, int] | None = None,
+                    fused_decode_tokens: int = 0) -> list[runtime.GraphSpec]:
         """The graphs a layer of these arguments compiles (its layer graph and, on the CPU, the
         graphs that pack its expert weights), for runtime.compile_together: a process that
         will build several layers compiles all their graphs at once, which costs far less
@@ -128,14 +136,16 @@ class MoELayer:
         from .ops import every_expert_token_range
 
         tokens = every_expert_tokens or every_expert_token_range(config, device, dtype)
-        specs = [runtime.moe_graph_spec(config, device, dtype, pooled, tokens)]
+        specs = [runtime.moe_graph_spec(config, device, dtype, pooled, tokens,
+                                        fused_decode_tokens=fused_decode_tokens)]
         if device == "cpu":
             specs += runtime.pack_graph_specs(config, dtype)
         return specs
 
     def _compiled(self, stack: int | None):
         return runtime.compiled(runtime.moe_graph_spec(
-            self.config, self.device, self.dtype, self.pooled, self.every_expert_tokens, stack=stack))
+            self.config, self.device, self.dtype, self.pooled, self.every_expert_tokens, stack=stack,
+            fused_decode_tokens=self.fused_decode_tokens))
 
     def _inputs_after_x(self, tokens: int, layers: int = 1) -> list:
         """The graph's inputs after x, in moe_graph_spec's order: the weights (once per layer

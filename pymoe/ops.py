@@ -774,14 +774,15 @@ def moe_layer(
     config: MoEConfig,
     workspaces: tuple[BufferValue, ...] | None = None,
     every_expert_tokens: tuple[int, int] | None = None,
+    fused_decode_tokens: int = 0,
 ) -> LayerOutput:
     """The MoE layer: gate -> dispatch -> expert FFN (gathered, fused bias and activation)
     -> combine, plus the shared expert.
 
     With `workspaces` (see moe_ffn) the expert intermediates go to those
-    buffers; without, the graph allocates them on every call. A third workspace (the decode
-    scratch) runs batches of up to fused_decode_tokens(config, ...) tokens as the fused decode
-    kernel.
+    buffers; without, the graph allocates them on every call. With a third workspace (the decode
+    scratch, see moe_ffn), batches of up to `fused_decode_tokens` tokens (at most
+    fused_decode_tokens(config, device, dtype)) run as the fused decode kernel.
     `every_expert_tokens` (moe_ffn's, pooled only) defaults to
     every_expert_token_range(config, device of x, dtype of x).
     The layer's extras follow MoEConfig: weight_on_input (Llama-4, top_k 1) scales each
@@ -808,11 +809,9 @@ def moe_layer(
         if every_expert_tokens is None:
             device = "cpu" if x.device.is_cpu() else "gpu"
             every_expert_tokens = every_expert_token_range(config, device, dtype_name(x.dtype))
-        device = "cpu" if x.device.is_cpu() else "gpu"
-        fused = fused_decode_tokens(config, device, dtype_name(x.dtype)) if len(workspaces) == 3 else 0
         out = moe_ffn(expert_in, combine_gate, disp, weights.w1, weights.w2, workspaces,
                       activation=config.activation, every_expert_tokens=every_expert_tokens,
-                      fused_decode_max_tokens=fused,
+                      fused_decode_max_tokens=fused_decode_tokens,
                       packed=weights.packed, b1=weights.b1, b2=weights.b2, **epilogue)
     else:
         h = moe_expert_matmul(

@@ -238,13 +238,13 @@ class BufferPool:
         return self.rows * sum(self.widths) * itemsize(self.dtype)
 
 
-def decode_scratch(config: MoEConfig, device: str, dtype: str) -> list:
-    """[the fused decode kernel's scratch] for a pooled layer graph that takes one (see
-    moe_graph_spec), else []: float32, zero, so its counters start at zero (the kernel leaves
-    them so). The layers of a stack share it, as they share the pool: they run in turn."""
-    from .ops import fused_decode_scratch_floats, fused_decode_tokens
+def decode_scratch(config: MoEConfig, device: str, fused_decode_tokens: int) -> list:
+    """[the fused decode kernel's scratch] for a layer graph that takes one (fused_decode_tokens
+    > 0, see moe_graph_spec), else []: float32, zero, so its counters start at zero (the kernel
+    leaves them so). The layers of a stack share it, as they share the pool: they run in turn."""
+    from .ops import fused_decode_scratch_floats
 
-    if not fused_decode_tokens(config, device, dtype):
+    if not fused_decode_tokens:
         return []
     zeros = np.zeros(fused_decode_scratch_floats(config), dtype=np.float32)
     return [to_device_buffer(zeros, "float32", driver_device(device))]
@@ -337,13 +337,13 @@ STACK_RMS_EPS = 1e-6
 
 def moe_graph_spec(config: MoEConfig, device: str, dtype: str, pooled: bool,
                    every_expert_tokens: tuple[int, int] = (1, 0), packed: bool | None = None,
-                   stack: int | None = None) -> GraphSpec:
+                   stack: int | None = None, fused_decode_tokens: int = 0) -> GraphSpec:
     """The MoE layer's graph (MoELayer compiles it through `compiled`).
 
     Inputs: x [tokens, d_model], router, w1, w2 (the layouts of pymoe/weights.py) and,
-    when `pooled`, the two BufferPool buffers, then, where pymoe.ops.fused_decode_tokens says
-    the GPU layer runs small batches as the fused decode kernel, its scratch (decode_scratch);
-    outputs: out, expert counts, losses, expert offsets (pymoe.ops.moe_layer). `packed`
+    when `pooled`, the two BufferPool buffers, then, with `fused_decode_tokens` > 0 (batches of
+    up to that many tokens run as the fused decode kernel; pymoe.ops.fused_decode_tokens), its
+    scratch (decode_scratch); outputs: out, expert counts, losses, expert offsets (pymoe.ops.moe_layer). `packed`
     (default: on the CPU) takes the experts pre-packed (layer_weight_buffers).
 
     `stack` = L: instead, L layers in sequence in the one graph, as a model's MoE blocks
@@ -354,12 +354,15 @@ def moe_graph_spec(config: MoEConfig, device: str, dtype: str, pooled: bool,
     it a SwiGLU layer's output shrinks to zero within a few layers of random weights and the
     routing degenerates into ties."""
     packed = device == "cpu" if packed is None else packed
-    key = ("moe", config, device, dtype, pooled, every_expert_tokens, packed, stack)
+    if fused_decode_tokens and not pooled:
+        raise ValueError("the fused decode kernel needs the pooled graph (its scratch is a graph input)")
+    key = ("moe", config, device, dtype, pooled, every_expert_tokens, packed, stack, fused_decode_tokens)
     return GraphSpec(key, device, partial(_build_moe_graph, config, device, dtype, pooled, every_expert_tokens,
-                                          packed, stack))
+                                          packed, stack, fused_decode_tokens))
 
 
-def _build_moe_graph(config, device, dtype, pooled, every_expert_tokens, packed, stack, name, module):
+def _build_moe_graph(config, device, dtype, pooled, every_expert_tokens, packed, stack, fused_decode_tokens,
+                     name, module):
     from max.dtype import DType
     from max.graph import BufferType, Graph, TensorType, ops
 
@@ -381,7 +384,7 @@ def _build_moe_graph(config, device, dtype, pooled, every_expert_tokens, packed,
     input_types = [TensorType(dt, ["tokens", d], ref), *weight_types * layers]
     if pooled:
         input_types += [BufferType(dt, ["pool_rows", config.expert_n], ref), BufferType(dt, ["pool_rows", d], ref)]
-        if mops.fused_decode_tokens(config, device, dtype):
+        if fused_decode_tokens:
             input_types.append(BufferType(DType.float32, [mops.fused_decode_scratch_floats(config)], ref))
     with Graph(name, input_types=input_types, custom_extensions=[mops.KERNELS_DIR], module=module) as g:
         n_weights = len(weight_types)
@@ -394,7 +397,7 @@ def _build_moe_graph(config, device, dtype, pooled, every_expert_tokens, packed,
                                                  **dict(zip(optional, extra, strict=True)))
             if stack is not None:
                 x = ops.rms_norm(x, ops.broadcast_to(ops.constant(1.0, dt, ref), [d]), STACK_RMS_EPS)
-            res = mops.moe_layer(x, graph_weights, config, workspaces, every_expert_tokens)
+            res = mops.moe_layer(x, graph_weights, config, workspaces, every_expert_tokens, fused_decode_tokens)
             x = res.out
         g.output(*(res if stack is None else (res.out,)))
     return g

@@ -1,8 +1,8 @@
 """The fused decode kernel (kernels/moe_decode.mojo: a few tokens' expert GEMVs and combine in
-one kernel, pymoe_moe_ffn_decode) inside MoELayer, bfloat16, against the float64 reference: every
-activation, the expert biases, widths off its chunk sizes, experts shared by several tokens
-(E = 8, top-2 at 4 tokens), E = 128 top-8, each batch size it takes (1 to 4 tokens) and the
-first one it does not; that it leaves its counters at zero (the next call, the same again, is
+one kernel, pymoe_moe_ffn_decode) inside MoELayer(fused_decode=True), bfloat16, against the
+float64 reference: every activation, the expert biases, widths off its chunk sizes, experts
+shared by several tokens (E = 8, top-2 at 4 tokens), E = 128 top-8, each batch size it takes
+(1 to 4 tokens) and the first one it does not; that it leaves its counters at zero (the next call, the same again, is
 bit-identical: its partials are summed in a fixed order) and that layers of a stack share its
 scratch. Skipped where MAX sees no GPU (CI has none). On a GPU machine:
 `pytest tests/test_gpu_fused_decode.py`.
@@ -53,7 +53,8 @@ def test_fused_decode_layer_matches_reference(rng, name):
     config = LAYERS[name]
     assert mops.fused_decode_tokens(config, "gpu", "bfloat16") == 4
     weights = _bf16_weights(MoEWeights.random(config, seed=int(rng.integers(2**31))))
-    layer = MoELayer(config, weights, device="gpu", dtype="bfloat16")
+    layer = MoELayer(config, weights, device="gpu", dtype="bfloat16", fused_decode=True)
+    assert layer.fused_decode_tokens == 4
     for tokens in (1, 2, 3, 4, 5):
         x = _bf16(rng.standard_normal((tokens, config.d_model), dtype=np.float32))
         check_layer(layer, config, weights, x, BF16_TOL)
@@ -61,7 +62,8 @@ def test_fused_decode_layer_matches_reference(rng, name):
 
 def test_fused_decode_is_deterministic_and_leaves_its_counters_at_zero(rng):
     config = LAYERS["e128-k8-swiglu"]
-    layer = MoELayer(config, _bf16_weights(MoEWeights.random(config, seed=3)), device="gpu", dtype="bfloat16")
+    layer = MoELayer(config, _bf16_weights(MoEWeights.random(config, seed=3)), device="gpu", dtype="bfloat16",
+                     fused_decode=True)
     x = torch.from_numpy(_bf16(rng.standard_normal((3, config.d_model), dtype=np.float32))).bfloat16().cuda()
     first = layer.forward_unchecked(x).clone()
     for _ in range(5):
@@ -74,7 +76,8 @@ def test_fused_decode_in_a_stack_equals_the_layers_one_by_one(rng):
     """The layers of a stack share the scratch (they run in turn): the stack equals L single
     calls with the RMS norm between them."""
     config = LAYERS["e32-k4-gpt-oss"]
-    layer = MoELayer(config, _bf16_weights(MoEWeights.random(config, seed=5)), device="gpu", dtype="bfloat16")
+    layer = MoELayer(config, _bf16_weights(MoEWeights.random(config, seed=5)), device="gpu", dtype="bfloat16",
+                     fused_decode=True)
     stack, _ = layer.stack(3)
     x = torch.from_numpy(_bf16(rng.standard_normal((2, config.d_model), dtype=np.float32))).bfloat16().cuda()
     y = x

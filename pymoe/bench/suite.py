@@ -53,7 +53,7 @@ from ..baselines import TorchDenseFFN, TorchMoE
 from ..config import PRESETS, get_preset
 from ..dtypes import itemsize, torch_dtype
 from ..layer import DenseFFN, MoELayer
-from ..ops import gpu_capture_refusal
+from ..ops import fused_decode_tokens, gpu_capture_refusal
 from ..runtime import STACK_RMS_EPS
 from .report import error_summary
 from .timing import device_sync, measure, peak_rss_during, summarize
@@ -122,19 +122,38 @@ def _torch_in(fn, device: str, dtype: str):
 
 # Timed calls skip pymoe's input validation (a NaN scan), as the PyTorch
 # baselines do none; the reference check before timing goes through it.
-def _build_pymoe(w: Workload):
-    layer = MoELayer(w.config, w.moe_weights, device=w.device, dtype=w.dtype)
-    return layer.forward_unchecked, layer.compile_seconds
+def _pymoe_builders(**layer_args):
+    """(call, stack, graph) builders of the pymoe rows; `layer_args` go to MoELayer."""
+    def layer(w: Workload) -> MoELayer:
+        return MoELayer(w.config, w.moe_weights, device=w.device, dtype=w.dtype, **layer_args)
+
+    def call(w: Workload):
+        built = layer(w)
+        return built.forward_unchecked, built.compile_seconds
+
+    def stack(w: Workload, layers: int):
+        return layer(w).stack(layers)
+
+    def graph(w: Workload, layers: int | None):
+        built = layer(w)
+        captured = built.capture(w.tokens, layers=layers)
+        return captured, built.compile_seconds + captured.compile_seconds
+
+    return call, stack, graph
 
 
-def _build_pymoe_stack(w: Workload, layers: int):
-    return MoELayer(w.config, w.moe_weights, device=w.device, dtype=w.dtype).stack(layers)
+_build_pymoe, _build_pymoe_stack, _build_pymoe_graph = _pymoe_builders()
+_build_fused, _build_fused_stack, _build_fused_graph = _pymoe_builders(fused_decode=True)
 
 
-def _build_pymoe_graph(w: Workload, layers: int | None):
-    layer = MoELayer(w.config, w.moe_weights, device=w.device, dtype=w.dtype)
-    graph = layer.capture(w.tokens, layers=layers)
-    return graph, layer.compile_seconds + graph.compile_seconds
+def _fused_unsupported(w: Workload) -> str | None:
+    """The fused decode row exists only where it differs from the pymoe row."""
+    most = fused_decode_tokens(w.config, w.device, w.dtype)
+    if not most:
+        return "the fused decode kernel takes 16-bit GPU layers without a capacity factor only"
+    if w.tokens > most:
+        return f"the fused decode kernel takes at most {most} tokens (this cell is the pymoe row)"
+    return None
 
 
 def _pymoe_graph_unsupported(w: Workload, layers: int | None) -> str | None:
@@ -256,6 +275,9 @@ _MAX_NO_GRAPH = _no_graph("no graph form: MAX's dense and built-in rows are time
 IMPLEMENTATIONS = (
     Impl("pymoe", "pymoe MoE (Mojo kernels in a MAX graph)", "moe", _build_pymoe, build_stack=_build_pymoe_stack,
          build_graph=_build_pymoe_graph, graph_unsupported=_pymoe_graph_unsupported),
+    Impl("pymoe_fused_decode", "pymoe MoE, fused decode kernel (MoELayer(fused_decode=True); opt-in)", "moe",
+         _build_fused, _fused_unsupported, build_stack=_build_fused_stack, build_graph=_build_fused_graph,
+         graph_unsupported=_pymoe_graph_unsupported),
     Impl("max_dense", "dense FFN in MAX (ops.matmul)", "dense", _build_max_dense, _dense_unsupported,
          graph_unsupported=_MAX_NO_GRAPH),
     Impl("torch_loop", "PyTorch MoE, HF-style expert loop", "moe", _build_torch("loop"),

@@ -11,6 +11,7 @@ from .common import Report, footer, listed_files, log_y, machine_label, of_schem
 
 IMPL_STYLE = {
     "pymoe": ("pymoe (Mojo kernels)", "#d62728"),
+    "pymoe_fused_decode": ("pymoe, fused decode kernel", "#ff7f0e"),
     "torch_loop": ("PyTorch HF-style loop", "#1f77b4"),
     "torch_grouped": ("PyTorch _grouped_mm", "#17becf"),
     "max_dense": ("dense FFN in MAX", "#7f7f7f"),
@@ -89,7 +90,7 @@ def _gains(runs, out_dir, report):
     fig, axes = _panels(runs)
     for ax, (device, items) in zip(axes, runs.items()):
         presets = [run["preset"] for run, _, _ in items]
-        baselines = [n for n in IMPL_STYLE if n not in ("pymoe", "max_builtin")]
+        baselines = [n for n in IMPL_STYLE if n not in ("pymoe", "pymoe_fused_decode", "max_builtin")]
         width = 0.8 / len(baselines)
         for i, name in enumerate(baselines):
             vals = []
