@@ -1,8 +1,10 @@
 """Per-kernel GPU time of one MoELayer call, from the PyTorch profiler (CUPTI).
 
     python scripts/profile_gpu_layer.py qwen3-30b-a3b:16 qwen3-30b-a3b:16384 small
+    python scripts/profile_gpu_layer.py qwen3-30b-a3b:1:fused      (MoELayer(fused_decode=True))
 
-For each preset (with `:tokens`, that batch size; else the preset's first):
+For each preset (with `:tokens`, that batch size; else the preset's first; with `:fused`, the
+layer with the fused decode kernel):
 bf16 layer on the GPU, 3 warm-up calls, 10 host-timed calls, then 5 profiled calls;
 prints the host-timed ms per call, the profiler's
 table of CUDA kernels (MAX's kernels appear as mojo_pkg_<hash>, cuBLAS's as
@@ -27,10 +29,13 @@ PROFILED_CALLS = 5
 
 def main(presets: list[str]) -> None:
     for spec in presets:
-        name, _, tokens = spec.partition(":")
+        name, _, rest = spec.partition(":")
+        tokens, _, variant = rest.partition(":")
+        if variant not in ("", "fused"):
+            raise SystemExit(f"{spec}: the third part can only be 'fused'")
         preset = get_preset(name)
         weights, _ = random_weights(preset.config, "gpu", "bfloat16", seed=1)
-        layer = MoELayer(preset.config, weights, device="gpu", dtype="bfloat16")
+        layer = MoELayer(preset.config, weights, device="gpu", dtype="bfloat16", fused_decode=variant == "fused")
         x = torch.randn(int(tokens or preset.tokens[0]), preset.config.d_model, device="cuda", dtype=torch.bfloat16)
         for _ in range(3):
             layer.forward_unchecked(x)
