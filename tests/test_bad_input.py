@@ -50,6 +50,14 @@ def test_unknown_preset():
         get_preset("huge")
 
 
+def test_fused_decode_is_refused_where_it_does_not_apply(no_compile):
+    """MoELayer(fused_decode=True) says so before compiling where the kernel cannot run: off the
+    GPU here (pymoe.ops.fused_decode_tokens is 0)."""
+    w = MoEWeights.random(CFG, seed=0)
+    with pytest.raises(ValueError, match="fused_decode applies to pooled 16-bit GPU layers"):
+        MoELayer(CFG, w, fused_decode=True)
+
+
 def test_unknown_device_and_dtype(no_compile):
     w = MoEWeights.random(CFG, seed=0)
     with pytest.raises(ValueError, match="device"):
@@ -159,6 +167,13 @@ def test_moe_ffn_workspace_checks():
         # h must hold both SwiGLU halves: as wide as w1 (2*d_ff), not d_ff.
         with pytest.raises(ValueError, match=r"h workspace must be .*\[rows, 24\]"):
             mops.moe_ffn(x, gate, disp, w1_swiglu, w2, (h_ws, bad_ws), activation="swiglu")
+        # The fused decode kernel's scratch: a third workspace, float32 and rank 1.
+        with pytest.raises(ValueError, match="workspaces must be"):
+            mops.moe_ffn(x, gate, disp, w1, w2, (h_ws, bad_ws, h_ws, h_ws), activation="relu")
+        with pytest.raises(ValueError, match="decode scratch must be a float32 rank-1"):
+            mops.moe_ffn(x, gate, disp, w1, w2, (h_ws, bad_ws, h_ws), activation="relu")
+        with pytest.raises(ValueError, match="needs the decode scratch"):
+            mops.moe_ffn(x, gate, disp, w1, w2, (h_ws, bad_ws), activation="relu", fused_decode_max_tokens=4)
 
 
 

@@ -1,5 +1,7 @@
 """Every custom op against its float64 reference, on fresh random inputs."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from conftest import FP32_TOL, near_tie_tokens, rel_err
@@ -9,6 +11,7 @@ from max.graph import TensorType, ops
 
 import pymoe.ops as mops
 from pymoe import reference as R
+from pymoe.config import MODEL_LAYERS
 
 F32, I32 = DType.float32, DType.int32
 
@@ -307,3 +310,41 @@ def test_combine_matches_reference(combine_model, rng, tokens, k, d):
     slot_to_row[rng.random(m) < 0.2] = -1  # dropped slots contribute nothing
     out = run(combine_model, y, weights, slot_to_row)[0]
     assert rel_err(out, R.moe_combine(y, weights, slot_to_row)) < FP32_TOL
+
+
+# ------------------------------------------------------------- fused decode
+
+
+def _kernel_plan_floats(slots: int, d_model: int, d_ff: int, sm_count: int) -> int:
+    """The float32s one call of the fused decode kernel uses after its counters, as
+    kernels/moe_decode.mojo plans them (fused_decode_plan, fused_decode_scratch_floats)."""
+    cdiv = lambda a, b: -(-a // b)  # noqa: E731
+    c2 = cdiv(d_model, mops.FUSED_DECODE_BN2)
+    ks2 = max(1, min(cdiv(2 * sm_count, slots * c2), d_ff // mops.FUSED_DECODE_MIN_ROWS2))
+    rows2 = min(cdiv(cdiv(d_ff, ks2), 32) * 32, mops.FUSED_DECODE_MAX_ROWS2)
+    return slots * d_ff + cdiv(d_ff, rows2) * slots * d_model
+
+
+def get_config(name: str):
+    return MODEL_LAYERS[name][0]
+
+
+def test_fused_decode_rule_and_scratch_size():
+    """Which layers may run the fused decode kernel (16-bit GPU layers, no capacity limit,
+    widths multiples of 8, up to 64 slots), and that the scratch MoELayer allocates holds what
+    the kernel plans for every batch it takes on any GPU size."""
+    qwen = get_config("qwen3-30b-a3b")
+    assert mops.fused_decode_tokens(qwen, "gpu", "bfloat16") == 4
+    assert mops.fused_decode_tokens(qwen, "gpu", "float16") == 4
+    assert mops.fused_decode_tokens(qwen, "gpu", "float32") == 0
+    assert mops.fused_decode_tokens(qwen, "cpu", "bfloat16") == 0
+    assert mops.fused_decode_tokens(dataclasses.replace(qwen, capacity_factor=1.25), "gpu", "bfloat16") == 0
+    assert mops.fused_decode_tokens(dataclasses.replace(qwen, d_ff=770), "gpu", "bfloat16") == 0
+    assert mops.fused_decode_tokens(dataclasses.replace(qwen, num_experts=64, top_k=32), "gpu", "bfloat16") == 2
+    for name in ("qwen3-30b-a3b", "gpt-oss-120b", "mixtral-8x7b", "deepseek-v3"):
+        config = get_config(name)
+        have = mops.fused_decode_scratch_floats(config) - mops.FUSED_DECODE_COUNTERS
+        for sm_count in (1, 46, 132, 170, 1000):
+            for tokens in range(1, mops.fused_decode_tokens(config, "gpu", "bfloat16") + 1):
+                need = _kernel_plan_floats(tokens * config.top_k, config.d_model, config.d_ff, sm_count)
+                assert need <= have, (name, sm_count, tokens)
