@@ -13,7 +13,9 @@
 # "kernel tests profile bench") picks the steps, so that one call can skip what another ran;
 # PROFILE (default qwen3-30b-a3b:16384) the profile step's preset:tokens list;
 # STACK=0 benches single calls (the E=8 presets' earlier results are single calls) instead of
-# the 8-layer stack; GRAPH=1 also times what is timed as a device graph (pymoe bench --graph).
+# the 8-layer stack; GRAPH=1 also times what is timed as a device graph (pymoe bench --graph);
+# IMPLS (default "pymoe torch_grouped") the bench's rows, e.g. "pymoe pymoe_fused_decode
+# torch_grouped"; TOKENS (default: the presets' own) its --tokens.
 set -u -o pipefail
 : "${OUT:?set OUT to the folder the results go to}"
 TOTAL_S=${TOTAL_S:-560}
@@ -37,7 +39,8 @@ want bench || set --
 for p in "$@"; do
   [ "$(left)" -lt 60 ] && { echo "no time left for $p"; continue; }
   timeout $(( $(left) - 10 )) python3 -m pymoe.cli bench --device gpu --dtype bfloat16 --preset "$p" \
-    --impl pymoe --impl torch_grouped --min-seconds 0.1 $([ "${STACK:-1}" = 0 ] || echo --stack) $([ "${GRAPH:-0}" = 1 ] && echo --graph) \
+    $(for i in ${IMPLS:-pymoe torch_grouped}; do echo --impl "$i"; done) $([ -n "${TOKENS:-}" ] && echo --tokens "$TOKENS") \
+    --min-seconds 0.1 $([ "${STACK:-1}" = 0 ] || echo --stack) $([ "${GRAPH:-0}" = 1 ] && echo --graph) \
     --out "$OUT/results" 2>&1 | tee -a "$OUT/bench-$p.log" | tail -3
 done
 # The device tool returns at most 8 files, with plain names: the result files travel as one archive.
