@@ -226,8 +226,10 @@ def fused_decode_gpu[
             u_expert.unsafe_store(u, e)
             var m = 0
             for s2 in range(tid, S):
-                # At most one slot per token: T <= FD_MAX_TOKENS (the host's check).
-                if ids.unsafe_load(s2) == e:
+                # One slot per token (the gate's k choices are distinct) and T <=
+                # FD_MAX_TOKENS (the host's check); the cap only keeps a malformed
+                # topk_ids from writing past this expert's slots.
+                if ids.unsafe_load(s2) == e and m < FD_MAX_TOKENS:
                     u_slot.unsafe_store(u * FD_MAX_TOKENS + m, Int32(s2))
                     m += 1
             u_count.unsafe_store(u, Int32(m))
