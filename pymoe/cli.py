@@ -65,7 +65,7 @@ def _token_counts(text: str | None) -> tuple[int, ...] | None:
 @click.option("--dtype", type=click.Choice(LAYER_DTYPES), default="float32", show_default=True)
 @click.option("--impl", "impls", multiple=True, metavar="NAME",
               help="Only these implementations (repeatable): pymoe, max_dense, torch_loop, torch_grouped, "
-                   "torch_dense, max_builtin.")
+                   "torch_dense, max_builtin; pymoe_fused_decode (GPU, <= 4 tokens) runs only when named.")
 @click.option("--min-seconds", type=float, default=1.0, show_default=True,
               help="Keep repeating each timing (3 at least) until this much time is spent.")
 @click.option("--stack", type=click.IntRange(min=1), is_flag=False, flag_value=DEFAULT_STACK, default=None,
@@ -99,7 +99,7 @@ def bench(presets, tokens, device, dtype, impls, min_seconds, stack, graph, out_
           matmul_tokens) -> None:
     """Time pymoe's MoE layer against the dense FFN, PyTorch and MAX, side by side."""
     from .bench.runner import DEFAULT_PRESETS, run_ablation, run_bench
-    from .bench.suite import IMPL_NAMES
+    from .bench.suite import DEFAULT_IMPL_NAMES
 
     tokens = _token_counts(tokens)
     if ablation:
@@ -120,7 +120,7 @@ def bench(presets, tokens, device, dtype, impls, min_seconds, stack, graph, out_
     try:
         run_bench(
             tuple(presets) or DEFAULT_PRESETS, tokens=tokens, device=device, dtype=dtype,
-            impls=tuple(impls) or IMPL_NAMES, min_seconds=min_seconds, stack=stack, graph=graph,
+            impls=tuple(impls) or DEFAULT_IMPL_NAMES, min_seconds=min_seconds, stack=stack, graph=graph,
             out_dir=None if no_save else out_dir,
         )
     except ValueError as e:

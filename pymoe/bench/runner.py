@@ -16,7 +16,15 @@ from ..results import command_line, file_stamp, result_header, write_result
 from ..runtime import check_device_dtype
 from .ceilings import measure_ceilings
 from .report import print_result
-from .suite import IMPL_NAMES, bench_file_name, check_graph, check_stack, run_preset, write_bench_result
+from .suite import (
+    DEFAULT_IMPL_NAMES,
+    IMPL_NAMES,
+    bench_file_name,
+    check_graph,
+    check_stack,
+    run_preset,
+    write_bench_result,
+)
 from .workload import check_memory
 
 # MAX's GPU memory manager may take most of the card (about 90%, as we read MAX; not measured),
@@ -39,7 +47,7 @@ def run_bench(
     tokens: int | tuple[int, ...] | None = None,
     device: str = "cpu",
     dtype: str = "float32",
-    impls: tuple[str, ...] = IMPL_NAMES,
+    impls: tuple[str, ...] = DEFAULT_IMPL_NAMES,
     min_seconds: float = 1.0,
     stack: int | None = None,
     graph: bool = False,

@@ -82,8 +82,9 @@ DENSE_MAX_FLOOR_S = 2.0
 # prefill chunks.
 DECODE_MAX_TOKENS = 128
 
-__all__ = ["CHECK_TOKENS", "CHECK_TOL", "IMPLEMENTATIONS", "IMPL_NAMES", "Impl", "Workload", "check_graph",
-           "check_stack", "make_workload", "run_cell", "run_impl", "run_preset", "work_model", "write_bench_result"]
+__all__ = ["CHECK_TOKENS", "CHECK_TOL", "DEFAULT_IMPL_NAMES", "IMPLEMENTATIONS", "IMPL_NAMES", "Impl", "Workload",
+           "check_graph", "check_stack", "make_workload", "run_cell", "run_impl", "run_preset", "work_model",
+           "write_bench_result"]
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,8 @@ class Impl:
     # (w, L or None) -> why the row's graph cannot be captured on this cell (None: it can);
     # asked before building. For a row without build_graph: why it has no graph form.
     graph_unsupported: Callable[[Workload, int | None], str | None] = lambda w, layers: None
+    # Whether a bench without --impl runs it (False: an opt-in row, named with --impl).
+    by_default: bool = True
 
 
 def _torch_device(device: str) -> str:
@@ -277,7 +280,7 @@ IMPLEMENTATIONS = (
          build_graph=_build_pymoe_graph, graph_unsupported=_pymoe_graph_unsupported),
     Impl("pymoe_fused_decode", "pymoe MoE, fused decode kernel (MoELayer(fused_decode=True); opt-in)", "moe",
          _build_fused, _fused_unsupported, build_stack=_build_fused_stack, build_graph=_build_fused_graph,
-         graph_unsupported=_pymoe_graph_unsupported),
+         graph_unsupported=_pymoe_graph_unsupported, by_default=False),
     Impl("max_dense", "dense FFN in MAX (ops.matmul)", "dense", _build_max_dense, _dense_unsupported,
          graph_unsupported=_MAX_NO_GRAPH),
     Impl("torch_loop", "PyTorch MoE, HF-style expert loop", "moe", _build_torch("loop"),
@@ -292,6 +295,9 @@ IMPLEMENTATIONS = (
          _max_builtin_unsupported, graph_unsupported=_MAX_NO_GRAPH),
 )
 IMPL_NAMES = tuple(i.name for i in IMPLEMENTATIONS)
+# What a bench without --impl runs: every row but the opt-in ones (the fused decode kernel has
+# not run on a GPU yet; it is timed only when asked for).
+DEFAULT_IMPL_NAMES = tuple(i.name for i in IMPLEMENTATIONS if i.by_default)
 
 
 def _to_numpy(out) -> np.ndarray:
@@ -544,7 +550,7 @@ def check_graph(graph: bool, device: str) -> None:
         raise ValueError(f"graph mode times device (CUDA) graphs, which run on the GPU only; got device {device!r}")
 
 
-def run_cell(w: Workload, *, ceilings: dict, impls: tuple[str, ...] = IMPL_NAMES, min_seconds: float = 1.0,
+def run_cell(w: Workload, *, ceilings: dict, impls: tuple[str, ...] = DEFAULT_IMPL_NAMES, min_seconds: float = 1.0,
              stack: int | None = None, graph: bool = False, progress: Callable[[str], None] | None = None) -> dict:
     """Benchmark every implementation in `impls` on one cell (with `stack` = L, each also as
     L layers in one call; with `graph`, what is timed also as a device graph); returns its run dict."""
@@ -598,7 +604,7 @@ def run_preset(
     device: str,
     dtype: str,
     ceilings: dict,
-    impls: tuple[str, ...] = IMPL_NAMES,
+    impls: tuple[str, ...] = DEFAULT_IMPL_NAMES,
     min_seconds: float = 1.0,
     stack: int | None = None,
     graph: bool = False,
