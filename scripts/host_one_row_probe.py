@@ -30,17 +30,12 @@ EXPERTS = (1, 3, 8)  # experts per call, one row each
 DISTINCT = 8  # experts in the group
 
 
-def ffn_args(group: HostExpertGroup, x: torch.Tensor, experts: list[tuple[int, int]], partials: int):
-    """(ffn's argument tuple, its output tensor): what HostExpertGroup._native_call passes."""
+def ffn_args(group: HostExpertGroup, x: torch.Tensor, experts: list[tuple[int, int]], one_row: bool):
+    """(ffn's argument tuple, its output tensor, what must stay alive while the tuple is used):
+    what HostExpertGroup._native_call passes, through the one-region path or not."""
     row_ids, offsets, weights, _, slot_to_row = routing_arrays(experts, group.num_experts)
-    h, y = (torch.from_dlpack(b) for b in group.pool.buffers(len(row_ids)))
-    out = torch.empty(weights.shape[0], group.model.d_model, dtype=x.dtype)
-    keep = (row_ids, offsets, weights, slot_to_row, h, y)  # alive while the addresses are used
-    args = (out.data_ptr(), x.data_ptr(), row_ids.ctypes.data, offsets.ctypes.data, weights.ctypes.data,
-            slot_to_row.ctypes.data, group._w1_host.data_ptr(), group._w2_host.data_ptr(), h.data_ptr(),
-            y.data_ptr(), weights.shape[0], weights.shape[1], group.num_experts, group.model.d_model,
-            group.model.d_ff, group._n_w1, *group._codes, partials)
-    return args, out, keep
+    args, out = group.native_ffn_args(x[:weights.shape[0]], row_ids, offsets, weights, slot_to_row, one_row)
+    return args, out, (row_ids, offsets, weights, slot_to_row)
 
 
 def main() -> None:
@@ -65,9 +60,8 @@ def main() -> None:
         x = torch.randn(4, model.d_model, generator=g).to(dt)
         for count in EXPERTS:
             experts = [(i, 1) for i in range(count)]
-            partials = torch.empty(group._pool_workers * count * model.d_model, dtype=torch.float32)
-            paths = {"two regions": ffn_args(group, x, experts, 0), "one region": ffn_args(group, x, experts,
-                                                                                            partials.data_ptr())}
+            paths = {"two regions": ffn_args(group, x, experts, False),
+                     "one region": ffn_args(group, x, experts, True)}
             for ffn_call, _, _ in paths.values():
                 group._native.ffn(ffn_call)
             two, one = (paths[k][1].double() for k in ("two regions", "one region"))

@@ -201,25 +201,20 @@ class HostExpertGroup:
         out = self._model.execute(xb, *routing, self._w1, self._w2, *self.pool.buffers(len(row_ids)))[0]
         return runtime.wrap_output(out, x)
 
-    def _native_call(self, x, rows, row_ids, offsets, weights, slot_to_row, when=None, one_row=False):
-        """forward_unchecked through the extension module: the same kernels, in the same
-        order, as the graph (pymoe_moe_ffn on the CPU), or with `one_row` (every expert has
-        one row) host_ffn.mojo's one-region path; after `when`'s flag if given."""
+    def native_ffn_args(self, xs, row_ids, offsets, weights, slot_to_row, one_row: bool):
+        """(the argument tuple of the extension module's `ffn`, the output tensor it writes) for
+        rows `xs` (contiguous, this group's dtype) routed by routing_arrays' arrays, which must
+        stay alive while the tuple is used. `one_row` (every expert has one row): the one-region
+        path, its float32 partials in a buffer of this group's."""
         import torch
 
-        dt = torch_dtype(self.dtype)
-        xs = x[:rows]
-        if xs.dtype != dt or not xs.is_contiguous():
-            if when is not None:  # a conversion now would read the rows before they are there
-                raise HostExpertError(f"with `when`, x must be contiguous {self.dtype} already, got {xs.dtype}")
-            xs = xs.to(dt).contiguous()
         # The graph's intermediates' buffers serve as the workspaces (h is written [slots, d_ff]).
         buffers = self.pool.buffers(len(row_ids))
         if self._pool_views[0] is not buffers:
             self._pool_views = (buffers, [torch.from_dlpack(b) for b in buffers])
         h, y = self._pool_views[1]
-        out = torch.empty(rows, self.model.d_model, dtype=dt)
-        k = weights.shape[1]
+        rows, k = weights.shape
+        out = torch.empty(rows, self.model.d_model, dtype=xs.dtype)
         partials = 0
         if one_row:
             need = self._pool_workers * len(row_ids) * self.model.d_model
@@ -230,6 +225,19 @@ class HostExpertGroup:
                 slot_to_row.ctypes.data, self._w1_host.data_ptr(), self._w2_host.data_ptr(), h.data_ptr(),
                 y.data_ptr(), rows, k, self.num_experts, self.model.d_model, self.model.d_ff, self._n_w1, *self._codes,
                 partials)
+        return args, out
+
+    def _native_call(self, x, rows, row_ids, offsets, weights, slot_to_row, when=None, one_row=False):
+        """forward_unchecked through the extension module: the same kernels, in the same
+        order, as the graph (pymoe_moe_ffn on the CPU), or with `one_row` (every expert has
+        one row) host_ffn.mojo's one-region path; after `when`'s flag if given."""
+        dt = torch_dtype(self.dtype)
+        xs = x[:rows]
+        if xs.dtype != dt or not xs.is_contiguous():
+            if when is not None:  # a conversion now would read the rows before they are there
+                raise HostExpertError(f"with `when`, x must be contiguous {self.dtype} already, got {xs.dtype}")
+            xs = xs.to(dt).contiguous()
+        args, out = self.native_ffn_args(xs, row_ids, offsets, weights, slot_to_row, one_row)
         if when is None:
             self._native.ffn(args)
         else:
