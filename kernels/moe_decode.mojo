@@ -31,7 +31,7 @@
 # (fused_decode_scratch_floats) and FD_COUNTERS int32 counters that must be
 # zero before the first call; the block that leaves last sets them back to 0.
 
-from max.gpu import WARP_SIZE, barrier, block_idx, thread_idx
+from max.gpu import WARP_SIZE, barrier, thread_idx
 from max.gpu.host import DeviceContext
 from max.gpu.intrinsics import threadfence
 from max.gpu.memory import AddressSpace
@@ -116,7 +116,7 @@ def _act[activation: StaticString, alpha: Float32, limit: Float32](g: Float32, u
 
 
 @always_inline
-def _ld_cg(p: Pointer[Float32, MutAnyOrigin], i: Int) -> Float32:
+def _load_from_other_block(p: Pointer[Float32, MutAnyOrigin], i: Int) -> Float32:
     """A float32 written by another block of this kernel, read past the L1
     (volatile): after thread 0's acquire of its producer's counter and a block
     barrier it is visible (a plain load could hit a stale L1 line); no
@@ -336,7 +336,7 @@ def fused_decode_gpu[
                     var m = o // (r1 - r0)
                     var i = r0 + o % (r1 - r0)
                     var s = Int(u_slot.unsafe_load(u * FD_MAX_TOKENS + m))
-                    h_sh.unsafe_store(m * FD_MAX_ROWS2 + (i - r0), _ld_cg(h_all, s * F + i))
+                    h_sh.unsafe_store(m * FD_MAX_ROWS2 + (i - r0), _load_from_other_block(h_all, s * F + i))
                 barrier()
                 var v = tid % VPR2
                 var rg = tid // VPR2
@@ -396,7 +396,7 @@ def fused_decode_gpu[
                             var e = Int(ids.unsafe_load(s))
                             if e >= 0:
                                 for q2 in range(KS2):
-                                    sum += _ld_cg(y_part, (q2 * S + s) * D + col)
+                                    sum += _load_from_other_block(y_part, (q2 * S + s) * D + col)
                                 comptime if has_b2:
                                     sum += topk_weights.unsafe_load(s) * b2.unsafe_load(e * D + col).cast[DType.float32]()
                         dst.unsafe_store(t * D + col, sum.cast[dtype]())

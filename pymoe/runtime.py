@@ -343,8 +343,9 @@ def moe_graph_spec(config: MoEConfig, device: str, dtype: str, pooled: bool,
     Inputs: x [tokens, d_model], router, w1, w2 (the layouts of pymoe/weights.py) and,
     when `pooled`, the two BufferPool buffers, then, with `fused_decode_tokens` > 0 (batches of
     up to that many tokens run as the fused decode kernel; pymoe.ops.fused_decode_tokens), its
-    scratch (decode_scratch); outputs: out, expert counts, losses, expert offsets (pymoe.ops.moe_layer). `packed`
-    (default: on the CPU) takes the experts pre-packed (layer_weight_buffers).
+    scratch (decode_scratch); outputs: out, expert counts, losses, expert offsets
+    (pymoe.ops.moe_layer). `packed` (default: on the CPU) takes the experts pre-packed
+    (layer_weight_buffers).
 
     `stack` = L: instead, L layers in sequence in the one graph, as a model's MoE blocks
     run (the benchmark's `--stack`): x <- moe_layer(rms_norm(x)) L times, each layer with
