@@ -214,6 +214,11 @@ def router[tile: TileConfig](ctx: DeviceContext, name: String, rows: Int, K: Int
     var ms = times[ROUNDS // 2]
     print("router", name, "tile", tile.bm, tile.bn, tile.bk, tile.wm, tile.wn, tile.stages, "rows", rows, "K", K, "E", E, "ms", ms, "min_ms", times[0], "max_ms", times[ROUNDS - 1],
           "TB/s", Float64(K * E * 2) / ms / 1e9)
+    # Mojo destroys a value after its last use: the buffers whose addresses the kernels were
+    # given live to here.
+    _ = d_a^
+    _ = d_w^
+    _ = d_c^
 
 
 def main() raises:

@@ -97,6 +97,12 @@ def check_path(ctx: DeviceContext, path: Int, tokens: Int, k: Int, E: Int, capac
             run_path(ctx, path, ps, po, pr, pi, slots, k, E, capacity)
         ctx.synchronize()
         line += String(" us/call ", Float64(perf_counter_ns() - t0) / 1000.0 / Float64(reps))
+    # Mojo destroys a value after its last use: the buffers whose addresses the kernels were
+    # given live to here.
+    _ = d_ids^
+    _ = d_sorted^
+    _ = d_off^
+    _ = d_rows^
     return line
 
 def main() raises:

@@ -90,6 +90,15 @@ def gate_case(ctx: DeviceContext, tokens: Int) raises:
         sort(rounds)
         print("gate tokens", tokens, "E", E, "k", K, "blocks", blocks, "us_per_call", rounds[2], "(", rounds[0], "-",
               rounds[4], ") mismatches", bad, "count_mismatches", bad_counts)
+        _ = w^
+        _ = ids^
+        _ = stats^
+    # Mojo destroys a value after its last use: the buffers whose addresses the kernels were
+    # given live to here.
+    _ = lg^
+    _ = w_ref^
+    _ = i_ref^
+    _ = s_ref^
 
 
 def main() raises:

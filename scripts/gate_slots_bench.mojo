@@ -74,6 +74,14 @@ def gate_case(ctx: DeviceContext, tokens: Int) raises:
             bad += 1
     print("gate tokens", tokens, "E", E, "k", K, "slots16_ms", t16[10], "slots4_ms", t4[10], "x", t16[10] / t4[10],
           "mismatches", bad)
+    # Mojo destroys a value after its last use: the buffers whose addresses the kernels were
+    # given live to here.
+    _ = lg^
+    _ = stats^
+    _ = w0^
+    _ = w1^
+    _ = i0^
+    _ = i1^
 
 
 def main() raises:
