@@ -113,10 +113,12 @@ def session_and_device_ref(device: str, device_id: int | None = None):
 
 def device_ref(device: str, device_id: int | None = None):
     """The DeviceRef of "cpu" or "gpu" (the first accelerator, or accelerator `device_id`)
-    for a graph's tensor types."""
+    for a graph's tensor types. It names the device without opening it, so that a GPU graph
+    can be staged (and its custom ops checked against their Mojo registrations) on a machine
+    without one; compiling it (session_and_device_ref) needs the GPU."""
     from max.graph import DeviceRef
 
-    return DeviceRef.from_device(driver_device(device, device_id))
+    return DeviceRef.CPU() if device != "gpu" else DeviceRef.GPU(device_id or 0)
 
 
 # ------------------------------------------------------------------ buffers

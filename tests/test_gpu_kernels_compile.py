@@ -1,4 +1,5 @@
-"""The GPU kernels compile for an NVIDIA Hopper target on any machine (no GPU needed).
+"""The GPU kernels compile for an NVIDIA Hopper target, and the GPU graphs stage, on any
+machine (no GPU needed).
 
 MAX compiles an op's GPU code only when a graph loads on a GPU, so a kernel that cannot be
 instantiated for some dtype hides until then. Since the grouped GEMM landed, a float32 GPU
@@ -7,6 +8,11 @@ tensor-core tiles' 16-bit assert (the likely cause of tests/test_gpu.py's errors
 on 2026-12-06 and -07; with the fix, its 12 tests that ran on an H100 in session 22
 passed). This builds tests/gpu_kernels_compile.mojo, the grouped GEMM entries for float32 and
 bfloat16, for Hopper (sm_90a) and Ampere (sm_80).
+
+Staging a graph checks each custom op's operands (count, dtype, rank, mutability) against its
+Mojo registration, so the GPU layer graphs of every model preset are staged here: a Python op
+wrapper and its Mojo op that disagree (the fused decode op's extra scratch, a new bias) fail
+on the CPU, not first on a GPU machine.
 """
 
 import shutil
@@ -33,3 +39,30 @@ def test_grouped_gemm_entries_compile_for_every_layer_dtype(tmp_path, arch):
         capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+def _gpu_layer_graphs():
+    from pymoe import ops, runtime
+    from pymoe.config import MODEL_LAYERS
+
+    for name, (config, _) in MODEL_LAYERS.items():
+        for dtype in ("bfloat16", "float32"):
+            fused = ops.fused_decode_tokens(config, "gpu", dtype)
+            yield f"{name}-{dtype}", runtime.moe_graph_spec(config, "gpu", dtype, True, fused_decode_tokens=fused)
+    config = MODEL_LAYERS["qwen3-30b-a3b"][0]
+    yield "qwen3-30b-a3b-stack-2", runtime.moe_graph_spec(config, "gpu", "bfloat16", True, stack=2,
+                                                            fused_decode_tokens=ops.fused_decode_tokens(config, "gpu",
+                                                                                                        "bfloat16"))
+    yield "qwen3-30b-a3b-unpooled", runtime.moe_graph_spec(config, "gpu", "bfloat16", False)
+
+
+def test_every_presets_gpu_layer_graph_stages_against_the_kernels():
+    from max.graph import Module
+
+    staged = {}
+    for i, (name, spec) in enumerate(_gpu_layer_graphs()):
+        text = str(spec.build(f"gpu_stage_{i}", Module())._module)
+        staged[name] = {op for op in ("pymoe_moe_ffn_decode", "pymoe_moe_ffn") if f'"{op}"' in text}
+    assert staged["qwen3-30b-a3b-bfloat16"] == {"pymoe_moe_ffn_decode"}, staged  # the fused op (with its fallback)
+    assert staged["qwen3-30b-a3b-float32"] == {"pymoe_moe_ffn"}, staged
+    assert staged["qwen3-30b-a3b-stack-2"] == {"pymoe_moe_ffn_decode"}, staged
