@@ -12,7 +12,7 @@ bfloat16, for Hopper (sm_90a) and Ampere (sm_80).
 Staging a graph checks each custom op's operands (count, dtype, rank, mutability) against its
 Mojo registration, so the GPU layer graphs of every model preset are staged here: a Python op
 wrapper and its Mojo op that disagree (the fused decode op's extra scratch, a new bias) fail
-on the CPU, not first on a GPU machine.
+on the CPU, not first on a GPU machine; so are pymoe.parallel's graphs of a rank.
 """
 
 import shutil
@@ -50,13 +50,21 @@ def _gpu_layer_graphs():
             fused = ops.fused_decode_tokens(config, "gpu", dtype)
             yield f"{name}-{dtype}", runtime.moe_graph_spec(config, "gpu", dtype, True, fused_decode_tokens=fused)
     config = MODEL_LAYERS["qwen3-30b-a3b"][0]
+    fused = ops.fused_decode_tokens(config, "gpu", "bfloat16")
     yield "qwen3-30b-a3b-stack-2", runtime.moe_graph_spec(config, "gpu", "bfloat16", True, stack=2,
-                                                            fused_decode_tokens=ops.fused_decode_tokens(config, "gpu",
-                                                                                                        "bfloat16"))
+                                                            fused_decode_tokens=fused)
     yield "qwen3-30b-a3b-unpooled", runtime.moe_graph_spec(config, "gpu", "bfloat16", False)
+    # pymoe.parallel's graphs of a rank holding half the experts (routing, shared expert,
+    # experts; its public compile_graphs opens the GPU first)
+    from pymoe.parallel import _graph_specs
+
+    for name in ("deepseek-v3", "gpt-oss-20b"):
+        config = MODEL_LAYERS[name][0]
+        for i, spec in enumerate(_graph_specs(config, config.num_experts // 2, "gpu", "bfloat16", 0)):
+            yield f"{name}-expert-parallel-{i}", spec
 
 
-def test_every_presets_gpu_layer_graph_stages_against_the_kernels():
+def test_every_presets_gpu_graphs_stage_against_the_kernels():
     from max.graph import Module
 
     staged = {}
