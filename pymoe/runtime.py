@@ -103,12 +103,10 @@ def session_and_device_ref(device: str, device_id: int | None = None):
     it makes cuBLAS loadable first (load_cublas): a graph of pymoe's ops may call it, and a
     session that loads such a graph before anything else loaded cuBLAS cannot run it."""
     from max.engine import InferenceSession
-    from max.graph import DeviceRef
 
     if device == "gpu":
         load_cublas()
-    dev = driver_device(device, device_id)
-    return InferenceSession(devices=[dev]), DeviceRef.from_device(dev)
+    return InferenceSession(devices=[driver_device(device, device_id)]), device_ref(device, device_id)
 
 
 def device_ref(device: str, device_id: int | None = None):

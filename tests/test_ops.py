@@ -11,7 +11,7 @@ from max.graph import TensorType, ops
 
 import pymoe.ops as mops
 from pymoe import reference as R
-from pymoe.config import MODEL_LAYERS
+from pymoe.config import get_preset
 
 F32, I32 = DType.float32, DType.int32
 
@@ -325,15 +325,11 @@ def _kernel_plan_floats(slots: int, d_model: int, d_ff: int, sm_count: int) -> i
     return slots * d_ff + cdiv(d_ff, rows2) * slots * d_model
 
 
-def get_config(name: str):
-    return MODEL_LAYERS[name][0]
-
-
 def test_fused_decode_rule_and_scratch_size():
     """Which layers may run the fused decode kernel (16-bit GPU layers, no capacity limit,
     widths multiples of 8, up to 64 slots), and that the scratch MoELayer allocates holds what
     the kernel plans for every batch it takes on any GPU size."""
-    qwen = get_config("qwen3-30b-a3b")
+    qwen = get_preset("qwen3-30b-a3b").config
     assert mops.fused_decode_tokens(qwen, "gpu", "bfloat16") == 4
     assert mops.fused_decode_tokens(qwen, "gpu", "float16") == 4
     assert mops.fused_decode_tokens(qwen, "gpu", "float32") == 0
@@ -342,7 +338,7 @@ def test_fused_decode_rule_and_scratch_size():
     assert mops.fused_decode_tokens(dataclasses.replace(qwen, d_ff=770), "gpu", "bfloat16") == 0
     assert mops.fused_decode_tokens(dataclasses.replace(qwen, num_experts=64, top_k=32), "gpu", "bfloat16") == 2
     for name in ("qwen3-30b-a3b", "gpt-oss-120b", "mixtral-8x7b", "deepseek-v3"):
-        config = get_config(name)
+        config = get_preset(name).config
         have = mops.fused_decode_scratch_floats(config) - mops.FUSED_DECODE_COUNTERS
         for sm_count in (1, 46, 132, 170, 1000):
             for tokens in range(1, mops.fused_decode_tokens(config, "gpu", "bfloat16") + 1):
