@@ -67,10 +67,10 @@ def check_kernels_dir(path: Path) -> Path:
 
 
 # Whether a set of loaded kernel packages (their paths) holds pymoe's ops. MAX's
-# `name in KernelLibrary` lists every symbol of every loaded package on each call (0.06-0.27 s
-# on a 2-core CPU): asked once per op, it was most of the time to stage a graph (56 of the 60 s
-# that the test suite's 36 graphs took; 1.8 s of an 8-layer stack's 32 ops). Asked once per
-# set of packages instead.
+# `name in KernelLibrary` lists the symbols of every loaded package, about 1.1 s the first time
+# each new graph asks on a 2-core CPU: asked for every graph, it was most of staging one (1.1-1.3
+# s against 6-76 ms for the presets' layer graphs and 8-layer stacks when asked once per set of
+# packages: results/checks/20261208T031458Z-graph-staging-AMD-EPYC.json). Asked once per set.
 _HOLDS_PYMOE_OPS: dict[frozenset[str], bool] = {}
 
 

@@ -6,14 +6,18 @@ loaded package. "once per op" asks it before every custom op (as pymoe did befor
 29); "once per package set" (pymoe.ops._HOLDS_PYMOE_OPS, what pymoe does) asks once per set
 of loaded packages. Both stage the same graphs: the CPU and GPU layer graphs of the presets
 as one layer and as an L-layer stack (a GPU graph stages without a GPU; compiling it would
-need one). Median and spread of --reps stagings each, the graph's custom-op count beside.
+need one). Median and spread of --reps stagings each, the graph's custom-op count beside. The
+Mojo package is built once for the process, as the test suite does (tests/conftest.py's
+build_mojo_packages_once; MAX would otherwise rebuild it for every Graph, seconds each).
 Writes results/checks/<stamp>-graph-staging-<cpu>.json.
 
     python scripts/graph_staging_probe.py [--presets qwen3-30b-a3b deepseek-v3] [--layers 8] [--reps 5]
 """
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 from max.graph import Module
 
@@ -44,6 +48,10 @@ def main() -> None:
                "what": "seconds to stage one layer graph (Graph built, custom ops verified; not compiled), "
                        "asking the kernel library once per op or once per set of loaded packages",
                "cases": []}
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import build_mojo_packages_once
+
+    build_mojo_packages_once()
     once_per_set = mops._HOLDS_PYMOE_OPS
     # The first staging builds the Mojo package (once per process): not timed.
     runtime.moe_graph_spec(get_preset(args.presets[0]).config, "cpu", "float32", True).build("warm", Module())
