@@ -67,10 +67,10 @@ def check_kernels_dir(path: Path) -> Path:
 
 
 # Whether a set of loaded kernel packages (their paths) holds pymoe's ops. MAX's
-# `name in KernelLibrary` lists the symbols of every loaded package, about 1.1 s the first time
-# each new graph asks on a 2-core CPU: asked for every graph, it was most of staging one (1.1-1.3
-# s against 6-76 ms for the presets' layer graphs and 8-layer stacks when asked once per set of
-# packages: results/checks/20261208T031458Z-graph-staging-AMD-EPYC.json). Asked once per set.
+# `name in KernelLibrary` lists the symbols of every loaded package, over a second the first
+# time each new graph asks on a 2-core CPU: asked for every graph, it was most of staging one
+# (1.3-1.8 s against 6-75 ms for the presets' layer graphs and 8-layer stacks when asked once
+# per set of packages: results/checks/20261208T031624Z-graph-staging-AMD-EPYC.json).
 _HOLDS_PYMOE_OPS: dict[frozenset[str], bool] = {}
 
 

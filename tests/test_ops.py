@@ -347,7 +347,7 @@ def test_fused_decode_rule_and_scratch_size():
 
 
 def test_staging_a_graph_asks_the_kernel_library_once_per_package_set(monkeypatch):
-    """MAX's `name in KernelLibrary` lists every symbol of the loaded packages (about 1.1 s per
+    """MAX's `name in KernelLibrary` lists every symbol of the loaded packages (over a second per
     new graph on a 2-core CPU): pymoe.ops._ensure_kernels_loaded asks it once per set of loaded
     packages, not for every op or every graph."""
     import max.graph.graph as max_graph
